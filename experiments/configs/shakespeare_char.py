@@ -1,0 +1,18 @@
+"""Char-level Tiny Shakespeare: nanoGPT's CPU config (the speed and loss reference on 2 cores).
+
+    python experiments/download.py shakespeare            # fetches data/tinyshakespeare.txt
+    python -m jaxgpt.train experiments/configs/shakespeare_char.py
+    python -m jaxgpt.train experiments/configs/shakespeare_char.py model.preset=llama
+"""
+from jaxgpt.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+
+def get_config() -> Config:
+    return Config(
+        model=ModelConfig(preset="gpt2", n_layer=4, n_head=4, d_model=128, seq_len=64, bias=False),
+        data=DataConfig(path="data/tinyshakespeare.txt", tokenizer="char", batch_size=12),
+        optim=OptimConfig(lr=1e-3, min_lr=1e-4, schedule="cosine", warmup_steps=100, b1=0.9, b2=0.99,
+                          weight_decay=0.1, clip_norm=1.0),
+        train=TrainConfig(steps=2000, out_dir="runs/shakespeare_char", log_every=50, eval_every=500,
+                          samples=2, sample_tokens=300),
+    )

@@ -1,0 +1,1 @@
+"""jaxgpt: a GPT in JAX/Flax, from pretraining to a chat assistant."""

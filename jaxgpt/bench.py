@@ -1,0 +1,91 @@
+"""Benchmarks that print one JSON line each; they time, they never assert.
+
+    python -m jaxgpt.bench train CONFIG.py [key=value ...] [--steps 200] [--warmup 20]
+
+`train`: compiles the train step once (AOT, timed), runs warm-up steps, then times steady steps
+of the real loop (batches drawn and placed by the prefetcher, as in training). Reports ms/iter,
+tokens/s, model FLOPs per token (6N + attention), MFU against the peak table (on CPU: a matmul
+rate measured in the same run), compile seconds and the memory XLA planned for the step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+
+from jaxgpt import config as config_lib
+from jaxgpt import data, hardware, sharding
+from jaxgpt.train import Trainer
+
+
+def bench_train(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
+    trainer = Trainer(cfg)
+    state = trainer.init_state()
+    batch = trainer.batch(0)
+    t = time.perf_counter()
+    with sharding.activate(trainer.mesh):
+        compiled = trainer.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+
+    def run(start, n, state):
+        for _, b in data.Prefetcher(trainer.batch, start, start + n, cfg.data.prefetch):
+            state, metrics = compiled(state, b)
+        jax.block_until_ready(metrics)
+        return state, metrics
+
+    state, _ = run(0, warmup, state)
+    t = time.perf_counter()
+    state, metrics = run(warmup, steps, state)
+    seconds = time.perf_counter() - t
+
+    n_devices = len(trainer.mesh.devices.flat)
+    tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
+    flops_per_token = trainer.model.flops_per_token(state.params)
+    peak, peak_source = hardware.peak_flops()
+    tokens_per_s = steps * tokens_per_step / seconds
+    out = {
+        "bench": "train", "preset": cfg.model.preset, "dtype": cfg.model.dtype,
+        "params": trainer.model.num_params(state.params), "devices": n_devices,
+        "device_kind": jax.devices()[0].device_kind, "mesh": dict(trainer.mesh.shape),
+        "batch": cfg.data.batch_size, "seq_len": cfg.model.seq_len, "steps": steps,
+        "ms_per_iter": round(seconds / steps * 1e3, 3), "tokens_per_s": round(tokens_per_s, 1),
+        "flops_per_token": flops_per_token, "step_gflop": round(flops_per_token * tokens_per_step / 1e9, 3),
+        "peak_flops_per_device": peak, "peak_source": peak_source,
+        "mfu": round(tokens_per_s * flops_per_token / (peak * n_devices), 4),
+        "compile_s": round(compile_s, 2), "final_loss": round(float(metrics["loss"]), 4),
+        "jax": jax.__version__,
+    }
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        out["step_temp_bytes"] = memory.temp_size_in_bytes
+        out["step_argument_bytes"] = memory.argument_size_in_bytes
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jaxgpt import cli
+
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt.bench")
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("train", help="time train steps")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    def run(_):
+        cfg = config_lib.from_cli(args.config, args.overrides)
+        print(json.dumps(bench_train(cfg, args.steps, args.warmup)))
+
+    cli.run(run, ["train"], usage="python -m jaxgpt.bench train CONFIG.py [key=value ...]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""The GPT decoder: two presets (gpt2, llama) behind one config, as Flax modules over a plain pytree.
+
+    model = GPT(cfg)                          # cfg: a resolved ModelConfig
+    params = model.init(jax.random.key(0))    # a plain dict of fp32 arrays
+    logits_BxLxV = model.apply(params, tokens_BxL)
+
+Shapes in names: B batch, L query length, S key length, D width, H heads, K kv heads, G = H/K,
+E head dim, F MLP width, V vocab, N layers. Every parameter carries logical axis names
+(`GPT.logical_axes`), which `sharding.py` maps onto the mesh; activations carry them too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.config import ModelConfig
+
+NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
+
+
+def logical(init, *names):
+    return nn.with_logical_partitioning(init, names)
+
+
+def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
+    """Position of each token within its segment (packed documents each start at 0)."""
+    L = segment_ids_BxL.shape[1]
+    idx_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), segment_ids_BxL.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids_BxL[:, :1], bool),
+                              segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
+    return idx_BxL - jax.lax.cummax(jnp.where(starts, idx_BxL, 0), axis=1)
+
+
+def attention_mask(q_seg_BxL, q_pos_BxL, kv_seg_BxS, kv_pos_BxS) -> jax.Array:
+    """Causal within a segment; segment 0 is padding and is never attended to.
+
+    Positions and segments are given for queries and keys separately, so the same mask serves
+    training (S = L) and decoding against a KV cache (L new tokens, S cached ones).
+    """
+    same_doc = q_seg_BxL[:, :, None] == kv_seg_BxS[:, None, :]
+    causal = q_pos_BxL[:, :, None] >= kv_pos_BxS[:, None, :]
+    return same_doc & causal & (kv_seg_BxS[:, None, :] != 0)
+
+
+def attend(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS) -> jax.Array:
+    """Softmax attention in fp32 with grouped-query heads (K kv heads shared by G = H/K queries)."""
+    B, L, H, E = q_BxLxHxE.shape
+    K = k_BxSxKxE.shape[2]
+    q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, H // K, E)
+    scores_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE,
+                                  preferred_element_type=jnp.float32) * E ** -0.5
+    scores_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxKxGxLxS, NEG_INF)
+    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
+    out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs_BxKxGxLxS, v_BxSxKxE)
+    return out_BxLxKxGxE.reshape(B, L, H, E)
+
+
+def rope(x_BxLxHxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, rotating the two halves of each head (the GPT-NeoX layout)."""
+    E = x_BxLxHxE.shape[-1]
+    inv_freq = theta ** -(jnp.arange(0, E, 2, dtype=jnp.float32) / E)
+    angles_BxLx1xE2 = (positions_BxL[:, :, None, None] * inv_freq).astype(jnp.float32)
+    sin, cos = jnp.sin(angles_BxLx1xE2), jnp.cos(angles_BxLx1xE2)
+    x1, x2 = jnp.split(x_BxLxHxE.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxHxE.dtype)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm, computed in fp32."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        x32 = x.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            x32 = x32 - x32.mean(-1, keepdims=True)
+        x32 = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + cfg.norm_eps)
+        x32 = x32 * self.param("scale", logical(nn.initializers.ones, "norm"), (x.shape[-1],))
+        if cfg.bias and cfg.norm == "layernorm":
+            x32 = x32 + self.param("bias", logical(nn.initializers.zeros, "norm"), (x.shape[-1],))
+        return x32.astype(cfg.dtype)
+
+
+class HeadNorm(nn.Module):
+    """RMSNorm over each head's vector (QK-norm)."""
+    eps: float
+
+    @nn.compact
+    def __call__(self, x_BxLxHxE):
+        x32 = x_BxLxHxE.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + self.eps)
+        scale = self.param("scale", logical(nn.initializers.ones, "head_dim"), (x32.shape[-1],))
+        return (x32 * scale).astype(x_BxLxHxE.dtype)
+
+
+class Dense(nn.Module):
+    """x @ w (+ b) over the trailing `n_in` axes of x, fp32 params cast to the compute dtype."""
+    shape_in: tuple[int, ...]
+    shape_out: tuple[int, ...]
+    names: tuple[str | None, ...]
+    cfg: ModelConfig
+    std: float
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", logical(nn.initializers.normal(self.std), *self.names),
+                       self.shape_in + self.shape_out)
+        n_in = len(self.shape_in)
+        axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.cfg.dtype), w.astype(self.cfg.dtype), (axes, ((), ())))
+        if self.cfg.bias:
+            b = self.param("b", logical(nn.initializers.zeros, *self.names[n_in:]), self.shape_out)
+            y = y + b.astype(y.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+        cfg = self.cfg
+        D, H, K, E = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        out_std = cfg.init_std / (2 * cfg.n_layer) ** 0.5  # GPT-2's scaled residual init
+        q_BxLxHxE = Dense((D,), (H, E), ("embed", "heads", "head_dim"), cfg, cfg.init_std, name="wq")(x_BxLxD)
+        kv_BxLx2xKxE = Dense((D,), (2, K, E), ("embed", None, "kv_heads", "head_dim"), cfg, cfg.init_std,
+                             name="wkv")(x_BxLxD)
+        k_BxLxKxE, v_BxLxKxE = kv_BxLx2xKxE[:, :, 0], kv_BxLx2xKxE[:, :, 1]
+        if cfg.qk_norm:
+            q_BxLxHxE = HeadNorm(cfg.norm_eps, name="q_norm")(q_BxLxHxE)
+            k_BxLxKxE = HeadNorm(cfg.norm_eps, name="k_norm")(k_BxLxKxE)
+        if cfg.position == "rope":
+            q_BxLxHxE = rope(q_BxLxHxE, positions_BxL, cfg.rope_theta)
+            k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
+        mask_BxLxL = attention_mask(segment_ids_BxL, positions_BxL, segment_ids_BxL, positions_BxL)
+        out_BxLxHxE = attend(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask_BxLxL)
+        return Dense((H, E), (D,), ("heads", "head_dim", "embed"), cfg, out_std, name="wo")(out_BxLxHxE)
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.cfg
+        D, F = cfg.d_model, cfg.d_ff
+        out_std = cfg.init_std / (2 * cfg.n_layer) ** 0.5
+        if cfg.mlp == "swiglu":
+            h_BxLx2xF = Dense((D,), (2, F), ("embed", None, "mlp"), cfg, cfg.init_std, name="w_up")(x_BxLxD)
+            h_BxLxF = jax.nn.silu(h_BxLx2xF[:, :, 0]) * h_BxLx2xF[:, :, 1]
+        else:
+            h_BxLxF = jax.nn.gelu(Dense((D,), (F,), ("embed", "mlp"), cfg, cfg.init_std, name="w_up")(x_BxLxD))
+        h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
+        return Dense((F,), (D,), ("mlp", "embed"), cfg, out_std, name="w_down")(h_BxLxF)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    cfg: ModelConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+        drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
+        x_BxLxD = x_BxLxD + drop(Attention(self.cfg, name="attn")(
+            Norm(self.cfg, name="norm_attn")(x_BxLxD), segment_ids_BxL, positions_BxL))
+        x_BxLxD = x_BxLxD + drop(Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="norm_mlp")(x_BxLxD)))
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+        return x_BxLxD, None  # (carry, output) so the same block also runs under nn.scan
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL):
+        cfg = self.cfg
+        V, D = cfg.vocab_size, cfg.d_model
+        wte = self.param("wte", logical(nn.initializers.normal(cfg.init_std), "vocab", "embed"), (V, D))
+        x_BxLxD = wte[tokens_BxL].astype(cfg.dtype)
+        if cfg.position == "learned":
+            wpe = self.param("wpe", logical(nn.initializers.normal(cfg.init_std), None, "embed"), (cfg.seq_len, D))
+            x_BxLxD = x_BxLxD + wpe[positions_BxL].astype(cfg.dtype)
+        x_BxLxD = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(x_BxLxD)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+
+        block = nn.remat(Block, prevent_cse=not cfg.scan_layers, static_argnums=()) if cfg.remat else Block
+        if cfg.scan_layers:
+            blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layer,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BxLxD, _ = blocks(cfg, self.deterministic, name="blocks")(x_BxLxD, segment_ids_BxL, positions_BxL)
+        else:
+            for i in range(cfg.n_layer):
+                x_BxLxD, _ = block(cfg, self.deterministic, name=f"block_{i}")(x_BxLxD, segment_ids_BxL, positions_BxL)
+
+        x_BxLxD = Norm(cfg, name="norm_out")(x_BxLxD)
+        if cfg.tie_embeddings:
+            w_DxV = wte.T
+        else:
+            w_DxV = self.param("lm_head", logical(nn.initializers.normal(cfg.init_std), "embed", "vocab"), (D, V))
+        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV.astype(cfg.dtype),
+                                  preferred_element_type=jnp.float32)
+        if cfg.logit_softcap > 0:
+            logits_BxLxV = cfg.logit_softcap * jnp.tanh(logits_BxLxV / cfg.logit_softcap)
+        return logits_BxLxV
+
+
+def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """Cross-entropy of each target token, in fp32."""
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits_BxLxV, axis=-1) - target_logit_BxL
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: usable as a static jit argument
+class GPT:
+    """The functional face of the model: params are a plain pytree of fp32 arrays."""
+    cfg: ModelConfig
+
+    def module(self, deterministic: bool = True) -> Transformer:
+        return Transformer(self.cfg, deterministic)
+
+    def _boxed_init(self, rng):
+        tokens = jnp.zeros((1, self.cfg.seq_len), jnp.int32)
+        segments = jnp.ones_like(tokens)
+        return self.module().init({"params": rng}, tokens, segments, positions_from_segments(segments))["params"]
+
+    def init(self, rng: jax.Array) -> dict:
+        return nn.meta.unbox(self._boxed_init(rng))
+
+    @functools.cached_property
+    def logical_axes(self) -> dict:
+        """A pytree like params whose leaves are PartitionSpecs of logical axis names."""
+        return nn.get_partition_spec(jax.eval_shape(self._boxed_init, jax.random.key(0)))
+
+    def apply(self, params, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, *, dropout_rng=None):
+        if segment_ids_BxL is None:
+            segment_ids_BxL = jnp.ones_like(tokens_BxL)
+        if positions_BxL is None:
+            positions_BxL = positions_from_segments(segment_ids_BxL)
+        deterministic = dropout_rng is None or self.cfg.dropout == 0
+        rngs = {} if deterministic else {"dropout": dropout_rng}
+        return self.module(deterministic).apply({"params": params}, tokens_BxL, segment_ids_BxL, positions_BxL,
+                                                rngs=rngs)
+
+    def loss(self, params, batch: dict, dropout_rng=None) -> tuple[jax.Array, jax.Array]:
+        """(sum of masked token losses, number of masked tokens) for a batch dict of [B, L] arrays."""
+        logits_BxLxV = self.apply(params, batch["inputs"], batch["segment_ids"], batch.get("positions"),
+                                  dropout_rng=dropout_rng)
+        mask_BxL = batch["loss_mask"].astype(jnp.float32)
+        return (token_losses(logits_BxLxV, batch["targets"]) * mask_BxL).sum(), mask_BxL.sum()
+
+    def num_params(self, params) -> int:
+        return sum(x.size for x in jax.tree.leaves(params))
+
+    def flops_per_token(self, params) -> float:
+        """Training FLOPs per token: 6 per matmul weight plus attention scores (PaLM's count).
+
+        Embedding lookups are not matmuls: the position table never counts, and the token table
+        counts only when it doubles as the output head.
+        """
+        cfg = self.cfg
+        n = self.num_params(params) - (cfg.seq_len * cfg.d_model if cfg.position == "learned" else 0)
+        if not cfg.tie_embeddings:
+            n -= cfg.vocab_size * cfg.d_model
+        return 6 * n + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len

