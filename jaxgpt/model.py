@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -111,9 +112,12 @@ class Dense(nn.Module):
     def __call__(self, x):
         w = self.param("w", logical(nn.initializers.normal(self.std), *self.names),
                        self.shape_in + self.shape_out)
-        n_in = len(self.shape_in)
-        axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.cfg.dtype), w.astype(self.cfg.dtype), (axes, ((), ())))
+        batch_shape = x.shape[:x.ndim - len(self.shape_in)]
+        # One 2-D matmul: XLA:CPU picks much better layouts for it than for the N-D einsum
+        # (the N-D form made it transpose the MLP's hidden gradient in the backward pass).
+        x_MxK = x.reshape(math.prod(batch_shape), math.prod(self.shape_in)).astype(self.cfg.dtype)
+        w_KxN = w.reshape(math.prod(self.shape_in), math.prod(self.shape_out)).astype(self.cfg.dtype)
+        y = (x_MxK @ w_KxN).reshape(batch_shape + self.shape_out)
         if self.cfg.bias:
             b = self.param("b", logical(nn.initializers.zeros, *self.names[n_in:]), self.shape_out)
             y = y + b.astype(y.dtype)

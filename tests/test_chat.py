@@ -1,0 +1,384 @@
+"""Tests for jaxgpt.chat: the message format, converters, chat template, loss mask, truncation, packing."""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxgpt import chat
+from jaxgpt.chat import ChatBatches, ChatDataError, first_fit, pack, render, render_truncated, render_windows
+from jaxgpt.errors import DataError
+from jaxgpt.tokenizer import Tokenizer
+
+CONVERSATION = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}]
+
+
+@pytest.fixture(scope="module")
+def byte():
+    return Tokenizer.from_spec("byte")
+
+
+def special(tok, name):
+    return tok.special_id(f"<|{name}|>")
+
+
+def as_text(conversation):
+    return "<|bos|>" + "".join(f"<|{m['role']}_start|>{m['content']}<|{m['role']}_end|>" for m in conversation)
+
+
+def synthetic(n, seed=0):
+    """n small conversations of 1-3 exchanges, some with a system message, each with its own id."""
+    rng = random.Random(seed)
+    words = "hi hello how are you fine thanks what why yes no maybe today".split()
+    say = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))  # noqa: E731
+    out = []
+    for _ in range(n):
+        conversation = [{"role": "system", "content": say()}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            conversation += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]
+        out.append(conversation)
+    return out
+
+
+def unpack(batch, b, end_id):
+    """The token lists of the conversations in row b, rebuilt from inputs, targets and segment_ids."""
+    tokens, segments = batch["inputs"][b].tolist(), batch["segment_ids"][b].tolist()
+    if tokens[-1] != end_id and segments[-1]:  # the row's last token continues the last conversation
+        tokens, segments = tokens + [int(batch["targets"][b][-1])], segments + [segments[-1]]
+    return [[t for t, s in zip(tokens, segments) if s == k] for k in sorted(set(segments) - {0})]
+
+
+# ---- the chat template and the loss mask ----
+
+def test_render_ids_and_loss_mask_token_by_token(byte):
+    ids, mask = render(CONVERSATION, byte)
+    enc = byte.encode
+    expected = [(special(byte, "bos"), 0), (special(byte, "system_start"), 0), *[(t, 0) for t in enc("Be brief.")],
+                (special(byte, "system_end"), 0),
+                (special(byte, "user_start"), 0), *[(t, 0) for t in enc("Hi")], (special(byte, "user_end"), 0),
+                (special(byte, "assistant_start"), 0), *[(t, 1) for t in enc("Hello!")],
+                (special(byte, "assistant_end"), 1),
+                (special(byte, "user_start"), 0), *[(t, 0) for t in enc("2+2?")], (special(byte, "user_end"), 0),
+                (special(byte, "assistant_start"), 0), (enc("4")[0], 1), (special(byte, "assistant_end"), 1)]
+    assert ids.dtype == np.int32 and mask.dtype == np.bool_
+    assert ids.tolist() == [t for t, _ in expected]
+    assert mask.tolist() == [bool(m) for _, m in expected]
+    assert byte.decode(ids) == as_text(CONVERSATION)
+    assert byte.decode(ids[mask]) == "Hello!<|assistant_end|>4<|assistant_end|>"
+
+
+def test_render_for_generation_prompts_the_reply(byte):
+    ids, mask = render(CONVERSATION[:4], byte, for_generation=True)
+    assert byte.decode(ids) == as_text(CONVERSATION[:4]) + "<|assistant_start|>"
+    assert ids[-1] == special(byte, "assistant_start") and not mask[-1]
+    assert mask.tolist() == render(CONVERSATION[:4], byte)[1].tolist() + [False]
+    with pytest.raises(ChatDataError, match="last message must be the user's"):
+        render(CONVERSATION, byte, for_generation=True)
+
+
+def test_mask_marks_targets_after_packing(byte):
+    """loss_mask[j] is 1 exactly where targets[j] (predicted from inputs[:j+1]) is an assistant token."""
+    ids, mask = render(CONVERSATION, byte)
+    batch = pack([(ids, mask)], seq_len=len(ids) - 1, batch_size=1)
+    assert batch["inputs"][0].tolist() == ids[:-1].tolist() and batch["targets"][0].tolist() == ids[1:].tolist()
+    assert batch["loss_mask"][0].tolist() == mask[1:].astype(float).tolist()
+    trained = batch["targets"][0][batch["loss_mask"][0] == 1]
+    assert byte.decode(trained) == "Hello!<|assistant_end|>4<|assistant_end|>"
+
+
+def test_chinese_conversations_round_trip_through_the_template(byte):
+    loaded = chat.read_chatterbot(["chinese"])
+    assert len(loaded.conversations) == 467 and loaded.skipped == 0
+    assert loaded.conversations[0][0] == {"role": "user", "content": "什么是ai"}
+    assert max(map(len, loaded.conversations)) > 2
+    corpus = "".join(m["content"] for c in loaded.conversations for m in c)
+    for tok in (byte, Tokenizer.from_spec("char", corpus=corpus)):
+        for conversation in loaded.conversations:
+            ids, mask = render(conversation, tok)
+            assert tok.decode(ids) == as_text(conversation)
+            assert tok.decode(ids[mask]) == "".join(m["content"] + "<|assistant_end|>" for m in conversation
+                                                    if m["role"] == "assistant")
+
+
+# ---- the message format ----
+
+@pytest.mark.parametrize("conversation, problem", [
+    ([], "non-empty list"),
+    ([{"role": "user"}], "message 0 is not"),
+    ([{"role": "bot", "content": "x"}], "role 'bot'; expected system, user or assistant"),
+    ([{"role": "assistant", "content": "x"}], "message 0 has role 'assistant' where 'user' belongs"),
+    ([{"role": "user", "content": "x"}, {"role": "system", "content": "x"}], "message 1 has role 'system'"),
+    ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], "message 1 has role 'user'"),
+    ([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}], "no assistant message"),
+])
+def test_check_names_the_problem(conversation, problem):
+    assert problem in chat.check(conversation)
+
+
+def test_check_accepts_well_formed():
+    assert chat.check(CONVERSATION) is None
+    assert chat.check(CONVERSATION[:4]) is None  # a trailing user message is fine
+    assert chat.check(CONVERSATION[:2], trainable=False) is None
+
+
+# ---- truncation ----
+
+def test_truncation_drops_oldest_pairs_and_keeps_the_system(byte):
+    long = CONVERSATION + [{"role": "user", "content": "And 3+3?"},
+                           {"role": "assistant", "content": "Six, a long reply."}]
+    full = render(long, byte)[0]
+    assert render_truncated(long, byte, len(full) - 1)[0].tolist() == full.tolist()  # fits exactly
+    two_pairs = long[:1] + long[3:]
+    n = len(render(two_pairs, byte)[0])
+    for seq_len in (n - 1, len(full) - 2):  # just fits two pairs, or one token short of all three
+        assert render_truncated(long, byte, seq_len)[0].tolist() == render(two_pairs, byte)[0].tolist()
+    last = long[:1] + long[5:]
+    ids, mask = render_truncated(long, byte, n - 2)
+    assert ids.tolist() == render(last, byte)[0].tolist()
+    assert byte.decode(ids[mask]) == "Six, a long reply.<|assistant_end|>"  # the trained reply is whole
+    assert render_truncated(long, byte, len(render(last, byte)[0]) - 2) is None  # never split the reply
+
+
+def test_truncation_without_system_and_trailing_user(byte):
+    conversation = CONVERSATION[1:] + [{"role": "user", "content": "unanswered"}]
+    assert render_truncated(conversation, byte, 1000)[0].tolist() == render(CONVERSATION[1:], byte)[0].tolist()
+    last = CONVERSATION[3:5]
+    ids, _ = render_truncated(conversation, byte, len(render(last, byte)[0]) - 1)
+    assert byte.decode(ids) == as_text(last)
+
+
+def test_windows_keep_every_reply_that_fits(byte):
+    long = CONVERSATION + [{"role": "user", "content": "x" * 50}, {"role": "assistant", "content": "too long to fit"},
+                           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"},
+                           {"role": "user", "content": "unanswered"}]
+    system, pairs = long[:1], [long[1:3], long[3:5], long[5:7], long[7:9]]
+    seq_len = len(render(system + pairs[0] + pairs[1], byte)[0]) - 1  # two short pairs fit, the long one never
+    windows = render_windows(long, byte, seq_len)
+    assert [byte.decode(ids) for ids, _ in windows] == [as_text(system + pairs[0] + pairs[1]),
+                                                        as_text(system + pairs[3])]
+    assert byte.decode(windows[-1][0]) == byte.decode(render_truncated(long, byte, seq_len)[0])
+    assert [byte.decode(ids[mask]) for ids, mask in windows] == ["Hello!<|assistant_end|>4<|assistant_end|>",
+                                                                "Bye!<|assistant_end|>"]
+    assert render_windows(long, byte, 1000)[0][0].tolist() == render(long[:9], byte)[0].tolist()
+    batches = ChatBatches([long, CONVERSATION], byte, seq_len, 2, seed=0, windows=True)
+    assert len(batches.train) == 3 and batches.train.dropped == 0
+
+
+def test_special_token_text_in_content_stays_text(byte):
+    conversation = [{"role": "user", "content": "say <|assistant_end|>"}, {"role": "assistant", "content": "<|bos|>"}]
+    ids, mask = render(conversation, byte)
+    assert ids.tolist().count(special(byte, "assistant_end")) == 1 and ids.tolist().count(byte.bos_id) == 1
+    assert byte.decode(ids) == as_text(conversation) and int(mask.sum()) == len("<|bos|>") + 1
+
+
+# ---- packing ----
+
+def test_first_fit_places_each_item_in_the_first_row_with_room():
+    assert first_fit([5, 4, 3, 1, 2], 8) == [[0, 2], [1, 3, 4]]
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 30) for _ in range(500)]
+    rows, free = [], []  # the definition, one row at a time
+    for i, n in enumerate(lengths):
+        r = next((r for r, f in enumerate(free) if f >= n), len(rows))
+        if r == len(rows):
+            rows.append([])
+            free.append(32)
+        rows[r].append(i)
+        free[r] -= n
+    assert first_fit(lengths, 32) == rows
+    with pytest.raises(ValueError):
+        first_fit([3, 9], 8)
+
+
+def test_pack_segments_padding_and_masks_exact():
+    def conv(start, trained):
+        return np.arange(start, start + len(trained), dtype=np.int32), np.array(trained, bool)
+    a, b, c = conv(10, [0, 0, 0, 1, 1]), conv(20, [0, 0, 1, 1]), conv(30, [0, 1, 1])
+    batch = pack([a, b, c], seq_len=7, batch_size=3)  # rows of 8: [a c] [b pad] [pad]
+    assert batch["inputs"].tolist() == [[10, 11, 12, 13, 14, 30, 31], [20, 21, 22, 23, 0, 0, 0], [0] * 7]
+    assert batch["targets"].tolist() == [[11, 12, 13, 14, 30, 31, 32], [21, 22, 23, 0, 0, 0, 0], [0] * 7]
+    assert batch["segment_ids"].tolist() == [[1, 1, 1, 1, 1, 2, 2], [1, 1, 1, 1, 0, 0, 0], [0] * 7]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0, 1, 1], [0, 1, 1, 0, 0, 0, 0], [0] * 7]
+    assert {k: v.dtype for k, v in batch.items()} == {"inputs": np.int32, "targets": np.int32,
+                                                       "segment_ids": np.int32, "loss_mask": np.float32}
+    with pytest.raises(ChatDataError, match="more than batch_size=1"):
+        pack([a, b, c], seq_len=7, batch_size=1)
+    with pytest.raises(ChatDataError, match="more than seq_len"):
+        pack([a], seq_len=3, batch_size=1)
+
+
+def test_chat_batches_are_a_function_of_seed_and_step(byte):
+    conversations = synthetic(60)
+    make = lambda seed: ChatBatches(conversations, byte, 128, 4, seed)  # noqa: E731
+    one, two = make(3), make(3)
+    assert one.train.dropped == 0
+    rows_per_epoch = len(one.epoch_rows(0))
+    steps = [0, 1, rows_per_epoch // 4, rows_per_epoch // 4 + 1, 3 * rows_per_epoch // 4 + 2]  # across epochs
+    later = {s: two.batch_at(s) for s in reversed(steps)}  # another instance, asked in another order
+    for s in steps:
+        for key, value in one.batch_at(s).items():
+            np.testing.assert_array_equal(value, later[s][key])
+    assert not np.array_equal(make(4).batch_at(0)["inputs"], one.batch_at(0)["inputs"])
+    for epoch in (0, 1):  # each epoch holds every conversation once
+        assert sorted(i for row in one.epoch_rows(epoch) for i in row) == list(range(60))
+    assert one.epoch_rows(0) != one.epoch_rows(1)
+
+
+def test_chat_batches_rows_hold_whole_conversations(byte):
+    conversations = synthetic(30, seed=1)
+    batches = ChatBatches(conversations, byte, 96, 2, seed=0)
+    rendered = {tuple(render_truncated(c, byte, 96)[0].tolist()) for c in conversations}
+    assert batches.train.dropped == 0
+    assert sum(len(render_truncated(c, byte, 96)[0]) < len(render(c, byte)[0]) for c in conversations) > 0
+    for step in range(3):
+        batch = batches.batch_at(step)
+        for b in range(2):
+            for tokens in unpack(batch, b, special(byte, "assistant_end")):
+                assert tuple(tokens) in rendered
+
+
+def test_val_batches_cover_each_held_out_conversation_once(byte):
+    conversations = synthetic(80, seed=2)
+    ids = [f"dialog{i // 2}" for i in range(80)]  # two conversations per dialog, like chitchat
+    batches = ChatBatches(conversations, byte, 128, 3, seed=5, val_fraction=0.25, ids=ids)
+    _, val = chat.split(conversations, 0.25, 5, ids)
+    assert len(val) == 20 and len(batches.val) == 20 and len(batches.train) == 60
+    held = {ids[i] for i, c in enumerate(conversations) if any(c is v for v in val)}
+    assert all((ids[i] in held) == any(c is v for v in val) for i, c in enumerate(conversations))
+    seen = []
+    for batch in batches.val_batches():
+        assert batch["inputs"].shape == (3, 128)
+        for b in range(3):
+            seen += map(tuple, unpack(batch, b, special(byte, "assistant_end")))
+    assert sorted(seen) == sorted(tuple(render_truncated(c, byte, 128)[0].tolist()) for c in val)
+    n_trained = sum(int(render_truncated(c, byte, 128)[1][1:].sum()) for c in val)
+    assert sum(b["loss_mask"].sum() for b in batches.val_batches()) == n_trained
+
+
+def test_chat_batches_count_what_does_not_fit(byte):
+    conversations = [CONVERSATION, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y" * 100}]]
+    batches = ChatBatches(conversations, byte, 40, 1, seed=0)
+    assert len(batches.train) == 1 and batches.train.dropped == 1
+    with pytest.raises(ChatDataError, match="none of the 2 training conversations fits"):
+        ChatBatches(conversations, byte, 8, 1, seed=0)
+    with pytest.raises(ChatDataError, match="conversation 1: message 1 has role 'user'"):
+        ChatBatches([CONVERSATION, [{"role": "user", "content": "a"}] * 2], byte, 40, 1, seed=0)
+
+
+# ---- converters ----
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_read_jsonl_and_malformed_lines(tmp_path):
+    good = json.dumps({"messages": CONVERSATION})
+    named = json.dumps({"id": "d7", "messages": [{"role": "user", "content": "你好", "name": "x"},
+                                                 {"role": "assistant", "content": "您好"}]}, ensure_ascii=False)
+    no_reply = json.dumps({"messages": CONVERSATION[1:2]})
+    path = write_lines(tmp_path / "chats.jsonl", [good, "", named, "{not json", no_reply, json.dumps({"turns": []})])
+    with pytest.raises(ChatDataError, match=r"chats\.jsonl:4: not JSON") as e:
+        chat.read_jsonl(path)
+    assert isinstance(e.value, DataError)
+    loaded = chat.read_jsonl(path, skip_bad=True)
+    assert loaded.conversations == [CONVERSATION, [{"role": "user", "content": "你好"},
+                                                   {"role": "assistant", "content": "您好"}]]
+    assert loaded.ids == [f"{path}:1", "d7"] and loaded.skipped == 3
+    with pytest.raises(ChatDataError, match=r"b\.jsonl:5: it has no assistant message"):
+        chat.read_jsonl(write_lines(tmp_path / "b.jsonl", [good, good, "", "", no_reply]))
+    with pytest.raises(ChatDataError, match=r"c\.jsonl:2: expected \{\"messages\""):
+        chat.read_jsonl(write_lines(tmp_path / "c.jsonl", [good, "[1, 2]"]))
+    (tmp_path / "d.jsonl").write_bytes(good.encode() + b'\n\xff\xfe\n{"messages": []}\n')
+    with pytest.raises(ChatDataError, match=r"d\.jsonl:2: not UTF-8"):
+        chat.read_jsonl(tmp_path / "d.jsonl")
+    assert chat.read_jsonl(tmp_path / "d.jsonl", skip_bad=True).skipped == 2
+
+
+def test_read_sharegpt_jsonl_and_json_array(tmp_path):
+    record = {"id": "s1", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                             {"from": "gpt", "value": "Hello!"}]}
+    bad = {"conversations": [{"from": "gpt", "value": "I start"}, {"from": "human", "value": "no"}]}
+    expected = [CONVERSATION[0], CONVERSATION[1], CONVERSATION[2]]
+    path = write_lines(tmp_path / "sg.jsonl", [json.dumps(record), json.dumps(bad)])
+    with pytest.raises(ChatDataError, match=r"sg\.jsonl:2: message 0 has role 'assistant'"):
+        chat.read_sharegpt(path)
+    loaded = chat.read_sharegpt(path, skip_bad=True)
+    assert loaded.conversations == [expected] and loaded.ids == ["s1"] and loaded.skipped == 1
+    array = tmp_path / "sg.json"  # ShareGPT dumps are one JSON array; records are placed by line
+    array.write_text(json.dumps([record, record, {"conversations": [{"from": "bot", "value": "?"}]}], indent=1))
+    third = [i for i, line in enumerate(array.read_text().splitlines(), 1) if line == " {"][2]
+    with pytest.raises(ChatDataError, match=rf"sg\.json:{third}: turn 0 is not") as e:
+        chat.read_sharegpt(array)
+    assert chat.read_sharegpt(array, skip_bad=True).conversations == [expected, expected]
+    assert e.value.args[0].count("\n") == 0
+
+
+def test_chitchat_gives_both_directions_of_the_first_dialog():
+    import chitchat_dataset
+    raw = json.loads(Path(chitchat_dataset.__file__).with_name("dataset.json").read_text())
+    key, dialog = next(iter(raw.items()))
+    turns = []  # (sender, text) with a speaker's consecutive lines joined
+    for message in dialog["messages"]:
+        texts = [u["text"].strip() for u in message if u["text"].strip()]
+        if turns and turns[-1][0] == message[0]["sender"]:
+            turns[-1] = (turns[-1][0], turns[-1][1] + "\n" + "\n".join(texts))
+        elif texts:
+            turns.append((message[0]["sender"], "\n".join(texts)))
+    a, b = turns[0][0], turns[1][0]
+    def expect(user, ts):
+        return [{"role": "user" if s == user else "assistant", "content": t} for s, t in ts]
+    a_user, b_user = expect(a, turns), expect(b, turns[1:])
+    a_user, b_user = (c[:len(c) - (c[-1]["role"] == "user")] for c in (a_user, b_user))
+    loaded = chat.read_chitchat(limit=2)
+    assert loaded.conversations == [a_user, b_user] and loaded.ids == [f"chitchat:{key}"] * 2
+    assert loaded.conversations[0][0]["content"] == "Hello\nHow are you doing today?"
+    assert loaded.conversations[1][0]["content"] == loaded.conversations[0][1]["content"]
+    assert len(a_user) >= 30 and all(chat.check(c) is None for c in loaded.conversations)
+
+
+def test_chatterbot_malformed_dialogs_name_file_and_line(tmp_path):
+    (tmp_path / "xx").mkdir()
+    (tmp_path / "xx" / "a.yml").write_text("categories:\n- a\nconversations:\n- - no\n  - yes\n  - 3\n"
+                                           "- - only one line\n- not a list - of lines\n", encoding="utf-8")
+    with pytest.raises(ChatDataError, match=r"a\.yml:8: the dialog is not a list of lines"):
+        chat.read_chatterbot(directory=tmp_path)
+    loaded = chat.read_chatterbot(["xx"], directory=tmp_path, skip_bad=True)
+    assert loaded.conversations == [[{"role": "user", "content": "no"}, {"role": "assistant", "content": "yes"}]]
+    assert loaded.ids == ["chatterbot:xx/a.yml:4"] and loaded.skipped == 2
+    with pytest.raises(ChatDataError, match="no chatterbot language 'zz'"):
+        chat.read_chatterbot(["zz"], directory=tmp_path)
+
+
+def test_split_by_dialog_is_seeded():
+    conversations = synthetic(10)
+    train, val = chat.split(conversations, 0.3, seed=1)
+    assert len(val) == 3 and len(train) == 7 and (train, val) == chat.split(conversations, 0.3, seed=1)
+    assert [c for c in conversations if any(c is t for t in train)] == train  # input order kept
+    assert chat.split(conversations, 0.0, 1) == (conversations, [])
+    with pytest.raises(ChatDataError, match="val_fraction=1"):
+        chat.split(conversations, 1, 0)
+
+
+# ---- command line ----
+
+def test_cli_convert_and_render(tmp_path, capsys):
+    source = write_lines(tmp_path / "sg.jsonl", [json.dumps({"conversations": [
+        {"from": "human", "value": "你好"}, {"from": "gpt", "value": "Hi!"}]})] * 3)
+    out = tmp_path / "out" / "chats.jsonl"
+    assert chat.main(["convert", "--source", f"sharegpt:{source}", "--out", str(out), "--limit", "2"]) == 0
+    assert "wrote 2 conversations" in capsys.readouterr().out
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [
+        {"id": f"{source}:{i}", "messages": [{"role": "user", "content": "你好"},
+                                             {"role": "assistant", "content": "Hi!"}]} for i in (1, 2)]
+    assert chat.main(["render", "--tokenizer", "byte", "--index", "1", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"# {source}:2: 14 tokens, 4 trained (between ⟦ and ⟧)"
+    assert printed[1] == "<|bos|><|user_start|>你好<|user_end|><|assistant_start|>⟦Hi!<|assistant_end|>⟧"
+    assert chat.main(["convert", "--source", "nope", "--out", str(out)]) == 2
+    assert "error: unknown source 'nope'" in capsys.readouterr().err
