@@ -119,7 +119,7 @@ class Dense(nn.Module):
         w_KxN = w.reshape(math.prod(self.shape_in), math.prod(self.shape_out)).astype(self.cfg.dtype)
         y = (x_MxK @ w_KxN).reshape(batch_shape + self.shape_out)
         if self.cfg.bias:
-            b = self.param("b", logical(nn.initializers.zeros, *self.names[n_in:]), self.shape_out)
+            b = self.param("b", logical(nn.initializers.zeros, *self.names[len(self.shape_in):]), self.shape_out)
             y = y + b.astype(y.dtype)
         return y
 
