@@ -6,11 +6,16 @@
 of the real loop (batches drawn and placed by the prefetcher, as in training). Reports ms/iter,
 tokens/s, model FLOPs per token (6N + attention), MFU against the peak table (on CPU: a matmul
 rate measured in the same run), compile seconds and the memory XLA planned for the step.
+
+    python -m jaxgpt.bench data --source chitchat --tokenizer bpe:4096 --workers 1 2 [--max-mb 64]
+
+`data`: tokenizer throughput (MB/s of UTF-8 text) of `prepare`'s worker pool, one line per worker count.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -68,6 +73,41 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
     return out
 
 
+def bench_data(source: str, tokenizer: str, workers: list[int], max_mb: float = 64.0, **source_kw) -> list[dict]:
+    """Tokenizer throughput of `prepare`'s worker pool, one result per worker count.
+
+    The first max_mb of the source is read into memory first, and the pool is started and warmed
+    before the clock starts, so what is timed is tokenizing plus moving text to workers and ids back."""
+    import tempfile
+
+    src = data.open_source(source, **source_kw)
+    pieces, n_bytes = [], 0
+    for text, ends in src.pieces():
+        pieces.append((text, ends))
+        n_bytes += len(text.encode("utf-8"))
+        if n_bytes >= max_mb * 1e6:
+            break
+    tok = data.build_tokenizer(tokenizer, src, limit=sum(ends for _, ends in pieces))  # as prepare builds it
+    indexed = list(enumerate(data.tasks(pieces)))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save(tmp)
+        for n in workers:
+            t = time.perf_counter()
+            with data.Encoder(tmp, n, dtype=data.token_dtype(tok.n_vocab)) as encoder:
+                list(encoder.map((i, (0, [("warm up", True)])) for i in range(2 * n)))
+                start_s = time.perf_counter() - t
+                t = time.perf_counter()
+                n_tokens = sum(r["train"][0].size + r["val"][0].size for _, r in encoder.map(iter(indexed)))
+                seconds = time.perf_counter() - t
+            results.append({"bench": "data", "source": source, "tokenizer": tok.name, "n_vocab": tok.n_vocab,
+                            "workers": n, "mb": round(n_bytes / 1e6, 3), "tokens": int(n_tokens),
+                            "seconds": round(seconds, 3), "mb_per_s": round(n_bytes / 1e6 / seconds, 3),
+                            "tokens_per_s": round(n_tokens / seconds, 1), "pool_start_s": round(start_s, 2),
+                            "cpu_count": os.cpu_count()})
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     from jaxgpt import cli
 
@@ -78,13 +118,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="key=value")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
+    d = sub.add_parser("data", help="tokenizer throughput of prepare's worker pool")
+    d.add_argument("--source", required=True, help=data.SOURCES)
+    d.add_argument("--tokenizer", required=True, help="gpt2 | cl100k_base | o200k_base | byte | char | bpe:N | DIR")
+    d.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    d.add_argument("--max-mb", type=float, default=64.0, help="tokenize at most this much text")
+    d.add_argument("--field", default="text")
+    d.add_argument("--doc-split", default="file", choices=("file", "paragraph", "line"))
     args = parser.parse_args(argv)
 
     def run(_):
+        if args.what == "data":
+            for result in bench_data(args.source, args.tokenizer, args.workers, args.max_mb, field=args.field,
+                                     doc_split=args.doc_split):
+                print(json.dumps(result), flush=True)
+            return
         cfg = config_lib.from_cli(args.config, args.overrides)
         print(json.dumps(bench_train(cfg, args.steps, args.warmup)))
 
-    cli.run(run, ["train"], usage="python -m jaxgpt.bench train CONFIG.py [key=value ...]")
+    cli.run(run, [args.what],
+            usage="python -m jaxgpt.bench train CONFIG.py [key=value ...] | data --source S --tokenizer T")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ PRESETS = {
 @dataclass
 class ModelConfig:
     preset: str = "gpt2"             # gpt2 | llama: defaults for the None fields below
-    vocab_size: int = 0              # 0: taken from the tokenizer (rounded up to a multiple of 64)
+    vocab_size: int = 0              # 0: the tokenizer's size
     n_layer: int = 12                # N
     n_head: int = 12                 # H
     n_kv_head: int = 0               # K; 0 means K = H (grouped-query attention when K < H)
@@ -73,10 +73,18 @@ class DataConfig:
     path: str = ""                   # a text file (tokenized on first use into a cache beside it)
     dir: str = ""                    # or a prepared data directory (python -m jaxgpt.data prepare)
     tokenizer: str = "char"          # char | byte | gpt2 | cl100k_base | o200k_base | path.tiktoken
+    chat: str = ""                   # conversations for supervised fine-tuning (loss on assistant tokens):
+                                     # chitchat | chatterbot[:LANG] | jsonl:PATH | sharegpt:PATH
+    chat_val: str = ""               # held-out conversations (same forms); empty: data.val_fraction of data.chat
+    val_dir: str = ""                # a prepared directory whose tokens are the validation set (its train split)
+    chat_windows: bool = True        # cut long conversations into windows of whole exchanges (else keep the end)
     val_fraction: float = 0.1        # the last fraction of a text file is the validation split
     batch_size: int = 12             # B: global batch, in sequences
     sampling: str = "random"         # random windows | sequential (packed, in order)
     prefetch: int = 2                # batches prepared ahead in a background thread
+    segments: bool = False           # segment ids restart after each end-of-text token: packed documents
+                                     # do not attend to each other (false: all ones, as nanoGPT)
+    verify: bool = True              # check shard sha256 checksums when loading data.dir
 
 
 @dataclass
@@ -113,6 +121,7 @@ class TrainConfig:
     progress: bool = True            # tqdm progress bar
     init_from: str = ""              # a run directory or export to take params from (fine-tuning)
     resume: str = "auto"             # auto | none | PATH (checkpoints)
+    overwrite: bool = False          # with resume=none (or an older resume=PATH): replace existing checkpoints
 
 
 @dataclass
@@ -147,6 +156,7 @@ class SampleConfig:
     top_k: int = 0                   # 0: off
     top_p: float = 1.0               # 1.0: off
     seed: int = 0
+    chat: bool = False               # the prompt is a user message: reply as the assistant (chat template)
 
 
 @dataclass

@@ -54,25 +54,34 @@ def make_eval_step(model: GPT, mesh, params_sharding):
                    out_shardings=sharding.replicated(mesh))
 
 
-def evaluate_tokens(eval_step, params, tokens: np.ndarray, seq_len: int, stride: int, batch_size: int,
-                    mesh, token_bytes: np.ndarray | None = None, max_tokens: int = 0) -> dict:
-    """Score `tokens` exactly; `token_bytes[id]` (UTF-8 bytes per token id) gives bits per byte."""
-    if max_tokens:
-        tokens = tokens[:max_tokens + 1]
-    # the global batch must split evenly over the data-parallel devices
+def evaluate_batches(eval_step, params, batches, mesh, token_bytes: np.ndarray | None = None) -> dict:
+    """Exact mean loss over every masked target of `batches` (an iterable of [B, L] host dicts);
+    `token_bytes[id]` (UTF-8 bytes per token id) gives bits per byte of the masked targets."""
+    # the global batch must split evenly over the data-parallel devices: pad with empty rows
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch_size = -(-batch_size // shards) * shards
-    total, count = 0.0, 0.0
-    for batch in eval_batches(tokens, seq_len, stride, batch_size):
+    total, count, n_bytes = 0.0, 0.0, 0
+    for batch in batches:
+        pad = -len(batch["inputs"]) % shards
+        if pad:
+            batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
         loss_sum, n = eval_step(params, sharding.put_batch(batch, mesh))
         total, count = total + float(loss_sum), count + float(n)
+        if token_bytes is not None:
+            n_bytes += int((token_bytes[batch["targets"]] * (batch["loss_mask"] > 0)).sum())
     mean = total / max(count, 1)
     out = {"tokens": int(count), "loss": mean, "perplexity": math.exp(min(mean, 700))}
     if token_bytes is not None:
-        n_bytes = int(token_bytes[np.asarray(tokens[1:], dtype=np.int64)].sum())
         out["bytes"] = n_bytes
         out["bits_per_byte"] = total / math.log(2) / max(n_bytes, 1)
     return out
+
+
+def evaluate_tokens(eval_step, params, tokens: np.ndarray, seq_len: int, stride: int, batch_size: int,
+                    mesh, token_bytes: np.ndarray | None = None, max_tokens: int = 0) -> dict:
+    """Score a token sequence exactly (see `windows`)."""
+    if max_tokens:
+        tokens = tokens[:max_tokens + 1]
+    return evaluate_batches(eval_step, params, eval_batches(tokens, seq_len, stride, batch_size), mesh, token_bytes)
 
 
 def main(argv: list[str] | None = None) -> None:

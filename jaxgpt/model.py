@@ -47,28 +47,31 @@ def attention_mask(q_seg_BxL, q_pos_BxL, kv_seg_BxS, kv_pos_BxS) -> jax.Array:
     return same_doc & causal & (kv_seg_BxS[:, None, :] != 0)
 
 
-def attend(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS) -> jax.Array:
-    """Softmax attention in fp32 with grouped-query heads (K kv heads shared by G = H/K queries)."""
-    B, L, H, E = q_BxLxHxE.shape
-    K = k_BxSxKxE.shape[2]
-    q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, H // K, E)
-    scores_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE,
-                                  preferred_element_type=jnp.float32) * E ** -0.5
+def attend(q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS) -> jax.Array:
+    """Softmax attention in fp32 with grouped-query heads (K kv heads shared by G = H/K queries).
+
+    Heads come first ([B, H, L, E]): the matmuls then need no transposes, and a KV cache kept as
+    [B, K, S, E] plugs in unchanged.
+    """
+    B, H, L, E = q_BxHxLxE.shape
+    K = k_BxKxSxE.shape[1]
+    q_BxKxGxLxE = q_BxHxLxE.reshape(B, K, H // K, L, E) * jnp.asarray(E ** -0.5, q_BxHxLxE.dtype)
+    scores_BxKxGxLxS = jnp.einsum("bkgle,bkse->bkgls", q_BxKxGxLxE, k_BxKxSxE, preferred_element_type=jnp.float32)
     scores_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxKxGxLxS, NEG_INF)
-    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
-    out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs_BxKxGxLxS, v_BxSxKxE)
-    return out_BxLxKxGxE.reshape(B, L, H, E)
+    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxKxSxE.dtype)
+    out_BxKxGxLxE = jnp.einsum("bkgls,bkse->bkgle", probs_BxKxGxLxS, v_BxKxSxE)
+    return out_BxKxGxLxE.reshape(B, H, L, E)
 
 
-def rope(x_BxLxHxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+def rope(x_BxHxLxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
     """Rotary position embedding, rotating the two halves of each head (the GPT-NeoX layout)."""
-    E = x_BxLxHxE.shape[-1]
+    E = x_BxHxLxE.shape[-1]
     inv_freq = theta ** -(jnp.arange(0, E, 2, dtype=jnp.float32) / E)
-    angles_BxLx1xE2 = (positions_BxL[:, :, None, None] * inv_freq).astype(jnp.float32)
-    sin, cos = jnp.sin(angles_BxLx1xE2), jnp.cos(angles_BxLx1xE2)
-    x1, x2 = jnp.split(x_BxLxHxE.astype(jnp.float32), 2, axis=-1)
+    angles_Bx1xLxE2 = (positions_BxL[:, None, :, None] * inv_freq).astype(jnp.float32)
+    sin, cos = jnp.sin(angles_Bx1xLxE2), jnp.cos(angles_Bx1xLxE2)
+    x1, x2 = jnp.split(x_BxHxLxE.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxLxHxE.dtype)
+    return out.astype(x_BxHxLxE.dtype)
 
 
 class Norm(nn.Module):
@@ -128,22 +131,23 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+    def __call__(self, x_BxLxD, mask_BxLxL, positions_BxL):
         cfg = self.cfg
         D, H, K, E = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim
         out_std = cfg.init_std / (2 * cfg.n_layer) ** 0.5  # GPT-2's scaled residual init
         q_BxLxHxE = Dense((D,), (H, E), ("embed", "heads", "head_dim"), cfg, cfg.init_std, name="wq")(x_BxLxD)
         kv_BxLx2xKxE = Dense((D,), (2, K, E), ("embed", None, "kv_heads", "head_dim"), cfg, cfg.init_std,
                              name="wkv")(x_BxLxD)
-        k_BxLxKxE, v_BxLxKxE = kv_BxLx2xKxE[:, :, 0], kv_BxLx2xKxE[:, :, 1]
+        # to heads-first, once for q and once for k and v together
+        q_BxHxLxE = q_BxLxHxE.transpose(0, 2, 1, 3)
+        k_BxKxLxE, v_BxKxLxE = kv_BxLx2xKxE.transpose(2, 0, 3, 1, 4)
         if cfg.qk_norm:
-            q_BxLxHxE = HeadNorm(cfg.norm_eps, name="q_norm")(q_BxLxHxE)
-            k_BxLxKxE = HeadNorm(cfg.norm_eps, name="k_norm")(k_BxLxKxE)
+            q_BxHxLxE = HeadNorm(cfg.norm_eps, name="q_norm")(q_BxHxLxE)
+            k_BxKxLxE = HeadNorm(cfg.norm_eps, name="k_norm")(k_BxKxLxE)
         if cfg.position == "rope":
-            q_BxLxHxE = rope(q_BxLxHxE, positions_BxL, cfg.rope_theta)
-            k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
-        mask_BxLxL = attention_mask(segment_ids_BxL, positions_BxL, segment_ids_BxL, positions_BxL)
-        out_BxLxHxE = attend(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask_BxLxL)
+            q_BxHxLxE = rope(q_BxHxLxE, positions_BxL, cfg.rope_theta)
+            k_BxKxLxE = rope(k_BxKxLxE, positions_BxL, cfg.rope_theta)
+        out_BxLxHxE = attend(q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxL).transpose(0, 2, 1, 3)
         return Dense((H, E), (D,), ("heads", "head_dim", "embed"), cfg, out_std, name="wo")(out_BxLxHxE)
 
 
@@ -170,10 +174,10 @@ class Block(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+    def __call__(self, x_BxLxD, mask_BxLxL, positions_BxL):
         drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
         x_BxLxD = x_BxLxD + drop(Attention(self.cfg, name="attn")(
-            Norm(self.cfg, name="norm_attn")(x_BxLxD), segment_ids_BxL, positions_BxL))
+            Norm(self.cfg, name="norm_attn")(x_BxLxD), mask_BxLxL, positions_BxL))
         x_BxLxD = x_BxLxD + drop(Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="norm_mlp")(x_BxLxD)))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
         return x_BxLxD, None  # (carry, output) so the same block also runs under nn.scan
@@ -195,15 +199,17 @@ class Transformer(nn.Module):
         x_BxLxD = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(x_BxLxD)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
+        # one mask for every layer: causal, within a segment, never onto padding
+        mask_BxLxL = attention_mask(segment_ids_BxL, positions_BxL, segment_ids_BxL, positions_BxL)
         block = nn.remat(Block, prevent_cse=not cfg.scan_layers, static_argnums=()) if cfg.remat else Block
         if cfg.scan_layers:
             blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layer,
                              metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BxLxD, _ = blocks(cfg, self.deterministic, name="blocks")(x_BxLxD, segment_ids_BxL, positions_BxL)
+            x_BxLxD, _ = blocks(cfg, self.deterministic, name="blocks")(x_BxLxD, mask_BxLxL, positions_BxL)
         else:
             for i in range(cfg.n_layer):
-                x_BxLxD, _ = block(cfg, self.deterministic, name=f"block_{i}")(x_BxLxD, segment_ids_BxL, positions_BxL)
+                x_BxLxD, _ = block(cfg, self.deterministic, name=f"block_{i}")(x_BxLxD, mask_BxLxL, positions_BxL)
 
         x_BxLxD = Norm(cfg, name="norm_out")(x_BxLxD)
         if cfg.tie_embeddings:

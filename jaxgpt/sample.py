@@ -74,10 +74,26 @@ def generate(model: GPT, params, prompt_ids: list[int], max_new_tokens: int, cfg
 
 def sample_texts(model: GPT, params, tokenizer: Tokenizer, cfg: SampleConfig, n: int | None = None,
                  max_new_tokens: int | None = None) -> list[str]:
+    """Continuations of cfg.prompt (prompt included), or with cfg.chat the assistant's replies to it."""
+    if cfg.chat:
+        return chat_replies(model, params, tokenizer, [{"role": "user", "content": cfg.prompt}], cfg,
+                            n=n, max_new_tokens=max_new_tokens)
     prompt_ids = tokenizer.encode(cfg.prompt) or [tokenizer.eot_id]
     rows = generate(model, params, prompt_ids, max_new_tokens or cfg.max_new_tokens, cfg,
                     n or cfg.num_samples, stop_ids=(tokenizer.eot_id,))
     return [cfg.prompt + tokenizer.decode(row) for row in rows]
+
+
+def chat_replies(model: GPT, params, tokenizer: Tokenizer, conversation: list[dict], cfg: SampleConfig,
+                 n: int | None = None, max_new_tokens: int | None = None) -> list[str]:
+    """The assistant's next reply to a conversation, rendered with the chat template."""
+    from jaxgpt import chat
+
+    prompt_ids, _ = chat.render(conversation, tokenizer, for_generation=True)
+    stop = (tokenizer.special_id("<|assistant_end|>"), tokenizer.eot_id)
+    rows = generate(model, params, prompt_ids.tolist(), max_new_tokens or cfg.max_new_tokens, cfg,
+                    n or cfg.num_samples, stop_ids=stop)
+    return [tokenizer.decode([t for t in row if not tokenizer.is_special(t)]) for row in rows]
 
 
 def main(argv: list[str] | None = None) -> None:

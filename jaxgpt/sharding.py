@@ -89,9 +89,16 @@ def activate(mesh: Mesh):
         yield
 
 
-def put_batch(batch: dict, mesh: Mesh) -> dict:
-    """Place a host batch (numpy, the whole global batch on every process) onto the mesh."""
+def put_batch(batch: dict, mesh: Mesh, local_rows: bool = False) -> dict:
+    """Place a host batch (numpy, the whole global batch on every process) onto the mesh.
+
+    local_rows: each process holds only its own block of rows (data.batch_at with process_index),
+    in process order, and the global batch is assembled from them without any copying between hosts."""
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
+    if local_rows:
+        n = jax.process_count()
+        return {k: jax.make_array_from_process_local_data(sharding, v, (n * v.shape[0], *v.shape[1:]))
+                for k, v in batch.items()}
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}

@@ -23,9 +23,10 @@ import numpy as np
 import optax
 
 from jaxgpt import config as config_lib
-from jaxgpt import data, evaluate, hardware, optim, sharding
+from jaxgpt import chat, data, evaluate, hardware, optim, sharding
 from jaxgpt.errors import JaxgptError
 from jaxgpt.model import GPT
+from jaxgpt.tokenizer import Tokenizer
 
 
 @flax.struct.dataclass
@@ -71,12 +72,15 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_ac
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        # no update without a finite loss, nor from a batch with no trained token (an SFT batch
+        # of prompts only): momentum and weight decay would still move the params
+        apply = finite & (count > 0)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
         new_state = TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
                                step=state.step + 1, rng=rng,
                                nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count,
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
                    "skipped": (~finite).astype(jnp.int32), "nonfinite_run": new_state.nonfinite_run}
         return new_state, metrics
 
@@ -88,10 +92,21 @@ class Trainer:
 
     def __init__(self, cfg: config_lib.Config, devices=None):
         self.cfg = cfg
-        self.data = data.load(cfg.data)
+        if cfg.data.chat:  # supervised fine-tuning on conversations
+            self.data = None
+            self.tokenizer = chat_tokenizer(cfg)
+            loaded = chat.load(cfg.data.chat)
+            held_out = chat.load(cfg.data.chat_val).conversations if cfg.data.chat_val else ()
+            self.chat = chat.ChatBatches(loaded.conversations, self.tokenizer, cfg.model.seq_len, cfg.data.batch_size,
+                                         cfg.train.seed, val=held_out,
+                                         val_fraction=0.0 if held_out else cfg.data.val_fraction,
+                                         ids=loaded.ids, windows=cfg.data.chat_windows)
+        else:
+            self.data, self.chat = data.load(cfg.data), None
+            self.tokenizer = self.data.tokenizer
         if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = self.data.tokenizer.n_vocab
-        data.check_vocab(self.data.tokenizer, cfg.model.vocab_size)
+            cfg.model.vocab_size = self.tokenizer.n_vocab
+        data.check_vocab(self.tokenizer, cfg.model.vocab_size)
         self.model = GPT(cfg.model)
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
         abstract_params = jax.eval_shape(self.model.init, jax.random.key(0))
@@ -113,11 +128,23 @@ class Trainer:
                           jnp.zeros((), jnp.int32))
 
     def _state_sharding(self, abstract_params):
-        """Optimizer moments follow their params' shardings; counters and the rng are replicated."""
+        """Optimizer moments follow their params' shardings; counters and the rng are replicated.
+
+        optax states nest copies of the params tree (mu, nu, momentum...), so a state leaf whose key
+        path ends with a param's key path, with that param's shape, takes that param's sharding."""
         rep = sharding.replicated(self.mesh)
+        by_path = {tuple(path): (p.shape, s) for (path, p), s in zip(
+            jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(self.params_sharding))}
+
+        def leaf_sharding(path, leaf):
+            for start in range(len(path)):
+                shape, s = by_path.get(tuple(path[start:]), (None, None))
+                if shape == leaf.shape:
+                    return s
+            return rep
+
         abstract = jax.eval_shape(self._init_state, 0)
-        opt_sharding = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract.opt_state,
-                                             self.params_sharding, transform_non_params=lambda _: rep)
+        opt_sharding = jax.tree_util.tree_map_with_path(leaf_sharding, abstract.opt_state)
         return TrainState(self.params_sharding, opt_sharding, rep, rep, rep)
 
     def init_state(self) -> TrainState:
@@ -126,21 +153,61 @@ class Trainer:
 
     def batch(self, step: int, split: str = "train") -> dict:
         cfg = self.cfg
+        if self.chat:
+            rows = self.chat.batch_at(step)
+            per_process = cfg.data.batch_size // jax.process_count()
+            mine = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+            return sharding.put_batch({k: v[mine] for k, v in rows.items()}, self.mesh, local_rows=True)
         tokens = self.data.split(split)
-        host = data.batch_at(tokens, cfg.train.seed, step, cfg.data.batch_size, cfg.model.seq_len, cfg.data.sampling)
-        return sharding.put_batch(host, self.mesh)
+        host = data.batch_at(tokens, cfg.train.seed, step, cfg.data.batch_size, cfg.model.seq_len, cfg.data.sampling,
+                             eot_id=self.data.tokenizer.eot_id, segments=cfg.data.segments,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+        return sharding.put_batch(host, self.mesh, local_rows=True)
 
     def evaluate(self, params, split: str = "val") -> dict:
+        """Exact loss and bits per byte on held-out data (for SFT: assistant tokens only)."""
         cfg = self.cfg
         with sharding.activate(self.mesh):
+            if self.chat:
+                return evaluate.evaluate_batches(self.eval_step, params, self.chat.val_batches(), self.mesh,
+                                                 self.tokenizer.token_byte_lengths())
             return evaluate.evaluate_tokens(
                 self.eval_step, params, self.data.split(split), cfg.model.seq_len, cfg.eval.stride,
                 cfg.eval.batch_size or cfg.data.batch_size, self.mesh,
-                self.data.tokenizer.token_byte_lengths(), cfg.train.eval_max_tokens)
+                self.tokenizer.token_byte_lengths(), cfg.train.eval_max_tokens)
 
     def step(self, state: TrainState, batch: dict):
         with sharding.activate(self.mesh):
             return self.train_step(state, batch)
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes and dtypes, computing nothing (checkpoint restore targets)."""
+        with sharding.activate(self.mesh):
+            return jax.eval_shape(self._init, self.cfg.train.seed)
+
+
+def config_for(path, overrides: list[str]) -> config_lib.Config:
+    """config_lib.from_cli, except that with train.init_from the model's shape comes from that run
+    (a run directory or an export); model.* overrides still apply on top."""
+    cfg = config_lib.from_cli(path, overrides)
+    if cfg.train.init_from:
+        from jaxgpt import checkpoint
+        source = Path(cfg.train.init_from)
+        saved = source / "config.json" if (source / "config.json").is_file() else \
+            checkpoint.find_export(source) / "config.json"
+        base = config_lib.load_file(path)
+        base.model = config_lib.from_dict(json.loads(saved.read_text())).model
+        cfg = config_lib.validate(config_lib.apply_overrides(base, overrides))
+    return cfg
+
+
+def chat_tokenizer(cfg: config_lib.Config) -> Tokenizer:
+    """The tokenizer of the model being fine-tuned (its export's), else `data.tokenizer`."""
+    if cfg.train.init_from:
+        from jaxgpt import checkpoint
+        source = Path(cfg.train.init_from)  # a run directory keeps its tokenizer beside config.json
+        return Tokenizer.load(source if (source / "tokenizer.json").is_file() else checkpoint.find_export(source))
+    return Tokenizer.from_spec(cfg.data.tokenizer)
 
 
 class MetricsLog:
@@ -168,19 +235,28 @@ class MetricsLog:
 
 
 def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
-    """Run training; returns the last logged metrics (with the final val_loss).
+    """Run training, resuming as `train.resume` says; returns the last logged metrics.
 
-    `checkpointer` is the seam for checkpoints: an object with `restore(trainer) -> state | None`,
-    `maybe_save(step, state, metrics)` and `close()`. None trains from scratch and saves nothing.
+    `checkpointer` (default: a checkpoint.Checkpointer under train.out_dir/checkpoints) has
+    `restore(trainer) -> state | None`, `maybe_save(step, state, metrics)`, `save(step, state,
+    metrics, wait)` and `close()`. A SIGTERM / SIGINT finishes the current step, saves and raises
+    checkpoint.Interrupted; the same command then resumes, with the same losses as an unbroken run.
     """
     from jaxgpt import checkpoint, sample
 
     out_dir = Path(cfg.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, devices)
-    (out_dir / "config.json").write_text(cfg.to_json())
-    state = (checkpointer.restore(trainer) if checkpointer else None) or trainer.init_state()
-    start = int(state.step)
+    checkpointer = checkpointer or checkpoint.Checkpointer(cfg)  # checks the resume rules before any work
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(cfg, devices)
+        (out_dir / "config.json").write_text(cfg.to_json())
+        trainer.tokenizer.save(out_dir)  # for exports made from checkpoints
+        state = checkpointer.restore(trainer) or trainer.init_state()
+    except BaseException:
+        checkpointer.close()
+        raise
+    start = done = int(state.step)
+    checkpoint.truncate_metrics(out_dir / "metrics.jsonl", start)  # rows past the restored step are redone
     n_params = trainer.model.num_params(state.params)
     flops_per_token = trainer.model.flops_per_token(state.params)
     peak, _ = hardware.peak_flops()
@@ -192,45 +268,60 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
     batches = data.Prefetcher(trainer.batch, start, cfg.train.steps, cfg.data.prefetch)
     progress = _progress(cfg, start)
     pending, last, t_log, steps_since = [], {}, time.perf_counter(), 0
-    for step, batch in batches:
-        state, metrics = trainer.step(state, batch)
-        pending.append(metrics)
-        steps_since += 1
-        done = step + 1
-        is_eval = done == cfg.train.steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0)
-        if done % cfg.train.log_every and not is_eval:
-            continue
-        fetched = jax.device_get(pending)  # one host sync per logged step, not per step
-        pending = []
-        elapsed = time.perf_counter() - t_log
-        t_log, n_steps, steps_since = time.perf_counter(), steps_since, 0
-        tps = n_steps * tokens_per_step / elapsed
-        last = {"step": done, "loss": float(fetched[-1]["loss"]), "lr": float(optim.schedule(cfg.optim, cfg.train.steps)(step)),
-                "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tps,
-                "mfu": tps * flops_per_token / (peak * len(trainer.mesh.devices.flat)),
-                "skipped": int(sum(m["skipped"] for m in fetched))}
-        if last["skipped"]:
-            print(f"step {done}: {last['skipped']} update(s) skipped for a non-finite loss", file=sys.stderr)
-        if is_eval:
-            result = trainer.evaluate(state.params)
-            last.update(val_loss=result["loss"], val_bpb=result.get("bits_per_byte"))
-        log.write(last)
-        progress.update(n_steps)
-        progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tps:.0f}",
-                             mfu=f"{100 * last['mfu']:.1f}%", **({"val": f"{last['val_loss']:.4f}"} if is_eval else {}))
-        if checkpointer:
-            checkpointer.maybe_save(done, state, last)
-        if int(fetched[-1]["nonfinite_run"]) >= cfg.train.max_nonfinite:
-            log.close()
-            raise NonFiniteLoss(f"step {done}: {int(fetched[-1]['nonfinite_run'])} non-finite losses in a row "
-                                f"(train.max_nonfinite={cfg.train.max_nonfinite}); lower optim.lr or check the data")
-    progress.close()
-    log.close()
-    if checkpointer:
-        checkpointer.close()
-    checkpoint.export(out_dir / "export", cfg, jax.device_get(state.params), trainer.data.tokenizer)
+    stop = checkpoint.StopSignals()
+    try:
+        for step, batch in batches:
+            state, metrics = trainer.step(state, batch)
+            pending.append(metrics)
+            steps_since += 1
+            done = step + 1
+            is_eval = done == cfg.train.steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0)
+            if done % cfg.train.log_every == 0 or is_eval:
+                fetched = jax.device_get(pending)  # one host sync per logged step, not per step
+                pending = []
+                elapsed = time.perf_counter() - t_log
+                t_log, n_steps, steps_since = time.perf_counter(), steps_since, 0
+                tps = n_steps * tokens_per_step / elapsed
+                last = {"step": done, "loss": float(fetched[-1]["loss"]),
+                        "lr": float(optim.schedule(cfg.optim, cfg.train.steps)(step)),
+                        "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tps,
+                        "mfu": tps * flops_per_token / (peak * len(trainer.mesh.devices.flat)),
+                        "skipped": int(sum(m["skipped"] for m in fetched))}
+                if last["skipped"]:
+                    print(f"step {done}: {last['skipped']} update(s) skipped for a non-finite loss", file=sys.stderr)
+                if is_eval:
+                    result = trainer.evaluate(state.params)
+                    last.update(val_loss=result["loss"], val_bpb=result.get("bits_per_byte"))
+                log.write(last)
+                progress.update(n_steps)
+                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tps:.0f}",
+                                     mfu=f"{100 * last['mfu']:.1f}%",
+                                     **({"val": f"{last['val_loss']:.4f}"} if is_eval else {}))
+                if int(fetched[-1]["nonfinite_run"]) >= cfg.train.max_nonfinite:
+                    raise NonFiniteLoss(f"step {done}: {int(fetched[-1]['nonfinite_run'])} non-finite losses or gradients in a "
+                                        f"row (train.max_nonfinite={cfg.train.max_nonfinite}); lower optim.lr or "
+                                        f"check the data")
+            checkpointer.maybe_save(done, state, last if last.get("step") == done else {})
+            if stop.signum:
+                break
+        # the end of the run, or a signal: save (a non-finite state is never saved), and wait for the disk
+        saved = checkpointer.save(done, state, last if last.get("step") == done else {}, wait=True)
+    except BaseException:
+        with contextlib.suppress(Exception):  # finish an earlier save; the first error is the one to report
+            checkpointer.close()
+        raise
+    finally:
+        stop.restore()
+        progress.close()
+        log.close()
+    checkpointer.close()
+    if stop.signum:
+        where = f"saved step {done}" if saved or done == start else "no checkpoint saved (non-finite state)"
+        raise checkpoint.Interrupted(f"stopped by {stop.name} after step {done}; {where} "
+                                     f"in {out_dir / 'checkpoints'}; rerun the same command to resume", stop.signum)
+    checkpoint.export(out_dir / "export", cfg, jax.device_get(state.params), trainer.tokenizer)
     if cfg.train.samples:
-        for text in sample.sample_texts(trainer.model, jax.device_get(state.params), trainer.data.tokenizer,
+        for text in sample.sample_texts(trainer.model, jax.device_get(state.params), trainer.tokenizer,
                                         cfg.sample, n=cfg.train.samples, max_new_tokens=cfg.train.sample_tokens):
             print(f"--- sample ---\n{text}", file=sys.stderr)
     return last
@@ -243,11 +334,15 @@ def _progress(cfg, start):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jaxgpt import cli
+    from jaxgpt import checkpoint, cli
 
     def run(args):
-        cfg = config_lib.from_cli(args[0], args[1:])
-        last = train(cfg)
+        cfg = config_for(args[0], args[1:])
+        try:
+            last = train(cfg)
+        except checkpoint.Interrupted as e:
+            print(f"train: {e}", file=sys.stderr)
+            sys.exit(128 + e.signum)  # the shell's convention for death by a signal
         print(json.dumps(last))
 
     cli.run(run, argv if argv is not None else sys.argv[1:],

@@ -12,7 +12,7 @@ def get_config() -> Config:
         model=ModelConfig(preset="gpt2", n_layer=4, n_head=4, d_model=128, seq_len=64, bias=False),
         data=DataConfig(path="data/tinyshakespeare.txt", tokenizer="char", batch_size=12),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, schedule="cosine", warmup_steps=100, b1=0.9, b2=0.99,
-                          weight_decay=0.1, clip_norm=1.0),
+                          weight_decay=0.1, decay_embeddings=True, clip_norm=1.0),  # as the reference: every matrix decays
         train=TrainConfig(steps=2000, out_dir="runs/shakespeare_char", log_every=50, eval_every=500,
                           samples=2, sample_tokens=300),
     )

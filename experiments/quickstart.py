@@ -1,0 +1,155 @@
+"""The whole ChatGPT recipe on a laptop CPU, in one command (about 15 minutes on 2 cores):
+
+    python experiments/quickstart.py [--out runs/quickstart] [--scale cpu|gpu]
+
+1. data      chitchat's 7,168 two-person dialogues: a held-out 5% of dialogues, the rest as plain
+             text and as conversations (each dialogue twice: either speaker can be the user)
+2. tokenizer a 4096-token BPE trained on the training text (rustbpe, exported to tiktoken)
+3. pretrain  a small llama-preset model on the text, by next-token prediction
+4. sft       the same model fine-tuned on the conversations: loss on the assistant's replies only
+5. report    held-out bits per byte after each stage, the held-out assistant-token loss of the
+             pretrained and of the fine-tuned model, and replies to prompts it never saw
+
+Every stage writes into --out and is skipped when it finished before, so a re-run (or a run
+after an interruption) picks up where it stopped. The final model is exported to OUT/export.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jaxgpt import chat, checkpoint, data  # noqa: E402
+from jaxgpt import config as config_lib  # noqa: E402
+from jaxgpt import train as train_lib  # noqa: E402
+
+PROMPTS = [  # written for this script: not in chitchat
+    "hi! how was your weekend?",
+    "I just got back from a trip to the mountains.",
+    "what kind of music do you like?",
+    "do you have any plans for the summer?",
+]
+
+SCALES = {  # overrides on top of the config files, per stage
+    "cpu": {"pretrain": [], "sft": []},
+    "gpu": {"pretrain": ["model.n_layer=12", "model.n_head=12", "model.n_kv_head=4", "model.d_model=768",
+                         "model.seq_len=512", "model.dtype=bfloat16", "data.batch_size=64", "optim.lr=1e-3",
+                         "optim.min_lr=1e-4", "train.steps=6000"],
+            "sft": ["data.batch_size=64", "optim.lr=1e-4", "optim.min_lr=1e-5", "train.steps=1500"]},
+}
+
+
+def stage(out: Path, name: str, work) -> dict:
+    """Run `work()` unless a previous run finished it; its result is kept in OUT/NAME.done.json."""
+    done = out / f"{name}.done.json"
+    if done.is_file():
+        result = json.loads(done.read_text())
+        print(f"[{name}] done before ({result.get('seconds', 0):.0f} s): reusing it", file=sys.stderr)
+        return result
+    print(f"[{name}] ...", file=sys.stderr)
+    t = time.perf_counter()
+    result = work()
+    result["seconds"] = time.perf_counter() - t
+    done.write_text(json.dumps(result, indent=2))
+    print(f"[{name}] finished in {result['seconds']:.0f} s", file=sys.stderr)
+    return result
+
+
+def split_data(out: Path, seed: int) -> dict:
+    loaded = chat.load("chitchat")
+    train, val = chat.split(loaded.conversations, 0.05, seed, loaded.ids)
+    held_ids = set(chat.split(loaded.ids, 0.05, seed, loaded.ids)[1])  # the same split, of the ids
+    (out / "corpus").mkdir(parents=True, exist_ok=True)
+    for name, convs in (("train", train), ("val", val)):
+        chat.write_jsonl(out / "corpus" / f"{name}.jsonl", convs)
+    # plain text: each dialogue once (its first direction), one message per line, a blank line between
+    for name, keep in (("train", lambda i: i not in held_ids), ("val", lambda i: i in held_ids)):
+        seen, docs = set(), []
+        for i, conversation in zip(loaded.ids, loaded.conversations):
+            if keep(i) and i not in seen:
+                seen.add(i)
+                docs.append("\n".join(m["content"].replace("\n\n", "\n") for m in conversation))
+        (out / "corpus" / f"{name}.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return {"conversations": {"train": len(train), "val": len(val)}, "dialogues_held_out": len(held_ids)}
+
+
+def prepare(out: Path, vocab: int, seed: int) -> dict:
+    common = dict(val_fraction=0.0, seed=seed, doc_split="paragraph", workers=1, overwrite=True)
+    train = data.prepare(f"text:{out / 'corpus/train.txt'}", f"bpe:{vocab}", out / "tokens/train", **common)
+    val = data.prepare(f"text:{out / 'corpus/val.txt'}", str(out / "tokens/train"), out / "tokens/val", **common)
+    return {"tokens": {"train": train["tokens"], "val": val["tokens"]}, "n_vocab": train["n_vocab"],
+            "train_mb_per_s": train["mb_per_s"]}
+
+
+def pretrain_config(out: Path, scale: str) -> config_lib.Config:
+    return config_lib.from_cli(ROOT / "experiments/configs/chitchat_pretrain.py", [
+        f"data.dir={out / 'tokens/train'}", f"data.val_dir={out / 'tokens/val'}",
+        f"train.out_dir={out / 'pretrain'}", *SCALES[scale]["pretrain"]])
+
+
+def sft_config(out: Path, scale: str) -> config_lib.Config:
+    """The SFT stage; the model's shape comes from the pretrained run (train.init_from)."""
+    return train_lib.config_for(ROOT / "experiments/configs/chat_sft.py", [
+        f"data.chat=jsonl:{out / 'corpus/train.jsonl'}", f"data.chat_val=jsonl:{out / 'corpus/val.jsonl'}",
+        f"train.init_from={out / 'pretrain'}", f"train.out_dir={out / 'sft'}", *SCALES[scale]["sft"]])
+
+
+def chat_eval(sft_cfg: config_lib.Config, source: Path) -> dict:
+    """Held-out assistant-token loss and bits per byte of the model in `source`."""
+    import jax
+
+    trainer = train_lib.Trainer(sft_cfg)
+    _, params, _ = checkpoint.load_for_inference(source, [])
+    return trainer.evaluate(jax.device_put(params, trainer.params_sharding))
+
+
+def examples(source: Path, seed: int) -> list[dict]:
+    from jaxgpt import sample
+    from jaxgpt.model import GPT
+
+    cfg, params, tokenizer = checkpoint.load_for_inference(
+        source, ["sample.temperature=0.7", "sample.top_k=40", f"sample.seed={seed}", "sample.max_new_tokens=60"])
+    model = GPT(cfg.model)
+    return [{"user": p, "assistant": sample.chat_replies(model, params, tokenizer, [{"role": "user", "content": p}],
+                                                          cfg.sample)[0]} for p in PROMPTS]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/quickstart")
+    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab", type=int, default=4096)
+    args = ap.parse_args(argv)
+    out = Path(args.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    stage(out, "1_data", lambda: split_data(out, args.seed))
+    stage(out, "2_tokenizer", lambda: prepare(out, args.vocab, args.seed))
+    pre = stage(out, "3_pretrain", lambda: train_lib.train(pretrain_config(out, args.scale)))
+    sft_cfg = sft_config(out, args.scale)
+    before = stage(out, "4_sft_baseline", lambda: chat_eval(sft_cfg, out / "pretrain"))
+    sft = stage(out, "5_sft", lambda: train_lib.train(sft_cfg))
+    after = stage(out, "6_sft_eval", lambda: chat_eval(sft_cfg, out / "sft"))
+    checkpoint.export(out / "export", *checkpoint.load_for_inference(out / "sft", []))
+    talk = stage(out, "7_examples", lambda: {"exchanges": examples(out / "export", args.seed)})
+
+    print("\n=== jaxgpt quickstart ===")
+    print(f"held-out text, bits per byte after pretraining: {pre['val_bpb']:.4f}")
+    print(f"held-out conversations, assistant tokens:  pretrained loss {before['loss']:.4f} "
+          f"({before['bits_per_byte']:.4f} bpb)  ->  fine-tuned loss {after['loss']:.4f} "
+          f"({after['bits_per_byte']:.4f} bpb)")
+    for ex in talk["exchanges"]:
+        print(f"\nuser:      {ex['user']}\nassistant: {ex['assistant']}")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; the model is in {out / 'export'}. Talk to it:")
+    print(f'  python -m jaxgpt.sample {out / "export"} sample.chat=true sample.prompt="hello, how are you?"')
+
+
+if __name__ == "__main__":
+    main()

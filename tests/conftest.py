@@ -1,0 +1,102 @@
+"""Shared test fixtures: a synthetic text corpus, tiny configs, a private token cache, one tiny run.
+
+Tests never depend on files outside the repository: the corpus is generated, so a fresh clone on
+any machine gives the same tokens and therefore the same golden values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# Tests run on the CPU (golden values are CPU numbers), with one device unless a test asks for more.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPEAKERS = ["ROMEO", "JULIET", "NURSE", "FRIAR", "MERCUTIO"]
+WORDS = ("the and to of my that in you is not with be your for his this but have me what so him will "
+         "love night day sweet death fair heart eyes lord good come speak thou thee art doth hath").split()
+
+
+def corpus(n_chars: int = 60_000, seed: int = 0) -> str:
+    """Shakespeare-shaped text (speaker lines, short verses): structure a tiny model learns quickly."""
+    rng = random.Random(seed)
+    parts, size = [], 0
+    while size < n_chars:
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize() + rng.choice(",.;!?")
+                 for _ in range(rng.randint(1, 3))]
+        part = f"{rng.choice(SPEAKERS)}:\n" + "\n".join(lines) + "\n\n"
+        parts.append(part)
+        size += len(part)
+    return "".join(parts)[:n_chars]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory):
+    """Tokenized data goes to a per-session cache (also for subprocesses), never the user's ~/.cache."""
+    from jaxgpt import data
+    path = tmp_path_factory.mktemp("jaxgpt_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "CACHE", path)
+        mp.setenv("JAXGPT_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(corpus())
+    return path
+
+
+def tiny(text_file: Path, out_dir: Path | str = "", preset: str = "gpt2", **sections):
+    """A tiny validated config on the synthetic corpus; `sections` maps a section name to a dict."""
+    from jaxgpt import config as config_lib
+    from jaxgpt.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+    cfg = Config(
+        model=ModelConfig(preset=preset, n_layer=2, n_head=4, n_kv_head=2 if preset == "llama" else 0,
+                          d_model=64, seq_len=32),
+        data=DataConfig(path=str(text_file), tokenizer="char", batch_size=8, prefetch=1),
+        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=5),
+        train=TrainConfig(steps=30, out_dir=str(out_dir), log_every=5, eval_every=10, eval_max_tokens=2048,
+                          samples=0, progress=False),
+    )
+    for name, values in sections.items():
+        cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)})
+    return config_lib.validate(cfg)
+
+
+@pytest.fixture
+def make_config(text_file):
+    """make_config(out_dir="", preset="gpt2", model={...}, optim={...}, ...) -> a validated tiny Config."""
+    return lambda out_dir="", preset="gpt2", **sections: tiny(text_file, out_dir, preset, **sections)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(text_file, tmp_path_factory):
+    """One finished 30-step run (run directory, its metrics rows), shared by evaluate and sample tests."""
+    import json
+
+    from jaxgpt.train import train
+    out_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    train(tiny(text_file, out_dir))
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return out_dir, rows
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for `python -m jaxgpt.X` children: the repo importable, no inherited device flags."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def run_env():
+    return subprocess_env

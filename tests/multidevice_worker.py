@@ -1,0 +1,76 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices (XLA_FLAGS set by the caller,
+before jax is imported). Prints one JSON object per line:
+
+    {"kind": "rules", "mesh": [2, 2, 2], "specs": {param path: mesh axis per dimension}}
+    {"kind": "run", "preset": ..., "mesh": [data, fsdp, tensor] or null (one device), "losses": [...],
+     "max_param_diff": largest |param - param on one device| after the steps}
+
+    python tests/multidevice_worker.py TEXT_FILE STEPS
+"""
+import json
+import sys
+
+import jax
+import numpy as np
+
+from jaxgpt import sharding
+from jaxgpt.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig,
+                           validate)
+from jaxgpt.model import GPT
+from jaxgpt.train import Trainer
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+
+
+def tiny(text_file: str, preset: str, mesh: tuple[int, int, int]) -> Config:
+    # n_head and n_kv_head divisible by tensor=2, d_model by fsdp=4, batch by data*fsdp=8. No biases:
+    # the key bias's gradient is pure rounding noise (softmax ignores it), which Adam would amplify.
+    return validate(Config(
+        model=ModelConfig(preset=preset, n_layer=2, n_head=4, n_kv_head=2 if preset == "llama" else 0,
+                          d_model=64, seq_len=32, bias=False),
+        data=DataConfig(path=text_file, tokenizer="char", batch_size=8, prefetch=1),
+        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2),
+        train=TrainConfig(steps=10, seed=7, samples=0, progress=False),
+        mesh=MeshConfig(*mesh),
+    ))
+
+
+def run(cfg: Config, devices, steps: int):
+    trainer = Trainer(cfg, devices)
+    state = trainer.init_state()
+    losses = []
+    for step in range(steps):
+        state, metrics = trainer.step(state, trainer.batch(step))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params), trainer
+
+
+def shakespeare_rules(mesh_shape):
+    """Where each param of the Tiny Shakespeare model (gpt2, 73 chars) goes on a 2x2x2 mesh."""
+    cfg = ModelConfig(preset="gpt2", vocab_size=73, n_layer=4, n_head=4, d_model=128, seq_len=64,
+                      bias=False).resolved()
+    model = GPT(cfg)
+    mesh = sharding.make_mesh(MeshConfig(*mesh_shape))
+    shardings = sharding.logical_to_mesh(model.logical_axes, jax.eval_shape(model.init, jax.random.key(0)), mesh)
+    as_json = lambda spec: [list(a) if isinstance(a, tuple) else a for a in spec]  # noqa: E731
+    return {jax.tree_util.keystr(p): as_json(s.spec) for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+
+
+def main():
+    text_file, steps = sys.argv[1], int(sys.argv[2])
+    assert len(jax.devices()) == 8, jax.devices()
+    print(json.dumps({"kind": "rules", "mesh": [2, 2, 2], "specs": shakespeare_rules((2, 2, 2))}), flush=True)
+    for preset in ("gpt2", "llama"):
+        ref_losses, ref_params, _ = run(tiny(text_file, preset, (-1, 1, 1)), jax.devices()[:1], steps)
+        print(json.dumps({"kind": "run", "preset": preset, "mesh": None, "losses": ref_losses,
+                          "max_param_diff": 0.0}), flush=True)
+        for mesh in MESHES:
+            losses, params, trainer = run(tiny(text_file, preset, mesh), jax.devices(), steps)
+            assert tuple(trainer.mesh.shape.values()) == mesh
+            diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+            print(json.dumps({"kind": "run", "preset": preset, "mesh": list(mesh), "losses": losses,
+                              "max_param_diff": diff}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Tests for jaxgpt.train: an end-to-end tiny run, reproducibility, and the non-finite guard."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxgpt import config as config_lib
+from jaxgpt import optim
+from jaxgpt.train import NonFiniteLoss, Trainer, train
+
+TIMING = ("tokens_per_s", "mfu")  # the only fields allowed to differ between identical runs
+
+
+def rows_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_config_metrics_and_export(tiny_run, make_config):
+    run_dir, rows = tiny_run
+    cfg = make_config(run_dir)
+    assert config_lib.from_dict(json.loads((run_dir / "config.json").read_text())).train == cfg.train
+    assert json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"] > 0  # filled from the data
+    # a row every log_every=5 steps; val_loss on the eval steps (every 10, and the last)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    for r in rows:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped"} <= set(r)
+        assert r["tokens_per_s"] > 0 and r["skipped"] == 0 and np.isfinite(r["loss"])
+        assert ("val_loss" in r) == (r["step"] % 10 == 0)
+        # the lr of the row's last step (0-based step - 1)
+        assert r["lr"] == pytest.approx(float(optim.schedule(cfg.optim, cfg.train.steps)(r["step"] - 1)), rel=1e-6)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3  # it learns
+    assert rows[-1]["val_loss"] < rows[1]["val_loss"]
+    assert rows[-1]["val_bpb"] == pytest.approx(rows[-1]["val_loss"] / np.log(2), rel=1e-6)  # ASCII: 1 byte/char
+    export = run_dir / "export"
+    assert (export / "config.json").is_file() and (export / "params").is_dir() and (export / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(tiny_run, make_config, tmp_path):
+    run_dir, rows = tiny_run
+    last = train(make_config(tmp_path / "again"))
+    again = rows_of(tmp_path / "again")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731
+    assert strip(again) == strip(rows)  # exactly: batches and init are functions of the seed
+    assert {k: v for k, v in last.items() if k not in TIMING} == strip(rows)[-1]
+
+
+def huge_lr_config(make_config, out_dir, steps=10):
+    """lr=1e30: the first update is finite but throws the params to ~1e30, after which every gradient
+    is NaN. A real way to a non-finite step, no injected values."""
+    return make_config(out_dir, optim={"lr": 1e30, "schedule": "constant", "warmup_steps": 0},
+                       train={"steps": steps, "max_nonfinite": 3, "log_every": 1, "eval_every": 0})
+
+
+def test_nonfinite_steps_leave_the_state_untouched(make_config, tmp_path):
+    trainer = Trainer(huge_lr_config(make_config, tmp_path), jax.devices()[:1])
+    state = trainer.init_state()
+    history = []
+    for step in range(4):
+        before = jax.device_get((state.params, state.opt_state))
+        state, metrics = trainer.step(state, trainer.batch(step))
+        after = jax.device_get((state.params, state.opt_state))
+        unchanged = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+        m = jax.device_get(metrics)
+        history.append((unchanged, int(m["skipped"]), int(m["nonfinite_run"]), bool(np.isfinite(m["grad_norm"]))))
+    assert history == [(False, 0, 0, True),   # a finite (if ruinous) update is applied
+                       (True, 1, 1, False),   # then NaN gradients: skipped, params and moments kept
+                       (True, 1, 2, False),
+                       (True, 1, 3, False)]
+    assert int(state.step) == 4  # skipped steps still count: the data moves on
+
+
+@pytest.mark.slow
+def test_train_stops_after_max_nonfinite_in_a_row(make_config, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLoss) as e:
+        train(huge_lr_config(make_config, out))
+    assert str(e.value).startswith("step 4: 3 non-finite losses or gradients in a row (train.max_nonfinite=3)")
+    rows = rows_of(out)
+    assert [(r["step"], r["skipped"]) for r in rows] == [(1, 0), (2, 1), (3, 1), (4, 1)]
+    assert not (out / "export").exists()  # no export of a broken model
