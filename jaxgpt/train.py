@@ -69,15 +69,17 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_ac
         denom = jnp.maximum(count, 1.0)
         loss = loss_sum / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        def update(params, opt_state):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
 
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
         # no update without a finite loss, nor from a batch with no trained token (an SFT batch
         # of prompts only): momentum and weight decay would still move the params
         apply = finite & (count > 0)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
-        new_state = TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        # a cond, not a select over every array: the skipped branch costs nothing
+        params, opt_state = jax.lax.cond(apply, update, lambda p, o: (p, o), state.params, state.opt_state)
+        new_state = TrainState(params=params, opt_state=opt_state,
                                step=state.step + 1, rng=rng,
                                nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
