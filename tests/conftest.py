@@ -46,6 +46,21 @@ def token_cache(tmp_path_factory):
         yield path
 
 
+@pytest.fixture(scope="module")
+def offline_tiktoken(tmp_path_factory):
+    """No test touches the network or a user's files: pretrained encodings come from the packaged
+    offline files (module scope, so it is in place before any tokenizer is built)."""
+    from jaxgpt import tokenizer as tk
+
+    def no_network(url, sha256):
+        raise OSError("network disabled in tests")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tk, "_download", no_network)
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("empty_cache")))
+        mp.delenv("JAXGPT_TIKTOKEN_DIR", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "corpus.txt"

@@ -18,15 +18,8 @@ from jaxgpt.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline(tmp_path_factory):
-    """No test touches the network: pretrained encodings come from the packaged offline files."""
-    def no_network(url, sha256):
-        raise OSError("network disabled in tests")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tk, "_download", no_network)
-        mp.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("empty_cache")))
-        mp.delenv("JAXGPT_TIKTOKEN_DIR", raising=False)
-        yield
+def offline(offline_tiktoken):
+    yield
 
 
 def prep(source, out, tokenizer="byte", **kw):

@@ -24,15 +24,8 @@ USER_TIKTOKEN_DIR = os.environ.get("JAXGPT_TIKTOKEN_DIR")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline(tmp_path_factory):
-    """No test may touch the network or depend on a user's files (module scope: before any tokenizer)."""
-    def no_network(url, sha256):
-        raise OSError("network disabled in tests")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tk, "_download", no_network)
-        mp.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("empty_cache")))
-        mp.delenv("JAXGPT_TIKTOKEN_DIR", raising=False)
-        yield
+def offline(offline_tiktoken):
+    yield
 
 
 def corpus_lines(n=400, seed=0):
