@@ -382,3 +382,33 @@ def test_cli_convert_and_render(tmp_path, capsys):
     assert printed[1] == "<|bos|><|user_start|>你好<|user_end|><|assistant_start|>⟦Hi!<|assistant_end|>⟧"
     assert chat.main(["convert", "--source", "nope", "--out", str(out)]) == 2
     assert "error: unknown source 'nope'" in capsys.readouterr().err
+
+
+def test_packed_conversations_never_see_each_other_through_the_model():
+    """Two conversations packed into one row: changing the first never changes the second's logits,
+    and the second's logits equal those it gets packed alone (its positions restart at 0)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgpt.config import ModelConfig
+    from jaxgpt.model import GPT
+
+    tok = Tokenizer.from_spec("byte")
+    a = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi!"}]
+    a_changed = [{"role": "user", "content": "HELLO THERE"}, {"role": "assistant", "content": "yo!"}]
+    b = [{"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "fine, thanks"}]
+    seq_len = 64
+    model = GPT(ModelConfig(preset="llama", vocab_size=tok.n_vocab, n_layer=2, n_head=2, d_model=32,
+                            seq_len=seq_len).resolved())
+    params = model.init(jax.random.key(0))
+
+    def logits_of_second(first):
+        batch = pack([render(c, tok) for c in (first, b)] if first else [render(b, tok)], seq_len, 1)
+        out = model.apply(params, jnp.asarray(batch["inputs"]), jnp.asarray(batch["segment_ids"]))
+        second = batch["segment_ids"][0] == (2 if first else 1)
+        assert second.sum() == len(render(b, tok)[0])
+        return np.asarray(out[0])[second]
+
+    packed, changed, alone = logits_of_second(a), logits_of_second(a_changed), logits_of_second(None)
+    np.testing.assert_array_equal(packed, changed)
+    np.testing.assert_allclose(packed, alone, atol=1e-5)

@@ -232,3 +232,29 @@ def test_train_step_without_clipping_applies_adamw_exactly():
     g, w = np.asarray(grads["wte"]), before["wte"]
     np.testing.assert_allclose(state.params["wte"], w - 1e-2 * g / (np.abs(g) + 1e-8), atol=1e-6)  # no decay
     assert optax.global_norm(grads) > 0
+
+
+def test_all_masked_micro_batch_adds_nothing_and_all_masked_batch_is_no_update():
+    """SFT batches can hold prompts only: a micro-batch without a trained token contributes zero
+    (finite, never NaN), and a whole batch without one leaves params and optimizer state as they were."""
+    model = tiny_model("gpt2", bias=False)
+    cfg = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant")
+    optimizer = optim.build(cfg, 10, jax.eval_shape(model.init, jax.random.key(0)))
+    half_masked = np.ones((4, 8))
+    half_masked[2:] = 0  # the second micro-batch has no trained token
+    batch = random_batch(4, 8, 29, seed=0, mask=half_masked)
+    first_half = {k: v[:2] for k, v in batch.items()}
+    accum = jax.jit(make_train_step(model, optimizer, 2))(make_state(model, optimizer), batch)
+    alone = jax.jit(make_train_step(model, optimizer, 1))(make_state(model, optimizer), first_half)
+    assert np.isfinite(float(accum[1]["loss"]))
+    np.testing.assert_allclose(float(accum[1]["loss"]), float(alone[1]["loss"]), atol=1e-6)
+    for a, b in zip(jax.tree.leaves(accum[0].params), jax.tree.leaves(alone[0].params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+    empty = random_batch(4, 8, 29, seed=1, mask=np.zeros((4, 8)))
+    state = make_state(model, optimizer)
+    before = jax.device_get((state.params, state.opt_state))
+    state, metrics = jax.jit(make_train_step(model, optimizer, 2))(state, empty)
+    assert float(metrics["loss"]) == 0.0 and float(metrics["tokens"]) == 0.0 and int(metrics["skipped"]) == 0
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get((state.params, state.opt_state)))):
+        np.testing.assert_array_equal(a, b)
