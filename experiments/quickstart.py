@@ -135,7 +135,7 @@ def main(argv=None) -> None:
     pre = stage(out, "3_pretrain", lambda: train_lib.train(pretrain_config(out, args.scale)))
     sft_cfg = sft_config(out, args.scale)
     before = stage(out, "4_sft_baseline", lambda: chat_eval(sft_cfg, out / "pretrain"))
-    sft = stage(out, "5_sft", lambda: train_lib.train(sft_cfg))
+    stage(out, "5_sft", lambda: train_lib.train(sft_cfg))
     after = stage(out, "6_sft_eval", lambda: chat_eval(sft_cfg, out / "sft"))
     checkpoint.export(out / "export", *checkpoint.load_for_inference(out / "sft", []))
     talk = stage(out, "7_examples", lambda: {"exchanges": examples(out / "export", args.seed)})

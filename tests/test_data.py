@@ -10,7 +10,6 @@ import pytest
 
 from conftest import corpus, subprocess_env
 from jaxgpt import data
-from jaxgpt import tokenizer as tk
 from jaxgpt.config import DataConfig
 from jaxgpt.errors import DataError
 from jaxgpt.tokenizer import Tokenizer
