@@ -71,7 +71,8 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_ac
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # no update without a finite loss, nor from a batch with no trained token (an SFT batch
         # of prompts only): momentum and weight decay would still move the params
         apply = finite & (count > 0)
@@ -80,7 +81,7 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_ac
         new_state = TrainState(params=params, opt_state=opt_state,
                                step=state.step + 1, rng=rng,
                                nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
                    "skipped": (~finite).astype(jnp.int32), "nonfinite_run": new_state.nonfinite_run}
         return new_state, metrics
 
@@ -160,7 +161,7 @@ class Trainer:
             return sharding.put_batch({k: v[mine] for k, v in rows.items()}, self.mesh, local_rows=True)
         tokens = self.data.split(split)
         host = data.batch_at(tokens, cfg.train.seed, step, cfg.data.batch_size, cfg.model.seq_len, cfg.data.sampling,
-                             eot_id=self.data.tokenizer.eot_id, segments=cfg.data.segments,
+                             eot_id=self.tokenizer.eot_id, segments=cfg.data.segments,
                              process_index=jax.process_index(), process_count=jax.process_count())
         return sharding.put_batch(host, self.mesh, local_rows=True)
 
@@ -186,27 +187,29 @@ class Trainer:
             return jax.eval_shape(self._init, self.cfg.train.seed)
 
 
+def _init_from_file(source: str, name: str) -> Path:
+    """`name` (config.json, tokenizer.json) of a run directory, else of its (or the) export."""
+    from jaxgpt import checkpoint
+    source = Path(source)
+    return source / name if (source / name).is_file() else checkpoint.find_export(source) / name
+
+
 def config_for(path, overrides: list[str]) -> config_lib.Config:
     """config_lib.from_cli, except that with train.init_from the model's shape comes from that run
     (a run directory or an export); model.* overrides still apply on top."""
     cfg = config_lib.from_cli(path, overrides)
     if cfg.train.init_from:
-        from jaxgpt import checkpoint
-        source = Path(cfg.train.init_from)
-        saved = source / "config.json" if (source / "config.json").is_file() else \
-            checkpoint.find_export(source) / "config.json"
+        saved = json.loads(_init_from_file(cfg.train.init_from, "config.json").read_text())
         base = config_lib.load_file(path)
-        base.model = config_lib.from_dict(json.loads(saved.read_text())).model
+        base.model = config_lib.from_dict(saved).model
         cfg = config_lib.validate(config_lib.apply_overrides(base, overrides))
     return cfg
 
 
 def chat_tokenizer(cfg: config_lib.Config) -> Tokenizer:
-    """The tokenizer of the model being fine-tuned (its export's), else `data.tokenizer`."""
+    """The tokenizer of the model being fine-tuned (its run's or export's), else `data.tokenizer`."""
     if cfg.train.init_from:
-        from jaxgpt import checkpoint
-        source = Path(cfg.train.init_from)  # a run directory keeps its tokenizer beside config.json
-        return Tokenizer.load(source if (source / "tokenizer.json").is_file() else checkpoint.find_export(source))
+        return Tokenizer.load(_init_from_file(cfg.train.init_from, "tokenizer.json").parent)
     return Tokenizer.from_spec(cfg.data.tokenizer)
 
 
