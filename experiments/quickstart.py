@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxgpt import chat, checkpoint, data  # noqa: E402
+from jaxgpt import chat, checkpoint, data, hardware  # noqa: E402
 from jaxgpt import config as config_lib  # noqa: E402
 from jaxgpt import train as train_lib  # noqa: E402
 
@@ -126,6 +126,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=4096)
     args = ap.parse_args(argv)
+    hardware.tune_host()
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

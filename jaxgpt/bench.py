@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="key=value")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--untuned-host", action="store_true",
+                   help="leave malloc and async dispatch at their defaults (see hardware.tune_host)")
     d = sub.add_parser("data", help="tokenizer throughput of prepare's worker pool")
     d.add_argument("--source", required=True, help=data.SOURCES)
     d.add_argument("--tokenizer", required=True, help="gpt2 | cl100k_base | o200k_base | byte | char | bpe:N | DIR")
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(bench_train(cfg, args.steps, args.warmup)))
 
     cli.run(run, [args.what],
-            usage="python -m jaxgpt.bench train CONFIG.py [key=value ...] | data --source S --tokenizer T")
+            usage="python -m jaxgpt.bench train CONFIG.py [key=value ...] | data --source S --tokenizer T",
+            tune_host=not getattr(args, "untuned_host", False))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from jaxgpt import hardware
 from jaxgpt.config import Config
 from jaxgpt.errors import JaxgptError
 
@@ -18,11 +19,14 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
-def run(main, argv: list[str], usage: str) -> None:
-    """Call main(argv); a JaxgptError becomes `error: ...` on stderr and exit status 2."""
+def run(main, argv: list[str], usage: str, tune_host: bool = True) -> None:
+    """Call main(argv) on a host tuned for XLA (hardware.tune_host); a JaxgptError becomes
+    `error: ...` on stderr and exit status 2."""
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: {usage}\n\nconfig keys (override with key=value):\n{config_help()}")
         sys.exit(0 if argv else 2)
+    if tune_host:
+        hardware.tune_host()
     try:
         main(argv)
     except JaxgptError as e:
