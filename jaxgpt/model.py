@@ -117,14 +117,45 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        x32 = x.astype(jnp.float32)
-        if cfg.norm == "layernorm":
-            x32 = x32 - x32.mean(-1, keepdims=True)
-        x32 = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + cfg.norm_eps)
-        x32 = x32 * self.param("scale", logical(nn.initializers.ones, "norm"), (x.shape[-1],))
+        D = x.shape[-1]
+        scale = self.param("scale", logical(nn.initializers.ones, "norm"), (D,))
         if cfg.bias and cfg.norm == "layernorm":
-            x32 = x32 + self.param("bias", logical(nn.initializers.zeros, "norm"), (x.shape[-1],))
-        return x32.astype(cfg.dtype)
+            bias = self.param("bias", logical(nn.initializers.zeros, "norm"), (D,))
+        else:
+            bias = jnp.zeros((D,), jnp.float32)
+        center = cfg.norm == "layernorm"
+        return normalize(x.astype(jnp.float32), scale, bias, cfg.norm_eps, center).astype(cfg.dtype)
+
+
+# A hand-written backward (two row reductions instead of autodiff's four) saves XLA:CPU
+# about 0.5 ms of a 32 ms step.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize(x, scale_D, bias_D, eps: float, center: bool):
+    """(x - mean) / std * scale + bias over the last axis (LayerNorm); without centering, RMSNorm."""
+    return _normalize_fwd(x, scale_D, bias_D, eps, center)[0]
+
+
+def _normalize_fwd(x, scale_D, bias_D, eps, center):
+    if center:
+        x = x - x.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps)
+    xhat = x * rstd
+    return xhat * scale_D + bias_D, (xhat, rstd, scale_D)
+
+
+def _normalize_bwd(eps, center, residuals, dy):
+    xhat, rstd, scale_D = residuals
+    batch_axes = tuple(range(dy.ndim - 1))
+    dscale_D = (dy * xhat).sum(batch_axes)
+    dbias_D = dy.sum(batch_axes)
+    g = dy * scale_D
+    dx = g - xhat * (g * xhat).mean(-1, keepdims=True)
+    if center:
+        dx = dx - g.mean(-1, keepdims=True)
+    return dx * rstd, dscale_D, dbias_D
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 class HeadNorm(nn.Module):
@@ -132,11 +163,37 @@ class HeadNorm(nn.Module):
     eps: float
 
     @nn.compact
-    def __call__(self, x_BxLxHxE):
-        x32 = x_BxLxHxE.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + self.eps)
-        scale = self.param("scale", logical(nn.initializers.ones, "head_dim"), (x32.shape[-1],))
-        return (x32 * scale).astype(x_BxLxHxE.dtype)
+    def __call__(self, x_BxHxLxE):
+        E = x_BxHxLxE.shape[-1]
+        scale = self.param("scale", logical(nn.initializers.ones, "head_dim"), (E,))
+        out = normalize(x_BxHxLxE.astype(jnp.float32), scale, jnp.zeros((E,), jnp.float32), self.eps, False)
+        return out.astype(x_BxHxLxE.dtype)
+
+
+@jax.custom_vjp
+def matmul(x_MxK, w_KxN):
+    """x @ w, whose weight gradient is computed in the orientation XLA:CPU runs fastest."""
+    return x_MxK @ w_KxN
+
+
+def _matmul_fwd(x_MxK, w_KxN):
+    return x_MxK @ w_KxN, (x_MxK, w_KxN)
+
+
+def _matmul_bwd(residuals, dy_MxN):
+    x_MxK, w_KxN = residuals
+    K, N = w_KxN.shape
+    if K > N:
+        # XLA:CPU (YNNPACK) runs x^T dy 1.5x slower when the result is tall and narrow (the MLP's
+        # [4D, D] down-projection: 1.02 vs 0.65 ms): compute dy^T x and transpose that small
+        # result; the barrier stops XLA from folding the transpose back into the product.
+        dw_KxN = jax.lax.optimization_barrier(dy_MxN.T @ x_MxK).T
+    else:
+        dw_KxN = x_MxK.T @ dy_MxN
+    return dy_MxN @ w_KxN.T, dw_KxN
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Dense(nn.Module):
@@ -156,7 +213,7 @@ class Dense(nn.Module):
         # (the N-D form made it transpose the MLP's hidden gradient in the backward pass).
         x_MxK = x.reshape(math.prod(batch_shape), math.prod(self.shape_in)).astype(self.cfg.dtype)
         w_KxN = w.reshape(math.prod(self.shape_in), math.prod(self.shape_out)).astype(self.cfg.dtype)
-        y = (x_MxK @ w_KxN).reshape(batch_shape + self.shape_out)
+        y = matmul(x_MxK, w_KxN).reshape(batch_shape + self.shape_out)
         if self.cfg.bias:
             b = self.param("b", logical(nn.initializers.zeros, *self.names[len(self.shape_in):]), self.shape_out)
             y = y + b.astype(y.dtype)

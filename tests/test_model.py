@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.model import GPT, attend, attention_mask, positions_from_segments, token_losses
+from jaxgpt.model import GPT, attend, attention_mask, matmul, normalize, positions_from_segments, token_losses
 from jaxgpt.sharding import RULES
 
 V = 37  # an odd vocabulary: nothing may assume a power of two
@@ -328,3 +328,33 @@ def test_dropout_only_with_rng():
     dropped = lambda k: np.asarray(apply(params, x, dropout_rng=jax.random.key(k)))  # noqa: E731
     assert not np.allclose(dropped(1), plain)
     np.testing.assert_array_equal(dropped(1), dropped(1))
+
+
+@pytest.mark.parametrize("center", [True, False], ids=["layernorm", "rmsnorm"])
+def test_normalize_gradients_match_autodiff(center):
+    rng = np.random.default_rng(3)
+    x, dy = (jnp.asarray(rng.standard_normal((3, 5, 16)) * 2 + 1, jnp.float32) for _ in range(2))
+    scale, bias = (jnp.asarray(rng.standard_normal(16), jnp.float32) for _ in range(2))
+
+    def plain(x, scale, bias):
+        if center:
+            x = x - x.mean(-1, keepdims=True)
+        return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5) * scale + bias
+
+    np.testing.assert_allclose(np.asarray(normalize(x, scale, bias, 1e-5, center)), np.asarray(plain(x, scale, bias)),
+                               atol=1e-6)
+    grads = jax.grad(lambda *a: (normalize(*a, 1e-5, center) * dy).sum(), argnums=(0, 1, 2))(x, scale, bias)
+    expected = jax.grad(lambda *a: (plain(*a) * dy).sum(), argnums=(0, 1, 2))(x, scale, bias)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 9), (6, 9, 4)], ids=["wide", "tall"])
+def test_matmul_gradients_match_autodiff(shape):
+    """Both orientations of the weight gradient (K <= N and K > N) equal autodiff's x^T dy."""
+    M, K, N = shape
+    rng = np.random.default_rng(4)
+    x, w, dy = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(M, K), (K, N), (M, N)])
+    grads = jax.grad(lambda x, w: (matmul(x, w) * dy).sum(), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(dy @ w.T), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(x.T @ dy), rtol=1e-6, atol=1e-6)
