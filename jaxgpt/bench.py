@@ -25,6 +25,15 @@ from jaxgpt import data, hardware, sharding
 from jaxgpt.train import Trainer
 
 
+def _page_faults() -> int:
+    """Minor page faults of this process so far (memory mapped afresh: see hardware.tune_host)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def bench_train(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
     trainer = Trainer(cfg)
     state = trainer.init_state()
@@ -41,9 +50,11 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
         return state, metrics
 
     state, _ = run(0, warmup, state)
+    faults = _page_faults()
     t = time.perf_counter()
     state, metrics = run(warmup, steps, state)
     seconds = time.perf_counter() - t
+    faults = _page_faults() - faults
 
     n_devices = len(trainer.mesh.devices.flat)
     tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
@@ -59,7 +70,8 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
         "flops_per_token": flops_per_token, "step_gflop": round(flops_per_token * tokens_per_step / 1e9, 3),
         "peak_flops_per_device": peak, "peak_source": peak_source,
         "mfu": round(tokens_per_s * flops_per_token / (peak * n_devices), 4),
-        "compile_s": round(compile_s, 2), "final_loss": round(float(metrics["loss"]), 4),
+        "compile_s": round(compile_s, 2), "page_faults_per_step": round(faults / steps, 1),
+        "final_loss": round(float(metrics["loss"]), 4),
         "jax": jax.__version__,
     }
     memory = compiled.memory_analysis()

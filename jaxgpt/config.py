@@ -36,7 +36,7 @@ class ModelConfig:
     d_ff: int = 0                    # F; 0: 4*D for gelu, about 8/3*D (a multiple of 64) for swiglu
     seq_len: int = 1024              # L: context length of training and the learned position table
     norm: str | None = None          # layernorm | rmsnorm
-    mlp: str | None = None           # gelu | swiglu
+    mlp: str | None = None           # gelu (tanh form, GPT-2's) | gelu_exact (erf form) | swiglu
     position: str | None = None      # learned | rope
     bias: bool | None = None         # biases in projections and norms
     tie_embeddings: bool | None = None
@@ -59,7 +59,7 @@ class ModelConfig:
         if out.n_kv_head == 0:
             out = dataclasses.replace(out, n_kv_head=out.n_head)
         if out.d_ff == 0:
-            d_ff = 4 * out.d_model if out.mlp == "gelu" else 64 * -(-(8 * out.d_model // 3) // 64)
+            d_ff = 64 * -(-(8 * out.d_model // 3) // 64) if out.mlp == "swiglu" else 4 * out.d_model
             out = dataclasses.replace(out, d_ff=d_ff)
         return out
 
@@ -265,7 +265,7 @@ def validate(cfg: Config) -> Config:
         (m.d_model % m.n_head == 0, f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}"),
         (m.n_head % m.n_kv_head == 0, f"model.n_head={m.n_head} must be divisible by model.n_kv_head={m.n_kv_head}"),
         (m.norm in ("layernorm", "rmsnorm"), f"model.norm={m.norm!r}: expected layernorm or rmsnorm"),
-        (m.mlp in ("gelu", "swiglu"), f"model.mlp={m.mlp!r}: expected gelu or swiglu"),
+        (m.mlp in ("gelu", "gelu_exact", "swiglu"), f"model.mlp={m.mlp!r}: expected gelu, gelu_exact or swiglu"),
         (m.position in ("learned", "rope"), f"model.position={m.position!r}: expected learned or rope"),
         (m.position != "rope" or m.head_dim % 2 == 0, "model: rope needs an even head dimension"),
         (m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: expected float32 or bfloat16"),

@@ -107,7 +107,7 @@ def test_unknown_preset():
     (["model.d_model=100", "model.n_head=3"], "model.d_model=100 must be divisible by model.n_head=3"),
     (["model.n_head=6", "model.n_kv_head=4", "model.d_model=96"], "model.n_head=6 must be divisible by model.n_kv_head=4"),
     (["model.norm=batchnorm"], "model.norm='batchnorm': expected layernorm or rmsnorm"),
-    (["model.mlp=relu"], "model.mlp='relu': expected gelu or swiglu"),
+    (["model.mlp=relu"], "model.mlp='relu': expected gelu, gelu_exact or swiglu"),
     (["model.position=alibi"], "model.position='alibi': expected learned or rope"),
     (["model.preset=llama", "model.d_model=36", "model.n_head=4"], "model: rope needs an even head dimension"),
     (["model.dtype=float16"], "model.dtype='float16': expected float32 or bfloat16"),

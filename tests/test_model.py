@@ -358,3 +358,21 @@ def test_matmul_gradients_match_autodiff(shape):
     grads = jax.grad(lambda x, w: (matmul(x, w) * dy).sum(), argnums=(0, 1))(x, w)
     np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(dy @ w.T), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(x.T @ dy), rtol=1e-6, atol=1e-6)
+
+
+def test_gelu_exact_is_the_erf_form():
+    """mlp=gelu_exact (PyTorch's nn.GELU) and mlp=gelu (GPT-2's tanh form) share params, not values."""
+    import flax.linen as nn
+
+    from jaxgpt.model import Mlp
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 3, 32)) * 3, jnp.float32)
+    exact, tanh = model_cfg(mlp="gelu_exact"), model_cfg()
+    params = nn.meta.unbox(Mlp(tanh).init(jax.random.key(0), x))
+    params["params"]["w_up"]["w"] *= 50  # pre-activations of order 1, where the two forms differ
+    params["params"]["w_down"]["w"] *= 50
+    w_up, w_down = params["params"]["w_up"], params["params"]["w_down"]
+    h = x @ w_up["w"] + w_up["b"]
+    erf_gelu = 0.5 * h * (1 + jax.scipy.special.erf(h / np.sqrt(2)))
+    np.testing.assert_allclose(np.asarray(Mlp(exact).apply(params, x)),
+                               np.asarray(erf_gelu @ w_down["w"] + w_down["b"]), rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(Mlp(exact).apply(params, x) - Mlp(tanh).apply(params, x)).max()) > 1e-3
