@@ -53,17 +53,21 @@ def peak_flops(device=None) -> tuple[float, str]:
 
 
 def tune_host() -> None:
-    """Keep XLA:CPU's scratch memory mapped from one step to the next.
+    """Keep XLA:CPU's scratch memory mapped from one step to the next. Call it before the first
+    computation (every `python -m jaxgpt.*` command does).
 
     Every execution of a compiled step allocates its scratch buffers (47 MB for the Tiny
-    Shakespeare step) and frees them at the end. glibc serves blocks that large with a fresh
-    mmap and unmaps them on free, so each step touched every page anew: 11,500 page faults and
-    about 14 ms of a 50 ms step on a 2-core VM. Telling malloc never to mmap and never to give
-    memory back keeps the pages, and the process's memory stays at its high-water mark, as a
-    training process's does anyway. (XLA runs CPU steps on a worker thread, whose malloc heap
-    holds at most 64 MB: scratch beyond that is still mapped per step.) Accelerators are
-    unaffected; a C library without mallopt (macOS, musl) is left alone.
+    Shakespeare step, 217 MB for the quickstart's) and frees them at the end. glibc serves blocks
+    that large with a fresh mmap and unmaps them on free, so each step touched every page anew:
+    11,500 page faults and about 14 ms of a 50 ms step on a 2-core VM. Telling malloc never to
+    mmap and never to give memory back keeps the pages, and the process's memory stays at its
+    high-water mark, as a training process's does anyway. CPU computations run on the calling
+    thread (no async dispatch): a worker thread's malloc heap holds at most 64 MB, so larger
+    scratch would still be mapped per step there (quickstart step: 55,000 faults, 257 ms async;
+    1 fault, 188 ms sync). Accelerators are unaffected; a C library without mallopt (macOS,
+    musl) keeps its defaults.
     """
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
