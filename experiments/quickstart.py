@@ -1,4 +1,4 @@
-"""The whole ChatGPT recipe on a laptop CPU, in one command (about 10 minutes on 2 cores):
+"""The whole ChatGPT recipe on a laptop CPU, in one command (about 6-7 minutes on 2 cores):
 
     python experiments/quickstart.py [--out runs/quickstart] [--scale cpu|gpu]
 

@@ -1,5 +1,5 @@
 """Pretraining a small llama-preset model on chitchat conversations as plain text (the quickstart's
-first training stage; sized for a 2-core CPU in about 6 minutes).
+first training stage; sized for a 2-core CPU: about 4 minutes).
 
     python -m jaxgpt.data prepare --source chitchat --tokenizer bpe:4096 --out data/chitchat
     python -m jaxgpt.train experiments/configs/chitchat_pretrain.py data.dir=data/chitchat
