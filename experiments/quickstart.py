@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxgpt import chat, checkpoint, data, hardware  # noqa: E402
+from jaxgpt import checkpoint, dialogs, hardware, prepare  # noqa: E402
 from jaxgpt import config as config_lib  # noqa: E402
 from jaxgpt import train as train_lib  # noqa: E402
 
@@ -61,12 +61,12 @@ def stage(out: Path, name: str, work) -> dict:
 
 
 def split_data(out: Path, seed: int) -> dict:
-    loaded = chat.load("chitchat")
-    train, val = chat.split(loaded.conversations, 0.05, seed, loaded.ids)
-    held_ids = set(chat.split(loaded.ids, 0.05, seed, loaded.ids)[1])  # the same split, of the ids
+    loaded = dialogs.load("chitchat")
+    train, val = dialogs.split(loaded.conversations, 0.05, seed, loaded.ids)
+    held_ids = set(dialogs.split(loaded.ids, 0.05, seed, loaded.ids)[1])  # the same split, of the ids
     (out / "corpus").mkdir(parents=True, exist_ok=True)
     for name, convs in (("train", train), ("val", val)):
-        chat.write_jsonl(out / "corpus" / f"{name}.jsonl", convs)
+        dialogs.write_jsonl(out / "corpus" / f"{name}.jsonl", convs)
     # plain text: each dialogue once (its first direction), one message per line, a blank line between
     for name, keep in (("train", lambda i: i not in held_ids), ("val", lambda i: i in held_ids)):
         seen, docs = set(), []
@@ -78,10 +78,10 @@ def split_data(out: Path, seed: int) -> dict:
     return {"conversations": {"train": len(train), "val": len(val)}, "dialogues_held_out": len(held_ids)}
 
 
-def prepare(out: Path, vocab: int, seed: int) -> dict:
+def tokenize(out: Path, vocab: int, seed: int) -> dict:
     common = dict(val_fraction=0.0, seed=seed, doc_split="paragraph", workers=1, overwrite=True)
-    train = data.prepare(f"text:{out / 'corpus/train.txt'}", f"bpe:{vocab}", out / "tokens/train", **common)
-    val = data.prepare(f"text:{out / 'corpus/val.txt'}", str(out / "tokens/train"), out / "tokens/val", **common)
+    train = prepare.prepare(f"text:{out / 'corpus/train.txt'}", f"bpe:{vocab}", out / "tokens/train", **common)
+    val = prepare.prepare(f"text:{out / 'corpus/val.txt'}", str(out / "tokens/train"), out / "tokens/val", **common)
     return {"tokens": {"train": train["tokens"], "val": val["tokens"]}, "n_vocab": train["n_vocab"],
             "train_mb_per_s": train["mb_per_s"]}
 
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
 
     stage(out, "1_data", lambda: split_data(out, args.seed))
-    stage(out, "2_tokenizer", lambda: prepare(out, args.vocab, args.seed))
+    stage(out, "2_tokenizer", lambda: tokenize(out, args.vocab, args.seed))
     pre = stage(out, "3_pretrain", lambda: train_lib.train(pretrain_config(out, args.scale)))
     sft_cfg = sft_config(out, args.scale)
     before = stage(out, "4_sft_baseline", lambda: chat_eval(sft_cfg, out / "pretrain"))

@@ -21,7 +21,7 @@ import time
 import jax
 
 from jaxgpt import config as config_lib
-from jaxgpt import data, hardware, sharding
+from jaxgpt import data, hardware, prepare, sharding, sources
 from jaxgpt.train import Trainer
 
 
@@ -91,21 +91,21 @@ def bench_data(source: str, tokenizer: str, workers: list[int], max_mb: float = 
     before the clock starts, so what is timed is tokenizing plus moving text to workers and ids back."""
     import tempfile
 
-    src = data.open_source(source, **source_kw)
+    src = sources.open_source(source, **source_kw)
     pieces, n_bytes = [], 0
     for text, ends in src.pieces():
         pieces.append((text, ends))
         n_bytes += len(text.encode("utf-8"))
         if n_bytes >= max_mb * 1e6:
             break
-    tok = data.build_tokenizer(tokenizer, src, limit=sum(ends for _, ends in pieces))  # as prepare builds it
-    indexed = list(enumerate(data.tasks(pieces)))
+    tok = prepare.build_tokenizer(tokenizer, src, limit=sum(ends for _, ends in pieces))  # as prepare builds it
+    indexed = list(enumerate(prepare.tasks(pieces)))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tok.save(tmp)
         for n in workers:
             t = time.perf_counter()
-            with data.Encoder(tmp, n, dtype=data.token_dtype(tok.n_vocab)) as encoder:
+            with prepare.Encoder(tmp, n, dtype=prepare.token_dtype(tok.n_vocab)) as encoder:
                 list(encoder.map((i, (0, [("warm up", True)])) for i in range(2 * n)))
                 start_s = time.perf_counter() - t
                 t = time.perf_counter()
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--untuned-host", action="store_true",
                    help="leave malloc and async dispatch at their defaults (see hardware.tune_host)")
     d = sub.add_parser("data", help="tokenizer throughput of prepare's worker pool")
-    d.add_argument("--source", required=True, help=data.SOURCES)
+    d.add_argument("--source", required=True, help=sources.SOURCES)
     d.add_argument("--tokenizer", required=True, help="gpt2 | cl100k_base | o200k_base | byte | char | bpe:N | DIR")
     d.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     d.add_argument("--max-mb", type=float, default=64.0, help="tokenize at most this much text")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxgpt import config as config_lib
-from jaxgpt import chat, data, evaluate, hardware, optim, sharding
+from jaxgpt import chat, data, dialogs, evaluate, hardware, optim, sharding
 from jaxgpt.errors import JaxgptError
 from jaxgpt.model import GPT
 from jaxgpt.tokenizer import Tokenizer
@@ -96,8 +96,8 @@ class Trainer:
         if cfg.data.chat:  # supervised fine-tuning on conversations
             self.data = None
             self.tokenizer = chat_tokenizer(cfg)
-            loaded = chat.load(cfg.data.chat)
-            held_out = chat.load(cfg.data.chat_val).conversations if cfg.data.chat_val else ()
+            loaded = dialogs.load(cfg.data.chat)
+            held_out = dialogs.load(cfg.data.chat_val).conversations if cfg.data.chat_val else ()
             self.chat = chat.ChatBatches(loaded.conversations, self.tokenizer, cfg.model.seq_len, cfg.data.batch_size,
                                          cfg.train.seed, val=held_out,
                                          val_fraction=0.0 if held_out else cfg.data.val_fraction,

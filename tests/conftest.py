@@ -38,10 +38,10 @@ def corpus(n_chars: int = 60_000, seed: int = 0) -> str:
 @pytest.fixture(scope="session", autouse=True)
 def token_cache(tmp_path_factory):
     """Tokenized data goes to a per-session cache (also for subprocesses), never the user's ~/.cache."""
-    from jaxgpt import data
+    from jaxgpt import prepare
     path = tmp_path_factory.mktemp("jaxgpt_cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "CACHE", path)
+        mp.setattr(prepare, "CACHE", path)
         mp.setenv("JAXGPT_CACHE", str(path))
         yield path
 
@@ -115,3 +115,38 @@ def subprocess_env(**extra) -> dict:
 @pytest.fixture
 def run_env():
     return subprocess_env
+
+
+# ---- conversations shared by the chat and dialogs tests ----
+
+CONVERSATION = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}]
+
+
+def synthetic(n, seed=0):
+    """n small conversations of 1-3 exchanges, some with a system message, each with its own id."""
+    rng = random.Random(seed)
+    words = "hi hello how are you fine thanks what why yes no maybe today".split()
+    say = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))  # noqa: E731
+    out = []
+    for _ in range(n):
+        conversation = [{"role": "system", "content": say()}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            conversation += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]
+        out.append(conversation)
+    return out
+
+
+def write(path: Path, content) -> Path:
+    """Write text (UTF-8) or bytes, making the parent directories."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+def write_lines(path: Path, lines) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path

@@ -1,21 +1,15 @@
-"""Tests for jaxgpt.chat: the message format, converters, chat template, loss mask, truncation, packing."""
+"""Tests for jaxgpt.chat: the chat template, loss mask, truncation, packing and the command line."""
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from jaxgpt import chat
+from conftest import CONVERSATION, synthetic, write_lines
+from jaxgpt import chat, dialogs
 from jaxgpt.chat import ChatBatches, ChatDataError, first_fit, pack, render, render_truncated, render_windows
-from jaxgpt.errors import DataError
 from jaxgpt.tokenizer import Tokenizer
 
-CONVERSATION = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"},
-                {"role": "user", "content": "2+2?"},
-                {"role": "assistant", "content": "4"}]
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +23,6 @@ def special(tok, name):
 
 def as_text(conversation):
     return "<|bos|>" + "".join(f"<|{m['role']}_start|>{m['content']}<|{m['role']}_end|>" for m in conversation)
-
-
-def synthetic(n, seed=0):
-    """n small conversations of 1-3 exchanges, some with a system message, each with its own id."""
-    rng = random.Random(seed)
-    words = "hi hello how are you fine thanks what why yes no maybe today".split()
-    say = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))  # noqa: E731
-    out = []
-    for _ in range(n):
-        conversation = [{"role": "system", "content": say()}] if rng.random() < 0.3 else []
-        for _ in range(rng.randint(1, 3)):
-            conversation += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]
-        out.append(conversation)
-    return out
 
 
 def unpack(batch, b, end_id):
@@ -92,7 +72,7 @@ def test_mask_marks_targets_after_packing(byte):
 
 
 def test_chinese_conversations_round_trip_through_the_template(byte):
-    loaded = chat.read_chatterbot(["chinese"])
+    loaded = dialogs.read_chatterbot(["chinese"])
     assert len(loaded.conversations) == 467 and loaded.skipped == 0
     assert loaded.conversations[0][0] == {"role": "user", "content": "什么是ai"}
     assert max(map(len, loaded.conversations)) > 2
@@ -103,27 +83,6 @@ def test_chinese_conversations_round_trip_through_the_template(byte):
             assert tok.decode(ids) == as_text(conversation)
             assert tok.decode(ids[mask]) == "".join(m["content"] + "<|assistant_end|>" for m in conversation
                                                     if m["role"] == "assistant")
-
-
-# ---- the message format ----
-
-@pytest.mark.parametrize("conversation, problem", [
-    ([], "non-empty list"),
-    ([{"role": "user"}], "message 0 is not"),
-    ([{"role": "bot", "content": "x"}], "role 'bot'; expected system, user or assistant"),
-    ([{"role": "assistant", "content": "x"}], "message 0 has role 'assistant' where 'user' belongs"),
-    ([{"role": "user", "content": "x"}, {"role": "system", "content": "x"}], "message 1 has role 'system'"),
-    ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], "message 1 has role 'user'"),
-    ([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}], "no assistant message"),
-])
-def test_check_names_the_problem(conversation, problem):
-    assert problem in chat.check(conversation)
-
-
-def test_check_accepts_well_formed():
-    assert chat.check(CONVERSATION) is None
-    assert chat.check(CONVERSATION[:4]) is None  # a trailing user message is fine
-    assert chat.check(CONVERSATION[:2], trainable=False) is None
 
 
 # ---- truncation ----
@@ -246,7 +205,7 @@ def test_val_batches_cover_each_held_out_conversation_once(byte):
     conversations = synthetic(80, seed=2)
     ids = [f"dialog{i // 2}" for i in range(80)]  # two conversations per dialog, like chitchat
     batches = ChatBatches(conversations, byte, 128, 3, seed=5, val_fraction=0.25, ids=ids)
-    _, val = chat.split(conversations, 0.25, 5, ids)
+    _, val = dialogs.split(conversations, 0.25, 5, ids)
     assert len(val) == 20 and len(batches.val) == 20 and len(batches.train) == 60
     held = {ids[i] for i, c in enumerate(conversations) if any(c is v for v in val)}
     assert all((ids[i] in held) == any(c is v for v in val) for i, c in enumerate(conversations))
@@ -268,101 +227,6 @@ def test_chat_batches_count_what_does_not_fit(byte):
         ChatBatches(conversations, byte, 8, 1, seed=0)
     with pytest.raises(ChatDataError, match="conversation 1: message 1 has role 'user'"):
         ChatBatches([CONVERSATION, [{"role": "user", "content": "a"}] * 2], byte, 40, 1, seed=0)
-
-
-# ---- converters ----
-
-def write_lines(path, lines):
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-def test_read_jsonl_and_malformed_lines(tmp_path):
-    good = json.dumps({"messages": CONVERSATION})
-    named = json.dumps({"id": "d7", "messages": [{"role": "user", "content": "你好", "name": "x"},
-                                                 {"role": "assistant", "content": "您好"}]}, ensure_ascii=False)
-    no_reply = json.dumps({"messages": CONVERSATION[1:2]})
-    path = write_lines(tmp_path / "chats.jsonl", [good, "", named, "{not json", no_reply, json.dumps({"turns": []})])
-    with pytest.raises(ChatDataError, match=r"chats\.jsonl:4: not JSON") as e:
-        chat.read_jsonl(path)
-    assert isinstance(e.value, DataError)
-    loaded = chat.read_jsonl(path, skip_bad=True)
-    assert loaded.conversations == [CONVERSATION, [{"role": "user", "content": "你好"},
-                                                   {"role": "assistant", "content": "您好"}]]
-    assert loaded.ids == [f"{path}:1", "d7"] and loaded.skipped == 3
-    with pytest.raises(ChatDataError, match=r"b\.jsonl:5: it has no assistant message"):
-        chat.read_jsonl(write_lines(tmp_path / "b.jsonl", [good, good, "", "", no_reply]))
-    with pytest.raises(ChatDataError, match=r"c\.jsonl:2: expected \{\"messages\""):
-        chat.read_jsonl(write_lines(tmp_path / "c.jsonl", [good, "[1, 2]"]))
-    (tmp_path / "d.jsonl").write_bytes(good.encode() + b'\n\xff\xfe\n{"messages": []}\n')
-    with pytest.raises(ChatDataError, match=r"d\.jsonl:2: not UTF-8"):
-        chat.read_jsonl(tmp_path / "d.jsonl")
-    assert chat.read_jsonl(tmp_path / "d.jsonl", skip_bad=True).skipped == 2
-
-
-def test_read_sharegpt_jsonl_and_json_array(tmp_path):
-    record = {"id": "s1", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
-                                             {"from": "gpt", "value": "Hello!"}]}
-    bad = {"conversations": [{"from": "gpt", "value": "I start"}, {"from": "human", "value": "no"}]}
-    expected = [CONVERSATION[0], CONVERSATION[1], CONVERSATION[2]]
-    path = write_lines(tmp_path / "sg.jsonl", [json.dumps(record), json.dumps(bad)])
-    with pytest.raises(ChatDataError, match=r"sg\.jsonl:2: message 0 has role 'assistant'"):
-        chat.read_sharegpt(path)
-    loaded = chat.read_sharegpt(path, skip_bad=True)
-    assert loaded.conversations == [expected] and loaded.ids == ["s1"] and loaded.skipped == 1
-    array = tmp_path / "sg.json"  # ShareGPT dumps are one JSON array; records are placed by line
-    array.write_text(json.dumps([record, record, {"conversations": [{"from": "bot", "value": "?"}]}], indent=1))
-    third = [i for i, line in enumerate(array.read_text().splitlines(), 1) if line == " {"][2]
-    with pytest.raises(ChatDataError, match=rf"sg\.json:{third}: turn 0 is not") as e:
-        chat.read_sharegpt(array)
-    assert chat.read_sharegpt(array, skip_bad=True).conversations == [expected, expected]
-    assert e.value.args[0].count("\n") == 0
-
-
-def test_chitchat_gives_both_directions_of_the_first_dialog():
-    import chitchat_dataset
-    raw = json.loads(Path(chitchat_dataset.__file__).with_name("dataset.json").read_text())
-    key, dialog = next(iter(raw.items()))
-    turns = []  # (sender, text) with a speaker's consecutive lines joined
-    for message in dialog["messages"]:
-        texts = [u["text"].strip() for u in message if u["text"].strip()]
-        if turns and turns[-1][0] == message[0]["sender"]:
-            turns[-1] = (turns[-1][0], turns[-1][1] + "\n" + "\n".join(texts))
-        elif texts:
-            turns.append((message[0]["sender"], "\n".join(texts)))
-    a, b = turns[0][0], turns[1][0]
-    def expect(user, ts):
-        return [{"role": "user" if s == user else "assistant", "content": t} for s, t in ts]
-    a_user, b_user = expect(a, turns), expect(b, turns[1:])
-    a_user, b_user = (c[:len(c) - (c[-1]["role"] == "user")] for c in (a_user, b_user))
-    loaded = chat.read_chitchat(limit=2)
-    assert loaded.conversations == [a_user, b_user] and loaded.ids == [f"chitchat:{key}"] * 2
-    assert loaded.conversations[0][0]["content"] == "Hello\nHow are you doing today?"
-    assert loaded.conversations[1][0]["content"] == loaded.conversations[0][1]["content"]
-    assert len(a_user) >= 30 and all(chat.check(c) is None for c in loaded.conversations)
-
-
-def test_chatterbot_malformed_dialogs_name_file_and_line(tmp_path):
-    (tmp_path / "xx").mkdir()
-    (tmp_path / "xx" / "a.yml").write_text("categories:\n- a\nconversations:\n- - no\n  - yes\n  - 3\n"
-                                           "- - only one line\n- not a list - of lines\n", encoding="utf-8")
-    with pytest.raises(ChatDataError, match=r"a\.yml:8: the dialog is not a list of lines"):
-        chat.read_chatterbot(directory=tmp_path)
-    loaded = chat.read_chatterbot(["xx"], directory=tmp_path, skip_bad=True)
-    assert loaded.conversations == [[{"role": "user", "content": "no"}, {"role": "assistant", "content": "yes"}]]
-    assert loaded.ids == ["chatterbot:xx/a.yml:4"] and loaded.skipped == 2
-    with pytest.raises(ChatDataError, match="no chatterbot language 'zz'"):
-        chat.read_chatterbot(["zz"], directory=tmp_path)
-
-
-def test_split_by_dialog_is_seeded():
-    conversations = synthetic(10)
-    train, val = chat.split(conversations, 0.3, seed=1)
-    assert len(val) == 3 and len(train) == 7 and (train, val) == chat.split(conversations, 0.3, seed=1)
-    assert [c for c in conversations if any(c is t for t in train)] == train  # input order kept
-    assert chat.split(conversations, 0.0, 1) == (conversations, [])
-    with pytest.raises(ChatDataError, match="val_fraction=1"):
-        chat.split(conversations, 1, 0)
 
 
 # ---- command line ----
