@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxgpt import checkpoint, dialogs, hardware, prepare  # noqa: E402
+from jaxgpt import dialogs, export, hardware, prepare  # noqa: E402
 from jaxgpt import config as config_lib  # noqa: E402
 from jaxgpt import train as train_lib  # noqa: E402
 
@@ -104,7 +104,7 @@ def chat_eval(sft_cfg: config_lib.Config, source: Path) -> dict:
     import jax
 
     trainer = train_lib.Trainer(sft_cfg)
-    _, params, _ = checkpoint.load_for_inference(source, [])
+    _, params, _ = export.load_for_inference(source, [])
     return trainer.evaluate(jax.device_put(params, trainer.params_sharding))
 
 
@@ -112,7 +112,7 @@ def examples(source: Path, seed: int) -> list[dict]:
     from jaxgpt import sample
     from jaxgpt.model import GPT
 
-    cfg, params, tokenizer = checkpoint.load_for_inference(
+    cfg, params, tokenizer = export.load_for_inference(
         source, ["sample.temperature=0.7", "sample.top_k=40", f"sample.seed={seed}", "sample.max_new_tokens=60"])
     model = GPT(cfg.model)
     return [{"user": p, "assistant": sample.chat_replies(model, params, tokenizer, [{"role": "user", "content": p}],
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     before = stage(out, "4_sft_baseline", lambda: chat_eval(sft_cfg, out / "pretrain"))
     stage(out, "5_sft", lambda: train_lib.train(sft_cfg))
     after = stage(out, "6_sft_eval", lambda: chat_eval(sft_cfg, out / "sft"))
-    checkpoint.export(out / "export", *checkpoint.load_for_inference(out / "sft", []))
+    export.export(out / "export", *export.load_for_inference(out / "sft", []))
     talk = stage(out, "7_examples", lambda: {"exchanges": examples(out / "export", args.seed)})
 
     print("\n=== jaxgpt quickstart ===")

@@ -1,6 +1,4 @@
-"""Checkpoints with orbax: exact resume, restore onto any mesh, and the params-only export.
-
-    python -m jaxgpt.checkpoint export RUN_DIR OUT    # params + config + tokenizer, for evaluate / sample
+"""Checkpoints with orbax: exact resume and restore onto any mesh (the params-only exports are export.py's).
 
 A run keeps `checkpoints/<step>/` under `train.out_dir`, each with two orbax items: `state` (params,
 optimizer state, step, rng key data, the non-finite counter) and `meta` (JSON: the resolved config,
@@ -11,14 +9,11 @@ damaged afterwards. Batches are a pure function of (seed, step), so the step is 
 
 Resume (`train.resume`): `auto` takes the newest complete checkpoint of this run; `PATH` a run,
 checkpoints or step directory; `none` starts fresh and refuses to overwrite checkpoints unless
-`train.overwrite=true`. `train.init_from` takes params only (fine-tuning: fresh optimizer, step 0).
-An export directory holds `config.json`, `params/` (orbax) and the tokenizer files.
+`train.overwrite=true`.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shutil
 import signal
 import sys
@@ -79,7 +74,7 @@ def _placed(shapes, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
-def _params_target(model: GPT, shardings=None):
+def params_target(model: GPT, shardings=None):
     abstract = jax.eval_shape(model.init, jax.random.key(0))
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return _placed(abstract, shardings if shardings is not None else jax.tree.map(lambda _: one, abstract))
@@ -188,7 +183,7 @@ def restore_params(step_dir: Path, cfg: config_lib.Config, model: GPT, shardings
     `shardings` are given: (params, meta)."""
     meta = read_meta(step_dir)
     check_model(meta["config"], cfg, step_dir, "params can only be loaded into the same model shape")
-    target = {"params": _params_target(model, shardings)}
+    target = {"params": params_target(model, shardings)}
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
     tree = _read("params", lambda: ocp.PyTreeCheckpointer().restore(step_dir / "state", args=args))
@@ -215,7 +210,7 @@ def locate(source: str | Path) -> tuple[Path, int | None] | None:
     return None
 
 
-def _newest(directory: Path, step: int | None, load, quarantine: bool = False):
+def newest(directory: Path, step: int | None, load, quarantine: bool = False):
     """load(step_dir) for the newest step that reads back intact; damaged ones are skipped with a
     warning and, in the run's own directory, moved aside (never deleted) so new saves can reuse the step."""
     for s in ([step] if step is not None else steps_in(directory)):
@@ -281,20 +276,20 @@ class Checkpointer:
         self.failed = False
 
     def restore(self, trainer):
-        """The state to continue from (train.resume), else one with train.init_from's params, else None."""
+        """The state to continue from (train.resume), else None."""
         resume = trainer.cfg.train.resume
         source = {"auto": self.directory, "none": None}.get(resume, resume)
         found = locate(source) if source is not None else None
         state = None
         if found:
             directory, step = found
-            state = _newest(directory, step, lambda d: restore_step(d, trainer),
+            state = newest(directory, step, lambda d: restore_step(d, trainer),
                             quarantine=directory == self.directory)
             self.manager.reload()
         if state is None and resume not in ("auto", "none"):
             raise CheckpointError(f"train.resume={resume}: no intact checkpoint there")
         if state is None:
-            return init_from(trainer.cfg.train.init_from, trainer) if trainer.cfg.train.init_from else None
+            return None
         if resume != "auto":
             self._drop_after(int(state.step))
         print(f"resumed from step {int(state.step)} of {found[0]}", file=sys.stderr)
@@ -397,140 +392,3 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the rows of metrics.jsonl up to `step`: a resumed run logs the later ones again. A row
-    torn by a kill (not valid JSON) goes too."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(row + "\n" for row in kept))
-    os.replace(tmp, path)
-
-
-# ---- params only: fine-tuning, exports, inference ---------------------------------------------
-
-def load_source_params(source: str | Path, cfg: config_lib.Config, model: GPT, shardings) -> tuple[dict, str]:
-    """Params from a run / checkpoint directory (newest intact step) or an export, checked against cfg."""
-    found = locate(source)
-    if found:
-        out = _newest(*found, lambda d: (restore_params(d, cfg, model, shardings)[0], str(d)))
-        if out:
-            return out
-    export_dir = find_export(source)
-    saved = json.loads((export_dir / "config.json").read_text())
-    check_model(saved, cfg, export_dir, "params can only be loaded into the same model shape")
-    return load_params(export_dir, model, shardings), str(export_dir)
-
-
-def init_from(source: str, trainer):
-    """A fresh TrainState (step 0, new optimizer state and rng) around another run's params."""
-    params, where = load_source_params(source, trainer.cfg, trainer.model, trainer.params_sharding)
-    opt_state = jax.jit(trainer.optimizer.init, out_shardings=trainer.state_sharding.opt_state)(params)
-    print(f"params from {where}; fresh optimizer state, step 0", file=sys.stderr)
-    return trainer.init_state().replace(params=params, opt_state=opt_state)
-
-
-def export(out_dir: str | Path, cfg: config_lib.Config, params, tokenizer: Tokenizer) -> Path:
-    """Write params + config + tokenizer; a finished export replaces an older one whole."""
-    out_dir = Path(out_dir).absolute()
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp / "params", params)
-    checkpointer.wait_until_finished()
-    (tmp / "config.json").write_text(cfg.to_json())
-    tokenizer.save(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
-
-
-def _newest_params(found: tuple[Path, int | None]) -> tuple[config_lib.Config, dict, int]:
-    """(config, params on one device, step) of the newest intact checkpoint."""
-    def load(step_dir):
-        cfg = config_lib.from_dict(read_meta(step_dir)["config"])
-        params, meta = restore_params(step_dir, cfg, GPT(cfg.model))
-        return cfg, params, meta["step"]
-
-    loaded = _newest(*found, load)
-    if loaded is None:
-        raise CheckpointError(f"{found[0]}: no intact checkpoint")
-    return loaded
-
-
-def export_checkpoint(source: str | Path, out_dir: str | Path) -> tuple[Path, int]:
-    """Export the newest intact checkpoint of a run: (export directory, step)."""
-    found = locate(source)
-    if found is None:
-        raise CheckpointError(f"{source}: no checkpoints (expected RUN_DIR/checkpoints/<step>/)")
-    cfg, params, step = _newest_params(found)
-    return export(out_dir, cfg, jax.device_get(params), run_tokenizer(found[0].parent, cfg)), step
-
-
-def find_export(source: str | Path) -> Path:
-    source = Path(source)
-    for candidate in (source, source / "export"):
-        if (candidate / "params").is_dir() and (candidate / "config.json").is_file():
-            return candidate.absolute()
-    raise CheckpointError(f"{source}: neither an export nor a run directory with an export/ or checkpoints/ inside")
-
-
-def load_params(export_dir: Path, model: GPT, shardings=None):
-    """Params of an export, checked against the model's shapes, placed by `shardings` if given."""
-    target = _params_target(model, shardings)
-    stored = ocp.StandardCheckpointer().metadata(export_dir / "params")
-    stored = getattr(stored, "item_metadata", stored)
-    stored_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(target):
-        key = jax.tree_util.keystr(path)
-        if stored_shapes.get(key) != tuple(leaf.shape):
-            raise CheckpointError(f"{export_dir}: param {key} is {stored_shapes.get(key)} in the checkpoint "
-                                  f"but {tuple(leaf.shape)} in the model config")
-    return ocp.StandardCheckpointer().restore(export_dir / "params", target)
-
-
-def load_for_inference(source: str | Path, overrides: list[str]):
-    """(config, params on one device, tokenizer) from an export, or a run directory (its export/,
-    else its newest checkpoint). Overrides may change data, eval and sample settings; model fields
-    come from the checkpoint."""
-    try:
-        export_dir = find_export(source)
-    except CheckpointError:
-        found = locate(source)
-        if found is None:
-            raise
-        cfg, params, _ = _newest_params(found)
-        cfg = config_lib.validate(config_lib.apply_overrides(cfg, overrides))
-        return cfg, params, run_tokenizer(found[0].parent, cfg)
-    cfg = config_lib.from_dict(json.loads((export_dir / "config.json").read_text()))
-    cfg = config_lib.validate(config_lib.apply_overrides(cfg, overrides))
-    model = GPT(cfg.model)
-    return cfg, load_params(export_dir, model), Tokenizer.load(export_dir)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from jaxgpt import cli
-
-    usage = "python -m jaxgpt.checkpoint export RUN_DIR OUT"
-
-    def run(args):
-        if len(args) != 3 or args[0] != "export":
-            raise ConfigError(f"usage: {usage}")
-        out, step = export_checkpoint(args[1], args[2])
-        print(json.dumps({"export": str(out), "step": step}))
-
-    cli.run(run, argv if argv is not None else sys.argv[1:], usage=usage)
-
-
-if __name__ == "__main__":
-    main()

@@ -85,11 +85,11 @@ def evaluate_tokens(eval_step, params, tokens: np.ndarray, seq_len: int, stride:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jaxgpt import checkpoint, cli, data
+    from jaxgpt import cli, data, export
 
     def run(args):
         source, overrides = args[0], args[1:]
-        cfg, params, tokenizer = checkpoint.load_for_inference(source, overrides)
+        cfg, params, tokenizer = export.load_for_inference(source, overrides)
         mesh = sharding.make_mesh(cfg.mesh)
         model = GPT(cfg.model)
         params_sharding = sharding.logical_to_mesh(model.logical_axes, params, mesh)

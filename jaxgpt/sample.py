@@ -97,10 +97,10 @@ def chat_replies(model: GPT, params, tokenizer: Tokenizer, conversation: list[di
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jaxgpt import checkpoint, cli
+    from jaxgpt import cli, export
 
     def run(args):
-        cfg, params, tokenizer = checkpoint.load_for_inference(args[0], args[1:])
+        cfg, params, tokenizer = export.load_for_inference(args[0], args[1:])
         for i, text in enumerate(sample_texts(GPT(cfg.model), params, tokenizer, cfg.sample)):
             if cfg.sample.num_samples > 1:
                 print(f"--- sample {i} ---")

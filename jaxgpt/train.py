@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -189,9 +190,9 @@ class Trainer:
 
 def _init_from_file(source: str, name: str) -> Path:
     """`name` (config.json, tokenizer.json) of a run directory, else of its (or the) export."""
-    from jaxgpt import checkpoint
+    from jaxgpt import export
     source = Path(source)
-    return source / name if (source / name).is_file() else checkpoint.find_export(source) / name
+    return source / name if (source / name).is_file() else export.find_export(source) / name
 
 
 def config_for(path, overrides: list[str]) -> config_lib.Config:
@@ -211,6 +212,23 @@ def chat_tokenizer(cfg: config_lib.Config) -> Tokenizer:
     if cfg.train.init_from:
         return Tokenizer.load(_init_from_file(cfg.train.init_from, "tokenizer.json").parent)
     return Tokenizer.from_spec(cfg.data.tokenizer)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `step`: a resumed run logs the later ones again. A row
+    torn by a kill (not valid JSON) goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(row + "\n" for row in kept))
+    os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -245,7 +263,7 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
     metrics, wait)` and `close()`. A SIGTERM / SIGINT finishes the current step, saves and raises
     checkpoint.Interrupted; the same command then resumes, with the same losses as an unbroken run.
     """
-    from jaxgpt import checkpoint, sample
+    from jaxgpt import checkpoint, export, sample
 
     out_dir = Path(cfg.train.out_dir)
     checkpointer = checkpointer or checkpoint.Checkpointer(cfg)  # checks the resume rules before any work
@@ -254,12 +272,15 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
         trainer = Trainer(cfg, devices)
         (out_dir / "config.json").write_text(cfg.to_json())
         trainer.tokenizer.save(out_dir)  # for exports made from checkpoints
-        state = checkpointer.restore(trainer) or trainer.init_state()
+        state = checkpointer.restore(trainer)
+        if state is None and cfg.train.init_from:  # fine-tuning: another run's params, a fresh optimizer
+            state = export.init_from(cfg.train.init_from, trainer)
+        state = state or trainer.init_state()
     except BaseException:
         checkpointer.close()
         raise
     start = done = int(state.step)
-    checkpoint.truncate_metrics(out_dir / "metrics.jsonl", start)  # rows past the restored step are redone
+    truncate_metrics(out_dir / "metrics.jsonl", start)  # rows past the restored step are redone
     n_params = trainer.model.num_params(state.params)
     flops_per_token = trainer.model.flops_per_token(state.params)
     peak, _ = hardware.peak_flops()
@@ -322,7 +343,7 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
         where = f"saved step {done}" if saved or done == start else "no checkpoint saved (non-finite state)"
         raise checkpoint.Interrupted(f"stopped by {stop.name} after step {done}; {where} "
                                      f"in {out_dir / 'checkpoints'}; rerun the same command to resume", stop.signum)
-    checkpoint.export(out_dir / "export", cfg, jax.device_get(state.params), trainer.tokenizer)
+    export.export(out_dir / "export", cfg, jax.device_get(state.params), trainer.tokenizer)
     if cfg.train.samples:
         for text in sample.sample_texts(trainer.model, jax.device_get(state.params), trainer.tokenizer,
                                         cfg.sample, n=cfg.train.samples, max_new_tokens=cfg.train.sample_tokens):

@@ -333,39 +333,6 @@ def test_resume_from_a_path(env):
     assert int(state.step) == 4 and checkpoint.steps_in(own / "checkpoints") == [4, 2]
 
 
-def test_truncate_metrics_drops_later_and_torn_rows(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n{"step": 3, "loss": 1.5}\n{"step": 4, "lo')
-    checkpoint.truncate_metrics(path, 2)
-    assert path.read_text() == '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n'
-
-
-# ---- params only: fine-tuning, export, inference ---------------------------------------------
-
-def test_init_from_loads_params_only_with_a_fresh_optimizer(env):
-    cfg = _cfg(env["text"], env["root"] / "finetune", f"train.init_from={env['base']}", "optim.schedule=constant",
-               "optim.lr=1e-4")
-    _, ck, state = _restore(cfg)
-    ck.close()
-    _, params, _ = checkpoint.load_for_inference(env["base"], [])
-    assert int(state.step) == 0 and _leaves_equal(state.params, params)
-    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state.opt_state))  # zero moments and counts
-
-
-def test_export_cli_and_inference_from_a_run_without_export(env, capsys):
-    out = env["root"] / "exported"
-    checkpoint.main(["export", str(env["base"]), str(out)])
-    assert json.loads(capsys.readouterr().out) == {"export": str(out), "step": STEPS}
-    cfg, params, tokenizer = checkpoint.load_for_inference(out, [])
-    _, final_params, final_tokenizer = checkpoint.load_for_inference(env["base"] / "export", [])
-    assert _leaves_equal(params, final_params) and tokenizer.fingerprint == final_tokenizer.fingerprint
-    assert cfg.to_dict() == json.loads((env["base"] / "config.json").read_text())
-    run = _copy(env, "no-export")
-    shutil.rmtree(run / "export")  # e.g. killed before the end: the newest checkpoint serves instead
-    _, params, _ = checkpoint.load_for_inference(run, ["sample.temperature=0"])
-    assert _leaves_equal(params, final_params)
-
-
 # ---- restore onto any mesh -------------------------------------------------------------------
 
 MESH_SCRIPT = """

@@ -7,7 +7,7 @@ import pytest
 
 from jaxgpt import config as config_lib
 from jaxgpt import optim
-from jaxgpt.train import NonFiniteLoss, Trainer, train
+from jaxgpt.train import NonFiniteLoss, Trainer, train, truncate_metrics
 
 TIMING = ("tokens_per_s", "mfu")  # the only fields allowed to differ between identical runs
 
@@ -81,3 +81,10 @@ def test_train_stops_after_max_nonfinite_in_a_row(make_config, tmp_path):
     rows = rows_of(out)
     assert [(r["step"], r["skipped"]) for r in rows] == [(1, 0), (2, 1), (3, 1), (4, 1)]
     assert not (out / "export").exists()  # no export of a broken model
+
+
+def test_truncate_metrics_drops_later_and_torn_rows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n{"step": 3, "loss": 1.5}\n{"step": 4, "lo')
+    truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n'
