@@ -134,7 +134,7 @@ def test_chatterbot_every_language(tmp_path):
 
 
 def test_hf_dataset_saved_to_disk(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a requirement: this path must run in CI, not skip
     texts = [f"hf row {i} " * (i % 7 + 1) for i in range(50)]
     datasets.Dataset.from_dict({"content": texts, "n": list(range(50))}).save_to_disk(str(tmp_path / "ds"))
     meta = prep(f"hf:{tmp_path / 'ds'}", tmp_path / "out", field="content", val_fraction=0)
