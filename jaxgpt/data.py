@@ -47,7 +47,6 @@ class TokenData:
         return tokens
 
 
-
 # ---- loading ----
 
 class ShardedTokens:

@@ -11,7 +11,6 @@ from jaxgpt.chat import ChatBatches, ChatDataError, first_fit, pack, render, ren
 from jaxgpt.tokenizer import Tokenizer
 
 
-
 @pytest.fixture(scope="module")
 def byte():
     return Tokenizer.from_spec("byte")

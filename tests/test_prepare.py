@@ -14,7 +14,6 @@ from jaxgpt.errors import DataError
 from jaxgpt.tokenizer import Tokenizer
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def offline(offline_tiktoken):
     yield
