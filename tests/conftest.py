@@ -150,3 +150,11 @@ def write(path: Path, content) -> Path:
 def write_lines(path: Path, lines) -> Path:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
+
+
+def leaves_equal(a, b) -> bool:
+    """Two pytrees with the same leaves, bit for bit."""
+    import jax
+    import numpy as np
+    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from etils import epath
 
 from jaxgpt import checkpoint, config as config_lib, train as train_lib
 from jaxgpt.errors import CheckpointError
 
-from conftest import subprocess_env
+from conftest import leaves_equal, subprocess_env
 
 REPO = Path(__file__).parents[1]
 STEPS = 6
@@ -73,11 +72,6 @@ def _copy(env, name: str) -> Path:
 
 def _files(directory: Path) -> dict:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def _leaves_equal(a, b) -> bool:
-    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
 
 
 def _restore(cfg):
@@ -256,7 +250,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_loses_nothing(env, monkeyp
         ck.save(8, state, wait=True)
     monkeypatch.undo()
     ck.close()
-    assert _leaves_equal(jax.device_get(checkpoint.state_tree(state)), host_state)  # the state is untouched
+    assert leaves_equal(jax.device_get(checkpoint.state_tree(state)), host_state)  # the state is untouched
     assert checkpoint.steps_in(run / "checkpoints") == [6, 4, 2]
     assert {s: _files(run / "checkpoints" / str(s)) for s in (2, 4, 6)} == old
     _, ck, restored = _restore(_cfg(env["text"], run, "train.steps=8"))

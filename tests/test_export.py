@@ -6,13 +6,9 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import leaves_equal
 from jaxgpt import config as config_lib, export, train as train_lib
 from jaxgpt.errors import CheckpointError
-
-
-def leaves_equal(a, b) -> bool:
-    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
 
 
 def test_export_cli_and_inference_from_a_run_without_export(tiny_run, tmp_path, capsys):
