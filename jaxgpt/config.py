@@ -45,7 +45,8 @@ class ModelConfig:
     logit_softcap: float = 0.0       # 0: off; else logits = c * tanh(logits / c)
     norm_eps: float = 1e-5
     dropout: float = 0.0
-    init_std: float = 0.02
+    init_std: float = 0.02           # normal init of the matrices and embedding tables
+    residual_init_std: float = 0.0   # the blocks' output projections; 0: init_std / sqrt(2N) (GPT-2's scaling)
     dtype: str = "float32"           # compute dtype: float32 | bfloat16 (params, softmax, loss stay fp32)
     remat: bool = False              # recompute each block in the backward pass
     scan_layers: bool = False        # lax.scan over blocks: fast compiles for deep models

@@ -220,6 +220,12 @@ class Dense(nn.Module):
         return y
 
 
+def residual_std(cfg: ModelConfig) -> float:
+    """Init std of the projections that write into the residual stream: by default GPT-2's
+    init_std / sqrt(2N), so that the stream's variance at init does not grow with depth."""
+    return cfg.residual_init_std or cfg.init_std / (2 * cfg.n_layer) ** 0.5
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -227,7 +233,6 @@ class Attention(nn.Module):
     def __call__(self, x_BxLxD, mask_BxLxL, positions_BxL):
         cfg = self.cfg
         D, H, K, E = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        out_std = cfg.init_std / (2 * cfg.n_layer) ** 0.5  # GPT-2's scaled residual init
         q_BxLxHxE = Dense((D,), (H, E), ("embed", "heads", "head_dim"), cfg, cfg.init_std, name="wq")(x_BxLxD)
         kv_BxLx2xKxE = Dense((D,), (2, K, E), ("embed", None, "kv_heads", "head_dim"), cfg, cfg.init_std,
                              name="wkv")(x_BxLxD)
@@ -241,7 +246,7 @@ class Attention(nn.Module):
             q_BxHxLxE = rope(q_BxHxLxE, positions_BxL, cfg.rope_theta)
             k_BxKxLxE = rope(k_BxKxLxE, positions_BxL, cfg.rope_theta)
         out_BxLxHxE = attend(q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxL).transpose(0, 2, 1, 3)
-        return Dense((H, E), (D,), ("heads", "head_dim", "embed"), cfg, out_std, name="wo")(out_BxLxHxE)
+        return Dense((H, E), (D,), ("heads", "head_dim", "embed"), cfg, residual_std(cfg), name="wo")(out_BxLxHxE)
 
 
 class Mlp(nn.Module):
@@ -251,7 +256,6 @@ class Mlp(nn.Module):
     def __call__(self, x_BxLxD):
         cfg = self.cfg
         D, F = cfg.d_model, cfg.d_ff
-        out_std = cfg.init_std / (2 * cfg.n_layer) ** 0.5
         if cfg.mlp == "swiglu":
             h_BxLx2xF = Dense((D,), (2, F), ("embed", None, "mlp"), cfg, cfg.init_std, name="w_up")(x_BxLxD)
             h_BxLxF = jax.nn.silu(h_BxLx2xF[:, :, 0]) * h_BxLx2xF[:, :, 1]
@@ -259,7 +263,7 @@ class Mlp(nn.Module):
             h_BxLxF = Dense((D,), (F,), ("embed", "mlp"), cfg, cfg.init_std, name="w_up")(x_BxLxD)
             h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=cfg.mlp == "gelu")
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
-        return Dense((F,), (D,), ("mlp", "embed"), cfg, out_std, name="w_down")(h_BxLxF)
+        return Dense((F,), (D,), ("mlp", "embed"), cfg, residual_std(cfg), name="w_down")(h_BxLxF)
 
 
 class Block(nn.Module):

@@ -133,11 +133,12 @@ def test_validate_returns_a_resolved_copy():
 def test_shakespeare_config_file():
     cfg = load_file(SHAKESPEARE)
     m = cfg.model
-    assert (m.preset, m.n_layer, m.n_head, m.d_model, m.seq_len, m.bias) == ("gpt2", 4, 4, 128, 64, False)
+    assert (m.preset, m.n_layer, m.n_head, m.d_model, m.seq_len, m.bias) == ("gpt2", 4, 4, 128, 64, None)
+    assert (m.init_std, m.residual_init_std) == (0.02, 0.02)
     assert (cfg.data.path, cfg.data.tokenizer, cfg.data.batch_size) == ("data/tinyshakespeare.txt", "char", 12)
     assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.steps) == (1e-3, 1e-4, 100, 2000)
     resolved = validate(cfg)
-    assert (resolved.model.d_ff, resolved.model.bias, resolved.model.tie_embeddings) == (512, False, True)
+    assert (resolved.model.d_ff, resolved.model.bias, resolved.model.tie_embeddings) == (512, True, True)
     llama = config_lib.from_cli(SHAKESPEARE, ["model.preset=llama"]).model
     assert (llama.norm, llama.position, llama.bias, llama.d_ff) == ("rmsnorm", "rope", False, 384)
 

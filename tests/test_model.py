@@ -272,16 +272,18 @@ def test_loss_is_masked_sum_and_count():
 
 
 def test_param_count_of_shakespeare_char():
-    """experiments/configs/shakespeare_char.py: 4 layers, D=128, L=64, no bias; 73 = 65 chars + 8 specials."""
+    """experiments/configs/shakespeare_char.py: 4 layers, D=128, L=64, each preset's biases (gpt2: yes,
+    llama: no); 73 = 65 chars + 8 specials."""
     def count(preset):
-        cfg = ModelConfig(preset=preset, vocab_size=73, n_layer=4, n_head=4, d_model=128, seq_len=64,
-                          bias=False).resolved()
+        cfg = ModelConfig(preset=preset, vocab_size=73, n_layer=4, n_head=4, d_model=128, seq_len=64).resolved()
         return GPT(cfg).num_params(jax.eval_shape(GPT(cfg).init, jax.random.key(0)))
     D, N, V_, L, F_llama = 128, 4, 73, 64, 384
-    gpt2_block = 4 * D * D + 2 * D * 4 * D + 2 * D          # q, k, v, o; up, down; two norm scales
-    llama_block = 4 * D * D + 3 * D * F_llama + 2 * D        # swiglu: gate, up, down
-    assert count("gpt2") == N * gpt2_block + D + V_ * D + L * D == 805120   # + final norm, wte, wpe
-    assert count("llama") == N * llama_block + D + 2 * V_ * D == 871808     # + final norm, wte, lm_head
+    gpt2_block = (4 * D * D + 4 * D                          # q, k, v, o and their biases
+                  + 2 * D * 4 * D + 4 * D + D                # up, down and their biases
+                  + 2 * 2 * D)                               # two LayerNorms: scale and bias
+    llama_block = 4 * D * D + 3 * D * F_llama + 2 * D        # swiglu: gate, up, down; two RMSNorm scales
+    assert count("gpt2") == N * gpt2_block + 2 * D + V_ * D + L * D == 810880   # + final norm, wte, wpe
+    assert count("llama") == N * llama_block + D + 2 * V_ * D == 871808         # + final norm, wte, lm_head
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -309,6 +311,23 @@ def test_golden_loss_at_init(preset):
     assert float(total / count) == pytest.approx(GOLDEN_INIT_LOSS[preset], abs=1e-5)
     # near log(V) at init: the logits start small
     assert abs(float(total / count) - math.log(V)) < 0.05
+
+
+@pytest.mark.parametrize("residual_init_std", [0.0, 0.05])
+def test_init_scales(residual_init_std):
+    """GPT-2's init: matrices and tables at init_std; the residual outputs at init_std / sqrt(2N),
+    or at model.residual_init_std when it is set."""
+    cfg = model_cfg("gpt2", d_model=64, seq_len=64, residual_init_std=residual_init_std)
+    params = GPT(cfg).init(jax.random.key(0))
+    block = params["block_0"]
+    stds = {"wte": params["wte"], "wpe": params["wpe"], "w_up": block["mlp"]["w_up"]["w"],
+            "w_down": block["mlp"]["w_down"]["w"], "wo": block["attn"]["wo"]["w"]}
+    stds = {k: float(np.std(np.asarray(v))) for k, v in stds.items()}
+    residual = residual_init_std or 0.02 / math.sqrt(2 * 2)  # 2 layers
+    expected = {"wte": 0.02, "wpe": 0.02, "w_up": 0.02, "w_down": residual, "wo": residual}
+    for name, std in stds.items():  # 2,368+ draws each: the sample std lands within 5% of the true one
+        assert std == pytest.approx(expected[name], rel=0.05), name
+    assert not np.any(np.asarray(block["mlp"]["w_up"]["b"])) and np.all(np.asarray(block["norm_attn"]["scale"]) == 1)
 
 
 def test_init_is_deterministic_per_key():
