@@ -90,6 +90,12 @@ def find_export(source: str | Path) -> Path:
     raise CheckpointError(f"{source}: neither an export nor a run directory with an export/ or checkpoints/ inside")
 
 
+def source_file(source: str | Path, name: str) -> Path:
+    """`name` (config.json, tokenizer.json) of a run directory, else of its export or the export itself."""
+    source = Path(source)
+    return source / name if (source / name).is_file() else find_export(source) / name
+
+
 def load_params(export_dir: Path, model: GPT, shardings=None):
     """Params of an export, checked against the model's shapes, placed by `shardings` if given."""
     target = params_target(model, shardings)

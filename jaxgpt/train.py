@@ -188,19 +188,13 @@ class Trainer:
             return jax.eval_shape(self._init, self.cfg.train.seed)
 
 
-def _init_from_file(source: str, name: str) -> Path:
-    """`name` (config.json, tokenizer.json) of a run directory, else of its (or the) export."""
-    from jaxgpt import export
-    source = Path(source)
-    return source / name if (source / name).is_file() else export.find_export(source) / name
-
-
 def config_for(path, overrides: list[str]) -> config_lib.Config:
     """config_lib.from_cli, except that with train.init_from the model's shape comes from that run
     (a run directory or an export); model.* overrides still apply on top."""
+    from jaxgpt import export
     cfg = config_lib.from_cli(path, overrides)
     if cfg.train.init_from:
-        saved = json.loads(_init_from_file(cfg.train.init_from, "config.json").read_text())
+        saved = json.loads(export.source_file(cfg.train.init_from, "config.json").read_text())
         base = config_lib.load_file(path)
         base.model = config_lib.from_dict(saved).model
         cfg = config_lib.validate(config_lib.apply_overrides(base, overrides))
@@ -209,8 +203,9 @@ def config_for(path, overrides: list[str]) -> config_lib.Config:
 
 def chat_tokenizer(cfg: config_lib.Config) -> Tokenizer:
     """The tokenizer of the model being fine-tuned (its run's or export's), else `data.tokenizer`."""
+    from jaxgpt import export
     if cfg.train.init_from:
-        return Tokenizer.load(_init_from_file(cfg.train.init_from, "tokenizer.json").parent)
+        return Tokenizer.load(export.source_file(cfg.train.init_from, "tokenizer.json").parent)
     return Tokenizer.from_spec(cfg.data.tokenizer)
 
 
@@ -343,9 +338,10 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
         where = f"saved step {done}" if saved or done == start else "no checkpoint saved (non-finite state)"
         raise checkpoint.Interrupted(f"stopped by {stop.name} after step {done}; {where} "
                                      f"in {out_dir / 'checkpoints'}; rerun the same command to resume", stop.signum)
-    export.export(out_dir / "export", cfg, jax.device_get(state.params), trainer.tokenizer)
+    params = jax.device_get(state.params)  # once, for the export and the samples
+    export.export(out_dir / "export", cfg, params, trainer.tokenizer)
     if cfg.train.samples:
-        for text in sample.sample_texts(trainer.model, jax.device_get(state.params), trainer.tokenizer,
+        for text in sample.sample_texts(trainer.model, params, trainer.tokenizer,
                                         cfg.sample, n=cfg.train.samples, max_new_tokens=cfg.train.sample_tokens):
             print(f"--- sample ---\n{text}", file=sys.stderr)
     return last
