@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from jaxgpt import dialogs, evaluate, export, hardware, prepare, runs, sample
+from jaxgpt import config as config_lib
+from jaxgpt import train as train_lib
+from jaxgpt.model import GPT
 
-from jaxgpt import dialogs, export, hardware, prepare  # noqa: E402
-from jaxgpt import config as config_lib  # noqa: E402
-from jaxgpt import train as train_lib  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the config files are read from the checkout
 
 PROMPTS = [  # written for this script: not in chitchat
     "hi! how was your weekend?",
@@ -80,8 +80,11 @@ def split_data(out: Path, seed: int) -> dict:
 
 def tokenize(out: Path, vocab: int, seed: int) -> dict:
     common = dict(val_fraction=0.0, seed=seed, doc_split="paragraph", workers=1, overwrite=True)
-    train = prepare.prepare(f"text:{out / 'corpus/train.txt'}", f"bpe:{vocab}", out / "tokens/train", **common)
-    val = prepare.prepare(f"text:{out / 'corpus/val.txt'}", str(out / "tokens/train"), out / "tokens/val", **common)
+    train = prepare.prepare(config_lib.PrepareConfig(
+        source=f"text:{out / 'corpus/train.txt'}", tokenizer=f"bpe:{vocab}", out=str(out / "tokens/train"), **common))
+    val = prepare.prepare(config_lib.PrepareConfig(
+        source=f"text:{out / 'corpus/val.txt'}", tokenizer=str(out / "tokens/train"), out=str(out / "tokens/val"),
+        **common))
     return {"tokens": {"train": train["tokens"], "val": val["tokens"]}, "n_vocab": train["n_vocab"],
             "train_mb_per_s": train["mb_per_s"]}
 
@@ -94,29 +97,25 @@ def pretrain_config(out: Path, scale: str) -> config_lib.Config:
 
 def sft_config(out: Path, scale: str) -> config_lib.Config:
     """The SFT stage; the model's shape comes from the pretrained run (train.init_from)."""
-    return train_lib.config_for(ROOT / "experiments/configs/chat_sft.py", [
+    return train_lib.train_config(ROOT / "experiments/configs/chat_sft.py", [
         f"data.chat=jsonl:{out / 'corpus/train.jsonl'}", f"data.chat_val=jsonl:{out / 'corpus/val.jsonl'}",
         f"train.init_from={out / 'pretrain'}", f"train.out_dir={out / 'sft'}", *SCALES[scale]["sft"]])
 
 
-def chat_eval(sft_cfg: config_lib.Config, source: Path) -> dict:
-    """Held-out assistant-token loss and bits per byte of the model in `source`."""
-    import jax
-
-    trainer = train_lib.Trainer(sft_cfg)
-    _, params, _ = export.load_for_inference(source, [])
-    return trainer.evaluate(jax.device_put(params, trainer.params_sharding))
+def chat_eval(out: Path, source: Path) -> dict:
+    """Held-out assistant-token loss and bits per byte of the model in `source` (as the SFT run
+    scores it: its batch size, the held-out conversations)."""
+    return evaluate.evaluate(source, ["data.chat=", f"data.chat_val=jsonl:{out / 'corpus/val.jsonl'}",
+                                      "data.batch_size=16"])
 
 
 def examples(source: Path, seed: int) -> list[dict]:
-    from jaxgpt import sample
-    from jaxgpt.model import GPT
-
-    cfg, params, tokenizer = export.load_for_inference(
-        source, ["sample.temperature=0.7", "sample.top_k=40", f"sample.seed={seed}", "sample.max_new_tokens=60"])
-    model = GPT(cfg.model)
-    return [{"user": p, "assistant": sample.chat_replies(model, params, tokenizer, [{"role": "user", "content": p}],
-                                                          cfg.sample)[0]} for p in PROMPTS]
+    loaded = runs.load(source, ["sample.temperature=0.7", "sample.top_k=40", f"sample.seed={seed}",
+                                "sample.max_new_tokens=60"])
+    model = GPT(loaded.cfg.model)
+    return [{"user": p, "assistant": sample.chat_replies(model, loaded.params, loaded.tokenizer,
+                                                          [{"role": "user", "content": p}], loaded.cfg.sample)[0]}
+            for p in PROMPTS]
 
 
 def main(argv=None) -> None:
@@ -135,10 +134,10 @@ def main(argv=None) -> None:
     stage(out, "2_tokenizer", lambda: tokenize(out, args.vocab, args.seed))
     pre = stage(out, "3_pretrain", lambda: train_lib.train(pretrain_config(out, args.scale)))
     sft_cfg = sft_config(out, args.scale)
-    before = stage(out, "4_sft_baseline", lambda: chat_eval(sft_cfg, out / "pretrain"))
+    before = stage(out, "4_sft_baseline", lambda: chat_eval(out, out / "pretrain"))
     stage(out, "5_sft", lambda: train_lib.train(sft_cfg))
-    after = stage(out, "6_sft_eval", lambda: chat_eval(sft_cfg, out / "sft"))
-    export.export(out / "export", *export.load_for_inference(out / "sft", []))
+    after = stage(out, "6_sft_eval", lambda: chat_eval(out, out / "sft"))
+    export.export_run(out / "sft", out / "export")
     talk = stage(out, "7_examples", lambda: {"exchanges": examples(out / "export", args.seed)})
 
     print("\n=== jaxgpt quickstart ===")

@@ -1,19 +1,21 @@
 """Benchmarks that print one JSON line each; they time, they never assert.
 
-    python -m jaxgpt.bench train CONFIG.py [key=value ...] [--steps 200] [--warmup 20]
+    python -m jaxgpt.bench train CONFIG.py [section.key=value ...] [bench.steps=200 bench.warmup=20]
 
 `train`: compiles the train step once (AOT, timed), runs warm-up steps, then times steady steps
 of the real loop (batches drawn and placed by the prefetcher, as in training). Reports ms/iter,
 tokens/s, model FLOPs per token (6N + attention), MFU against the peak table (on CPU: a matmul
 rate measured in the same run), compile seconds and the memory XLA planned for the step.
 
-    python -m jaxgpt.bench data --source chitchat --tokenizer bpe:4096 --workers 1 2 [--max-mb 64]
+    python -m jaxgpt.bench data prepare.source=chitchat prepare.tokenizer=bpe:4096 [bench.workers=1,2 bench.max_mb=64]
 
-`data`: tokenizer throughput (MB/s of UTF-8 text) of `prepare`'s worker pool, one line per worker count.
+`data`: tokenizer throughput (MB/s of UTF-8 text) of `prepare`'s worker pool, one line per worker count;
+it reads the source as prepare does (prepare.field, prepare.doc_split, ...).
+Both tune the host first (hardware.tune_host) unless bench.untuned_host=true.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import time
@@ -21,7 +23,9 @@ import time
 import jax
 
 from jaxgpt import config as config_lib
-from jaxgpt import data, hardware, prepare, sharding, sources
+from jaxgpt import cli, data, hardware, prepare, sharding, sources
+from jaxgpt.config import BenchCommand, BenchConfig, PrepareConfig
+from jaxgpt.errors import ConfigError
 from jaxgpt.train import Trainer
 
 
@@ -84,26 +88,27 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
     return out
 
 
-def bench_data(source: str, tokenizer: str, workers: list[int], max_mb: float = 64.0, **source_kw) -> list[dict]:
-    """Tokenizer throughput of `prepare`'s worker pool, one result per worker count.
+def bench_data(prep: PrepareConfig, bench: BenchConfig = BenchConfig()) -> list[dict]:
+    """Tokenizer throughput of `prepare`'s worker pool over prep.source, one result per bench.workers count.
 
-    The first max_mb of the source is read into memory first, and the pool is started and warmed
+    The first bench.max_mb of the source is read into memory first, and the pool is started and warmed
     before the clock starts, so what is timed is tokenizing plus moving text to workers and ids back."""
     import tempfile
 
-    src = sources.open_source(source, **source_kw)
+    src = sources.open_source(prep.source, errors=prep.errors, field=prep.field, doc_split=prep.doc_split,
+                              hf_split=prep.hf_split, chunk_bytes=prep.chunk_bytes)
     pieces, n_bytes = [], 0
-    for text, ends in src.pieces():
+    for text, ends in sources.limited(src.pieces(), prep.limit):
         pieces.append((text, ends))
         n_bytes += len(text.encode("utf-8"))
-        if n_bytes >= max_mb * 1e6:
+        if n_bytes >= bench.max_mb * 1e6:
             break
-    tok = prepare.build_tokenizer(tokenizer, src, limit=sum(ends for _, ends in pieces))  # as prepare builds it
-    indexed = list(enumerate(prepare.tasks(pieces)))
+    tok = prepare.build_tokenizer(prep.tokenizer, src, limit=sum(ends for _, ends in pieces))  # as prepare does
+    indexed = list(enumerate(prepare.tasks(pieces, prep.chunk_bytes)))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tok.save(tmp)
-        for n in workers:
+        for n in bench.workers:
             t = time.perf_counter()
             with prepare.Encoder(tmp, n, dtype=prepare.token_dtype(tok.n_vocab)) as encoder:
                 list(encoder.map((i, (0, [("warm up", True)])) for i in range(2 * n)))
@@ -111,7 +116,7 @@ def bench_data(source: str, tokenizer: str, workers: list[int], max_mb: float = 
                 t = time.perf_counter()
                 n_tokens = sum(r["train"][0].size + r["val"][0].size for _, r in encoder.map(iter(indexed)))
                 seconds = time.perf_counter() - t
-            results.append({"bench": "data", "source": source, "tokenizer": tok.name, "n_vocab": tok.n_vocab,
+            results.append({"bench": "data", "source": prep.source, "tokenizer": tok.name, "n_vocab": tok.n_vocab,
                             "workers": n, "mb": round(n_bytes / 1e6, 3), "tokens": int(n_tokens),
                             "seconds": round(seconds, 3), "mb_per_s": round(n_bytes / 1e6 / seconds, 3),
                             "tokens_per_s": round(n_tokens / seconds, 1), "pool_start_s": round(start_s, 2),
@@ -119,39 +124,44 @@ def bench_data(source: str, tokenizer: str, workers: list[int], max_mb: float = 
     return results
 
 
+CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(config_lib.Config))
+
+
+def _section(setting: str) -> str:
+    return setting.partition("=")[0].strip().lstrip("-").split(".")[0]
+
+
+def _bench_settings(verb: str, settings: list[str], allowed: tuple[str, ...], required=()) -> BenchCommand:
+    """The bench root from the settings (`allowed` sections only); the host tuned unless bench.untuned_host."""
+    cmd = cli.tool_config(BenchCommand, settings, required)
+    if stray := [_section(s) for s in settings if _section(s) not in allowed]:
+        takes = "the config's keys and bench.*" if verb == "train" else "prepare.* and bench.*"
+        raise ConfigError(f"bench {verb} takes no {stray[0]}.* keys (it takes {takes})")
+    if not cmd.bench.untuned_host:
+        hardware.tune_host()
+    return cmd
+
+
 def main(argv: list[str] | None = None) -> None:
-    from jaxgpt import cli
+    def train(operands: list[str], settings: list[str]) -> None:
+        config_overrides = [s for s in settings if _section(s) in CONFIG_SECTIONS]
+        cmd = _bench_settings("train", [s for s in settings if s not in config_overrides], ("bench",))
+        cfg = config_lib.from_cli(operands[0], config_overrides)
+        print(json.dumps(bench_train(cfg, cmd.bench.steps, cmd.bench.warmup)))
 
-    parser = argparse.ArgumentParser(prog="python -m jaxgpt.bench")
-    sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("train", help="time train steps")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--untuned-host", action="store_true",
-                   help="leave malloc and async dispatch at their defaults (see hardware.tune_host)")
-    d = sub.add_parser("data", help="tokenizer throughput of prepare's worker pool")
-    d.add_argument("--source", required=True, help=sources.SOURCES)
-    d.add_argument("--tokenizer", required=True, help="gpt2 | cl100k_base | o200k_base | byte | char | bpe:N | DIR")
-    d.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    d.add_argument("--max-mb", type=float, default=64.0, help="tokenize at most this much text")
-    d.add_argument("--field", default="text")
-    d.add_argument("--doc-split", default="file", choices=("file", "paragraph", "line"))
-    args = parser.parse_args(argv)
+    def data_(operands: list[str], settings: list[str]) -> None:
+        cmd = _bench_settings("data", settings, ("prepare", "bench"), ("prepare.source", "prepare.tokenizer"))
+        for result in bench_data(cmd.prepare, cmd.bench):
+            print(json.dumps(result), flush=True)
 
-    def run(_):
-        if args.what == "data":
-            for result in bench_data(args.source, args.tokenizer, args.workers, args.max_mb, field=args.field,
-                                     doc_split=args.doc_split):
-                print(json.dumps(result), flush=True)
-            return
-        cfg = config_lib.from_cli(args.config, args.overrides)
-        print(json.dumps(bench_train(cfg, args.steps, args.warmup)))
-
-    cli.run(run, [args.what],
-            usage="python -m jaxgpt.bench train CONFIG.py [key=value ...] | data --source S --tokenizer T",
-            tune_host=not getattr(args, "untuned_host", False))
+    cli.run("python -m jaxgpt.bench", {  # tune_host=False: the commands tune it unless bench.untuned_host=true
+        "train": cli.Command(train, "CONFIG.py [section.key=value ...] [bench.steps=200 bench.warmup=20 "
+                             "bench.untuned_host=true]", BenchCommand, sections=(*CONFIG_SECTIONS, "bench"),
+                             tune_host=False),
+        "data": cli.Command(data_, "prepare.source=SOURCE prepare.tokenizer=SPEC [prepare.field=... "
+                            "prepare.doc_split=...] [bench.workers=1,2 bench.max_mb=64]",
+                            BenchCommand, sections=("prepare", "bench"), operands=(0, 0), tune_host=False),
+    }, argv)
 
 
 if __name__ == "__main__":

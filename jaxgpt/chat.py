@@ -13,21 +13,20 @@ predicting token i from tokens 0..i-1 counts. True for every assistant content t
 prompt supplies it), for <|bos|> and for all that the system or user wrote. A packed row of L+1
 tokens becomes inputs = ids[:-1], targets = ids[1:], loss_mask = mask[1:].
 
-    python -m jaxgpt.chat convert --source chitchat|chatterbot[:LANG,...]|sharegpt:PATH|jsonl:PATH --out F.jsonl
-    python -m jaxgpt.chat render --tokenizer SPEC F.jsonl [--index N] [--seq-len L] [--ids]
+    python -m jaxgpt.chat convert convert.source=chitchat|chatterbot[:LANG,...]|sharegpt:PATH|jsonl:PATH
+                                  convert.out=F.jsonl [convert.limit=N convert.skip_bad=true]
+    python -m jaxgpt.chat render render.file=F.jsonl render.tokenizer=SPEC [render.index=N render.seq_len=L
+                                 render.ids=true]
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 import dataclasses
-import sys
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from jaxgpt.dialogs import ChatDataError, Conversation, load, read_jsonl, split, validate, write_jsonl
-from jaxgpt.errors import JaxgptError
 from jaxgpt.tokenizer import Tokenizer
 
 
@@ -204,30 +203,31 @@ def pack(rendered: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, batch_
 
 
 class ChatBatches:
-    """Packed SFT batches; `batch_at(step)` is a pure function of (seed, step).
+    """Packed SFT batches, a batch source (see data.py): `batch_at(step)` is a pure function of (seed, step).
 
     Every conversation is rendered once. Each epoch shuffles the conversations (seeded by (seed,
     epoch)), first-fits them into rows of seq_len + 1 tokens, and shuffles the rows; the steps walk
     this stream of rows, batch_size at a time, from one epoch into the next. The held-out
     conversations (`val`, or a `val_fraction` split by `ids`) are packed once, in order.
     A conversation longer than the context is truncated (`render_truncated`), or with `windows`
-    cut into windows of whole exchanges (`render_windows`), which keeps every reply that fits."""
+    cut into windows of whole exchanges (`render_windows`), which keeps every reply that fits.
+    `training=False` (evaluation only) accepts having no training conversations."""
 
     def __init__(self, conversations: Sequence[Conversation], tokenizer: Tokenizer, seq_len: int,
                  batch_size: int, seed: int, *, val: Sequence[Conversation] = (), val_fraction: float = 0.0,
-                 ids: Sequence[str] | None = None, windows: bool = False):
+                 ids: Sequence[str] | None = None, windows: bool = False, training: bool = True):
         if val_fraction and val:
             raise ChatDataError("give held-out conversations (val) or a val_fraction, not both")
         if val_fraction:
             conversations, val = split(conversations, val_fraction, seed, ids)
+        self.tokenizer, self.token_bytes = tokenizer, tokenizer.token_byte_lengths()
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.train, self.val = (Rendered.build(c, tokenizer, seq_len, windows) for c in (conversations, val))
-        if not len(self.train):
+        if training and not len(self.train):
             raise ChatDataError(f"none of the {len(conversations)} training conversations fits in "
                                 f"seq_len + 1 = {seq_len + 1} tokens")
         self._epoch_starts = [0]             # global index of each packed epoch's first row
         self._epochs: dict[int, list] = {}   # the last two epochs' rows
-        self._val_rows: list | None = None
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         if epoch not in self._epochs:
@@ -238,7 +238,8 @@ class ChatBatches:
             self._epochs[epoch] = [rows[k] for k in rng.permutation(len(rows))]
         return self._epochs[epoch]
 
-    def batch_at(self, step: int) -> dict:
+    def batch_at(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+        """Process p's rows [p*B/P, (p+1)*B/P) of the global batch of `step`."""
         rows, row = [], step * self.batch_size
         while len(rows) < self.batch_size:
             while self._epoch_starts[-1] <= row:  # pack epochs until the row's epoch is known
@@ -247,15 +248,22 @@ class ChatBatches:
             first = row - self._epoch_starts[epoch]
             taken = self.epoch_rows(epoch)[first:first + self.batch_size - len(rows)]
             rows, row = rows + taken, row + len(taken)
-        return _assemble(self.train, rows, self.seq_len)
+        per_process = self.batch_size // process_count
+        return _assemble(self.train, rows[process_index * per_process:(process_index + 1) * per_process],
+                         self.seq_len)
 
-    def val_batches(self) -> Iterator[dict]:
-        """Every held-out conversation (that fits the context) exactly once; the last batch is padded."""
-        if self._val_rows is None:
-            self._val_rows = first_fit(self.val.lengths, self.seq_len + 1)
-        for b in range(0, len(self._val_rows), self.batch_size):
-            rows = self._val_rows[b:b + self.batch_size]
-            yield _assemble(self.val, rows + [[]] * (self.batch_size - len(rows)), self.seq_len)
+    def eval_batches(self, split: str = "val", batch_size: int = 0, stride: int = 0, max_tokens: int = 0
+                     ) -> Iterator[dict]:
+        """Every conversation of the split (`val`, `train` or `all`) that fits the context, exactly
+        once, packed in order; the last batch is padded. (stride and max_tokens are for token data.)"""
+        batch_size = batch_size or self.batch_size
+        parts = {"val": [self.val], "train": [self.train], "all": [self.train, self.val]}[split]
+        data = Rendered.of([(p.ids[p.offsets[i]:p.offsets[i + 1]], p.mask[p.offsets[i]:p.offsets[i + 1]])
+                            for p in parts for i in range(len(p))]) if len(parts) > 1 else parts[0]
+        rows = first_fit(data.lengths, self.seq_len + 1)
+        for b in range(0, len(rows), batch_size):
+            chunk = rows[b:b + batch_size]
+            yield _assemble(data, chunk + [[]] * (batch_size - len(chunk)), self.seq_len)
 
 
 # ---- command line ----
@@ -268,48 +276,45 @@ def show(ids: np.ndarray, mask: np.ndarray, tokenizer: Tokenizer, marks: tuple[s
                    for a, b in zip(edges, edges[1:]) if b > a)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxgpt.chat", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser("convert", help="write conversations from a source as {\"messages\": ...} JSONL")
-    convert.add_argument("--source", required=True,
-                         help="chitchat | chatterbot[:LANG,...] (e.g. chatterbot:chinese) | sharegpt:PATH | jsonl:PATH")
-    convert.add_argument("--out", required=True, metavar="FILE.jsonl")
-    convert.add_argument("--limit", type=int, metavar="N", help="stop after N conversations")
-    convert.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
-    show_cmd = sub.add_parser("render", help="print a conversation through the chat template, trained tokens marked")
-    show_cmd.add_argument("--tokenizer", required=True, metavar="SPEC", help="gpt2, cl100k_base, byte, a saved dir...")
-    show_cmd.add_argument("--index", type=int, default=0, help="which conversation of the file (default 0)")
-    show_cmd.add_argument("--seq-len", type=int, metavar="L", help="truncate to a context of L + 1 tokens first")
-    show_cmd.add_argument("--ids", action="store_true", help="also list each token: position, id, trained, text")
-    show_cmd.add_argument("file", metavar="FILE.jsonl")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "convert":
-            loaded = load(args.source, skip_bad=args.skip_bad, limit=args.limit)
-            path = write_jsonl(args.out, loaded.conversations, loaded.ids)
-            print(f"wrote {len(loaded.conversations)} conversations to {path} "
-                  f"({loaded.skipped} source records skipped: malformed or nothing to train on)")
-            return 0
-        loaded = read_jsonl(args.file, limit=args.index + 1)
-        if args.index >= len(loaded.conversations):
-            raise ChatDataError(f"{args.file}: no conversation {args.index} (it has {len(loaded.conversations)})")
-        tokenizer, conversation = Tokenizer.from_spec(args.tokenizer), loaded.conversations[args.index]
-        rendered = (render(conversation, tokenizer) if args.seq_len is None
-                    else render_truncated(conversation, tokenizer, args.seq_len))
+def main(argv: Sequence[str] | None = None) -> None:
+    from jaxgpt import cli  # here, not at the top: importing chat.py stays free of jax
+    from jaxgpt.config import ChatCommand
+
+    def convert(operands: list[str], settings: list[str]) -> None:
+        cfg = cli.tool_config(ChatCommand, settings, ("convert.source", "convert.out")).convert
+        loaded = load(cfg.source, skip_bad=cfg.skip_bad, limit=cfg.limit or None)
+        try:
+            path = write_jsonl(cfg.out, loaded.conversations, loaded.ids)
+        except OSError as e:
+            raise ChatDataError(f"convert.out={cfg.out}: cannot write it ({e.strerror or e})") from None
+        print(f"wrote {len(loaded.conversations)} conversations to {path} "
+              f"({loaded.skipped} source records skipped: malformed or nothing to train on)")
+
+    def show_one(operands: list[str], settings: list[str]) -> None:
+        cfg = cli.tool_config(ChatCommand, settings, ("render.file",)).render
+        loaded = read_jsonl(cfg.file, limit=cfg.index + 1)
+        if cfg.index >= len(loaded.conversations):
+            raise ChatDataError(f"{cfg.file}: no conversation {cfg.index} (it has {len(loaded.conversations)})")
+        tokenizer, conversation = Tokenizer.from_spec(cfg.tokenizer), loaded.conversations[cfg.index]
+        rendered = (render_truncated(conversation, tokenizer, cfg.seq_len) if cfg.seq_len
+                    else render(conversation, tokenizer))
         if rendered is None:
-            raise ChatDataError(f"{args.file}: conversation {args.index} does not fit in --seq-len {args.seq_len} + 1 "
-                                f"tokens even with only its last exchange")
+            raise ChatDataError(f"{cfg.file}: conversation {cfg.index} does not fit in render.seq_len={cfg.seq_len} "
+                                f"+ 1 tokens even with only its last exchange")
         ids, mask = rendered
-        print(f"# {loaded.ids[args.index]}: {len(ids)} tokens, {int(mask.sum())} trained (between ⟦ and ⟧)")
+        print(f"# {loaded.ids[cfg.index]}: {len(ids)} tokens, {int(mask.sum())} trained (between ⟦ and ⟧)")
         print(show(ids, mask, tokenizer))
-        for i, (token, trained) in enumerate(zip(ids.tolist(), mask.tolist()) if args.ids else ()):
+        for i, (token, trained) in enumerate(zip(ids.tolist(), mask.tolist()) if cfg.ids else ()):
             print(f"{i}\t{token}\t{int(trained)}\t{tokenizer.decode([token])!r}")
-    except (JaxgptError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    cli.run("python -m jaxgpt.chat", {
+        "convert": cli.Command(convert, "convert.source=SOURCE convert.out=F.jsonl [convert.limit=N "
+                               "convert.skip_bad=true]\n  SOURCE: chitchat | chatterbot[:LANG,...] | sharegpt:PATH | "
+                               "jsonl:PATH", ChatCommand, sections=("convert",), operands=(0, 0)),
+        "render": cli.Command(show_one, "render.file=F.jsonl [render.tokenizer=SPEC render.index=N render.seq_len=L "
+                              "render.ids=true]", ChatCommand, sections=("render",), operands=(0, 0)),
+    }, None if argv is None else list(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

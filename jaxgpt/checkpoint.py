@@ -29,7 +29,6 @@ from orbax.checkpoint import checkpoint_managers as policies
 from jaxgpt import config as config_lib
 from jaxgpt.errors import CheckpointError, ConfigError, JaxgptError
 from jaxgpt.model import GPT
-from jaxgpt.tokenizer import Tokenizer
 
 # TrainState objects always come from the trainer (`python -m jaxgpt.train` runs that module as
 # __main__, whose TrainState is a different class from jaxgpt.train.TrainState).
@@ -48,11 +47,11 @@ class Interrupted(JaxgptError):
         self.signum = signum
 
 
-class _Damaged(Exception):
+class Damaged(Exception):
     """A step directory that cannot be read back exactly; restore skips it."""
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     print(f"checkpoint: {message}", file=sys.stderr)
 
 
@@ -102,23 +101,23 @@ def _checksum(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _inspect(tree):
+def _checksums_and_finite(tree):
     """(a checksum per leaf, whether every float leaf is finite), in one pass over the state."""
     leaves = jax.tree.leaves(tree)
     finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
     return [_checksum(x) for x in leaves], jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
 
 
-def inspect(tree) -> tuple[dict, bool]:
+def checksums_and_finite(tree) -> tuple[dict, bool]:
     """({leaf path: checksum}, whether every float is finite) on the host."""
-    sums, finite = jax.device_get(_inspect(tree))
+    sums, finite = jax.device_get(_checksums_and_finite(tree))
     return {_path(p): int(s) for (p, _), s in zip(jax.tree_util.tree_leaves_with_path(tree), sums)}, bool(finite)
 
 
 def _verify(tree, expected: dict, prefix: str = "") -> None:
-    for key, value in inspect(tree)[0].items():
+    for key, value in checksums_and_finite(tree)[0].items():
         if expected.get(prefix + key) != value:
-            raise _Damaged(f"checksum mismatch in {prefix + key}")
+            raise Damaged(f"checksum mismatch in {prefix + key}")
 
 
 # ---- compatibility checks: run before any array is read --------------------------------------
@@ -154,7 +153,7 @@ def _read(what, fn):
     except (CheckpointError, KeyboardInterrupt):
         raise
     except Exception as e:  # anything orbax / tensorstore / json raise on a damaged directory
-        raise _Damaged(f"cannot read {what}: {_first_line(e)}") from e
+        raise Damaged(f"cannot read {what}: {_first_line(e)}") from e
 
 
 def read_meta(step_dir: Path) -> dict:
@@ -217,21 +216,14 @@ def newest(directory: Path, step: int | None, load, quarantine: bool = False):
         step_dir = directory / str(s)
         try:
             return load(step_dir)
-        except _Damaged as e:
+        except Damaged as e:
             moved = ""
             if quarantine and jax.process_index() == 0:  # one host renames, on a shared filesystem
                 aside = step_dir.with_name(f"{s}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
                 step_dir.rename(aside)
                 moved = f"; moved it to {aside.name} (nothing deleted)"
-            _warn(f"skipping {step_dir}: incomplete or damaged ({e}){moved}")
+            warn(f"skipping {step_dir}: incomplete or damaged ({e}){moved}")
     return None
-
-
-def run_tokenizer(run_dir: Path, cfg: config_lib.Config) -> Tokenizer:
-    if (run_dir / "tokenizer.json").is_file():
-        return Tokenizer.load(run_dir)
-    from jaxgpt import data
-    return data.load(cfg.data).tokenizer
 
 
 # ---- the run's checkpointer ------------------------------------------------------------------
@@ -262,7 +254,7 @@ class Checkpointer:
                                       f"train.resume=none: use train.resume=auto to continue, or "
                                       f"train.overwrite=true to replace them")
             shutil.rmtree(self.directory)
-            _warn(f"train.overwrite=true: removed {self.directory}")
+            warn(f"train.overwrite=true: removed {self.directory}")
         keep = [policies.LatestN(n=ck.keep)]
         if ck.keep_best:  # plus the checkpoint with the lowest val_loss
             keep.append(policies.BestN(get_metric_fn=_val_loss, reverse=True, n=1,
@@ -276,7 +268,10 @@ class Checkpointer:
         self.failed = False
 
     def restore(self, trainer):
-        """The state to continue from (train.resume), else None."""
+        """The state to continue from (train.resume), else None. Saves from here on record the
+        trainer's config, whose vocabulary size is resolved (the one this checkpointer was made
+        with may still say 0)."""
+        self.cfg = trainer.cfg
         resume = trainer.cfg.train.resume
         source = {"auto": self.directory, "none": None}.get(resume, resume)
         found = locate(source) if source is not None else None
@@ -316,10 +311,10 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         tree = state_tree(state)
-        sums, finite = inspect(tree)
+        sums, finite = checksums_and_finite(tree)
         nonfinite_run = int(jax.device_get(state.nonfinite_run))
         if nonfinite_run or not finite:
-            _warn(f"step {step}: not saving a non-finite state ({nonfinite_run} skipped steps in a row, "
+            warn(f"step {step}: not saving a non-finite state ({nonfinite_run} skipped steps in a row, "
                   f"finite={finite}); the newest checkpoint stays step {self.manager.latest_step()}")
             return False
         cfg = self.cfg

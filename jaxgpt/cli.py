@@ -1,34 +1,102 @@
-"""What every `python -m jaxgpt.<module>` command line shares: --help and one-line user errors."""
+"""The one command-line dialect of every `python -m jaxgpt.<module>`:
+
+    python -m jaxgpt.<module> [VERB] [CONFIG.py | RUN_DIR ...] [section.key=value ...]
+
+A module with several jobs takes a verb first. Operands (a config file, a run directory) come
+before or among the `section.key=value` overrides; `--help` lists every key the command takes with
+its type and default. A JaxgptError (what a user can fix) prints one line, `error: ...`, on stderr
+and exits with status 2; bugs stay tracebacks.
+"""
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
+from typing import Any, Callable
 
-from jaxgpt import hardware
-from jaxgpt.config import Config
-from jaxgpt.errors import JaxgptError
+from jaxgpt import hardware, overrides
+from jaxgpt.errors import ConfigError, JaxgptError
+
+_OVERRIDE = re.compile(r"^-{0,2}[A-Za-z_]\w*\.\w+=")
 
 
-def config_help() -> str:
-    """Every config key with its type and default, for --help."""
+@dataclasses.dataclass(frozen=True)
+class Command:
+    main: Callable[[list[str], list[str]], Any]  # main(operands, overrides)
+    usage: str                                   # what follows `python -m jaxgpt.X [VERB] `
+    root: type                                   # the config root whose keys it takes
+    sections: tuple[str, ...] = ()               # the sections --help lists (default: all of root's)
+    operands: tuple[int, int] = (1, 1)           # how many operands: (at least, at most)
+    tune_host: bool = True                       # hardware.tune_host() before main
+
+
+def split(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(operands, overrides): an override is `section.key=value`; anything else is an operand."""
+    operands = [a for a in argv if not _OVERRIDE.match(a)]
+    return operands, [a for a in argv if _OVERRIDE.match(a)]
+
+
+def keys_help(root: type, sections: tuple[str, ...] = ()) -> str:
+    """Every key of `root` (or of the named sections) with its default and type, for --help."""
     lines = []
-    for section in dataclasses.fields(Config):
-        for f in dataclasses.fields(section.default_factory()):
+    for section in dataclasses.fields(root):
+        if sections and section.name not in sections:
+            continue
+        hints = overrides._hints(section.default_factory)
+        for f in dataclasses.fields(section.default_factory):
             default = getattr(section.default_factory(), f.name)
-            lines.append(f"  {section.name}.{f.name}={default!r}  ({f.type})")
+            # written as an override would be, so a line can be pasted back
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else \
+                "none" if default is None else str(default).lower() if isinstance(default, bool) else default
+            lines.append(f"  {section.name}.{f.name}={shown!s}  ({overrides.type_name(hints[f.name])})")
     return "\n".join(lines)
 
 
-def run(main, argv: list[str], usage: str, tune_host: bool = True) -> None:
-    """Call main(argv) on a host tuned for XLA (hardware.tune_host); a JaxgptError becomes
-    `error: ...` on stderr and exit status 2."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {usage}\n\nconfig keys (override with key=value):\n{config_help()}")
-        sys.exit(0 if argv else 2)
-    if tune_host:
-        hardware.tune_host()
+def _usage(prog: str, commands: dict[str, Command] | Command) -> str:
+    if isinstance(commands, Command):
+        return f"usage: {prog} {commands.usage}"
+    return "\n".join(f"usage: {prog} {verb} {c.usage}" for verb, c in commands.items())
+
+
+def run(prog: str, commands: dict[str, Command] | Command, argv: list[str] | None = None) -> None:
+    """Parse argv in the dialect above and call the command's main; `commands` is one Command, or
+    a dict of them by verb."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    argv = [a for a in argv if a not in ("-h", "--help")]
+    command, verb = commands, ""
+    if isinstance(commands, dict):
+        verb = argv.pop(0) if argv and argv[0] in commands else ""
+        command = commands.get(verb)
+    if command is None or (not argv and not wants_help and command.operands[0] > 0):
+        print(_usage(prog, commands) + ("\n(--help lists every key)" if command is not None else ""),
+              file=sys.stderr if not wants_help else sys.stdout)
+        sys.exit(0 if wants_help else 2)
+    if wants_help:
+        name = f"{prog} {verb}".strip()
+        print(f"usage: {name} {command.usage}\n\nkeys (set with section.key=value):\n"
+              f"{keys_help(command.root, command.sections)}")
+        sys.exit(0)
+    operands, settings = split(argv)
     try:
-        main(argv)
+        low, high = command.operands
+        if not low <= len(operands) <= high:
+            raise ConfigError(f"expected {low if low == high else f'{low} to {high}'} operand(s) before the "
+                              f"key=value settings, got {len(operands)} ({' '.join(operands) or 'none'}); "
+                              f"usage: {prog} {verb + ' ' if verb else ''}{command.usage.splitlines()[0]}")
+        if command.tune_host:
+            hardware.tune_host()
+        command.main(operands, settings)
     except JaxgptError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def tool_config(root: type, settings: list[str], required: tuple[str, ...] = ()):
+    """A tool's root built from its key=value settings, with the keys it cannot do without checked."""
+    cfg = overrides.apply_overrides(root(), settings)
+    for key in required:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) in ("", (), None):
+            raise ConfigError(f"{key} is required (set {key}=...)")
+    return cfg

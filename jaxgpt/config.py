@@ -1,21 +1,22 @@
-"""Typed run configuration: dataclasses, config files, `key=value` overrides, validation.
+"""Typed run configuration: frozen dataclasses, config files, `key=value` overrides, validation.
 
-A config file is a Python file under `experiments/configs/` that defines `get_config() -> Config`.
-Every command line takes such a file and overrides like `model.n_layer=6 optim.lr=3e-4`.
+A config file is a Python file under `experiments/configs/` that defines `get_config() -> Config`
+(or a run's `config.json`). Every command line takes such a file (or a run) and overrides like
+`model.n_layer=6 optim.lr=3e-4`. A choice field is typed `Literal[...]`: parsing, validation and
+`--help` all read the allowed values from the type, so they are written down once. Configs are
+immutable: change one with `dataclasses.replace` (or `apply_overrides`).
 This module must not import jax: it is read before devices are set up.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
+from jaxgpt import overrides
 from jaxgpt.errors import ConfigError
 
 # What each preset means when a model field is left at None.
@@ -25,19 +26,19 @@ PRESETS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "gpt2"             # gpt2 | llama: defaults for the None fields below
-    vocab_size: int = 0              # 0: the tokenizer's size
+    preset: Literal["gpt2", "llama"] = "gpt2"  # defaults for the None fields below
+    vocab_size: int = 0              # 0: the tokenizer's size (resolved before the model is built)
     n_layer: int = 12                # N
     n_head: int = 12                 # H
     n_kv_head: int = 0               # K; 0 means K = H (grouped-query attention when K < H)
     d_model: int = 768               # D
     d_ff: int = 0                    # F; 0: 4*D for gelu, about 8/3*D (a multiple of 64) for swiglu
     seq_len: int = 1024              # L: context length of training and the learned position table
-    norm: str | None = None          # layernorm | rmsnorm
-    mlp: str | None = None           # gelu (tanh form, GPT-2's) | gelu_exact (erf form) | swiglu
-    position: str | None = None      # learned | rope
+    norm: Literal["layernorm", "rmsnorm"] | None = None
+    mlp: Literal["gelu", "gelu_exact", "swiglu"] | None = None  # gelu: GPT-2's tanh form; gelu_exact: erf
+    position: Literal["learned", "rope"] | None = None
     bias: bool | None = None         # biases in projections and norms
     tie_embeddings: bool | None = None
     rope_theta: float = 10000.0
@@ -47,14 +48,13 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02           # normal init of the matrices and embedding tables
     residual_init_std: float = 0.0   # the blocks' output projections; 0: init_std / sqrt(2N) (GPT-2's scaling)
-    dtype: str = "float32"           # compute dtype: float32 | bfloat16 (params, softmax, loss stay fp32)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (params, softmax, loss stay fp32)
+    attention: Literal["auto", "xla", "cudnn", "cpu"] = "auto"  # kernels.py: auto is cpu on CPU, cudnn on GPU
     remat: bool = False              # recompute each block in the backward pass
     scan_layers: bool = False        # lax.scan over blocks: fast compiles for deep models
 
     def resolved(self) -> "ModelConfig":
         """The same config with every preset-dependent field made concrete."""
-        if self.preset not in PRESETS:
-            raise ConfigError(f"model.preset={self.preset!r}: expected one of {sorted(PRESETS)}")
         filled = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) is None}
         out = dataclasses.replace(self, **filled)
         if out.n_kv_head == 0:
@@ -69,31 +69,34 @@ class ModelConfig:
         return self.d_model // self.n_head
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
-    path: str = ""                   # a text file (tokenized on first use into a cache beside it)
+    # Where the batches come from: data.chat (conversations) if set, else data.dir, else data.path.
+    path: str = ""                   # a text file (tokenized on first use into a cache under ~/.cache/jaxgpt)
     dir: str = ""                    # or a prepared data directory (python -m jaxgpt.data prepare)
-    tokenizer: str = "char"          # char | byte | gpt2 | cl100k_base | o200k_base | path.tiktoken
+    tokenizer: str = "char"          # a tokenizer spec (tokenizer.parse_spec): char | byte | bpe:N | gpt2 |
+                                     # cl100k_base | o200k_base | FILE.tiktoken | a saved tokenizer or run
     chat: str = ""                   # conversations for supervised fine-tuning (loss on assistant tokens):
                                      # chitchat | chatterbot[:LANG] | jsonl:PATH | sharegpt:PATH
     chat_val: str = ""               # held-out conversations (same forms); empty: data.val_fraction of data.chat
     val_dir: str = ""                # a prepared directory whose tokens are the validation set (its train split)
     chat_windows: bool = True        # cut long conversations into windows of whole exchanges (else keep the end)
-    val_fraction: float = 0.1        # the last fraction of a text file is the validation split
+    val_fraction: float = 0.1        # the last fraction of a text file (or of data.chat's dialogs) is held out
+    errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8 in data.path: stop, or substitute U+FFFD
     batch_size: int = 12             # B: global batch, in sequences
-    sampling: str = "random"         # random windows | sequential (packed, in order)
+    sampling: Literal["random", "sequential"] = "random"  # random windows, or consecutive ones in order
     prefetch: int = 2                # batches prepared ahead in a background thread
     segments: bool = False           # segment ids restart after each end-of-text token: packed documents
                                      # do not attend to each other (false: all ones, as nanoGPT)
     verify: bool = True              # check shard sha256 checksums when loading data.dir
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"              # adamw | muon (Muon on 2-D matrices, AdamW on the rest)
+    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon on 2-D matrices, AdamW on the rest
     lr: float = 6e-4
     min_lr: float = 6e-5             # the schedule's floor
-    schedule: str = "cosine"         # constant | cosine (linear warmup, cosine decay) | wsd
+    schedule: Literal["constant", "cosine", "wsd"] = "cosine"  # after a linear warmup
     warmup_steps: int = 100
     decay_steps: int = 0             # 0: until train.steps
     wsd_decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
@@ -108,7 +111,7 @@ class OptimConfig:
     muon_momentum: float = 0.95
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 5000
     seed: int = 1337
@@ -120,19 +123,19 @@ class TrainConfig:
     samples: int = 2                 # samples printed at the end of the run
     sample_tokens: int = 200
     progress: bool = True            # tqdm progress bar
-    init_from: str = ""              # a run directory or export to take params from (fine-tuning)
+    init_from: str = ""              # a run directory, checkpoint step or export to take params from (fine-tuning)
     resume: str = "auto"             # auto | none | PATH (checkpoints)
     overwrite: bool = False          # with resume=none (or an older resume=PATH): replace existing checkpoints
 
 
-@dataclass
+@dataclass(frozen=True)
 class MeshConfig:
     data: int = -1                   # -1: all devices not used by the other axes
     fsdp: int = 1
     tensor: int = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 0                   # 0: only at the end
     keep: int = 3
@@ -140,15 +143,15 @@ class CheckpointConfig:
     async_save: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
-    split: str = "val"
+    split: Literal["val", "train", "all"] = "val"  # all: every token of the data (a held-out file)
     stride: int = 0                  # 0: seq_len (non-overlapping windows); less gives each token more context
     batch_size: int = 0              # 0: data.batch_size
     max_tokens: int = 0              # 0: every token of the split
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleConfig:
     prompt: str = "\n"
     max_new_tokens: int = 200
@@ -160,7 +163,7 @@ class SampleConfig:
     chat: bool = False               # the prompt is a user message: reply as the assistant (chat template)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -178,79 +181,118 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def all_keys(cfg: Config) -> list[str]:
-    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
-            for f in dataclasses.fields(getattr(cfg, s.name))]
+# ---- the tools' settings: one root per command line, its sections like Config's ----
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """`python -m jaxgpt.data prepare`: a source tokenized into a prepared directory."""
+    source: str = ""                 # text:PATH | jsonl:PATH[:field] | hf:NAME[:config] | chitchat | chatterbot
+    tokenizer: str = ""              # a tokenizer spec (tokenizer.parse_spec); char and bpe:N are trained on the source
+    out: str = ""                    # the directory to write
+    workers: int = 0                 # tokenizing processes; 0: one per CPU core but one
+    val_fraction: float = 0.1        # fraction of documents for the val split
+    seed: int = 0                    # seeds the train/val split
+    errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8: stop, or substitute U+FFFD
+    field: str = "text"              # the text field of jsonl rows and hf datasets
+    doc_split: Literal["file", "paragraph", "line"] = "file"  # text sources: one document per file / paragraph / line
+    limit: int = 0                   # only the first N documents (0: all)
+    dtype: Literal["auto", "uint16", "uint32"] = "auto"
+    hf_split: str = "train"          # the split of an hf source to read
+    shard_tokens: int = 1 << 27      # a shard closes once it holds this many tokens (256 MB of uint16)
+    chunk_bytes: int = 1 << 20       # text handed to a worker at a time
+    overwrite: bool = False          # replace a directory prepared from other inputs or settings
+    progress: bool = True
 
 
-def _parse(text: str, annotation: Any, key: str) -> Any:
-    """Parse an override's text by the field's type annotation."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        if text.lower() in ("none", "null") and type(None) in args:
-            return None
-        (annotation,) = [a for a in args if a is not type(None)]
-    try:
-        if annotation is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if annotation is int:
-            value = float(text)
-            if value != int(value):
-                raise ValueError
-            return int(value)
-        if annotation is float:
-            return float(text)
-        return text
-    except ValueError:
-        raise ConfigError(f"{key}={text}: expected {annotation.__name__}") from None
+@dataclass(frozen=True)
+class PrepareCommand:
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Return a copy of `cfg` with `section.key=value` overrides applied; unknown keys fail at once."""
-    cfg = from_dict(cfg.to_dict())
-    keys = all_keys(cfg)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip().lstrip("-")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. model.n_layer=6")
-        if key not in keys:
-            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}")
-        section_name, name = key.split(".")
-        section = getattr(cfg, section_name)
-        hints = typing.get_type_hints(type(section))
-        setattr(section, name, _parse(text.strip(), hints[name], key))
-    return cfg
+@dataclass(frozen=True)
+class ConvertConfig:
+    """`python -m jaxgpt.chat convert`: conversations from a source written as JSONL."""
+    source: str = ""                 # chitchat | chatterbot[:LANG,...] | sharegpt:PATH | jsonl:PATH
+    out: str = ""                    # FILE.jsonl
+    limit: int = 0                   # stop after N conversations (0: all)
+    skip_bad: bool = False           # skip and count malformed records instead of stopping
 
 
-def from_dict(d: dict) -> Config:
-    """Build a Config from a (possibly partial) nested dict, e.g. a run's config.json."""
-    cfg = Config()
-    for section_name, values in d.items():
-        if not hasattr(cfg, section_name):
-            raise ConfigError(f"unknown config section {section_name!r}")
-        section = getattr(cfg, section_name)
-        names = {f.name for f in dataclasses.fields(section)}
-        for name, value in values.items():
-            if name not in names:
-                raise ConfigError(f"unknown config key {section_name}.{name!r}")
-            setattr(section, name, value)
-    return cfg
+@dataclass(frozen=True)
+class RenderConfig:
+    """`python -m jaxgpt.chat render`: one conversation through the chat template, trained tokens marked."""
+    file: str = ""                   # FILE.jsonl of {"messages": [...]}
+    tokenizer: str = "gpt2"          # a tokenizer spec or a run / export
+    index: int = 0                   # which conversation of the file
+    seq_len: int = 0                 # truncate to a context of seq_len + 1 tokens first (0: no truncation)
+    ids: bool = False                # also list each token: position, id, trained, text
+
+
+@dataclass(frozen=True)
+class ChatCommand:
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+
+
+@dataclass(frozen=True)
+class BpeConfig:
+    """`python -m jaxgpt.tokenizer train`: a byte-level BPE trained with rustbpe."""
+    input: tuple[str, ...] = ()      # UTF-8 text files, comma-separated
+    vocab_size: int = 4096           # total ids, bytes and specials included
+    out: str = ""                    # directory for tokenizer.json / tokenizer.tiktoken
+    name: str = ""                   # default bpe:VOCAB_SIZE
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """`python -m jaxgpt.tokenizer encode`: the ids of a text."""
+    tokenizer: str = "gpt2"          # a tokenizer spec or a run / export
+    corpus: str = ""                 # text file that defines a char or bpe:N tokenizer
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class TokenizerCommand:
+    bpe: BpeConfig = field(default_factory=BpeConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """`python -m jaxgpt.bench`: how long to time (train) and what (data)."""
+    steps: int = 200                 # timed train steps
+    warmup: int = 20                 # untimed steps first
+    untuned_host: bool = False       # leave malloc and dispatch at their defaults (hardware.tune_host)
+    workers: tuple[int, ...] = (1, 2)  # data: worker counts to time
+    max_mb: float = 64.0             # data: tokenize at most this much text
+
+
+@dataclass(frozen=True)
+class BenchCommand(Config):
+    """bench train takes a whole Config; bench data reads the prepare section's source and tokenizer."""
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+apply_overrides = overrides.apply_overrides  # (root, ["section.key=value", ...]) -> a new root
+all_keys = overrides.all_keys
+
+
+def from_dict(d: dict, root_type: type = Config):
+    """A root (default Config) from a (possibly partial) nested dict, e.g. a run's config.json."""
+    return overrides.from_dict(d, root_type)
 
 
 def load_file(path: str | Path) -> Config:
-    """Run a Python config file and return its `get_config()`."""
+    """Run a Python config file and return its `get_config()` (or read a run's config.json)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     if path.suffix == ".json":
-        return from_dict(json.loads(path.read_text()))
+        try:
+            return from_dict(json.loads(path.read_text()))
+        except ValueError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
     spec = importlib.util.spec_from_file_location(f"_jaxgpt_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -260,31 +302,23 @@ def load_file(path: str | Path) -> Config:
 
 
 def validate(cfg: Config) -> Config:
-    """Fill preset defaults and check cross-field rules; returns the resolved config."""
+    """Check every field's type and choices and the cross-field rules; returns the config with the
+    preset's defaults filled in (ModelConfig.resolved)."""
+    cfg = from_dict(cfg.to_dict(), type(cfg))  # type and choice checks, for values set in Python too
     m = cfg.model.resolved()
     checks = [
         (m.d_model % m.n_head == 0, f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}"),
         (m.n_head % m.n_kv_head == 0, f"model.n_head={m.n_head} must be divisible by model.n_kv_head={m.n_kv_head}"),
-        (m.norm in ("layernorm", "rmsnorm"), f"model.norm={m.norm!r}: expected layernorm or rmsnorm"),
-        (m.mlp in ("gelu", "gelu_exact", "swiglu"), f"model.mlp={m.mlp!r}: expected gelu, gelu_exact or swiglu"),
-        (m.position in ("learned", "rope"), f"model.position={m.position!r}: expected learned or rope"),
         (m.position != "rope" or m.head_dim % 2 == 0, "model: rope needs an even head dimension"),
-        (m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: expected float32 or bfloat16"),
-        (cfg.optim.schedule in ("constant", "cosine", "wsd"),
-         f"optim.schedule={cfg.optim.schedule!r}: expected constant, cosine or wsd"),
-        (cfg.optim.name in ("adamw", "muon"), f"optim.name={cfg.optim.name!r}: expected adamw or muon"),
+        (cfg.data.batch_size > 0, "data.batch_size must be positive"),
         (cfg.data.batch_size % cfg.optim.grad_accum == 0,
          f"data.batch_size={cfg.data.batch_size} must be divisible by optim.grad_accum={cfg.optim.grad_accum}"),
-        (cfg.data.sampling in ("random", "sequential"),
-         f"data.sampling={cfg.data.sampling!r}: expected random or sequential"),
         (cfg.train.steps > 0, "train.steps must be positive"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    cfg = from_dict(cfg.to_dict())
-    cfg.model = m
-    return cfg
+    return dataclasses.replace(cfg, model=m)
 
 
 def from_cli(path: str | Path, overrides: list[str]) -> Config:

@@ -1,7 +1,7 @@
-"""Token data: prepared token shards loaded, and the batches drawn from them.
+"""Token data: prepared token shards loaded, and the batch sources the train loop and evaluate draw from.
 
-    python -m jaxgpt.data prepare --source text:books/ --tokenizer bpe:4096 --out data/books
-    python -m jaxgpt.data prepare --source chitchat --tokenizer gpt2 --out data/chitchat --workers 2
+    python -m jaxgpt.data prepare prepare.source=text:books/ prepare.tokenizer=bpe:4096 prepare.out=data/books
+    python -m jaxgpt.data prepare prepare.source=chitchat prepare.tokenizer=gpt2 prepare.out=data/chitchat prepare.workers=2
 
 A prepared directory holds token shards `{split}_{i:06d}.bin` (uint16 when the vocabulary fits, else
 uint32; every document ends with the end-of-text token), the tokenizer files, and `meta.json`, written
@@ -12,20 +12,20 @@ a run is reproducible and resumes at any step without replaying data.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 import queue
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from jaxgpt.config import DataConfig
+from jaxgpt import chat, cli, dialogs
+from jaxgpt.config import DataConfig, PrepareCommand
 from jaxgpt.errors import DataError
-from jaxgpt.prepare import FORMAT, SHARD_TOKENS, SPLITS, prepare, read_json, sha256, tokenize_text_file
-from jaxgpt.sources import SOURCES
+from jaxgpt.files import read_json, sha256
+from jaxgpt.prepare import FORMAT, SPLITS, prepare, token_dtype, tokenize_text_file
+from jaxgpt.sources import SOURCES, decode
 from jaxgpt.tokenizer import Tokenizer
 
 
@@ -38,12 +38,15 @@ class TokenData:
     meta: dict = dataclasses.field(default_factory=dict)
 
     def split(self, name: str) -> np.ndarray:
+        """The tokens of `train`, `val`, or `all` (train then val: every token of the data)."""
+        if name == "all":
+            return ShardedTokens([self.train, self.val], self.train.dtype)
         if name not in SPLITS:
-            raise DataError(f"unknown split {name!r}: expected train or val")
+            raise DataError(f"unknown split {name!r}: expected train, val or all")
         tokens = self.train if name == "train" else self.val
         if len(tokens) == 0:
             raise DataError(f"the {name} split of {self.meta.get('dir', 'the data')} is empty "
-                            f"(prepare it with --val-fraction > 0 and more than one document)")
+                            f"(prepare it with prepare.val_fraction > 0 and more than one document)")
         return tokens
 
 
@@ -108,14 +111,37 @@ def load_dir(directory: str | Path, verify: bool = True) -> TokenData:
     return TokenData(arrays["train"], arrays["val"], tokenizer, bpt, {**meta, "dir": str(directory)})
 
 
-def load(cfg: DataConfig) -> TokenData:
+def text_in_memory(path: str | Path, tokenizer: Tokenizer, val_fraction: float, errors: str = "strict") -> TokenData:
+    """A text file tokenized by a given tokenizer (a trained model's), in memory: nothing is written.
+    The split is by characters, as for `tokenize_text_file`, so both give the same tokens."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.path={path}: no such file")
+    text = decode(path.read_bytes(), path, 0, errors, set(), fix="data.errors=replace")
+    if not text:
+        raise DataError(f"{path}: the file is empty")
+    n_train_chars = int(len(text) * (1 - val_fraction))
+    dtype = token_dtype(tokenizer.n_vocab)
+    train, val = (tokenizer.encode_np(part).astype(dtype) for part in (text[:n_train_chars], text[n_train_chars:]))
+    n_bytes = {"train": len(text[:n_train_chars].encode("utf-8")), "val": len(text[n_train_chars:].encode("utf-8"))}
+    bpt = {"train": n_bytes["train"] / max(len(train), 1), "val": n_bytes["val"] / max(len(val), 1)}
+    return TokenData(train, val, tokenizer, bpt, {"dir": str(path)})
+
+
+def load(cfg: DataConfig, tokenizer: Tokenizer | None = None, training: bool = True) -> TokenData:
+    """The token data of `data.dir` or `data.path`. A given `tokenizer` (the model's) tokenizes a
+    text file in memory and must match a prepared directory's; else data.tokenizer applies."""
     if cfg.dir:
         data = load_dir(cfg.dir, verify=cfg.verify)
+    elif cfg.path and tokenizer is not None:
+        data = text_in_memory(cfg.path, tokenizer, cfg.val_fraction, cfg.errors)
     elif cfg.path:
-        data = load_dir(tokenize_text_file(cfg.path, cfg.tokenizer, cfg.val_fraction))
+        data = load_dir(tokenize_text_file(cfg.path, cfg.tokenizer, cfg.val_fraction, cfg.errors))
     else:
-        raise DataError("no data: set data.path=FILE.txt or data.dir=PREPARED_DIR")
-    if len(data.train) == 0:
+        raise DataError("no data: set data.path=FILE.txt, data.dir=PREPARED_DIR or data.chat=SOURCE")
+    if tokenizer is not None:
+        check_same_tokenizer(data.tokenizer, tokenizer)
+    if training and len(data.train) == 0:
         raise DataError(f"{cfg.dir or cfg.path}: the train split is empty")
     if cfg.val_dir:  # a separately prepared held-out set replaces the val split
         held_out = load_dir(cfg.val_dir, verify=cfg.verify)
@@ -167,6 +193,86 @@ def batch_at(tokens, seed: int, step: int, batch_size: int, seq_len: int, sampli
             "loss_mask": np.ones(inputs.shape, np.float32)}
 
 
+# ---- windows for exact evaluation ----
+
+def windows(n_tokens: int, seq_len: int, stride: int):
+    """(start, first scored position) of each window covering targets 1..n_tokens-1 once.
+
+    Windows of `seq_len` tokens start every `stride` tokens; a window scores only the targets that
+    no earlier window scored, so with stride < seq_len each token is predicted from at least
+    seq_len - stride tokens of context."""
+    stride = min(stride or seq_len, seq_len)
+    start, covered = 0, 0  # covered: targets with index <= covered are scored
+    while covered < n_tokens - 1:
+        first = covered - start  # window position whose target is token `covered + 1`
+        yield start, first
+        covered = min(start + seq_len, n_tokens - 1)
+        start += stride
+
+
+def window_batches(tokens, seq_len: int, stride: int, batch_size: int):
+    """[B, L] batches of the windows; padding (segment 0, mask 0) fills the tails."""
+    rows = []
+    for start, first in windows(len(tokens), seq_len, stride):
+        chunk = np.asarray(tokens[start:start + seq_len + 1], dtype=np.int32)
+        n = len(chunk) - 1
+        row = {k: np.zeros(seq_len, dt) for k, dt in
+               (("inputs", np.int32), ("targets", np.int32), ("segment_ids", np.int32), ("loss_mask", np.float32))}
+        row["inputs"][:n], row["targets"][:n], row["segment_ids"][:n] = chunk[:-1], chunk[1:], 1
+        row["loss_mask"][first:n] = 1
+        rows.append(row)
+        if len(rows) == batch_size:
+            yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            rows = []
+    if rows:
+        rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (batch_size - len(rows))
+        yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+# ---- batch sources: what the train loop and evaluate draw from ----
+#
+# A batch source has `tokenizer`, `token_bytes` (UTF-8 bytes of text per token id, for bits per
+# byte), `batch_at(step, process_index, process_count)` (this process's rows of the global batch of
+# a step, a pure function of (seed, step)) and `eval_batches(split, batch_size, stride, max_tokens)`
+# (batches that score every target of a split exactly once). TokenBatches serves token data,
+# chat.ChatBatches conversations (loss on assistant tokens only).
+
+class TokenBatches:
+    """Windows of a token sequence: random or sequential for training, exact windows for evaluation."""
+
+    def __init__(self, data: TokenData, cfg: DataConfig, seq_len: int, seed: int):
+        self.data, self.cfg, self.seq_len, self.seed = data, cfg, seq_len, seed
+        self.tokenizer = data.tokenizer
+        self.token_bytes = data.tokenizer.token_byte_lengths()
+
+    def batch_at(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+        cfg = self.cfg
+        return batch_at(self.data.split("train"), self.seed, step, cfg.batch_size, self.seq_len, cfg.sampling,
+                        eot_id=self.tokenizer.eot_id, segments=cfg.segments, process_index=process_index,
+                        process_count=process_count)
+
+    def eval_batches(self, split: str = "val", batch_size: int = 0, stride: int = 0, max_tokens: int = 0):
+        tokens = self.data.split(split)
+        if max_tokens:
+            tokens = tokens[:max_tokens + 1]
+        return window_batches(tokens, self.seq_len, stride, batch_size or self.cfg.batch_size)
+
+
+def open_batches(cfg, tokenizer: Tokenizer | None = None, training: bool = True):
+    """The batch source of a Config's data section: conversations when data.chat (or, to evaluate,
+    data.chat_val) is set, else token data (data.dir, else data.path). `tokenizer`: the model's,
+    when it exists already (fine-tuning, evaluation); else the data's own, or data.tokenizer."""
+    d = cfg.data
+    if d.chat or (d.chat_val and not training):
+        tokenizer = tokenizer or Tokenizer.from_spec(d.tokenizer)
+        loaded = dialogs.load(d.chat) if d.chat else dialogs.Loaded([], [], 0)
+        held_out = dialogs.load(d.chat_val).conversations if d.chat_val else ()
+        return chat.ChatBatches(loaded.conversations, tokenizer, cfg.model.seq_len, d.batch_size, cfg.train.seed,
+                                val=held_out, val_fraction=0.0 if held_out or not d.chat else d.val_fraction,
+                                ids=loaded.ids, windows=d.chat_windows, training=training)
+    return TokenBatches(load(d, tokenizer, training), d, cfg.model.seq_len, cfg.train.seed)
+
+
 class Prefetcher:
     """Builds and places the batches for steps [start, stop) in a background thread, `depth` ahead."""
 
@@ -196,42 +302,17 @@ class Prefetcher:
 # ---- command line ----
 
 def main(argv: list[str] | None = None) -> None:
-    from jaxgpt import cli
-
-    parser = argparse.ArgumentParser(prog="python -m jaxgpt.data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="tokenize a source into token shards + meta.json")
-    p.add_argument("--source", required=True, help=SOURCES)
-    p.add_argument("--tokenizer", required=True,
-                   help="gpt2 | cl100k_base | o200k_base | FILE.tiktoken | byte | char | bpe:N")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents for val")
-    p.add_argument("--seed", type=int, default=0, help="seeds the train/val split")
-    p.add_argument("--errors", default="strict", choices=("strict", "replace"), help="on invalid UTF-8")
-    p.add_argument("--field", default="text", help="the text field of jsonl rows and hf datasets")
-    p.add_argument("--doc-split", default="file", choices=("file", "paragraph", "line"),
-                   help="text sources: one document per file, per blank-line paragraph or per line")
-    p.add_argument("--limit", type=int, default=0, help="only the first N documents (0: all)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "uint16", "uint32"))
-    p.add_argument("--hf-split", default="train", help="the split of an hf source to read")
-    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS)
-    p.add_argument("--overwrite", action="store_true", help="replace a directory prepared with other settings")
-    p.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-
-    def run(_):
-        meta = prepare(args.source, args.tokenizer, args.out, workers=args.workers, val_fraction=args.val_fraction,
-                       seed=args.seed, errors=args.errors, field=args.field, doc_split=args.doc_split,
-                       limit=args.limit, dtype=args.dtype, hf_split=args.hf_split, shard_tokens=args.shard_tokens,
-                       overwrite=args.overwrite, progress=not args.no_progress)
+    def run(operands: list[str], settings: list[str]) -> None:
+        cfg = cli.tool_config(PrepareCommand, settings, ("prepare.source", "prepare.tokenizer", "prepare.out")).prepare
+        meta = prepare(cfg)
         keys = ("source", "tokenizer", "n_vocab", "dtype", "tokens", "documents", "bytes", "reused", "seconds",
                 "mb_per_s", "tokenizer_train_s")
-        print(json.dumps({"out": str(args.out), **{k: meta.get(k) for k in keys},
+        print(json.dumps({"out": cfg.out, **{k: meta.get(k) for k in keys},
                           **{f"{s}_tokens": meta["splits"][s]["tokens"] for s in SPLITS}}))
 
-    cli.run(run, ["prepare"], usage="python -m jaxgpt.data prepare --source SOURCE --tokenizer NAME --out DIR")
+    usage = (f"prepare.source=SOURCE prepare.tokenizer=SPEC prepare.out=DIR [prepare.KEY=VALUE ...]\n"
+             f"  SOURCE: {SOURCES}\n  SPEC: a tokenizer spec (char and bpe:N are trained on the source)")
+    cli.run("python -m jaxgpt.data", {"prepare": cli.Command(run, usage, PrepareCommand, operands=(0, 0))}, argv)
 
 
 if __name__ == "__main__":

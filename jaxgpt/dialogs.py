@@ -25,7 +25,7 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
                   "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant"}
 Conversation = list  # of {"role": str, "content": str}
-SKIP_HINT = "(skip_bad=True, or --skip-bad, skips and counts such records)"
+SKIP_HINT = "(skip_bad=True, or convert.skip_bad=true, skips and counts such records)"
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
 
 

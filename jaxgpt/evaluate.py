@@ -1,55 +1,29 @@
-"""Exact loss, perplexity and bits per byte over a whole token sequence.
+"""Exact loss, perplexity and bits per byte of a trained model over held-out data.
 
-Every token after the first is scored exactly once. Windows of `seq_len` tokens start every
-`stride` tokens; a window scores only the targets that no earlier window scored, so with
-stride < seq_len each token is predicted from at least seq_len - stride tokens of context.
+Every target of the split is scored exactly once (token data: windows of seq_len, see
+`data.windows`; conversations: assistant tokens only). Bits per byte divide the summed loss (in
+bits) by the UTF-8 bytes of the scored targets.
 
-    python -m jaxgpt.evaluate RUN_DIR_OR_EXPORT [key=value ...]   # prints one JSON line
+    python -m jaxgpt.evaluate RUN_OR_EXPORT [key=value ...]             # the run's own val split
+    python -m jaxgpt.evaluate RUN data.path=heldout.txt eval.split=all  # every token of a text file
+    python -m jaxgpt.evaluate RUN data.chat_val=jsonl:val.jsonl         # held-out conversations
+    python -m jaxgpt.evaluate RUN data.dir=data/other                   # a prepared directory's val split
 """
 from __future__ import annotations
 
 import json
 import math
-import sys
 
 import jax
 import numpy as np
 
-from jaxgpt import sharding
+from jaxgpt import cli, data, runs, sharding
+from jaxgpt.config import Config
 from jaxgpt.model import GPT
 
 
-def windows(n_tokens: int, seq_len: int, stride: int):
-    """(start, first scored position) of each window covering targets 1..n_tokens-1 once."""
-    stride = min(stride or seq_len, seq_len)
-    start, covered = 0, 0  # covered: targets with index <= covered are scored
-    while covered < n_tokens - 1:
-        first = covered - start  # window position whose target is token `covered + 1`
-        yield start, first
-        covered = min(start + seq_len, n_tokens - 1)
-        start += stride
-
-
-def eval_batches(tokens: np.ndarray, seq_len: int, stride: int, batch_size: int):
-    """[B, L] batches of the windows; padding (segment 0, mask 0) fills the tails."""
-    rows = []
-    for start, first in windows(len(tokens), seq_len, stride):
-        chunk = np.asarray(tokens[start:start + seq_len + 1], dtype=np.int32)
-        n = len(chunk) - 1
-        row = {k: np.zeros(seq_len, dt) for k, dt in
-               (("inputs", np.int32), ("targets", np.int32), ("segment_ids", np.int32), ("loss_mask", np.float32))}
-        row["inputs"][:n], row["targets"][:n], row["segment_ids"][:n] = chunk[:-1], chunk[1:], 1
-        row["loss_mask"][first:n] = 1
-        rows.append(row)
-        if len(rows) == batch_size:
-            yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-            rows = []
-    if rows:
-        rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (batch_size - len(rows))
-        yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-
 def make_eval_step(model: GPT, mesh, params_sharding):
+    """eval_step(params, batch) -> (sum of masked token losses, number of masked tokens)."""
     return jax.jit(model.loss, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
 
@@ -76,35 +50,33 @@ def evaluate_batches(eval_step, params, batches, mesh, token_bytes: np.ndarray |
     return out
 
 
-def evaluate_tokens(eval_step, params, tokens: np.ndarray, seq_len: int, stride: int, batch_size: int,
-                    mesh, token_bytes: np.ndarray | None = None, max_tokens: int = 0) -> dict:
-    """Score a token sequence exactly (see `windows`)."""
-    if max_tokens:
-        tokens = tokens[:max_tokens + 1]
-    return evaluate_batches(eval_step, params, eval_batches(tokens, seq_len, stride, batch_size), mesh, token_bytes)
+def evaluate_source(batches, cfg: Config, eval_step, params, mesh, split: str, max_tokens: int) -> dict:
+    """Score a split of a batch source (data.TokenBatches or chat.ChatBatches) as cfg.eval says."""
+    with sharding.activate(mesh):
+        return evaluate_batches(eval_step, params,
+                                batches.eval_batches(split, cfg.eval.batch_size or cfg.data.batch_size,
+                                                     cfg.eval.stride, max_tokens),
+                                mesh, batches.token_bytes)
+
+
+def evaluate(source: str, overrides: list[str] = ()) -> dict:
+    """What the command line prints: a trained model (runs.load) scored on the data its config,
+    with `overrides`, names (the model's own tokenizer tokenizes it)."""
+    loaded = runs.load(source, overrides, on_mesh=True)
+    cfg, mesh = loaded.cfg, loaded.mesh
+    batches = data.open_batches(cfg, loaded.tokenizer, training=False)
+    model = GPT(cfg.model)
+    params_sharding = jax.tree.map(lambda x: x.sharding, loaded.params)
+    with sharding.activate(mesh):
+        step = make_eval_step(model, mesh, params_sharding)
+    result = evaluate_source(batches, cfg, step, loaded.params, mesh, cfg.eval.split, cfg.eval.max_tokens)
+    return {"split": cfg.eval.split, **result}
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jaxgpt import cli, data, export
-
-    def run(args):
-        source, overrides = args[0], args[1:]
-        cfg, params, tokenizer = export.load_for_inference(source, overrides)
-        mesh = sharding.make_mesh(cfg.mesh)
-        model = GPT(cfg.model)
-        params_sharding = sharding.logical_to_mesh(model.logical_axes, params, mesh)
-        params = jax.device_put(params, params_sharding)
-        token_data = data.load(cfg.data)
-        data.check_same_tokenizer(token_data.tokenizer, tokenizer)
-        with sharding.activate(mesh):
-            step = make_eval_step(model, mesh, params_sharding)
-            result = evaluate_tokens(step, params, token_data.split(cfg.eval.split), cfg.model.seq_len,
-                                     cfg.eval.stride, cfg.eval.batch_size or cfg.data.batch_size, mesh,
-                                     tokenizer.token_byte_lengths(), cfg.eval.max_tokens)
-        print(json.dumps({"split": cfg.eval.split, **result}))
-
-    cli.run(run, argv if argv is not None else sys.argv[1:],
-            usage="python -m jaxgpt.evaluate RUN_DIR_OR_EXPORT [key=value ...]")
+    cli.run("python -m jaxgpt.evaluate", cli.Command(
+        lambda operands, settings: print(json.dumps(evaluate(operands[0], settings))),
+        usage="RUN_OR_EXPORT [key=value ...]", root=Config, sections=("data", "eval", "mesh", "model")), argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
 Shapes in names: B batch, L query length, S key length, D width, H heads, K kv heads, G = H/K,
 E head dim, F MLP width, V vocab, N layers. Every parameter carries logical axis names
 (`GPT.logical_axes`), which `sharding.py` maps onto the mesh; activations carry them too.
+Attention, the norms and the matmuls run on `kernels.py`, whose implementation `cfg.attention`
+picks (auto: the hand-tuned XLA:CPU forms on a CPU, cuDNN flash attention on a GPU).
 """
 from __future__ import annotations
 
@@ -18,9 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgpt import kernels
 from jaxgpt.config import ModelConfig
-
-NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
 
 
 def logical(init, *names):
@@ -45,58 +46,6 @@ def attention_mask(q_seg_BxL, q_pos_BxL, kv_seg_BxS, kv_pos_BxS) -> jax.Array:
     same_doc = q_seg_BxL[:, :, None] == kv_seg_BxS[:, None, :]
     causal = q_pos_BxL[:, :, None] >= kv_pos_BxS[:, None, :]
     return same_doc & causal & (kv_seg_BxS[:, None, :] != 0)
-
-
-def attend(q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS) -> jax.Array:
-    """Softmax attention in fp32 with grouped-query heads (K kv heads shared by G = H/K queries).
-
-    Heads come first ([B, H, L, E]): the matmuls then need no transposes, and a KV cache kept as
-    [B, K, S, E] plugs in unchanged.
-    """
-    B, H, L, E = q_BxHxLxE.shape
-    K = k_BxKxSxE.shape[1]
-    bias_BxLxS = jnp.where(mask_BxLxS, 0.0, NEG_INF).astype(jnp.float32)
-    # a query with nothing to attend to (padding) gets zero probabilities: output 0, gradient 0
-    has_keys_BxLx1 = mask_BxLxS.any(-1, keepdims=True).astype(jnp.float32)
-    out_BxKxGxLxE = _attend(q_BxHxLxE.reshape(B, K, H // K, L, E), k_BxKxSxE, v_BxKxSxE, bias_BxLxS,
-                            has_keys_BxLx1)
-    return out_BxKxGxLxE.reshape(B, H, L, E)
-
-
-# A hand-written backward: autodiff's version of softmax attention cost XLA:CPU 3 ms more per
-# step (its softmax backward reduces p * dp over the keys inside a fused matmul; the form below
-# reduces do * o over the head dim instead, as FlashAttention does, and adds no transposes).
-@jax.custom_vjp
-def _attend(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, bias_BxLxS, has_keys_BxLx1):
-    return _attend_fwd(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, bias_BxLxS, has_keys_BxLx1)[0]
-
-
-def _attend_fwd(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, bias_BxLxS, has_keys_BxLx1):
-    scale = q_BxKxGxLxE.shape[-1] ** -0.5
-    scores_BxKxGxLxS = jnp.einsum("bkgle,bkse->bkgls", q_BxKxGxLxE, k_BxKxSxE,
-                                  preferred_element_type=jnp.float32) * scale
-    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS + bias_BxLxS[:, None, None], axis=-1)
-    probs_BxKxGxLxS = probs_BxKxGxLxS * has_keys_BxLx1[:, None, None]
-    out_BxKxGxLxE = jnp.einsum("bkgls,bkse->bkgle", probs_BxKxGxLxS.astype(v_BxKxSxE.dtype), v_BxKxSxE)
-    return out_BxKxGxLxE, (q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, probs_BxKxGxLxS, out_BxKxGxLxE)
-
-
-def _attend_bwd(residuals, dout_BxKxGxLxE):
-    q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, probs_BxKxGxLxS, out_BxKxGxLxE = residuals
-    scale = q_BxKxGxLxE.shape[-1] ** -0.5
-    dv_BxKxSxE = jnp.einsum("bkgls,bkgle->bkse", probs_BxKxGxLxS.astype(dout_BxKxGxLxE.dtype), dout_BxKxGxLxE)
-    dprobs_BxKxGxLxS = jnp.einsum("bkgle,bkse->bkgls", dout_BxKxGxLxE, v_BxKxSxE,
-                                  preferred_element_type=jnp.float32)
-    # sum_s p * dp = sum_e do * o: the softmax backward's row sum, over E instead of S
-    rowsum_BxKxGxLx1 = jnp.sum(dout_BxKxGxLxE.astype(jnp.float32) * out_BxKxGxLxE.astype(jnp.float32),
-                               axis=-1, keepdims=True)
-    dscores_BxKxGxLxS = (probs_BxKxGxLxS * (dprobs_BxKxGxLxS - rowsum_BxKxGxLx1) * scale).astype(q_BxKxGxLxE.dtype)
-    dq_BxKxGxLxE = jnp.einsum("bkgls,bkse->bkgle", dscores_BxKxGxLxS, k_BxKxSxE)
-    dk_BxKxSxE = jnp.einsum("bkgls,bkgle->bkse", dscores_BxKxGxLxS, q_BxKxGxLxE)
-    return dq_BxKxGxLxE, dk_BxKxSxE, dv_BxKxSxE, None, None  # the mask gets no gradient
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def rope(x_BxHxLxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
@@ -124,76 +73,23 @@ class Norm(nn.Module):
         else:
             bias = jnp.zeros((D,), jnp.float32)
         center = cfg.norm == "layernorm"
-        return normalize(x.astype(jnp.float32), scale, bias, cfg.norm_eps, center).astype(cfg.dtype)
-
-
-# A hand-written backward (two row reductions instead of autodiff's four) saves XLA:CPU
-# about 0.5 ms of a 32 ms step.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def normalize(x, scale_D, bias_D, eps: float, center: bool):
-    """(x - mean) / std * scale + bias over the last axis (LayerNorm); without centering, RMSNorm."""
-    return _normalize_fwd(x, scale_D, bias_D, eps, center)[0]
-
-
-def _normalize_fwd(x, scale_D, bias_D, eps, center):
-    if center:
-        x = x - x.mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps)
-    xhat = x * rstd
-    return xhat * scale_D + bias_D, (xhat, rstd, scale_D)
-
-
-def _normalize_bwd(eps, center, residuals, dy):
-    xhat, rstd, scale_D = residuals
-    batch_axes = tuple(range(dy.ndim - 1))
-    dscale_D = (dy * xhat).sum(batch_axes)
-    dbias_D = dy.sum(batch_axes)
-    g = dy * scale_D
-    dx = g - xhat * (g * xhat).mean(-1, keepdims=True)
-    if center:
-        dx = dx - g.mean(-1, keepdims=True)
-    return dx * rstd, dscale_D, dbias_D
-
-
-normalize.defvjp(_normalize_fwd, _normalize_bwd)
+        impl = kernels.resolve(cfg.attention, cfg.dtype)
+        return kernels.normalize(impl, x.astype(jnp.float32), scale, bias, cfg.norm_eps, center).astype(cfg.dtype)
 
 
 class HeadNorm(nn.Module):
     """RMSNorm over each head's vector (QK-norm)."""
-    eps: float
+    cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxHxLxE):
+        cfg = self.cfg
         E = x_BxHxLxE.shape[-1]
         scale = self.param("scale", logical(nn.initializers.ones, "head_dim"), (E,))
-        out = normalize(x_BxHxLxE.astype(jnp.float32), scale, jnp.zeros((E,), jnp.float32), self.eps, False)
+        impl = kernels.resolve(cfg.attention, cfg.dtype)
+        out = kernels.normalize(impl, x_BxHxLxE.astype(jnp.float32), scale, jnp.zeros((E,), jnp.float32),
+                                cfg.norm_eps, False)
         return out.astype(x_BxHxLxE.dtype)
-
-
-@jax.custom_vjp
-def matmul(x_MxK, w_KxN):
-    """x @ w, whose weight gradient is computed in the orientation XLA:CPU runs fastest."""
-    return x_MxK @ w_KxN
-
-
-def _matmul_fwd(x_MxK, w_KxN):
-    return x_MxK @ w_KxN, (x_MxK, w_KxN)
-
-
-def _matmul_bwd(residuals, dy_MxN):
-    x_MxK, w_KxN = residuals
-    K, N = w_KxN.shape
-    if K > N:
-        # XLA:CPU (YNNPACK) runs x^T dy 1.5x slower when the result is tall and narrow (the MLP's
-        # [4D, D] down-projection: 1.02 vs 0.65 ms): compute dy^T x and transpose that small
-        # result; the barrier stops XLA from folding the transpose back into the product.
-        dw_KxN = jax.lax.optimization_barrier(dy_MxN.T @ x_MxK).T
-    else:
-        dw_KxN = x_MxK.T @ dy_MxN
-    return dy_MxN @ w_KxN.T, dw_KxN
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Dense(nn.Module):
@@ -213,7 +109,8 @@ class Dense(nn.Module):
         # (the N-D form made it transpose the MLP's hidden gradient in the backward pass).
         x_MxK = x.reshape(math.prod(batch_shape), math.prod(self.shape_in)).astype(self.cfg.dtype)
         w_KxN = w.reshape(math.prod(self.shape_in), math.prod(self.shape_out)).astype(self.cfg.dtype)
-        y = matmul(x_MxK, w_KxN).reshape(batch_shape + self.shape_out)
+        impl = kernels.resolve(self.cfg.attention, self.cfg.dtype)
+        y = kernels.matmul(impl, x_MxK, w_KxN).reshape(batch_shape + self.shape_out)
         if self.cfg.bias:
             b = self.param("b", logical(nn.initializers.zeros, *self.names[len(self.shape_in):]), self.shape_out)
             y = y + b.astype(y.dtype)
@@ -240,12 +137,14 @@ class Attention(nn.Module):
         q_BxHxLxE = q_BxLxHxE.transpose(0, 2, 1, 3)
         k_BxKxLxE, v_BxKxLxE = kv_BxLx2xKxE.transpose(2, 0, 3, 1, 4)
         if cfg.qk_norm:
-            q_BxHxLxE = HeadNorm(cfg.norm_eps, name="q_norm")(q_BxHxLxE)
-            k_BxKxLxE = HeadNorm(cfg.norm_eps, name="k_norm")(k_BxKxLxE)
+            q_BxHxLxE = HeadNorm(cfg, name="q_norm")(q_BxHxLxE)
+            k_BxKxLxE = HeadNorm(cfg, name="k_norm")(k_BxKxLxE)
         if cfg.position == "rope":
             q_BxHxLxE = rope(q_BxHxLxE, positions_BxL, cfg.rope_theta)
             k_BxKxLxE = rope(k_BxKxLxE, positions_BxL, cfg.rope_theta)
-        out_BxLxHxE = attend(q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxL).transpose(0, 2, 1, 3)
+        impl = kernels.resolve(cfg.attention, cfg.dtype)
+        out_BxHxLxE = kernels.attention(impl, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxL)
+        out_BxLxHxE = out_BxHxLxE.transpose(0, 2, 1, 3)
         return Dense((H, E), (D,), ("heads", "head_dim", "embed"), cfg, residual_std(cfg), name="wo")(out_BxLxHxE)
 
 

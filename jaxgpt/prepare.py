@@ -4,12 +4,14 @@ vocabulary fits, else uint32; every document ends with the end-of-text token), t
 
 Documents go to train or val by a seeded hash of their index; worker processes tokenize pieces of
 about CHUNK_BYTES in order; a run that stopped resumes after its last finished shard. The command
-line is `python -m jaxgpt.data prepare`.
+line is `python -m jaxgpt.data prepare prepare.source=... prepare.tokenizer=... prepare.out=DIR`
+(config.PrepareConfig holds the settings).
 """
 from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -20,10 +22,14 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import tqdm
 
+from jaxgpt import overrides
+from jaxgpt.config import PrepareCommand, PrepareConfig
 from jaxgpt.errors import DataError
+from jaxgpt.files import read_json, sha256, write_json
 from jaxgpt.sources import CHUNK_BYTES, Source, decode, limited, open_source
-from jaxgpt.tokenizer import Tokenizer
+from jaxgpt.tokenizer import Tokenizer, parse_spec
 
 CACHE = Path(os.environ.get("JAXGPT_CACHE", Path.home() / ".cache" / "jaxgpt"))
 FORMAT = "jaxgpt-data/1"
@@ -171,78 +177,47 @@ class _ShardWriter:
         return {"file": self.name, "tokens": self.tokens, "sha256": self.hash.hexdigest()}
 
 
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _shards_complete(directory: Path, record: dict, itemsize: int) -> bool:
     return all((directory / s["file"]).is_file() and (directory / s["file"]).stat().st_size == s["tokens"] * itemsize
                for split in record["splits"].values() for s in split["shards"])
 
 
 def build_tokenizer(spec: str, source: Source, limit: int = 0) -> Tokenizer:
-    """A tokenizer by name; char and bpe:N come from a first pass over the corpus (streamed, like the second)."""
-    if spec != "char" and not spec.startswith("bpe:"):
+    """A tokenizer by spec; char and bpe:N come from a first pass over the corpus (streamed, like the second)."""
+    parsed = parse_spec(spec)
+    if parsed.kind not in ("char", "bpe"):
         return Tokenizer.from_spec(spec)
-    if spec == "char":
+    if parsed.kind == "char":
         chars = set()
         for text, _ in limited(source.pieces(), limit):
             chars.update(text)
         return Tokenizer("char", chars=sorted(chars))
-    try:
-        vocab_size = int(spec[4:])
-    except ValueError:
-        raise DataError(f"--tokenizer {spec}: expected bpe:VOCAB_SIZE, e.g. bpe:4096") from None
     # rustbpe buffers 8192 texts at a time: feed it short ones so that buffer stays small.
     texts = (text[i:i + 8192] for text, _ in limited(source.pieces(), limit) for i in range(0, len(text), 8192))
-    return Tokenizer.train_bpe(texts, vocab_size)
+    return Tokenizer.train_bpe(texts, parsed.vocab_size)
 
 
-def prepare(source: str, tokenizer: str, out: str | Path, *, workers: int = 1, val_fraction: float = 0.1,
-            seed: int = 0, errors: str = "strict", field: str = "text", doc_split: str = "file", limit: int = 0,
-            dtype: str = "auto", hf_split: str = "train", shard_tokens: int = SHARD_TOKENS,
-            chunk_bytes: int = CHUNK_BYTES, overwrite: bool = False, progress: bool = True) -> dict:
-    """Tokenize a source into `out`; returns meta.json's content plus `reused`, `seconds` and `mb_per_s`.
+def prepare(cfg: PrepareConfig) -> dict:
+    """Tokenize cfg.source into cfg.out; returns meta.json's content plus `reused`, `seconds` and `mb_per_s`.
 
     The same inputs and settings (a content hash) reuse a finished directory, and a run that stopped
-    resumes after its last finished shard. workers > 1 spawns processes, so a script calling this
-    must do so under `if __name__ == "__main__":`."""
+    resumes after its last finished shard. More than one worker spawns processes (workers=0: one per
+    CPU core but one), so a script calling this must do so under `if __name__ == "__main__":`."""
     t0, tokenizer_s = time.perf_counter(), 0.0
-    for name, value, allowed in (("--errors", errors, ("strict", "replace")),
-                                 ("--dtype", dtype, ("auto", "uint16", "uint32")),
-                                 ("--doc-split", doc_split, ("file", "paragraph", "line"))):
-        if value not in allowed:
-            raise DataError(f"{name} {value}: expected one of {', '.join(allowed)}")
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"--val-fraction {val_fraction}: expected 0 <= fraction < 1")
+    # types and choices checked (and ints made floats) as the command line's are, for configs built in Python
+    cfg = overrides.from_dict({"prepare": dataclasses.asdict(cfg)}, PrepareCommand).prepare
+    if not 0 <= cfg.val_fraction < 1:
+        raise DataError(f"prepare.val_fraction={cfg.val_fraction}: expected 0 <= fraction < 1")
+    workers = cfg.workers or max(1, (os.cpu_count() or 1) - 1)
     _steady_malloc()
-    src = open_source(source, errors=errors, field=field, doc_split=doc_split, hf_split=hf_split,
-                      chunk_bytes=chunk_bytes)
-    out = Path(out)
-    trained = tokenizer == "char" or tokenizer.startswith("bpe:")
-    pretrained = None if trained else Tokenizer.from_spec(tokenizer)
-    settings = dict(source=src.identity, tokenizer=tokenizer if trained else pretrained.fingerprint,
-                    val_fraction=val_fraction, seed=seed, errors=errors, doc_split=doc_split, limit=limit, dtype=dtype,
-                    shard_tokens=shard_tokens, chunk_bytes=chunk_bytes, format=FORMAT)
+    src = open_source(cfg.source, errors=cfg.errors, field=cfg.field, doc_split=cfg.doc_split,
+                      hf_split=cfg.hf_split, chunk_bytes=cfg.chunk_bytes)
+    out = Path(cfg.out)
+    trained = parse_spec(cfg.tokenizer).kind in ("char", "bpe")
+    pretrained = None if trained else Tokenizer.from_spec(cfg.tokenizer)
+    settings = dict(source=src.identity, tokenizer=cfg.tokenizer if trained else pretrained.fingerprint,
+                    **{k: getattr(cfg, k) for k in ("val_fraction", "seed", "errors", "doc_split", "limit", "dtype",
+                                                    "shard_tokens", "chunk_bytes")}, format=FORMAT)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for path in src.files:  # the inputs' content, so an edited file is never served from old shards
         key.update(f"{path.name}:{sha256(path)}".encode())
@@ -253,9 +228,9 @@ def prepare(source: str, tokenizer: str, out: str | Path, *, workers: int = 1, v
         if meta.get("key") == key and _shards_complete(out, meta, np.dtype(meta["dtype"]).itemsize):
             seconds = time.perf_counter() - t0
             return {**meta, "reused": True, "seconds": seconds, "mb_per_s": meta["bytes"] / 1e6 / seconds}
-        if not overwrite:
+        if not cfg.overwrite:
             raise DataError(f"{out}: holds data prepared from other inputs or settings; "
-                            f"use another --out or --overwrite")
+                            f"use another prepare.out or prepare.overwrite=true")
         (out / "meta.json").unlink()  # from here on the directory no longer looks finished
     out.mkdir(parents=True, exist_ok=True)
     state = read_json(out / "progress.json")
@@ -263,12 +238,12 @@ def prepare(source: str, tokenizer: str, out: str | Path, *, workers: int = 1, v
         for stale in out.glob("*_[0-9][0-9][0-9][0-9][0-9][0-9].bin*"):
             stale.unlink()
         t_tok = time.perf_counter()
-        tok = pretrained or build_tokenizer(tokenizer, src, limit)
+        tok = pretrained or build_tokenizer(cfg.tokenizer, src, cfg.limit)
         tokenizer_s = time.perf_counter() - t_tok
-        np_dtype = np.dtype(token_dtype(tok.n_vocab) if dtype == "auto" else dtype)
+        np_dtype = np.dtype(token_dtype(tok.n_vocab) if cfg.dtype == "auto" else cfg.dtype)
         if tok.n_vocab > np.iinfo(np_dtype).max + 1:
-            raise DataError(f"{out}: tokenizer {tok.name} has {tok.n_vocab} ids, too many for --dtype {dtype} "
-                            f"(at most {np.iinfo(np_dtype).max + 1}); use --dtype auto")
+            raise DataError(f"{out}: tokenizer {tok.name} has {tok.n_vocab} ids, too many for "
+                            f"prepare.dtype={cfg.dtype} (at most {np.iinfo(np_dtype).max + 1}); use prepare.dtype=auto")
         tok.save(out)
         state = {"key": key, "dtype": np_dtype.name, "splits": {
             s: {"shards": [], "open_from": 0, "documents": 0, "bytes": 0} for s in SPLITS}}
@@ -276,15 +251,15 @@ def prepare(source: str, tokenizer: str, out: str | Path, *, workers: int = 1, v
     else:
         tok = pretrained or Tokenizer.load(out)  # one copy: a pretrained one matches the key's fingerprint
     np_dtype, splits = np.dtype(state["dtype"]), state["splits"]
-    writers = {s: _ShardWriter(out, s, np_dtype, shard_tokens, len(splits[s]["shards"])) for s in SPLITS}
+    writers = {s: _ShardWriter(out, s, np_dtype, cfg.shard_tokens, len(splits[s]["shards"])) for s in SPLITS}
     counts = {s: {"documents": splits[s]["documents"], "bytes": splits[s]["bytes"]} for s in SPLITS}
     start = min(splits[s]["open_from"] for s in SPLITS)  # tasks before it are in finished shards
-    indexed = ((i, t) for i, t in enumerate(tasks(limited(src.pieces(), limit), chunk_bytes)) if i >= start)
+    pieces = limited(src.pieces(), cfg.limit)
+    indexed = ((i, t) for i, t in enumerate(tasks(pieces, cfg.chunk_bytes)) if i >= start)
 
-    import tqdm
-    bar = tqdm.tqdm(total=src.total_bytes if not start else None, unit="B", unit_scale=True, disable=not progress,
-                    desc=f"tokenizing {source}", file=sys.stderr, dynamic_ncols=True)
-    with Encoder(out, workers, seed, val_fraction, np_dtype) as encoder:
+    bar = tqdm.tqdm(total=src.total_bytes if not start else None, unit="B", unit_scale=True,
+                    disable=not cfg.progress, desc=f"tokenizing {cfg.source}", file=sys.stderr, dynamic_ncols=True)
+    with Encoder(out, workers, cfg.seed, cfg.val_fraction, np_dtype) as encoder:
         for i, result in encoder.map(indexed):
             for s in SPLITS:
                 ids, n_docs, n_bytes = result[s]
@@ -305,17 +280,17 @@ def prepare(source: str, tokenizer: str, out: str | Path, *, workers: int = 1, v
         splits[s]["tokens"] = sum(shard["tokens"] for shard in splits[s]["shards"])
         del splits[s]["open_from"]
     if not splits["train"]["tokens"]:
-        raise DataError(f"--source {source}: the train split is empty ({splits['val']['documents']} documents, "
-                        f"all drawn for val); use more documents or a smaller --val-fraction")
-    if val_fraction and not splits["val"]["tokens"]:
+        raise DataError(f"prepare.source={cfg.source}: the train split is empty ({splits['val']['documents']} "
+                        f"documents, all drawn for val); use more documents or a smaller prepare.val_fraction")
+    if cfg.val_fraction and not splits["val"]["tokens"]:
         print(f"warning: {out}: the val split is empty ({splits['train']['documents']} documents); "
-              f"with one large file use --doc-split paragraph or line", file=sys.stderr)
-    meta = {"format": FORMAT, "key": key, "source": source, "tokenizer": tok.name,
+              f"with one large file use prepare.doc_split=paragraph or line", file=sys.stderr)
+    meta = {"format": FORMAT, "key": key, "source": cfg.source, "tokenizer": tok.name,
             "tokenizer_fingerprint": tok.fingerprint, "n_vocab": tok.n_vocab, "eot_id": tok.eot_id,
             "dtype": np_dtype.name, "tokens": sum(splits[s]["tokens"] for s in SPLITS),
             "documents": sum(splits[s]["documents"] for s in SPLITS), "bytes": sum(splits[s]["bytes"] for s in SPLITS),
-            "split_rule": {"by": "document", "val_fraction": val_fraction, "seed": seed}, "settings": settings,
-            "splits": splits}
+            "split_rule": {"by": "document", "val_fraction": cfg.val_fraction, "seed": cfg.seed},
+            "settings": settings, "splits": splits}
     write_json(out / "meta.json", meta)  # last: its presence means the directory is complete
     (out / "progress.json").unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
@@ -323,19 +298,21 @@ def prepare(source: str, tokenizer: str, out: str | Path, *, workers: int = 1, v
             "tokenizer_train_s": tokenizer_s}
 
 
-def tokenize_text_file(path: str | Path, tokenizer_spec: str, val_fraction: float) -> Path:
-    """Tokenize a text file into a cache directory (reused when the file and settings match).
+def tokenize_text_file(path: str | Path, tokenizer_spec: str, val_fraction: float, errors: str = "strict") -> Path:
+    """Tokenize a text file (data.path) into a cache directory (reused when the file and settings match).
 
-    The split is by characters, as nanoGPT does: the last `val_fraction` of the text is val."""
+    The split is by characters, as nanoGPT does: the last `val_fraction` of the text is val. Invalid
+    UTF-8 stops with an error (errors="strict") or becomes U+FFFD ("replace"), as data.errors says."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data.path={path}: no such file (for Tiny Shakespeare run experiments/download.py)")
     raw = path.read_bytes()
-    key = hashlib.sha256(raw + f"|{tokenizer_spec}|{val_fraction}|{FORMAT}".encode()).hexdigest()[:16]
+    settings = f"|{tokenizer_spec}|{val_fraction}|{FORMAT}" + ("" if errors == "strict" else f"|{errors}")
+    key = hashlib.sha256(raw + settings.encode()).hexdigest()[:16]
     out = CACHE / "tokens" / f"{path.stem}-{key}"
     if (out / "meta.json").is_file():
         return out
-    text = decode(raw, path, 0, "strict", set())
+    text = decode(raw, path, 0, errors, set(), fix="data.errors=replace")
     if not text:
         raise DataError(f"{path}: the file is empty")
     tokenizer = Tokenizer.from_spec(tokenizer_spec, corpus=text)

@@ -3,18 +3,18 @@
     python -m jaxgpt.sample RUN_DIR_OR_EXPORT sample.prompt="ROMEO:" sample.num_samples=3
 
 Each new token runs the model over a fixed [S, L] window (the last L tokens), so one compiled
-function serves every length. A KV cache (generate.py) replaces this for long outputs.
+function serves every length; without a KV cache every token recomputes the whole window.
 """
 from __future__ import annotations
 
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.config import SampleConfig
+from jaxgpt import chat, cli, runs
+from jaxgpt.config import Config, SampleConfig
 from jaxgpt.model import GPT
 from jaxgpt.tokenizer import Tokenizer
 
@@ -87,8 +87,6 @@ def sample_texts(model: GPT, params, tokenizer: Tokenizer, cfg: SampleConfig, n:
 def chat_replies(model: GPT, params, tokenizer: Tokenizer, conversation: list[dict], cfg: SampleConfig,
                  n: int | None = None, max_new_tokens: int | None = None) -> list[str]:
     """The assistant's next reply to a conversation, rendered with the chat template."""
-    from jaxgpt import chat
-
     prompt_ids, _ = chat.render(conversation, tokenizer, for_generation=True)
     stop = (tokenizer.special_id("<|assistant_end|>"), tokenizer.eot_id)
     rows = generate(model, params, prompt_ids.tolist(), max_new_tokens or cfg.max_new_tokens, cfg,
@@ -97,17 +95,17 @@ def chat_replies(model: GPT, params, tokenizer: Tokenizer, conversation: list[di
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jaxgpt import cli, export
-
-    def run(args):
-        cfg, params, tokenizer = export.load_for_inference(args[0], args[1:])
-        for i, text in enumerate(sample_texts(GPT(cfg.model), params, tokenizer, cfg.sample)):
-            if cfg.sample.num_samples > 1:
+    def run(operands, settings):
+        loaded = runs.load(operands[0], settings)
+        for i, text in enumerate(sample_texts(GPT(loaded.cfg.model), loaded.params, loaded.tokenizer,
+                                              loaded.cfg.sample)):
+            if loaded.cfg.sample.num_samples > 1:
                 print(f"--- sample {i} ---")
             print(text)
 
-    cli.run(run, argv if argv is not None else sys.argv[1:],
-            usage="python -m jaxgpt.sample RUN_DIR_OR_EXPORT [sample.prompt=TEXT sample.temperature=0.8 ...]")
+    cli.run("python -m jaxgpt.sample", cli.Command(
+        run, usage="RUN_OR_EXPORT [sample.prompt=TEXT sample.temperature=0.8 ...]", root=Config,
+        sections=("sample", "model")), argv)
 
 
 if __name__ == "__main__":

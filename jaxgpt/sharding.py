@@ -56,6 +56,15 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def check_batch(mesh: Mesh, batch_size: int) -> None:
+    """The global batch must split evenly over the data-parallel devices (data x fsdp)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards:
+        raise ConfigError(f"data.batch_size={batch_size} does not split over the mesh's {shards} data-parallel "
+                          f"devices (mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']}); use a "
+                          f"multiple of {shards}")
+
+
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     """Drop mesh axes from dimensions they do not divide, so odd sizes replicate instead of failing."""
     out = []

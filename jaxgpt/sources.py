@@ -32,13 +32,14 @@ class Source:
     pieces: Callable[[], Iterator[tuple[str, bool]]]  # a fresh stream on every call (one per pass)
 
 
-def decode(raw: bytes, path, offset: int, errors: str, warned: set) -> str:
+def decode(raw: bytes, path, offset: int, errors: str, warned: set, fix: str = "prepare.errors=replace") -> str:
+    """UTF-8 text; invalid bytes stop with an error that suggests the setting `fix` (strict), or become U+FFFD."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         where = f"{path}: invalid UTF-8 at byte offset {offset + e.start}"
         if errors == "strict":
-            raise DataError(f"{where} (--errors replace substitutes U+FFFD)") from None
+            raise DataError(f"{where} ({fix} substitutes U+FFFD)") from None
         if path not in warned:
             warned.add(path)
             print(f"warning: {where}; replaced with U+FFFD (and any later ones)", file=sys.stderr)
@@ -101,7 +102,7 @@ def _jsonl_pieces(files, field, errors):
                     raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
                 if not isinstance(row, dict) or field not in row:
                     fields = f" (it has {', '.join(map(repr, row))})" if isinstance(row, dict) else ""
-                    raise DataError(f"{path}:{lineno}: no field {field!r}{fields}; choose one with --field")
+                    raise DataError(f"{path}:{lineno}: no field {field!r}{fields}; choose one with prepare.field=NAME")
                 if not isinstance(row[field], str):
                     raise DataError(f"{path}:{lineno}: field {field!r} is a {type(row[field]).__name__}, not text")
                 if row[field]:
@@ -117,7 +118,7 @@ def _find_files(pattern: str, suffix: str, spec: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not files:
-        raise DataError(f"--source {spec}: no {suffix} files at {pattern}")
+        raise DataError(f"prepare.source={spec}: no {suffix} files at {pattern}")
     for p in files:
         if p.stat().st_size == 0:
             raise DataError(f"{p}: the file is empty")
@@ -129,7 +130,7 @@ def _need(module: str, package: str, spec: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise DataError(f"--source {spec} needs the {package} package: pip install {package}") from None
+        raise DataError(f"prepare.source={spec} needs the {package} package: pip install {package}") from None
 
 
 def _hf_source(spec: str, rest: str, field: str, split: str) -> Source:
@@ -142,17 +143,19 @@ def _hf_source(spec: str, rest: str, field: str, split: str) -> Source:
             ds = datasets.load_from_disk(name) if local else \
                 datasets.load_dataset(name, config or None, split=split, streaming=True)
         except Exception as e:  # noqa: BLE001 - offline, unknown name, not a saved dataset: one remedy
-            raise DataError(f"--source {spec}: cannot open the dataset ({type(e).__name__}: {e})") from None
+            raise DataError(f"prepare.source={spec}: cannot open the dataset ({type(e).__name__}: {e})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DataError(f"{name}: no split {split!r} (it has {', '.join(ds)}); choose one with --hf-split")
+                raise DataError(f"{name}: no split {split!r} (it has {', '.join(ds)}); "
+                                f"choose one with prepare.hf_split=NAME")
             ds = ds[split]
         return ds
 
     def pieces():
         for i, row in enumerate(rows()):
             if not isinstance(row.get(field), str):
-                raise DataError(f"{spec} row {i}: no text field {field!r} (it has {', '.join(row)}); use --field")
+                raise DataError(f"{spec} row {i}: no text field {field!r} (it has {', '.join(row)}); "
+                                f"use prepare.field=NAME")
             if row[field]:
                 yield row[field], True
 
@@ -204,7 +207,7 @@ def open_source(spec: str, *, errors: str = "strict", field: str = "text", doc_s
         return _chitchat_source(spec)
     if spec == "chatterbot":
         return _chatterbot_source(spec)
-    raise DataError(f"unknown --source {spec!r}: expected {SOURCES}")
+    raise DataError(f"prepare.source={spec}: unknown source; expected {SOURCES}")
 
 
 def limited(pieces, limit: int):

@@ -1,7 +1,10 @@
-"""Text <-> token ids: one `Tokenizer` over tiktoken (pretrained, byte, trained BPE) or a char table."""
+"""Text <-> token ids: one `Tokenizer` over tiktoken (pretrained, byte, trained BPE) or a char table.
+
+    python -m jaxgpt.tokenizer train bpe.input=a.txt,b.txt bpe.vocab_size=4096 bpe.out=DIR [bpe.name=NAME]
+    python -m jaxgpt.tokenizer encode encode.tokenizer=gpt2 encode.text="hello" [encode.corpus=FILE.txt]
+"""
 from __future__ import annotations
 
-import argparse
 import base64
 import functools
 import gzip
@@ -10,12 +13,11 @@ import importlib.util
 import json
 import os
 import socket
-import sys
 import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Literal, NamedTuple, Sequence
 from unittest import mock
 
 import numpy as np
@@ -23,7 +25,9 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext import openai_public
 
-from jaxgpt.errors import JaxgptError, TokenizerError
+from jaxgpt import files
+from jaxgpt.config import TokenizerCommand
+from jaxgpt.errors import TokenizerError
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|bos|>", "<|system_start|>", "<|system_end|>",
                   "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
@@ -119,6 +123,36 @@ def _with_chat_specials(specials: dict[str, int], n_base: int) -> dict[str, int]
     return out
 
 
+# ---- specs ----
+
+class Spec(NamedTuple):
+    kind: Literal["pretrained", "byte", "char", "bpe", "file", "saved"]
+    name: str            # the spec as written (a pretrained encoding's name)
+    vocab_size: int = 0  # bpe: the ids to train
+    path: Path | None = None  # file (.tiktoken ranks), saved (tokenizer.json or its directory)
+
+
+def parse_spec(spec: str) -> Spec:
+    """What a spec names: gpt2 | r50k_base | cl100k_base | o200k_base (any tiktoken name) | byte | char | bpe:N
+    (these two are built from a corpus) | FILE.tiktoken | a saved tokenizer (its directory or tokenizer.json)."""
+    if spec in openai_public.ENCODING_CONSTRUCTORS:
+        return Spec("pretrained", spec)
+    if spec in ("byte", "char"):
+        return Spec(spec, spec)
+    if spec.startswith("bpe:"):
+        try:
+            return Spec("bpe", spec, int(spec[4:]))
+        except ValueError:
+            raise TokenizerError(f"bad tokenizer {spec!r}: expected bpe:VOCAB_SIZE, e.g. bpe:4096") from None
+    path = Path(spec)
+    if path.is_dir() or path.suffix == ".json" or path.with_suffix(".json").is_file():
+        return Spec("saved", spec, path=path)
+    if path.suffix == ".tiktoken" and path.is_file():
+        return Spec("file", spec, path=path)
+    raise TokenizerError(f"unknown tokenizer {spec!r}: expected one of {', '.join(PRETRAINED)}, byte, char, "
+                         f"bpe:N, a .tiktoken file or a saved tokenizer directory")
+
+
 # ---- the tokenizer ----
 
 class Tokenizer:
@@ -128,6 +162,9 @@ class Tokenizer:
                  chars: Sequence[str] | None = None, specials: dict[str, int] | None = None):
         self.name, self._pattern, self._ranks = name, pattern, ranks
         self._lengths: np.ndarray | None = None
+        if ranks is None and chars is None:
+            raise TokenizerError(f"Tokenizer({name!r}) needs ranks or chars; to build a tokenizer by name "
+                                 f"use Tokenizer.from_spec({name!r})")
         self._chars = list(chars) if chars is not None else None
         n_base = max(ranks.values(), default=-1) + 1 if ranks is not None else len(self._chars or ())
         self._specials = _with_chat_specials(specials or {}, n_base)
@@ -140,7 +177,8 @@ class Tokenizer:
                                           special_tokens=self._specials)
             self.n_vocab = self._enc.n_vocab
         else:
-            assert self._chars is not None and all(len(c) == 1 for c in self._chars)
+            if not all(len(c) == 1 for c in self._chars):
+                raise TokenizerError(f"'{name}': a char tokenizer's chars must be single characters")
             self.n_vocab = len(self._chars) + len(self._specials)
             # A table indexed by code point turns encoding into one numpy gather.
             codes = np.array([ord(c) for c in self._chars], dtype=np.int64)
@@ -229,11 +267,9 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "name": self.name, **self._definition(), "fingerprint": self.fingerprint}
         if self._ranks is not None:
-            (directory / "tokenizer.tiktoken").write_bytes(self._ranks_bytes())
+            files.atomic_write(directory / "tokenizer.tiktoken", self._ranks_bytes())
             meta["ranks_file"] = "tokenizer.tiktoken"
-        path = directory / "tokenizer.json"
-        path.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        return path
+        return files.write_json(directory / "tokenizer.json", meta)  # last: it names the ranks file
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
@@ -258,40 +294,33 @@ class Tokenizer:
     # -- constructors --
     @classmethod
     def from_spec(cls, spec: str, corpus: str | None = None) -> Tokenizer:
-        """gpt2 | r50k_base | cl100k_base | o200k_base (or another tiktoken name) | byte | char | bpe:N
-        (char and bpe:N are built from `corpus`) | a .tiktoken file | a saved tokenizer file or directory."""
-        if spec in openai_public.ENCODING_CONSTRUCTORS:
+        """The tokenizer a spec names (see parse_spec); char and bpe:N are built from `corpus`."""
+        parsed = parse_spec(spec)
+        if parsed.kind == "pretrained":
             official, (url, sha256) = _official(spec)
             return cls(spec, pattern=official["pat_str"], ranks=_pretrained_ranks(spec, url, sha256),
                        specials=official["special_tokens"])
-        if spec == "byte":
+        if parsed.kind == "byte":
             # No merges, so the split pattern cannot change the ids; gpt2's is as good as any.
             return cls("byte", pattern=openai_public.r50k_pat_str, ranks={bytes([i]): i for i in range(256)})
-        if spec == "char" or spec.startswith("bpe:"):
+        if parsed.kind in ("char", "bpe"):
             if not corpus:
-                raise TokenizerError(f"tokenizer '{spec}' is built from the training text, but none was given "
-                                     f"(--corpus PATH on the command line)")
-            if spec == "char":
+                raise TokenizerError(f"tokenizer '{spec}' is built from a training text, but none was given: name "
+                                     f"the run or prepared directory that holds it (or give encode.corpus=FILE)")
+            if parsed.kind == "char":
                 return cls("char", chars=sorted(set(corpus)))
-            try:
-                vocab_size = int(spec[4:])
-            except ValueError:
-                raise TokenizerError(f"bad tokenizer {spec!r}: expected bpe:VOCAB_SIZE, e.g. bpe:4096") from None
-            return cls.train_bpe([corpus], vocab_size)
-        path = Path(spec)
-        if path.is_dir() or path.suffix == ".json" or path.with_suffix(".json").is_file():
-            return cls.load(path)
-        if path.suffix == ".tiktoken" and path.is_file():  # bare ranks: official rules if the name is known
-            stem = path.name.removesuffix(".tiktoken")
-            official = _official(stem)[0] if stem in openai_public.ENCODING_CONSTRUCTORS else {}
-            try:
-                ranks = _read_ranks(path, None)
-            except ValueError as e:
-                raise TokenizerError(f"{path} is not a .tiktoken file ({e})") from None
-            return cls(stem, pattern=official.get("pat_str", gpt4_pattern()), ranks=ranks,
-                       specials=official.get("special_tokens", {}))
-        raise TokenizerError(f"unknown tokenizer {spec!r}: expected one of {', '.join(PRETRAINED)}, byte, char, "
-                             f"bpe:N, a .tiktoken file or a saved tokenizer directory")
+            return cls.train_bpe([corpus], parsed.vocab_size)
+        if parsed.kind == "saved":
+            return cls.load(parsed.path)
+        path = parsed.path  # bare ranks: official rules if the name is known
+        stem = path.name.removesuffix(".tiktoken")
+        official = _official(stem)[0] if stem in openai_public.ENCODING_CONSTRUCTORS else {}
+        try:
+            ranks = _read_ranks(path, None)
+        except ValueError as e:
+            raise TokenizerError(f"{path} is not a .tiktoken file ({e})") from None
+        return cls(stem, pattern=official.get("pat_str", gpt4_pattern()), ranks=ranks,
+                   specials=official.get("special_tokens", {}))
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, name: str | None = None) -> Tokenizer:
@@ -319,42 +348,52 @@ def gpt4_pattern() -> str:
 
 # ---- command line ----
 
+def _unreadable(path, e: Exception) -> TokenizerError:
+    if isinstance(e, UnicodeDecodeError):
+        return TokenizerError(f"{path}: not UTF-8 text ({e.reason}); the tokenizer reads UTF-8 text files")
+    return TokenizerError(f"{path}: cannot read it ({e.strerror or e})")
+
+
 def _read_chunks(paths: Sequence[str], chunk_chars: int = 1 << 20) -> Iterator[str]:
     """Stream files in ~1 MB pieces that end at line ends, so training never holds a whole corpus."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            while chunk := f.read(chunk_chars) + f.readline():
-                yield chunk
+        try:
+            with open(path, encoding="utf-8") as f:
+                while chunk := f.read(chunk_chars) + f.readline():
+                    yield chunk
+        except (OSError, UnicodeDecodeError) as e:
+            raise _unreadable(path, e) from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxgpt.tokenizer", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a BPE tokenizer with rustbpe and save it")
-    train.add_argument("--vocab-size", type=int, required=True, help="total ids, bytes and specials included")
-    train.add_argument("--input", action="append", required=True, metavar="PATH", help="UTF-8 text (repeatable)")
-    train.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json/.tiktoken")
-    train.add_argument("--name", help="tokenizer name (default bpe:VOCAB_SIZE)")
-    enc = sub.add_parser("encode", help="print the ids of a text")
-    enc.add_argument("--tokenizer", required=True, metavar="SPEC", help="gpt2, cl100k_base, byte, a saved dir...")
-    enc.add_argument("--corpus", metavar="PATH", help="text that defines a char or bpe:N tokenizer")
-    enc.add_argument("text")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "train":
-            for path in args.input:
-                if not os.path.isfile(path):
-                    raise TokenizerError(f"input file {path} does not exist")
-            tok = Tokenizer.train_bpe(_read_chunks(args.input), args.vocab_size, args.name)
-            print(f"saved {tok.name} (n_vocab={tok.n_vocab}) to {tok.save(args.out)}")
-        else:
-            corpus = Path(args.corpus).read_text(encoding="utf-8") if args.corpus else None
-            print(" ".join(map(str, Tokenizer.from_spec(args.tokenizer, corpus).encode(args.text))))
-    except (JaxgptError, OSError, UnicodeDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def main(argv: Sequence[str] | None = None) -> None:
+    from jaxgpt import cli  # here, not at the top: tokenizing workers import this module without jax
+
+    def train(operands: list[str], settings: list[str]) -> None:
+        cfg = cli.tool_config(TokenizerCommand, settings, ("bpe.input", "bpe.out")).bpe
+        for path in cfg.input:
+            if not os.path.isfile(path):
+                raise TokenizerError(f"bpe.input: {path} does not exist (or is not a file)")
+        tok = Tokenizer.train_bpe(_read_chunks(cfg.input), cfg.vocab_size, cfg.name or None)
+        try:
+            print(f"saved {tok.name} (n_vocab={tok.n_vocab}) to {tok.save(cfg.out)}")
+        except OSError as e:
+            raise TokenizerError(f"bpe.out={cfg.out}: cannot write the tokenizer ({e.strerror or e})") from None
+
+    def encode(operands: list[str], settings: list[str]) -> None:
+        cfg = cli.tool_config(TokenizerCommand, settings, ("encode.text",)).encode
+        try:
+            corpus = Path(cfg.corpus).read_text(encoding="utf-8") if cfg.corpus else None
+        except (OSError, UnicodeDecodeError) as e:
+            raise _unreadable(cfg.corpus, e) from None
+        print(" ".join(map(str, Tokenizer.from_spec(cfg.tokenizer, corpus).encode(cfg.text))))
+
+    cli.run("python -m jaxgpt.tokenizer", {
+        "train": cli.Command(train, "bpe.input=FILE[,FILE...] bpe.vocab_size=N bpe.out=DIR [bpe.name=NAME]",
+                             TokenizerCommand, sections=("bpe",), operands=(0, 0)),
+        "encode": cli.Command(encode, "encode.tokenizer=SPEC encode.text=TEXT [encode.corpus=FILE]",
+                              TokenizerCommand, sections=("encode",), operands=(0, 0)),
+    }, None if argv is None else list(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -9,8 +9,8 @@ A non-finite loss leaves params and optimizer state untouched; too many in a row
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,9 +20,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+import tqdm
 
+from jaxgpt import checkpoint, cli, data, evaluate, export, files, hardware, optim, runs, sample, sharding
 from jaxgpt import config as config_lib
-from jaxgpt import chat, data, dialogs, evaluate, hardware, optim, sharding
 from jaxgpt.errors import JaxgptError
 from jaxgpt.model import GPT
 from jaxgpt.tokenizer import Tokenizer
@@ -89,41 +90,46 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_ac
     return train_step
 
 
-class Trainer:
-    """Builds everything a run needs from a config: data, model, mesh, state and compiled steps."""
+def with_vocab(cfg: config_lib.Config, tokenizer: Tokenizer) -> config_lib.Config:
+    """The config with model.vocab_size resolved (0: the tokenizer's size) and checked against it."""
+    if cfg.model.vocab_size == 0:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.n_vocab))
+    data.check_vocab(tokenizer, cfg.model.vocab_size)
+    return cfg
 
-    def __init__(self, cfg: config_lib.Config, devices=None):
-        self.cfg = cfg
-        if cfg.data.chat:  # supervised fine-tuning on conversations
-            self.data = None
-            self.tokenizer = chat_tokenizer(cfg)
-            loaded = dialogs.load(cfg.data.chat)
-            held_out = dialogs.load(cfg.data.chat_val).conversations if cfg.data.chat_val else ()
-            self.chat = chat.ChatBatches(loaded.conversations, self.tokenizer, cfg.model.seq_len, cfg.data.batch_size,
-                                         cfg.train.seed, val=held_out,
-                                         val_fraction=0.0 if held_out else cfg.data.val_fraction,
-                                         ids=loaded.ids, windows=cfg.data.chat_windows)
-        else:
-            self.data, self.chat = data.load(cfg.data), None
-            self.tokenizer = self.data.tokenizer
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = self.tokenizer.n_vocab
-        data.check_vocab(self.tokenizer, cfg.model.vocab_size)
+
+def open_run_batches(cfg: config_lib.Config):
+    """(config with the vocabulary resolved, batch source): the data of a run, checked before any
+    other work starts. Fine-tuning (train.init_from) uses the source model's tokenizer."""
+    tokenizer = runs.tokenizer(cfg.train.init_from) if cfg.train.init_from else None
+    batches = data.open_batches(cfg, tokenizer)
+    return with_vocab(cfg, batches.tokenizer), batches
+
+
+class Trainer:
+    """Builds everything a run needs from a config: batches, model, mesh, state and compiled steps."""
+
+    def __init__(self, cfg: config_lib.Config, devices=None, batches=None):
+        if batches is None:
+            cfg, batches = open_run_batches(cfg)
+        self.cfg, self.batches, self.tokenizer = cfg, batches, batches.tokenizer
         self.model = GPT(cfg.model)
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
+        sharding.check_batch(self.mesh, cfg.data.batch_size)
         abstract_params = jax.eval_shape(self.model.init, jax.random.key(0))
         self.optimizer = optim.build(cfg.optim, cfg.train.steps, abstract_params, self.model.logical_axes)
         self.params_sharding = sharding.logical_to_mesh(self.model.logical_axes, abstract_params, self.mesh)
         self.state_sharding = self._state_sharding(abstract_params)
         with sharding.activate(self.mesh):
-            self._init = jax.jit(self._init_state, out_shardings=self.state_sharding)
+            self._fresh_state_jit = jax.jit(self._fresh_state, out_shardings=self.state_sharding)
             self.train_step = jax.jit(make_train_step(self.model, self.optimizer, cfg.optim.grad_accum),
                                       in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh)),
                                       out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
                                       donate_argnums=0)
             self.eval_step = evaluate.make_eval_step(self.model, self.mesh, self.params_sharding)
 
-    def _init_state(self, seed):
+    def _fresh_state(self, seed):
+        """Step 0 of a run from scratch: params drawn from the seed, a new optimizer state."""
         params_rng, rng = jax.random.split(jax.random.key(seed))
         params = self.model.init(params_rng)
         return TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32), rng,
@@ -145,38 +151,29 @@ class Trainer:
                     return s
             return rep
 
-        abstract = jax.eval_shape(self._init_state, 0)
+        abstract = jax.eval_shape(self._fresh_state, 0)
         opt_sharding = jax.tree_util.tree_map_with_path(leaf_sharding, abstract.opt_state)
         return TrainState(self.params_sharding, opt_sharding, rep, rep, rep)
 
     def init_state(self) -> TrainState:
+        """The state at step 0 for train.seed (compiled once, placed on the mesh)."""
         with sharding.activate(self.mesh):
-            return self._init(self.cfg.train.seed)
+            return self._fresh_state_jit(self.cfg.train.seed)
 
-    def batch(self, step: int, split: str = "train") -> dict:
-        cfg = self.cfg
-        if self.chat:
-            rows = self.chat.batch_at(step)
-            per_process = cfg.data.batch_size // jax.process_count()
-            mine = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-            return sharding.put_batch({k: v[mine] for k, v in rows.items()}, self.mesh, local_rows=True)
-        tokens = self.data.split(split)
-        host = data.batch_at(tokens, cfg.train.seed, step, cfg.data.batch_size, cfg.model.seq_len, cfg.data.sampling,
-                             eot_id=self.tokenizer.eot_id, segments=cfg.data.segments,
-                             process_index=jax.process_index(), process_count=jax.process_count())
-        return sharding.put_batch(host, self.mesh, local_rows=True)
+    def state_around(self, params) -> TrainState:
+        """Step 0 around given params (fine-tuning): a fresh optimizer state and rng."""
+        opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_sharding.opt_state)(params)
+        return self.init_state().replace(params=params, opt_state=opt_state)
+
+    def batch(self, step: int) -> dict:
+        """The global batch of a step on the mesh (each process draws only its own rows)."""
+        rows = self.batches.batch_at(step, jax.process_index(), jax.process_count())
+        return sharding.put_batch(rows, self.mesh, local_rows=True)
 
     def evaluate(self, params, split: str = "val") -> dict:
         """Exact loss and bits per byte on held-out data (for SFT: assistant tokens only)."""
-        cfg = self.cfg
-        with sharding.activate(self.mesh):
-            if self.chat:
-                return evaluate.evaluate_batches(self.eval_step, params, self.chat.val_batches(), self.mesh,
-                                                 self.tokenizer.token_byte_lengths())
-            return evaluate.evaluate_tokens(
-                self.eval_step, params, self.data.split(split), cfg.model.seq_len, cfg.eval.stride,
-                cfg.eval.batch_size or cfg.data.batch_size, self.mesh,
-                self.tokenizer.token_byte_lengths(), cfg.train.eval_max_tokens)
+        return evaluate.evaluate_source(self.batches, self.cfg, self.eval_step, params, self.mesh, split,
+                                        self.cfg.train.eval_max_tokens)
 
     def step(self, state: TrainState, batch: dict):
         with sharding.activate(self.mesh):
@@ -185,28 +182,18 @@ class Trainer:
     def abstract_state(self) -> TrainState:
         """The state's shapes and dtypes, computing nothing (checkpoint restore targets)."""
         with sharding.activate(self.mesh):
-            return jax.eval_shape(self._init, self.cfg.train.seed)
+            return jax.eval_shape(self._fresh_state_jit, self.cfg.train.seed)
 
 
-def config_for(path, overrides: list[str]) -> config_lib.Config:
-    """config_lib.from_cli, except that with train.init_from the model's shape comes from that run
-    (a run directory or an export); model.* overrides still apply on top."""
-    from jaxgpt import export
-    cfg = config_lib.from_cli(path, overrides)
+def train_config(path, overrides: list[str]) -> config_lib.Config:
+    """The config of `python -m jaxgpt.train PATH overrides`: the file with the overrides, except that
+    with train.init_from the model section is the source model's (model.* overrides still apply)."""
+    cfg = config_lib.apply_overrides(config_lib.load_file(path), overrides)
     if cfg.train.init_from:
-        saved = json.loads(export.source_file(cfg.train.init_from, "config.json").read_text())
-        base = config_lib.load_file(path)
-        base.model = config_lib.from_dict(saved).model
-        cfg = config_lib.validate(config_lib.apply_overrides(base, overrides))
-    return cfg
-
-
-def chat_tokenizer(cfg: config_lib.Config) -> Tokenizer:
-    """The tokenizer of the model being fine-tuned (its run's or export's), else `data.tokenizer`."""
-    from jaxgpt import export
-    if cfg.train.init_from:
-        return Tokenizer.load(export.source_file(cfg.train.init_from, "tokenizer.json").parent)
-    return Tokenizer.from_spec(cfg.data.tokenizer)
+        source_model = runs.saved_config(cfg.train.init_from).model
+        model_overrides = [o for o in overrides if o.lstrip("-").startswith("model.")]
+        cfg = config_lib.apply_overrides(dataclasses.replace(cfg, model=source_model), model_overrides)
+    return config_lib.validate(cfg)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -221,9 +208,7 @@ def truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             pass
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(row + "\n" for row in kept))
-    os.replace(tmp, path)
+    files.atomic_write(path, "".join(row + "\n" for row in kept))
 
 
 class MetricsLog:
@@ -258,18 +243,19 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
     metrics, wait)` and `close()`. A SIGTERM / SIGINT finishes the current step, saves and raises
     checkpoint.Interrupted; the same command then resumes, with the same losses as an unbroken run.
     """
-    from jaxgpt import checkpoint, export, sample
-
     out_dir = Path(cfg.train.out_dir)
+    cfg, batches = open_run_batches(cfg)  # bad data fails here, before a checkpointer thread exists
     checkpointer = checkpointer or checkpoint.Checkpointer(cfg)  # checks the resume rules before any work
     try:
+        trainer = Trainer(cfg, devices, batches)
         out_dir.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(cfg, devices)
-        (out_dir / "config.json").write_text(cfg.to_json())
+        files.atomic_write(out_dir / "config.json", cfg.to_json())
         trainer.tokenizer.save(out_dir)  # for exports made from checkpoints
         state = checkpointer.restore(trainer)
         if state is None and cfg.train.init_from:  # fine-tuning: another run's params, a fresh optimizer
-            state = export.init_from(cfg.train.init_from, trainer)
+            params, where, _ = runs.params(cfg.train.init_from, cfg, trainer.params_sharding)
+            print(f"params from {where}; fresh optimizer state, step 0", file=sys.stderr)
+            state = trainer.state_around(params)
         state = state or trainer.init_state()
     except BaseException:
         checkpointer.close()
@@ -348,25 +334,21 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
 
 
 def _progress(cfg, start):
-    import tqdm
     return tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress, unit="step",
                      dynamic_ncols=True, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jaxgpt import checkpoint, cli
-
-    def run(args):
-        cfg = config_for(args[0], args[1:])
+    def run(operands, settings):
         try:
-            last = train(cfg)
+            last = train(train_config(operands[0], settings))
         except checkpoint.Interrupted as e:
             print(f"train: {e}", file=sys.stderr)
             sys.exit(128 + e.signum)  # the shell's convention for death by a signal
         print(json.dumps(last))
 
-    cli.run(run, argv if argv is not None else sys.argv[1:],
-            usage="python -m jaxgpt.train CONFIG.py [key=value ...]")
+    cli.run("python -m jaxgpt.train", cli.Command(run, usage="CONFIG.py [key=value ...]", root=config_lib.Config),
+            argv)
 
 
 if __name__ == "__main__":

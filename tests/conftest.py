@@ -104,9 +104,8 @@ def tiny_run(text_file, tmp_path_factory):
 
 
 def subprocess_env(**extra) -> dict:
-    """Environment for `python -m jaxgpt.X` children: the repo importable, no inherited device flags."""
+    """Environment for `python -m jaxgpt.X` children (jaxgpt as installed): no inherited device flags."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     env["JAX_PLATFORMS"] = "cpu"
     env.update(extra)
     return env

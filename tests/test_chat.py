@@ -209,13 +209,13 @@ def test_val_batches_cover_each_held_out_conversation_once(byte):
     held = {ids[i] for i, c in enumerate(conversations) if any(c is v for v in val)}
     assert all((ids[i] in held) == any(c is v for v in val) for i, c in enumerate(conversations))
     seen = []
-    for batch in batches.val_batches():
+    for batch in batches.eval_batches():
         assert batch["inputs"].shape == (3, 128)
         for b in range(3):
             seen += map(tuple, unpack(batch, b, special(byte, "assistant_end")))
     assert sorted(seen) == sorted(tuple(render_truncated(c, byte, 128)[0].tolist()) for c in val)
     n_trained = sum(int(render_truncated(c, byte, 128)[1][1:].sum()) for c in val)
-    assert sum(b["loss_mask"].sum() for b in batches.val_batches()) == n_trained
+    assert sum(b["loss_mask"].sum() for b in batches.eval_batches()) == n_trained
 
 
 def test_chat_batches_count_what_does_not_fit(byte):
@@ -230,21 +230,77 @@ def test_chat_batches_count_what_does_not_fit(byte):
 
 # ---- command line ----
 
-def test_cli_convert_and_render(tmp_path, capsys):
+@pytest.fixture
+def chat_cli(monkeypatch):
+    """chat.main in this process (the host left untuned); returns the exit status."""
+    from jaxgpt import hardware
+    monkeypatch.setattr(hardware, "tune_host", lambda: None)
+
+    def run(*argv):
+        try:
+            chat.main(list(argv))
+        except SystemExit as e:
+            return e.code
+        return 0
+    return run
+
+
+def test_cli_convert_and_render(tmp_path, capsys, chat_cli):
     source = write_lines(tmp_path / "sg.jsonl", [json.dumps({"conversations": [
         {"from": "human", "value": "你好"}, {"from": "gpt", "value": "Hi!"}]})] * 3)
     out = tmp_path / "out" / "chats.jsonl"
-    assert chat.main(["convert", "--source", f"sharegpt:{source}", "--out", str(out), "--limit", "2"]) == 0
+    assert chat_cli("convert", f"convert.source=sharegpt:{source}", f"convert.out={out}", "convert.limit=2") == 0
     assert "wrote 2 conversations" in capsys.readouterr().out
     assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [
         {"id": f"{source}:{i}", "messages": [{"role": "user", "content": "你好"},
                                              {"role": "assistant", "content": "Hi!"}]} for i in (1, 2)]
-    assert chat.main(["render", "--tokenizer", "byte", "--index", "1", str(out)]) == 0
+    assert chat_cli("render", f"render.file={out}", "render.tokenizer=byte", "render.index=1") == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == f"# {source}:2: 14 tokens, 4 trained (between ⟦ and ⟧)"
     assert printed[1] == "<|bos|><|user_start|>你好<|user_end|><|assistant_start|>⟦Hi!<|assistant_end|>⟧"
-    assert chat.main(["convert", "--source", "nope", "--out", str(out)]) == 2
-    assert "error: unknown source 'nope'" in capsys.readouterr().err
+    assert chat_cli("render", f"render.file={out}", "render.tokenizer=byte", "render.ids=true") == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 14 and rows[0] == "0\t257\t0\t'<|bos|>'" and rows[-1].split("\t")[2] == "1"
+    assert chat_cli("render", f"render.file={out}", "render.tokenizer=byte", "render.seq_len=13") == 0
+    assert capsys.readouterr().out.startswith(f"# {source}:1: 14 tokens")  # exactly fits seq_len + 1
+    assert chat_cli("convert", f"convert.source=sharegpt:{source}", f"convert.out={tmp_path / 'all.jsonl'}") == 0
+    assert "wrote 3 conversations" in capsys.readouterr().out  # convert.limit=0: all
+
+
+def test_cli_user_errors_are_one_line(tmp_path, capsys, chat_cli):
+    out = write_lines(tmp_path / "c.jsonl", [json.dumps({"messages": CONVERSATION})])
+    for argv, message in [
+        (["convert", "convert.source=nope", f"convert.out={tmp_path / 'x.jsonl'}"], "error: unknown source 'nope'"),
+        (["convert", "convert.source=chitchat"], "error: convert.out is required"),
+        (["render", f"render.file={out}", "render.tokenizer=byte", "render.index=4"],
+         f"error: {out}: no conversation 4 (it has 1)"),
+        (["render", f"render.file={out}", "render.tokenizer=byte", "render.seq_len=4"],
+         f"error: {out}: conversation 0 does not fit in render.seq_len=4 + 1 tokens"),
+        (["render", f"render.file={tmp_path / 'none.jsonl'}", "render.tokenizer=byte"],
+         f"error: {tmp_path / 'none.jsonl'}: cannot read it"),
+        (["render", f"render.file={out}", "render.idx=1"], "error: unknown config key 'render.idx'; did you mean"),
+        (["render", str(out)], "error: expected 0 operand(s)"),
+    ]:
+        assert chat_cli(*argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
+        assert captured.err.startswith(message), captured.err
+
+
+@pytest.mark.slow
+def test_cli_error_in_a_subprocess_is_one_line_without_traceback(tmp_path, run_env):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "jaxgpt.chat", "convert", "convert.source=sharegpt:missing.jsonl",
+                           f"convert.out={tmp_path / 'o.jsonl'}"], capture_output=True, text=True, env=run_env(),
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("error: missing.jsonl: cannot read it")
+    assert not (tmp_path / "o.jsonl").exists()
+    help_ = subprocess.run([sys.executable, "-m", "jaxgpt.chat", "convert", "--help"], capture_output=True, text=True,
+                           env=run_env(), cwd=tmp_path, timeout=120)
+    assert help_.returncode == 0 and "  convert.skip_bad=false  (bool)" in help_.stdout
+    assert "render." not in help_.stdout
 
 
 def test_packed_conversations_never_see_each_other_through_the_model():

@@ -1,4 +1,5 @@
 """Tests for jaxgpt.config: override parsing, helpful errors, presets, validation, files, round trips, CLI."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -57,6 +58,16 @@ def test_overrides_do_not_mutate_the_input():
     ("model.bias=maybe", "model.bias=maybe: expected bool"),
     ("model.qk_norm=none", "model.qk_norm=none: expected bool"),  # not Optional: None is refused
     ("model.n_layer", "override 'model.n_layer': expected key=value, e.g. model.n_layer=6"),
+    # choice fields: the allowed values come from the Literal type
+    ("model.norm=batchnorm", "model.norm=batchnorm: expected one of layernorm, rmsnorm, none"),
+    ("model.mlp=relu", "model.mlp=relu: expected one of gelu, gelu_exact, swiglu, none"),
+    ("model.position=alibi", "model.position=alibi: expected one of learned, rope, none"),
+    ("model.dtype=float16", "model.dtype=float16: expected one of float32, bfloat16"),
+    ("model.attention=flash", "model.attention=flash: expected one of auto, xla, cudnn, cpu"),
+    ("optim.schedule=linear", "optim.schedule=linear: expected one of constant, cosine, wsd"),
+    ("optim.name=sgd", "optim.name=sgd: expected one of adamw, muon"),
+    ("data.sampling=shuffled", "data.sampling=shuffled: expected one of random, sequential"),
+    ("eval.split=test", "eval.split=test: expected one of val, train, all"),
 ])
 def test_bad_values_name_the_key(item, message):
     with pytest.raises(ConfigError) as e:
@@ -99,22 +110,39 @@ def test_presets_resolve_their_defaults():
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match=r"model.preset='mistral': expected one of \['gpt2', 'llama'\]"):
-        ModelConfig(preset="mistral").resolved()
+    with pytest.raises(ConfigError, match=r"^model.preset=mistral: expected one of gpt2, llama$"):
+        override("model.preset=mistral")
+    with pytest.raises(ConfigError, match=r"^model.preset='mistral': expected one of 'gpt2', 'llama'$"):
+        validate(Config(model=ModelConfig(preset="mistral")))  # set in Python: caught by validate
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("model", {"norm": "batchnorm"}, "model.norm='batchnorm': expected one of 'layernorm', 'rmsnorm', None"),
+    ("optim", {"name": "sgd"}, "optim.name='sgd': expected one of 'adamw', 'muon'"),
+    ("model", {"n_layer": 2.5}, "model.n_layer=2.5: expected int"),
+    ("model", {"bias": 1}, "model.bias=1: expected bool"),
+    ("train", {"seed": True}, "train.seed=True: expected int"),
+])
+def test_validate_checks_values_set_in_python(section, values, message):
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value) == message
+
+
+def test_configs_are_frozen():
+    cfg = validate(Config())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.vocab_size = 3
+    assert validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layer=2))).model.n_layer == 2
 
 
 @pytest.mark.parametrize("items, message", [
     (["model.d_model=100", "model.n_head=3"], "model.d_model=100 must be divisible by model.n_head=3"),
     (["model.n_head=6", "model.n_kv_head=4", "model.d_model=96"], "model.n_head=6 must be divisible by model.n_kv_head=4"),
-    (["model.norm=batchnorm"], "model.norm='batchnorm': expected layernorm or rmsnorm"),
-    (["model.mlp=relu"], "model.mlp='relu': expected gelu, gelu_exact or swiglu"),
-    (["model.position=alibi"], "model.position='alibi': expected learned or rope"),
     (["model.preset=llama", "model.d_model=36", "model.n_head=4"], "model: rope needs an even head dimension"),
-    (["model.dtype=float16"], "model.dtype='float16': expected float32 or bfloat16"),
-    (["optim.schedule=linear"], "optim.schedule='linear': expected constant, cosine or wsd"),
-    (["optim.name=sgd"], "optim.name='sgd': expected adamw or muon"),
     (["data.batch_size=12", "optim.grad_accum=5"], "data.batch_size=12 must be divisible by optim.grad_accum=5"),
-    (["data.sampling=shuffled"], "data.sampling='shuffled': expected random or sequential"),
     (["train.steps=0"], "train.steps must be positive"),
 ])
 def test_validation_errors(items, message):
@@ -173,7 +201,7 @@ def test_json_round_trip(tmp_path):
 def test_from_dict_rejects_unknown_names():
     with pytest.raises(ConfigError, match="unknown config section 'modle'"):
         from_dict({"modle": {}})
-    with pytest.raises(ConfigError, match="unknown config key model.'layers'"):
+    with pytest.raises(ConfigError, match="unknown config key 'model.layers'"):
         from_dict({"model": {"layers": 2}})
 
 
@@ -202,3 +230,6 @@ def test_cli_help_lists_keys(run_env):
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: python -m jaxgpt.train CONFIG.py [key=value ...]")
     assert "  model.n_layer=12  (int)" in proc.stdout
+    assert "  model.norm=none  (layernorm | rmsnorm | none)" in proc.stdout
+    assert "  model.qk_norm=false  (bool)" in proc.stdout
+    assert "  optim.schedule=cosine  (constant | cosine | wsd)" in proc.stdout

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import corpus, write
 from jaxgpt import data, prepare
-from jaxgpt.config import DataConfig
+from jaxgpt.config import DataConfig, PrepareConfig
 from jaxgpt.errors import DataError
 from jaxgpt.tokenizer import Tokenizer
 
@@ -24,8 +24,8 @@ def prepared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prepared")
     rows = [{"text": f"doc {i}: " + "tok " * (i % 17)} for i in range(500)]
     write(tmp / "in.jsonl", "\n".join(map(json.dumps, rows)))
-    prepare.prepare(f"jsonl:{tmp / 'in.jsonl'}", "byte", tmp / "out", val_fraction=0.1, chunk_bytes=500,
-                    shard_tokens=2000, progress=False)
+    prepare.prepare(PrepareConfig(source=f"jsonl:{tmp / 'in.jsonl'}", tokenizer="byte", out=str(tmp / "out"),
+                                  workers=1, val_fraction=0.1, chunk_bytes=500, shard_tokens=2000, progress=False))
     return data.load_dir(tmp / "out")
 
 
@@ -92,6 +92,21 @@ def test_text_file_path_is_tokenized_once_into_the_cache(tmp_path, monkeypatch):
     assert td.bytes_per_token["train"] == len(text[:n].encode()) / n
     assert prepare.tokenize_text_file(path, "char", 0.1) == prepare.tokenize_text_file(path, "char", 0.1)
     assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 1
+
+
+def test_a_text_file_with_invalid_utf8_suggests_data_errors_replace(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prepare, "CACHE", tmp_path / "cache")
+    path = write(tmp_path / "latin1.txt", "hello\n".encode() * 10 + "café\n".encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        prepare.tokenize_text_file(path, "char", 0.1)
+    assert str(e.value) == f"{path}: invalid UTF-8 at byte offset 63 (data.errors=replace substitutes U+FFFD)"
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache" / "tokens").glob("*/meta.json"))
+    out = prepare.tokenize_text_file(path, "char", 0.1, errors="replace")
+    assert "warning:" in capsys.readouterr().err
+    td = data.load_dir(out)
+    assert "\ufffd" in td.tokenizer.decode(np.concatenate([np.asarray(td.train), np.asarray(td.val)]))
+    with pytest.raises(DataError, match="data.errors=replace"):  # strict is not served the replaced tokens
+        prepare.tokenize_text_file(path, "char", 0.1)
 
 
 # ---- train and evaluate take a prepared directory ----

@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import sharding
+from conftest import write_lines
+from jaxgpt import runs, sharding
 from jaxgpt.config import MeshConfig, ModelConfig
-from jaxgpt.evaluate import eval_batches, evaluate_tokens, make_eval_step, windows
+from jaxgpt.data import window_batches as eval_batches, windows
+from jaxgpt.evaluate import evaluate, evaluate_batches, make_eval_step
 from jaxgpt.model import GPT, token_losses
 from jaxgpt.tokenizer import Tokenizer
 
@@ -64,6 +66,12 @@ def test_eval_batches_shapes_and_masks():
     (tail,) = list(eval_batches(np.arange(1, 7), seq_len=8, stride=8, batch_size=1))
     np.testing.assert_array_equal(tail["segment_ids"][0], [1, 1, 1, 1, 1, 0, 0, 0])
     np.testing.assert_array_equal(tail["loss_mask"][0], [1, 1, 1, 1, 1, 0, 0, 0])
+
+
+def evaluate_tokens(step, params, tokens, seq_len, stride, batch_size, mesh, token_bytes=None, max_tokens=0):
+    """Score a token sequence exactly, as a TokenBatches source does."""
+    tokens = tokens[:max_tokens + 1] if max_tokens else tokens
+    return evaluate_batches(step, params, eval_batches(tokens, seq_len, stride, batch_size), mesh, token_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +144,31 @@ def test_cli_error_for_a_missing_run(tmp_path, run_env):
                           capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_plain_text_file_every_token_scored_nothing_written(tiny_run, tmp_path):
+    run, _ = tiny_run
+    held_out = tmp_path / "heldout"
+    held_out.mkdir()
+    text = "ROMEO:\nLove is the night, sweet lord.\n\nJULIET:\nGood night, good night!\n" * 4
+    (held_out / "heldout.txt").write_text(text)
+    result = evaluate(run, [f"data.path={held_out / 'heldout.txt'}", "eval.split=all"])
+    tokenizer = runs.tokenizer(run)
+    assert result["split"] == "all" and result["tokens"] == len(tokenizer.encode(text)) - 1
+    assert result["bytes"] == len(text[1:].encode("utf-8"))
+    assert [p.name for p in held_out.iterdir()] == ["heldout.txt"]  # no cache or shard beside the user's file
+    by_hand = evaluate(run, [f"data.path={held_out / 'heldout.txt'}", "data.val_fraction=0.5"])
+    assert by_hand["tokens"] < result["tokens"]  # eval.split=val: only the file's last half
+
+
+def test_held_out_conversations_score_assistant_tokens_only(tiny_run, tmp_path):
+    run, _ = tiny_run
+    conversations = [[{"role": "user", "content": "good night"}, {"role": "assistant", "content": "sweet lord"}],
+                     [{"role": "user", "content": "my love"}, {"role": "assistant", "content": "thou art fair"},
+                      {"role": "user", "content": "come"}, {"role": "assistant", "content": "so be it"}]]
+    path = write_lines(tmp_path / "val.jsonl", [json.dumps({"messages": c}) for c in conversations])
+    result = evaluate(run, [f"data.chat_val=jsonl:{path}"])
+    replies = [m["content"] for c in conversations for m in c if m["role"] == "assistant"]
+    assert result["tokens"] == sum(len(r) + 1 for r in replies)  # each reply and its <|assistant_end|>
+    assert result["bytes"] == sum(len(r) for r in replies)      # the end token stands for no text
+    assert evaluate(run, [f"data.chat=jsonl:{path}", "eval.split=all"])["loss"] == pytest.approx(result["loss"])

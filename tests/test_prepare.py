@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import corpus, subprocess_env, write
+from conftest import corpus, write
 from jaxgpt import data, prepare
-from jaxgpt.errors import DataError
+from jaxgpt.config import PrepareConfig
+from jaxgpt.errors import ConfigError, DataError, TokenizerError
 from jaxgpt.tokenizer import Tokenizer
 
 
@@ -20,7 +21,8 @@ def offline(offline_tiktoken):
 
 
 def prep(source, out, tokenizer="byte", **kw):
-    return prepare.prepare(source, tokenizer, out, progress=False, **kw)
+    kw.setdefault("workers", 1)
+    return prepare.prepare(PrepareConfig(source=source, tokenizer=tokenizer, out=str(out), progress=False, **kw))
 
 
 def split_ids(out, split) -> np.ndarray:
@@ -163,7 +165,8 @@ def test_second_run_reuses_finished_shards(tmp_path):
     assert again["reused"] and not first["reused"] and again["splits"] == first["splits"]
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
     write(tmp_path / "in" / "b.txt", "beta changed\n" * 100)  # new content: a new key
-    with pytest.raises(DataError, match=r"holds data prepared from other inputs or settings; .*--overwrite"):
+    with pytest.raises(DataError, match=r"holds data prepared from other inputs or settings; "
+                                        r"use another prepare.out or prepare.overwrite=true"):
         prep(f"text:{tmp_path / 'in'}", tmp_path / "out", val_fraction=0)
     rebuilt = prep(f"text:{tmp_path / 'in'}", tmp_path / "out", val_fraction=0, overwrite=True)
     assert not rebuilt["reused"] and rebuilt["bytes"] == first["bytes"] + 800
@@ -204,7 +207,7 @@ def test_invalid_utf8_strict_names_file_and_offset_replace_substitutes(tmp_path,
     bad = write(tmp_path / "bad.txt", b"ok line\n" * 1000 + b"caf\xe9\n" + b"more\n")
     with pytest.raises(DataError) as e:
         prep(f"text:{bad}", tmp_path / "strict", chunk_bytes=1024)
-    assert str(e.value) == f"{bad}: invalid UTF-8 at byte offset 8003 (--errors replace substitutes U+FFFD)"
+    assert str(e.value) == f"{bad}: invalid UTF-8 at byte offset 8003 (prepare.errors=replace substitutes U+FFFD)"
     prep(f"text:{bad}", tmp_path / "replace", errors="replace", val_fraction=0, chunk_bytes=1024)
     assert documents(split_ids(tmp_path / "replace", "train"), Tokenizer.from_spec("byte")) == \
         ["ok line\n" * 1000 + "caf\ufffd\nmore\n"]
@@ -219,21 +222,22 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     write(tmp_path / "empty" / "full.txt", "text")
     cases = {
         f"text:{tmp_path / 'empty'}": f"{empty}: the file is empty",
-        f"text:{tmp_path / 'nothing'}/*.txt": f"--source text:{tmp_path / 'nothing'}/*.txt: no .txt files at",
+        f"text:{tmp_path / 'nothing'}/*.txt": f"prepare.source=text:{tmp_path / 'nothing'}/*.txt: no .txt files at",
         "jsonl:" + str(write(tmp_path / "m.jsonl", '{"text": "a"}\n\n{"body": "b"}\n')):
-            f"{tmp_path / 'm.jsonl'}:3: no field 'text' (it has 'body'); choose one with --field",
+            f"{tmp_path / 'm.jsonl'}:3: no field 'text' (it has 'body'); choose one with prepare.field=NAME",
         "jsonl:" + str(write(tmp_path / "j.jsonl", '{"text": "a"}\n{"text": \n')):
             f"{tmp_path / 'j.jsonl'}:2: not valid JSON (Expecting value)",
         "jsonl:" + str(write(tmp_path / "n.jsonl", '{"text": 3}\n')):
             f"{tmp_path / 'n.jsonl'}:1: field 'text' is a int, not text",
-        "csv:whatever": "unknown --source 'csv:whatever'",
+        "csv:whatever": "prepare.source=csv:whatever: unknown source; expected text:PATH",
     }
     for source, message in cases.items():
         with pytest.raises(DataError) as e:
             prep(source, tmp_path / "out")
         assert str(e.value).startswith(message) and "\n" not in str(e.value)
     write(tmp_path / "ok.txt", "hello")
-    with pytest.raises(DataError, match=r"tokenizer cl100k_base has 100\d\d\d ids, too many for --dtype uint16"):
+    with pytest.raises(DataError, match=r"tokenizer cl100k_base has 100\d\d\d ids, too many for prepare.dtype=uint16 "
+                                        r"\(at most 65536\); use prepare.dtype=auto"):
         prep(f"text:{tmp_path / 'ok.txt'}", tmp_path / "u16", "cl100k_base", dtype="uint16")
     assert not (tmp_path / "u16" / "meta.json").exists()
 
@@ -253,11 +257,68 @@ def test_truncated_or_corrupt_shard_is_refused_on_load(tmp_path):
     assert len(data.load_dir(tmp_path / "out", verify=False).train) == len(raw) // 2
 
 
-def test_command_line_prints_summary_or_one_line_error(tmp_path):
+def test_settings_are_checked_as_on_the_command_line(tmp_path, monkeypatch):
+    write(tmp_path / "t.txt", "hello world\n" * 20)
+    source = f"text:{tmp_path / 't.txt'}"
+    with pytest.raises(DataError, match=r"^prepare.val_fraction=1.0: expected 0 <= fraction < 1$"):
+        prep(source, tmp_path / "out", val_fraction=1.0)
+    with pytest.raises(ConfigError, match=r"^prepare.errors='ignore': expected one of 'strict', 'replace'$"):
+        prep(source, tmp_path / "out", errors="ignore")
+    with pytest.raises(ConfigError, match=r"^prepare.doc_split='page': expected one of"):
+        prep(source, tmp_path / "out", doc_split="page")
+    with pytest.raises(TokenizerError, match=r"^bad tokenizer 'bpe:many': expected bpe:VOCAB_SIZE"):
+        prep(source, tmp_path / "out", "bpe:many")
+    assert not (tmp_path / "out").exists()
+    # an int where a float belongs is the same setting (and so the same reuse key) as the float
+    assert prep(source, tmp_path / "a", val_fraction=0)["key"] == prep(source, tmp_path / "b", val_fraction=0.0)["key"]
+    # workers=0: one per CPU core but one
+    seen = []
+    monkeypatch.setattr(prepare.os, "cpu_count", lambda: 5)
+    monkeypatch.setattr(prepare, "Encoder", lambda out, workers, *a: seen.append(workers) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        prep(source, tmp_path / "w", workers=0)
+    assert seen == [4]
+
+
+def run_prepare(run_env, cwd, *settings):
+    return subprocess.run([sys.executable, "-m", "jaxgpt.data", "prepare", *settings], capture_output=True,
+                          text=True, env=run_env(), cwd=cwd, timeout=120)
+
+
+@pytest.mark.slow
+def test_command_line_prints_summary_or_one_line_error(tmp_path, run_env):
     write(tmp_path / "t.txt", "hello world\n")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "jaxgpt.data", "prepare", *a], capture_output=True,
-                                    text=True, env=subprocess_env(), cwd=tmp_path, timeout=120)
-    ok = run("--source", "text:t.txt", "--tokenizer", "byte", "--out", "out", "--val-fraction", "0", "--no-progress")
-    assert ok.returncode == 0 and json.loads(ok.stdout)["tokens"] == 13
-    bad = run("--source", "text:missing.txt", "--tokenizer", "byte", "--out", "out2")
-    assert bad.returncode == 2 and bad.stderr == "error: --source text:missing.txt: no .txt files at missing.txt\n"
+    ok = run_prepare(run_env, tmp_path, "prepare.source=text:t.txt", "prepare.tokenizer=byte", "prepare.out=out",
+                     "prepare.val_fraction=0", "prepare.progress=false", "prepare.workers=1")
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads(ok.stdout)
+    assert summary["out"] == "out" and summary["tokens"] == 13 and summary["train_tokens"] == 13
+    assert summary["reused"] is False and summary["n_vocab"] == 264
+    again = run_prepare(run_env, tmp_path, "prepare.source=text:t.txt", "prepare.tokenizer=byte", "prepare.out=out",
+                        "prepare.val_fraction=0", "prepare.progress=false", "prepare.workers=1")
+    assert json.loads(again.stdout)["reused"] is True
+    for settings, message in [
+        (["prepare.source=text:missing.txt", "prepare.tokenizer=byte", "prepare.out=out2"],
+         "error: prepare.source=text:missing.txt: no .txt files at missing.txt"),
+        (["prepare.source=text:t.txt", "prepare.tokenizer=byte", "prepare.out=out", "prepare.val_fraction=0.5"],
+         "error: out: holds data prepared from other inputs or settings; use another prepare.out or "
+         "prepare.overwrite=true"),
+        (["prepare.source=text:t.txt", "prepare.out=out3"], "error: prepare.tokenizer is required"),
+        (["prepare.source=text:t.txt", "prepare.tokenizer=byte", "prepare.out=o", "prepare.dtype=int8"],
+         "error: prepare.dtype=int8: expected one of auto, uint16, uint32"),
+        (["--source", "text:t.txt"], "error: expected 0 operand(s) before the key=value settings, got 2"),
+    ]:
+        bad = run_prepare(run_env, tmp_path, *settings)
+        assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr, bad.stderr
+        assert len(bad.stderr.splitlines()) == 1 and bad.stderr.startswith(message), bad.stderr
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
+@pytest.mark.slow
+def test_command_line_help_lists_the_prepare_keys(tmp_path, run_env):
+    out = run_prepare(run_env, tmp_path, "--help")
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m jaxgpt.data prepare prepare.source=SOURCE")
+    assert "  prepare.workers=0  (int)" in out.stdout
+    assert "  prepare.doc_split=file  (file | paragraph | line)" in out.stdout
+    assert "  prepare.val_fraction=0.1  (float)" in out.stdout
+    assert "text:PATH, jsonl:PATH[:field]" in out.stdout  # the kinds of source

@@ -32,10 +32,27 @@ def test_jsonl_field_and_limit(tmp_path):
     src = sources.open_source(f"jsonl:{tmp_path / 'r.jsonl'}:body")
     assert [t for t, _ in src.pieces()] == [f"row {i}" for i in range(10)]  # the empty row is skipped
     assert [t for t, _ in sources.limited(src.pieces(), 3)] == ["row 0", "row 1", "row 2"]
-    with pytest.raises(DataError, match=r"r.jsonl:1: no field 'text' \(it has 'body', 'other'\); choose one with --field"):
+    with pytest.raises(DataError, match=r"r.jsonl:1: no field 'text' \(it has 'body', 'other'\); "
+                                        r"choose one with prepare.field=NAME$"):
         list(sources.open_source(f"jsonl:{tmp_path / 'r.jsonl'}").pieces())
 
 
-def test_unknown_source_names_the_kinds():
-    with pytest.raises(DataError, match=r"unknown --source 'csv:x': expected text:PATH, jsonl:PATH\[:field\]"):
+def test_unknown_source_names_the_key_and_the_kinds(tmp_path):
+    with pytest.raises(DataError, match=r"^prepare.source=csv:x: unknown source; expected text:PATH, "
+                                        r"jsonl:PATH\[:field\]"):
         sources.open_source("csv:x")
+    with pytest.raises(DataError, match=rf"^prepare.source=text:{tmp_path}/\*.txt: no .txt files at"):
+        sources.open_source(f"text:{tmp_path}/*.txt")
+
+
+def test_decode_names_the_setting_that_fixes_invalid_utf8(capsys):
+    raw = b"ok\ncaf\xe9\n"
+    with pytest.raises(DataError) as e:
+        sources.decode(raw, "f.txt", 100, "strict", set())
+    assert str(e.value) == "f.txt: invalid UTF-8 at byte offset 106 (prepare.errors=replace substitutes U+FFFD)"
+    with pytest.raises(DataError, match=r"\(data.errors=replace substitutes U\+FFFD\)$"):
+        sources.decode(raw, "f.txt", 0, "strict", set(), fix="data.errors=replace")
+    warned = set()
+    assert sources.decode(raw, "f.txt", 0, "replace", warned) == "ok\ncaf\ufffd\n"
+    assert sources.decode(raw, "f.txt", 0, "replace", warned) == "ok\ncaf\ufffd\n"  # warns once per file
+    assert capsys.readouterr().err.count("warning: f.txt: invalid UTF-8 at byte offset 6") == 1

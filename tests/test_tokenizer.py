@@ -263,27 +263,96 @@ def test_tiktoken_cache_is_used(monkeypatch, tmp_path):
     assert Tokenizer.from_spec("o200k_base").encode("hello world") == [24912, 2375]
 
 
+# ---- specs and construction ----
+
+def test_parse_spec_names_every_kind(bpe, tmp_path):
+    saved = bpe.save(tmp_path / "saved")
+    (tmp_path / "r.tiktoken").write_bytes(saved.with_suffix(".tiktoken").read_bytes())
+    assert tk.parse_spec("cl100k_base") == tk.Spec("pretrained", "cl100k_base")
+    assert tk.parse_spec("byte").kind == "byte" and tk.parse_spec("char").kind == "char"
+    assert tk.parse_spec("bpe:4096") == tk.Spec("bpe", "bpe:4096", 4096)
+    assert tk.parse_spec(str(saved.parent)) == tk.Spec("saved", str(saved.parent), path=saved.parent)
+    assert tk.parse_spec(str(saved)).kind == "saved"
+    assert tk.parse_spec(str(tmp_path / "r.tiktoken")).kind == "file"
+    with pytest.raises(TokenizerError, match=r"^bad tokenizer 'bpe:big': expected bpe:VOCAB_SIZE, e.g. bpe:4096$"):
+        tk.parse_spec("bpe:big")
+    with pytest.raises(TokenizerError, match=r"^unknown tokenizer 'gpt5': expected one of gpt2, r50k_base"):
+        tk.parse_spec("gpt5")
+    with pytest.raises(TokenizerError, match=r"^bad tokenizer 'bpe:'"):
+        Tokenizer.from_spec("bpe:", corpus="some text")  # from_spec reads specs the same way
+
+
+def test_constructing_by_name_points_to_from_spec():
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer("cl100k_base")
+    assert str(e.value) == ("Tokenizer('cl100k_base') needs ranks or chars; to build a tokenizer by name "
+                            "use Tokenizer.from_spec('cl100k_base')")
+
+
+def test_save_writes_whole_files_only(bpe, tmp_path):
+    first = bpe.save(tmp_path)
+    bpe.save(tmp_path)  # again over the same files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer.tiktoken"]  # no .tmp left
+    assert Tokenizer.load(first).fingerprint == bpe.fingerprint
+
+
 # ---- command line ----
 
-def run_cli(*args):
+def run_cli(run_env, *args):
     return subprocess.run([sys.executable, "-m", "jaxgpt.tokenizer", *args], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent)
+                          env=run_env(), cwd=Path(__file__).parent.parent, timeout=120)
 
 
-def test_cli_train_and_encode(tmp_path):
+def one_line_error(out, start: str) -> None:
+    assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(start), out.stderr
+
+
+@pytest.mark.slow
+def test_cli_train_and_encode(tmp_path, run_env):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(corpus_lines()) + "\n", encoding="utf-8")
-    out = run_cli("train", "--vocab-size", "300", "--input", str(corpus), "--out", str(tmp_path / "tok"))
+    other = tmp_path / "more.txt"
+    other.write_text("\n".join(corpus_lines(50, seed=3)) + "\n", encoding="utf-8")
+    out = run_cli(run_env, "train", f"bpe.input={corpus},{other}", "bpe.vocab_size=300", f"bpe.out={tmp_path / 'tok'}",
+                  "bpe.name=mine")
     assert out.returncode == 0, out.stderr
     tok = Tokenizer.load(tmp_path / "tok")
-    assert tok.n_vocab == 300
-    out = run_cli("encode", "--tokenizer", str(tmp_path / "tok"), "the quick fox")
+    assert tok.n_vocab == 300 and tok.name == "mine"
+    assert out.stdout == f"saved mine (n_vocab=300) to {tmp_path / 'tok' / 'tokenizer.json'}\n"
+    out = run_cli(run_env, "encode", f"encode.tokenizer={tmp_path / 'tok'}", "encode.text=the quick fox")
     assert out.returncode == 0 and out.stdout.split() == [str(i) for i in tok.encode("the quick fox")]
+    out = run_cli(run_env, "encode", "encode.tokenizer=char", f"encode.corpus={corpus}", "encode.text=fox")
+    char = Tokenizer.from_spec("char", corpus=corpus.read_text(encoding="utf-8"))
+    assert out.returncode == 0 and out.stdout.split() == [str(i) for i in char.encode("fox")]
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    out = run_cli("encode", "--tokenizer", "nonsense", "hi")
-    assert out.returncode == 2 and out.stderr.startswith("error: unknown tokenizer")
-    assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1
-    out = run_cli("train", "--vocab-size", "300", "--input", str(tmp_path / "none.txt"), "--out", str(tmp_path))
-    assert out.returncode == 2 and "does not exist" in out.stderr
+@pytest.mark.slow
+def test_cli_errors_are_one_line(tmp_path, run_env):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café\n".encode("latin-1"))
+    one_line_error(run_cli(run_env, "encode", "encode.tokenizer=nonsense", "encode.text=hi"),
+                   "error: unknown tokenizer 'nonsense'")
+    one_line_error(run_cli(run_env, "train", f"bpe.input={tmp_path / 'none.txt'}", "bpe.vocab_size=300",
+                           f"bpe.out={tmp_path}"), f"error: bpe.input: {tmp_path / 'none.txt'} does not exist")
+    one_line_error(run_cli(run_env, "train", f"bpe.input={latin1}", "bpe.vocab_size=300", f"bpe.out={tmp_path}"),
+                   f"error: {latin1}: not UTF-8 text")
+    one_line_error(run_cli(run_env, "encode", "encode.tokenizer=char", f"encode.corpus={latin1}", "encode.text=a"),
+                   f"error: {latin1}: not UTF-8 text")
+    one_line_error(run_cli(run_env, "encode", "encode.tokenizer=char", f"encode.corpus={tmp_path / 'no.txt'}",
+                           "encode.text=a"), f"error: {tmp_path / 'no.txt'}: cannot read it (No such file")
+    one_line_error(run_cli(run_env, "train", f"bpe.input={latin1}", f"bpe.out={tmp_path}", "bpe.vocab_size=many"),
+                   "error: bpe.vocab_size=many: expected int")
+    one_line_error(run_cli(run_env, "train", f"bpe.input={latin1}"), "error: bpe.out is required")
+    one_line_error(run_cli(run_env, "encode", "encode.tokenizer=gpt2", "hi"), "error: expected 0 operand(s)")
+    assert run_cli(run_env, "decode").returncode == 2  # no such verb: the usage
+
+
+@pytest.mark.slow
+def test_cli_help_lists_only_the_verbs_keys(run_env):
+    out = run_cli(run_env, "encode", "--help")
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m jaxgpt.tokenizer encode encode.tokenizer=")
+    assert "  encode.tokenizer=gpt2  (str)" in out.stdout and "bpe." not in out.stdout
+    out = run_cli(run_env, "train", "--help")
+    assert "  bpe.input=  (comma-separated strs)" in out.stdout and "  bpe.vocab_size=4096  (int)" in out.stdout
+    assert "encode." not in out.stdout

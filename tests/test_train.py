@@ -1,5 +1,8 @@
 """Tests for jaxgpt.train: an end-to-end tiny run, reproducibility, and the non-finite guard."""
 import json
+import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -7,6 +10,7 @@ import pytest
 
 from jaxgpt import config as config_lib
 from jaxgpt import optim
+from conftest import REPO
 from jaxgpt.train import NonFiniteLoss, Trainer, train, truncate_metrics
 
 TIMING = ("tokens_per_s", "mfu")  # the only fields allowed to differ between identical runs
@@ -88,3 +92,27 @@ def test_truncate_metrics_drops_later_and_torn_rows(tmp_path):
     path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n{"step": 3, "loss": 1.5}\n{"step": 4, "lo')
     truncate_metrics(path, 2)
     assert path.read_text() == '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, expected", [
+    ("missing", r"^error: data\.path=\S+nope\.txt: no such file"),
+    ("not_utf8", r"^error: \S+bad\.txt: invalid UTF-8 at byte offset 3 \(data\.errors=replace substitutes U\+FFFD\)$"),
+    ("batch_over_mesh", r"^error: data\.batch_size=10 does not split over the mesh's 8 data-parallel devices "
+                        r"\(mesh\.data=8 x mesh\.fsdp=1\); use a multiple of 8$"),
+])
+def test_bad_input_is_one_line_and_status_2(case, expected, text_file, tmp_path, run_env):
+    """What a new user gets wrong ends in one line on stderr, exit status 2, no traceback (and no
+    background checkpoint thread complaining at exit)."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"abc\xff\xfedef\n")
+    data = {"missing": tmp_path / "nope.txt", "not_utf8": bad, "batch_over_mesh": text_file}[case]
+    extra = ["data.batch_size=10", "mesh.data=8"] if case == "batch_over_mesh" else []
+    env = run_env(XLA_FLAGS="--xla_force_host_platform_device_count=8") if case == "batch_over_mesh" else run_env()
+    proc = subprocess.run([sys.executable, "-m", "jaxgpt.train", str(REPO / "experiments/configs/shakespeare_char.py"),
+                           f"data.path={data}", f"train.out_dir={tmp_path / 'run'}", *extra],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(expected, lines[0]), proc.stderr
+    assert proc.stdout == ""

@@ -1,7 +1,7 @@
 """Pretraining a small llama-preset model on chitchat conversations as plain text (the quickstart's
 first training stage; sized for a 2-core CPU: about 4 minutes).
 
-    python -m jaxgpt.data prepare --source chitchat --tokenizer bpe:4096 --out data/chitchat
+    python -m jaxgpt.data prepare prepare.source=chitchat prepare.tokenizer=bpe:4096 prepare.out=data/chitchat
     python -m jaxgpt.train experiments/configs/chitchat_pretrain.py data.dir=data/chitchat
 """
 from jaxgpt.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig

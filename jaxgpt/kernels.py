@@ -1,0 +1,171 @@
+"""The model's three hot spots (attention, normalization, matmul), one implementation per backend.
+
+    impl = resolve(cfg.attention, cfg.dtype)   # "cpu" | "xla" | "cudnn"
+    out_BxHxLxE = attention(impl, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS)
+    y = normalize(impl, x, scale_D, bias_D, eps, center)
+    y_MxN = matmul(impl, x_MxK, w_KxN)
+
+"cpu": hand-written backward passes, each measured faster on XLA:CPU than autodiff's (the
+golden values in tests/test_model.py are this path's numbers). "xla": plain jnp, differentiated
+by autodiff, which leaves the compiler free to fuse (TPU, and a GPU in fp32). "cudnn": cuDNN's
+fused flash attention (a GPU in bf16/fp16), which never stores the probabilities; norms and
+matmuls as "xla". Shapes in names as in model.py: B batch, H query heads, K kv heads, G = H/K,
+L query length, S key length, E head dim.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.errors import ConfigError
+
+NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
+HALF_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN flash attention computes in
+
+
+def resolve(choice: str, dtype) -> str:
+    """The implementation `model.attention` names: auto is cpu on CPU, cudnn on a GPU in bf16/fp16,
+    else xla. An explicit cudnn where it cannot run is a ConfigError, not a crash inside XLA."""
+    if choice not in ("auto", "cpu", "xla", "cudnn"):
+        raise ConfigError(f"model.attention={choice!r}: expected one of auto, xla, cudnn, cpu")
+    backend = jax.default_backend()
+    cudnn_ok = backend == "gpu" and jnp.dtype(dtype) in HALF_DTYPES
+    if choice == "auto":
+        return "cpu" if backend == "cpu" else "cudnn" if cudnn_ok else "xla"
+    if choice == "cudnn" and not cudnn_ok:
+        raise ConfigError(f"model.attention=cudnn needs a GPU and model.dtype=bfloat16 (here: {backend}, "
+                          f"{jnp.dtype(dtype).name}); use model.attention=auto or xla")
+    return choice
+
+
+def attention(impl: str, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS) -> jax.Array:
+    """Softmax attention with grouped-query heads (K kv heads shared by G = H/K queries).
+
+    mask True: the query may attend to the key. A query with no allowed key (padding) outputs 0
+    and gets gradient 0. Heads come first ([B, H, L, E]): the cpu path's matmuls then need no
+    transposes, and a KV cache kept as [B, K, S, E] plugs in unchanged.
+    """
+    if impl == "cpu":
+        B, H, L, E = q_BxHxLxE.shape
+        K = k_BxKxSxE.shape[1]
+        bias_BxLxS = jnp.where(mask_BxLxS, 0.0, NEG_INF).astype(jnp.float32)
+        # a query with nothing to attend to (padding) gets zero probabilities: output 0, gradient 0
+        has_keys_BxLx1 = mask_BxLxS.any(-1, keepdims=True).astype(jnp.float32)
+        out_BxKxGxLxE = _attend(q_BxHxLxE.reshape(B, K, H // K, L, E), k_BxKxSxE, v_BxKxSxE, bias_BxLxS,
+                                has_keys_BxLx1)
+        return out_BxKxGxLxE.reshape(B, H, L, E)
+    # jax.nn.dot_product_attention takes [B, L, heads, E] and does the grouping itself; its softmax
+    # over a fully masked row is uniform, so padding rows are zeroed here (which also zeroes their
+    # gradient)
+    q_BxLxHxE, k_BxSxKxE, v_BxSxKxE = (x.transpose(0, 2, 1, 3) for x in (q_BxHxLxE, k_BxKxSxE, v_BxKxSxE))
+    out_BxLxHxE = jax.nn.dot_product_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask=mask_BxLxS[:, None],
+                                               implementation=impl)
+    has_keys_BxHxLx1 = mask_BxLxS.any(-1)[:, None, :, None]
+    return jnp.where(has_keys_BxHxLx1, out_BxLxHxE.transpose(0, 2, 1, 3), 0)
+
+
+# A hand-written backward: autodiff's version of softmax attention cost XLA:CPU 3 ms more per
+# step (its softmax backward reduces p * dp over the keys inside a fused matmul; the form below
+# reduces do * o over the head dim instead, as FlashAttention does, and adds no transposes).
+# It stores the fp32 probabilities for the backward pass: fine at CPU sizes, the memory that
+# cuDNN's flash attention saves on a GPU.
+@jax.custom_vjp
+def _attend(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, bias_BxLxS, has_keys_BxLx1):
+    return _attend_fwd(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, bias_BxLxS, has_keys_BxLx1)[0]
+
+
+def _attend_fwd(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, bias_BxLxS, has_keys_BxLx1):
+    scale = q_BxKxGxLxE.shape[-1] ** -0.5
+    scores_BxKxGxLxS = jnp.einsum("bkgle,bkse->bkgls", q_BxKxGxLxE, k_BxKxSxE,
+                                  preferred_element_type=jnp.float32) * scale
+    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS + bias_BxLxS[:, None, None], axis=-1)
+    probs_BxKxGxLxS = probs_BxKxGxLxS * has_keys_BxLx1[:, None, None]
+    out_BxKxGxLxE = jnp.einsum("bkgls,bkse->bkgle", probs_BxKxGxLxS.astype(v_BxKxSxE.dtype), v_BxKxSxE)
+    return out_BxKxGxLxE, (q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, probs_BxKxGxLxS, out_BxKxGxLxE)
+
+
+def _attend_bwd(residuals, dout_BxKxGxLxE):
+    q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, probs_BxKxGxLxS, out_BxKxGxLxE = residuals
+    scale = q_BxKxGxLxE.shape[-1] ** -0.5
+    dv_BxKxSxE = jnp.einsum("bkgls,bkgle->bkse", probs_BxKxGxLxS.astype(dout_BxKxGxLxE.dtype), dout_BxKxGxLxE)
+    dprobs_BxKxGxLxS = jnp.einsum("bkgle,bkse->bkgls", dout_BxKxGxLxE, v_BxKxSxE,
+                                  preferred_element_type=jnp.float32)
+    # sum_s p * dp = sum_e do * o: the softmax backward's row sum, over E instead of S
+    rowsum_BxKxGxLx1 = jnp.sum(dout_BxKxGxLxE.astype(jnp.float32) * out_BxKxGxLxE.astype(jnp.float32),
+                               axis=-1, keepdims=True)
+    dscores_BxKxGxLxS = (probs_BxKxGxLxS * (dprobs_BxKxGxLxS - rowsum_BxKxGxLx1) * scale).astype(q_BxKxGxLxE.dtype)
+    dq_BxKxGxLxE = jnp.einsum("bkgls,bkse->bkgle", dscores_BxKxGxLxS, k_BxKxSxE)
+    dk_BxKxSxE = jnp.einsum("bkgls,bkgle->bkse", dscores_BxKxGxLxS, q_BxKxGxLxE)
+    return dq_BxKxGxLxE, dk_BxKxSxE, dv_BxKxSxE, None, None  # the mask gets no gradient
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def normalize(impl: str, x, scale_D, bias_D, eps: float, center: bool) -> jax.Array:
+    """(x - mean) / std * scale + bias over the last axis (LayerNorm); without centering, RMSNorm."""
+    if impl == "cpu":
+        return _normalize(x, scale_D, bias_D, eps, center)
+    return _normalize_fwd(x, scale_D, bias_D, eps, center)[0]  # the same forward, autodiff's backward
+
+
+# A hand-written backward (two row reductions instead of autodiff's four) saves XLA:CPU
+# about 0.5 ms of a 32 ms step.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _normalize(x, scale_D, bias_D, eps: float, center: bool):
+    return _normalize_fwd(x, scale_D, bias_D, eps, center)[0]
+
+
+def _normalize_fwd(x, scale_D, bias_D, eps, center):
+    if center:
+        x = x - x.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps)
+    xhat = x * rstd
+    return xhat * scale_D + bias_D, (xhat, rstd, scale_D)
+
+
+def _normalize_bwd(eps, center, residuals, dy):
+    xhat, rstd, scale_D = residuals
+    batch_axes = tuple(range(dy.ndim - 1))
+    dscale_D = (dy * xhat).sum(batch_axes)
+    dbias_D = dy.sum(batch_axes)
+    g = dy * scale_D
+    dx = g - xhat * (g * xhat).mean(-1, keepdims=True)
+    if center:
+        dx = dx - g.mean(-1, keepdims=True)
+    return dx * rstd, dscale_D, dbias_D
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def matmul(impl: str, x_MxK, w_KxN) -> jax.Array:
+    """x @ w; on cpu, with the weight gradient computed in the orientation XLA:CPU runs fastest."""
+    return _matmul(x_MxK, w_KxN) if impl == "cpu" else x_MxK @ w_KxN
+
+
+@jax.custom_vjp
+def _matmul(x_MxK, w_KxN):
+    return x_MxK @ w_KxN
+
+
+def _matmul_fwd(x_MxK, w_KxN):
+    return x_MxK @ w_KxN, (x_MxK, w_KxN)
+
+
+def _matmul_bwd(residuals, dy_MxN):
+    x_MxK, w_KxN = residuals
+    K, N = w_KxN.shape
+    if K > N:
+        # XLA:CPU (YNNPACK) runs x^T dy 1.5x slower when the result is tall and narrow (the MLP's
+        # [4D, D] down-projection: 1.02 vs 0.65 ms): compute dy^T x and transpose that small
+        # result; the barrier stops XLA from folding the transpose back into the product.
+        dw_KxN = jax.lax.optimization_barrier(dy_MxN.T @ x_MxK).T
+    else:
+        dw_KxN = x_MxK.T @ dy_MxN
+    return dy_MxN @ w_KxN.T, dw_KxN
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -1,0 +1,198 @@
+"""Tests for jaxgpt.kernels: every implementation that runs on a CPU against textbook forms, and the switch."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt import kernels
+from jaxgpt.config import ModelConfig
+from jaxgpt.errors import ConfigError
+from jaxgpt.model import GPT
+
+IMPLS = ["cpu", "xla"]  # what runs on a CPU; "auto" resolves to "cpu" there (test_resolve_on_cpu)
+
+
+def reference_attention(q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS):
+    """fp32 softmax attention with kv heads repeated and -inf masking; rows with no key output 0."""
+    G = q_BxHxLxE.shape[1] // k_BxKxSxE.shape[1]
+    k_BxHxSxE, v_BxHxSxE = jnp.repeat(k_BxKxSxE, G, axis=1), jnp.repeat(v_BxKxSxE, G, axis=1)
+    scores_BxHxLxS = jnp.einsum("bhle,bhse->bhls", q_BxHxLxE, k_BxHxSxE) / np.sqrt(q_BxHxLxE.shape[-1])
+    has_keys_BxLx1 = mask_BxLxS.any(-1, keepdims=True)
+    # a row with no key may attend to all (no NaN in its softmax, nor in the gradients), then is zeroed
+    mask_Bx1xLxS = (mask_BxLxS | ~has_keys_BxLx1)[:, None]
+    probs_BxHxLxS = jax.nn.softmax(jnp.where(mask_Bx1xLxS, scores_BxHxLxS, -jnp.inf), axis=-1)
+    out_BxHxLxE = jnp.einsum("bhls,bhse->bhle", probs_BxHxLxS, v_BxHxSxE)
+    return jnp.where(has_keys_BxLx1[:, None], out_BxHxLxE, 0.0)
+
+
+def packed_mask(segments, positions):
+    """Causal within a segment, never onto segment 0 (padding): the mask model.py builds."""
+    seg_BxL, pos_BxL = np.asarray(segments), np.asarray(positions)
+    same = seg_BxL[:, :, None] == seg_BxL[:, None, :]
+    causal = pos_BxL[:, :, None] >= pos_BxL[:, None, :]
+    return jnp.asarray(same & causal & (seg_BxL[:, None, :] != 0))
+
+
+# Two documents then padding in one row, a single document in the other.
+SEGMENTS = [[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]]
+POSITIONS = [[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 6]]
+PAD_ROW, PAD_POSITIONS = 0, slice(5, 7)
+
+
+def test_packed_mask_is_the_models_mask():
+    from jaxgpt.model import attention_mask, positions_from_segments
+    seg = jnp.asarray(SEGMENTS, jnp.int32)
+    pos = positions_from_segments(seg)
+    np.testing.assert_array_equal(np.asarray(pos), POSITIONS)
+    np.testing.assert_array_equal(np.asarray(attention_mask(seg, pos, seg, pos)),
+                                  np.asarray(packed_mask(SEGMENTS, POSITIONS)))
+
+
+def qkv_and_cotangent(H, K, L, S, E=8, seed=0):
+    rng = np.random.default_rng(seed)
+    B = len(SEGMENTS)
+    return [jnp.asarray(rng.standard_normal(s), jnp.float32)
+            for s in [(B, H, L, E), (B, K, S, E), (B, K, S, E), (B, H, L, E)]]
+
+
+def values_and_grads(fn, q, k, v, mask, dout):
+    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+    return (out, *vjp(dout))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("K", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_attention_matches_reference_on_packed_rows_with_padding(impl, K):
+    """Values and q, k, v gradients, with K kv heads serving H = 4 query heads."""
+    L = len(SEGMENTS[0])
+    q, k, v, dout = qkv_and_cotangent(4, K, L, L)
+    mask = packed_mask(SEGMENTS, POSITIONS)
+    got = jax.jit(values_and_grads, static_argnums=0)(lambda *a: kernels.attention(impl, *a), q, k, v, mask, dout)
+    want = values_and_grads(reference_attention, q, k, v, mask, dout)
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+        assert g.shape == w.shape and g.dtype == jnp.float32, name
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5, err_msg=name)
+    out, dq, dk, dv = (np.asarray(x[PAD_ROW]) for x in got)
+    # padding queries output exactly 0 and move nothing; padding keys are attended by no one
+    assert np.all(out[:, PAD_POSITIONS] == 0) and np.all(dq[:, PAD_POSITIONS] == 0)
+    assert np.all(dk[:, PAD_POSITIONS] == 0) and np.all(dv[:, PAD_POSITIONS] == 0)
+    assert np.abs(out[:, :5]).min() > 0  # while the real tokens' outputs are not zero
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_with_fewer_queries_than_keys(impl):
+    """Decoding against a KV cache: L new queries, S cached keys, an arbitrary mask, one empty row."""
+    L, S = 3, 7
+    q, k, v, dout = qkv_and_cotangent(4, 2, L, S, seed=1)
+    mask = jnp.asarray(np.random.default_rng(2).random((2, L, S)) < 0.6).at[1, 2].set(False)
+    got = jax.jit(values_and_grads, static_argnums=0)(lambda *a: kernels.attention(impl, *a), q, k, v, mask, dout)
+    want = values_and_grads(reference_attention, q, k, v, mask, dout)
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5, err_msg=name)
+    assert np.all(np.asarray(got[0][1, :, 2]) == 0) and np.all(np.asarray(got[1][1, :, 2]) == 0)
+
+
+def plain_normalize(x, scale, bias, eps, center):
+    if center:
+        x = x - x.mean(-1, keepdims=True)
+    return x / jnp.sqrt((x * x).mean(-1, keepdims=True) + eps) * scale + bias
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("center", [True, False], ids=["layernorm", "rmsnorm"])
+def test_normalize_matches_plain_jnp(impl, center):
+    rng = np.random.default_rng(3)
+    x, dy = (jnp.asarray(rng.standard_normal((3, 5, 16)) * 2 + 1, jnp.float32) for _ in range(2))
+    scale, bias = (jnp.asarray(rng.standard_normal(16), jnp.float32) for _ in range(2))
+    def with_grads(fn):
+        y, vjp = jax.vjp(lambda x, s, b: fn(x, s, b, 1e-5, center), x, scale, bias)
+        return (y, *vjp(dy))
+
+    got = with_grads(lambda *a: kernels.normalize(impl, *a))
+    want = with_grads(plain_normalize)
+    for name, g, w in zip(["y", "dx", "dscale", "dbias"], got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(6, 4, 9), (6, 9, 4)], ids=["wide", "tall"])
+def test_matmul_matches_plain_jnp(impl, shape):
+    """Both orientations of the cpu weight gradient (K <= N and K > N) equal x^T dy."""
+    M, K, N = shape
+    rng = np.random.default_rng(4)
+    x, w, dy = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(M, K), (K, N), (M, N)])
+    y, vjp = jax.vjp(lambda x, w: kernels.matmul(impl, x, w), x, w)
+    dx, dw = vjp(dy)
+    for name, g, want in [("y", y, x @ w), ("dx", dx, dy @ w.T), ("dw", dw, x.T @ dy)]:
+        np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_only_cpu_uses_the_hand_written_backwards(impl):
+    x, w = jnp.ones((3, 4)), jnp.ones((4, 2))
+    q = k = v = jnp.ones((1, 2, 3, 4))
+    mask = jnp.ones((1, 3, 3), bool)
+    jaxprs = [jax.make_jaxpr(lambda x, w: kernels.matmul(impl, x, w))(x, w),
+              jax.make_jaxpr(lambda x: kernels.normalize(impl, x, w[:, 0], w[:, 1], 1e-5, True))(x),
+              jax.make_jaxpr(lambda q, k, v: kernels.attention(impl, q, k, v, mask))(q, k, v)]
+    assert ["custom_vjp_call" in str(j) for j in jaxprs] == [impl == "cpu"] * 3
+
+
+def test_resolve_on_cpu():
+    assert jax.default_backend() == "cpu"
+    for dtype in ["float32", "bfloat16", jnp.float32]:
+        assert kernels.resolve("auto", dtype) == "cpu"
+        assert kernels.resolve("cpu", dtype) == "cpu"
+        assert kernels.resolve("xla", dtype) == "xla"
+        with pytest.raises(ConfigError, match=r"^model\.attention=cudnn needs a GPU"):
+            kernels.resolve("cudnn", dtype)
+    with pytest.raises(ConfigError, match="model.attention='flash'"):
+        kernels.resolve("flash", "float32")
+
+
+@pytest.mark.parametrize("backend, dtype, expected", [
+    ("gpu", "bfloat16", "cudnn"), ("gpu", jnp.float16, "cudnn"), ("gpu", "float32", "xla"),
+    ("tpu", "bfloat16", "xla"), ("tpu", "float32", "xla")])
+def test_resolve_auto_elsewhere(monkeypatch, backend, dtype, expected):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert kernels.resolve("auto", dtype) == expected
+    assert kernels.resolve("xla", dtype) == "xla"
+    if expected == "cudnn":
+        assert kernels.resolve("cudnn", dtype) == "cudnn"
+    else:
+        with pytest.raises(ConfigError, match="model.attention=cudnn"):
+            kernels.resolve("cudnn", dtype)
+
+
+def tiny_llama(attention: str) -> ModelConfig:
+    return ModelConfig(preset="llama", vocab_size=37, n_layer=2, n_head=4, n_kv_head=2, d_model=32, seq_len=7,
+                       qk_norm=True, bias=True, attention=attention).resolved()
+
+
+def test_model_follows_the_switch():
+    """attention=xla: no hand-written backward anywhere in the model, and the same loss and gradients."""
+    model = GPT(tiny_llama("cpu"))
+    rng = np.random.default_rng(5)
+    # random params of the right shapes: quicker than model.init's op-by-op threefry on XLA:CPU
+    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.3, jnp.float32),
+                          jax.eval_shape(model.init, jax.random.key(0)))
+    seg = jnp.asarray(SEGMENTS, jnp.int32)
+    batch = {"inputs": jnp.asarray(rng.integers(0, 37, seg.shape), jnp.int32), "segment_ids": seg,
+             "targets": jnp.asarray(rng.integers(0, 37, seg.shape), jnp.int32), "loss_mask": (seg != 0) * 1.0}
+    results = {}
+    for impl in IMPLS:
+        m = GPT(dataclasses.replace(model.cfg, attention=impl))
+        jaxpr = str(jax.make_jaxpr(m.apply)(params, batch["inputs"], seg))
+        assert [name in jaxpr for name in ["_attend_bwd", "_normalize_bwd", "_matmul_bwd"]] == [impl == "cpu"] * 3
+        results[impl] = jax.jit(jax.value_and_grad(lambda p: m.loss(p, batch)[0]))(params)
+    (loss_cpu, grads_cpu), (loss_xla, grads_xla) = results["cpu"], results["xla"]
+    np.testing.assert_allclose(float(loss_xla), float(loss_cpu), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5),
+                 grads_xla, grads_cpu)
+
+
+def test_cudnn_on_cpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.attention=cudnn"):
+        GPT(tiny_llama("cudnn")).init(jax.random.key(0))

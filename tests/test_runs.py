@@ -1,0 +1,75 @@
+"""Tests for jaxgpt.runs: one loader for a run directory, a checkpoint step or an export."""
+import json
+import shutil
+
+import jax
+import pytest
+
+from conftest import leaves_equal
+from jaxgpt import runs, train as train_lib
+from jaxgpt.errors import CheckpointError
+
+
+def test_run_step_and_export_give_the_same_model(tiny_run):
+    run, rows = tiny_run
+    final = rows[-1]["step"]
+    from_run = runs.load(run)
+    from_step = runs.load(run / "checkpoints" / str(final))
+    from_export = runs.load(run / "export")
+    assert from_run.where == str((run / "checkpoints" / str(final)).absolute()) and from_run.step == final
+    assert from_step.step == final and from_export.step is None and from_export.where == str((run / "export").absolute())
+    assert leaves_equal(from_run.params, from_export.params) and leaves_equal(from_step.params, from_export.params)
+    saved = json.loads((run / "config.json").read_text())
+    assert from_run.cfg.to_dict() == saved == from_export.cfg.to_dict() == runs.saved_config(run).to_dict()
+    fingerprints = {x.tokenizer.fingerprint for x in (from_run, from_step, from_export)}
+    assert fingerprints == {runs.tokenizer(run).fingerprint}
+
+
+def test_a_run_without_export_loads_its_newest_checkpoint(tiny_run, tmp_path):
+    run, _ = tiny_run
+    copy = tmp_path / "no-export"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "export")  # e.g. killed before the end: the newest checkpoint serves instead
+    loaded = runs.load(copy, ["sample.temperature=0", "eval.stride=8"])
+    assert leaves_equal(loaded.params, runs.load(run / "export").params)
+    assert loaded.cfg.sample.temperature == 0 and loaded.cfg.eval.stride == 8
+
+
+def test_an_export_alone_loads_without_its_run(tiny_run, tmp_path):
+    run, _ = tiny_run
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(run / "export", moved)
+    assert leaves_equal(runs.load(moved).params, runs.load(run / "export").params)
+
+
+def test_the_model_shape_cannot_be_overridden(tiny_run):
+    run, _ = tiny_run
+    with pytest.raises(CheckpointError, match=r"model.n_layer=2 in the checkpoint but model.n_layer=3 in the config"):
+        runs.load(run, ["model.n_layer=3"])
+    assert runs.load(run, ["model.dtype=bfloat16"]).cfg.model.dtype == "bfloat16"  # compute settings may change
+
+
+def test_nothing_to_load_is_one_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match=r"^.*nothing: not a run directory \(with checkpoints/ or export/\), "
+                                              r"a checkpoint step or an export$"):
+        runs.load(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
+        runs.tokenizer(tmp_path)
+
+
+def test_params_on_a_mesh(tiny_run):
+    run, _ = tiny_run
+    loaded = runs.load(run, on_mesh=True)
+    assert loaded.mesh is not None
+    assert all(x.sharding.mesh.shape == loaded.mesh.shape for x in jax.tree.leaves(loaded.params))
+
+
+def test_train_config_takes_the_model_of_init_from(tiny_run, tmp_path):
+    run, _ = tiny_run
+    config_file = tmp_path / "ft.json"
+    config_file.write_text(json.dumps({"model": {"n_layer": 7, "d_model": 32}, "data": {"path": "x.txt"}}))
+    cfg = train_lib.train_config(config_file, [f"train.init_from={run}", "model.dropout=0.1", "optim.lr=1e-4"])
+    source = runs.saved_config(run).model
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.vocab_size) == (source.n_layer, source.d_model,
+                                                                            source.vocab_size)
+    assert cfg.model.dropout == 0.1 and cfg.optim.lr == 1e-4 and cfg.data.path == "x.txt"
