@@ -105,8 +105,7 @@ def sft_config(out: Path, scale: str) -> config_lib.Config:
 def chat_eval(out: Path, source: Path) -> dict:
     """Held-out assistant-token loss and bits per byte of the model in `source` (as the SFT run
     scores it: its batch size, the held-out conversations)."""
-    return evaluate.evaluate(source, ["data.chat=", f"data.chat_val=jsonl:{out / 'corpus/val.jsonl'}",
-                                      "data.batch_size=16"])
+    return evaluate.evaluate(source, [f"data.chat_val=jsonl:{out / 'corpus/val.jsonl'}", "data.batch_size=16"])
 
 
 def examples(source: Path, seed: int) -> list[dict]:

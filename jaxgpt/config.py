@@ -311,6 +311,8 @@ def validate(cfg: Config) -> Config:
         (m.n_head % m.n_kv_head == 0, f"model.n_head={m.n_head} must be divisible by model.n_kv_head={m.n_kv_head}"),
         (m.position != "rope" or m.head_dim % 2 == 0, "model: rope needs an even head dimension"),
         (cfg.data.batch_size > 0, "data.batch_size must be positive"),
+        (not (cfg.data.path and cfg.data.dir),
+         f"data.path={cfg.data.path} and data.dir={cfg.data.dir}: set one (a text file or a prepared directory)"),
         (cfg.data.batch_size % cfg.optim.grad_accum == 0,
          f"data.batch_size={cfg.data.batch_size} must be divisible by optim.grad_accum={cfg.optim.grad_accum}"),
         (cfg.train.steps > 0, "train.steps must be positive"),

@@ -59,9 +59,17 @@ def evaluate_source(batches, cfg: Config, eval_step, params, mesh, split: str, m
                                 mesh, batches.token_bytes)
 
 
+# Where a config's data comes from; data named in the overrides replaces all of the run's.
+DATA_SOURCES = ("data.path", "data.dir", "data.val_dir", "data.chat", "data.chat_val")
+
+
 def evaluate(source: str, overrides: list[str] = ()) -> dict:
-    """What the command line prints: a trained model (runs.load) scored on the data its config,
-    with `overrides`, names (the model's own tokenizer tokenizes it)."""
+    """What the command line prints: a trained model (runs.load) scored on the data its config
+    names, the model's own tokenizer tokenizing it. Data named in `overrides` (data.path=heldout.txt,
+    data.chat_val=...) replaces the run's data whole: a run trained on data.dir with a data.val_dir
+    is then scored on that file alone."""
+    if any(o.split("=", 1)[0].lstrip("-") in DATA_SOURCES for o in overrides):
+        overrides = [f"{key}=" for key in DATA_SOURCES] + list(overrides)
     loaded = runs.load(source, overrides, on_mesh=True)
     cfg, mesh = loaded.cfg, loaded.mesh
     batches = data.open_batches(cfg, loaded.tokenizer, training=False)

@@ -93,7 +93,7 @@ class HeadNorm(nn.Module):
 
 
 class Dense(nn.Module):
-    """x @ w (+ b) over the trailing `n_in` axes of x, fp32 params cast to the compute dtype."""
+    """x @ w (+ b) over the trailing len(shape_in) axes of x, fp32 params cast to the compute dtype."""
     shape_in: tuple[int, ...]
     shape_out: tuple[int, ...]
     names: tuple[str | None, ...]

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import corpus, write
 from jaxgpt import data, prepare
+from jaxgpt.data import window_batches, windows
 from jaxgpt.config import DataConfig, PrepareConfig
 from jaxgpt.errors import DataError
 from jaxgpt.tokenizer import Tokenizer
@@ -127,3 +128,83 @@ def test_train_takes_a_prepared_dir_and_refuses_a_mismatched_vocabulary(prepared
         Trainer(small)
     with pytest.raises(DataError, match=r"with byte \(264 tokens\) but the model uses cl100k_base \(100\d+ tok"):
         data.check_same_tokenizer(prepared.tokenizer, Tokenizer.from_spec("cl100k_base"))
+
+
+# ---- windows for exact evaluation (every target scored once) ----
+
+def scored(n_tokens, seq_len, stride):
+    """(target index, context length) for every target the windows score."""
+    out = []
+    for start, first in windows(n_tokens, seq_len, stride):
+        assert 0 <= first < seq_len
+        n = min(seq_len, n_tokens - 1 - start)  # targets this window has
+        out += [(start + p + 1, p + 1) for p in range(first, n)]
+    return out
+
+
+@pytest.mark.parametrize("n_tokens", [2, 3, 8, 9, 10, 17, 64, 65, 100, 101])
+@pytest.mark.parametrize("seq_len", [1, 4, 8])
+@pytest.mark.parametrize("stride", [0, 1, 3, 4, 8, 20])
+def test_windows_score_every_target_once(n_tokens, seq_len, stride):
+    result = scored(n_tokens, seq_len, stride)
+    assert sorted(t for t, _ in result) == list(range(1, n_tokens))
+    effective = min(stride or seq_len, seq_len)
+    for target, context in result:
+        # each prediction sees all tokens so far or at least seq_len - stride + 1 of them
+        assert context >= min(target, seq_len - effective + 1)
+
+
+def test_windows_values():
+    assert list(windows(10, 4, 4)) == [(0, 0), (4, 0), (8, 0)]
+    assert list(windows(10, 4, 2)) == [(0, 0), (2, 2), (4, 2), (6, 2)]
+    assert list(windows(9, 4, 0)) == [(0, 0), (4, 0)]  # stride 0 means seq_len
+    assert list(windows(1, 4, 4)) == []                # a single token has no target
+
+
+def test_window_batches_shapes_and_masks():
+    tokens = np.arange(1, 12)  # 11 tokens: 10 targets
+    batches = list(window_batches(tokens, seq_len=4, stride=2, batch_size=3))
+    assert len(batches) == 2 and all(b["inputs"].shape == (3, 4) for b in batches)
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    # windows start at 0, 2, 4, 6 (the last one has 4 targets: 7..10) and 2 padding rows fill the batch
+    np.testing.assert_array_equal(rows["inputs"][:4], [[1, 2, 3, 4], [3, 4, 5, 6], [5, 6, 7, 8], [7, 8, 9, 10]])
+    np.testing.assert_array_equal(rows["targets"][:4], rows["inputs"][:4] + 1)
+    np.testing.assert_array_equal(rows["loss_mask"][:4], [[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]])
+    np.testing.assert_array_equal(rows["segment_ids"][4:], 0)
+    np.testing.assert_array_equal(rows["loss_mask"][4:], 0)
+    assert rows["loss_mask"].sum() == 10
+    # a short tail: padded positions are segment 0 and unscored
+    (tail,) = list(window_batches(np.arange(1, 7), seq_len=8, stride=8, batch_size=1))
+    np.testing.assert_array_equal(tail["segment_ids"][0], [1, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(tail["loss_mask"][0], [1, 1, 1, 1, 1, 0, 0, 0])
+
+
+# ---- batch sources ----
+
+def test_token_batches_are_the_batches_of_step_and_process(make_config):
+    cfg = make_config()
+    source = data.open_batches(cfg)
+    assert isinstance(source, data.TokenBatches) and source.tokenizer.name == "char"
+    whole = source.batch_at(3)
+    halves = [source.batch_at(3, p, 2) for p in (0, 1)]
+    for key in whole:
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
+    np.testing.assert_array_equal(whole["inputs"], data.batch_at(source.data.split("train"), cfg.train.seed, 3,
+                                                                 cfg.data.batch_size, cfg.model.seq_len)["inputs"])
+    n_train, n_val = len(source.data.split("train")), len(source.data.split("val"))
+    scored = {split: sum(int(b["loss_mask"].sum()) for b in source.eval_batches(split)) for split in ("train", "val", "all")}
+    assert scored == {"train": n_train - 1, "val": n_val - 1, "all": n_train + n_val - 1}
+    np.testing.assert_array_equal(source.token_bytes, source.tokenizer.token_byte_lengths())
+
+
+def test_open_batches_serves_conversations_when_data_chat_is_set(make_config, tmp_path):
+    lines = [json.dumps({"messages": [{"role": "user", "content": "good night"},
+                                      {"role": "assistant", "content": f"sweet lord {i}"}]}) for i in range(8)]
+    path = write(tmp_path / "c.jsonl", "\n".join(lines) + "\n")
+    cfg = make_config(data={"chat": f"jsonl:{path}", "tokenizer": "byte"})
+    source = data.open_batches(cfg)
+    assert type(source).__name__ == "ChatBatches" and source.tokenizer.name == "byte"
+    assert source.batch_at(0)["inputs"].shape == (cfg.data.batch_size, cfg.model.seq_len)
+    eval_only = data.open_batches(make_config(data={"chat_val": f"jsonl:{path}", "tokenizer": "byte"}), training=False)
+    assert sum(int(b["loss_mask"].sum()) for b in eval_only.eval_batches()) == sum(len(f"sweet lord {i}") + 1
+                                                                                     for i in range(8))

@@ -1,5 +1,6 @@
-"""Tests for jaxgpt.evaluate: every target scored once, masks, the exact loss, bits per byte, the CLI."""
+"""Tests for jaxgpt.evaluate: the exact loss, bits per byte, and scoring any data (text file, conversations), the CLI."""
 import json
+import shutil
 import math
 import subprocess
 import sys
@@ -13,59 +14,12 @@ import pytest
 from conftest import write_lines
 from jaxgpt import runs, sharding
 from jaxgpt.config import MeshConfig, ModelConfig
-from jaxgpt.data import window_batches as eval_batches, windows
+from jaxgpt.data import window_batches as eval_batches
 from jaxgpt.evaluate import evaluate, evaluate_batches, make_eval_step
 from jaxgpt.model import GPT, token_losses
 from jaxgpt.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def scored(n_tokens, seq_len, stride):
-    """(target index, context length) for every target the windows score."""
-    out = []
-    for start, first in windows(n_tokens, seq_len, stride):
-        assert 0 <= first < seq_len
-        n = min(seq_len, n_tokens - 1 - start)  # targets this window has
-        out += [(start + p + 1, p + 1) for p in range(first, n)]
-    return out
-
-
-@pytest.mark.parametrize("n_tokens", [2, 3, 8, 9, 10, 17, 64, 65, 100, 101])
-@pytest.mark.parametrize("seq_len", [1, 4, 8])
-@pytest.mark.parametrize("stride", [0, 1, 3, 4, 8, 20])
-def test_windows_score_every_target_once(n_tokens, seq_len, stride):
-    result = scored(n_tokens, seq_len, stride)
-    assert sorted(t for t, _ in result) == list(range(1, n_tokens))
-    effective = min(stride or seq_len, seq_len)
-    for target, context in result:
-        # each prediction sees all tokens so far or at least seq_len - stride + 1 of them
-        assert context >= min(target, seq_len - effective + 1)
-
-
-def test_windows_values():
-    assert list(windows(10, 4, 4)) == [(0, 0), (4, 0), (8, 0)]
-    assert list(windows(10, 4, 2)) == [(0, 0), (2, 2), (4, 2), (6, 2)]
-    assert list(windows(9, 4, 0)) == [(0, 0), (4, 0)]  # stride 0 means seq_len
-    assert list(windows(1, 4, 4)) == []                # a single token has no target
-
-
-def test_eval_batches_shapes_and_masks():
-    tokens = np.arange(1, 12)  # 11 tokens: 10 targets
-    batches = list(eval_batches(tokens, seq_len=4, stride=2, batch_size=3))
-    assert len(batches) == 2 and all(b["inputs"].shape == (3, 4) for b in batches)
-    rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    # windows start at 0, 2, 4, 6 (the last one has 4 targets: 7..10) and 2 padding rows fill the batch
-    np.testing.assert_array_equal(rows["inputs"][:4], [[1, 2, 3, 4], [3, 4, 5, 6], [5, 6, 7, 8], [7, 8, 9, 10]])
-    np.testing.assert_array_equal(rows["targets"][:4], rows["inputs"][:4] + 1)
-    np.testing.assert_array_equal(rows["loss_mask"][:4], [[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]])
-    np.testing.assert_array_equal(rows["segment_ids"][4:], 0)
-    np.testing.assert_array_equal(rows["loss_mask"][4:], 0)
-    assert rows["loss_mask"].sum() == 10
-    # a short tail: padded positions are segment 0 and unscored
-    (tail,) = list(eval_batches(np.arange(1, 7), seq_len=8, stride=8, batch_size=1))
-    np.testing.assert_array_equal(tail["segment_ids"][0], [1, 1, 1, 1, 1, 0, 0, 0])
-    np.testing.assert_array_equal(tail["loss_mask"][0], [1, 1, 1, 1, 1, 0, 0, 0])
 
 
 def evaluate_tokens(step, params, tokens, seq_len, stride, batch_size, mesh, token_bytes=None, max_tokens=0):
@@ -157,8 +111,8 @@ def test_a_plain_text_file_every_token_scored_nothing_written(tiny_run, tmp_path
     assert result["split"] == "all" and result["tokens"] == len(tokenizer.encode(text)) - 1
     assert result["bytes"] == len(text[1:].encode("utf-8"))
     assert [p.name for p in held_out.iterdir()] == ["heldout.txt"]  # no cache or shard beside the user's file
-    by_hand = evaluate(run, [f"data.path={held_out / 'heldout.txt'}", "data.val_fraction=0.5"])
-    assert by_hand["tokens"] < result["tokens"]  # eval.split=val: only the file's last half
+    half = evaluate(run, [f"data.path={held_out / 'heldout.txt'}", "data.val_fraction=0.5"])
+    assert half["tokens"] < result["tokens"]  # eval.split=val: only the file's last half
 
 
 def test_held_out_conversations_score_assistant_tokens_only(tiny_run, tmp_path):
@@ -172,3 +126,17 @@ def test_held_out_conversations_score_assistant_tokens_only(tiny_run, tmp_path):
     assert result["tokens"] == sum(len(r) + 1 for r in replies)  # each reply and its <|assistant_end|>
     assert result["bytes"] == sum(len(r) for r in replies)      # the end token stands for no text
     assert evaluate(run, [f"data.chat=jsonl:{path}", "eval.split=all"])["loss"] == pytest.approx(result["loss"])
+
+
+def test_data_named_on_the_command_line_replaces_the_runs_data(tiny_run, tmp_path):
+    """A run trained on a prepared directory (with a separate val_dir) scores a text file named by
+    data.path alone, not the run's directories."""
+    run, _ = tiny_run
+    export = tmp_path / "export"
+    shutil.copytree(run / "export", export)
+    saved = json.loads((export / "config.json").read_text())
+    saved["data"].update(path="", dir=str(tmp_path / "gone"), val_dir=str(tmp_path / "gone_val"))
+    (export / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "heldout.txt").write_text("Good night, sweet lord.\n" * 8)
+    result = evaluate(export, [f"data.path={tmp_path / 'heldout.txt'}", "eval.split=all"])
+    assert result["tokens"] == len("Good night, sweet lord.\n" * 8) - 1  # the char tokenizer: one token a character
