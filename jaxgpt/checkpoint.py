@@ -264,6 +264,10 @@ class Checkpointer:
             best_fn=_val_loss if ck.keep_best else None, best_mode="min",
             cleanup_tmp_directories=True)  # temporaries of saves cut short by a kill
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        # orbax starts removing those temporaries in a thread when the manager is made, and waits for
+        # it only before a save; wait now, or a run that stops early (a config error, say) leaves the
+        # thread running into interpreter shutdown: a traceback after the user's one-line error.
+        getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self.pending: int | None = None  # the step of the save in flight
         self.failed = False
 

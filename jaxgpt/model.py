@@ -60,36 +60,23 @@ def rope(x_BxHxLxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm, computed in fp32."""
+    """LayerNorm or RMSNorm (cfg.norm) over the last axis, or with `qk` the RMSNorm of each head's
+    vector (QK-norm); computed in fp32."""
     cfg: ModelConfig
+    qk: bool = False
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
         D = x.shape[-1]
-        scale = self.param("scale", logical(nn.initializers.ones, "norm"), (D,))
-        if cfg.bias and cfg.norm == "layernorm":
+        center = not self.qk and cfg.norm == "layernorm"
+        scale = self.param("scale", logical(nn.initializers.ones, "head_dim" if self.qk else "norm"), (D,))
+        if center and cfg.bias:
             bias = self.param("bias", logical(nn.initializers.zeros, "norm"), (D,))
         else:
             bias = jnp.zeros((D,), jnp.float32)
-        center = cfg.norm == "layernorm"
         impl = kernels.resolve(cfg.attention, cfg.dtype)
         return kernels.normalize(impl, x.astype(jnp.float32), scale, bias, cfg.norm_eps, center).astype(cfg.dtype)
-
-
-class HeadNorm(nn.Module):
-    """RMSNorm over each head's vector (QK-norm)."""
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, x_BxHxLxE):
-        cfg = self.cfg
-        E = x_BxHxLxE.shape[-1]
-        scale = self.param("scale", logical(nn.initializers.ones, "head_dim"), (E,))
-        impl = kernels.resolve(cfg.attention, cfg.dtype)
-        out = kernels.normalize(impl, x_BxHxLxE.astype(jnp.float32), scale, jnp.zeros((E,), jnp.float32),
-                                cfg.norm_eps, False)
-        return out.astype(x_BxHxLxE.dtype)
 
 
 class Dense(nn.Module):
@@ -137,8 +124,8 @@ class Attention(nn.Module):
         q_BxHxLxE = q_BxLxHxE.transpose(0, 2, 1, 3)
         k_BxKxLxE, v_BxKxLxE = kv_BxLx2xKxE.transpose(2, 0, 3, 1, 4)
         if cfg.qk_norm:
-            q_BxHxLxE = HeadNorm(cfg, name="q_norm")(q_BxHxLxE)
-            k_BxKxLxE = HeadNorm(cfg, name="k_norm")(k_BxKxLxE)
+            q_BxHxLxE = Norm(cfg, qk=True, name="q_norm")(q_BxHxLxE)
+            k_BxKxLxE = Norm(cfg, qk=True, name="k_norm")(k_BxKxLxE)
         if cfg.position == "rope":
             q_BxHxLxE = rope(q_BxHxLxE, positions_BxL, cfg.rope_theta)
             k_BxKxLxE = rope(k_BxKxLxE, positions_BxL, cfg.rope_theta)

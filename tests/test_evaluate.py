@@ -140,3 +140,15 @@ def test_data_named_on_the_command_line_replaces_the_runs_data(tiny_run, tmp_pat
     (tmp_path / "heldout.txt").write_text("Good night, sweet lord.\n" * 8)
     result = evaluate(export, [f"data.path={tmp_path / 'heldout.txt'}", "eval.split=all"])
     assert result["tokens"] == len("Good night, sweet lord.\n" * 8) - 1  # the char tokenizer: one token a character
+
+
+def test_a_prepared_directory_in_the_models_tokenizer(tiny_run, tmp_path):
+    from jaxgpt import prepare
+    from jaxgpt.config import PrepareConfig
+    run, _ = tiny_run
+    text = tmp_path / "more.txt"
+    text.write_text("".join(f"ROMEO:\nGood night, sweet lord {'!' * i}\n\n" for i in range(40)))
+    meta = prepare.prepare(PrepareConfig(source=f"text:{text}", tokenizer=str(run), out=str(tmp_path / "prepared"),
+                                         val_fraction=0.5, doc_split="paragraph", workers=1, progress=False))
+    result = evaluate(run, [f"data.dir={tmp_path / 'prepared'}"])
+    assert result["split"] == "val" and result["tokens"] == meta["splits"]["val"]["tokens"] - 1 > 0
