@@ -159,6 +159,10 @@ class SampleConfig:
     temperature: float = 0.8
     top_k: int = 0                   # 0: off
     top_p: float = 1.0               # 1.0: off
+    min_p: float = 0.0               # keep tokens with p >= min_p * p_max; 0: off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the reply; 1.0: off
+    presence_penalty: float = 0.0    # subtracted once from each generated token's logit; 0: off
+    frequency_penalty: float = 0.0   # subtracted per occurrence in the reply; 0: off
     seed: int = 0
     chat: bool = False               # the prompt is a user message: reply as the assistant (chat template)
 

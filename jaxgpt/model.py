@@ -3,12 +3,19 @@
     model = GPT(cfg)                          # cfg: a resolved ModelConfig
     params = model.init(jax.random.key(0))    # a plain dict of fp32 arrays
     logits_BxLxV = model.apply(params, tokens_BxL)
+    cache = model.init_cache(B)               # decoding: per layer k, v of [B, K, S, E]
+    logits_BxLxV, cache = model.apply(params, tokens_BxL, segments, positions, cache=cache)
 
 Shapes in names: B batch, L query length, S key length, D width, H heads, K kv heads, G = H/K,
 E head dim, F MLP width, V vocab, N layers. Every parameter carries logical axis names
 (`GPT.logical_axes`), which `sharding.py` maps onto the mesh; activations carry them too.
 Attention, the norms and the matmuls run on `kernels.py`, whose implementation `cfg.attention`
 picks (auto: the hand-tuned XLA:CPU forms on a CPU, cuDNN flash attention on a GPU).
+
+With a KV cache (S = cfg.seq_len slots per row) each row's new keys and values are written at
+their absolute positions (a row's new tokens are contiguous) and the queries attend over the
+whole static cache, causally: a key at position <= the query's was written by this sequence,
+at this call or an earlier one, so nothing else marks which cache entries are valid.
 """
 from __future__ import annotations
 
@@ -114,7 +121,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, mask_BxLxL, positions_BxL):
+    def __call__(self, x_BxLxD, mask_BxLxS, positions_BxL, cache=None):
         cfg = self.cfg
         D, H, K, E = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim
         q_BxLxHxE = Dense((D,), (H, E), ("embed", "heads", "head_dim"), cfg, cfg.init_std, name="wq")(x_BxLxD)
@@ -129,10 +136,16 @@ class Attention(nn.Module):
         if cfg.position == "rope":
             q_BxHxLxE = rope(q_BxHxLxE, positions_BxL, cfg.rope_theta)
             k_BxKxLxE = rope(k_BxKxLxE, positions_BxL, cfg.rope_theta)
+        if cache is not None:  # write the new keys at each row's position, attend over the cache
+            write = jax.vmap(lambda c_KxSxE, x_KxLxE, p: jax.lax.dynamic_update_slice(c_KxSxE, x_KxLxE, (0, p, 0)))
+            cache = {"k": write(cache["k"], k_BxKxLxE.astype(cache["k"].dtype), positions_BxL[:, 0]),
+                     "v": write(cache["v"], v_BxKxLxE.astype(cache["v"].dtype), positions_BxL[:, 0])}
+            k_BxKxLxE, v_BxKxLxE = cache["k"], cache["v"]  # now [B, K, S, E]
         impl = kernels.resolve(cfg.attention, cfg.dtype)
-        out_BxHxLxE = kernels.attention(impl, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxL)
+        out_BxHxLxE = kernels.attention(impl, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxS)
         out_BxLxHxE = out_BxHxLxE.transpose(0, 2, 1, 3)
-        return Dense((H, E), (D,), ("heads", "head_dim", "embed"), cfg, residual_std(cfg), name="wo")(out_BxLxHxE)
+        out_BxLxD = Dense((H, E), (D,), ("heads", "head_dim", "embed"), cfg, residual_std(cfg), name="wo")(out_BxLxHxE)
+        return out_BxLxD, cache
 
 
 class Mlp(nn.Module):
@@ -158,13 +171,14 @@ class Block(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxLxD, mask_BxLxL, positions_BxL):
+    def __call__(self, x_BxLxD, mask_BxLxS, positions_BxL, cache=None):
         drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
-        x_BxLxD = x_BxLxD + drop(Attention(self.cfg, name="attn")(
-            Norm(self.cfg, name="norm_attn")(x_BxLxD), mask_BxLxL, positions_BxL))
+        attn_BxLxD, cache = Attention(self.cfg, name="attn")(
+            Norm(self.cfg, name="norm_attn")(x_BxLxD), mask_BxLxS, positions_BxL, cache)
+        x_BxLxD = x_BxLxD + drop(attn_BxLxD)
         x_BxLxD = x_BxLxD + drop(Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="norm_mlp")(x_BxLxD)))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
-        return x_BxLxD, None  # (carry, output) so the same block also runs under nn.scan
+        return x_BxLxD, cache  # (carry, output) so the same block also runs under nn.scan
 
 
 class Transformer(nn.Module):
@@ -172,7 +186,7 @@ class Transformer(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL):
+    def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL, cache=None):
         cfg = self.cfg
         V, D = cfg.vocab_size, cfg.d_model
         wte = self.param("wte", logical(nn.initializers.normal(cfg.init_std), "vocab", "embed"), (V, D))
@@ -183,6 +197,8 @@ class Transformer(nn.Module):
         x_BxLxD = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(x_BxLxD)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
+        if cache is not None:
+            return self.decode(x_BxLxD, segment_ids_BxL, positions_BxL, cache, wte)
         # one mask for every layer: causal, within a segment, never onto padding
         mask_BxLxL = attention_mask(segment_ids_BxL, positions_BxL, segment_ids_BxL, positions_BxL)
         block = nn.remat(Block, prevent_cse=not cfg.scan_layers, static_argnums=()) if cfg.remat else Block
@@ -194,7 +210,25 @@ class Transformer(nn.Module):
         else:
             for i in range(cfg.n_layer):
                 x_BxLxD, _ = block(cfg, self.deterministic, name=f"block_{i}")(x_BxLxD, mask_BxLxL, positions_BxL)
+        return self.head(x_BxLxD, wte)
 
+    def decode(self, x_BxLxD, segment_ids_BxL, positions_BxL, cache, wte):
+        """The layers against a KV cache (a list of per-layer {"k", "v"}): (logits, new cache)."""
+        cfg = self.cfg
+        if cfg.scan_layers:
+            raise NotImplementedError("decoding with a KV cache needs model.scan_layers=false")
+        B, S = x_BxLxD.shape[0], cache[0]["k"].shape[2]
+        kv_pos_BxS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        mask_BxLxS = attention_mask(segment_ids_BxL, positions_BxL, jnp.ones_like(kv_pos_BxS), kv_pos_BxS)
+        new_cache = []
+        for i in range(cfg.n_layer):
+            x_BxLxD, layer_cache = Block(cfg, True, name=f"block_{i}")(x_BxLxD, mask_BxLxS, positions_BxL, cache[i])
+            new_cache.append(layer_cache)
+        return self.head(x_BxLxD, wte), new_cache
+
+    def head(self, x_BxLxD, wte):
+        cfg = self.cfg
+        V, D = cfg.vocab_size, cfg.d_model
         x_BxLxD = Norm(cfg, name="norm_out")(x_BxLxD)
         if cfg.tie_embeddings:
             w_DxV = wte.T
@@ -235,7 +269,16 @@ class GPT:
         """A pytree like params whose leaves are PartitionSpecs of logical axis names."""
         return nn.get_partition_spec(jax.eval_shape(self._boxed_init, jax.random.key(0)))
 
-    def apply(self, params, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, *, dropout_rng=None):
+    def init_cache(self, batch: int) -> list[dict]:
+        """An empty KV cache: per layer k and v of [batch, K, seq_len, E] in the compute dtype."""
+        cfg = self.cfg
+        shape = (batch, cfg.n_kv_head, cfg.seq_len, cfg.head_dim)
+        return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)} for _ in range(cfg.n_layer)]
+
+    def apply(self, params, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, *, dropout_rng=None,
+              cache=None):
+        """Logits [B, L, V]; with a cache (see init_cache), (logits, new cache) with the new tokens'
+        keys written at positions_BxL (absolute positions, contiguous within a row)."""
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.ones_like(tokens_BxL)
         if positions_BxL is None:
@@ -243,7 +286,7 @@ class GPT:
         deterministic = dropout_rng is None or self.cfg.dropout == 0
         rngs = {} if deterministic else {"dropout": dropout_rng}
         return self.module(deterministic).apply({"params": params}, tokens_BxL, segment_ids_BxL, positions_BxL,
-                                                rngs=rngs)
+                                                cache, rngs=rngs)
 
     def loss(self, params, batch: dict, dropout_rng=None) -> tuple[jax.Array, jax.Array]:
         """(sum of masked token losses, number of masked tokens) for a batch dict of [B, L] arrays."""

@@ -2,19 +2,17 @@
 
     python -m jaxgpt.sample RUN_DIR_OR_EXPORT sample.prompt="ROMEO:" sample.num_samples=3
 
-Each new token runs the model over a fixed [S, L] window (the last L tokens), so one compiled
-function serves every length; without a KV cache every token recomputes the whole window.
+Decoding runs on jaxgpt.generate's KV-cache engine (the n samples decode together, one slot
+each); past seq_len tokens the context shifts to its last seq_len // 2 tokens.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxgpt import chat, cli, runs
 from jaxgpt.config import Config, SampleConfig
+from jaxgpt.generate import Engine, SamplingParams
 from jaxgpt.model import GPT
 from jaxgpt.tokenizer import Tokenizer
 
@@ -35,41 +33,14 @@ def filter_logits(logits_SxV: jax.Array, temperature: float, top_k: int, top_p: 
     return logits_SxV
 
 
-@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k", "top_p"))
-def _next_tokens(model: GPT, params, window_SxL, length, rng, temperature, top_k, top_p):
-    segments_SxL = (jnp.arange(window_SxL.shape[1]) < length).astype(jnp.int32)[None].repeat(window_SxL.shape[0], 0)
-    logits_SxLxV = model.apply(params, window_SxL, segments_SxL)
-    logits_SxV = jax.lax.dynamic_index_in_dim(logits_SxLxV, length - 1, axis=1, keepdims=False)
-    logits_SxV = logits_SxV[:, :model.cfg.vocab_size]
-    if temperature == 0:
-        return jnp.argmax(logits_SxV, axis=-1)
-    return jax.random.categorical(rng, filter_logits(logits_SxV, temperature, top_k, top_p), axis=-1)
-
-
 def generate(model: GPT, params, prompt_ids: list[int], max_new_tokens: int, cfg: SampleConfig,
-             n: int = 1, stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
-    """n continuations of the prompt (ids only, without the prompt)."""
-    L = model.cfg.seq_len
-    tokens = np.tile(np.asarray(prompt_ids, np.int32), (n, 1))
-    rng = jax.random.key(cfg.seed)
-    done = np.zeros(n, bool)
-    for _ in range(max_new_tokens):
-        window = tokens[:, -L:]
-        length = window.shape[1]
-        padded = np.zeros((n, L), np.int32)
-        padded[:, :length] = window
-        rng, step_rng = jax.random.split(rng)
-        nxt = np.asarray(_next_tokens(model, params, padded, length, step_rng,
-                                      cfg.temperature, cfg.top_k, cfg.top_p))
-        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
-        done |= np.isin(nxt, stop_ids)
-        if done.all():
-            break
-    out = []
-    for row in tokens[:, len(prompt_ids):].tolist():
-        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-        out.append(row[:cut])
-    return out
+             n: int = 1, stop_ids: tuple[int, ...] = (), tokenizer: Tokenizer | None = None) -> list[list[int]]:
+    """n continuations of the prompt (ids only, without the prompt and the stop id), decoded
+    together by the KV-cache engine; sample i draws with its own seed derived from cfg.seed."""
+    engine = Engine(model, params, tokenizer, slots=n)
+    params_n = [SamplingParams.from_config(cfg, max_tokens=max_new_tokens, stop_ids=tuple(stop_ids),
+                                           seed=hash((cfg.seed, i)) & 0x7FFFFFFF) for i in range(n)]
+    return engine.generate([prompt_ids] * n, params_n)
 
 
 def sample_texts(model: GPT, params, tokenizer: Tokenizer, cfg: SampleConfig, n: int | None = None,
@@ -80,7 +51,7 @@ def sample_texts(model: GPT, params, tokenizer: Tokenizer, cfg: SampleConfig, n:
                             n=n, max_new_tokens=max_new_tokens)
     prompt_ids = tokenizer.encode(cfg.prompt) or [tokenizer.eot_id]
     rows = generate(model, params, prompt_ids, max_new_tokens or cfg.max_new_tokens, cfg,
-                    n or cfg.num_samples, stop_ids=(tokenizer.eot_id,))
+                    n or cfg.num_samples, stop_ids=(tokenizer.eot_id,), tokenizer=tokenizer)
     return [cfg.prompt + tokenizer.decode(row) for row in rows]
 
 
@@ -90,7 +61,7 @@ def chat_replies(model: GPT, params, tokenizer: Tokenizer, conversation: list[di
     prompt_ids, _ = chat.render(conversation, tokenizer, for_generation=True)
     stop = (tokenizer.special_id("<|assistant_end|>"), tokenizer.eot_id)
     rows = generate(model, params, prompt_ids.tolist(), max_new_tokens or cfg.max_new_tokens, cfg,
-                    n or cfg.num_samples, stop_ids=stop)
+                    n or cfg.num_samples, stop_ids=stop, tokenizer=tokenizer)
     return [tokenizer.decode([t for t in row if not tokenizer.is_special(t)]) for row in rows]
 
 

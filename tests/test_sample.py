@@ -60,17 +60,20 @@ def tiny():
 
 
 def greedy_by_hand(model, params, prompt, n_new):
-    tokens, apply = list(prompt), jax.jit(model.apply)
+    L, apply = model.cfg.seq_len, jax.jit(model.apply)
+    context, out = list(prompt)[-L:], []
     for _ in range(n_new):
-        window = jnp.asarray(tokens[-model.cfg.seq_len:])[None]  # the last L tokens, as generate does
-        tokens.append(int(jnp.argmax(apply(params, window)[0, -1])))
-    return tokens[len(prompt):]
+        out.append(int(jnp.argmax(apply(params, jnp.asarray(context)[None])[0, -1])))
+        context.append(out[-1])
+        if len(context) > L:  # the KV cache is full: generate shifts to the last L // 2 tokens
+            context = context[-(L // 2):]
+    return out
 
 
 def test_temperature_zero_is_greedy_and_ignores_the_seed(tiny):
     model, params = tiny
     prompt = [3, 1, 4]
-    expected = greedy_by_hand(model, params, prompt, 12)  # past seq_len=8: the window slides
+    expected = greedy_by_hand(model, params, prompt, 12)  # past seq_len=8: the context shifts
     for seed in (0, 1):
         out = generate(model, params, prompt, 12, SampleConfig(temperature=0.0, seed=seed), n=2)
         assert out == [expected, expected]

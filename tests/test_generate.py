@@ -1,0 +1,187 @@
+"""Tests for KV-cache decoding (model.apply with a cache) and jaxgpt.generate's Engine."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt.config import ModelConfig
+from jaxgpt.generate import Engine, SamplingParams, sample_tokens
+from jaxgpt.model import GPT
+
+V = 29
+S = 32
+CFGS = {
+    "gpt2": dict(preset="gpt2", n_kv_head=0),
+    "llama_gqa": dict(preset="llama", n_kv_head=1),
+}
+
+
+@pytest.fixture(scope="module", params=list(CFGS))
+def tiny(request):
+    cfg = ModelConfig(**CFGS[request.param], vocab_size=V, n_layer=2, n_head=4, d_model=32, seq_len=S).resolved()
+    model = GPT(cfg)
+    return model, model.init(jax.random.key(1))
+
+
+_full = jax.jit(lambda model, params, tokens, segments=None: model.apply(params, tokens, segments),
+               static_argnums=0)
+
+
+_cached = jax.jit(lambda model, params, tokens, segments, positions, cache:
+                  model.apply(params, tokens, segments, positions, cache=cache), static_argnums=0)
+
+
+def full_logits(model, params, tokens):
+    """Logits of the last token, from a full forward pass (no cache) over tokens padded to S, so
+    that one compile serves every length (padding is segment 0, which no token attends to)."""
+    padded, segments = np.zeros((1, S), np.int32), np.zeros((1, S), np.int32)
+    padded[0, :len(tokens)], segments[0, :len(tokens)] = tokens, 1
+    return np.asarray(_full(model, params, padded, segments)[0, len(tokens) - 1])
+
+
+def prompt(n, seed):
+    return np.random.default_rng(seed).integers(0, V, n).tolist()
+
+
+def test_cached_decoding_matches_full_forward(tiny):
+    model, params = tiny
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 12)), jnp.int32)
+    expected = np.asarray(_full(model, params, tokens))
+    cache = model.init_cache(2)
+    # 5 tokens at once, then one at a time
+    pos = jnp.arange(5, dtype=jnp.int32)[None].repeat(2, 0)
+    logits, cache = _cached(model, params, tokens[:, :5], jnp.ones_like(pos), pos, cache)
+    np.testing.assert_allclose(np.asarray(logits), expected[:, :5], atol=1e-5, rtol=1e-5)
+    for t in range(5, 12):
+        pos = jnp.full((2, 1), t, jnp.int32)
+        logits, cache = _cached(model, params, tokens[:, t:t + 1], jnp.ones_like(pos), pos, cache)
+        np.testing.assert_allclose(np.asarray(logits[:, 0]), expected[:, t], atol=1e-5, rtol=1e-5)
+    assert cache[0]["k"].shape == (2, model.cfg.n_kv_head, S, model.cfg.head_dim)
+
+
+def test_rows_at_different_positions(tiny):
+    """Two rows decoding together, each at its own position (the rows' prompts differ in length)."""
+    model, params = tiny
+    a, b = prompt(3, 1), prompt(9, 2)
+    cache = model.init_cache(2)
+    tokens = np.zeros((2, 9), np.int32)
+    tokens[0, :3], tokens[1] = a, b
+    seg = np.array([[1] * 3 + [0] * 6, [1] * 9])
+    pos = np.arange(9)[None].repeat(2, 0)
+    _, cache = model.apply(params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos), cache=cache)
+    nxt = jnp.asarray([[5], [7]], jnp.int32)
+    logits, _ = model.apply(params, nxt, jnp.ones_like(nxt), jnp.asarray([[3], [9]], jnp.int32), cache=cache)
+    np.testing.assert_allclose(np.asarray(logits[0, 0]), full_logits(model, params, a + [5]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits[1, 0]), full_logits(model, params, b + [7]), atol=1e-5)
+
+
+def greedy_by_hand(model, params, prompt_ids, n):
+    tokens = list(prompt_ids)
+    for _ in range(n):
+        tokens.append(int(np.argmax(full_logits(model, params, tokens))))
+    return tokens[len(prompt_ids):]
+
+
+def test_greedy_equals_argmax_of_full_passes_for_mixed_lengths(tiny):
+    model, params = tiny
+    prompts = [prompt(3, 3), prompt(17, 4), prompt(1, 5)]  # three buckets' worth of lengths
+    out = Engine(model, params, slots=3).generate(prompts, SamplingParams(temperature=0, max_tokens=8))
+    assert out == [greedy_by_hand(model, params, p, 8) for p in prompts]
+
+
+def test_logits_alone_and_joining_a_busy_batch(tiny):
+    model, params = tiny
+    late = prompt(6, 7)
+    alone = Engine(model, params, slots=1, keep_logits=True)
+    rid = alone.submit(late, SamplingParams(temperature=0, max_tokens=6))
+    while alone.busy:
+        alone.step()
+    ref = alone.requests[rid]
+
+    busy = Engine(model, params, slots=3, keep_logits=True)
+    busy.submit(prompt(4, 8), SamplingParams(temperature=0, max_tokens=12))
+    busy.submit(prompt(11, 9), SamplingParams(temperature=1.0, seed=4, max_tokens=12))
+    for _ in range(3):
+        busy.step()
+    rid = busy.submit(late, SamplingParams(temperature=0, max_tokens=6))  # joins mid-way
+    while busy.busy:
+        busy.step()
+    got = busy.requests[rid]
+    assert got.tokens == ref.tokens and len(got.tokens) == 6 and got.finish_reason == "length"
+    np.testing.assert_allclose(np.stack(got.logits), np.stack(ref.logits), atol=1e-5)
+    # and against full forward passes
+    for i, logits in enumerate(got.logits):
+        np.testing.assert_allclose(logits, full_logits(model, params, late + got.tokens[:i]), atol=1e-5)
+
+
+def test_same_seed_same_reply_alone_and_in_a_busy_batch(tiny):
+    model, params = tiny
+    sp = SamplingParams(temperature=1.0, top_k=10, top_p=0.9, min_p=0.05, seed=11, max_tokens=10)
+    p = prompt(5, 10)
+    alone = Engine(model, params, slots=1).generate([p], sp)[0]
+    engine = Engine(model, params, slots=2)
+    others = [prompt(7, 12), prompt(2, 13), prompt(9, 14)]
+    out = engine.generate(others[:2] + [p] + others[2:],
+                          [SamplingParams(temperature=0.8, seed=s, max_tokens=5 + s) for s in range(2)]
+                          + [sp] + [SamplingParams(temperature=1.0, seed=9, max_tokens=3)])
+    assert out[2] == alone and len(alone) == 10
+    other_seed = Engine(model, params, slots=1).generate([p], SamplingParams(**{**sp.__dict__, "seed": 12}))[0]
+    assert other_seed != alone
+
+
+def test_stop_ids_end_a_request_and_free_its_slot(tiny):
+    model, params = tiny
+    p = prompt(4, 15)
+    expected = greedy_by_hand(model, params, p, 10)
+    stop = expected[4]
+    engine = Engine(model, params, slots=1)
+    a = engine.submit(p, SamplingParams(temperature=0, max_tokens=10, stop_ids=(stop,)))
+    b = engine.submit(p, SamplingParams(temperature=0, max_tokens=3))  # waits for the one slot
+    steps = 0
+    while engine.requests[a].finish_reason is None:
+        engine.step()
+        steps += 1
+    assert engine.requests[a].tokens == expected[:expected.index(stop)]
+    assert engine.requests[a].finish_reason == "stop"
+    assert engine.slot_request == [None] and engine.waiting  # freed at once; b admitted next step
+    new = engine.step()
+    assert new[b] == expected[:2] and engine.requests[b].slot == 0  # prefill + one decode
+    while engine.busy:
+        engine.step()
+    assert engine.requests[b].tokens == expected[:3] and engine.requests[b].finish_reason == "length"
+
+
+def test_max_tokens_and_context_shift(tiny):
+    model, params = tiny
+    engine = Engine(model, params, slots=2)
+    out = engine.generate([prompt(3, 16), prompt(30, 17), prompt(40, 18)],  # the last is longer than S
+                          [SamplingParams(temperature=0, max_tokens=n) for n in (1, 40, 5)])
+    assert [len(o) for o in out] == [1, 40, 5]
+    assert all(0 <= t < V for o in out for t in o)
+    # past S the context shifts to its last S // 2 tokens: the tokens then follow that context
+    p = prompt(30, 17)
+    full = p + out[1]
+    shift_at = S - len(p)  # generated tokens before the first shift
+    assert out[1][:shift_at + 1] == greedy_by_hand(model, params, p, shift_at + 1)
+    ctx = full[:len(p) + shift_at + 1][-(S // 2):]
+    nxt = greedy_by_hand(model, params, ctx, 5)
+    assert out[1][shift_at + 1:shift_at + 6] == nxt
+
+
+def test_sampling_filters():
+    logits = jnp.log(jnp.asarray([[0.15, 0.5, 0.05, 0.3]] * 4))
+    knobs = {k: jnp.asarray(v) for k, v in dict(
+        temperature=np.float32([1, 1, 1, 0]), top_k=np.int32([1, 0, 0, 0]), top_p=np.float32([1, 0.3, 1, 1]),
+        min_p=np.float32([0, 0, 0.9, 0]), seed=np.uint32([0, 1, 2, 3]), repetition_penalty=np.float32([1] * 4),
+        presence_penalty=np.float32([0] * 4), frequency_penalty=np.float32([0] * 4)).items()}
+    zeros = jnp.zeros((4, 4), jnp.int32)
+    for step in range(20):  # every filter leaves only token 1 (0.5): always drawn
+        out = sample_tokens(logits, knobs, zeros, zeros > 0, jnp.full(4, step), 4)
+        assert np.asarray(out).tolist() == [1, 1, 1, 1]
+    # a large presence penalty on the generated token 1 makes greedy pick token 3
+    counts = zeros.at[3, 1].set(1)
+    assert int(sample_tokens(logits, knobs, counts, zeros > 0, jnp.zeros(4, jnp.int32), 4)[3]) == 1
+    knobs["presence_penalty"] = jnp.float32([0, 0, 0, 5])
+    assert int(sample_tokens(logits, knobs, counts, zeros > 0, jnp.zeros(4, jnp.int32), 4)[3]) == 3
+    # tokens past n_valid (padding ids) are never drawn
+    assert int(sample_tokens(logits, knobs, zeros, zeros > 0, jnp.zeros(4, jnp.int32), 1)[3]) == 0
