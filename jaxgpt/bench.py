@@ -9,6 +9,12 @@ rate measured in the same run), compile seconds and the memory XLA planned for t
 
     python -m jaxgpt.bench data prepare.source=chitchat prepare.tokenizer=bpe:4096 [bench.workers=1,2 bench.max_mb=64]
 
+    python -m jaxgpt.bench generate CONFIG.py|RUN [section.key=value ...] [bench.batch=1,8 bench.new_tokens=256]
+
+`generate`: the KV-cache engine's decode tokens/s per batch size, time to first token, prefill
+tokens/s, and the memory-bandwidth bound (weights plus cache read once per step, over a bandwidth
+measured in the same run) with the ratio to it.
+
 `data`: tokenizer throughput (MB/s of UTF-8 text) of `prepare`'s worker pool, one line per worker count;
 it reads the source as prepare does (prepare.field, prepare.doc_split, ...).
 Both tune the host first (hardware.tune_host) unless bench.untuned_host=true.
@@ -19,11 +25,15 @@ import dataclasses
 import json
 import os
 import time
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from jaxgpt import config as config_lib
-from jaxgpt import cli, data, hardware, prepare, sharding, sources
+from jaxgpt import cli, data, generate, hardware, prepare, runs, sharding, sources
+from jaxgpt.model import GPT
 from jaxgpt.config import BenchCommand, BenchConfig, PrepareConfig
 from jaxgpt.errors import ConfigError
 from jaxgpt.train import Trainer
@@ -124,6 +134,55 @@ def bench_data(prep: PrepareConfig, bench: BenchConfig = BenchConfig()) -> list[
     return results
 
 
+def memory_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes/s of a jitted read-and-write of an n_bytes fp32 array (best of `repeats`): the rate
+    that bounds batch-1 decoding, which reads every weight once per token."""
+    x = jnp.ones(n_bytes // 4, jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n_bytes / best
+
+
+def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[dict]:
+    """Decode speed of the engine, one result per batch size: random prompts, temperature 1 and
+    top-k 50 (as the Hugging Face reference samples), no stop token, so every row makes new_tokens."""
+    bandwidth = memory_bandwidth()
+    weight_bytes = sum(x.size * jnp.dtype(model.cfg.dtype).itemsize if x.ndim > 1 else x.nbytes
+                       for x in jax.tree.leaves(params))
+    sp = generate.SamplingParams(max_tokens=bench.new_tokens, temperature=1.0, top_k=50)
+    rng, results = np.random.default_rng(0), []
+    for batch in bench.batch:
+        engine = generate.Engine(model, params, slots=batch)
+        prompts = [rng.integers(0, vocab, bench.prompt_tokens).tolist() for _ in range(batch)]
+        engine.generate(prompts, dataclasses.replace(sp, max_tokens=4))  # compile prefill and decode
+        t0 = time.perf_counter()
+        ids = [engine.submit(p, dataclasses.replace(sp, seed=i)) for i, p in enumerate(prompts)]
+        engine.step()
+        ttft = time.perf_counter() - t0
+        while engine.busy:
+            engine.step()
+        seconds = time.perf_counter() - t0
+        n_new = sum(len(engine.requests[i].tokens) for i in ids)
+        # a decode step reads every weight once and each row's cache up to its length (on average
+        # prompt + new/2 positions): the memory-bandwidth bound on tokens/s
+        cache_bytes = (2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim *
+                       jnp.dtype(model.cfg.dtype).itemsize * (bench.prompt_tokens + bench.new_tokens / 2))
+        bound = batch * bandwidth / (weight_bytes + batch * cache_bytes)
+        tok_per_s = n_new / seconds
+        results.append({"bench": "generate", "batch": batch, "dtype": model.cfg.dtype, "new_tokens": n_new,
+                        "seconds": round(seconds, 6), "tok_per_s": round(tok_per_s, 2),
+                        "ttft_s": round(ttft, 4), "prefill_tok_per_s": round(batch * bench.prompt_tokens / ttft, 1),
+                        "memory_gb_per_s": round(bandwidth / 1e9, 2), "bound_tok_per_s": round(bound, 2),
+                        "ratio_to_bound": round(tok_per_s / bound, 3), "params": model.num_params(params),
+                        "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__})
+    return results
+
+
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(config_lib.Config))
 
 
@@ -135,7 +194,7 @@ def _bench_settings(verb: str, settings: list[str], allowed: tuple[str, ...], re
     """The bench root from the settings (`allowed` sections only); the host tuned unless bench.untuned_host."""
     cmd = cli.tool_config(BenchCommand, settings, required)
     if stray := [_section(s) for s in settings if _section(s) not in allowed]:
-        takes = "the config's keys and bench.*" if verb == "train" else "prepare.* and bench.*"
+        takes = "prepare.* and bench.*" if verb == "data" else "the config's keys and bench.*"
         raise ConfigError(f"bench {verb} takes no {stray[0]}.* keys (it takes {takes})")
     if not cmd.bench.untuned_host:
         hardware.tune_host()
@@ -154,10 +213,28 @@ def main(argv: list[str] | None = None) -> None:
         for result in bench_data(cmd.prepare, cmd.bench):
             print(json.dumps(result), flush=True)
 
+    def generate_(operands: list[str], settings: list[str]) -> None:
+        config_overrides = [s for s in settings if _section(s) in CONFIG_SECTIONS]
+        cmd = _bench_settings("generate", [s for s in settings if s not in config_overrides], ("bench",))
+        if Path(operands[0]).is_dir():  # a trained run or export
+            loaded = runs.load(operands[0], config_overrides)
+            model, params, vocab = GPT(loaded.cfg.model), loaded.params, loaded.tokenizer.n_vocab
+        else:  # a config file: random init, as the reference times it
+            cfg = config_lib.from_cli(operands[0], config_overrides)
+            if not cfg.model.vocab_size:
+                raise ConfigError(f"{operands[0]}: set model.vocab_size to time a config without data")
+            model = GPT(cfg.model)
+            params, vocab = jax.jit(model.init)(jax.random.key(0)), cfg.model.vocab_size
+        for result in bench_generate(model, params, cmd.bench, vocab):
+            print(json.dumps(result), flush=True)
+
     cli.run("python -m jaxgpt.bench", {  # tune_host=False: the commands tune it unless bench.untuned_host=true
         "train": cli.Command(train, "CONFIG.py [section.key=value ...] [bench.steps=200 bench.warmup=20 "
                              "bench.untuned_host=true]", BenchCommand, sections=(*CONFIG_SECTIONS, "bench"),
                              tune_host=False),
+        "generate": cli.Command(generate_, "CONFIG.py|RUN [section.key=value ...] [bench.batch=1,8 "
+                                "bench.new_tokens=256 bench.prompt_tokens=16]", BenchCommand,
+                                sections=(*CONFIG_SECTIONS, "bench"), tune_host=False),
         "data": cli.Command(data_, "prepare.source=SOURCE prepare.tokenizer=SPEC [prepare.field=... "
                             "prepare.doc_split=...] [bench.workers=1,2 bench.max_mb=64]",
                             BenchCommand, sections=("prepare", "bench"), operands=(0, 0), tune_host=False),

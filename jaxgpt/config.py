@@ -269,6 +269,9 @@ class BenchConfig:
     untuned_host: bool = False       # leave malloc and dispatch at their defaults (hardware.tune_host)
     workers: tuple[int, ...] = (1, 2)  # data: worker counts to time
     max_mb: float = 64.0             # data: tokenize at most this much text
+    batch: tuple[int, ...] = (1, 8)  # generate: batch sizes (slots) to time
+    new_tokens: int = 256            # generate: tokens generated per sequence
+    prompt_tokens: int = 16          # generate: random prompt length
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,20 @@
+"""Tests for jaxgpt.bench's generate benchmark: it does the work it reports (benchmarks assert nothing
+about speed; these check that every requested token was made and the report's arithmetic)."""
+import jax
+
+from jaxgpt import bench
+from jaxgpt.config import BenchConfig, ModelConfig
+from jaxgpt.model import GPT
+
+
+def test_generate_reports_every_token_of_every_batch():
+    model = GPT(ModelConfig(preset="llama", vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                            seq_len=64).resolved())
+    params = model.init(jax.random.key(0))
+    results = bench.bench_generate(model, params, BenchConfig(batch=(1, 3), new_tokens=9, prompt_tokens=5), 64)
+    assert [r["batch"] for r in results] == [1, 3]
+    for r in results:
+        assert r["new_tokens"] == 9 * r["batch"]  # no stop token: every row makes new_tokens
+        assert abs(r["tok_per_s"] - r["new_tokens"] / r["seconds"]) <= 0.01 * r["tok_per_s"] + 0.01
+        assert 0 < r["ttft_s"] <= r["seconds"] and r["bound_tok_per_s"] > 0
+        assert abs(r["ratio_to_bound"] - r["tok_per_s"] / r["bound_tok_per_s"]) < 1e-2
