@@ -134,24 +134,10 @@ def bench_data(prep: PrepareConfig, bench: BenchConfig = BenchConfig()) -> list[
     return results
 
 
-def memory_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
-    """Bytes/s of a jitted read-and-write of an n_bytes fp32 array (best of `repeats`): the rate
-    that bounds batch-1 decoding, which reads every weight once per token."""
-    x = jnp.ones(n_bytes // 4, jnp.float32)
-    f = jax.jit(lambda a: a * 1.0001)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n_bytes / best
-
-
 def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[dict]:
     """Decode speed of the engine, one result per batch size: random prompts, temperature 1 and
     top-k 50 (as the Hugging Face reference samples), no stop token, so every row makes new_tokens."""
-    bandwidth = memory_bandwidth()
+    bandwidth = hardware.memory_bandwidth()
     weight_bytes = sum(x.size * jnp.dtype(model.cfg.dtype).itemsize if x.ndim > 1 else x.nbytes
                        for x in jax.tree.leaves(params))
     sp = generate.SamplingParams(max_tokens=bench.new_tokens, temperature=1.0, top_k=50)

@@ -27,18 +27,30 @@ PEAK_BF16 = {
 }
 
 
+def best_seconds(fn, x, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of jax.jit(fn)(x), after one untimed call that compiles."""
+    f = jax.jit(fn)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 @functools.cache
 def measured_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
     """fp32 FLOP/s of an n x n matmul on the default device, best of `repeats`."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / best_seconds(lambda x: x @ x, a, repeats)
+
+
+def memory_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes/s of a read-and-write of an n_bytes fp32 array: the rate that bounds batch-1 decoding,
+    which reads every weight once per token."""
+    x = jnp.ones(n_bytes // 4, jnp.float32)
+    return 2 * n_bytes / best_seconds(lambda a: a * 1.0001, x, repeats)
 
 
 def peak_flops(device=None) -> tuple[float, str]:
