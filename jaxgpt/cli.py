@@ -90,6 +90,9 @@ def run(prog: str, commands: dict[str, Command] | Command, argv: list[str] | Non
     except JaxgptError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside train's own handler (which saves and resumes): one line
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def tool_config(root: type, settings: list[str], required: tuple[str, ...] = ()):

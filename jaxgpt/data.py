@@ -24,8 +24,8 @@ from jaxgpt import chat, cli, dialogs
 from jaxgpt.config import DataConfig, PrepareCommand
 from jaxgpt.errors import DataError
 from jaxgpt.files import read_json, sha256
-from jaxgpt.prepare import FORMAT, SPLITS, prepare, token_dtype, tokenize_text_file
-from jaxgpt.sources import SOURCES, decode
+from jaxgpt.prepare import FORMAT, SPLITS, prepare, read_text_file, split_text, token_dtype, tokenize_text_file
+from jaxgpt.sources import SOURCES
 from jaxgpt.tokenizer import Tokenizer
 
 
@@ -113,18 +113,11 @@ def load_dir(directory: str | Path, verify: bool = True) -> TokenData:
 
 def text_in_memory(path: str | Path, tokenizer: Tokenizer, val_fraction: float, errors: str = "strict") -> TokenData:
     """A text file tokenized by a given tokenizer (a trained model's), in memory: nothing is written.
-    The split is by characters, as for `tokenize_text_file`, so both give the same tokens."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data.path={path}: no such file")
-    text = decode(path.read_bytes(), path, 0, errors, set(), fix="data.errors=replace")
-    if not text:
-        raise DataError(f"{path}: the file is empty")
-    n_train_chars = int(len(text) * (1 - val_fraction))
+    The split is `tokenize_text_file`'s (prepare.split_text), so both give the same tokens."""
+    parts = split_text(read_text_file(path), path, val_fraction, errors)
     dtype = token_dtype(tokenizer.n_vocab)
-    train, val = (tokenizer.encode_np(part).astype(dtype) for part in (text[:n_train_chars], text[n_train_chars:]))
-    n_bytes = {"train": len(text[:n_train_chars].encode("utf-8")), "val": len(text[n_train_chars:].encode("utf-8"))}
-    bpt = {"train": n_bytes["train"] / max(len(train), 1), "val": n_bytes["val"] / max(len(val), 1)}
+    train, val = (tokenizer.encode_np(part).astype(dtype) for part in parts)
+    bpt = {name: len(part.encode("utf-8")) / max(len(ids), 1) for name, part, ids in zip(SPLITS, parts, (train, val))}
     return TokenData(train, val, tokenizer, bpt, {"dir": str(path)})
 
 

@@ -298,29 +298,42 @@ def prepare(cfg: PrepareConfig) -> dict:
             "tokenizer_train_s": tokenizer_s}
 
 
+def read_text_file(path: str | Path) -> bytes:
+    """The bytes of `data.path`, or a DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.path={path}: no such file (for Tiny Shakespeare run experiments/download.py)")
+    return path.read_bytes()
+
+
+def split_text(raw: bytes, path, val_fraction: float, errors: str) -> tuple[str, str]:
+    """(train, val) text of a data.path file: split by characters, as nanoGPT does, the last
+    `val_fraction` being val. Invalid UTF-8 stops (errors="strict") or becomes U+FFFD ("replace")."""
+    text = decode(raw, path, 0, errors, set(), fix="data.errors=replace")
+    if not text:
+        raise DataError(f"{path}: the file is empty")
+    n_train_chars = int(len(text) * (1 - val_fraction))
+    return text[:n_train_chars], text[n_train_chars:]
+
+
 def tokenize_text_file(path: str | Path, tokenizer_spec: str, val_fraction: float, errors: str = "strict") -> Path:
     """Tokenize a text file (data.path) into a cache directory (reused when the file and settings match).
 
     The split is by characters, as nanoGPT does: the last `val_fraction` of the text is val. Invalid
     UTF-8 stops with an error (errors="strict") or becomes U+FFFD ("replace"), as data.errors says."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data.path={path}: no such file (for Tiny Shakespeare run experiments/download.py)")
-    raw = path.read_bytes()
+    raw = read_text_file(path)
     settings = f"|{tokenizer_spec}|{val_fraction}|{FORMAT}" + ("" if errors == "strict" else f"|{errors}")
     key = hashlib.sha256(raw + settings.encode()).hexdigest()[:16]
     out = CACHE / "tokens" / f"{path.stem}-{key}"
     if (out / "meta.json").is_file():
         return out
-    text = decode(raw, path, 0, errors, set(), fix="data.errors=replace")
-    if not text:
-        raise DataError(f"{path}: the file is empty")
-    tokenizer = Tokenizer.from_spec(tokenizer_spec, corpus=text)
+    parts = split_text(raw, path, val_fraction, errors)
+    tokenizer = Tokenizer.from_spec(tokenizer_spec, corpus="".join(parts))
     dtype = np.dtype(token_dtype(tokenizer.n_vocab))
-    n_train_chars = int(len(text) * (1 - val_fraction))
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
-    for name, part in zip(SPLITS, (text[:n_train_chars], text[n_train_chars:])):
+    for name, part in zip(SPLITS, parts):
         shard = _ShardWriter(out, name, dtype, 0, 0).write(tokenizer.encode_np(part))
         splits[name] = {"tokens": shard["tokens"] if shard else 0, "documents": 1, "bytes": len(part.encode("utf-8")),
                         "shards": [shard] if shard else []}

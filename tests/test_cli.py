@@ -172,3 +172,12 @@ def test_bench_train_as_the_benchmark_script_calls_it(tmp_path, run_env):
                           "--steps", "3"], capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) == 1
     assert bad.stderr.startswith("error: expected 1 operand(s) before the key=value settings, got 3")
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys):
+    def interrupted(operands, settings):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        cli.run("python -m jaxgpt.toy", cli.Command(interrupted, "X", ToyRoot, tune_host=False), ["x"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["python -m jaxgpt.toy: interrupted"]
