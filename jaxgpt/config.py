@@ -165,6 +165,25 @@ class SampleConfig:
     frequency_penalty: float = 0.0   # subtracted per occurrence in the reply; 0: off
     seed: int = 0
     chat: bool = False               # the prompt is a user message: reply as the assistant (chat template)
+    system: str = ""                 # the system message that opens a chat (sample.chat, jaxgpt.talk); "": none
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    """What every reply (and, with `user`, every user message) is checked against before anyone reads it.
+
+    Matching is on normalised text: Unicode NFKC, case folded, zero-width and other format
+    characters removed, runs of whitespace as one space; so look-alike letters and hidden
+    characters don't slip a phrase through.
+    """
+    enabled: bool = True
+    blocklist: str | None = "builtin"  # a file: one word or phrase per line, `re:PATTERN` lines are regexes,
+                                       # `#` comments; builtin: the list shipped in jaxgpt/; none: no list
+    classifier: str | None = None    # "module:function", called with the text so far; truthy blocks it
+    refusal: str = "Sorry, I can't continue with that."  # the reply's end (or the whole reply) when blocked
+    user: bool = True                # screen user messages too: a blocked one is answered with the refusal
+    min_mean_logprob: float | None = None  # replies whose mean token log-probability is below: low confidence
+    low_confidence: Literal["flag", "refuse"] = "flag"  # refuse holds the reply back until it is scored
 
 
 @dataclass(frozen=True)
@@ -177,6 +196,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
