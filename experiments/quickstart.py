@@ -113,7 +113,8 @@ def examples(source: Path, seed: int) -> list[dict]:
                                 "sample.max_new_tokens=60"])
     model = GPT(loaded.cfg.model)
     return [{"user": p, "assistant": sample.chat_replies(model, loaded.params, loaded.tokenizer,
-                                                          [{"role": "user", "content": p}], loaded.cfg.sample)[0]}
+                                                          [{"role": "user", "content": p}], loaded.cfg.sample,
+                                                          screen=loaded.cfg.screen)[0]}
             for p in PROMPTS]
 
 

@@ -147,7 +147,7 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
         prompts = [rng.integers(0, vocab, bench.prompt_tokens).tolist() for _ in range(batch)]
         engine.generate(prompts, dataclasses.replace(sp, max_tokens=4))  # compile prefill and decode
         t0 = time.perf_counter()
-        ids = [engine.submit(p, dataclasses.replace(sp, seed=i)) for i, p in enumerate(prompts)]
+        ids = [i for s, p in enumerate(prompts) for i in engine.submit(p, dataclasses.replace(sp, seed=s))]
         engine.step()
         ttft = time.perf_counter() - t0
         while engine.busy:

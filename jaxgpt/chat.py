@@ -62,6 +62,21 @@ def render(conversation: Conversation, tokenizer: Tokenizer, for_generation: boo
                      tokenizer, for_generation)
 
 
+def render_prompt(conversation: Conversation, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray | None:
+    """The ids that prompt the next reply (`render(..., for_generation=True)`) within max_tokens,
+    dropping the oldest user/assistant pairs (the system message and the last user message stay);
+    None when even those two do not fit."""
+    ids, _ = render(conversation, tokenizer, for_generation=True)  # validates
+    roles, encoded = [m["role"] for m in conversation], [tokenizer.encode(m["content"]) for m in conversation]
+    head = [0] if roles[0] == "system" else []
+    first = len(head)
+    while len(ids) > max_tokens and first < len(roles) - 1:
+        first += 2  # a (user, assistant) pair, oldest first
+        keep = head + list(range(min(first, len(roles) - 1), len(roles)))
+        ids, _ = _template([roles[i] for i in keep], [encoded[i] for i in keep], tokenizer, for_generation=True)
+    return ids if len(ids) <= max_tokens else None
+
+
 def _kept(roles: Sequence[str], lengths: Sequence[int], max_tokens: int) -> list[int] | None:
     """Indices of the messages a trainable conversation keeps within `max_tokens` rendered tokens:
     the system message, then the newest whole user/assistant pairs that fit (a trailing user message

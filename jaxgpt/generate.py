@@ -1,7 +1,7 @@
 """Generation against a KV cache: a fixed set of slots decoding together (continuous batching).
 
     engine = Engine(model, params, tokenizer, slots=4)
-    rid = engine.submit(prompt_ids, SamplingParams(temperature=0.7, top_p=0.9, seed=1, max_tokens=64))
+    [rid] = engine.submit(prompt_ids, SamplingParams(temperature=0.7, top_p=0.9, seed=1, max_tokens=64))
     while engine.busy:
         for rid, new_ids in engine.step().items(): ...
     engine.generate([prompt_a, prompt_b], SamplingParams(temperature=0))  # -> [ids_a, ids_b]
@@ -12,8 +12,13 @@ length); one decode step then feeds every busy slot's last token at that slot's 
 with the cache donated. Sampling runs inside the jitted step on per-slot arrays, so requests with
 different settings share the step; a request's i-th token is drawn with fold_in(key(seed), i),
 which makes its reply independent of what else is in the batch. A finished request frees its slot
-at once, and the next step admits a waiting one. When a sequence fills the cache (S tokens) it is
-re-prefilled from its last S // 2 tokens (a context shift) and goes on.
+at once, and the next step admits a waiting one. The n samples of one request are admitted
+together: the prompt is prefilled once and its cache row copied to the other samples' slots.
+When a sequence fills the cache (S tokens) it is re-prefilled from its last S // 2 tokens (a
+context shift) and goes on.
+
+This class is single-threaded and knows ids only; `jaxgpt.replies` drives it from a thread for
+many callers and turns ids into screened text (stop strings, UTF-8, the blocklist).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import numpy as np
 from jaxgpt.model import GPT
 
 MIN_BUCKET = 16
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,20 +43,49 @@ class SamplingParams:
     top_k: int = 0                   # 0: off
     top_p: float = 1.0               # 1.0: off
     min_p: float = 0.0               # keep tokens with p >= min_p * p_max; 0: off
-    seed: int = 0
+    seed: int = 0                    # sample i > 0 of n draws with seed_of(seed, i)
+    n: int = 1                       # samples of the prompt, sharing its prefill
     stop_ids: tuple[int, ...] = ()   # end the request (the stop id itself is not returned)
+    stop: tuple[str, ...] = ()       # stop strings, matched on the text by jaxgpt.replies
     repetition_penalty: float = 1.0  # > 1 discourages every prompt or generated token (CTRL / HF style)
     presence_penalty: float = 0.0    # subtracted once from each generated token's logit (OpenAI style)
     frequency_penalty: float = 0.0   # subtracted per occurrence among the generated tokens
+    top_logprobs: int = 0            # also keep the k most likely tokens and their log-probabilities
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "SamplingParams":
-        """From a SampleConfig (max_tokens from max_new_tokens)."""
+        """From a SampleConfig (max_tokens from max_new_tokens, n from num_samples)."""
         fields = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                      top_p=cfg.top_p, min_p=cfg.min_p, seed=cfg.seed,
+                      top_p=cfg.top_p, min_p=cfg.min_p, seed=cfg.seed, n=cfg.num_samples,
                       repetition_penalty=cfg.repetition_penalty, presence_penalty=cfg.presence_penalty,
                       frequency_penalty=cfg.frequency_penalty)
         return cls(**{**fields, **overrides})
+
+    def problem(self, slots: int) -> tuple[str, str] | None:
+        """(field, why) for the first out-of-range setting, else None; a server answers it with a 400."""
+        checks = [
+            ("max_tokens", self.max_tokens >= 0, "must be >= 0"),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0: off)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("seed", 0 <= self.seed < 2 ** 32, "must be in [0, 2**32)"),
+            ("n", 1 <= self.n <= slots, f"must be in [1, {slots}] (the engine's slots)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1: off)"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                return name, f"{name}={getattr(self, name)!r} {why}"
+        return None
+
+
+def seed_of(seed: int, sample: int) -> int:
+    """The seed of sample i of n: sample 0 keeps the request's seed, so n=1 is the plain case."""
+    return seed if sample == 0 else hash((seed, sample)) & 0x7FFFFFFF  # ints hash the same in every process
 
 
 KNOBS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32,
@@ -58,24 +93,12 @@ KNOBS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min
          "frequency_penalty": np.float32}
 
 
-def sample_tokens(logits_BxV, knobs, counts_BxV, seen_BxV, step_B, n_valid: int) -> jax.Array:
-    """One token per row under that row's knobs ([B] arrays named as SamplingParams' fields).
-
-    counts: how often each token was generated so far; seen: tokens of the prompt. Order: penalties,
-    then temperature, top-k, top-p over what top-k kept, min-p; temperature 0 is the argmax.
-    """
-    B, V = logits_BxV.shape
+def filter_logits(logits_BxV: jax.Array, knobs: dict) -> jax.Array:
+    """Each row's logits over its temperature, with what its top-k, top-p (over what top-k kept)
+    and min-p leave out at -inf; knobs are [B] arrays named as SamplingParams' fields."""
+    V = logits_BxV.shape[-1]
     col = lambda name: knobs[name][:, None]  # noqa: E731
-    logits_BxV = logits_BxV.astype(jnp.float32)
-    logits_BxV = jnp.where(jnp.arange(V) < n_valid, logits_BxV, -jnp.inf)
-    rep = col("repetition_penalty")
-    penalized_BxV = jnp.where(logits_BxV > 0, logits_BxV / rep, logits_BxV * rep)
-    logits_BxV = jnp.where(seen_BxV | (counts_BxV > 0), penalized_BxV, logits_BxV)
-    logits_BxV = (logits_BxV - col("frequency_penalty") * counts_BxV
-                  - col("presence_penalty") * (counts_BxV > 0))
-    greedy_B = jnp.argmax(logits_BxV, axis=-1)
-
-    scaled_BxV = logits_BxV / jnp.maximum(col("temperature"), 1e-6)
+    scaled_BxV = logits_BxV.astype(jnp.float32) / jnp.maximum(col("temperature"), 1e-6)
     sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)
     k_Bx1 = jnp.where(col("top_k") > 0, jnp.minimum(col("top_k"), V), V)
     kth_Bx1 = jnp.take_along_axis(sorted_BxV, k_Bx1 - 1, axis=-1)
@@ -86,14 +109,45 @@ def sample_tokens(logits_BxV, knobs, counts_BxV, seen_BxV, step_B, n_valid: int)
                           axis=-1, keepdims=True)
     min_p_Bx1 = sorted_BxV[:, :1] + jnp.log(col("min_p"))  # p >= min_p * p_max, in logits; log 0 = -inf
     cutoff_Bx1 = jnp.maximum(jnp.maximum(kth_Bx1, nucleus_Bx1), min_p_Bx1)
-    filtered_BxV = jnp.where(scaled_BxV < cutoff_Bx1, -jnp.inf, scaled_BxV)
+    return jnp.where(scaled_BxV < cutoff_Bx1, -jnp.inf, scaled_BxV)
+
+
+def penalize(logits_BxV, knobs, counts_BxV, seen_BxV, n_valid: int) -> jax.Array:
+    """fp32 logits with padding ids at -inf and the repetition, presence and frequency penalties
+    applied (counts: how often each token was generated so far; seen: tokens of the prompt)."""
+    V = logits_BxV.shape[-1]
+    logits_BxV = jnp.where(jnp.arange(V) < n_valid, logits_BxV.astype(jnp.float32), -jnp.inf)
+    rep_Bx1 = knobs["repetition_penalty"][:, None]
+    penalized_BxV = jnp.where(logits_BxV > 0, logits_BxV / rep_Bx1, logits_BxV * rep_Bx1)
+    logits_BxV = jnp.where(seen_BxV | (counts_BxV > 0), penalized_BxV, logits_BxV)
+    return (logits_BxV - knobs["frequency_penalty"][:, None] * counts_BxV
+            - knobs["presence_penalty"][:, None] * (counts_BxV > 0))
+
+
+def sample_tokens(logits_BxV, knobs, counts_BxV, seen_BxV, step_B, n_valid: int) -> jax.Array:
+    """One token per row under that row's knobs: penalties, then filter_logits; temperature 0 is
+    the argmax. Row b's draw uses fold_in(key(seed_b), step_b) alone, whatever the other rows are."""
+    logits_BxV = penalize(logits_BxV, knobs, counts_BxV, seen_BxV, n_valid)
+    greedy_B = jnp.argmax(logits_BxV, axis=-1)
     keys_B = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(knobs["seed"], step_B)
-    sampled_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV)
+    sampled_B = jax.vmap(jax.random.categorical)(keys_B, filter_logits(logits_BxV, knobs))
     return jnp.where(knobs["temperature"] == 0, greedy_B, sampled_B).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _prefill(model: GPT, n_valid: int, params, state, tokens_1xL, length, slot, fresh, knobs, step_1):
+def _scores(logits_BxV, token_B, top_n: int, n_valid: int):
+    """The model's log-probability of each chosen token (raw logits: no temperature, penalties or
+    filtering, as OpenAI reports them) and, with top_n, the top_n most likely (ids, logprobs)."""
+    V = logits_BxV.shape[-1]
+    logprobs_BxV = jax.nn.log_softmax(jnp.where(jnp.arange(V) < n_valid, logits_BxV.astype(jnp.float32), -jnp.inf))
+    chosen_B = jnp.take_along_axis(logprobs_BxV, token_B[:, None], axis=-1)[:, 0]
+    if not top_n:
+        return chosen_B, None
+    top_BxN, ids_BxN = jax.lax.top_k(logprobs_BxV, top_n)
+    return chosen_B, (ids_BxN, top_BxN)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def _prefill(model: GPT, n_valid: int, top_n: int, params, state, tokens_1xL, length, slot, fresh, knobs, step_1):
     """Prompt tokens[:length] into cache row `slot` (from position 0); the first new token."""
     L = tokens_1xL.shape[1]
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)  # noqa: E731
@@ -112,18 +166,34 @@ def _prefill(model: GPT, n_valid: int, params, state, tokens_1xL, length, slot, 
     counts_1xV = counts_1xV + jax.nn.one_hot(token_1, V, dtype=jnp.int32)
     state = {"cache": jax.tree.map(put, state["cache"], cache_1), "counts": put(state["counts"], counts_1xV),
              "seen": put(state["seen"], seen_1xV)}
-    return token_1, logits_1xV, state
+    return token_1, logits_1xV, _scores(logits_1xV, token_1, top_n, n_valid), state
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _decode(model: GPT, n_valid: int, params, state, tokens_B, positions_B, active_B, knobs, step_B):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
+def _fork(model: GPT, n_valid: int, top_n: int, state, logits_1xV, src, dsts_F, knobs, step_F):
+    """Copy slot src's freshly prefilled cache row to slots dsts and draw their first tokens from
+    the same prompt logits: the n samples of one request share one prefill."""
+    F = dsts_F.shape[0]
+    copy = lambda x: x.at[dsts_F].set(jnp.broadcast_to(x[src], (F, *x.shape[1:])))  # noqa: E731
+    seen_FxV = jnp.broadcast_to(state["seen"][src], (F, logits_1xV.shape[-1]))
+    logits_FxV = jnp.broadcast_to(logits_1xV, seen_FxV.shape)
+    token_F = sample_tokens(logits_FxV, knobs, jnp.zeros(seen_FxV.shape, jnp.int32), seen_FxV, step_F, n_valid)
+    counts_FxV = jax.nn.one_hot(token_F, seen_FxV.shape[-1], dtype=jnp.int32)
+    state = {"cache": jax.tree.map(copy, state["cache"]), "seen": copy(state["seen"]),
+             "counts": state["counts"].at[dsts_F].set(counts_FxV)}
+    return token_F, _scores(logits_FxV, token_F, top_n, n_valid), state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def _decode(model: GPT, n_valid: int, top_n: int, params, state, tokens_B, positions_B, active_B, knobs, step_B):
     """Every slot's last token at its position; the next token of each slot."""
     logits_Bx1xV, cache = model.apply(params, tokens_B[:, None], jnp.ones_like(tokens_B)[:, None],
                                       positions_B[:, None], cache=state["cache"])
     logits_BxV = logits_Bx1xV[:, 0]
     token_B = sample_tokens(logits_BxV, knobs, state["counts"], state["seen"], step_B, n_valid)
     counts_BxV = state["counts"] + jax.nn.one_hot(token_B, logits_BxV.shape[-1], dtype=jnp.int32) * active_B[:, None]
-    return token_B, logits_BxV, {"cache": cache, "counts": counts_BxV, "seen": state["seen"]}
+    return (token_B, logits_BxV, _scores(logits_BxV, token_B, top_n, n_valid),
+            {"cache": cache, "counts": counts_BxV, "seen": state["seen"]})
 
 
 @dataclasses.dataclass
@@ -131,8 +201,11 @@ class Request:
     id: int
     prompt: list[int]
     params: SamplingParams
+    sample: int = 0                                              # which of the request's n samples
     tokens: list[int] = dataclasses.field(default_factory=list)  # generated, stop id excluded
-    finish_reason: str | None = None                             # "stop" | "length"
+    logprobs: list[float] = dataclasses.field(default_factory=list)  # the model's, of each token in tokens
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # with params.top_logprobs
+    finish_reason: str | None = None  # "stop" | "length", or what cancel() was given
     logits: list[np.ndarray] = dataclasses.field(default_factory=list)  # with keep_logits: one per token
     slot: int | None = None
     position: int = 0    # where the last sampled token will be written in the cache
@@ -146,43 +219,76 @@ class Engine:
         self.model, self.params, self.slots, self.keep_logits = model, params, slots, keep_logits
         V = model.cfg.vocab_size
         self.n_valid = min(V, tokenizer.n_vocab) if tokenizer is not None else V  # never sample padding ids
-        self.state = {"cache": model.init_cache(slots), "counts": jnp.zeros((slots, V), jnp.int32),
-                      "seen": jnp.zeros((slots, V), bool)}
         self.knobs = {name: np.zeros(slots, dtype) for name, dtype in KNOBS.items()}
-        self.slot_request: list[Request | None] = [None] * slots
-        self.waiting: collections.deque[Request] = collections.deque()
         self.requests: dict[int, Request] = {}
         self._next_id = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """An empty cache and no requests in flight (those unfinished end with "error"): after a
+        failed step, whose donated state may be gone."""
+        for request in self.requests.values():
+            request.finish_reason = request.finish_reason or "error"
+            request.slot = None
+        V = self.model.cfg.vocab_size
+        self.state = {"cache": self.model.init_cache(self.slots), "counts": jnp.zeros((self.slots, V), jnp.int32),
+                      "seen": jnp.zeros((self.slots, V), bool)}
+        self.slot_request: list[Request | None] = [None] * self.slots
+        self.waiting: collections.deque[list[Request]] = collections.deque()  # the n samples of a request
 
     @property
     def busy(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.slot_request)
 
-    def submit(self, prompt_ids, params: SamplingParams = SamplingParams()) -> int:
+    def submit(self, prompt_ids, params: SamplingParams = SamplingParams()) -> list[int]:
+        """Queue a prompt; the ids of its params.n samples (each a Request in self.requests)."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("an empty prompt: give at least one token (e.g. the end-of-text id)")
-        request = Request(self._next_id, prompt, params)
-        self._next_id += 1
-        self.requests[request.id] = request
+        if problem := params.problem(self.slots):
+            raise ValueError(problem[1])
+        group = []
+        for i in range(params.n):
+            sample_params = dataclasses.replace(params, seed=seed_of(params.seed, i))
+            group.append(Request(self._next_id, prompt, sample_params, sample=i))
+            self.requests[self._next_id] = group[-1]
+            self._next_id += 1
         if params.max_tokens <= 0:
-            request.finish_reason = "length"
+            for request in group:
+                request.finish_reason = "length"
         else:
-            self.waiting.append(request)
-        return request.id
+            self.waiting.append(group)
+        return [r.id for r in group]
+
+    def cancel(self, request_id: int, reason: str = "cancelled") -> None:
+        """End a request now (waiting or decoding), freeing its slot; a finished one is left as it is."""
+        request = self.requests.get(request_id)
+        if request is None or request.finish_reason is not None:
+            return
+        request.finish_reason = reason
+        if request.slot is not None:
+            self.slot_request[request.slot], request.slot = None, None
+        for group in self.waiting:
+            if request in group:
+                group.remove(request)
+        self.waiting = collections.deque(g for g in self.waiting if g)
 
     def step(self) -> dict[int, list[int]]:
         """Admit waiting requests into free slots, then one decode step: {request id: new tokens}."""
         out: dict[int, list[int]] = {}
         S = self.model.cfg.seq_len
-        for slot in range(self.slots):
-            if self.slot_request[slot] is None and self.waiting:
-                request = self.waiting.popleft()
-                request.slot = slot
-                self.slot_request[slot] = request
+        free = [s for s in range(self.slots) if self.slot_request[s] is None]
+        while self.waiting and len(self.waiting[0]) <= len(free):  # first come, first served
+            group = self.waiting.popleft()
+            for request in group:
+                request.slot = free.pop(0)
+                self.slot_request[request.slot] = request
                 for name in KNOBS:
-                    self.knobs[name][slot] = getattr(request.params, name)
-                self._prefill(request, request.prompt[-S:], fresh=True, out=out)
+                    self.knobs[name][request.slot] = getattr(request.params, name)
+            src = group[0].slot  # kept: the first sample may finish (and free it) at its first token
+            logits_1xV = self._prefill(group[0], group[0].prompt[-S:], fresh=True, out=out)
+            if len(group) > 1:
+                self._fork(src, group, logits_1xV, out)
         for request in self.slot_request:
             if request is not None and request.position >= S:  # the cache is full: shift the context
                 context = (request.prompt + request.tokens)[-(S // 2):]
@@ -192,48 +298,82 @@ class Engine:
             tokens, positions, active, steps = (np.zeros(self.slots, np.int32) for _ in range(4))
             for r in busy:
                 tokens[r.slot], positions[r.slot], active[r.slot], steps[r.slot] = r.last, r.position, 1, len(r.tokens)
-            token_B, logits_BxV, self.state = _decode(self.model, self.n_valid, self.params, self.state, tokens,
-                                                      positions, active, self.knobs, steps)
-            token_B = np.asarray(token_B)
+            token_B, logits_BxV, scores, self.state = _decode(
+                self.model, self.n_valid, self._top_n(busy), self.params, self.state, tokens, positions, active,
+                self.knobs, steps)
+            token_B, scores = np.asarray(token_B), jax.tree.map(np.asarray, scores)
             logits_BxV = np.asarray(logits_BxV) if self.keep_logits else None
             for r in busy:
                 r.position += 1
-                self._emit(r, int(token_B[r.slot]), None if logits_BxV is None else logits_BxV[r.slot], out)
+                self._emit(r, int(token_B[r.slot]), _row(scores, r.slot),
+                           None if logits_BxV is None else logits_BxV[r.slot], out)
         return out
 
-    def _prefill(self, request: Request, context: list[int], fresh: bool, out) -> None:
+    def _top_n(self, requests) -> int:
+        """Top log-probabilities are computed (a second compile) only while someone asks for them."""
+        return MAX_TOP_LOGPROBS if any(r.params.top_logprobs for r in requests) else 0
+
+    def _prefill(self, request: Request, context: list[int], fresh: bool, out) -> jax.Array:
         n = len(context)
         bucket = min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), self.model.cfg.seq_len)
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, :n] = context
         slot = request.slot
         knobs = {name: arr[slot:slot + 1] for name, arr in self.knobs.items()}
-        token_1, logits_1xV, self.state = _prefill(self.model, self.n_valid, self.params, self.state, tokens,
-                                                   np.int32(n), np.int32(slot), np.bool_(fresh), knobs,
-                                                   np.array([len(request.tokens)], np.int32))
+        token_1, logits_1xV, scores, self.state = _prefill(
+            self.model, self.n_valid, self._top_n([request]), self.params, self.state, tokens, np.int32(n),
+            np.int32(slot), np.bool_(fresh), knobs, np.array([len(request.tokens)], np.int32))
         request.position = n
-        self._emit(request, int(token_1[0]), np.asarray(logits_1xV[0]) if self.keep_logits else None, out)
+        self._emit(request, int(token_1[0]), _row(jax.tree.map(np.asarray, scores), 0),
+                   np.asarray(logits_1xV[0]) if self.keep_logits else None, out)
+        return logits_1xV
 
-    def _emit(self, request: Request, token: int, logits_V, out) -> None:
+    def _fork(self, src: int, group: list[Request], logits_1xV, out) -> None:
+        first, rest = group[0], group[1:]
+        dsts = np.array([r.slot for r in rest], np.int32)
+        knobs = {name: arr[dsts] for name, arr in self.knobs.items()}
+        token_F, scores, self.state = _fork(self.model, self.n_valid, self._top_n(group), self.state, logits_1xV,
+                                            np.int32(src), dsts, knobs, np.zeros(len(rest), np.int32))
+        token_F, scores = np.asarray(token_F), jax.tree.map(np.asarray, scores)
+        logits_V = np.asarray(logits_1xV[0]) if self.keep_logits else None
+        for i, r in enumerate(rest):
+            r.position = first.position
+            self._emit(r, int(token_F[i]), _row(scores, i), logits_V, out)
+
+    def _emit(self, request: Request, token: int, score, logits_V, out) -> None:
+        logprob, top = score
         if logits_V is not None:
             request.logits.append(logits_V)
         if token in request.params.stop_ids:
             request.finish_reason = "stop"
         else:
             request.tokens.append(token)
+            request.logprobs.append(logprob)
+            if request.params.top_logprobs:
+                request.top_logprobs.append(top[:request.params.top_logprobs])
             request.last = token
             out.setdefault(request.id, []).append(token)
             if len(request.tokens) >= request.params.max_tokens:
                 request.finish_reason = "length"
-        if request.finish_reason is not None:  # free the slot at once
+        if request.finish_reason is not None and request.slot is not None:  # free the slot at once
             self.slot_request[request.slot] = None
             request.slot = None
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] = SamplingParams()
                  ) -> list[list[int]]:
-        """The generated ids of each prompt (stop ids excluded), stepping until all are done."""
+        """The generated ids of each prompt's samples, in order (stop ids excluded), stepping until
+        all are done."""
         params = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.submit(p, sp) for p, sp in zip(prompts, params)]
+        ids = [i for p, sp in zip(prompts, params) for i in self.submit(p, sp)]
         while any(self.requests[i].finish_reason is None for i in ids):
             self.step()
         return [self.requests.pop(i).tokens for i in ids]
+
+
+def _row(scores, b: int):
+    """(logprob, [(id, logprob), ...] or None) of row b of what _scores returned (as numpy)."""
+    chosen_B, top = scores
+    if top is None:
+        return float(chosen_B[b]), None
+    ids_BxN, top_BxN = top
+    return float(chosen_B[b]), [(int(i), float(p)) for i, p in zip(ids_BxN[b], top_BxN[b])]

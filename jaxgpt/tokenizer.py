@@ -221,6 +221,14 @@ class Tokenizer:
         except KeyError as e:  # an unused id inside the range, e.g. cl100k's gap before <|endofprompt|>
             raise TokenizerError(f"'{self.name}': {e.args[0]} (n_vocab={self.n_vocab})") from None
 
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The UTF-8 bytes of ids, special tokens left out: a token may end inside a character,
+        which is why streamed text is decoded from bytes (see replies.TextStream)."""
+        ids = [int(i) for i in ids if not self.is_special(i)]
+        if self._ranks is None:
+            return self.decode(ids).encode("utf-8")
+        return self._enc.decode_bytes(ids)
+
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes of text each id stands for (0 for special tokens), for bits per byte."""
         if self._lengths is None:

@@ -1,11 +1,13 @@
 """Tests for KV-cache decoding (model.apply with a cache) and jaxgpt.generate's Engine."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.generate import Engine, SamplingParams, sample_tokens
+from jaxgpt.generate import KNOBS, Engine, SamplingParams, filter_logits, sample_tokens, seed_of
 from jaxgpt.model import GPT
 
 V = 29
@@ -93,7 +95,7 @@ def test_logits_alone_and_joining_a_busy_batch(tiny):
     model, params = tiny
     late = prompt(6, 7)
     alone = Engine(model, params, slots=1, keep_logits=True)
-    rid = alone.submit(late, SamplingParams(temperature=0, max_tokens=6))
+    [rid] = alone.submit(late, SamplingParams(temperature=0, max_tokens=6))
     while alone.busy:
         alone.step()
     ref = alone.requests[rid]
@@ -103,7 +105,7 @@ def test_logits_alone_and_joining_a_busy_batch(tiny):
     busy.submit(prompt(11, 9), SamplingParams(temperature=1.0, seed=4, max_tokens=12))
     for _ in range(3):
         busy.step()
-    rid = busy.submit(late, SamplingParams(temperature=0, max_tokens=6))  # joins mid-way
+    [rid] = busy.submit(late, SamplingParams(temperature=0, max_tokens=6))  # joins mid-way
     while busy.busy:
         busy.step()
     got = busy.requests[rid]
@@ -135,8 +137,8 @@ def test_stop_ids_end_a_request_and_free_its_slot(tiny):
     expected = greedy_by_hand(model, params, p, 10)
     stop = expected[4]
     engine = Engine(model, params, slots=1)
-    a = engine.submit(p, SamplingParams(temperature=0, max_tokens=10, stop_ids=(stop,)))
-    b = engine.submit(p, SamplingParams(temperature=0, max_tokens=3))  # waits for the one slot
+    [a] = engine.submit(p, SamplingParams(temperature=0, max_tokens=10, stop_ids=(stop,)))
+    [b] = engine.submit(p, SamplingParams(temperature=0, max_tokens=3))  # waits for the one slot
     steps = 0
     while engine.requests[a].finish_reason is None:
         engine.step()
@@ -185,3 +187,119 @@ def test_sampling_filters():
     assert int(sample_tokens(logits, knobs, counts, zeros > 0, jnp.zeros(4, jnp.int32), 4)[3]) == 3
     # tokens past n_valid (padding ids) are never drawn
     assert int(sample_tokens(logits, knobs, zeros, zeros > 0, jnp.zeros(4, jnp.int32), 1)[3]) == 0
+
+
+# ---- filter_logits: a hand-made distribution, shuffled: token 1 (0.5), token 3 (0.3), token 0 (0.15), token 2 (0.05)
+PROBS = np.array([0.15, 0.5, 0.05, 0.3])
+LOGITS = jnp.asarray(np.log(PROBS)[None], jnp.float32)
+
+
+def knobs(rows=1, **settings):
+    """[rows] knob arrays as the engine builds them, from SamplingParams' defaults and settings."""
+    sp = SamplingParams(**settings)
+    return {name: np.full(rows, getattr(sp, name), dtype) for name, dtype in KNOBS.items()}
+
+
+def kept(logits_1xV) -> set[int]:
+    return set(np.flatnonzero(np.isfinite(np.asarray(logits_1xV)[0])).tolist())
+
+
+@pytest.mark.parametrize("k, expected", [(1, {1}), (2, {1, 3}), (3, {0, 1, 3}), (4, {0, 1, 2, 3}), (10, {0, 1, 2, 3})])
+def test_top_k_keeps_exactly_k(k, expected):
+    assert kept(filter_logits(LOGITS, knobs(top_k=k))) == expected
+
+
+@pytest.mark.parametrize("p, expected", [
+    (0.3, {1}),            # the top token alone already holds 0.5
+    (0.6, {1, 3}),         # 0.5 < 0.6 <= 0.8
+    (0.9, {0, 1, 3}),      # 0.8 < 0.9 <= 0.95
+    (0.99, {0, 1, 2, 3}),
+    (1.0, {0, 1, 2, 3}),   # off
+])
+def test_top_p_keeps_the_smallest_nucleus(p, expected):
+    assert kept(filter_logits(LOGITS, knobs(top_p=p))) == expected
+
+
+@pytest.mark.parametrize("min_p, expected", [(0.0, {0, 1, 2, 3}), (0.25, {0, 1, 3}), (0.5, {1, 3}), (0.7, {1})])
+def test_min_p_keeps_tokens_within_a_fraction_of_the_top(min_p, expected):
+    assert kept(filter_logits(LOGITS, knobs(min_p=min_p))) == expected
+
+
+def test_filters_combine_per_row_and_keep_values():
+    out = np.asarray(filter_logits(LOGITS, knobs(top_k=3, top_p=0.6)))
+    assert kept(out) == {1, 3}
+    np.testing.assert_allclose(out[0, [1, 3]], np.log([0.5, 0.3]), rtol=1e-6)
+    # temperature divides the logits, before any filtering
+    np.testing.assert_allclose(np.asarray(filter_logits(LOGITS, knobs(temperature=2.0))), np.asarray(LOGITS) / 2,
+                               rtol=1e-6)
+    # each row its own distribution and its own settings
+    two = jnp.concatenate([LOGITS, LOGITS[:, ::-1]])
+    rows = knobs(2, top_k=1)
+    rows["top_k"][1] = 2
+    out = np.asarray(filter_logits(two, rows))
+    assert np.flatnonzero(np.isfinite(out[0])).tolist() == [1]
+    assert np.flatnonzero(np.isfinite(out[1])).tolist() == [0, 2]
+
+
+# ---- n samples, log-probabilities, cancel
+
+def test_n_samples_share_one_prefill_and_equal_single_requests(tiny):
+    model, params = tiny
+    p = prompt(7, 20)
+    sp = SamplingParams(temperature=1.0, top_k=8, seed=5, max_tokens=6)
+    engine = Engine(model, params, slots=3)
+    ids = engine.submit(p, dataclasses.replace(sp, n=3))
+    assert [engine.requests[i].sample for i in ids] == [0, 1, 2]
+    first = engine.step()  # one prefill, two forks, one decode step
+    assert all(len(first[i]) == 2 for i in ids)
+    while engine.busy:
+        engine.step()
+    together = [engine.requests[i].tokens for i in ids]
+    # sample i of n is the request with seed seed_of(seed, i), decoded alone
+    alone = [Engine(model, params, slots=1).generate([p], dataclasses.replace(sp, seed=seed_of(5, i)))[0]
+             for i in range(3)]
+    assert together == alone and len({tuple(t) for t in together}) > 1
+    with pytest.raises(ValueError, match=r"n=4 must be in \[1, 3\]"):
+        engine.submit(p, dataclasses.replace(sp, n=4))
+
+
+def test_logprobs_are_the_models_and_top_logprobs_are_sorted(tiny):
+    model, params = tiny
+    p = prompt(5, 21)
+    engine = Engine(model, params, slots=2, keep_logits=True)
+    [rid] = engine.submit(p, SamplingParams(temperature=1.0, seed=2, max_tokens=5, top_logprobs=3))
+    [other] = engine.submit(p, SamplingParams(temperature=0, max_tokens=5))
+    while engine.busy:
+        engine.step()
+    r = engine.requests[rid]
+    assert len(r.logprobs) == len(r.top_logprobs) == 5 and engine.requests[other].top_logprobs == []
+    for token, logprob, top, logits in zip(r.tokens, r.logprobs, r.top_logprobs, r.logits):
+        expected = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
+        assert logprob == pytest.approx(float(expected[token]), abs=1e-5)
+        assert [i for i, _ in top] == np.argsort(-expected)[:3].tolist()
+        np.testing.assert_allclose([lp for _, lp in top], np.sort(expected)[::-1][:3], atol=1e-5)
+
+
+def test_cancel_frees_the_slot_and_keeps_what_was_made(tiny):
+    model, params = tiny
+    engine = Engine(model, params, slots=1)
+    [a] = engine.submit(prompt(4, 22), SamplingParams(temperature=0, max_tokens=20))
+    [b] = engine.submit(prompt(4, 23), SamplingParams(temperature=0, max_tokens=20))
+    [c] = engine.submit(prompt(4, 24), SamplingParams(temperature=0, max_tokens=2))
+    engine.step()
+    engine.step()
+    engine.cancel(a, "content_filter")
+    engine.cancel(b)  # still waiting: it never runs
+    assert engine.slot_request == [None] and engine.requests[a].finish_reason == "content_filter"
+    assert len(engine.requests[a].tokens) == 3 and engine.requests[b].finish_reason == "cancelled"
+    while engine.busy:
+        engine.step()
+    assert engine.requests[b].tokens == [] and len(engine.requests[c].tokens) == 2
+
+
+@pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_p", 0.0), ("min_p", 1.5), ("top_k", -1),
+                                          ("top_logprobs", 21), ("presence_penalty", 3.0), ("max_tokens", -1)])
+def test_out_of_range_settings_name_their_field(tiny, field, value):
+    model, params = tiny
+    with pytest.raises(ValueError, match=f"^{field}={value}"):
+        Engine(model, params, slots=1).submit([1], SamplingParams(**{field: value}))

@@ -1,56 +1,18 @@
-"""Tests for jaxgpt.sample: top-k / top-p / temperature filtering, greedy and seeded generation, the CLI."""
+"""Tests for jaxgpt.sample: greedy and seeded generation, the CLI (the filters are test_generate's)."""
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jaxgpt.config import ModelConfig, SampleConfig
 from jaxgpt.model import GPT
-from jaxgpt.sample import filter_logits, generate, sample_texts
+from jaxgpt.sample import generate, sample_texts
 from jaxgpt.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-
-# a hand-made distribution, shuffled: token 1 (0.5), token 3 (0.3), token 0 (0.15), token 2 (0.05)
-PROBS = np.array([0.15, 0.5, 0.05, 0.3])
-LOGITS = jnp.asarray(np.log(PROBS)[None], jnp.float32)
-
-
-def kept(logits_1xV) -> set[int]:
-    return set(np.flatnonzero(np.isfinite(np.asarray(logits_1xV)[0])).tolist())
-
-
-@pytest.mark.parametrize("k, expected", [(1, {1}), (2, {1, 3}), (3, {0, 1, 3}), (4, {0, 1, 2, 3}), (10, {0, 1, 2, 3})])
-def test_top_k_keeps_exactly_k(k, expected):
-    assert kept(filter_logits(LOGITS, 1.0, k, 1.0)) == expected
-
-
-@pytest.mark.parametrize("p, expected", [
-    (0.3, {1}),            # the top token alone already holds 0.5
-    (0.6, {1, 3}),         # 0.5 < 0.6 <= 0.8
-    (0.9, {0, 1, 3}),      # 0.8 < 0.9 <= 0.95
-    (0.99, {0, 1, 2, 3}),
-    (1.0, {0, 1, 2, 3}),   # off
-])
-def test_top_p_keeps_the_smallest_nucleus(p, expected):
-    assert kept(filter_logits(LOGITS, 1.0, 0, p)) == expected
-
-
-def test_filters_combine_and_keep_values():
-    out = np.asarray(filter_logits(LOGITS, 1.0, 3, 0.6))
-    assert kept(out) == {1, 3}
-    np.testing.assert_allclose(out[0, [1, 3]], np.log([0.5, 0.3]), rtol=1e-6)
-    # temperature divides the logits, before any filtering
-    np.testing.assert_allclose(np.asarray(filter_logits(LOGITS, 2.0, 0, 1.0)), np.asarray(LOGITS) / 2, rtol=1e-6)
-    # per row: a batch of two different distributions
-    two = jnp.concatenate([LOGITS, LOGITS[:, ::-1]])
-    out = np.asarray(filter_logits(two, 1.0, 1, 1.0))
-    assert np.flatnonzero(np.isfinite(out[0])).tolist() == [1] and np.flatnonzero(np.isfinite(out[1])).tolist() == [2]
-
 
 @pytest.fixture(scope="module")
 def tiny():

@@ -1,0 +1,131 @@
+"""Talk to a trained model in the terminal: streamed, screened replies over a multi-turn history.
+
+    python -m jaxgpt.talk RUN_OR_EXPORT [sample.system="Be brief."] [sample.temperature=0.7 ...]
+                                        [screen.blocklist=FILE screen.min_mean_logprob=-4 ...]
+
+At the `you>` prompt: a message, or /reset (a new conversation), /temperature N, /system TEXT,
+/help, /quit. Ctrl-D or Ctrl-C at the prompt ends the session; Ctrl-C during a reply stops that
+reply. The oldest turns are dropped so that the prompt leaves room for the reply
+(sample.max_new_tokens, or half the context if less): a long conversation never overflows it.
+Replies go through the screen (the `screen` section); a screened reply ends with the refusal, and
+the history keeps what was shown.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+from typing import Callable, TextIO
+
+from jaxgpt import cli, runs
+from jaxgpt.config import Config, SampleConfig
+from jaxgpt.errors import JaxgptError
+from jaxgpt.generate import Engine, SamplingParams
+from jaxgpt.model import GPT
+from jaxgpt.replies import Service
+from jaxgpt.screen import Screen
+
+HELP = ("/reset: a new conversation   /temperature N: sampling temperature (0: greedy)   "
+        "/system TEXT: the system message (and a new conversation)   /quit (or Ctrl-D)")
+NOTES = {"length": "[cut at the reply's token limit]", "content_filter": "[screened]", "cancelled": "[stopped]"}
+
+
+class Talk:
+    """The conversation and its commands; reads lines from `read`, writes the replies to `out`."""
+
+    def __init__(self, service: Service, sample: SampleConfig, out: TextIO = sys.stdout):
+        self.service, self.sample, self.out = service, sample, out
+        self.params = SamplingParams.from_config(sample, n=1, seed=sample.seed)
+        self.system = sample.system
+        self.messages: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def run(self, read: Callable[[str], str] = input) -> None:
+        self.say(f"{HELP}\n")
+        while True:
+            try:
+                line = read("you> ").strip()
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: a clean goodbye
+                self.say("\n")
+                return
+            if line and not self.command(line):
+                return
+
+    def command(self, line: str) -> bool:
+        """Handle one input line; False to end the session."""
+        word, _, rest = line.partition(" ")
+        if word in ("/quit", "/exit"):
+            return False
+        if word == "/help":
+            self.say(HELP + "\n")
+        elif word == "/reset":
+            self.reset()
+            self.say("[a new conversation]\n")
+        elif word == "/temperature":
+            try:
+                value = float(rest)
+                if value < 0:
+                    raise ValueError
+            except ValueError:
+                self.say(f"[/temperature takes a number >= 0, not {rest!r}]\n")
+            else:
+                self.params = dataclasses.replace(self.params, temperature=value)
+                self.say(f"[temperature {value:g}]\n")
+        elif word == "/system":
+            self.system = rest.strip()
+            self.reset()
+            self.say(f"[system message {'set' if self.system else 'cleared'}; a new conversation]\n")
+        elif word.startswith("/"):
+            self.say(f"[unknown command {word}] {HELP}\n")
+        else:
+            self.reply(line)
+        return True
+
+    def reply(self, text: str) -> None:
+        conversation = self.messages + [{"role": "user", "content": text}]
+        try:
+            stream = self.service.chat(conversation, self.params)
+        except (ValueError, JaxgptError) as e:  # too long even alone, or characters the tokenizer lacks
+            self.say(f"[not sent: {e}]\n")
+            return
+        self.say("jaxgpt> ")
+        try:
+            for delta in stream:
+                self.say(delta.text)
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            stream.cancel()
+        [reply] = stream.result()
+        note = f"[the reply failed: {reply.error}]" if reply.error else NOTES.get(reply.finish_reason, "")
+        if reply.flagged:
+            note += f" [low confidence: mean log-probability {reply.mean_logprob:.2f}]"
+        self.say(("\n" + note.strip() if note else "") + "\n")
+        self.messages = conversation + [{"role": "assistant", "content": reply.text}]
+
+    def say(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    def run(operands, settings):
+        loaded = runs.load(operands[0], settings)
+        try:  # line editing and history for input(), where the platform has readline
+            importlib.import_module("readline")
+        except ImportError:
+            pass
+        engine = Engine(GPT(loaded.cfg.model), loaded.params, loaded.tokenizer, slots=1)
+        with Service(engine, loaded.tokenizer, Screen(loaded.cfg.screen)) as service:
+            service.complete([loaded.tokenizer.eot_id], SamplingParams(max_tokens=2)).result()  # compile first
+            print(f"jaxgpt talk: {loaded.where} (step {loaded.step}, context {loaded.cfg.model.seq_len} tokens)")
+            Talk(service, loaded.cfg.sample).run()
+
+    cli.run("python -m jaxgpt.talk", cli.Command(
+        run, usage="RUN_OR_EXPORT [sample.system=TEXT sample.temperature=0.8 screen.blocklist=FILE ...]",
+        root=Config, sections=("sample", "screen", "model")), argv)
+
+
+if __name__ == "__main__":
+    main()
