@@ -23,6 +23,7 @@ many callers and turns ids into screened text (stop strings, UTF-8, the blocklis
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 
@@ -30,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.model import GPT
+from jaxgpt import sharding
+from jaxgpt.model import CACHE_AXES, GPT
 
 MIN_BUCKET = 16
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
@@ -213,10 +215,15 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model: GPT, params, tokenizer=None, slots: int = 4, keep_logits: bool = False):
-        if model.cfg.scan_layers:
-            raise NotImplementedError("the generation engine needs model.scan_layers=false")
-        self.model, self.params, self.slots, self.keep_logits = model, params, slots, keep_logits
+    """mesh: decode on a device mesh, params and cache placed by the logical-axis rules (slots over
+    data x fsdp, heads over tensor); None: one device."""
+
+    def __init__(self, model: GPT, params, tokenizer=None, slots: int = 4, keep_logits: bool = False,
+                 mesh: jax.sharding.Mesh | None = None):
+        model, params = model.for_decoding(params)  # a scan_layers model decodes layer by layer
+        if mesh is not None:
+            params = jax.device_put(params, sharding.logical_to_mesh(model.logical_axes, params, mesh))
+        self.model, self.params, self.slots, self.keep_logits, self.mesh = model, params, slots, keep_logits, mesh
         V = model.cfg.vocab_size
         self.n_valid = min(V, tokenizer.n_vocab) if tokenizer is not None else V  # never sample padding ids
         self.knobs = {name: np.zeros(slots, dtype) for name, dtype in KNOBS.items()}
@@ -233,6 +240,12 @@ class Engine:
         V = self.model.cfg.vocab_size
         self.state = {"cache": self.model.init_cache(self.slots), "counts": jnp.zeros((self.slots, V), jnp.int32),
                       "seen": jnp.zeros((self.slots, V), bool)}
+        if self.mesh is not None:
+            axes = {"cache": [{"k": CACHE_AXES, "v": CACHE_AXES}] * self.model.cfg.n_layer,
+                    "counts": ("batch", "vocab"), "seen": ("batch", "vocab")}
+            specs = jax.tree.map(lambda names: jax.sharding.PartitionSpec(*names), axes,
+                                 is_leaf=lambda x: isinstance(x, tuple))
+            self.state = jax.device_put(self.state, sharding.logical_to_mesh(specs, self.state, self.mesh))
         self.slot_request: list[Request | None] = [None] * self.slots
         self.waiting: collections.deque[list[Request]] = collections.deque()  # the n samples of a request
 
@@ -298,9 +311,10 @@ class Engine:
             tokens, positions, active, steps = (np.zeros(self.slots, np.int32) for _ in range(4))
             for r in busy:
                 tokens[r.slot], positions[r.slot], active[r.slot], steps[r.slot] = r.last, r.position, 1, len(r.tokens)
-            token_B, logits_BxV, scores, self.state = _decode(
-                self.model, self.n_valid, self._top_n(busy), self.params, self.state, tokens, positions, active,
-                self.knobs, steps)
+            with self._on_mesh():
+                token_B, logits_BxV, scores, self.state = _decode(
+                    self.model, self.n_valid, self._top_n(busy), self.params, self.state, tokens, positions, active,
+                    self.knobs, steps)
             token_B, scores = np.asarray(token_B), jax.tree.map(np.asarray, scores)
             logits_BxV = np.asarray(logits_BxV) if self.keep_logits else None
             for r in busy:
@@ -308,6 +322,10 @@ class Engine:
                 self._emit(r, int(token_B[r.slot]), _row(scores, r.slot),
                            None if logits_BxV is None else logits_BxV[r.slot], out)
         return out
+
+    def _on_mesh(self):
+        """Trace under the mesh and the rules, so the model's logical constraints take effect."""
+        return sharding.activate(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def _top_n(self, requests) -> int:
         """Top log-probabilities are computed (a second compile) only while someone asks for them."""
@@ -320,9 +338,10 @@ class Engine:
         tokens[0, :n] = context
         slot = request.slot
         knobs = {name: arr[slot:slot + 1] for name, arr in self.knobs.items()}
-        token_1, logits_1xV, scores, self.state = _prefill(
-            self.model, self.n_valid, self._top_n([request]), self.params, self.state, tokens, np.int32(n),
-            np.int32(slot), np.bool_(fresh), knobs, np.array([len(request.tokens)], np.int32))
+        with self._on_mesh():
+            token_1, logits_1xV, scores, self.state = _prefill(
+                self.model, self.n_valid, self._top_n([request]), self.params, self.state, tokens, np.int32(n),
+                np.int32(slot), np.bool_(fresh), knobs, np.array([len(request.tokens)], np.int32))
         request.position = n
         self._emit(request, int(token_1[0]), _row(jax.tree.map(np.asarray, scores), 0),
                    np.asarray(logits_1xV[0]) if self.keep_logits else None, out)
@@ -332,8 +351,9 @@ class Engine:
         first, rest = group[0], group[1:]
         dsts = np.array([r.slot for r in rest], np.int32)
         knobs = {name: arr[dsts] for name, arr in self.knobs.items()}
-        token_F, scores, self.state = _fork(self.model, self.n_valid, self._top_n(group), self.state, logits_1xV,
-                                            np.int32(src), dsts, knobs, np.zeros(len(rest), np.int32))
+        with self._on_mesh():
+            token_F, scores, self.state = _fork(self.model, self.n_valid, self._top_n(group), self.state, logits_1xV,
+                                                np.int32(src), dsts, knobs, np.zeros(len(rest), np.int32))
         token_F, scores = np.asarray(token_F), jax.tree.map(np.asarray, scores)
         logits_V = np.asarray(logits_1xV[0]) if self.keep_logits else None
         for i, r in enumerate(rest):

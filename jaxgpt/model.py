@@ -31,6 +31,9 @@ from jaxgpt import kernels
 from jaxgpt.config import ModelConfig
 
 
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # a KV cache's [B, K, S, E], sharded as activations
+
+
 def logical(init, *names):
     return nn.with_logical_partitioning(init, names)
 
@@ -140,6 +143,7 @@ class Attention(nn.Module):
             write = jax.vmap(lambda c_KxSxE, x_KxLxE, p: jax.lax.dynamic_update_slice(c_KxSxE, x_KxLxE, (0, p, 0)))
             cache = {"k": write(cache["k"], k_BxKxLxE.astype(cache["k"].dtype), positions_BxL[:, 0]),
                      "v": write(cache["v"], v_BxKxLxE.astype(cache["v"].dtype), positions_BxL[:, 0])}
+            cache = {name: nn.with_logical_constraint(x, CACHE_AXES) for name, x in cache.items()}
             k_BxKxLxE, v_BxKxLxE = cache["k"], cache["v"]  # now [B, K, S, E]
         impl = kernels.resolve(cfg.attention, cfg.dtype)
         out_BxHxLxE = kernels.attention(impl, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxS)
@@ -216,7 +220,7 @@ class Transformer(nn.Module):
         """The layers against a KV cache (a list of per-layer {"k", "v"}): (logits, new cache)."""
         cfg = self.cfg
         if cfg.scan_layers:
-            raise NotImplementedError("decoding with a KV cache needs model.scan_layers=false")
+            raise NotImplementedError("decoding with a KV cache runs unscanned layers: see GPT.for_decoding")
         B, S = x_BxLxD.shape[0], cache[0]["k"].shape[2]
         kv_pos_BxS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         mask_BxLxS = attention_mask(segment_ids_BxL, positions_BxL, jnp.ones_like(kv_pos_BxS), kv_pos_BxS)
@@ -268,6 +272,15 @@ class GPT:
     def logical_axes(self) -> dict:
         """A pytree like params whose leaves are PartitionSpecs of logical axis names."""
         return nn.get_partition_spec(jax.eval_shape(self._boxed_init, jax.random.key(0)))
+
+    def for_decoding(self, params) -> tuple["GPT", dict]:
+        """The same model without scan_layers (decoding against a cache runs the layers one by one):
+        a scanned run's stacked block params split into block_0 .. block_{N-1}."""
+        if not self.cfg.scan_layers:
+            return self, params
+        rest = {name: value for name, value in params.items() if name != "blocks"}
+        layers = {f"block_{i}": jax.tree.map(lambda x, i=i: x[i], params["blocks"]) for i in range(self.cfg.n_layer)}
+        return GPT(dataclasses.replace(self.cfg, scan_layers=False)), {**rest, **layers}
 
     def init_cache(self, batch: int) -> list[dict]:
         """An empty KV cache: per layer k and v of [batch, K, seq_len, E] in the compute dtype."""

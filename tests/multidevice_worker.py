@@ -4,6 +4,8 @@ before jax is imported). Prints one JSON object per line:
     {"kind": "rules", "mesh": [2, 2, 2], "specs": {param path: mesh axis per dimension}}
     {"kind": "run", "preset": ..., "mesh": [data, fsdp, tensor] or null (one device), "losses": [...],
      "max_param_diff": largest |param - param on one device| after the steps}
+    {"kind": "decode", "preset": ..., "mesh": [...], "same_tokens": bool, "max_logit_diff": ...,
+     "cache_spec": the KV cache's mesh axes}
 
     python tests/multidevice_worker.py TEXT_FILE STEPS
 """
@@ -16,6 +18,7 @@ import numpy as np
 from jaxgpt import sharding
 from jaxgpt.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig,
                            validate)
+from jaxgpt.generate import Engine, SamplingParams
 from jaxgpt.model import GPT
 from jaxgpt.train import Trainer
 
@@ -45,6 +48,31 @@ def run(cfg: Config, devices, steps: int):
     return losses, jax.device_get(state.params), trainer
 
 
+def decode(preset: str, mesh_shape) -> dict:
+    """The generation engine on a mesh against one device: 4 prompts of different lengths, greedy
+    and sampled, continuous batching over 4 slots (split over data x fsdp, heads over tensor)."""
+    cfg = ModelConfig(preset=preset, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2 if preset == "llama" else 0,
+                      d_model=64, seq_len=32, bias=False).resolved()
+    model = GPT(cfg)
+    params = model.init(jax.random.key(5))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 50, n).tolist() for n in (3, 9, 17, 5, 12)]
+    settings = [SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, max_tokens=6 + i) for i in range(5)]
+    out = {}
+    for name, mesh in (("one", None), ("mesh", sharding.make_mesh(MeshConfig(*mesh_shape)))):
+        engine = Engine(model, params, slots=4, keep_logits=True, mesh=mesh)
+        ids = [i for p, sp in zip(prompts, settings) for i in engine.submit(p, sp)]
+        while engine.busy:
+            engine.step()
+        out[name] = [engine.requests[i] for i in ids]
+        if mesh is not None:
+            spec = engine.state["cache"][0]["k"].sharding.spec
+    diff = max(float(np.abs(np.stack(a.logits) - np.stack(b.logits)).max()) for a, b in zip(out["one"], out["mesh"]))
+    return {"kind": "decode", "preset": preset, "mesh": list(mesh_shape),
+            "same_tokens": [r.tokens for r in out["one"]] == [r.tokens for r in out["mesh"]],
+            "max_logit_diff": diff, "cache_spec": [list(a) if isinstance(a, tuple) else a for a in spec]}
+
+
 def shakespeare_rules(mesh_shape):
     """Where each param of the Tiny Shakespeare model (gpt2, 73 chars) goes on a 2x2x2 mesh."""
     cfg = ModelConfig(preset="gpt2", vocab_size=73, n_layer=4, n_head=4, d_model=128, seq_len=64,
@@ -61,6 +89,7 @@ def main():
     assert len(jax.devices()) == 8, jax.devices()
     print(json.dumps({"kind": "rules", "mesh": [2, 2, 2], "specs": shakespeare_rules((2, 2, 2))}), flush=True)
     for preset in ("gpt2", "llama"):
+        print(json.dumps(decode(preset, (2, 2, 2))), flush=True)
         ref_losses, ref_params, _ = run(tiny(text_file, preset, (-1, 1, 1)), jax.devices()[:1], steps)
         print(json.dumps({"kind": "run", "preset": preset, "mesh": None, "losses": ref_losses,
                           "max_param_diff": 0.0}), flush=True)

@@ -303,3 +303,16 @@ def test_out_of_range_settings_name_their_field(tiny, field, value):
     model, params = tiny
     with pytest.raises(ValueError, match=f"^{field}={value}"):
         Engine(model, params, slots=1).submit([1], SamplingParams(**{field: value}))
+
+
+def test_a_scan_layers_model_decodes_as_its_unscanned_twin():
+    cfg = ModelConfig(preset="llama", n_kv_head=2, vocab_size=V, n_layer=3, n_head=4, d_model=32, seq_len=S,
+                      scan_layers=True).resolved()
+    scanned = GPT(cfg)
+    params = scanned.init(jax.random.key(2))
+    assert "blocks" in params
+    model, unscanned = scanned.for_decoding(params)
+    p = prompt(6, 30)
+    expected = greedy_by_hand(scanned, params, p, 5)  # full forward passes of the scanned model
+    assert greedy_by_hand(model, unscanned, p, 5) == expected
+    assert Engine(scanned, params, slots=1).generate([p], SamplingParams(temperature=0, max_tokens=5)) == [expected]

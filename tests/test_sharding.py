@@ -99,3 +99,12 @@ def test_same_training_on_1_and_8_devices(eight_devices, preset):
     for mesh in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
         assert runs[mesh]["losses"] == pytest.approx(reference, abs=1e-5), mesh
         assert runs[mesh]["max_param_diff"] < 1e-5, mesh
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_decoding_on_a_mesh_equals_one_device(eight_devices, preset):
+    """The generation engine with its KV cache split over slots (data) and kv heads (tensor)."""
+    (r,) = [r for r in eight_devices if r["kind"] == "decode" and r["preset"] == preset]
+    assert r["same_tokens"] and r["max_logit_diff"] < 1e-5
+    assert r["cache_spec"][:2] == [["data", "fsdp"], "tensor"] and not any(r["cache_spec"][2:])
