@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -187,7 +188,36 @@ def _bench_settings(verb: str, settings: list[str], allowed: tuple[str, ...], re
     return cmd
 
 
+GENERATE_FLAGS = {"--batch": "bench.batch", "--new": "bench.new_tokens"}
+
+
+def _generate_flags(argv: list[str]) -> list[str]:
+    """`generate ... --batch 1 8 --new 256` (the form ../shared/bench/decode_side_by_side.sh and the
+    decode issue use) as the settings bench.batch=1,8 bench.new_tokens=256."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in GENERATE_FLAGS:
+            j = i + 1
+            while j < len(argv) and argv[j].isdigit():
+                j += 1
+            if j == i + 1:
+                raise ConfigError(f"{argv[i]}: expected one or more numbers")
+            out.append(f"{GENERATE_FLAGS[argv[i]]}={','.join(argv[i + 1:j])}")
+            i = j
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["generate"]:
+        try:
+            argv = _generate_flags(argv)
+        except ConfigError as e:
+            sys.exit(f"python -m jaxgpt.bench: {e}")
+
     def train(operands: list[str], settings: list[str]) -> None:
         config_overrides = [s for s in settings if _section(s) in CONFIG_SECTIONS]
         cmd = _bench_settings("train", [s for s in settings if s not in config_overrides], ("bench",))

@@ -146,13 +146,27 @@ def matmul(impl: str, x_MxK, w_KxN) -> jax.Array:
     return _matmul(x_MxK, w_KxN) if impl == "cpu" else x_MxK @ w_KxN
 
 
+def _dot(x_MxK, w_KxN) -> jax.Array:
+    """x @ w; in bf16/fp16 as an fp32 product rounded once, which XLA:CPU runs on YNNPACK twice as
+    fast as the half-precision-output dot (2048x768x2304: 750 vs 360 GFLOP/s; 8x768x2304: 150 vs
+    54). A single row is padded to two: XLA:CPU runs a half-precision matvec (M = 1, every decode
+    step of one sequence) by first converting the whole weight to fp32 (6.8 vs 25 GFLOP/s)."""
+    if x_MxK.dtype not in HALF_DTYPES:
+        return x_MxK @ w_KxN
+    M = x_MxK.shape[0]
+    if M == 1:
+        x_MxK = jnp.concatenate([x_MxK, jnp.zeros_like(x_MxK)])
+    y_MxN = jnp.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
+    return y_MxN[:M].astype(x_MxK.dtype)
+
+
 @jax.custom_vjp
 def _matmul(x_MxK, w_KxN):
-    return x_MxK @ w_KxN
+    return _dot(x_MxK, w_KxN)
 
 
 def _matmul_fwd(x_MxK, w_KxN):
-    return x_MxK @ w_KxN, (x_MxK, w_KxN)
+    return _dot(x_MxK, w_KxN), (x_MxK, w_KxN)
 
 
 def _matmul_bwd(residuals, dy_MxN):

@@ -1,9 +1,11 @@
 """Tests for jaxgpt.bench's generate benchmark: it does the work it reports (benchmarks assert nothing
 about speed; these check that every requested token was made and the report's arithmetic)."""
 import jax
+import pytest
 
 from jaxgpt import bench
 from jaxgpt.config import BenchConfig, ModelConfig
+from jaxgpt.errors import ConfigError
 from jaxgpt.model import GPT
 
 
@@ -18,3 +20,10 @@ def test_generate_reports_every_token_of_every_batch():
         assert abs(r["tok_per_s"] - r["new_tokens"] / r["seconds"]) <= 0.01 * r["tok_per_s"] + 0.01
         assert 0 < r["ttft_s"] <= r["seconds"] and r["bound_tok_per_s"] > 0
         assert abs(r["ratio_to_bound"] - r["tok_per_s"] / r["bound_tok_per_s"]) < 1e-2
+
+
+def test_generate_takes_the_shared_scripts_flags():
+    assert bench._generate_flags(["generate", "c.py", "--batch", "1", "8", "--new", "256", "model.dtype=bfloat16"]) == [
+        "generate", "c.py", "bench.batch=1,8", "bench.new_tokens=256", "model.dtype=bfloat16"]
+    with pytest.raises(ConfigError, match="^--new: expected one or more numbers"):
+        bench._generate_flags(["generate", "c.py", "--new"])
