@@ -190,6 +190,24 @@ def restore_params(step_dir: Path, cfg: config_lib.Config, model: GPT, shardings
     return tree["params"], meta
 
 
+def remove_temporaries(directory: Path, tries: int = 50) -> None:
+    """Remove the temporaries (`*.orbax-checkpoint-tmp*`) of saves cut short. A save that just failed
+    in this process may still have a writer thread finishing a file inside one, which makes a single
+    rmtree fail with "directory not empty" (orbax's own cleanup raised that from the next manager):
+    so retry until the writers are done."""
+    for tmp in list(directory.glob("*.orbax-checkpoint-tmp*")) if directory.is_dir() else []:
+        for attempt in range(tries):
+            try:
+                shutil.rmtree(tmp)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if attempt == tries - 1:
+                    raise
+                time.sleep(0.1)
+
+
 def steps_in(directory: Path) -> list[int]:
     """Step directories (finished saves) in a checkpoints directory, newest first."""
     if not directory.is_dir():
@@ -263,6 +281,8 @@ class Checkpointer:
             preservation_policy=policies.AnyPreservationPolicy(keep), enable_async_checkpointing=ck.async_save,
             best_fn=_val_loss if ck.keep_best else None, best_mode="min",
             cleanup_tmp_directories=True)  # temporaries of saves cut short by a kill
+        if jax.process_index() == 0:
+            remove_temporaries(self.directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         # orbax starts removing those temporaries in a thread when the manager is made, and waits for
         # it only before a save; wait now, or a run that stops early (a config error, say) leaves the
