@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     for ex in talk["exchanges"]:
         print(f"\nuser:      {ex['user']}\nassistant: {ex['assistant']}")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; the model is in {out / 'export'}. Talk to it:")
-    print(f'  python -m jaxgpt.sample {out / "export"} sample.chat=true sample.prompt="hello, how are you?"')
+    print(f"  python -m jaxgpt.talk {out / 'export'}")
 
 
 if __name__ == "__main__":

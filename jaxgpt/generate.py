@@ -287,7 +287,10 @@ class Engine:
         V = self.model.cfg.vocab_size
         self.state = {"cache": self.model.init_cache(self.slots), "counts": jnp.zeros((self.slots, V), jnp.int32),
                       "seen": jnp.zeros((self.slots, V), bool)}
-        if self.mesh is not None:
+        if self.mesh is None:  # committed, as the jitted steps' outputs are: else the first prefill
+            # after a decode step sees a differently placed state and compiles again (2 s at 1.8M params)
+            self.state = jax.device_put(self.state, jax.devices()[0])
+        else:
             axes = {"cache": [{"k": CACHE_AXES, "v": CACHE_AXES}] * self.model.cfg.n_layer,
                     "counts": ("batch", "vocab"), "seen": ("batch", "vocab")}
             specs = jax.tree.map(lambda names: jax.sharding.PartitionSpec(*names), axes,

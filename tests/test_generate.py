@@ -316,3 +316,15 @@ def test_a_scan_layers_model_decodes_as_its_unscanned_twin():
     expected = greedy_by_hand(scanned, params, p, 5)  # full forward passes of the scanned model
     assert greedy_by_hand(model, unscanned, p, 5) == expected
     assert Engine(scanned, params, slots=1).generate([p], SamplingParams(temperature=0, max_tokens=5)) == [expected]
+
+
+def test_the_steps_compile_once_per_bucket(tiny):
+    """After one request, another of the same prompt bucket compiles nothing (the state the engine
+    starts with is placed as the jitted steps' outputs are, or the next prefill would recompile)."""
+    from jaxgpt import generate
+    model, params = tiny
+    engine = Engine(model, jax.device_put(params, jax.devices()[0]), slots=2)  # committed, as runs.load gives them
+    engine.generate([prompt(5, 40)], SamplingParams(temperature=1.0, max_tokens=3))
+    sizes = generate._prefill._cache_size(), generate._decode._cache_size()
+    engine.generate([prompt(7, 41), prompt(3, 42)], SamplingParams(temperature=1.0, seed=3, max_tokens=4))
+    assert (generate._prefill._cache_size(), generate._decode._cache_size()) == sizes
