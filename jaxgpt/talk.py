@@ -38,6 +38,7 @@ class Talk:
         self.params = SamplingParams.from_config(sample, n=1, seed=sample.seed)
         self.system = sample.system
         self.messages: list[dict] = []
+        self.turns = 0  # replies so far, in every conversation of the session
         self.reset()
 
     def reset(self) -> None:
@@ -87,7 +88,10 @@ class Talk:
     def reply(self, text: str) -> None:
         conversation = self.messages + [{"role": "user", "content": text}]
         try:
-            stream = self.service.chat(conversation, self.params)
+            # each reply its own seed (sample.seed, +1, +2, ...): the same seed every turn draws the
+            # same random numbers, and a small model then answers every turn alike
+            params = dataclasses.replace(self.params, seed=(self.sample.seed + self.turns) % 2 ** 32)
+            stream = self.service.chat(conversation, params)
         except (ValueError, JaxgptError) as e:  # too long even alone, or characters the tokenizer lacks
             self.say(f"[not sent: {e}]\n")
             return
@@ -103,6 +107,7 @@ class Talk:
             note += f" [low confidence: mean log-probability {reply.mean_logprob:.2f}]"
         self.say(("\n" + note.strip() if note else "") + "\n")
         self.messages = conversation + [{"role": "assistant", "content": reply.text}]
+        self.turns += 1
 
     def say(self, text: str) -> None:
         self.out.write(text)
