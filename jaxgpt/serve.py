@@ -91,7 +91,8 @@ def _field_of(message: str, fallback: str) -> str:
 # ---- the request body: OpenAI's fields, checked by hand so every mistake names its field ----
 
 INT, NUMBER = "an integer", "a number"
-KNOBS = {"temperature": NUMBER, "top_p": NUMBER, "top_k": INT, "min_p": NUMBER, "presence_penalty": NUMBER,
+# the sampling fields a request may set (SamplingParams' names, OpenAI's where it has them)
+FIELDS = {"temperature": NUMBER, "top_p": NUMBER, "top_k": INT, "min_p": NUMBER, "presence_penalty": NUMBER,
          "frequency_penalty": NUMBER, "repetition_penalty": NUMBER, "n": INT}
 
 
@@ -144,7 +145,7 @@ def _messages(body: dict) -> list[dict]:
 
 
 def _params(body: dict, defaults: SamplingParams, max_tokens: int) -> SamplingParams:
-    knobs = {name: _get(body, name, kind, getattr(defaults, name)) for name, kind in KNOBS.items()}
+    knobs = {name: _get(body, name, kind, getattr(defaults, name)) for name, kind in FIELDS.items()}
     seed = _get(body, "seed", INT)
     return dataclasses.replace(defaults, **knobs, max_tokens=max_tokens, stop=_stop(body),
                                seed=secrets.randbelow(2 ** 31) if seed is None else seed)
