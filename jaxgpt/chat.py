@@ -65,16 +65,19 @@ def render(conversation: Conversation, tokenizer: Tokenizer, for_generation: boo
 def render_prompt(conversation: Conversation, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray | None:
     """The ids that prompt the next reply (`render(..., for_generation=True)`) within max_tokens,
     dropping the oldest user/assistant pairs (the system message and the last user message stay);
-    None when even those two do not fit."""
-    ids, _ = render(conversation, tokenizer, for_generation=True)  # validates
+    None when even those two do not fit. Each message is encoded once, however many are dropped."""
+    validate(conversation, trainable=False)
+    if conversation[-1]["role"] != "user":
+        raise ChatDataError("conversation: to prompt a reply the last message must be the user's")
     roles, encoded = [m["role"] for m in conversation], [tokenizer.encode(m["content"]) for m in conversation]
     head = [0] if roles[0] == "system" else []
     first = len(head)
-    while len(ids) > max_tokens and first < len(roles) - 1:
-        first += 2  # a (user, assistant) pair, oldest first
+    while True:
         keep = head + list(range(min(first, len(roles) - 1), len(roles)))
         ids, _ = _template([roles[i] for i in keep], [encoded[i] for i in keep], tokenizer, for_generation=True)
-    return ids if len(ids) <= max_tokens else None
+        if len(ids) <= max_tokens or first >= len(roles) - 1:
+            return ids if len(ids) <= max_tokens else None
+        first += 2  # a (user, assistant) pair, oldest first
 
 
 def _kept(roles: Sequence[str], lengths: Sequence[int], max_tokens: int) -> list[int] | None:

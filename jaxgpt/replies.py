@@ -224,10 +224,14 @@ class Service:
         if self.screen.active and self.screen.cfg.user and (why := self.screen.check(messages[-1]["content"])):
             return self._refused(params.n, 0, why)  # before tokenizing: nothing of it is processed
         seq_len = self.engine.model.cfg.seq_len
-        budget = seq_len - min(params.max_tokens, seq_len // 2) if drop_old_turns else seq_len - params.max_tokens
-        ids = chat.render_prompt(messages, self.tokenizer, budget)
-        if ids is None or (not drop_old_turns and len(ids) < len(chat.render(messages, self.tokenizer, True)[0])):
-            n = len(chat.render(messages, self.tokenizer, for_generation=True)[0])
+        full = None  # the whole conversation rendered, where it is needed
+        if drop_old_turns:
+            ids = chat.render_prompt(messages, self.tokenizer, seq_len - min(params.max_tokens, seq_len // 2))
+        else:
+            full = chat.render(messages, self.tokenizer, for_generation=True)[0]
+            ids = full if len(full) + params.max_tokens <= seq_len else None
+        if ids is None:
+            n = len(full if full is not None else chat.render(messages, self.tokenizer, for_generation=True)[0])
             raise ValueError(f"messages: {n} prompt tokens plus max_tokens={params.max_tokens} exceed the "
                              f"model's context of {seq_len} tokens")
         special = self.tokenizer.special_id

@@ -35,7 +35,7 @@ class Talk:
 
     def __init__(self, service: Service, sample: SampleConfig, out: TextIO = sys.stdout):
         self.service, self.sample, self.out = service, sample, out
-        self.params = SamplingParams.from_config(sample, n=1, seed=sample.seed)
+        self.params = SamplingParams.from_config(sample, n=1)
         self.system = sample.system
         self.messages: list[dict] = []
         self.turns = 0  # replies so far, in every conversation of the session
