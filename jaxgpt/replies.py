@@ -25,7 +25,8 @@ import codecs
 import dataclasses
 import queue
 import threading
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 from jaxgpt import chat
 from jaxgpt.config import ScreenConfig
@@ -134,7 +135,10 @@ class Stream:
         self._deltas: queue.SimpleQueue[Delta] = queue.SimpleQueue()
         self.replies: list[Reply | None] = [None] * n
         self._done = threading.Event()
+        self._callbacks: list[Callable[[Stream], None]] = []
+        self._lock = threading.Lock()
         self.request_ids: list[int] = []
+        self.first_token_at: float | None = None  # time.monotonic() when the first token came out
 
     def __iter__(self) -> Iterator[Delta]:
         finished = 0
@@ -159,12 +163,26 @@ class Stream:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def add_done_callback(self, fn: Callable[[Stream], None]) -> None:
+        """fn(stream) once every reply is in (at once if they are): on the engine's thread, so keep it short."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
     def _put(self, delta: Delta, reply: Reply | None = None) -> None:
+        if self.first_token_at is None and delta.token_ids:
+            self.first_token_at = time.monotonic()
         self._deltas.put(delta)
         if reply is not None:
             self.replies[reply.index] = reply
             if all(r is not None for r in self.replies):
-                self._done.set()
+                with self._lock:
+                    self._done.set()
+                    callbacks, self._callbacks = self._callbacks, []
+                for fn in callbacks:
+                    fn(self)
 
 
 @dataclasses.dataclass
@@ -213,10 +231,11 @@ class Service:
         return stream
 
     def chat(self, messages: list[dict], params: SamplingParams = SamplingParams(),
-             drop_old_turns: bool = True) -> Stream:
+             drop_old_turns: bool = True, shrink_max_tokens: bool = False) -> Stream:
         """The assistant's reply to a conversation (its last message the user's). Old turns are
         dropped to leave room for params.max_tokens (or half the context, if less) unless
-        drop_old_turns=False, which raises ValueError("messages: ...") instead; a user message the
+        drop_old_turns=False, which raises ValueError("messages: ...") instead, or, with
+        shrink_max_tokens, lowers max_tokens to what the context leaves. A user message the
         screen blocks gets the refusal at once, with no generation."""
         chat.validate(messages, trainable=False)
         if messages[-1]["role"] != "user":
@@ -229,6 +248,8 @@ class Service:
             ids = chat.render_prompt(messages, self.tokenizer, seq_len - min(params.max_tokens, seq_len // 2))
         else:
             full = chat.render(messages, self.tokenizer, for_generation=True)[0]
+            if shrink_max_tokens and len(full) < seq_len:
+                params = dataclasses.replace(params, max_tokens=min(params.max_tokens, seq_len - len(full)))
             ids = full if len(full) + params.max_tokens <= seq_len else None
         if ids is None:
             n = len(full if full is not None else chat.render(messages, self.tokenizer, for_generation=True)[0])

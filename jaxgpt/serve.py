@@ -7,12 +7,15 @@
          -d '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32}'
 
 Endpoints: POST /v1/chat/completions and /v1/completions (plain JSON, or server-sent events with
-"stream": true, ending with `data: [DONE]`), GET /v1/models and /health, and a chat page at /.
+"stream": true, ending with `data: [DONE]`), GET /v1/models, /health, /metrics (Prometheus' text
+format) and a chat page at /.
 Any OpenAI client works (base_url http://HOST:PORT/v1). A request that omits a sampling field gets
 the run's `sample` section (temperature, top_k, top_p, ...), one without a seed a fresh random seed
 as at OpenAI, one without max_tokens sample.max_new_tokens or what the context leaves, if less;
 unknown fields are ignored. Errors come in OpenAI's shape, {"error": {"message", "type", "param",
-"code"}}, with `param` naming the field to fix. Not yet: logprobs, tools, batched prompts.
+"code"}}, with `param` naming the field to fix; 429 (queue full) and 503 (shutting down) carry
+Retry-After. SIGTERM drains: requests in flight finish, new ones get 503, then the server exits.
+Not yet: tools, response_format, logit_bias, batched prompts.
 
 All generation goes through one `replies.Service` (one engine thread, serve.slots requests decoding
 together, the screen on every reply); the HTTP side only parses, waits and formats. The API key is
@@ -28,21 +31,25 @@ import json
 import os
 import re
 import secrets
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from jaxgpt import chat, cli, runs
 from jaxgpt.config import Config
 from jaxgpt.errors import ConfigError, JaxgptError
-from jaxgpt.generate import Engine, SamplingParams
+from jaxgpt.generate import MAX_TOP_LOGPROBS, Engine, SamplingParams
 from jaxgpt.model import GPT
 from jaxgpt.replies import Reply, Service, Stream
 from jaxgpt.screen import Screen
@@ -62,6 +69,8 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000  # a larger request body is refused with 413
     max_queue: int = 64              # requests waiting beyond the slots before new ones get 429
     model_name: str = ""             # the model id clients name; default: the run directory's name
+    retry_after_s: int = 1           # the Retry-After of a 429 (queue full) or 503 (draining)
+    drain_timeout_s: float = 120.0   # on SIGTERM, how long requests in flight may take to finish
 
 
 @dataclass(frozen=True)
@@ -74,9 +83,11 @@ class ServeCommand(Config):
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None):  # noqa: A002 - OpenAI's name
+                 type: str = "invalid_request_error", code: str | None = None,  # noqa: A002 - OpenAI's name
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -144,10 +155,10 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _params(body: dict, defaults: SamplingParams, max_tokens: int) -> SamplingParams:
+def _params(body: dict, defaults: SamplingParams, max_tokens: int, top_logprobs: int) -> SamplingParams:
     knobs = {name: _get(body, name, kind, getattr(defaults, name)) for name, kind in FIELDS.items()}
     seed = _get(body, "seed", INT)
-    return dataclasses.replace(defaults, **knobs, max_tokens=max_tokens, stop=_stop(body),
+    return dataclasses.replace(defaults, **knobs, max_tokens=max_tokens, stop=_stop(body), top_logprobs=top_logprobs,
                                seed=secrets.randbelow(2 ** 31) if seed is None else seed)
 
 
@@ -168,21 +179,222 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
+# ---- log-probabilities, in the two shapes OpenAI's endpoints use ----
+
+def _logprob_request(body: dict, kind: str) -> int | None:
+    """How many top alternatives per token a request asks for (0: only the chosen token's), or
+    None for no logprobs. Chat: logprobs (a boolean) and top_logprobs; completions: logprobs (a count)."""
+    if kind == "chat":
+        wanted = _get(body, "logprobs", "a boolean", False)
+        top = _get(body, "top_logprobs", INT)
+        if top is not None and not wanted:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+        name, count = "top_logprobs", (top or 0) if wanted else None
+    else:
+        name, count = "logprobs", _get(body, "logprobs", INT)
+    if count is not None and not 0 <= count <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"{name}: must be in [0, {MAX_TOP_LOGPROBS}], got {count}", name)
+    return count
+
+
+class LogprobFormat:
+    """Token ids and their log-probabilities as a choice's `logprobs` (chat: {"content": [...]},
+    completions: tokens / token_logprobs / top_logprobs / text_offset)."""
+
+    def __init__(self, tokenizer: Tokenizer, kind: str):
+        self.tokenizer, self.kind = tokenizer, kind
+
+    def piece(self, token: int) -> tuple[str, bytes]:
+        """A token's text and bytes; a piece of a character decodes with U+FFFD, its bytes are exact."""
+        if self.tokenizer.is_special(token):
+            text = self.tokenizer.decode([token])
+            return text, text.encode("utf-8")
+        raw = self.tokenizer.decode_bytes([token])
+        return raw.decode("utf-8", errors="replace"), raw
+
+    def __call__(self, ids: list[int], logprobs: list[float], tops: list[list[tuple[int, float]]],
+                 offset: int = 0) -> dict:
+        tops = tops or [[] for _ in ids]
+        if self.kind == "chat":
+            def entry(token: int, logprob: float) -> dict:
+                text, raw = self.piece(token)
+                return {"token": text, "logprob": float(logprob), "bytes": list(raw)}
+            return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
+                                for t, lp, top in zip(ids, logprobs, tops)], "refusal": None}
+        texts = [self.piece(t)[0] for t in ids]
+        offsets = [offset + sum(map(len, texts[:i])) for i in range(len(texts))]
+        return {"tokens": texts, "token_logprobs": [float(lp) for lp in logprobs],
+                "top_logprobs": [{self.piece(a)[0]: float(alp) for a, alp in top} for top in tops],
+                "text_offset": offsets}
+
+
+# ---- taking requests on: a bounded number at a time, none while draining ----
+
+class Admission:
+    """Requests taken on (decoding or waiting for a slot): past `limit` a new one is refused at once
+    (429) rather than left to wait minutes behind the others; after drain() every new one gets 503."""
+
+    def __init__(self, limit: int, retry_after_s: int):
+        self.limit, self.retry_after = limit, {"Retry-After": str(retry_after_s)}
+        self.count, self.draining = 0, False
+        self._lock = threading.Lock()
+
+    def enter(self) -> "Ticket":
+        with self._lock:
+            if self.draining:
+                raise ApiError(503, "the server is shutting down; send the request to another one",
+                               type="server_unavailable", code="shutting_down", headers=self.retry_after)
+            if self.count >= self.limit:
+                raise ApiError(429, f"the server is busy ({self.limit} requests taken on); try again",
+                               type="server_busy", code="server_busy", headers=self.retry_after)
+            self.count += 1
+        return Ticket(self)
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+class Ticket:
+    """One admitted request; close() (idempotent, from whichever path ends the response first)
+    cancels its generation if still running and gives the place back."""
+
+    def __init__(self, admission: Admission):
+        self.admission, self.stream, self._closed = admission, None, False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.stream is not None and not self.stream.done:
+            self.stream.cancel()
+        self.admission._leave()
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streamed response that closes its ticket however it ends: finished, failed, or the client
+    gone. A hang-up is watched for from the start: a request still waiting for a slot sends nothing,
+    so no failed write would tell (and a body whose generator never started has no finally to run)."""
+
+    def __init__(self, content, ticket: Ticket, **kwargs):
+        super().__init__(content, **kwargs)
+        self.ticket = ticket
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.ticket.close()  # cancels the generation, so the body ends at the next step
+
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(watch)
+                await super().__call__(scope, receive, send)
+                tasks.cancel_scope.cancel()
+        finally:
+            self.ticket.close()
+
+
+# ---- metrics ----
+
+class Metrics:
+    """What /metrics shows, in Prometheus' text format (prometheus_client, one registry per app)."""
+
+    TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+    def __init__(self, service: Service, admission: Admission):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client.core import CounterMetricFamily
+
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("jaxgpt_requests", "HTTP requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=registry)
+        self.prompt_tokens = Counter("jaxgpt_prompt_tokens", "prompt tokens of finished requests", registry=registry)
+        self.completion_tokens = Counter("jaxgpt_completion_tokens", "tokens generated", registry=registry)
+        self.finished = Counter("jaxgpt_replies", "replies finished, by finish_reason", ["finish_reason"],
+                                registry=registry)
+        self.ttft = Histogram("jaxgpt_time_to_first_token_seconds", "from the request's arrival to its first "
+                              "generated token", buckets=self.TTFT_BUCKETS, registry=registry)
+        for name, doc, read in (
+                ("jaxgpt_slots", "requests the engine decodes together", lambda: service.engine.slots),
+                ("jaxgpt_busy_slots", "slots decoding now", lambda: self._load()["busy_slots"]),
+                ("jaxgpt_queue_depth", "requests waiting for a slot", lambda: self._load()["queued"]),
+                ("jaxgpt_requests_in_flight", "requests taken on and not yet answered", lambda: admission.count)):
+            Gauge(name, doc, registry=registry).set_function(read)
+
+        class ScreenCollector:  # the screen keeps its own counts; read them when scraped
+            def collect(self):
+                family = CounterMetricFamily("jaxgpt_screen_decisions", "the reply screen's decisions",
+                                             labels=["decision"])
+                for decision, count in service.screen.counts().items():
+                    family.add_metric([decision], count)
+                yield family
+        registry.register(ScreenCollector())
+        self.service = service
+
+    def _load(self) -> dict:
+        for _ in range(3):  # the engine thread may change its queue while it is counted
+            try:
+                return self.service.load()
+            except RuntimeError:
+                time.sleep(0.001)
+        return {"busy_slots": float("nan"), "queued": float("nan")}
+
+    def finished_stream(self, stream: Stream, received: float) -> None:
+        """A request's replies are all in (called on the engine's thread)."""
+        replies = [r for r in stream.replies if r is not None]
+        self.prompt_tokens.inc(stream.prompt_tokens)
+        self.completion_tokens.inc(sum(len(r.token_ids) for r in replies))
+        for r in replies:
+            self.finished.labels(r.finish_reason).inc()
+        if stream.first_token_at is not None:
+            self.ttft.observe(stream.first_token_at - received)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+        return generate_latest(self.registry)
+
+
+class CountRequests:
+    """ASGI middleware: each response's status by endpoint (the route's path, "other" for none, so
+    that made-up paths cannot blow up the number of series)."""
+
+    def __init__(self, app, metrics: Metrics, routes: list):
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = next((r.path for r in self.routes if r.matches(scope)[0] == Match.FULL), "other")
+        counted = False
+
+        async def send_counted(message) -> None:
+            nonlocal counted
+            if message["type"] == "http.response.start" and not counted:
+                counted = True
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+        await self.app(scope, receive, send_counted)
+
+
 # ---- the app ----
 
 def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeConfig(), model_id: str = "jaxgpt",
              defaults: SamplingParams = SamplingParams()) -> FastAPI:
-    """The API over `service`; `defaults` fills the sampling fields a request leaves out."""
+    """The API over `service`; `defaults` fills the sampling fields a request leaves out.
+    app.state.admission.drain() turns new requests away with 503 (what SIGTERM does)."""
     app = FastAPI(title="jaxgpt", docs_url=None, redoc_url=None, openapi_url=None)
     seq_len = service.engine.model.cfg.seq_len
     created = int(time.time())
-    # Requests in the building, decoding or waiting for a slot: past slots + max_queue a new one is
-    # refused at once (429) rather than left to wait minutes behind the others.
-    admitted = threading.BoundedSemaphore(cfg.slots + cfg.max_queue)
+    admission = app.state.admission = Admission(cfg.slots + cfg.max_queue, cfg.retry_after_s)
+    metrics = app.state.metrics = Metrics(service, admission)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)  # unknown paths and methods, in the same shape
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -225,55 +437,64 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
         try:
             return call()
         except ValueError as e:
-            raise ApiError(400, str(e), _field_of(str(e), param)) from None
+            code = "context_length_exceeded" if "model's context" in str(e) else None
+            raise ApiError(400, str(e), _field_of(str(e), param), code=code) from None
         except JaxgptError as e:  # a malformed conversation, characters the tokenizer lacks
             raise ApiError(400, f"{param}: {e}", param) from None
 
-    async def respond(request: Request, stream: Stream, kind: str, streaming: bool, include_usage: bool):
+    async def respond(request: Request, ticket: Ticket, kind: str, streaming: bool, include_usage: bool,
+                      logprobs: LogprobFormat | None):
         """The finished replies as one JSON object, or the stream as server-sent events."""
+        stream = ticket.stream
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         head = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": model_id}
         if streaming:
-            return StreamingResponse(_events(stream, head, kind, include_usage),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return ClosingStreamingResponse(_events(stream, head, kind, include_usage, logprobs), ticket,
+                                            media_type="text/event-stream",
+                                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            hung_up = False
             while not stream.done:  # polled, so that a caller who hangs up stops costing slots
-                if not hung_up and await request.is_disconnected():
-                    hung_up = True
-                    stream.cancel()
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # nobody reads it; the finally cancels the generation
                 await asyncio.sleep(0.02)
         finally:
-            admitted.release()
+            ticket.close()
         replies = stream.result()
         if failed := next((r for r in replies if r.error), None):
             raise ApiError(500, f"generation failed: {failed.error}", type="server_error")
         choices = [{"index": r.index, "message": {"role": "assistant", "content": r.text}} if kind == "chat"
                    else {"index": r.index, "text": r.text} for r in replies]
         for choice, r in zip(choices, replies):
-            choice.update(logprobs=None, finish_reason=r.finish_reason)
+            choice.update(logprobs=logprobs and logprobs(r.token_ids, r.logprobs, r.top_logprobs),
+                          finish_reason=r.finish_reason)
         return {**head, "choices": choices, "usage": _usage(stream.prompt_tokens, replies)}
 
-    async def _events(stream: Stream, head: dict, kind: str, include_usage: bool) -> AsyncIterator[str]:
+    async def _events(stream: Stream, head: dict, kind: str, include_usage: bool,
+                      logprobs: LogprobFormat | None) -> AsyncIterator[str]:
         """OpenAI's chunks: per choice a first one (the role, for chat), one per piece of text and
-        one with the finish_reason; then the usage if asked, then [DONE]. The finally runs when the
-        client hangs up too (the server cancels this generator): the stream is cancelled, freeing its slots."""
+        one with the finish_reason; then the usage if asked, then [DONE]. A chunk's logprobs are
+        those of the tokens that came with it (text is held back at a stop string's possible start
+        or a screened phrase, so they need not line up with its text)."""
         head = {**head, "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
         extra = {"usage": None} if include_usage else {}
+        offsets = [0] * stream.n  # text sent so far per choice (completions' text_offset)
 
-        def chunk(index: int, text: str | None, finish_reason: str | None = None) -> str:
+        def chunk(delta, text: str | None, finish_reason: str | None = None) -> str:
             if kind == "chat":
-                choice = {"index": index, "delta": {} if text is None else {"content": text}}
+                choice = {"index": delta.index, "delta": {} if text is None else {"content": text}}
             else:
-                choice = {"index": index, "text": text or ""}
-            return _sse({**head, "choices": [{**choice, "logprobs": None, "finish_reason": finish_reason}], **extra})
+                choice = {"index": delta.index, "text": text or ""}
+            scores = None
+            if logprobs and delta.token_ids:
+                scores = logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs, offsets[delta.index])
+            return _sse({**head, "choices": [{**choice, "logprobs": scores, "finish_reason": finish_reason}],
+                         **extra})
+        if kind == "chat":
+            for i in range(stream.n):
+                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}], **extra})
         try:
-            if kind == "chat":
-                for i in range(stream.n):
-                    yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                     "logprobs": None, "finish_reason": None}], **extra})
             async for delta in iterate_in_threadpool(iter(stream)):
                 if delta.finish_reason == "error":  # a failed step ends every reply in flight
                     stream.cancel()
@@ -281,51 +502,48 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
                     message = next((r.error for r in replies if r.error), "generation failed")
                     yield _sse(ApiError(500, f"generation failed: {message}", type="server_error").body())
                     break
-                if delta.text:
-                    yield chunk(delta.index, delta.text)
+                if delta.text or delta.token_ids:
+                    yield chunk(delta, delta.text)
+                    offsets[delta.index] += len(delta.text)
                 if delta.finish_reason is not None:
-                    yield chunk(delta.index, None, delta.finish_reason)
+                    yield chunk(dataclasses.replace(delta, token_ids=[]), None, delta.finish_reason)
             else:
                 if include_usage:
                     replies = await run_in_threadpool(stream.result, 30)
                     yield _sse({**head, "choices": [], "usage": _usage(stream.prompt_tokens, replies)})
         except Exception as e:  # noqa: BLE001 - the client still gets an answer it can parse
             yield _sse(ApiError(500, f"{type(e).__name__}: {e}", type="server_error").body())
-        finally:
-            if not stream.done:
-                stream.cancel()
-            admitted.release()
         yield _sse("[DONE]")
 
-    def submit(call, param: str) -> Stream:
-        """call() (a submission to the service) if the server takes on one more request: else 429."""
-        if not admitted.acquire(blocking=False):
-            raise ApiError(429, f"the server is busy ({cfg.slots} slots, {cfg.max_queue} waiting); try again",
-                           type="server_busy", code="server_busy")
+    def submit(call, param: str, received: float) -> Ticket:
+        """call() (a submission to the service), if the server takes on one more request."""
+        ticket = admission.enter()
         try:
-            return as_400(call, param)
+            ticket.stream = as_400(call, param)
         except BaseException:
-            admitted.release()
+            ticket.close()
             raise
+        ticket.stream.add_done_callback(lambda stream: metrics.finished_stream(stream, received))
+        return ticket
 
     async def generation(request: Request, kind: str):
+        received = time.monotonic()
         authorize(request)
         body = await read_body(request)
         max_tokens, max_field = _max_tokens(body)
         streaming = _get(body, "stream", "a boolean", False)
         include_usage = _get(body, "stream_options", "an object", {}).get("include_usage") is True
+        top_logprobs = _logprob_request(body, kind)
+        scores = LogprobFormat(tokenizer, kind) if top_logprobs is not None else None
         if kind == "chat":
             messages = _messages(body)
-            if max_tokens is None:  # what the context leaves, at most the run's own default
-                n = len(as_400(lambda: chat.render(messages, tokenizer, for_generation=True)[0], "messages"))
-                if n >= seq_len:
-                    raise ApiError(400, f"messages: {n} prompt tokens fill the model's context of {seq_len} "
-                                        f"tokens", "messages", code="context_length_exceeded")
-                max_tokens = min(defaults.max_tokens, seq_len - n)
-            params = _params(body, defaults, max_tokens)
+            params = _params(body, defaults, defaults.max_tokens if max_tokens is None else max_tokens,
+                             top_logprobs or 0)
             check(params, max_field)
-            # drop_old_turns=False: a conversation that does not fit is refused, never silently cut
-            stream = submit(lambda: service.chat(messages, params, drop_old_turns=False), "messages")
+            # drop_old_turns=False: a conversation that does not fit is refused, never silently cut;
+            # without a max_tokens, the reply gets what the context leaves, at most the run's default
+            ticket = submit(lambda: service.chat(messages, params, drop_old_turns=False,
+                                                 shrink_max_tokens=max_tokens is None), "messages", received)
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -343,10 +561,10 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
             if len(ids) + max_tokens > seq_len:
                 raise ApiError(400, f"prompt: {len(ids)} prompt tokens plus {max_field}={max_tokens} exceed the "
                                     f"model's context of {seq_len} tokens", "prompt", code="context_length_exceeded")
-            params = _params(body, defaults, max_tokens)
+            params = _params(body, defaults, max_tokens, top_logprobs or 0)
             check(params, max_field)
-            stream = submit(lambda: service.complete(ids, params), "prompt")
-        return await respond(request, stream, kind, streaming, include_usage)  # it releases `admitted`
+            ticket = submit(lambda: service.complete(ids, params), "prompt", received)
+        return await respond(request, ticket, kind, streaming, include_usage, scores)  # it closes the ticket
 
     def check(params: SamplingParams, max_field: str) -> None:
         if problem := params.problem(service.engine.slots):
@@ -383,16 +601,45 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
             raise ApiError(404, "this installation has no chat page (jaxgpt/static/chat.html)", code="not_found")
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
-    @app.get("/health")  # no key needed: what a load balancer polls
+    @app.get("/health")  # no key needed: what a load balancer polls; 503 tells it to stop sending
     async def health():
-        for _ in range(3):  # the engine thread may change its queue while it is counted
-            try:
-                return {"status": "ok", "model": model_id, **service.load()}
-            except RuntimeError:
-                await asyncio.sleep(0.01)
-        return {"status": "ok", "model": model_id}
+        load = metrics._load()
+        if admission.draining:
+            return JSONResponse({"status": "draining", "model": model_id, "in_flight": admission.count, **load},
+                                status_code=503, headers=admission.retry_after)
+        return {"status": "ok", "model": model_id, "in_flight": admission.count, **load}
 
+    @app.get("/metrics")  # no key needed, as /health: counts and timings, no content
+    async def metrics_page():
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.add_middleware(CountRequests, metrics=metrics, routes=app.router.routes)
     return app
+
+
+def draining_server(app: FastAPI, config, drain_timeout_s: float = ServeConfig.drain_timeout_s) -> "uvicorn.Server":
+    """A uvicorn server whose first SIGTERM or Ctrl-C drains: new requests get 503 (and /health
+    says "draining") while those in flight finish, for at most drain_timeout_s; then it exits as
+    uvicorn does. A second signal exits at once."""
+    import uvicorn
+
+    admission: Admission = app.state.admission
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            if admission.draining:
+                return super().handle_exit(sig, frame)
+            admission.drain()
+            print(f"jaxgpt serve: {signal.Signals(sig).name}: draining {admission.count} requests in flight",
+                  file=sys.stderr, flush=True)
+
+            def wait_then_exit() -> None:
+                deadline = time.monotonic() + drain_timeout_s
+                while admission.count and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                self.should_exit = True  # (not handle_exit: uvicorn would re-raise the signal at the end)
+            threading.Thread(target=wait_then_exit, name="jaxgpt-drain", daemon=True).start()
+    return DrainingServer(config)
 
 
 def model_id_of(source: str) -> str:
@@ -407,7 +654,8 @@ def main(argv: list[str] | None = None) -> None:
 
         cfg = cli.tool_config(ServeCommand, settings)  # every key checked, serve.* included
         for key, ok in (("port", 0 <= cfg.serve.port < 65536), ("slots", cfg.serve.slots >= 1),
-                        ("max_body_bytes", cfg.serve.max_body_bytes > 0), ("max_queue", cfg.serve.max_queue >= 0)):
+                        ("max_body_bytes", cfg.serve.max_body_bytes > 0), ("max_queue", cfg.serve.max_queue >= 0),
+                        ("retry_after_s", cfg.serve.retry_after_s >= 0), ("drain_timeout_s", cfg.serve.drain_timeout_s >= 0)):
             if not ok:
                 raise ConfigError(f"serve.{key}={getattr(cfg.serve, key)} is out of range")
         loaded = runs.load(operands[0], [s for s in settings if not s.lstrip("-").startswith("serve.")])
@@ -416,13 +664,15 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = loaded.tokenizer
         engine = Engine(GPT(loaded.cfg.model), loaded.params, tokenizer, slots=serve.slots)
         with Service(engine, tokenizer, Screen(loaded.cfg.screen)) as service:
-            service.complete([tokenizer.eot_id], SamplingParams(max_tokens=2)).result()  # compile before listening
+            for top_logprobs in (0, 1):  # compile both kinds of step before listening
+                service.complete([tokenizer.eot_id], SamplingParams(max_tokens=2, top_logprobs=top_logprobs)).result()
             app = make_app(service, tokenizer, serve, serve.model_name,
                            SamplingParams.from_config(loaded.cfg.sample, n=1))
             print(f"jaxgpt serve: {loaded.where} (step {loaded.step}, context {loaded.cfg.model.seq_len} tokens) "
                   f"as {serve.model_name!r} on http://{serve.host}:{serve.port}/v1"
                   f"{'' if serve.api_key else ' (no API key)'}", flush=True)
-            uvicorn.run(app, host=serve.host, port=serve.port, log_level="info")
+            config = uvicorn.Config(app, host=serve.host, port=serve.port, log_level="info")
+            draining_server(app, config, serve.drain_timeout_s).run()
 
     cli.run("python -m jaxgpt.serve", cli.Command(
         run, usage="RUN_OR_EXPORT [serve.port=8000 serve.slots=4 serve.api_key=KEY sample.temperature=0.8 ...]",

@@ -273,8 +273,11 @@ def test_the_command_line_serves_a_trained_run(tiny_run, run_env):
                          for _ in range(2))
         assert first["model"] == "tiny" and first["usage"]["completion_tokens"] <= 5
         assert first["choices"] == second["choices"]  # sample.temperature=0 from the command line: greedy
+        child.terminate()  # SIGTERM: nothing in flight, so it drains at once and exits cleanly
+        assert child.wait(30) == 0
+        assert "SIGTERM: draining 0 requests in flight" in child.stdout.read()
     finally:
-        child.terminate()
+        child.kill()
         child.wait(30)
 
 
@@ -300,3 +303,296 @@ def test_past_the_slots_and_the_queue_a_request_gets_429(service, tiny, monkeypa
             assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy"
             assert [line for line in lines if line][-1] == "data: [DONE]"  # the first one is unaffected
         assert httpx.post(f"{base}/v1/completions", json={"prompt": "a", "max_tokens": 3}).status_code == 200
+
+
+# ---- log-probabilities ----
+
+def test_chat_logprobs_are_the_reply_tokens_scores(api, service, tiny):
+    tok = tiny[2]
+    body = api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 6, "seed": 4,
+                                                  "logprobs": True, "top_logprobs": 3}).json()
+    [expected] = direct(service, MESSAGES, max_tokens=6, seed=4, top_logprobs=3)
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in content] == [tok.decode([t]) for t in expected.token_ids]
+    assert [e["logprob"] for e in content] == pytest.approx(expected.logprobs, abs=1e-6)
+    assert all(e["bytes"] == list(e["token"].encode()) for e in content)
+    for e, top in zip(content, expected.top_logprobs):
+        assert [a["token"] for a in e["top_logprobs"]] == [tok.decode([i]) for i, _ in top]
+        assert [a["logprob"] for a in e["top_logprobs"]] == sorted((a["logprob"] for a in e["top_logprobs"]),
+                                                                   reverse=True)
+    plain = api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 6, "seed": 4}).json()
+    assert plain["choices"][0]["logprobs"] is None
+    assert plain["choices"][0]["message"] == body["choices"][0]["message"]  # asking for scores changes no token
+
+
+def test_streamed_logprobs_add_up_to_the_plain_ones(api, service):
+    seed = next(s for s in range(100) if len(direct(service, MESSAGES, max_tokens=10, seed=s)[0].token_ids) > 3)
+    request = {"messages": MESSAGES, "max_tokens": 10, "seed": seed, "logprobs": True, "top_logprobs": 2}
+    plain = api.post("/v1/chat/completions", json=request).json()["choices"][0]["logprobs"]["content"]
+    with api.stream("POST", "/v1/chat/completions", json={**request, "stream": True}) as r:
+        chunks = events(r)[:-1]
+    streamed = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
+    assert streamed == plain and plain
+
+
+def test_completion_logprobs_in_the_legacy_shape(api, tiny):
+    body = api.post("/v1/completions", json={"prompt": "once", "max_tokens": 5, "seed": 6, "logprobs": 2}).json()
+    choice = body["choices"][0]
+    scores = choice["logprobs"]
+    specials = {tiny[2].decode([i]) for i in range(tiny[2].n_vocab) if tiny[2].is_special(i)}
+    # special tokens have their names among the tokens, and no text
+    assert "".join(t for t in scores["tokens"] if t not in specials) == choice["text"]
+    assert len(scores["tokens"]) == len(scores["token_logprobs"]) == len(scores["top_logprobs"]) == \
+        body["usage"]["completion_tokens"]
+    assert all(lp <= 0 for lp in scores["token_logprobs"]) and all(len(t) == 2 for t in scores["top_logprobs"])
+    assert scores["text_offset"] == [sum(map(len, scores["tokens"][:i])) for i in range(len(scores["tokens"]))]
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),  # without logprobs
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": 3}, "logprobs"),  # chat takes a boolean
+    ("/v1/completions", {"prompt": "a", "logprobs": -1}, "logprobs"),
+])
+def test_bad_logprob_requests(api, path, body, param):
+    r = api.post(path, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+# ---- metrics, back-pressure, draining ----
+
+def metric(text: str, name: str, **labels) -> float:
+    """One sample's value from Prometheus' text format."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} " if labels else f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}{{{want}}} in /metrics")
+
+
+def test_metrics_count_requests_tokens_and_first_token_times(api, url):
+    before = httpx.get(f"{url}/metrics").text
+    body = api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 7, "seed": 8}).json()
+    assert api.post("/v1/chat/completions", json={"messages": MESSAGES, "top_p": 9}).status_code == 400
+    assert api.get("/v1/made-up").status_code == 404
+    time.sleep(0.1)  # the token counts are added on the engine's thread as the reply finishes
+    r = httpx.get(f"{url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    after = r.text
+    chat_ok = dict(endpoint="/v1/chat/completions", status="200")
+    assert metric(after, "jaxgpt_requests_total", **chat_ok) == metric(before, "jaxgpt_requests_total", **chat_ok) + 1
+    assert metric(after, "jaxgpt_requests_total", endpoint="/v1/chat/completions", status="400") >= 1
+    assert metric(after, "jaxgpt_requests_total", endpoint="other", status="404") >= 1
+    for name, key in (("jaxgpt_prompt_tokens_total", "prompt_tokens"),
+                      ("jaxgpt_completion_tokens_total", "completion_tokens")):
+        assert metric(after, name) - metric(before, name) == body["usage"][key]
+    assert metric(after, "jaxgpt_time_to_first_token_seconds_count") == \
+        metric(before, "jaxgpt_time_to_first_token_seconds_count") + 1
+    reason = body["choices"][0]["finish_reason"]
+    assert metric(after, "jaxgpt_replies_total", finish_reason=reason) >= 1
+    assert metric(after, "jaxgpt_slots") == 2 and metric(after, "jaxgpt_busy_slots") == 0
+    assert metric(after, "jaxgpt_queue_depth") == 0 and metric(after, "jaxgpt_requests_in_flight") == 0
+    assert "jaxgpt_screen_decisions_total" in after
+
+
+def slowed(monkeypatch, service, seconds: float) -> None:
+    real_step = service.engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return real_step()
+    monkeypatch.setattr(service.engine, "step", slow_step)
+
+
+def test_a_full_queue_answers_429_with_retry_after(service, tiny, monkeypatch):
+    slowed(monkeypatch, service, 0.05)
+    request = {"prompt": "a", "max_tokens": 30, "stream": True}
+    cfg = ServeConfig(slots=1, max_queue=0, retry_after_s=3)
+    with serving(make_app(service, tiny[2], cfg, "tiny")) as base:
+        with httpx.stream("POST", f"{base}/v1/completions", json=request, timeout=30) as first:
+            lines = first.iter_lines()
+            next(lines)
+            busy = httpx.post(f"{base}/v1/completions", json=request)
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "3"
+            assert [line for line in lines if line][-1] == "data: [DONE]"
+
+
+def test_clients_gone_before_reading_a_byte_give_their_places_back(service, tiny, monkeypatch):
+    """Three streaming requests (one decoding, two waiting for the slot) whose clients hang up at
+    once: each place taken is given back and each generation cancelled, in far less time than
+    the 30 s the three would decode for."""
+    slowed(monkeypatch, service, 0.2)
+    app = make_app(service, tiny[2], ServeConfig(slots=1, max_queue=2), "tiny")
+    with serving(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        body = json.dumps({"prompt": "a", "max_tokens": 50, "temperature": 0, "stream": True}).encode()
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        answered = lambda: sum(metric(httpx.get(f"{base}/metrics").text, "jaxgpt_requests_total",  # noqa: E731
+                                      endpoint="/v1/completions", status="200") for _ in [0])
+        deadline = time.monotonic() + 5
+        while answered() < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        while (app.state.admission.count or service.load()["busy_slots"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert answered() == 3 and app.state.admission.count == 0 and service.load()["busy_slots"] == 0
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+
+
+def test_sigterm_drains_then_exits(service, tiny, monkeypatch):
+    """What the server does on SIGTERM (its signal handler, called as uvicorn's would): the reply in
+    flight completes, new requests and /health get 503 with Retry-After, then the server stops."""
+    import signal
+
+    from jaxgpt.serve import draining_server
+    slowed(monkeypatch, service, 0.05)
+    app = make_app(service, tiny[2], ServeConfig(slots=2, retry_after_s=2), "tiny")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = draining_server(app, uvicorn.Config(app, log_level="warning", lifespan="off"), drain_timeout_s=30)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    request = {"prompt": "a", "max_tokens": 30, "temperature": 0, "stream": True}
+    try:
+        with httpx.stream("POST", f"{base}/v1/completions", json=request, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            server.handle_exit(signal.SIGTERM, None)
+            refused = httpx.post(f"{base}/v1/completions", json={"prompt": "a", "max_tokens": 2})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
+            assert refused.json()["error"]["code"] == "shutting_down"
+            health = httpx.get(f"{base}/health")
+            assert health.status_code == 503 and health.json()["status"] == "draining"
+            rest = [line for line in lines if line]
+        got = [json.loads(line[6:]) for line in rest[:-1]]
+        assert rest[-1] == "data: [DONE]" and got[-1]["choices"][0]["finish_reason"] == "length"
+        thread.join(15)
+        assert not thread.is_alive()  # it exited once the reply was out
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+# ---- through the official openai client ----
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_openai_client_plain_streaming_and_n(client, service):
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, seed=11, temperature=0.9)
+    [expected] = direct(service, MESSAGES, max_tokens=10, seed=11, temperature=0.9)
+    assert reply.choices[0].message.content == expected.text and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, seed=11,
+                                                 temperature=0.9, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
+    two = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, seed=12, n=2)
+    assert [c.message.content for c in two.choices] == [r.text for r in direct(service, MESSAGES, max_tokens=6,
+                                                                               seed=12, n=2)]
+
+
+def test_openai_client_stop_seed_and_logprobs(client, service):
+    tok_texts = [client.completions.create(model="tiny", prompt="the", max_tokens=12, seed=s, temperature=1.0)
+                 .choices[0].text for s in range(3)]
+    assert len(set(tok_texts)) > 1  # the seed matters...
+    again = [client.completions.create(model="tiny", prompt="the", max_tokens=12, seed=s, temperature=1.0)
+             .choices[0].text for s in range(3)]
+    assert again == tok_texts  # ...and the same seed gives the same reply
+    text = next(t for t in tok_texts if len(t) > 4)
+    stop = text[3]
+    seed = tok_texts.index(text)
+    cut = client.completions.create(model="tiny", prompt="the", max_tokens=12, seed=seed, temperature=1.0, stop=[stop])
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    scored = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, seed=13, logprobs=True,
+                                            top_logprobs=2)
+    content = scored.choices[0].logprobs.content
+    assert len(content) == scored.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.logprob for e in content)  # the first alternative is the likeliest
+
+
+def test_openai_client_errors(client, url):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=-2)
+    assert e.value.status_code == 400 and e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=TOO_LONG, max_tokens=30)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert e.value.body["param"] == "model"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * 30_000}])
+    assert e.value.status_code == 413
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_32_concurrent_openai_clients_get_the_replies_they_get_alone(tiny):
+    """32 clients at once on 8 slots (24 waiting): every reply complete and equal, token for token,
+    to what the same request gets on an idle server."""
+    model, params, tok = tiny
+    with Service(Engine(model, params, tok, slots=8), tok) as service, \
+            serving(make_app(service, tok, ServeConfig(slots=8, max_queue=32), "tiny")) as base:
+        def ask(i: int) -> tuple[str, str, int]:
+            c = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+            request = dict(model="tiny", messages=[{"role": "user", "content": ["hi", "hello there", "good day"][i % 3]}],
+                           max_tokens=8 + i % 9, seed=100 + i, temperature=1.0)
+            if i % 2:  # half of them streamed
+                chunks = list(c.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+                text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+                finish = next(ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason)
+                return text, finish, chunks[-1].usage.completion_tokens
+            r = c.chat.completions.create(**request)
+            return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+        alone = [ask(i) for i in range(32)]
+        busy_before = service.load()
+        results: list = [None] * 32
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(i))) for i in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert results == alone
+        assert all(finish in ("stop", "length") for _, finish, _ in results)
+        assert busy_before["busy_slots"] == 0 and service.load()["busy_slots"] == 0
+        assert httpx.get(f"{base}/health").json()["status"] == "ok"
+
+
+CLIENT = """
+import sys, openai
+c = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
+for chunk in c.completions.create(model="tiny", prompt="a", max_tokens=50, temperature=0, stream=True):
+    print("chunk", flush=True)
+"""
+
+
+def test_a_killed_streaming_client_frees_its_slot(url, service, monkeypatch, run_env):
+    slowed(monkeypatch, service, 0.2)  # 10 s for the whole reply
+    child = subprocess.Popen([sys.executable, "-c", CLIENT, f"{url}/v1", KEY], stdout=subprocess.PIPE, text=True,
+                             env=run_env())
+    try:
+        assert child.stdout.readline() == "chunk\n"
+        assert service.load()["busy_slots"] == 1
+        child.kill()  # SIGKILL: no goodbye from the client, only the closed socket
+        child.wait(10)
+        start = time.monotonic()
+        while service.load()["busy_slots"] and time.monotonic() - start < 3:
+            time.sleep(0.02)
+        assert service.load()["busy_slots"] == 0
+    finally:
+        child.kill()
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
