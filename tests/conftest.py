@@ -5,9 +5,13 @@ any machine gives the same tokens and therefore the same golden values.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +161,27 @@ def leaves_equal(a, b) -> bool:
     import numpy as np
     a, b = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+# ---- servers ----
+
+@contextlib.contextmanager
+def serving(app):
+    """app served by uvicorn from a thread on 127.0.0.1, on a port the OS picks: the base URL; stopped at the end."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

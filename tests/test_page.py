@@ -1,11 +1,8 @@
 """The chat page (jaxgpt/static/chat.html) in a real browser: headless Chromium driven by playwright,
 against a real uvicorn server over a tiny model trained here to answer "hi" with an XSS payload, so
 that what the page must show as text comes from the model itself (nothing mocked)."""
-import contextlib
 import os
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -33,6 +30,7 @@ from jaxgpt.screen import Screen  # noqa: E402
 from jaxgpt.serve import ServeConfig, make_app  # noqa: E402
 from jaxgpt.tokenizer import Tokenizer  # noqa: E402
 from jaxgpt.train import TrainState, make_train_step  # noqa: E402
+from conftest import serving  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-page"
@@ -42,26 +40,6 @@ REFUSAL = ScreenConfig().refusal  # its characters are in the vocabulary: the pa
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run", "--disable-quic"]
 WAIT_MS = 30_000  # for a reply to finish, on a slow shared machine
-
-
-@contextlib.contextmanager
-def serving(app):
-    """app served by uvicorn from a thread on a port the OS picks: the base URL (as in test_serve.py)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Tests for jaxgpt.serve: a real uvicorn server on a free local port, over a tiny random model with
 a character vocabulary, called with httpx as any OpenAI client would."""
-import contextlib
 import json
 import socket
 import subprocess
@@ -21,30 +20,11 @@ from jaxgpt.model import GPT  # noqa: E402
 from jaxgpt.replies import Service  # noqa: E402
 from jaxgpt.serve import ServeConfig, make_app, model_id_of  # noqa: E402
 from jaxgpt.tokenizer import Tokenizer  # noqa: E402
+from conftest import serving  # noqa: E402
 
 KEY = "sk-test"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
 SEQ_LEN = 64
-
-
-@contextlib.contextmanager
-def serving(app):
-    """app served by uvicorn from a thread on a port the OS picks: the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
