@@ -95,6 +95,11 @@ KNOBS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min
          "frequency_penalty": np.float32}
 
 
+# An idle slot's knobs: greedy with every filter and penalty off, so that it never makes a step do
+# more (a top_p below 1 in any row, even an unused one, sorts the whole vocabulary every step).
+IDLE_KNOBS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 0, "repetition_penalty": 1.0,
+              "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
 TOP_K_MAX = 64  # a row with 1 <= top_k <= this finds its cutoff among its TOP_K_MAX largest logits
 
 
@@ -273,7 +278,7 @@ class Engine:
         self.model, self.params, self.slots, self.keep_logits, self.mesh = model, params, slots, keep_logits, mesh
         V = model.cfg.vocab_size
         self.n_valid = min(V, tokenizer.n_vocab) if tokenizer is not None else V  # never sample padding ids
-        self.knobs = {name: np.zeros(slots, dtype) for name, dtype in KNOBS.items()}
+        self.knobs = {name: np.full(slots, IDLE_KNOBS[name], dtype) for name, dtype in KNOBS.items()}
         self.requests: dict[int, Request] = {}
         self._next_id = 0
         self.reset()
@@ -357,6 +362,9 @@ class Engine:
                 context = (request.prompt + request.tokens)[-(S // 2):]
                 self._prefill(request, context, fresh=False, out=out)
         busy = [r for r in self.slot_request if r is not None]
+        for slot in (s for s in range(self.slots) if self.slot_request[s] is None):
+            for name, value in IDLE_KNOBS.items():
+                self.knobs[name][slot] = value
         if busy:
             tokens, positions, active, steps = (np.zeros(self.slots, np.int32) for _ in range(4))
             for r in busy:

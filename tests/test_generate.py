@@ -131,6 +131,23 @@ def test_same_seed_same_reply_alone_and_in_a_busy_batch(tiny):
     assert other_seed != alone
 
 
+def test_an_idle_slot_carries_neutral_knobs(tiny):
+    """A slot nobody uses (never, or no longer) is greedy with every filter off: a finished
+    request's top_p left behind would make every later step sort the whole vocabulary."""
+    from jaxgpt.generate import IDLE_KNOBS
+    model, params = tiny
+    engine = Engine(model, params, slots=3)
+    idle = lambda slot: {name: engine.knobs[name][slot].item() for name in IDLE_KNOBS}  # noqa: E731
+    assert all(idle(slot) == pytest.approx(IDLE_KNOBS) for slot in range(3))
+    engine.submit(prompt(3, 4), SamplingParams(temperature=0.7, top_p=0.5, repetition_penalty=1.3, max_tokens=2))
+    [long] = engine.submit(prompt(3, 5), SamplingParams(temperature=0.7, top_k=5, max_tokens=6))
+    engine.step()
+    assert idle(0)["top_p"] == pytest.approx(0.5) and idle(1)["top_k"] == 5
+    while engine.requests[long].finish_reason is None:
+        engine.step()  # the first request finished at its 2nd token; its slot idles from the next step on
+    assert idle(0) == pytest.approx(IDLE_KNOBS) and idle(2) == pytest.approx(IDLE_KNOBS)
+
+
 def test_stop_ids_end_a_request_and_free_its_slot(tiny):
     model, params = tiny
     p = prompt(4, 15)
