@@ -185,3 +185,13 @@ def serving(app):
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def slow_engine(monkeypatch, service, seconds: float) -> None:
+    """Each of the service's engine steps takes `seconds` longer: a reply still in flight when a test acts."""
+    real_step = service.engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return real_step()
+    monkeypatch.setattr(service.engine, "step", slow_step)

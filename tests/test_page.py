@@ -30,7 +30,7 @@ from jaxgpt.screen import Screen  # noqa: E402
 from jaxgpt.serve import ServeConfig, make_app  # noqa: E402
 from jaxgpt.tokenizer import Tokenizer  # noqa: E402
 from jaxgpt.train import TrainState, make_train_step  # noqa: E402
-from conftest import serving  # noqa: E402
+from conftest import serving, slow_engine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-page"
@@ -137,17 +137,8 @@ def bubbles(page, role="assistant"):
     return page.locator(f"#log .msg.{role}")
 
 
-def slow_engine(service, monkeypatch, seconds):
-    real_step = service.engine.step
-
-    def slow_step():
-        time.sleep(seconds)
-        return real_step()
-    monkeypatch.setattr(service.engine, "step", slow_step)
-
-
 def test_a_reply_streams_in_as_the_service_writes_it(page, service, monkeypatch):
-    slow_engine(service, monkeypatch, 0.03)  # so the browser sees the pieces come one by one
+    slow_engine(monkeypatch, service, 0.03)  # so the browser sees the pieces come one by one
     page.evaluate("""() => {  // every text the reply's bubble shows, as it changes
         window.seen = [];
         new MutationObserver(() => {
@@ -195,7 +186,7 @@ def test_markup_in_a_reply_is_text_and_the_next_turn_sends_it_back(page, service
 
 
 def test_stop_keeps_the_partial_reply_and_frees_the_slot(page, service, monkeypatch):
-    slow_engine(service, monkeypatch, 0.2)  # the whole reply would take 14 s
+    slow_engine(monkeypatch, service, 0.2)  # the whole reply would take 14 s
     settings(page, temperature=0, max_tokens=100)
     say(page, "hi")
     page.wait_for_function("document.querySelector('#log .msg.assistant').textContent.length >= 4", timeout=WAIT_MS)
@@ -221,7 +212,7 @@ def test_stop_keeps_the_partial_reply_and_frees_the_slot(page, service, monkeypa
     assert bubbles(page, "user").all_text_contents() == ["hi"]
 
     # the stopped reply is what the next turn sends back, as far as it got
-    slow_engine(service, monkeypatch, 0.2)
+    slow_engine(monkeypatch, service, 0.2)
     settings(page, max_tokens=40)  # what the context of 128 tokens leaves
     say(page, "hi")
     page.wait_for_function("document.querySelectorAll('#log .msg.assistant')[1]?.textContent.length >= 2",

@@ -20,7 +20,7 @@ from jaxgpt.model import GPT  # noqa: E402
 from jaxgpt.replies import Service  # noqa: E402
 from jaxgpt.serve import ServeConfig, make_app, model_id_of  # noqa: E402
 from jaxgpt.tokenizer import Tokenizer  # noqa: E402
-from conftest import serving  # noqa: E402
+from conftest import serving, slow_engine  # noqa: E402
 
 KEY = "sk-test"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
@@ -206,12 +206,7 @@ def test_a_failure_inside_a_stream_is_an_error_event_then_done(api, service, mon
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_hangs_up_frees_its_slot(url, service, monkeypatch, stream):
-    real_step = service.engine.step
-
-    def slow_step():  # about 10 s for the whole reply, unless it is cancelled
-        time.sleep(0.2)
-        return real_step()
-    monkeypatch.setattr(service.engine, "step", slow_step)
+    slow_engine(monkeypatch, service, 0.2)  # about 10 s for the whole reply, unless it is cancelled
     request = {"prompt": "a", "max_tokens": 50, "stream": stream, "temperature": 0}
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30 if stream else 1) as client:
         if stream:
@@ -265,24 +260,6 @@ def test_the_chat_page_is_served_without_a_key(url):
     r = httpx.get(f"{url}/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "/v1/chat/completions" in r.text and "stream: true" in r.text
-
-
-def test_past_the_slots_and_the_queue_a_request_gets_429(service, tiny, monkeypatch):
-    real_step = service.engine.step
-
-    def slow_step():
-        time.sleep(0.05)
-        return real_step()
-    monkeypatch.setattr(service.engine, "step", slow_step)
-    request = {"prompt": "a", "max_tokens": 40, "stream": True}  # 2 s at least
-    with serving(make_app(service, tiny[2], ServeConfig(slots=1, max_queue=0), "tiny")) as base:  # no key: open
-        with httpx.stream("POST", f"{base}/v1/completions", json=request, timeout=30) as first:
-            lines = first.iter_lines()
-            next(lines)  # in flight
-            busy = httpx.post(f"{base}/v1/completions", json={**request, "stream": False})
-            assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy"
-            assert [line for line in lines if line][-1] == "data: [DONE]"  # the first one is unaffected
-        assert httpx.post(f"{base}/v1/completions", json={"prompt": "a", "max_tokens": 3}).status_code == 200
 
 
 # ---- log-probabilities ----
@@ -375,17 +352,8 @@ def test_metrics_count_requests_tokens_and_first_token_times(api, url):
     assert "jaxgpt_screen_decisions_total" in after
 
 
-def slowed(monkeypatch, service, seconds: float) -> None:
-    real_step = service.engine.step
-
-    def slow_step():
-        time.sleep(seconds)
-        return real_step()
-    monkeypatch.setattr(service.engine, "step", slow_step)
-
-
 def test_a_full_queue_answers_429_with_retry_after(service, tiny, monkeypatch):
-    slowed(monkeypatch, service, 0.05)
+    slow_engine(monkeypatch, service, 0.05)
     request = {"prompt": "a", "max_tokens": 30, "stream": True}
     cfg = ServeConfig(slots=1, max_queue=0, retry_after_s=3)
     with serving(make_app(service, tiny[2], cfg, "tiny")) as base:
@@ -394,14 +362,16 @@ def test_a_full_queue_answers_429_with_retry_after(service, tiny, monkeypatch):
             next(lines)
             busy = httpx.post(f"{base}/v1/completions", json=request)
             assert busy.status_code == 429 and busy.headers["retry-after"] == "3"
-            assert [line for line in lines if line][-1] == "data: [DONE]"
+            assert busy.json()["error"]["code"] == "server_busy"
+            assert [line for line in lines if line][-1] == "data: [DONE]"  # the first one is unaffected
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": "a", "max_tokens": 3}).status_code == 200
 
 
 def test_clients_gone_before_reading_a_byte_give_their_places_back(service, tiny, monkeypatch):
     """Three streaming requests (one decoding, two waiting for the slot) whose clients hang up at
     once: each place taken is given back and each generation cancelled, in far less time than
     the 30 s the three would decode for."""
-    slowed(monkeypatch, service, 0.2)
+    slow_engine(monkeypatch, service, 0.2)
     app = make_app(service, tiny[2], ServeConfig(slots=1, max_queue=2), "tiny")
     with serving(app) as base:
         port = int(base.rsplit(":", 1)[1])
@@ -427,7 +397,7 @@ def test_sigterm_drains_then_exits(service, tiny, monkeypatch):
     import signal
 
     from jaxgpt.serve import draining_server
-    slowed(monkeypatch, service, 0.05)
+    slow_engine(monkeypatch, service, 0.05)
     app = make_app(service, tiny[2], ServeConfig(slots=2, retry_after_s=2), "tiny")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -561,7 +531,7 @@ for chunk in c.completions.create(model="tiny", prompt="a", max_tokens=50, tempe
 
 
 def test_a_killed_streaming_client_frees_its_slot(url, service, monkeypatch, run_env):
-    slowed(monkeypatch, service, 0.2)  # 10 s for the whole reply
+    slow_engine(monkeypatch, service, 0.2)  # 10 s for the whole reply
     child = subprocess.Popen([sys.executable, "-c", CLIENT, f"{url}/v1", KEY], stdout=subprocess.PIPE, text=True,
                              env=run_env())
     try:

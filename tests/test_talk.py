@@ -1,6 +1,8 @@
 """Tests for jaxgpt.talk: the terminal chat driven through a real pseudo-terminal (pexpect)."""
 import io
+import signal
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -61,7 +63,10 @@ def test_ctrl_c_at_the_prompt_ends_cleanly(tiny_run, run_env):
     run_dir, _ = tiny_run
     child = spawn(run_dir, run_env)
     assert turn(child, "hello").startswith("jaxgpt> ")
-    child.sendintr()
+    # SIGINT itself, as the terminal sends it on Ctrl-C: a ^C byte written to the pty was once lost
+    # on a loaded CI machine (no goodbye, no exit in 240 s), a race of the pty with readline
+    time.sleep(0.2)
+    child.kill(signal.SIGINT)
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0 and "Traceback" not in child.before
