@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import signal
 import sys
 from typing import Callable, TextIO
 
@@ -116,6 +117,10 @@ class Talk:
 
 def main(argv: list[str] | None = None) -> None:
     def run(operands, settings):
+        # Ctrl-C must stop a reply even where the parent left SIGINT ignored (a shell's `cmd &`,
+        # nohup) or blocked (a mask inherited from the thread that started us)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         loaded = runs.load(operands[0], settings)
         try:  # line editing and history for input(), where the platform has readline
             importlib.import_module("readline")

@@ -63,11 +63,13 @@ def test_ctrl_c_at_the_prompt_ends_cleanly(tiny_run, run_env):
     run_dir, _ = tiny_run
     child = spawn(run_dir, run_env)
     assert turn(child, "hello").startswith("jaxgpt> ")
-    # SIGINT itself, as the terminal sends it on Ctrl-C: a ^C byte written to the pty was once lost
-    # on a loaded CI machine (no goodbye, no exit in 240 s), a race of the pty with readline
+    # SIGINT itself, as the terminal sends it on Ctrl-C (twice in full CI runs, the child neither
+    # answered a ^C byte nor this, printing nothing in 240 s; not reproduced alone: see talk.main)
     time.sleep(0.2)
     child.kill(signal.SIGINT)
-    child.expect(pexpect.EOF)
+    status = Path(f"/proc/{child.pid}/status")
+    signals = [line for line in status.read_text().splitlines() if line.startswith("Sig")] if status.exists() else []
+    assert child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=60) == 0, f"no exit after SIGINT: {signals}"
     child.close()
     assert child.exitstatus == 0 and "Traceback" not in child.before
 
