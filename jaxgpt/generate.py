@@ -278,7 +278,6 @@ class Engine:
         self.model, self.params, self.slots, self.keep_logits, self.mesh = model, params, slots, keep_logits, mesh
         V = model.cfg.vocab_size
         self.n_valid = min(V, tokenizer.n_vocab) if tokenizer is not None else V  # never sample padding ids
-        self.knobs = {name: np.full(slots, IDLE_KNOBS[name], dtype) for name, dtype in KNOBS.items()}
         self.requests: dict[int, Request] = {}
         self._next_id = 0
         self.reset()
@@ -302,6 +301,7 @@ class Engine:
                                  is_leaf=lambda x: isinstance(x, tuple))
             self.state = jax.device_put(self.state, sharding.logical_to_mesh(specs, self.state, self.mesh))
         self.slot_request: list[Request | None] = [None] * self.slots
+        self.knobs = {name: np.full(self.slots, IDLE_KNOBS[name], dtype) for name, dtype in KNOBS.items()}
         self.waiting: collections.deque[list[Request]] = collections.deque()  # the n samples of a request
 
     @property
@@ -334,8 +334,7 @@ class Engine:
         if request is None or request.finish_reason is not None:
             return
         request.finish_reason = reason
-        if request.slot is not None:
-            self.slot_request[request.slot], request.slot = None, None
+        self._free_slot(request)
         for group in self.waiting:
             if request in group:
                 group.remove(request)
@@ -362,9 +361,6 @@ class Engine:
                 context = (request.prompt + request.tokens)[-(S // 2):]
                 self._prefill(request, context, fresh=False, out=out)
         busy = [r for r in self.slot_request if r is not None]
-        for slot in (s for s in range(self.slots) if self.slot_request[s] is None):
-            for name, value in IDLE_KNOBS.items():
-                self.knobs[name][slot] = value
         if busy:
             tokens, positions, active, steps = (np.zeros(self.slots, np.int32) for _ in range(4))
             for r in busy:
@@ -433,9 +429,16 @@ class Engine:
             out.setdefault(request.id, []).append(token)
             if len(request.tokens) >= request.params.max_tokens:
                 request.finish_reason = "length"
-        if request.finish_reason is not None and request.slot is not None:  # free the slot at once
-            self.slot_request[request.slot] = None
-            request.slot = None
+        if request.finish_reason is not None:  # free the slot at once
+            self._free_slot(request)
+
+    def _free_slot(self, request: Request) -> None:
+        """The request's slot, if it holds one, free again and idle (IDLE_KNOBS)."""
+        if request.slot is None:
+            return
+        for name, value in IDLE_KNOBS.items():
+            self.knobs[name][request.slot] = value
+        self.slot_request[request.slot], request.slot = None, None
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] = SamplingParams()
                  ) -> list[list[int]]:

@@ -262,8 +262,14 @@ class Service:
     def load(self) -> dict:
         """What a metrics endpoint shows: busy slots, queue depth, screening decisions."""
         engine = self.engine
+        while True:  # read beside the engine's thread, which may change its queue while it is counted
+            try:
+                queued = sum(map(len, engine.waiting))
+                break
+            except RuntimeError:  # "deque mutated during iteration": count again
+                continue
         return {"slots": engine.slots, "busy_slots": sum(r is not None for r in engine.slot_request),
-                "queued": sum(map(len, engine.waiting)) + self._inbox.qsize(), "screen": self.screen.counts()}
+                "queued": queued + self._inbox.qsize(), "screen": self.screen.counts()}
 
     def _refused(self, n: int, prompt_tokens: int, why: str) -> Stream:
         self.screen.record("blocked_user")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import itertools
 import json
 import os
 import re
@@ -222,7 +223,7 @@ class LogprobFormat:
             return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
                                 for t, lp, top in zip(ids, logprobs, tops)], "refusal": None}
         texts = [self.piece(t)[0] for t in ids]
-        offsets = [offset + sum(map(len, texts[:i])) for i in range(len(texts))]
+        offsets = list(itertools.accumulate(map(len, texts[:-1]), initial=offset)) if texts else []
         return {"tokens": texts, "token_logprobs": [float(lp) for lp in logprobs],
                 "top_logprobs": [{self.piece(a)[0]: float(alp) for a, alp in top} for top in tops],
                 "text_offset": offsets}
@@ -320,8 +321,8 @@ class Metrics:
                               "generated token", buckets=self.TTFT_BUCKETS, registry=registry)
         for name, doc, read in (
                 ("jaxgpt_slots", "requests the engine decodes together", lambda: service.engine.slots),
-                ("jaxgpt_busy_slots", "slots decoding now", lambda: self._load()["busy_slots"]),
-                ("jaxgpt_queue_depth", "requests waiting for a slot", lambda: self._load()["queued"]),
+                ("jaxgpt_busy_slots", "slots decoding now", lambda: service.load()["busy_slots"]),
+                ("jaxgpt_queue_depth", "requests waiting for a slot", lambda: service.load()["queued"]),
                 ("jaxgpt_requests_in_flight", "requests taken on and not yet answered", lambda: admission.count)):
             Gauge(name, doc, registry=registry).set_function(read)
 
@@ -333,15 +334,6 @@ class Metrics:
                     family.add_metric([decision], count)
                 yield family
         registry.register(ScreenCollector())
-        self.service = service
-
-    def _load(self) -> dict:
-        for _ in range(3):  # the engine thread may change its queue while it is counted
-            try:
-                return self.service.load()
-            except RuntimeError:
-                time.sleep(0.001)
-        return {"busy_slots": float("nan"), "queued": float("nan")}
 
     def finished_stream(self, stream: Stream, received: float) -> None:
         """A request's replies are all in (called on the engine's thread)."""
@@ -480,14 +472,11 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
         extra = {"usage": None} if include_usage else {}
         offsets = [0] * stream.n  # text sent so far per choice (completions' text_offset)
 
-        def chunk(delta, text: str | None, finish_reason: str | None = None) -> str:
+        def chunk(index: int, text: str | None, finish_reason: str | None = None, scores: dict | None = None) -> str:
             if kind == "chat":
-                choice = {"index": delta.index, "delta": {} if text is None else {"content": text}}
+                choice = {"index": index, "delta": {} if text is None else {"content": text}}
             else:
-                choice = {"index": delta.index, "text": text or ""}
-            scores = None
-            if logprobs and delta.token_ids:
-                scores = logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs, offsets[delta.index])
+                choice = {"index": index, "text": text or ""}
             return _sse({**head, "choices": [{**choice, "logprobs": scores, "finish_reason": finish_reason}],
                          **extra})
         if kind == "chat":
@@ -503,10 +492,13 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
                     yield _sse(ApiError(500, f"generation failed: {message}", type="server_error").body())
                     break
                 if delta.text or delta.token_ids:
-                    yield chunk(delta, delta.text)
+                    scores = None
+                    if logprobs and delta.token_ids:
+                        scores = logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs, offsets[delta.index])
+                    yield chunk(delta.index, delta.text, scores=scores)
                     offsets[delta.index] += len(delta.text)
                 if delta.finish_reason is not None:
-                    yield chunk(dataclasses.replace(delta, token_ids=[]), None, delta.finish_reason)
+                    yield chunk(delta.index, None, delta.finish_reason)
             else:
                 if include_usage:
                     replies = await run_in_threadpool(stream.result, 30)
@@ -603,7 +595,7 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
 
     @app.get("/health")  # no key needed: what a load balancer polls; 503 tells it to stop sending
     async def health():
-        load = metrics._load()
+        load = service.load()
         if admission.draining:
             return JSONResponse({"status": "draining", "model": model_id, "in_flight": admission.count, **load},
                                 status_code=503, headers=admission.retry_after)

@@ -139,12 +139,12 @@ def test_an_idle_slot_carries_neutral_knobs(tiny):
     engine = Engine(model, params, slots=3)
     idle = lambda slot: {name: engine.knobs[name][slot].item() for name in IDLE_KNOBS}  # noqa: E731
     assert all(idle(slot) == pytest.approx(IDLE_KNOBS) for slot in range(3))
-    engine.submit(prompt(3, 4), SamplingParams(temperature=0.7, top_p=0.5, repetition_penalty=1.3, max_tokens=2))
+    engine.submit(prompt(3, 4), SamplingParams(temperature=0.7, top_p=0.5, repetition_penalty=1.3, max_tokens=3))
     [long] = engine.submit(prompt(3, 5), SamplingParams(temperature=0.7, top_k=5, max_tokens=6))
     engine.step()
     assert idle(0)["top_p"] == pytest.approx(0.5) and idle(1)["top_k"] == 5
     while engine.requests[long].finish_reason is None:
-        engine.step()  # the first request finished at its 2nd token; its slot idles from the next step on
+        engine.step()  # the first request finishes at its 3rd token, idling its slot at once
     assert idle(0) == pytest.approx(IDLE_KNOBS) and idle(2) == pytest.approx(IDLE_KNOBS)
 
 
