@@ -112,17 +112,23 @@ def start_server(source: Path, port: int, slots: int, settings: list[str], log, 
                               f"serve.port={port}", f"serve.slots={slots}", *settings],
                              stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
-    while True:
-        if child.poll() is not None:
-            raise LoadTestError(f"the server exited with {child.returncode} before it answered /health")
-        if time.monotonic() > deadline:
+    try:
+        while True:
+            if child.poll() is not None:  # its last line says why (a missing run, a bad key)
+                log.seek(0)
+                last = (log.read().decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+                raise LoadTestError(f"the server exited with {child.returncode} before it answered /health: {last}")
+            if time.monotonic() > deadline:
+                raise LoadTestError(f"the server did not answer /health within {timeout:.0f} s")
+            try:
+                health(f"http://127.0.0.1:{port}", timeout=1.0)
+                return child
+            except OSError:  # not listening yet (it compiles first)
+                time.sleep(0.25)
+    except BaseException:  # a timeout, Ctrl-C: never leave the server running
+        if child.poll() is None:
             stop_server(child)
-            raise LoadTestError(f"the server did not answer /health within {timeout:.0f} s")
-        try:
-            health(f"http://127.0.0.1:{port}", timeout=1.0)
-            return child
-        except OSError:  # not listening yet (it compiles first)
-            time.sleep(0.25)
+        raise
 
 
 def stop_server(child: subprocess.Popen) -> None:
@@ -313,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
                     show_log()
     except LoadTestError as e:
         sys.exit(f"load_test: {e}")
+    except KeyboardInterrupt:  # the finally blocks above have stopped the server it started
+        sys.exit("load_test: interrupted")
 
 
 if __name__ == "__main__":
