@@ -15,6 +15,15 @@ rate measured in the same run), compile seconds and the memory XLA planned for t
 tokens/s, and the memory-bandwidth bound (weights plus cache read once per step, over a bandwidth
 measured in the same run) with the ratio to it.
 
+    python -m jaxgpt.bench compile CONFIG.py [mesh.devices=8 mesh.fsdp=8 mesh.device_memory_gb=80 ...]
+
+`compile`: the train step compiled ahead of time from shapes alone (no params made, no data read)
+for the config's mesh: memory.py's per-device estimate (params, optimizer state, gradients,
+activations, batch) beside XLA's memory analysis (arguments, outputs, temporaries), XLA's FLOPs per
+device and the model's FLOPs per step, and whether it fits mesh.device_memory_gb. mesh.devices=N
+plans N devices on a host with fewer (as N XLA:CPU devices: the shardings and the estimate are
+those of N accelerators; XLA:CPU's temporaries are its own compiler's, not a GPU's).
+
 `data`: tokenizer throughput (MB/s of UTF-8 text) of `prepare`'s worker pool, one line per worker count;
 it reads the source as prepare does (prepare.field, prepare.doc_split, ...).
 Both tune the host first (hardware.tune_host) unless bench.untuned_host=true.
@@ -33,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt import config as config_lib
-from jaxgpt import cli, data, generate, hardware, prepare, runs, sharding, sources
+from jaxgpt import cli, data, generate, hardware, kernels, memory, prepare, runs, sharding, sources
 from jaxgpt.model import GPT
 from jaxgpt.config import BenchCommand, BenchConfig, PrepareConfig
 from jaxgpt.errors import ConfigError
@@ -78,6 +87,7 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
     tokens_per_s = steps * tokens_per_step / seconds
     out = {
         "bench": "train", "preset": cfg.model.preset, "dtype": cfg.model.dtype,
+        "attention": kernels.resolve(cfg.model.attention, cfg.model.dtype), "remat": cfg.model.remat,
         "params": trainer.model.num_params(state.params), "devices": n_devices,
         "device_kind": jax.devices()[0].device_kind, "mesh": dict(trainer.mesh.shape),
         "batch": cfg.data.batch_size, "seq_len": cfg.model.seq_len, "steps": steps,
@@ -170,6 +180,43 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
     return results
 
 
+def bench_compile(cfg: config_lib.Config) -> dict:
+    """Memory and FLOPs of cfg's train step on its mesh, from shapes alone. With mesh.devices=N on a
+    host with fewer devices the step is planned on N simulated XLA:CPU devices: params, optimizer
+    state and the estimate are what N accelerators would hold; XLA:CPU's temporaries are its own."""
+    n = cfg.mesh.devices
+    if n:
+        try:  # must precede the backend's start; only the CPU backend reads it
+            jax.config.update("jax_num_cpu_devices", max(n, jax.config.jax_num_cpu_devices))
+        except RuntimeError:
+            pass  # already started (from Python): whatever devices there are
+    devices = jax.devices()
+    if n and len(devices) < n:  # an accelerator host planning for more of them than it has
+        devices = jax.devices("cpu")
+        if len(devices) < n:
+            raise ConfigError(f"mesh.devices={n}: only {len(devices)} CPU devices could be made here (jax started "
+                              f"before bench compile; set XLA_FLAGS=--xla_force_host_platform_device_count={n})")
+    cfg = memory.with_vocab(cfg)
+    trainer = memory.trainer_for(cfg, devices)
+    out = {"bench": "compile", "preset": cfg.model.preset, "dtype": cfg.model.dtype, "remat": cfg.model.remat,
+           "batch": cfg.data.batch_size, "grad_accum": cfg.optim.grad_accum, "seq_len": cfg.model.seq_len,
+           "devices": trainer.mesh.devices.size, "platform": devices[0].platform, "device_kind": devices[0].device_kind,
+           **memory.analyze(trainer)}
+    out["estimate_gb"] = {k: round(v / memory.GB, 3) for k, v in out["estimate_bytes"].items()}
+    model = trainer.model
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    out["params"] = model.num_params(params)
+    out["model_flops_per_step"] = model.flops_per_token(params) * cfg.data.batch_size * cfg.model.seq_len
+    limit, source = memory.device_limit(cfg, devices)
+    out["limit_bytes"], out["limit_source"] = limit, source
+    if limit is not None:  # the estimate decides train's check; XLA's figure is for this platform's compiler
+        out["fits"] = out["estimate_bytes"]["total"] <= limit
+        if "xla_bytes" in out:
+            out["fits_xla"] = out["xla_bytes"]["total"] <= limit
+    out["jax"] = jax.__version__
+    return out
+
+
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(config_lib.Config))
 
 
@@ -224,6 +271,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config_lib.from_cli(operands[0], config_overrides)
         print(json.dumps(bench_train(cfg, cmd.bench.steps, cmd.bench.warmup)))
 
+    def compile_(operands: list[str], settings: list[str]) -> None:
+        config_overrides = [s for s in settings if _section(s) in CONFIG_SECTIONS]
+        _bench_settings("compile", [s for s in settings if s not in config_overrides], ("bench",))
+        print(json.dumps(bench_compile(config_lib.from_cli(operands[0], config_overrides))))
+
     def data_(operands: list[str], settings: list[str]) -> None:
         cmd = _bench_settings("data", settings, ("prepare", "bench"), ("prepare.source", "prepare.tokenizer"))
         for result in bench_data(cmd.prepare, cmd.bench):
@@ -251,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
         "generate": cli.Command(generate_, "CONFIG.py|RUN [section.key=value ...] [bench.batch=1,8 "
                                 "bench.new_tokens=256 bench.prompt_tokens=16]", BenchCommand,
                                 sections=(*CONFIG_SECTIONS, "bench"), tune_host=False),
+        "compile": cli.Command(compile_, "CONFIG.py [section.key=value ...] [mesh.devices=8 mesh.fsdp=8 "
+                               "mesh.device_memory_gb=80]", BenchCommand, sections=(*CONFIG_SECTIONS, "bench"),
+                               tune_host=False),
         "data": cli.Command(data_, "prepare.source=SOURCE prepare.tokenizer=SPEC [prepare.field=... "
                             "prepare.doc_split=...] [bench.workers=1,2 bench.max_mb=64]",
                             BenchCommand, sections=("prepare", "bench"), operands=(0, 0), tune_host=False),

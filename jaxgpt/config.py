@@ -133,6 +133,8 @@ class MeshConfig:
     data: int = -1                   # -1: all devices not used by the other axes
     fsdp: int = 1
     tensor: int = 1
+    devices: int = 0                 # 0: every device there is; N: the first N (bench compile plans N on a CPU host)
+    device_memory_gb: float = 0.0    # one device's memory for the fit check (memory.py); 0: what the device reports
 
 
 @dataclass(frozen=True)

@@ -51,18 +51,29 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
+    if cfg.devices:
+        if cfg.devices > len(devices):
+            raise ConfigError(f"mesh.devices={cfg.devices} but there are {len(devices)} {devices[0].platform} "
+                              f"devices (to plan for more on a CPU host: python -m jaxgpt.bench compile)")
+        devices = devices[:cfg.devices]
     shape = mesh_shape(cfg, len(devices))
     # Auto axes: XLA propagates shardings from the params, batch and the logical constraints.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def check_batch(mesh: Mesh, batch_size: int) -> None:
-    """The global batch must split evenly over the data-parallel devices (data x fsdp)."""
+def check_batch(mesh: Mesh, batch_size: int, grad_accum: int = 1) -> None:
+    """The global batch, and each micro-batch of it, must split evenly over the data-parallel devices
+    (data x fsdp): every device computes its share of every micro-batch."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:
         raise ConfigError(f"data.batch_size={batch_size} does not split over the mesh's {shards} data-parallel "
                           f"devices (mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']}); use a "
                           f"multiple of {shards}")
+    if (batch_size // grad_accum) % shards:
+        fits = [a for a in range(1, batch_size // shards + 1) if batch_size % (a * shards) == 0]
+        raise ConfigError(f"data.batch_size={batch_size} / optim.grad_accum={grad_accum} = {batch_size // grad_accum} "
+                          f"rows per micro-batch do not split over the mesh's {shards} data-parallel devices; "
+                          f"optim.grad_accum that do: {', '.join(map(str, fits))}")
 
 
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:

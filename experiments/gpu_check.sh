@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One GPU, under 8 minutes: what jaxgpt does on it, as one JSON table (printed, and written to
+# $OUT/gpu_check.json when OUT is set).
+#
+#   bash experiments/gpu_check.sh                 # on the GPU machine, from the repository root
+#
+# - train: GPT-2 small (experiments/configs/gpt2_124m.py) train steps in bf16, tokens/s and MFU
+#   against the datasheet peak (hardware.py), once per attention implementation (cudnn, xla);
+# - memory: `bench compile` of the same step: the estimate beside XLA's own plan for this GPU,
+#   and the peak memory the timed steps used;
+# - decode: the KV-cache engine's tokens/s at batch 1 and 64 (random-init weights: speed only).
+# The text is made here (random words, byte tokens inside GPT-2's 50304-id table), so nothing is
+# downloaded. GPU_CHECK_SMOKE=1 runs the same steps at toy size on a CPU (tests/test_experiments.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+$PY - "$work/text.txt" <<'EOF'
+import random, sys
+random.seed(0)
+words = [''.join(random.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(random.randint(2, 9))) for _ in range(5000)]
+with open(sys.argv[1], 'w') as f:
+    for _ in range(20000):
+        f.write(' '.join(random.choice(words) for _ in range(random.randint(5, 30))) + '.\n')
+EOF
+
+config=experiments/configs/gpt2_124m.py
+common=(data.path="$work/text.txt" data.tokenizer=byte model.vocab_size=50304 data.batch_size=32
+        optim.grad_accum=1 train.out_dir="$work/run")
+steps=(bench.steps=20 bench.warmup=5)
+attention=(cudnn xla)
+decode=(bench.batch=1,64 bench.new_tokens=256)
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # toy size on a CPU: the script's plumbing, not a measurement
+    common+=(model.n_layer=2 model.d_model=64 model.n_head=4 model.seq_len=64 data.batch_size=4)
+    steps=(bench.steps=2 bench.warmup=1)
+    attention=(xla)
+    decode=(bench.batch=1,2 bench.new_tokens=8 model.n_layer=2 model.d_model=64 model.n_head=4 model.seq_len=64)
+fi
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+        | sed 's/^/{"bench": "nvidia-smi", "gpu": "/; s/$/"}/' || true
+    for impl in "${attention[@]}"; do
+        $PY -m jaxgpt.bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" \
+            || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"failed\": true}"
+    done
+    $PY -m jaxgpt.bench compile "$config" "${common[@]}" model.attention="${attention[0]}" \
+        || echo '{"bench": "compile", "failed": true}'
+    $PY -m jaxgpt.bench generate "$config" model.vocab_size=50304 "${decode[@]}" \
+        || echo '{"bench": "generate", "failed": true}'
+} > "$work/rows.jsonl"
+
+$PY - "$work/rows.jsonl" "${OUT:-}" <<'EOF'
+import json, platform, sys
+import jax
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+keep = {"train": ("attention", "ms_per_iter", "tokens_per_s", "mfu", "peak_flops_per_device", "peak_source",
+                  "compile_s", "peak_bytes_in_use", "step_temp_bytes", "final_loss", "failed"),
+        "compile": ("mesh", "estimate_gb", "xla_bytes", "xla_flops_per_device", "model_flops_per_step", "compile_s",
+                    "failed"),
+        "generate": ("batch", "tok_per_s", "ttft_s", "bound_tok_per_s", "ratio_to_bound", "failed")}
+table = {"host": platform.node(), "jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()]}
+for row in rows:
+    kind = row.get("bench")
+    if kind == "nvidia-smi":
+        table["gpu"] = row["gpu"]
+    elif kind in keep:
+        table.setdefault(kind, []).append({k: row.get(k) for k in keep[kind] if k in row})
+text = json.dumps(table, indent=1)
+print(text)
+if sys.argv[2]:
+    open(f"{sys.argv[2]}/gpu_check.json", "w").write(text + "\n")
+EOF

@@ -1,0 +1,29 @@
+"""experiments/gpu_check.sh at toy size on the CPU (GPU_CHECK_SMOKE=1): every step of the script runs and
+lands in its JSON table, so the one run a lent GPU gets is not spent on a broken script."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import subprocess_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
+    env = subprocess_env(GPU_CHECK_SMOKE="1", PYTHON=sys.executable, OUT=str(tmp_path),
+                         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    out = subprocess.run(["bash", str(REPO / "experiments/gpu_check.sh")], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert table == json.loads(out.stdout[out.stdout.index("{"):])
+    (train,) = table["train"]
+    assert train["attention"] == "xla" and "failed" not in train
+    assert train["tokens_per_s"] > 0 and math.isfinite(train["final_loss"]) and 0 < train["mfu"] < 1
+    (plan,) = table["compile"]
+    assert plan["estimate_gb"]["total"] > 0 and plan["xla_bytes"]["temporaries"] > 0
+    assert [row["batch"] for row in table["generate"]] == [1, 2]
+    assert all(row["tok_per_s"] > 0 for row in table["generate"])

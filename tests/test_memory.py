@@ -1,0 +1,103 @@
+"""Tests for jaxgpt.memory: the per-device estimate of a train step, the fit check that refuses a config
+before its step is compiled (naming the knobs that fit), and `bench compile` on 8 simulated devices."""
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import subprocess_env, tiny
+from jaxgpt import memory
+from jaxgpt.model import GPT
+from jaxgpt.train import open_run_batches
+
+
+def resolved(text_file, out_dir="", **sections):
+    """tiny()'s config with model.vocab_size as training resolves it (the char table of the corpus)."""
+    return open_run_batches(tiny(text_file, out_dir, **sections))[0]
+
+
+def _estimate(text_file, **sections):
+    return memory.estimate(resolved(text_file, **sections), jax.devices()[:1]).per_device
+
+
+def test_the_estimate_adds_up_shards_gradients_and_residuals(text_file):
+    one = _estimate(text_file)
+    cfg = resolved(text_file)
+    params = jax.eval_shape(GPT(cfg.model).init, jax.random.key(0))
+    param_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
+    assert one["params"] == param_bytes and one["gradients"] == param_bytes  # fp32, one device: whole
+    assert one["optimizer"] == 2 * param_bytes + 8  # AdamW's mu and nu; its and the schedule's int32 counts
+    assert one["batch"] == 4 * 4 * cfg.data.batch_size * cfg.model.seq_len  # four int32 / fp32 [B, L] arrays
+    assert one["total"] == sum(v for k, v in one.items() if k != "total")
+
+    halves = _estimate(text_file, optim={"grad_accum": 2})
+    quarters = _estimate(text_file, optim={"grad_accum": 4})
+    # one micro-batch's rows at a time: linear in them, past what the weights' copies need whatever the rows
+    assert one["activations"] - halves["activations"] == 2 * (halves["activations"] - quarters["activations"]) > 0
+    assert halves["gradients"] == 2 * one["gradients"]      # the running sum beside one micro-batch's
+    assert _estimate(text_file, model={"remat": True})["activations"] < one["activations"] / 2
+
+
+def test_no_limit_on_a_cpu_means_no_check(text_file):
+    assert memory.device_limit(tiny(text_file))[0] is None
+    assert memory.check(tiny(text_file)) is None
+
+
+def test_a_config_over_the_limit_is_refused_with_the_knobs_that_fit(text_file, tmp_path):
+    one, remat = _estimate(text_file)["total"], _estimate(text_file, model={"remat": True})["total"]
+    limit_gb = (one + remat) / 2 / 1e9  # remat fits, the config as it is does not
+    cfg = resolved(text_file, tmp_path / "run", train={"steps": 2, "log_every": 1, "eval_every": 0})
+    with pytest.raises(memory.OutOfMemory, match=r"^the train step needs about .* per device .*fits with: "
+                                                 r"model\.remat=true \("):
+        memory.check(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, device_memory_gb=limit_gb)))
+
+    config_file = tmp_path / "tiny.json"
+    config_file.write_text(cfg.to_json())
+    command = [sys.executable, "-m", "jaxgpt.train", str(config_file), f"mesh.device_memory_gb={limit_gb!r}"]
+    refused = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert refused.returncode == 2, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the train step needs about "), refused.stderr
+    assert "model.remat=true" in lines[0] and "(mesh.device_memory_gb)" in lines[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any step
+
+    fits = subprocess.run(command + ["model.remat=true"], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=300)
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    assert json.loads(fits.stdout.strip().splitlines()[-1])["step"] == 2
+
+
+def test_bench_compile_on_8_simulated_devices_shards_params_and_optimizer_as_1_over_fsdp(text_file, tmp_path):
+    cfg = resolved(text_file)
+    config_file = tmp_path / "tiny.json"
+    config_file.write_text(cfg.to_json())
+    model = GPT(cfg.model)
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    # independently of the shardings: leaves with an "embed" axis split over fsdp, the rest are whole
+    axes = jax.tree.leaves(model.logical_axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+    def expected_params(fsdp):
+        return sum(x.size * 4 // (fsdp if "embed" in tuple(spec) else 1) for x, spec in zip(jax.tree.leaves(params), axes))
+
+    rows = {}
+    for fsdp in (1, 2, 4, 8):
+        out = subprocess.run([sys.executable, "-m", "jaxgpt.bench", "compile", str(config_file), "mesh.devices=8",
+                              f"mesh.fsdp={fsdp}", "bench.untuned_host=true"],
+                             capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows[fsdp] = json.loads(out.stdout.strip().splitlines()[-1])
+    for fsdp, row in rows.items():
+        assert row["devices"] == 8 and row["mesh"] == {"data": 8 // fsdp, "fsdp": fsdp, "tensor": 1}
+        est = row["estimate_bytes"]
+        assert est["params"] == expected_params(fsdp)
+        assert est["optimizer"] == 2 * expected_params(fsdp) + 8
+        assert row["xla_bytes"]["arguments"] >= est["params"] + est["optimizer"]  # XLA's arguments hold them
+        assert row["xla_flops_per_device"] > 0 and row["model_flops_per_step"] > 0
+        assert row["limit_bytes"] is None
+    assert [rows[f]["estimate_bytes"]["params"] for f in (1, 2, 4, 8)] == sorted(
+        (rows[f]["estimate_bytes"]["params"] for f in (1, 2, 4, 8)), reverse=True)
+    assert math.isclose(rows[1]["estimate_bytes"]["activations"], rows[8]["estimate_bytes"]["activations"])
