@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxgpt import config as config_lib
+from jaxgpt import config as config_lib, launch
 from jaxgpt.errors import CheckpointError, ConfigError, JaxgptError
 from jaxgpt.model import GPT
 
@@ -236,6 +236,8 @@ def newest(directory: Path, step: int | None, load, quarantine: bool = False):
             return load(step_dir)
         except Damaged as e:
             moved = ""
+            if quarantine:
+                launch.barrier(f"damaged-{s}")  # no process is still reading it
             if quarantine and jax.process_index() == 0:  # one host renames, on a shared filesystem
                 aside = step_dir.with_name(f"{s}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
                 step_dir.rename(aside)
@@ -266,13 +268,16 @@ class Checkpointer:
         if cfg.train.resume not in ("auto", "none") and locate(cfg.train.resume) is None:
             raise CheckpointError(f"train.resume={cfg.train.resume}: no checkpoints there")
         existing = steps_in(self.directory)
+        launch.barrier("checkpoints-listed")  # all processes decide on the same listing
         if cfg.train.resume == "none" and existing:
             if not cfg.train.overwrite:
                 raise CheckpointError(f"{self.directory} holds checkpoints (newest step {existing[0]}) and "
                                       f"train.resume=none: use train.resume=auto to continue, or "
                                       f"train.overwrite=true to replace them")
-            shutil.rmtree(self.directory)
-            warn(f"train.overwrite=true: removed {self.directory}")
+            if jax.process_index() == 0:  # one process changes the (shared) directory, the others wait
+                shutil.rmtree(self.directory)
+                warn(f"train.overwrite=true: removed {self.directory}")
+            launch.barrier("checkpoints-removed")
         keep = [policies.LatestN(n=ck.keep)]
         if ck.keep_best:  # plus the checkpoint with the lowest val_loss
             keep.append(policies.BestN(get_metric_fn=_val_loss, reverse=True, n=1,

@@ -79,6 +79,9 @@ class DataConfig:
     chat: str = ""                   # conversations for supervised fine-tuning (loss on assistant tokens):
                                      # chitchat | chatterbot[:LANG] | jsonl:PATH | sharegpt:PATH
     chat_val: str = ""               # held-out conversations (same forms); empty: data.val_fraction of data.chat
+    preferences: str = ""            # preference pairs for DPO (preference.py): jsonl:PATH of {"messages": context,
+                                     # "chosen": str, "rejected": str}; the held-out chats: data.chat_val, else init_from's
+    preferences_val: str = ""        # held-out pairs (same form); empty: data.val_fraction of data.preferences
     val_dir: str = ""                # a prepared directory whose tokens are the validation set (its train split)
     chat_windows: bool = True        # cut long conversations into windows of whole exchanges (else keep the end)
     val_fraction: float = 0.1        # the last fraction of a text file (or of data.chat's dialogs) is held out
@@ -135,6 +138,30 @@ class MeshConfig:
     tensor: int = 1
     devices: int = 0                 # 0: every device there is; N: the first N (bench compile plans N on a CPU host)
     device_memory_gb: float = 0.0    # one device's memory for the fit check (memory.py); 0: what the device reports
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Several processes (hosts) training one model with jax.distributed (see launch.py). Unset
+    fields come from the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+    (what `python -m jaxgpt.launch` sets), else from jax's own detection of SLURM or a Cloud TPU."""
+    enabled: Literal["auto", "on", "off"] = "auto"  # auto: when launch.py, SLURM (> 1 task) or a TPU
+                                     # slice says so; on: always initialize; off: one process
+    coordinator_address: str = ""    # HOST:PORT of process 0
+    num_processes: int = 0           # 0: from the environment
+    process_id: int = -1             # -1: from the environment
+    local_device_ids: str = ""       # GPUs this process uses, e.g. 0,1; "": JAX_LOCAL_DEVICE_IDS, else jax's default
+    timeout_s: int = 300             # how long to wait for every process to join
+
+
+@dataclass(frozen=True)
+class DpoConfig:
+    """Preference tuning with data.preferences (preference.py); the reference model is the starting one
+    (train.init_from)."""
+    beta: float = 0.1                # how far from the reference the policy may move (the logit scale)
+    label_smoothing: float = 0.0     # the chance a pair's label is wrong (conservative DPO); 0: plain DPO
+    reference: Literal["precompute", "step"] = "precompute"  # its log-probs of every pair once before
+                                     # training, or of each batch in the step (its params kept beside the state)
 
 
 @dataclass(frozen=True)
@@ -199,6 +226,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     screen: ScreenConfig = field(default_factory=ScreenConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -284,6 +313,29 @@ class TokenizerCommand:
 
 
 @dataclass(frozen=True)
+class FromHfConfig:
+    """`python -m jaxgpt.convert from-hf`: a Hugging Face model (directory or hub name) -> an export."""
+    tokenizer: str = ""              # "": the tokenizer files beside config.json; else a HF tokenizer.json (or its
+                                     # directory) or a jaxgpt tokenizer spec (gpt2, a saved tokenizer...)
+    seq_len: int = 0                 # 0: max_position_embeddings; a rope model may take less (the KV cache's length)
+    revision: str = ""               # a hub name's branch, tag or commit ("": the default branch)
+
+
+@dataclass(frozen=True)
+class ToHfConfig:
+    """`python -m jaxgpt.convert to-hf`: a run or export -> a directory transformers loads."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the HF model's own, else float32
+    max_shard_mb: float = 4096.0     # a bigger model.safetensors is split into shards + an index
+    overwrite: bool = False          # write into a DIR that is not empty (its model files are replaced)
+
+
+@dataclass(frozen=True)
+class HfCommand:
+    from_hf: FromHfConfig = field(default_factory=FromHfConfig)
+    to_hf: ToHfConfig = field(default_factory=ToHfConfig)
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     """`python -m jaxgpt.bench`: how long to time (train) and what (data)."""
     steps: int = 200                 # timed train steps
@@ -345,6 +397,11 @@ def validate(cfg: Config) -> Config:
         (cfg.data.batch_size % cfg.optim.grad_accum == 0,
          f"data.batch_size={cfg.data.batch_size} must be divisible by optim.grad_accum={cfg.optim.grad_accum}"),
         (cfg.train.steps > 0, "train.steps must be positive"),
+        (not (cfg.data.preferences and cfg.data.chat),
+         f"data.preferences={cfg.data.preferences} and data.chat={cfg.data.chat}: a run trains on one (held-out "
+         f"chats for a preference run go in data.chat_val)"),
+        (cfg.dpo.beta > 0, f"dpo.beta={cfg.dpo.beta} must be positive"),
+        (0 <= cfg.dpo.label_smoothing < 0.5, f"dpo.label_smoothing={cfg.dpo.label_smoothing} must be in [0, 0.5)"),
     ]
     for ok, message in checks:
         if not ok:

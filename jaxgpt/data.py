@@ -254,8 +254,12 @@ class TokenBatches:
 def open_batches(cfg, tokenizer: Tokenizer | None = None, training: bool = True):
     """The batch source of a Config's data section: conversations when data.chat (or, to evaluate,
     data.chat_val) is set, else token data (data.dir, else data.path). `tokenizer`: the model's,
-    when it exists already (fine-tuning, evaluation); else the data's own, or data.tokenizer."""
+    when it exists already (fine-tuning, evaluation); else the data's own, or data.tokenizer.
+    data.preferences (training): preference pairs for DPO (preference.PairBatches)."""
     d = cfg.data
+    if d.preferences and training:
+        from jaxgpt import preference  # the pair batches live beside the DPO loss (and need jax)
+        return preference.open_batches(cfg, tokenizer or Tokenizer.from_spec(d.tokenizer))
     if d.chat or (d.chat_val and not training):
         tokenizer = tokenizer or Tokenizer.from_spec(d.tokenizer)
         loaded = dialogs.load(d.chat) if d.chat else dialogs.Loaded([], [], 0)

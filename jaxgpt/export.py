@@ -19,17 +19,26 @@ from jaxgpt import cli, config as config_lib, files, runs
 from jaxgpt.tokenizer import Tokenizer
 
 
-def export(out_dir: str | Path, cfg: config_lib.Config, params, tokenizer: Tokenizer) -> Path:
-    """Write params + config + tokenizer; a finished export replaces an older one whole."""
+def export(out_dir: str | Path, cfg: config_lib.Config, params, tokenizer: Tokenizer | None,
+           extra: dict[str, str | bytes] | None = None) -> Path:
+    """Write params + config + tokenizer (None: a converted model without one, see convert.py) and
+    the `extra` files (relative path -> content); a finished export replaces an older one whole."""
     out_dir = Path(out_dir).absolute()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    checkpointer = ocp.StandardCheckpointer()
+    options = {}
+    if jax.process_count() > 1:  # one process exports host params alone: orbax must not wait for the others
+        me = jax.process_index()
+        options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    checkpointer = ocp.StandardCheckpointer(**options)
     checkpointer.save(tmp / "params", params)
     checkpointer.wait_until_finished()
     files.atomic_write(tmp / "config.json", cfg.to_json())
-    tokenizer.save(tmp)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    for name, content in (extra or {}).items():
+        files.atomic_write(tmp / name, content)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir

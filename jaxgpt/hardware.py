@@ -60,7 +60,7 @@ def peak_flops(device=None) -> tuple[float, str]:
         if name.lower() in device.device_kind.lower():
             return flops, f"datasheet bf16 {name}"
     if device.platform == "cpu":
-        return measured_matmul_flops() / len(jax.devices()), "measured fp32 matmul"
+        return measured_matmul_flops() / len(jax.local_devices()), "measured fp32 matmul"  # this host's devices share it
     return float("nan"), f"unknown device {device.device_kind}"
 
 

@@ -116,7 +116,8 @@ def device_limit(cfg: config_lib.Config, devices=None) -> tuple[float | None, st
     """(bytes one device may use, where that figure comes from); None when nothing states one."""
     if cfg.mesh.device_memory_gb > 0:
         return cfg.mesh.device_memory_gb * GB, "mesh.device_memory_gb"
-    device = (devices or jax.devices())[0]
+    # one of this process's own devices: another host's cannot report its memory here
+    device = next((d for d in devices or () if d.process_index == jax.process_index()), jax.local_devices()[0])
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         return float(stats["bytes_limit"]), f"{device.device_kind} memory"

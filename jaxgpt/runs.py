@@ -25,11 +25,13 @@ from jaxgpt.errors import CheckpointError
 from jaxgpt.model import GPT
 from jaxgpt.tokenizer import Tokenizer
 
+NO_TOKENIZER = "NO_TOKENIZER"  # in an export converted without tokenizer files (jaxgpt.convert)
+
 
 class Loaded(NamedTuple):
     cfg: config_lib.Config   # the saved config with the caller's overrides (model shape unchanged)
     params: dict             # on one device, or placed on `mesh`
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None only with load(..., need_tokenizer=False) and a model without one
     where: str               # the checkpoint step or export directory the params came from
     step: int | None         # the checkpoint's step (None for an export)
     mesh: jax.sharding.Mesh | None = None
@@ -87,6 +89,11 @@ def tokenizer(source: str | Path) -> Tokenizer:
     for place in places:
         if (place / "tokenizer.json").is_file():
             return Tokenizer.load(place)
+    for place in places:  # jaxgpt.convert's marker of a Hugging Face model that came without tokenizer files
+        if (place / NO_TOKENIZER).is_file():
+            raise CheckpointError(f"{place}: converted from Hugging Face without tokenizer files, so it has no "
+                                  f"tokenizer.json; convert it again with its tokenizer.json beside config.json, or "
+                                  f"with from_hf.tokenizer=PATH_OR_SPEC (python -m jaxgpt.convert from-hf --help)")
     raise CheckpointError(f"{source}: no tokenizer.json (a run writes one into its directory and its export)")
 
 
@@ -122,10 +129,12 @@ def params(source: str | Path, cfg: config_lib.Config, shardings=None) -> tuple[
         CheckpointError(f"{source}: no checkpoint or export that reads back intact")
 
 
-def load(source: str | Path, overrides: list[str] = (), *, on_mesh: bool = False) -> Loaded:
+def load(source: str | Path, overrides: list[str] = (), *, on_mesh: bool = False,
+         need_tokenizer: bool = True) -> Loaded:
     """Config, params and tokenizer of a trained model. `overrides` may change anything but the
     model's shape (data, eval, sample, mesh settings, model.dtype, model.attention...); with
-    `on_mesh` the params are placed on the mesh that `mesh.*` describes, else on one device."""
+    `on_mesh` the params are placed on the mesh that `mesh.*` describes, else on one device.
+    need_tokenizer=False: a model without tokenizer files loads too (tokenizer None)."""
     saved = saved_config(source)
     cfg = config_lib.validate(config_lib.apply_overrides(saved, list(overrides)))
     checkpoint.check_model(saved.to_dict(), cfg, Path(source), "the model's shape comes from the saved model")
@@ -135,4 +144,10 @@ def load(source: str | Path, overrides: list[str] = (), *, on_mesh: bool = False
         model = GPT(cfg.model)
         shardings = sharding.logical_to_mesh(model.logical_axes, jax.eval_shape(model.init, jax.random.key(0)), mesh)
     tree, where, step = params(source, cfg, shardings)
-    return Loaded(cfg, tree, tokenizer(source), where, step, mesh)
+    try:
+        tok = tokenizer(source)
+    except CheckpointError:
+        if need_tokenizer:
+            raise
+        tok = None
+    return Loaded(cfg, tree, tok, where, step, mesh)

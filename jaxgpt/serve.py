@@ -8,7 +8,16 @@
 
 Endpoints: POST /v1/chat/completions and /v1/completions (plain JSON, or server-sent events with
 "stream": true, ending with `data: [DONE]`), GET /v1/models, /health, /metrics (Prometheus' text
-format) and a chat page at /.
+format), a chat page at /, and POST /v1/feedback.
+
+Feedback (`jaxgpt.feedback`, serve.feedback=true by default): a chat completion sent with OpenAI's
+`"store": true` (the page sends it unless its settings say otherwise) is recorded in serve.feedback_db
+(default: feedback.db in the run directory of RUN, RUN/export or RUN/checkpoints/STEP; beside any
+other export directory), with `metadata` {"source": "page", "replaces": ID} telling the page's
+requests and regenerated replies apart; POST /v1/feedback {"completion_id": ID, "rating": "up" |
+"down"}, {"completion_id": ID, "better_than": OTHER_ID} or {"completion_id": ID, "edit": TEXT} (and
+"index" / "better_than_index" for a choice of n > 1) judges one, 404 for an id not recorded.
+serve.feedback=false records nothing. Text completions are never recorded.
 Any OpenAI client works (base_url http://HOST:PORT/v1). A request that omits a sampling field gets
 the run's `sample` section (temperature, top_k, top_p, ...), one without a seed a fresh random seed
 as at OpenAI, one without max_tokens sample.max_new_tokens or what the context leaves, if less;
@@ -25,6 +34,7 @@ why it listens on 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import itertools
@@ -50,6 +60,7 @@ from starlette.routing import Match
 from jaxgpt import chat, cli, runs
 from jaxgpt.config import Config
 from jaxgpt.errors import ConfigError, JaxgptError
+from jaxgpt.feedback import Feedback, FeedbackError, default_path, stored
 from jaxgpt.generate import MAX_TOP_LOGPROBS, Engine, SamplingParams
 from jaxgpt.model import GPT
 from jaxgpt.replies import Reply, Service, Stream
@@ -72,6 +83,8 @@ class ServeConfig:
     model_name: str = ""             # the model id clients name; default: the run directory's name
     retry_after_s: int = 1           # the Retry-After of a 429 (queue full) or 503 (draining)
     drain_timeout_s: float = 120.0   # on SIGTERM, how long requests in flight may take to finish
+    feedback: bool = True            # record chat completions sent with "store": true, take POST /v1/feedback
+    feedback_db: str = ""            # the SQLite file; default: feedback.db in the run directory (see above)
 
 
 @dataclass(frozen=True)
@@ -375,8 +388,9 @@ class CountRequests:
 # ---- the app ----
 
 def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeConfig(), model_id: str = "jaxgpt",
-             defaults: SamplingParams = SamplingParams()) -> FastAPI:
-    """The API over `service`; `defaults` fills the sampling fields a request leaves out.
+             defaults: SamplingParams = SamplingParams(), feedback: Feedback | None = None) -> FastAPI:
+    """The API over `service`; `defaults` fills the sampling fields a request leaves out; stored
+    replies and judgements go to `feedback` (None: none are recorded, POST /v1/feedback is a 404).
     app.state.admission.drain() turns new requests away with 503 (what SIGTERM does)."""
     app = FastAPI(title="jaxgpt", docs_url=None, redoc_url=None, openapi_url=None)
     seq_len = service.engine.model.cfg.seq_len
@@ -387,6 +401,11 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(FeedbackError)  # bad or unknown judgements (400 / 404), a failed write (500)
+    async def feedback_error(request: Request, e: FeedbackError) -> JSONResponse:
+        kind = "server_error" if e.status >= 500 else "invalid_request_error"
+        return await api_error(request, ApiError(e.status, str(e), e.field, kind, "not_found" if e.status == 404 else None))
 
     @app.exception_handler(StarletteHTTPException)  # unknown paths and methods, in the same shape
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -434,11 +453,10 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
         except JaxgptError as e:  # a malformed conversation, characters the tokenizer lacks
             raise ApiError(400, f"{param}: {e}", param) from None
 
-    async def respond(request: Request, ticket: Ticket, kind: str, streaming: bool, include_usage: bool,
+    async def respond(request: Request, ticket: Ticket, rid: str, kind: str, streaming: bool, include_usage: bool,
                       logprobs: LogprobFormat | None):
         """The finished replies as one JSON object, or the stream as server-sent events."""
         stream = ticket.stream
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         head = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": model_id}
         if streaming:
@@ -527,15 +545,20 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
         include_usage = _get(body, "stream_options", "an object", {}).get("include_usage") is True
         top_logprobs = _logprob_request(body, kind)
         scores = LogprobFormat(tokenizer, kind) if top_logprobs is not None else None
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         if kind == "chat":
             messages = _messages(body)
             params = _params(body, defaults, defaults.max_tokens if max_tokens is None else max_tokens,
                              top_logprobs or 0)
             check(params, max_field)
+            store = stored(body)  # {source, replaces} if the request asks to be recorded
             # drop_old_turns=False: a conversation that does not fit is refused, never silently cut;
             # without a max_tokens, the reply gets what the context leaves, at most the run's default
             ticket = submit(lambda: service.chat(messages, params, drop_old_turns=False,
                                                  shrink_max_tokens=max_tokens is None), "messages", received)
+            if feedback is not None and store is not None:  # queued before anyone can know the id
+                feedback.start(rid, messages, model=model_id, sampling=params, n=params.n, **store)
+                ticket.stream.add_done_callback(lambda stream: feedback.finish(rid, stream.replies))
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -556,7 +579,7 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
             params = _params(body, defaults, max_tokens, top_logprobs or 0)
             check(params, max_field)
             ticket = submit(lambda: service.complete(ids, params), "prompt", received)
-        return await respond(request, ticket, kind, streaming, include_usage, scores)  # it closes the ticket
+        return await respond(request, ticket, rid, kind, streaming, include_usage, scores)  # it closes the ticket
 
     def check(params: SamplingParams, max_field: str) -> None:
         if problem := params.problem(service.engine.slots):
@@ -572,6 +595,14 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await generation(request, "completion")
+
+    @app.post("/v1/feedback")  # a judgement of a stored reply; it answers once the write has landed
+    async def post_feedback(request: Request):
+        authorize(request)
+        body = await read_body(request)
+        if feedback is None:
+            raise ApiError(404, "this server records no feedback (serve.feedback=false)", code="feedback_off")
+        return await run_in_threadpool(feedback.judge_request, body)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -655,14 +686,17 @@ def main(argv: list[str] | None = None) -> None:
                                     model_name=cfg.serve.model_name or model_id_of(operands[0]))
         tokenizer = loaded.tokenizer
         engine = Engine(GPT(loaded.cfg.model), loaded.params, tokenizer, slots=serve.slots)
-        with Service(engine, tokenizer, Screen(loaded.cfg.screen)) as service:
+        feedback_db = Path(serve.feedback_db or default_path(operands[0]))
+        with (Feedback(feedback_db) if serve.feedback else contextlib.nullcontext()) as feedback, \
+                Service(engine, tokenizer, Screen(loaded.cfg.screen)) as service:  # (closed before feedback)
             for top_logprobs in (0, 1):  # compile both kinds of step before listening
                 service.complete([tokenizer.eot_id], SamplingParams(max_tokens=2, top_logprobs=top_logprobs)).result()
             app = make_app(service, tokenizer, serve, serve.model_name,
-                           SamplingParams.from_config(loaded.cfg.sample, n=1))
+                           SamplingParams.from_config(loaded.cfg.sample, n=1), feedback)
             print(f"jaxgpt serve: {loaded.where} (step {loaded.step}, context {loaded.cfg.model.seq_len} tokens) "
                   f"as {serve.model_name!r} on http://{serve.host}:{serve.port}/v1"
-                  f"{'' if serve.api_key else ' (no API key)'}", flush=True)
+                  f"{'' if serve.api_key else ' (no API key)'}; feedback: {feedback_db if feedback else 'off'}",
+                  flush=True)
             config = uvicorn.Config(app, host=serve.host, port=serve.port, log_level="info")
             draining_server(app, config, serve.drain_timeout_s).run()
 

@@ -109,16 +109,39 @@ def activate(mesh: Mesh):
         yield
 
 
-def put_batch(batch: dict, mesh: Mesh, local_rows: bool = False) -> dict:
-    """Place a host batch (numpy, the whole global batch on every process) onto the mesh.
+def batch_blocks(mesh: Mesh) -> tuple[list[int], int]:
+    """(blocks, n): cut the global batch into n equal blocks of rows (one per data-parallel shard,
+    data x fsdp); this process's devices hold `blocks` (ascending), the only rows it loads
+    (data.batch_at(step, i, n) for each). jax.make_mesh lays processes out in order, so a process's
+    shards are contiguous and merge into one larger block; a process shares its block with others
+    when the batch is replicated over mesh axes that span processes (tensor across hosts)."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    index = batch_sharding(mesh).addressable_devices_indices_map((n, 1))
+    held = sorted({rows.start or 0 for rows, _ in index.values()})
+    size = len(held)
+    if held == list(range(held[0], held[0] + size)) and held[0] % size == 0 and n % size == 0:
+        return [held[0] // size], n // size
+    return held, n
 
-    local_rows: each process holds only its own block of rows (data.batch_at with process_index),
-    in process order, and the global batch is assembled from them without any copying between hosts."""
+
+def put_batch(batch: dict, mesh: Mesh, local_rows: bool = False) -> dict:
+    """Place a host batch (numpy) onto the mesh: the whole global batch, or with `local_rows` only
+    this process's rows (its `batch_blocks`, concatenated in order). Either way each process copies
+    only what its own devices hold; nothing moves between hosts."""
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     if local_rows:
-        n = jax.process_count()
-        return {k: jax.make_array_from_process_local_data(sharding, v, (n * v.shape[0], *v.shape[1:]))
+        blocks, n = batch_blocks(mesh)
+        return {k: jax.make_array_from_process_local_data(sharding, v, (n * len(v) // len(blocks), *v.shape[1:]))
                 for k, v in batch.items()}
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
+
+
+def to_host(tree):
+    """A pytree of (possibly sharded) arrays as numpy on this host. With several processes every one
+    must call it: the shards other hosts hold are gathered (an all-gather over the mesh)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)  # tiled: each array whole, not stacked

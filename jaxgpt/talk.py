@@ -4,38 +4,59 @@
                                         [screen.blocklist=FILE screen.min_mean_logprob=-4 ...]
 
 At the `you>` prompt: a message, or /reset (a new conversation), /temperature N, /system TEXT,
-/help, /quit. Ctrl-D or Ctrl-C at the prompt ends the session; Ctrl-C during a reply stops that
-reply. The oldest turns are dropped so that the prompt leaves room for the reply
-(sample.max_new_tokens, or half the context if less): a long conversation never overflows it.
+/up and /down (judge the last reply), /help, /quit. With talk.feedback_db=PATH every reply is
+recorded there (jaxgpt.feedback, source "talk") and /up, /down judge it; without it nothing is.
+Ctrl-D or Ctrl-C at the prompt ends the session; Ctrl-C during a reply stops that reply. The
+oldest turns are dropped so that the prompt leaves room for the reply (sample.max_new_tokens, or
+half the context if less): a long conversation never overflows it.
 Replies go through the screen (the `screen` section); a screened reply ends with the refusal, and
 the history keeps what was shown.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import secrets
 import signal
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, TextIO
 
 from jaxgpt import cli, runs
 from jaxgpt.config import Config, SampleConfig
 from jaxgpt.errors import JaxgptError
+from jaxgpt.feedback import Feedback
 from jaxgpt.generate import Engine, SamplingParams
 from jaxgpt.model import GPT
 from jaxgpt.replies import Service
 from jaxgpt.screen import Screen
 
 HELP = ("/reset: a new conversation   /temperature N: sampling temperature (0: greedy)   "
-        "/system TEXT: the system message (and a new conversation)   /quit (or Ctrl-D)")
+        "/system TEXT: the system message (and a new conversation)   /up, /down: judge the last reply   "
+        "/quit (or Ctrl-D)")
 NOTES = {"length": "[cut at the reply's token limit]", "content_filter": "[screened]", "cancelled": "[stopped]"}
 
 
-class Talk:
-    """The conversation and its commands; reads lines from `read`, writes the replies to `out`."""
+@dataclass(frozen=True)
+class TalkConfig:
+    feedback_db: str = ""  # record every reply in this SQLite file (jaxgpt.feedback); /up, /down judge it
 
-    def __init__(self, service: Service, sample: SampleConfig, out: TextIO = sys.stdout):
+
+@dataclass(frozen=True)
+class TalkCommand(Config):
+    talk: TalkConfig = field(default_factory=TalkConfig)
+
+
+class Talk:
+    """The conversation and its commands; reads lines from `read`, writes the replies to `out`;
+    records replies in `feedback` if given."""
+
+    def __init__(self, service: Service, sample: SampleConfig, out: TextIO = sys.stdout,
+                 feedback: Feedback | None = None, model_id: str = "jaxgpt"):
         self.service, self.sample, self.out = service, sample, out
+        self.feedback, self.model_id, self.last_id = feedback, model_id, None
         self.params = SamplingParams.from_config(sample, n=1)
         self.system = sample.system
         self.messages: list[dict] = []
@@ -80,6 +101,16 @@ class Talk:
             self.system = rest.strip()
             self.reset()
             self.say(f"[system message {'set' if self.system else 'cleared'}; a new conversation]\n")
+        elif word in ("/up", "/down"):
+            if self.feedback is None or self.last_id is None:
+                self.say("[nothing to judge: start with talk.feedback_db=PATH]\n" if self.feedback is None
+                         else "[no reply to judge yet]\n")
+            else:
+                try:
+                    self.feedback.judge(self.last_id, rating=word[1:])
+                    self.say(f"[recorded: {word[1:]}]\n")
+                except JaxgptError as e:
+                    self.say(f"[not recorded: {e}]\n")
         elif word.startswith("/"):
             self.say(f"[unknown command {word}] {HELP}\n")
         else:
@@ -109,6 +140,10 @@ class Talk:
         self.say(("\n" + note.strip() if note else "") + "\n")
         self.messages = conversation + [{"role": "assistant", "content": reply.text}]
         self.turns += 1
+        if self.feedback is not None and not reply.error:  # the whole conversation, as typed
+            self.last_id = f"talk-{secrets.token_hex(12)}"
+            self.feedback.record(self.last_id, conversation, [reply], model=self.model_id, source="talk",
+                                 sampling=params)
 
     def say(self, text: str) -> None:
         self.out.write(text)
@@ -121,20 +156,26 @@ def main(argv: list[str] | None = None) -> None:
         # nohup) or blocked (a mask inherited from the thread that started us)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        loaded = runs.load(operands[0], settings)
+        cfg = cli.tool_config(TalkCommand, settings).talk  # every key checked, talk.* included
+        loaded = runs.load(operands[0], [s for s in settings if not s.lstrip("-").startswith("talk.")])
         try:  # line editing and history for input(), where the platform has readline
             importlib.import_module("readline")
         except ImportError:
             pass
         engine = Engine(GPT(loaded.cfg.model), loaded.params, loaded.tokenizer, slots=1)
-        with Service(engine, loaded.tokenizer, Screen(loaded.cfg.screen)) as service:
+        source = Path(operands[0]).absolute()
+        with (Feedback(cfg.feedback_db) if cfg.feedback_db else contextlib.nullcontext()) as feedback, \
+                Service(engine, loaded.tokenizer, Screen(loaded.cfg.screen)) as service:
             service.complete([loaded.tokenizer.eot_id], SamplingParams(max_tokens=2)).result()  # compile first
-            print(f"jaxgpt talk: {loaded.where} (step {loaded.step}, context {loaded.cfg.model.seq_len} tokens)")
-            Talk(service, loaded.cfg.sample).run()
+            print(f"jaxgpt talk: {loaded.where} (step {loaded.step}, context {loaded.cfg.model.seq_len} tokens)"
+                  + (f"; recording in {cfg.feedback_db}" if feedback else ""))
+            Talk(service, loaded.cfg.sample, feedback=feedback,
+                 model_id=source.parent.name if source.name == "export" else source.name).run()
 
     cli.run("python -m jaxgpt.talk", cli.Command(
-        run, usage="RUN_OR_EXPORT [sample.system=TEXT sample.temperature=0.8 screen.blocklist=FILE ...]",
-        root=Config, sections=("sample", "screen", "model")), argv)
+        run, usage="RUN_OR_EXPORT [sample.system=TEXT sample.temperature=0.8 screen.blocklist=FILE "
+                   "talk.feedback_db=PATH ...]",
+        root=TalkCommand, sections=("talk", "sample", "screen", "model")), argv)
 
 
 if __name__ == "__main__":

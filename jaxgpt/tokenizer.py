@@ -1,4 +1,5 @@
-"""Text <-> token ids: one `Tokenizer` over tiktoken (pretrained, byte, trained BPE) or a char table.
+"""Text <-> token ids: one `Tokenizer` over tiktoken (pretrained, byte, trained BPE), a char table or a
+Hugging Face `tokenizers` file (models converted by jaxgpt.convert).
 
     python -m jaxgpt.tokenizer train bpe.input=a.txt,b.txt bpe.vocab_size=4096 bpe.out=DIR [bpe.name=NAME]
     python -m jaxgpt.tokenizer encode encode.tokenizer=gpt2 encode.text="hello" [encode.corpus=FILE.txt]
@@ -10,8 +11,10 @@ import functools
 import gzip
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -123,6 +126,39 @@ def _with_chat_specials(specials: dict[str, int], n_base: int) -> dict[str, int]
     return out
 
 
+@functools.cache
+def byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (HF's bytes_to_unicode) as character -> byte: a byte-level BPE
+    vocabulary writes each byte of a token as one printable character."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def _hf_token_bytes(hf, hf_json: str) -> list[bytes]:
+    """The UTF-8 bytes each id of a HF tokenizer stands for (b"" for its specials), read off the
+    vocabulary: byte-level pieces (GPT-2, Llama 3) through the byte alphabet, else SentencePiece
+    pieces (Llama 2: \u2581 is a space, <0xNN> one byte). A SentencePiece tokenizer adds a space
+    before the first word, which these lengths count (one byte per encoded text)."""
+    spec = json.loads(hf_json)
+    byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))  # alone or inside a Sequence decoder
+    added, chars = {t["id"]: t for t in spec.get("added_tokens", [])}, byte_level_chars()
+    out = []
+    for i in range(hf.get_vocab_size(with_added_tokens=True)):
+        piece = hf.id_to_token(i)
+        if i in added:
+            out.append(b"" if added[i].get("special") else added[i]["content"].encode())
+        elif piece is None:  # an unused id
+            out.append(b"")
+        elif byte_level and all(c in chars for c in piece):
+            out.append(bytes(chars[c] for c in piece))
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            out.append(bytes([int(piece[3:5], 16)]))
+        else:
+            out.append(piece.replace("\u2581", " ").encode())
+    return out
+
+
 # ---- specs ----
 
 class Spec(NamedTuple):
@@ -156,21 +192,31 @@ def parse_spec(spec: str) -> Spec:
 # ---- the tokenizer ----
 
 class Tokenizer:
-    """Text <-> ids. Backed by tiktoken (`ranks` given) or by a sorted character list (`chars` given)."""
+    """Text <-> ids. Backed by tiktoken (`ranks` given), by a sorted character list (`chars` given)
+    or by a Hugging Face `tokenizers` file (`hf_json`, its text: see from_hf)."""
 
     def __init__(self, name: str, *, pattern: str = "", ranks: dict[bytes, int] | None = None,
-                 chars: Sequence[str] | None = None, specials: dict[str, int] | None = None):
-        self.name, self._pattern, self._ranks = name, pattern, ranks
+                 chars: Sequence[str] | None = None, specials: dict[str, int] | None = None,
+                 hf_json: str | None = None):
+        self.name, self._pattern, self._ranks, self.hf_json = name, pattern, ranks, hf_json
         self._lengths: np.ndarray | None = None
-        if ranks is None and chars is None:
+        if ranks is None and chars is None and hf_json is None:
             raise TokenizerError(f"Tokenizer({name!r}) needs ranks or chars; to build a tokenizer by name "
                                  f"use Tokenizer.from_spec({name!r})")
         self._chars = list(chars) if chars is not None else None
-        n_base = max(ranks.values(), default=-1) + 1 if ranks is not None else len(self._chars or ())
+        self._hf = _load_hf(name, hf_json) if hf_json is not None else None
+        n_base = (self._hf.get_vocab_size(with_added_tokens=True) if self._hf is not None else
+                  max(ranks.values(), default=-1) + 1 if ranks is not None else len(self._chars or ()))
         self._specials = _with_chat_specials(specials or {}, n_base)
         self._special_ids = frozenset(self._specials.values())
         self.eot_id, self.bos_id = self._specials["<|endoftext|>"], self._specials["<|bos|>"]
-        if ranks is not None:
+        if self._hf is not None:
+            self.n_vocab = max(n_base, max(self._special_ids) + 1)
+            self._hf_size = n_base
+            # ids past the HF vocabulary are chat specials jaxgpt added: decoded by name
+            self._added_names = {i: t for t, i in self._specials.items() if i >= n_base}
+            self._hf_bytes = _hf_token_bytes(self._hf, hf_json) + [b""] * (self.n_vocab - n_base)
+        elif ranks is not None:
             if len(set(ranks.values())) != len(ranks):  # tiktoken would panic, which no except catches
                 raise TokenizerError(f"'{name}': the ranks file gives two tokens the same rank")
             self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
@@ -191,9 +237,13 @@ class Tokenizer:
 
     # -- encoding and decoding --
     def encode(self, text: str) -> list[int]:
+        if self._hf is not None:
+            return self._hf.encode(text, add_special_tokens=False).ids
         return self._enc.encode_ordinary(text) if self._ranks is not None else self.encode_np(text).tolist()
 
     def encode_np(self, text: str) -> np.ndarray:
+        if self._hf is not None:
+            return np.asarray(self.encode(text), np.uint32)
         if self._ranks is not None:  # disallowed_special=() encodes special-token strings as plain text
             return self._enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
@@ -205,6 +255,8 @@ class Tokenizer:
         return ids.astype(np.uint32)
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        if self._hf is not None:  # threads: the tokenizers library's own (RAYON_NUM_THREADS)
+            return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
         if self._ranks is not None:
             return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
         return [self.encode(t) for t in texts]
@@ -214,6 +266,10 @@ class Tokenizer:
         if (bad := np.flatnonzero((arr < 0) | (arr >= self.n_vocab))).size:
             raise TokenizerError(f"token id {int(arr[bad[0]])} is outside the vocabulary of '{self.name}' "
                                  f"(ids 0..{self.n_vocab - 1}, n_vocab={self.n_vocab})")
+        if self._hf is not None:  # runs of HF ids through HF's decoder, the ids jaxgpt added by name
+            return "".join(self._hf.decode(list(run), skip_special_tokens=False) if inside else
+                           "".join(self._added_names.get(i, "") for i in run)
+                           for inside, run in itertools.groupby(arr.tolist(), lambda i: i < self._hf_size))
         if self._ranks is None:
             return "".join(map(self._pieces.__getitem__, arr.tolist()))
         try:
@@ -225,6 +281,8 @@ class Tokenizer:
         """The UTF-8 bytes of ids, special tokens left out: a token may end inside a character,
         which is why streamed text is decoded from bytes (see replies.TextStream)."""
         ids = [int(i) for i in ids if not self.is_special(i)]
+        if self._hf is not None:
+            return b"".join(map(self._hf_bytes.__getitem__, ids))
         if self._ranks is None:
             return self.decode(ids).encode("utf-8")
         return self._enc.decode_bytes(ids)
@@ -233,7 +291,10 @@ class Tokenizer:
         """UTF-8 bytes of text each id stands for (0 for special tokens), for bits per byte."""
         if self._lengths is None:
             lengths = np.zeros(self.n_vocab, np.int64)
-            if self._ranks is None:
+            if self._hf is not None:
+                lengths[:] = [len(b) for b in self._hf_bytes]
+                lengths[list(self._special_ids)] = 0
+            elif self._ranks is None:
                 lengths[:len(self._chars)] = [len(c.encode("utf-8")) for c in self._chars]
             else:
                 for token, rank in self._ranks.items():
@@ -254,6 +315,8 @@ class Tokenizer:
     # -- identity and persistence --
     def _definition(self) -> dict:
         """Everything that fixes the ids except the ranks themselves (and the name, which doesn't)."""
+        if self._hf is not None:
+            return {"kind": "hf", "special_tokens": self._specials}
         if self._ranks is None:
             return {"kind": "char", "chars": "".join(self._chars), "special_tokens": self._specials}
         return {"kind": "tiktoken", "pattern": self._pattern, "special_tokens": self._specials}
@@ -267,13 +330,19 @@ class Tokenizer:
         h = hashlib.sha256(json.dumps(self._definition(), sort_keys=True, ensure_ascii=True).encode())
         if self._ranks is not None:
             h.update(self._ranks_bytes())
+        if self._hf is not None:
+            h.update(self.hf_json.encode("utf-8"))
         return h.hexdigest()
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write tokenizer.json (+ tokenizer.tiktoken) into `directory`; returns the json's path."""
+        """Write tokenizer.json (+ tokenizer.tiktoken, or the HF file as hf_tokenizer.json) into
+        `directory`; returns the json's path."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "name": self.name, **self._definition(), "fingerprint": self.fingerprint}
+        if self._hf is not None:
+            files.atomic_write(directory / "hf_tokenizer.json", self.hf_json)
+            meta["hf_file"] = "hf_tokenizer.json"
         if self._ranks is not None:
             files.atomic_write(directory / "tokenizer.tiktoken", self._ranks_bytes())
             meta["ranks_file"] = "tokenizer.tiktoken"
@@ -289,6 +358,9 @@ class Tokenizer:
                 raise TokenizerError(f"{path} is not a jaxgpt tokenizer (format {meta.get('format')!r})")
             if meta["kind"] == "char":
                 tok = cls(meta["name"], chars=meta["chars"], specials=meta["special_tokens"])
+            elif meta["kind"] == "hf":
+                tok = cls(meta["name"], hf_json=(path.parent / meta["hf_file"]).read_text(encoding="utf-8"),
+                          specials=meta["special_tokens"])
             else:
                 ranks = _parse_ranks((path.parent / meta["ranks_file"]).read_bytes())
                 tok = cls(meta["name"], pattern=meta["pattern"], ranks=ranks,
@@ -331,6 +403,22 @@ class Tokenizer:
                    specials=official.get("special_tokens", {}))
 
     @classmethod
+    def from_hf(cls, hf_json: str, name: str, eos_id: int | None = None, bos_id: int | None = None) -> Tokenizer:
+        """A Hugging Face `tokenizers` file (its JSON text), encoding as HF does without
+        add_special_tokens. Its special added tokens stay special; <|endoftext|> and <|bos|> are the
+        model's own eos and bos ids where it has them, each other chat special the added token of
+        the same name where there is one; the rest get new ids after the vocabulary."""
+        try:
+            added = [t for t in json.loads(hf_json).get("added_tokens", []) if t.get("special")]
+        except ValueError as e:
+            raise TokenizerError(f"'{name}': not a tokenizers JSON file ({e})") from None
+        specials = {t["content"]: t["id"] for t in added}
+        for ours, theirs in (("<|endoftext|>", eos_id), ("<|bos|>", bos_id)):
+            if theirs is not None:
+                specials.setdefault(ours, theirs)
+        return cls(name, hf_json=hf_json, specials=specials)
+
+    @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, name: str | None = None) -> Tokenizer:
         """Byte-level BPE trained by rustbpe on GPT-4's split pattern; vocab_size counts bytes and specials."""
         import rustbpe  # only training needs it
@@ -346,6 +434,20 @@ class Tokenizer:
             warnings.warn(f"the corpus only supports {len(ranks)} merged tokens; n_vocab is "
                           f"{len(ranks) + len(SPECIAL_TOKENS)} instead of {vocab_size}", stacklevel=2)
         return cls(name or f"bpe:{vocab_size}", pattern=gpt4_pattern(), ranks=ranks)
+
+
+def _load_hf(name: str, hf_json: str):
+    try:
+        import tokenizers
+    except ImportError:
+        raise TokenizerError(f"'{name}' is a Hugging Face tokenizer: pip install 'jaxgpt[hf]' "
+                             f"(the tokenizers package)") from None
+    try:
+        hf = tokenizers.Tokenizer.from_str(hf_json)
+    except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions on a bad file
+        raise TokenizerError(f"'{name}': not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+    hf.encode_special_tokens = True  # special-token text in the input is text, as with tiktoken here
+    return hf
 
 
 @functools.cache

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,10 +20,12 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import tqdm
 
-from jaxgpt import checkpoint, cli, data, evaluate, export, files, hardware, memory, optim, runs, sample, sharding
+from jaxgpt import checkpoint, cli, data, evaluate, export, files, hardware, launch, memory, optim, runs, sample
+from jaxgpt import preference, sharding
 from jaxgpt import config as config_lib
 from jaxgpt.errors import JaxgptError
 from jaxgpt.model import GPT
@@ -42,18 +45,27 @@ class NonFiniteLoss(JaxgptError):
     pass
 
 
-def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_accum: int):
-    """train_step(state, batch) -> (state, metrics), pure and ready for jit."""
+STEP_METRICS = ("loss", "grad_norm", "tokens", "skipped", "nonfinite_run")  # a step's own; the loss's sums besides
 
-    def micro_grads(params, micro_batch, rng):
-        (loss_sum, count), grads = jax.value_and_grad(model.loss, has_aux=True)(params, micro_batch, rng)
-        return loss_sum, count, grads
 
-    def train_step(state: TrainState, batch: dict):
+def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_accum: int, loss_fn=None):
+    """train_step(state, batch, *frozen) -> (state, metrics), pure and ready for jit.
+
+    loss_fn(params, batch, dropout_rng, *frozen) -> (loss sum, count), or (loss sum, (count, {name:
+    sum})) whose sums become metrics divided by the count like the loss (default: model.loss; DPO's
+    in preference.py). `frozen`: arrays the loss reads beside the state (DPO's reference params)."""
+    loss_fn = loss_fn or model.loss
+
+    def micro_grads(params, micro_batch, rng, frozen):
+        (loss_sum, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch, rng, *frozen)
+        count, sums = aux if isinstance(aux, tuple) else (aux, {})
+        return loss_sum, count, sums, grads
+
+    def train_step(state: TrainState, batch: dict, *frozen):
         rng, step_rng = jax.random.split(state.rng)
         dropout_rng = step_rng if model.cfg.dropout > 0 else None
         if grad_accum == 1:
-            loss_sum, count, grads = micro_grads(state.params, batch, dropout_rng)
+            loss_sum, count, sums, grads = micro_grads(state.params, batch, dropout_rng, frozen)
         else:
             # micro-batch i is rows i, i + grad_accum, ...: every device holds its share of each one
             # (contiguous blocks would put micro-batch i on a few devices: 12 collective-permutes per
@@ -63,11 +75,12 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_ac
             def body(carry, xs):
                 micro_batch, i = xs
                 r = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-                out = micro_grads(state.params, micro_batch, r)
+                out = micro_grads(state.params, micro_batch, r, frozen)
                 return jax.tree.map(jnp.add, carry, out), None
 
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-            (loss_sum, count, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum)))
+            shapes = jax.eval_shape(micro_grads, state.params, jax.tree.map(lambda x: x[0], micro), dropout_rng, frozen)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (loss_sum, count, sums, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum)))
         # Sums over micro-batches divided once by the global count: exact for any masking.
         denom = jnp.maximum(count, 1.0)
         loss = loss_sum / denom
@@ -87,7 +100,8 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_ac
                                step=state.step + 1, rng=rng,
                                nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
-                   "skipped": (~finite).astype(jnp.int32), "nonfinite_run": new_state.nonfinite_run}
+                   "skipped": (~finite).astype(jnp.int32), "nonfinite_run": new_state.nonfinite_run,
+                   **{name: total / denom for name, total in sums.items()}}
         return new_state, metrics
 
     return train_step
@@ -105,7 +119,12 @@ def open_run_batches(cfg: config_lib.Config):
     """(config with the vocabulary resolved, batch source): the data of a run, checked before any
     other work starts. Fine-tuning (train.init_from) uses the source model's tokenizer."""
     tokenizer = runs.tokenizer(cfg.train.init_from) if cfg.train.init_from else None
+    # process 0 first: it may tokenize data.path into the (shared) cache the others then only read
+    if jax.process_index() != 0:
+        launch.barrier("data")
     batches = data.open_batches(cfg, tokenizer)
+    if jax.process_index() == 0:
+        launch.barrier("data")
     return with_vocab(cfg, batches.tokenizer), batches
 
 
@@ -124,13 +143,19 @@ class Trainer:
         self.optimizer = optim.build(cfg.optim, cfg.train.steps, abstract_params, self.model.logical_axes)
         self.params_sharding = sharding.logical_to_mesh(self.model.logical_axes, abstract_params, self.mesh)
         self.state_sharding = self._state_sharding(abstract_params)
+        # data.preferences: the step minimizes the DPO loss, which may read the reference params beside the state
+        self.dpo = preference.DPO(cfg, self.model) if cfg.data.preferences else None
+        frozen_shardings = (self.params_sharding,) if self.dpo and self.dpo.in_step else ()
         with sharding.activate(self.mesh):
             self._fresh_state_jit = jax.jit(self._fresh_state, out_shardings=self.state_sharding)
-            self.train_step = jax.jit(make_train_step(self.model, self.optimizer, cfg.optim.grad_accum),
-                                      in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh)),
+            self.train_step = jax.jit(make_train_step(self.model, self.optimizer, cfg.optim.grad_accum,
+                                                      self.dpo.loss if self.dpo else None),
+                                      in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh),
+                                                    *frozen_shardings),
                                       out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
                                       donate_argnums=0)
             self.eval_step = evaluate.make_eval_step(self.model, self.mesh, self.params_sharding)
+        self.frozen = self.dpo.attach(self) if self.dpo and batches is not None else ()  # the step's extra arrays
 
     def _fresh_state(self, seed):
         """Step 0 of a run from scratch: params drawn from the seed, a new optimizer state."""
@@ -165,23 +190,34 @@ class Trainer:
             return self._fresh_state_jit(self.cfg.train.seed)
 
     def state_around(self, params) -> TrainState:
-        """Step 0 around given params (fine-tuning): a fresh optimizer state and rng."""
-        opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_sharding.opt_state)(params)
-        return self.init_state().replace(params=params, opt_state=opt_state)
+        """Step 0 around given params (fine-tuning): a fresh optimizer state and the rng init_state
+        would give, computed alone (compiling the whole init, its random draws, costs more than a
+        train step: 9 s for a 2-layer model on the 2-core CPU)."""
+        s = self.state_sharding
+        opt_state = jax.jit(self.optimizer.init, out_shardings=s.opt_state)(params)
+        step, rng, run = jax.jit(lambda seed: (jnp.zeros((), jnp.int32), jax.random.split(jax.random.key(seed))[1],
+                                               jnp.zeros((), jnp.int32)),
+                                 out_shardings=(s.step, s.rng, s.nonfinite_run))(self.cfg.train.seed)
+        return TrainState(params, opt_state, step, rng, run)
 
     def batch(self, step: int) -> dict:
-        """The global batch of a step on the mesh (each process draws only its own rows)."""
-        rows = self.batches.batch_at(step, jax.process_index(), jax.process_count())
+        """The global batch of a step on the mesh (each process draws only the rows its devices hold)."""
+        blocks, n = sharding.batch_blocks(self.mesh)
+        parts = [self.batches.batch_at(step, i, n) for i in blocks]
+        rows = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return sharding.put_batch(rows, self.mesh, local_rows=True)
 
     def evaluate(self, params, split: str = "val") -> dict:
-        """Exact loss and bits per byte on held-out data (for SFT: assistant tokens only)."""
+        """Exact loss and bits per byte on held-out data (for SFT: assistant tokens only; for DPO the
+        held-out pairs' loss, margin and accuracy, and the held-out chats' bits per byte)."""
+        if self.dpo:
+            return self.dpo.evaluate(self, params, split)
         return evaluate.evaluate_source(self.batches, self.cfg, self.eval_step, params, self.mesh, split,
                                         self.cfg.train.eval_max_tokens)
 
     def step(self, state: TrainState, batch: dict):
         with sharding.activate(self.mesh):
-            return self.train_step(state, batch)
+            return self.train_step(state, batch, *self.frozen)
 
     def abstract_state(self) -> TrainState:
         """The state's shapes and dtypes, computing nothing (checkpoint restore targets)."""
@@ -253,32 +289,38 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
     try:
         trainer = Trainer(cfg, devices, batches)
         memory.check(cfg, list(trainer.mesh.devices.flat))  # refuse what will not fit before compiling it
-        out_dir.mkdir(parents=True, exist_ok=True)
-        files.atomic_write(out_dir / "config.json", cfg.to_json())
-        trainer.tokenizer.save(out_dir)  # for exports made from checkpoints
+        lead = jax.process_index() == 0  # one process writes the run's files, metrics, progress and export
+        if lead:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            files.atomic_write(out_dir / "config.json", cfg.to_json())
+            trainer.tokenizer.save(out_dir)  # for exports made from checkpoints
         state = checkpointer.restore(trainer)
         if state is None and cfg.train.init_from:  # fine-tuning: another run's params, a fresh optimizer
             params, where, _ = runs.params(cfg.train.init_from, cfg, trainer.params_sharding)
-            print(f"params from {where}; fresh optimizer state, step 0", file=sys.stderr)
+            if lead:
+                print(f"params from {where}; fresh optimizer state, step 0", file=sys.stderr)
             state = trainer.state_around(params)
         state = state or trainer.init_state()
     except BaseException:
         checkpointer.close()
         raise
     start = done = int(state.step)
-    truncate_metrics(out_dir / "metrics.jsonl", start)  # rows past the restored step are redone
+    if lead:
+        truncate_metrics(out_dir / "metrics.jsonl", start)  # rows past the restored step are redone
     n_params = trainer.model.num_params(state.params)
     flops_per_token = trainer.model.flops_per_token(state.params)
     peak, _ = hardware.peak_flops()
     tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
-    print(f"model: {cfg.model.preset}, {n_params / 1e6:.2f}M params; mesh {dict(trainer.mesh.shape)}; "
-          f"{tokens_per_step} tokens/step", file=sys.stderr)
+    if lead:
+        print(f"model: {cfg.model.preset}, {n_params / 1e6:.2f}M params; mesh {dict(trainer.mesh.shape)}"
+              f"{f' over {jax.process_count()} processes' if jax.process_count() > 1 else ''}; "
+              f"{tokens_per_step} tokens/step", file=sys.stderr)
 
-    log = MetricsLog(out_dir)
+    log = MetricsLog(out_dir) if lead else None
     batches = data.Prefetcher(trainer.batch, start, cfg.train.steps, cfg.data.prefetch)
-    progress = _progress(cfg, start)
+    progress = _progress(cfg, start, enabled=lead)
     pending, last, t_log, steps_since = [], {}, time.perf_counter(), 0
-    stop = checkpoint.StopSignals()
+    stop, stopping = checkpoint.StopSignals(), 0
     try:
         for step, batch in batches:
             state, metrics = trainer.step(state, batch)
@@ -296,23 +338,32 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
                         "lr": float(optim.schedule(cfg.optim, cfg.train.steps)(step)),
                         "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tps,
                         "mfu": tps * flops_per_token / (peak * len(trainer.mesh.devices.flat)),
-                        "skipped": int(sum(m["skipped"] for m in fetched))}
-                if last["skipped"]:
+                        "skipped": int(sum(m["skipped"] for m in fetched)),
+                        **{k: float(v) for k, v in fetched[-1].items() if k not in STEP_METRICS}}  # DPO's margin...
+                if last["skipped"] and lead:
                     print(f"step {done}: {last['skipped']} update(s) skipped for a non-finite loss", file=sys.stderr)
                 if is_eval:
                     result = trainer.evaluate(state.params)
-                    last.update(val_loss=result["loss"], val_bpb=result.get("bits_per_byte"))
-                log.write(last)
+                    last.update(val_loss=result["loss"], val_bpb=result.get("bits_per_byte"),
+                                **{f"val_{k}": v for k, v in result.items() if k in preference.EVAL_METRICS})
+                if log:
+                    log.write(last)
                 progress.update(n_steps)
                 progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tps:.0f}",
                                      mfu=f"{100 * last['mfu']:.1f}%",
-                                     **({"val": f"{last['val_loss']:.4f}"} if is_eval else {}))
+                                     **({"margin": f"{last['margin']:.3f}"} if "margin" in last else {}),
+                                     **({"val": f"{last['val_loss']:.4f}"} if is_eval else {}),
+                                     **({"val_acc": f"{last['val_accuracy']:.3f}"} if "val_accuracy" in last else {}))
                 if int(fetched[-1]["nonfinite_run"]) >= cfg.train.max_nonfinite:
                     raise NonFiniteLoss(f"step {done}: {int(fetched[-1]['nonfinite_run'])} non-finite losses or gradients in a "
                                         f"row (train.max_nonfinite={cfg.train.max_nonfinite}); lower optim.lr or "
                                         f"check the data")
             checkpointer.maybe_save(done, state, last if last.get("step") == done else {})
-            if stop.signum:
+            # every process must stop after the same step (the save is collective): with several
+            # they agree at the logged steps, where they wait for each other anyway
+            stopping = stop.signum if jax.process_count() == 1 else \
+                launch.largest(stop.signum) if done % cfg.train.log_every == 0 or is_eval else 0
+            if stopping:
                 break
         # the end of the run, or a signal: save (a non-finite state is never saved), and wait for the disk
         saved = checkpointer.save(done, state, last if last.get("step") == done else {}, wait=True)
@@ -323,13 +374,16 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
     finally:
         stop.restore()
         progress.close()
-        log.close()
+        if log:
+            log.close()
     checkpointer.close()
-    if stop.signum:
+    if stopping:
         where = f"saved step {done}" if saved or done == start else "no checkpoint saved (non-finite state)"
-        raise checkpoint.Interrupted(f"stopped by {stop.name} after step {done}; {where} "
-                                     f"in {out_dir / 'checkpoints'}; rerun the same command to resume", stop.signum)
-    params = jax.device_get(state.params)  # once, for the export and the samples
+        raise checkpoint.Interrupted(f"stopped by {signal.Signals(stopping).name} after step {done}; {where} "
+                                     f"in {out_dir / 'checkpoints'}; rerun the same command to resume", stopping)
+    params = sharding.to_host(state.params)  # once, for the export and the samples (every process gathers)
+    if not lead:
+        return last
     export.export(out_dir / "export", cfg, params, trainer.tokenizer)
     if cfg.train.samples:
         for text in sample.sample_texts(trainer.model, params, trainer.tokenizer,
@@ -338,19 +392,26 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
     return last
 
 
-def _progress(cfg, start):
-    return tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress, unit="step",
+def _progress(cfg, start, enabled=True):
+    return tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.train.progress and enabled), unit="step",
                      dynamic_ncols=True, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
     def run(operands, settings):
+        cfg = train_config(operands[0], settings)
+        joined = launch.initialize(cfg.distributed)  # several processes: join the others before jax starts a backend
         try:
-            last = train(train_config(operands[0], settings))
-        except checkpoint.Interrupted as e:
+            last = train(cfg)
+        except checkpoint.Interrupted as e:  # every process stopped after the same step
             print(f"train: {e}", file=sys.stderr)
             sys.exit(128 + e.signum)  # the shell's convention for death by a signal
-        print(json.dumps(last))
+        except BaseException as e:
+            if joined:
+                launch.exit_now(e)
+            raise
+        if jax.process_index() == 0:
+            print(json.dumps(last))
 
     cli.run("python -m jaxgpt.train", cli.Command(run, usage="CONFIG.py [key=value ...]", root=config_lib.Config),
             argv)

@@ -1,6 +1,7 @@
 """The chat page (jaxgpt/static/chat.html) in a real browser: headless Chromium driven by playwright,
 against a real uvicorn server over a tiny model trained here to answer "hi" with an XSS payload, so
 that what the page must show as text comes from the model itself (nothing mocked)."""
+import json
 import os
 import shutil
 import time
@@ -22,7 +23,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jaxgpt import chat, optim  # noqa: E402
+from jaxgpt import feedback  # noqa: E402
 from jaxgpt.config import ModelConfig, OptimConfig, ScreenConfig  # noqa: E402
+from jaxgpt.feedback import Feedback  # noqa: E402
 from jaxgpt.generate import Engine, SamplingParams  # noqa: E402
 from jaxgpt.model import GPT  # noqa: E402
 from jaxgpt.replies import Service  # noqa: E402
@@ -78,8 +81,19 @@ def service(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(service, tiny):
-    with serving(make_app(service, tiny[2], ServeConfig(slots=2, api_key=KEY), "tiny")) as url:
+def feedback_db(tmp_path_factory):
+    return tmp_path_factory.mktemp("feedback") / "feedback.db"
+
+
+@pytest.fixture(scope="module")
+def recorder(feedback_db):
+    with Feedback(feedback_db) as fb:
+        yield fb
+
+
+@pytest.fixture(scope="module")
+def url(service, tiny, recorder):
+    with serving(make_app(service, tiny[2], ServeConfig(slots=2, api_key=KEY), "tiny", feedback=recorder)) as url:
         yield url
 
 
@@ -151,7 +165,7 @@ def test_a_reply_streams_in_as_the_service_writes_it(page, service, monkeypatch)
     finished(page)
     expected = direct(service, LESSON[:1], temperature=1.0, seed=1234, max_tokens=40)
     assert request.post_data_json == {"messages": LESSON[:1], "stream": True, "temperature": 1,
-                                      "seed": 1234, "max_tokens": 40}
+                                      "seed": 1234, "max_tokens": 40, "store": True, "metadata": {"source": "page"}}
     assert request.all_headers()["authorization"] == f"Bearer {KEY}"
     assert bubbles(page, "user").all_text_contents() == ["hi"]
     assert bubbles(page).all_text_contents() == [expected.text] and len(expected.text) > 10
@@ -277,3 +291,78 @@ def test_notes_and_errors_keep_the_conversation(page, service, monkeypatch):
     out.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(out / "chat_page.png"), full_page=True)
     assert (out / "chat_page.png").stat().st_size > 0
+
+
+def rows(db, sql, *args):
+    import sqlite3
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def test_regenerate_then_this_one_is_better_is_a_pair_in_the_export(page, service, recorder, feedback_db, tmp_path):
+    settings(page, temperature=0, max_tokens=5)
+    first = say(page, "hi").post_data_json
+    finished(page)
+    assert first["store"] is True and first["metadata"] == {"source": "page"}
+    settings(page, max_tokens=12)
+    with page.expect_request(is_chat) as request:
+        page.click("#regenerate")
+    finished(page)
+    again = request.value.post_data_json
+    assert again["messages"] == first["messages"] == LESSON[:1]
+    recorder.flush()  # the two replies of this turn: the newest rows (the database is the module's)
+    (second_id, replaces), (first_id, _) = rows(feedback_db, "SELECT id, replaces FROM replies ORDER BY rowid DESC "
+                                                             "LIMIT 2")
+    assert again["metadata"] == {"source": "page", "replaces": first_id} and replaces == first_id
+    assert rows(feedback_db, "SELECT reply, source FROM replies WHERE id IN (?, ?) ORDER BY rowid", first_id,
+                second_id) == [(PAYLOAD[:5], "page"), (PAYLOAD[:12], "page")]
+    # both replies of the turn in view: the earlier one set apart, the new one the conversation's
+    assert page.locator("#log .msg.replaced").all_text_contents() == [PAYLOAD[:5]]
+    assert bubbles(page).all_text_contents() == [PAYLOAD[:12]]
+    expect(page.locator("#log .actions .better")).to_have_count(2)
+
+    with page.expect_response(lambda r: r.url.endswith("/v1/feedback")) as response:
+        page.locator("#log .actions").nth(0).locator(".better").click()  # the first, shorter reply is better
+    assert response.value.status == 200
+    expect(page.locator("#log .actions").nth(0).locator(".better")).to_have_attribute("aria-pressed", "true")
+    assert bubbles(page).all_text_contents() == [PAYLOAD[:5]]  # it is the turn's reply now
+    assert page.locator("#log .msg.replaced").all_text_contents() == [PAYLOAD[:12]]
+    assert rows(feedback_db, "SELECT completion_id, kind, other_id FROM judgements") == [
+        (first_id, "better", second_id)]
+
+    # thumbs up on it, and an edit: the saved text is the reply the next turn sends back
+    page.locator("#log .actions").nth(0).locator(".up").click()
+    expect(page.locator("#log .actions").nth(0).locator(".up")).to_have_attribute("aria-pressed", "true")
+    page.locator("#log .actions").nth(0).locator(".edit").click()
+    page.fill("#log .editing textarea", "hello there")
+    with page.expect_response(lambda r: r.url.endswith("/v1/feedback")):
+        page.click("#log .editing .save")
+    expect(page.locator("#log .editing")).to_have_count(0)
+    assert bubbles(page).all_text_contents() == ["hello there"]
+    assert bubbles(page).get_attribute("data-note") == "edited"
+    settings(page, max_tokens=3)
+    sent = say(page, "ok").post_data_json["messages"]
+    finished(page)
+    assert sent == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+                    {"role": "user", "content": "ok"}]
+    expect(page.locator("#log .actions .better")).to_have_count(0)  # a new turn: that choice is made
+    assert page.locator("#error").text_content() == ""
+
+    recorder.flush()
+    counts = feedback.export(feedback_db, tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl")
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert pairs[0] == {"messages": LESSON[:1], "chosen": PAYLOAD[:5], "rejected": PAYLOAD[:12]}
+    assert {"messages": LESSON[:1], "chosen": "hello there", "rejected": PAYLOAD[:5]} in pairs
+    sft = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert {"id": first_id, "messages": [*LESSON[:1], {"role": "assistant", "content": "hello there"}]} in sft
+    assert counts["pairs"] == len(pairs)
+
+
+def test_with_saving_off_nothing_is_recorded_and_no_judging_is_offered(page, feedback_db):
+    page.uncheck("#store")
+    settings(page, temperature=0, max_tokens=4)
+    request = say(page, "hi").post_data_json
+    finished(page)
+    assert "store" not in request and "metadata" not in request
+    assert page.locator("#log .actions").count() == 0
+    assert rows(feedback_db, "SELECT count(*) FROM replies WHERE reply = ?", PAYLOAD[:4]) == [(0,)]

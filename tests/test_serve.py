@@ -244,16 +244,23 @@ def test_the_command_line_serves_a_trained_run(tiny_run, run_env):
         auth = {"Authorization": f"Bearer {KEY}"}  # the key came from JAXGPT_API_KEY
         assert httpx.get(f"{base}/v1/models").status_code == 401
         request = {"model": "tiny", "messages": [{"role": "user", "content": "Good night"}], "max_tokens": 5}
-        first, second = (httpx.post(f"{base}/v1/chat/completions", json=request, headers=auth, timeout=60).json()
-                         for _ in range(2))
+        first, second = (httpx.post(f"{base}/v1/chat/completions", json={**request, **extra}, headers=auth,
+                                    timeout=60).json() for extra in ({}, {"store": True}))
         assert first["model"] == "tiny" and first["usage"]["completion_tokens"] <= 5
         assert first["choices"] == second["choices"]  # sample.temperature=0 from the command line: greedy
+        judged = httpx.post(f"{base}/v1/feedback", json={"completion_id": second["id"], "rating": "up"}, headers=auth)
+        assert judged.status_code == 200, judged.text
         child.terminate()  # SIGTERM: nothing in flight, so it drains at once and exits cleanly
         assert child.wait(30) == 0
         assert "SIGTERM: draining 0 requests in flight" in child.stdout.read()
     finally:
         child.kill()
         child.wait(30)
+    import sqlite3  # serve.feedback is on by default: the stored one is in RUN/feedback.db, the other not
+    with sqlite3.connect(run_dir / "feedback.db") as conn:
+        assert conn.execute("SELECT id, reply FROM replies").fetchall() == [
+            (second["id"], second["choices"][0]["message"]["content"])]
+        assert conn.execute("SELECT completion_id, kind FROM judgements").fetchall() == [(second["id"], "up")]
 
 
 def test_the_chat_page_is_served_without_a_key(url):
@@ -546,3 +553,100 @@ def test_a_killed_streaming_client_frees_its_slot(url, service, monkeypatch, run
     finally:
         child.kill()
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+# ---- feedback: stored completions (OpenAI's `store`) and POST /v1/feedback ----
+
+@pytest.fixture(scope="module")
+def stored(service, tiny, tmp_path_factory):
+    """(base URL, database path, Feedback) of a server that records (serve.feedback=true)."""
+    from jaxgpt.feedback import Feedback
+    db = tmp_path_factory.mktemp("feedback") / "feedback.db"
+    with Feedback(db) as fb, serving(make_app(service, tiny[2], ServeConfig(slots=2, api_key=KEY), "tiny",
+                                              feedback=fb)) as url:
+        yield url, db, fb
+
+
+def stored_rows(db, *ids, timeout=10.0):
+    """The replies rows of these completion ids, once each has its reply (finish() is queued from the
+    engine's thread as the reply ends, so it may land just after the response)."""
+    import sqlite3
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(db) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = [dict(r) for r in conn.execute(
+                f"SELECT * FROM replies WHERE id IN ({','.join('?' * len(ids))}) ORDER BY rowid", ids)]
+        if (len(rows) >= len(ids) and all(r["reply"] is not None for r in rows)) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.02)
+
+
+def test_a_stored_chat_completion_is_recorded_and_one_without_store_is_not(stored):
+    url, db, fb = stored
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as api:
+        plain = api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 6, "seed": 5,
+                                                       "store": True}).json()
+        with api.stream("POST", "/v1/chat/completions", json={
+                "messages": MESSAGES, "max_tokens": 6, "seed": 6, "stream": True, "store": True,
+                "metadata": {"source": "page", "replaces": plain["id"]}}) as r:
+            chunks = events(r)[:-1]
+        streamed_id = chunks[0]["id"]
+        assert {c["id"] for c in chunks} == {streamed_id}  # every chunk carries the completion id
+        others = [api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3, **extra}).json()["id"]
+                  for extra in ({}, {"store": False}, {"metadata": {"source": "page"}})]
+        bad = api.post("/v1/chat/completions", json={"messages": MESSAGES, "store": "yes"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "store"
+    first, second = stored_rows(db, plain["id"], streamed_id)
+    assert first["source"] == "api" and first["model"] == "tiny" and first["replaces"] is None
+    assert json.loads(first["messages"]) == MESSAGES and first["reply"] == plain["choices"][0]["message"]["content"]
+    assert first["finish_reason"] == plain["choices"][0]["finish_reason"] and first["choice"] == 0
+    assert json.loads(first["sampling"])["seed"] == 5 and json.loads(first["sampling"])["max_tokens"] == 6
+    assert first["screened"] is None and first["flagged"] == 0
+    assert second["source"] == "page" and second["replaces"] == plain["id"]
+    assert second["reply"] == "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    fb.flush()
+    assert stored_rows(db, *others, timeout=0) == []  # without store: true nothing is kept
+
+
+def test_feedback_on_a_stored_reply_and_its_errors(stored, url, tmp_path):
+    from jaxgpt import feedback
+    base, db, _ = stored
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as api:
+        # replies with different texts to one context: temperature 1, seeds apart, lengths apart
+        ids, texts = [], []
+        for seed, max_tokens in ((11, 4), (12, 7)):
+            body = api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": max_tokens,
+                                                          "seed": seed, "temperature": 1.0, "store": True}).json()
+            ids.append(body["id"])
+            texts.append(body["choices"][0]["message"]["content"])
+        assert texts[0] != texts[1]
+        judged = [api.post("/v1/feedback", json=body) for body in (
+            {"completion_id": ids[0], "rating": "up"},           # at once: queued behind its record
+            {"completion_id": ids[1], "better_than": ids[0]},
+            {"completion_id": ids[0], "edit": "well, hello"})]
+        assert [r.status_code for r in judged] == [200, 200, 200], [r.text for r in judged]
+        assert [r.json()["kind"] for r in judged] == ["up", "better", "edit"]
+        assert len({r.json()["id"] for r in judged}) == 3 and all(isinstance(r.json()["id"], int) for r in judged)
+        for body, status, param in (({"completion_id": "chatcmpl-nope", "rating": "up"}, 404, "completion_id"),
+                                    ({"completion_id": ids[0], "better_than": "chatcmpl-nope"}, 404, "better_than"),
+                                    ({"completion_id": ids[0], "rating": "sideways"}, 400, "rating"),
+                                    ({"completion_id": ids[0], "edit": ""}, 400, "edit"),
+                                    ({"completion_id": ids[0], "rating": "up", "edit": "x"}, 400, "edit"),
+                                    ({"rating": "up"}, 400, "completion_id")):
+            r = api.post("/v1/feedback", json=body)
+            error = r.json()["error"]
+            assert (r.status_code, error["param"]) == (status, param), r.text
+            assert error["message"].startswith(f"{param}: ") and error["type"] == "invalid_request_error"
+            assert error["code"] == ("not_found" if status == 404 else None)
+        assert api.post("/v1/feedback", content=b"{").status_code == 400
+    assert httpx.post(f"{base}/v1/feedback", json={"completion_id": ids[0], "rating": "up"}).status_code == 401
+    off = httpx.post(f"{url}/v1/feedback", json={"completion_id": ids[0], "rating": "up"},
+                     headers={"Authorization": f"Bearer {KEY}"})  # a server with serve.feedback=false
+    assert off.status_code == 404 and off.json()["error"]["code"] == "feedback_off"
+
+    stored_rows(db, *ids)
+    feedback.export(db, pairs=tmp_path / "pairs.jsonl")
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert {"messages": MESSAGES, "chosen": texts[1], "rejected": texts[0]} in pairs
+    assert {"messages": MESSAGES, "chosen": "well, hello", "rejected": texts[0]} in pairs
