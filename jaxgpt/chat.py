@@ -220,6 +220,29 @@ def pack(rendered: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, batch_
     return _assemble(data, rows + [[]] * (batch_size - len(rows)), seq_len)
 
 
+def shuffled_rows(rng: np.random.Generator, lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """One epoch of packed rows: the items in a seeded order, first-fit into rows of `capacity`
+    tokens, the rows shuffled."""
+    order = rng.permutation(len(lengths))
+    rows = [order[row].tolist() for row in first_fit(lengths[order], capacity)]
+    return [rows[k] for k in rng.permutation(len(rows))]
+
+
+def step_rows(source, step: int, process_index: int = 0, process_count: int = 1) -> list[list[int]]:
+    """Process p's rows [p*B/P, (p+1)*B/P) of step `step`'s batch, from the stream of rows that
+    source.epoch_rows(0), epoch_rows(1), ... make (source._epoch_starts caches where each starts)."""
+    starts, rows, row = source._epoch_starts, [], step * source.batch_size
+    while len(rows) < source.batch_size:
+        while starts[-1] <= row:  # pack epochs until the row's epoch is known
+            starts.append(starts[-1] + len(source.epoch_rows(len(starts) - 1)))
+        epoch = bisect.bisect_right(starts, row) - 1
+        first = row - starts[epoch]
+        taken = source.epoch_rows(epoch)[first:first + source.batch_size - len(rows)]
+        rows, row = rows + taken, row + len(taken)
+    per_process = source.batch_size // process_count
+    return rows[process_index * per_process:(process_index + 1) * per_process]
+
+
 class ChatBatches:
     """Packed SFT batches, a batch source (see data.py): `batch_at(step)` is a pure function of (seed, step).
 
@@ -249,26 +272,14 @@ class ChatBatches:
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         if epoch not in self._epochs:
-            rng = np.random.default_rng([self.seed, 1, epoch])
-            order = rng.permutation(len(self.train))
-            rows = [order[row].tolist() for row in first_fit(self.train.lengths[order], self.seq_len + 1)]
+            rows = shuffled_rows(np.random.default_rng([self.seed, 1, epoch]), self.train.lengths, self.seq_len + 1)
             self._epochs = {e: r for e, r in self._epochs.items() if e == epoch - 1}
-            self._epochs[epoch] = [rows[k] for k in rng.permutation(len(rows))]
+            self._epochs[epoch] = rows
         return self._epochs[epoch]
 
     def batch_at(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
         """Process p's rows [p*B/P, (p+1)*B/P) of the global batch of `step`."""
-        rows, row = [], step * self.batch_size
-        while len(rows) < self.batch_size:
-            while self._epoch_starts[-1] <= row:  # pack epochs until the row's epoch is known
-                self._epoch_starts.append(self._epoch_starts[-1] + len(self.epoch_rows(len(self._epoch_starts) - 1)))
-            epoch = bisect.bisect_right(self._epoch_starts, row) - 1
-            first = row - self._epoch_starts[epoch]
-            taken = self.epoch_rows(epoch)[first:first + self.batch_size - len(rows)]
-            rows, row = rows + taken, row + len(taken)
-        per_process = self.batch_size // process_count
-        return _assemble(self.train, rows[process_index * per_process:(process_index + 1) * per_process],
-                         self.seq_len)
+        return _assemble(self.train, step_rows(self, step, process_index, process_count), self.seq_len)
 
     def eval_batches(self, split: str = "val", batch_size: int = 0, stride: int = 0, max_tokens: int = 0
                      ) -> Iterator[dict]:

@@ -29,7 +29,6 @@ trainer is built, in a packing fixed by the pair list, so each value is a functi
 """
 from __future__ import annotations
 
-import bisect
 import functools
 import json
 from pathlib import Path
@@ -201,26 +200,15 @@ class PairBatches:
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         if epoch not in self._epochs:
-            rng = np.random.default_rng([self.seed, 2, epoch])
-            order = rng.permutation(len(self.train) // 2)
-            rows = [order[row].tolist() for row in chat.first_fit(self.pair_lengths(self.train)[order],
-                                                                   self.seq_len + 1)]
+            rows = chat.shuffled_rows(np.random.default_rng([self.seed, 2, epoch]), self.pair_lengths(self.train),
+                                      self.seq_len + 1)
             self._epochs = {e: r for e, r in self._epochs.items() if e == epoch - 1}
-            self._epochs[epoch] = [rows[k] for k in rng.permutation(len(rows))]
+            self._epochs[epoch] = rows
         return self._epochs[epoch]
 
     def batch_at(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
         """Process p's rows [p*B/P, (p+1)*B/P) of the global batch of `step`."""
-        rows, row = [], step * self.batch_size
-        while len(rows) < self.batch_size:
-            while self._epoch_starts[-1] <= row:  # pack epochs until the row's epoch is known
-                self._epoch_starts.append(self._epoch_starts[-1] + len(self.epoch_rows(len(self._epoch_starts) - 1)))
-            epoch = bisect.bisect_right(self._epoch_starts, row) - 1
-            first = row - self._epoch_starts[epoch]
-            taken = self.epoch_rows(epoch)[first:first + self.batch_size - len(rows)]
-            rows, row = rows + taken, row + len(taken)
-        per_process = self.batch_size // process_count
-        return self.assemble("train", rows[process_index * per_process:(process_index + 1) * per_process])
+        return self.assemble("train", chat.step_rows(self, step, process_index, process_count))
 
     def ordered(self, split: str, batch_size: int) -> Iterator[tuple[list[list[int]], dict]]:
         """(rows, batch) covering every pair of the split once, packed in order (the last batch padded)."""
