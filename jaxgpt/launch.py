@@ -202,22 +202,30 @@ def child_env(rank: int, nproc: int, devices: int, port: int, base=None) -> dict
     return env
 
 
+_WRITE = threading.Lock()  # one whole line at a time on the launcher's stdout/stderr, whatever rank it is from
+
+
 def _pump(pipe, out, prefix: bytes, tail) -> None:
-    """Copy a child's output with `prefix` at the start of each line (after a \\r too: progress
-    bars), or keep its last lines in `tail` when `out` is None."""
-    at_start = True
+    """Copy a child's output with `prefix` at the start of each line (a \r ends one too: progress
+    bars), or keep its last lines in `tail` when `out` is None. A piece of a line waits for its end
+    (or the pipe's, which ends it), so lines of two ranks never mix even when a child writes a line in pieces."""
+    pending = b""
     for chunk in iter(lambda: pipe.read1(65536), b""):
-        text = b""
-        for part in re.split(rb"(?<=[\r\n])", chunk):  # each piece keeps its line end
-            if part:
-                text += (prefix if at_start else b"") + part
-                at_start = part.endswith((b"\n", b"\r"))
-        if out is None:
-            tail.extend(text.decode(errors="replace").splitlines())
-        else:
-            out.write(text)
-            out.flush()
+        *lines, pending = re.split(rb"(?<=[\r\n])", pending + chunk)  # each line keeps its end
+        _emit(out, prefix, lines, tail)
+    _emit(out, prefix, [pending + b"\n"] if pending else [], tail)  # an unended last line: ended here
     pipe.close()
+
+
+def _emit(out, prefix: bytes, lines: list[bytes], tail) -> None:
+    if not lines:
+        return
+    if out is None:
+        tail.extend(b"".join(lines).decode(errors="replace").splitlines())
+        return
+    with _WRITE:
+        out.write(b"".join(prefix + line for line in lines))
+        out.flush()
 
 
 def _status(returncode: int) -> int:

@@ -116,6 +116,17 @@ def test_output_is_prefixed_by_rank():
     assert sorted(proc.stderr.decode().split("\n")[:2]) == ["[0] progress\r[0] done", "[1] progress\r[1] done"]
 
 
+def test_a_line_written_in_pieces_stays_whole():
+    # both ranks write the first half of a line, wait, then the rest: the halves must not mix
+    # (the CI once saw "[0] stopping after[1] stopping after 1 signal(s)")
+    proc = run_launch("--nproc", "2", "--", sys.executable, "-c", CHILD +
+                      "sys.stdout.write(f'first half of {rank}'); sys.stdout.flush(); time.sleep(0.5); "
+                      "sys.stdout.write(', second half\\nno line end'); sys.stdout.flush()")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == ["[0] first half of 0, second half", "[0] no line end",
+                                                "[1] first half of 1, second half", "[1] no line end"]
+
+
 def test_a_failed_child_stops_the_others_and_sets_the_status():
     t = time.monotonic()
     proc = run_launch("--nproc", "3", "--rank0-only", "--", sys.executable, "-c", CHILD +
