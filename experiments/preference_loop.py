@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
-import random
 import shutil
 import sys
 import time
@@ -34,13 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from jaxgpt import chat, dialogs, evaluate, hardware, preference, runs  # noqa: E402
+from jaxgpt import chat, evaluate, hardware, preference, reply_quality, runs  # noqa: E402
 from jaxgpt import train as train_lib  # noqa: E402
-from jaxgpt.config import ScreenConfig  # noqa: E402
-from jaxgpt.generate import Engine, SamplingParams  # noqa: E402
-from jaxgpt.model import GPT  # noqa: E402
-from jaxgpt.replies import Service  # noqa: E402
-from jaxgpt.screen import Screen  # noqa: E402
+from jaxgpt.generate import SamplingParams  # noqa: E402
 
 
 def asks_back(text: str) -> bool:
@@ -62,23 +56,6 @@ def stage(where: Path, name: str, settings: dict, work) -> dict:
     return result
 
 
-def contexts(source: str, n: int, seed: int, fits) -> list[list[dict]]:
-    """n conversations of `source` in a seeded order, each cut after one of its user turns (chosen at
-    random); those that `fits` refuses (a user message longer than the context leaves) are skipped."""
-    rng = random.Random(seed)
-    conversations = dialogs.load(source).conversations
-    out = []
-    for k in rng.sample(range(len(conversations)), len(conversations)):
-        c = conversations[k]
-        users = [i for i, m in enumerate(c) if m["role"] == "user"]
-        context = c[:rng.choice(users) + 1]
-        if fits(context):
-            out.append(context)
-            if len(out) == n:
-                break
-    return out
-
-
 def held_out_source(cfg) -> str:
     if cfg.data.chat_val:
         return cfg.data.chat_val
@@ -92,13 +69,8 @@ def seeds(args, n: int, held_out: bool) -> list[int]:
 
 def sample_replies(model_dir: str, prompts: list[list[dict]], prompt_seeds: list[int], args) -> list[list[str]]:
     """Two replies per prompt (one prefill, two samples: seed_of(seed, 0) and seed_of(seed, 1))."""
-    loaded = runs.load(model_dir)
-    engine = Engine(GPT(loaded.cfg.model), loaded.params, loaded.tokenizer, slots=args.slots)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, n=2)
-    with Service(engine, loaded.tokenizer, Screen(ScreenConfig(enabled=False))) as service:
-        streams = [service.chat(p, dataclasses.replace(params, seed=seed))
-                   for p, seed in zip(prompts, prompt_seeds)]
-        return [[r.text for r in s.result()] for s in streams]
+    return reply_quality.sample_replies(model_dir, prompts, prompt_seeds, params, slots=args.slots)
 
 
 def label(prompts, replies) -> tuple[list[dict], dict]:
@@ -158,8 +130,8 @@ def main(argv=None) -> None:
     def before():
         tokenizer, room = runs.tokenizer(sft), sft_cfg.model.seq_len - args.max_tokens
         fits = lambda context: chat.render_prompt(context, tokenizer, room) is not None  # noqa: E731
-        prompts = contexts(sft_cfg.data.chat, args.prompts, args.seed, fits)
-        val_prompts = contexts(held_out, args.val_prompts, args.seed + 1, fits)
+        prompts = reply_quality.contexts(sft_cfg.data.chat, args.prompts, args.seed, fits)
+        val_prompts = reply_quality.contexts(held_out, args.val_prompts, args.seed + 1, fits)
         both = sample_replies(sft, prompts + val_prompts,
                               seeds(args, len(prompts), False) + seeds(args, len(val_prompts), True), args)
         replies, val_replies = both[:len(prompts)], both[len(prompts):]

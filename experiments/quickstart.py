@@ -16,14 +16,16 @@ after an interruption) picks up where it stopped. The final model is exported to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from jaxgpt import dialogs, evaluate, export, hardware, prepare, runs, sample
+from jaxgpt import chat, dialogs, evaluate, export, hardware, prepare, reply_quality, runs, sample
 from jaxgpt import config as config_lib
 from jaxgpt import train as train_lib
+from jaxgpt.generate import SamplingParams
 from jaxgpt.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]  # the config files are read from the checkout
@@ -89,17 +91,18 @@ def tokenize(out: Path, vocab: int, seed: int) -> dict:
             "train_mb_per_s": train["mb_per_s"]}
 
 
-def pretrain_config(out: Path, scale: str) -> config_lib.Config:
+def pretrain_config(out: Path, scale: str, overrides=()) -> config_lib.Config:
     return config_lib.from_cli(ROOT / "experiments/configs/chitchat_pretrain.py", [
         f"data.dir={out / 'tokens/train'}", f"data.val_dir={out / 'tokens/val'}",
-        f"train.out_dir={out / 'pretrain'}", *SCALES[scale]["pretrain"]])
+        f"train.out_dir={out / 'pretrain'}", *SCALES[scale]["pretrain"], *overrides])
 
 
-def sft_config(out: Path, scale: str) -> config_lib.Config:
-    """The SFT stage; the model's shape comes from the pretrained run (train.init_from)."""
+def sft_config(out: Path, scale: str, overrides=()) -> config_lib.Config:
+    """The SFT stage; the model's shape comes from the pretrained run (train.init_from: OUT/pretrain
+    unless `overrides` name another)."""
     return train_lib.train_config(ROOT / "experiments/configs/chat_sft.py", [
         f"data.chat=jsonl:{out / 'corpus/train.jsonl'}", f"data.chat_val=jsonl:{out / 'corpus/val.jsonl'}",
-        f"train.init_from={out / 'pretrain'}", f"train.out_dir={out / 'sft'}", *SCALES[scale]["sft"]])
+        f"train.init_from={out / 'pretrain'}", f"train.out_dir={out / 'sft'}", *SCALES[scale]["sft"], *overrides])
 
 
 def chat_eval(out: Path, source: Path) -> dict:
@@ -108,14 +111,28 @@ def chat_eval(out: Path, source: Path) -> dict:
     return evaluate.evaluate(source, [f"data.chat_val=jsonl:{out / 'corpus/val.jsonl'}", "data.batch_size=16"])
 
 
-def examples(source: Path, seed: int) -> list[dict]:
-    loaded = runs.load(source, ["sample.temperature=0.7", "sample.top_k=40", f"sample.seed={seed}",
-                                "sample.max_new_tokens=60"])
+def examples(source: Path) -> list[dict]:
+    """Replies to PROMPTS with the model's own sampling defaults (chat_sft.py's sample section)."""
+    loaded = runs.load(source)
     model = GPT(loaded.cfg.model)
     return [{"user": p, "assistant": sample.chat_replies(model, loaded.params, loaded.tokenizer,
                                                           [{"role": "user", "content": p}], loaded.cfg.sample,
                                                           screen=loaded.cfg.screen)[0]}
             for p in PROMPTS]
+
+
+def reply_measures(out: Path, source: Path, n: int, seed: int) -> dict:
+    """reply_quality's measures of one reply to each of n held-out contexts (each cut after a user
+    turn), sampled with the model's defaults; a few of them verbatim."""
+    loaded = runs.load(source)
+    room = loaded.cfg.model.seq_len - loaded.cfg.sample.max_new_tokens
+    fits = lambda c: chat.render_prompt(c, loaded.tokenizer, room) is not None  # noqa: E731
+    prompts = reply_quality.contexts(f"jsonl:{out / 'corpus/val.jsonl'}", n, seed, fits)
+    params = SamplingParams.from_config(loaded.cfg.sample, n=1)
+    replies = [r[0] for r in reply_quality.sample_replies(
+        str(source), prompts, [seed * 1_000_003 + i for i in range(len(prompts))], params, screen=True)]
+    return {**reply_quality.measures(replies), "sampling": dataclasses.asdict(params),
+            "examples": [{"user": p[-1]["content"], "assistant": r} for p, r in zip(prompts[:4], replies[:4])]}
 
 
 def main(argv=None) -> None:
@@ -124,6 +141,7 @@ def main(argv=None) -> None:
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--replies", type=int, default=200, help="held-out user turns the reply measures use")
     args = ap.parse_args(argv)
     hardware.tune_host()
     out = Path(args.out).absolute()
@@ -138,7 +156,8 @@ def main(argv=None) -> None:
     stage(out, "5_sft", lambda: train_lib.train(sft_cfg))
     after = stage(out, "6_sft_eval", lambda: chat_eval(out, out / "sft"))
     export.export_run(out / "sft", out / "export")
-    talk = stage(out, "7_examples", lambda: {"exchanges": examples(out / "export", args.seed)})
+    talk = stage(out, "7_examples", lambda: {"exchanges": examples(out / "export")})
+    measured = stage(out, "8_reply_measures", lambda: reply_measures(out, out / "export", args.replies, args.seed))
 
     print("\n=== jaxgpt quickstart ===")
     print(f"held-out text, bits per byte after pretraining: {pre['val_bpb']:.4f}")
@@ -147,6 +166,9 @@ def main(argv=None) -> None:
           f"({after['bits_per_byte']:.4f} bpb)")
     for ex in talk["exchanges"]:
         print(f"\nuser:      {ex['user']}\nassistant: {ex['assistant']}")
+    print(f"\nreplies to {measured['replies']} held-out user turns: distinct-1 {measured['distinct_1']:.3f}, "
+          f"distinct-2 {measured['distinct_2']:.3f}, repeat a line {measured['repeats_a_line']:.3f}, "
+          f"open like another {measured['same_opening']:.3f}, empty {measured['empty']:.3f}")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; the model is in {out / 'export'}. Talk to it:")
     print(f"  python -m jaxgpt.talk {out / 'export'}")
 

@@ -320,6 +320,7 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
     batches = data.Prefetcher(trainer.batch, start, cfg.train.steps, cfg.data.prefetch)
     progress = _progress(cfg, start, enabled=lead)
     pending, last, t_log, steps_since = [], {}, time.perf_counter(), 0
+    train_s = 0.0  # seconds in training steps since this process started them (evaluations not counted)
     stop, stopping = checkpoint.StopSignals(), 0
     try:
         for step, batch in batches:
@@ -332,9 +333,9 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
                 fetched = jax.device_get(pending)  # one host sync per logged step, not per step
                 pending = []
                 elapsed = time.perf_counter() - t_log
-                t_log, n_steps, steps_since = time.perf_counter(), steps_since, 0
+                n_steps, steps_since, train_s = steps_since, 0, train_s + elapsed
                 tps = n_steps * tokens_per_step / elapsed
-                last = {"step": done, "loss": float(fetched[-1]["loss"]),
+                last = {"step": done, "loss": float(fetched[-1]["loss"]), "train_s": round(train_s, 3),
                         "lr": float(optim.schedule(cfg.optim, cfg.train.steps)(step)),
                         "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tps,
                         "mfu": tps * flops_per_token / (peak * len(trainer.mesh.devices.flat)),
@@ -346,6 +347,7 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
                     result = trainer.evaluate(state.params)
                     last.update(val_loss=result["loss"], val_bpb=result.get("bits_per_byte"),
                                 **{f"val_{k}": v for k, v in result.items() if k in preference.EVAL_METRICS})
+                t_log = time.perf_counter()  # after the evaluation: the next interval times steps alone
                 if log:
                     log.write(last)
                 progress.update(n_steps)

@@ -18,6 +18,14 @@ import pytest
 
 # Tests run on the CPU (golden values are CPU numbers), with one device unless a test asks for more.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the whole run, its subprocesses and both xdist workers:
+# many tests compile the same tiny models, and compiling is most of their time. Fresh per run
+# (keyed by the xdist run id), so a clean checkout starts from an empty cache.
+if os.environ.get("JAXGPT_TEST_XLA_CACHE", "1") == "1" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        os.environ.get("TMPDIR", "/tmp"), f"jaxgpt-test-xla-cache-{_run}")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from jaxgpt.model import GPT, token_losses
 from jaxgpt.preference import PairBatches, dpo_loss
 from jaxgpt.tokenizer import Tokenizer
 
-TIMING = ("tokens_per_s", "mfu")
+TIMING = ("tokens_per_s", "mfu", "train_s")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from jaxgpt import optim
 from conftest import REPO
 from jaxgpt.train import NonFiniteLoss, Trainer, train, truncate_metrics
 
-TIMING = ("tokens_per_s", "mfu")  # the only fields allowed to differ between identical runs
+TIMING = ("tokens_per_s", "mfu", "train_s")  # the only fields allowed to differ between identical runs
 
 
 def rows_of(run_dir):
@@ -29,11 +29,13 @@ def test_tiny_run_writes_config_metrics_and_export(tiny_run, make_config):
     # a row every log_every=5 steps; val_loss on the eval steps (every 10, and the last)
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
     for r in rows:
-        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped"} <= set(r)
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped", "train_s"} <= set(r)
         assert r["tokens_per_s"] > 0 and r["skipped"] == 0 and np.isfinite(r["loss"])
         assert ("val_loss" in r) == (r["step"] % 10 == 0)
         # the lr of the row's last step (0-based step - 1)
         assert r["lr"] == pytest.approx(float(optim.schedule(cfg.optim, cfg.train.steps)(r["step"] - 1)), rel=1e-6)
+    # seconds in training steps so far: they grow row by row (the evaluations are not counted)
+    assert all(0 < a["train_s"] < b["train_s"] for a, b in zip(rows, rows[1:]))
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3  # it learns
     assert rows[-1]["val_loss"] < rows[1]["val_loss"]
     assert rows[-1]["val_bpb"] == pytest.approx(rows[-1]["val_loss"] / np.log(2), rel=1e-6)  # ASCII: 1 byte/char

@@ -18,7 +18,7 @@ learning rate 3-10x below pretraining's peak, and set model.dtype=bfloat16 and m
 for large models. A conversation longer than the context is cut into windows of whole exchanges
 (data.chat_windows=true) or keeps only its newest exchanges (false); a reply is never split.
 """
-from jaxgpt.config import Config, DataConfig, OptimConfig, TrainConfig
+from jaxgpt.config import Config, DataConfig, OptimConfig, SampleConfig, TrainConfig
 
 
 def get_config() -> Config:
@@ -27,4 +27,6 @@ def get_config() -> Config:
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, schedule="cosine", warmup_steps=50, b1=0.9, b2=0.99,
                           weight_decay=0.0, clip_norm=1.0),
         train=TrainConfig(steps=400, out_dir="runs/chat_sft", log_every=25, eval_every=200, samples=0),
+        # the model's sampling defaults (talk, serve, sample): chosen by experiments/sweep.py sampling
+        sample=SampleConfig(temperature=0.7, top_k=40, max_new_tokens=60),
     )

@@ -1,0 +1,281 @@
+"""The quickstart's recipes compared at equal wall time on this machine, on the same held-out dialogues.
+
+    python experiments/sweep.py pretrain [--data runs/quickstart] [--budget 150] [--only NAME ...]
+    python experiments/sweep.py sft --init RUN [--budget 100] [--only NAME ...]
+    python experiments/sweep.py sampling --model EXPORT [--prompts 200]
+    python experiments/sweep.py report          # the tables and PNG plots into experiments/RESULTS.md
+
+--data is a quickstart directory whose first two stages have run (`experiments/quickstart.py`
+makes it; its corpus and 4,096-token BPE are reused, other vocabularies are trained into --out).
+
+Equal wall time: each variant's train step is timed first (a compiled step, a few warm-up steps,
+then `--calibrate` timed ones, as `python -m jaxgpt.bench train` does), and the variant trains for
+budget / step seconds steps, so its learning-rate schedule ends when the time is up. Held-out bits
+per byte are measured at 4 points of each run; the plot puts them against seconds spent in training
+steps (`train_s` in metrics.jsonl: evaluations are not counted, the first step's compile is).
+A variant marked `fixed` keeps its config's step count instead: today's recipe as it shipped.
+
+Each variant's result is kept in OUT/STAGE/NAME.json and reused by a re-run; delete it to redo one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import quickstart  # noqa: E402
+
+from jaxgpt import bench, chat, hardware, reply_quality, runs  # noqa: E402
+from jaxgpt import config as config_lib  # noqa: E402
+from jaxgpt import train as train_lib  # noqa: E402
+from jaxgpt.generate import SamplingParams  # noqa: E402
+
+LR = lambda peak: [f"optim.lr={peak}", f"optim.min_lr={peak / 10}"]  # noqa: E731
+
+# name -> (overrides on top of the stage's config, options); one knob at a time from `base`
+PRETRAIN = {
+    "today": ([], {"fixed": True}),  # the recipe as it shipped: 1200 steps, whatever time that takes
+    "base": ([], {}),
+    "adamw_lr1.5e-3": (LR(1.5e-3), {}),
+    "adamw_lr6e-3": (LR(6e-3), {}),
+    "wsd": (["optim.schedule=wsd"], {}),
+    "muon": (["optim.name=muon"], {}),
+    "muon_lr0.04": (["optim.name=muon", "optim.muon_lr=0.04"], {}),
+    "bf16": (["model.dtype=bfloat16"], {}),
+    "d192_h6_kv3": (["model.d_model=192", "model.n_head=6", "model.n_kv_head=3"], {}),
+    "d256_h8_kv4": (["model.d_model=256", "model.n_head=8", "model.n_kv_head=4"], {}),
+    "layers6": (["model.n_layer=6"], {}),
+    "kv4": (["model.n_kv_head=4"], {}),
+    "seq256_b8": (["model.seq_len=256", "data.batch_size=8"], {}),
+    "batch8": (["data.batch_size=8"], {}),
+    "batch32": (["data.batch_size=32"], {}),
+    "vocab2048": ([], {"vocab": 2048}),
+    "vocab8192": ([], {"vocab": 8192}),
+    "tied": (["model.tie_embeddings=true"], {}),
+    "init0.01": (["model.init_std=0.01"], {}),
+}
+
+SFT = {
+    "base": ([], {}),
+    "lr3e-4": (LR(3e-4), {}),
+    "lr3e-3": (LR(3e-3), {}),
+    "one_direction": ([], {"one_direction": True}),
+    "batch32": (["data.batch_size=32"], {}),
+    "wsd": (["optim.schedule=wsd"], {}),
+}
+
+SAMPLING = {  # name -> SamplingParams fields; each on the same held-in prompts and seeds
+    f"t{t}_p{p}_rp{rp}": dict(temperature=t, top_p=p, repetition_penalty=rp)
+    for t in (0.6, 0.8, 1.0) for p in (0.9, 1.0) for rp in (1.0, 1.2)}
+
+
+def host() -> str:
+    name = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and (m := re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)):
+        name = m.group(1).strip()
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def tokens_for(data: Path, out: Path, vocab: int, seed: int) -> Path:
+    """A quickstart-like directory with a `vocab`-token BPE of the same corpus (trained once)."""
+    if vocab == 4096:
+        return data
+    where = out / f"vocab{vocab}"
+    if not (where / "2_tokenizer.done.json").is_file():
+        where.mkdir(parents=True, exist_ok=True)
+        if not (where / "corpus").exists():
+            (where / "corpus").symlink_to(data / "corpus", target_is_directory=True)
+        quickstart.stage(where, "2_tokenizer", lambda: quickstart.tokenize(where, vocab, seed))
+    return where
+
+
+def one_direction(data: Path, out: Path) -> Path:
+    """The training conversations with each dialogue once (its first speaker as the user)."""
+    path = out / "train_one_direction.jsonl"
+    if not path.is_file():
+        lines = (data / "corpus/train.jsonl").read_text().splitlines()
+        # split_data writes each dialogue's two directions one after the other
+        path.write_text("".join(line + "\n" for line in lines[::2]))
+    return path
+
+
+def stage_config(stage: str, args, overrides: list[str], options: dict):
+    if stage == "pretrain":
+        data = tokens_for(Path(args.data), Path(args.out), options.get("vocab", 4096), args.seed)
+        return quickstart.pretrain_config(data, "cpu", overrides)
+    extra = [f"train.init_from={args.init}"]
+    if options.get("one_direction"):
+        extra.append(f"data.chat=jsonl:{one_direction(Path(args.data), Path(args.out))}")
+    return quickstart.sft_config(Path(args.data), "cpu", extra + overrides)
+
+
+def run_variant(stage: str, name: str, args) -> dict:
+    overrides, options = (PRETRAIN if stage == "pretrain" else SFT)[name]
+    where = Path(args.out) / stage
+    result_path = where / f"{name}.json"
+    if result_path.is_file():
+        print(f"[{stage}/{name}] done before: reusing it", file=sys.stderr)
+        return json.loads(result_path.read_text())
+    cfg = stage_config(stage, args, overrides, options)
+    timing = bench.bench_train(cfg, steps=args.calibrate, warmup=3)
+    step_s = timing["ms_per_iter"] / 1e3
+    steps = cfg.train.steps if options.get("fixed") else max(int(args.budget / step_s), 40)
+    run_dir = where / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = config_lib.apply_overrides(cfg, [
+        f"train.steps={steps}", f"train.eval_every={max(steps // 4, 1)}", f"train.out_dir={run_dir}",
+        "train.progress=false", "checkpoint.keep=1"])
+    print(f"[{stage}/{name}] {timing['params'] / 1e6:.2f}M params, {step_s * 1e3:.1f} ms/step: {steps} steps",
+          file=sys.stderr)
+    t = time.perf_counter()
+    train_lib.train(cfg)
+    wall = time.perf_counter() - t
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [[r["train_s"], r["val_bpb"]] for r in rows if r.get("val_bpb") is not None]
+    result = {"stage": stage, "name": name, "overrides": overrides, "options": options, "params": timing["params"],
+              "calibrated_ms_per_step": round(step_s * 1e3, 2), "steps": steps,
+              "tokens": steps * cfg.data.batch_size * cfg.model.seq_len, "train_s": round(rows[-1]["train_s"], 1),
+              "wall_s": round(wall, 1), "val_bpb": curve[-1][1], "curve": curve, "host": host(),
+              "budget_s": None if options.get("fixed") else args.budget}
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the export stays, for the SFT sweep
+    where.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("name", "steps", "train_s", "val_bpb")}))
+    return result
+
+
+def run_sampling(args) -> list[dict]:
+    """Each sampling setting's reply measures on the same held-in prompts (the SFT run's data.chat)."""
+    cfg = runs.saved_config(args.model)
+    tokenizer, max_tokens = runs.tokenizer(args.model), 60
+    fits = lambda c: chat.render_prompt(c, tokenizer, cfg.model.seq_len - max_tokens) is not None  # noqa: E731
+    prompts = reply_quality.contexts(cfg.data.chat, args.prompts, args.seed, fits)
+    seeds = [args.seed * 1_000_003 + i for i in range(len(prompts))]
+    rows = []
+    for name, fields in SAMPLING.items():
+        params = SamplingParams(max_tokens=max_tokens, **fields)
+        replies = [r[0] for r in reply_quality.sample_replies(args.model, prompts, seeds, params)]
+        m = reply_quality.measures(replies)
+        m["score"] = m["distinct_2"] - m["repeats_a_line"] - m["same_opening"] - m["empty"]
+        rows.append({"name": name, **fields, **m})
+        print(json.dumps(rows[-1]))
+    where = Path(args.out) / "sampling"
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "results.json").write_text(json.dumps({"model": args.model, "host": host(), "rows": rows}, indent=1))
+    return rows
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in sorted(results, key=lambda r: r["val_bpb"]):
+        xs, ys = zip(*r["curve"])
+        ax.plot(xs, ys, marker="o", markersize=3, label=f"{r['name']} ({r['val_bpb']:.4f})")
+    ax.set_xlabel("seconds in training steps")
+    ax.set_ylabel("held-out bits per byte")
+    ax.set_title(title)
+    best = min(r["val_bpb"] for r in results)
+    ax.set_ylim(best - 0.05, best + 0.6)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(results: list[dict]) -> str:
+    base = next((r["val_bpb"] for r in results if r["name"] == "base"), None)
+    lines = ["| variant | overrides | params | ms/step | steps | tokens | train s | held-out bpb | vs base |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(results, key=lambda r: r["val_bpb"]):
+        knobs = " ".join(r["overrides"] + [f"{k}={v}" for k, v in r["options"].items()]) or "(config file)"
+        delta = f"{r['val_bpb'] - base:+.4f}" if base is not None else ""
+        lines.append(f"| {r['name']} | `{knobs}` | {r['params'] / 1e6:.2f}M | {r['calibrated_ms_per_step']} | "
+                     f"{r['steps']} | {r['tokens'] / 1e6:.2f}M | {r['train_s']} | {r['val_bpb']:.4f} | {delta} |")
+    return "\n".join(lines)
+
+
+def report(args) -> None:
+    results_md = ROOT / "experiments/RESULTS.md"
+    text = results_md.read_text()
+    for stage in ("pretrain", "sft"):
+        results = [json.loads(p.read_text()) for p in sorted((Path(args.out) / stage).glob("*.json"))]
+        if not results:
+            continue
+        png = ROOT / f"experiments/sweep_{stage}.png"
+        budgets = sorted({r["budget_s"] for r in results if r["budget_s"]})
+        plot(results, png, f"quickstart {stage}: held-out bpb at equal wall time ({budgets} s, {results[0]['host']})")
+        block = (f"Host: {results[0]['host']}. Budget per variant: {budgets} s of training steps "
+                 f"(`python experiments/sweep.py {stage} --budget {budgets[0] if budgets else ''}`, then "
+                 f"`python experiments/sweep.py report`).\n\n{table(results)}\n\n![{stage} sweep](sweep_{stage}.png)")
+        text = replace_block(text, f"sweep:{stage}", block)
+    sampling = Path(args.out) / "sampling/results.json"
+    if sampling.is_file():
+        got = json.loads(sampling.read_text())
+        lines = ["| setting | distinct-1 | distinct-2 | repeats a line | same opening | empty | words | score |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(got["rows"], key=lambda r: -r["score"]):
+            lines.append(f"| {r['name']} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['repeats_a_line']:.3f} | "
+                         f"{r['same_opening']:.3f} | {r['empty']:.3f} | {r['mean_words']:.1f} | {r['score']:.3f} |")
+        text = replace_block(text, "sweep:sampling", f"Host: {got['host']}; model {got['model']}; "
+                             f"{got['rows'][0]['replies']} held-in prompts, one reply each, the same seeds "
+                             f"(`python experiments/sweep.py sampling --model ...`). Score = distinct-2 - repeats "
+                             f"a line - same opening - empty.\n\n" + "\n".join(lines))
+    results_md.write_text(text)
+    print(f"wrote {results_md}", file=sys.stderr)
+
+
+def replace_block(text: str, key: str, body: str) -> str:
+    start, end = f"<!-- {key} -->", f"<!-- /{key} -->"
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        return text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    return text.rstrip("\n") + f"\n\n{block}\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["pretrain", "sft", "sampling", "report"])
+    ap.add_argument("--data", default="runs/quickstart", help="a quickstart directory (its corpus and tokens)")
+    ap.add_argument("--out", default="runs/sweep")
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds of training steps per variant")
+    ap.add_argument("--calibrate", type=int, default=15, help="timed steps that size each variant")
+    ap.add_argument("--only", nargs="*", default=None, help="these variants (default: all)")
+    ap.add_argument("--init", default="", help="sft: the pretrained run to fine-tune")
+    ap.add_argument("--model", default="", help="sampling: the SFT export whose replies are measured")
+    ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.data, args.out = str(Path(args.data).absolute()), str(Path(args.out).absolute())
+    hardware.tune_host()
+    if args.stage == "report":
+        return report(args)
+    if args.stage == "sampling":
+        if not args.model:
+            raise SystemExit("sweep.py sampling: give --model (an SFT run or export)")
+        run_sampling(args)
+        return
+    if args.stage == "sft" and not args.init:
+        raise SystemExit("sweep.py sft: give --init (the pretrained run to fine-tune)")
+    variants = PRETRAIN if args.stage == "pretrain" else SFT
+    unknown = sorted(set(args.only or []) - set(variants))
+    if unknown:
+        raise SystemExit(f"sweep.py: unknown {args.stage} variant(s) {unknown}; known: {sorted(variants)}")
+    for name in args.only or variants:
+        run_variant(args.stage, name, args)
+
+
+if __name__ == "__main__":
+    main()
