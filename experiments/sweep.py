@@ -39,7 +39,7 @@ from jaxgpt import config as config_lib  # noqa: E402
 from jaxgpt import train as train_lib  # noqa: E402
 from jaxgpt.generate import SamplingParams  # noqa: E402
 
-LR = lambda peak: [f"optim.lr={peak}", f"optim.min_lr={peak / 10}"]  # noqa: E731
+LR = lambda peak: [f"optim.lr={peak:g}", f"optim.min_lr={peak / 10:g}"]  # noqa: E731
 
 # name -> (overrides on top of the stage's config, options); one knob at a time from `base`
 PRETRAIN = {
@@ -216,9 +216,10 @@ def report(args) -> None:
             continue
         png = ROOT / f"experiments/sweep_{stage}.png"
         budgets = sorted({r["budget_s"] for r in results if r["budget_s"]})
-        plot(results, png, f"quickstart {stage}: held-out bpb at equal wall time ({budgets} s, {results[0]['host']})")
-        block = (f"Host: {results[0]['host']}. Budget per variant: {budgets} s of training steps "
-                 f"(`python experiments/sweep.py {stage} --budget {budgets[0] if budgets else ''}`, then "
+        budget = ", ".join(f"{b:g}" for b in budgets) or "none"
+        plot(results, png, f"quickstart {stage}: held-out bpb, {budget} s budget per variant\n{results[0]['host']}")
+        block = (f"Host: {results[0]['host']}. Budget per variant: {budget} s of training steps "
+                 f"(`python experiments/sweep.py {stage} --budget {budget}`, then "
                  f"`python experiments/sweep.py report`).\n\n{table(results)}\n\n![{stage} sweep](sweep_{stage}.png)")
         text = replace_block(text, f"sweep:{stage}", block)
     sampling = Path(args.out) / "sampling/results.json"
