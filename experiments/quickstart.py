@@ -125,10 +125,13 @@ def reply_measures(out: Path, source: Path, n: int, seed: int) -> dict:
     """reply_quality's measures of one reply to each of n held-out contexts (each cut after a user
     turn), sampled with the model's defaults; a few of them verbatim."""
     loaded = runs.load(source)
-    room = loaded.cfg.model.seq_len - loaded.cfg.sample.max_new_tokens
+    params = SamplingParams.from_config(loaded.cfg.sample, n=1, max_tokens=min(loaded.cfg.sample.max_new_tokens, 60))
+    room = loaded.cfg.model.seq_len - params.max_tokens  # the prompt leaves room for a whole reply
     fits = lambda c: chat.render_prompt(c, loaded.tokenizer, room) is not None  # noqa: E731
     prompts = reply_quality.contexts(f"jsonl:{out / 'corpus/val.jsonl'}", n, seed, fits)
-    params = SamplingParams.from_config(loaded.cfg.sample, n=1)
+    if not prompts:
+        raise SystemExit(f"quickstart: no held-out user turn of {out / 'corpus/val.jsonl'} fits in "
+                         f"{room} tokens (model.seq_len - the reply's tokens)")
     replies = [r[0] for r in reply_quality.sample_replies(
         str(source), prompts, [seed * 1_000_003 + i for i in range(len(prompts))], params, screen=True)]
     return {**reply_quality.measures(replies), "sampling": dataclasses.asdict(params),
