@@ -70,7 +70,7 @@ def seeds(args, n: int, held_out: bool) -> list[int]:
 def sample_replies(model_dir: str, prompts: list[list[dict]], prompt_seeds: list[int], args) -> list[list[str]]:
     """Two replies per prompt (one prefill, two samples: seed_of(seed, 0) and seed_of(seed, 1))."""
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, n=2)
-    return reply_quality.sample_replies(model_dir, prompts, prompt_seeds, params, slots=args.slots)
+    return reply_quality.sample_replies(runs.load(model_dir), prompts, prompt_seeds, params, slots=args.slots)
 
 
 def label(prompts, replies) -> tuple[list[dict], dict]:

@@ -133,7 +133,7 @@ def reply_measures(out: Path, source: Path, n: int, seed: int) -> dict:
         raise SystemExit(f"quickstart: no held-out user turn of {out / 'corpus/val.jsonl'} fits in "
                          f"{room} tokens (model.seq_len - the reply's tokens)")
     replies = [r[0] for r in reply_quality.sample_replies(
-        str(source), prompts, [seed * 1_000_003 + i for i in range(len(prompts))], params, screen=True)]
+        loaded, prompts, [seed * 1_000_003 + i for i in range(len(prompts))], params, screen=True)]
     return {**reply_quality.measures(replies), "sampling": dataclasses.asdict(params),
             "examples": [{"user": p[-1]["content"], "assistant": r} for p, r in zip(prompts[:4], replies[:4])]}
 

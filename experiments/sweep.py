@@ -156,15 +156,15 @@ def run_variant(stage: str, name: str, args) -> dict:
 
 def run_sampling(args) -> list[dict]:
     """Each sampling setting's reply measures on the same held-in prompts (the SFT run's data.chat)."""
-    cfg = runs.saved_config(args.model)
-    tokenizer, max_tokens = runs.tokenizer(args.model), 60
-    fits = lambda c: chat.render_prompt(c, tokenizer, cfg.model.seq_len - max_tokens) is not None  # noqa: E731
+    loaded, max_tokens = runs.load(args.model), 60
+    cfg = loaded.cfg
+    fits = lambda c: chat.render_prompt(c, loaded.tokenizer, cfg.model.seq_len - max_tokens) is not None  # noqa: E731
     prompts = reply_quality.contexts(cfg.data.chat, args.prompts, args.seed, fits)
     seeds = [args.seed * 1_000_003 + i for i in range(len(prompts))]
     rows = []
     for name, fields in SAMPLING.items():
         params = SamplingParams(max_tokens=max_tokens, **fields)
-        replies = [r[0] for r in reply_quality.sample_replies(args.model, prompts, seeds, params)]
+        replies = [r[0] for r in reply_quality.sample_replies(loaded, prompts, seeds, params)]
         m = reply_quality.measures(replies)
         m["score"] = m["distinct_2"] - m["repeats_a_line"] - m["same_opening"] - m["empty"]
         rows.append({"name": name, **fields, **m})

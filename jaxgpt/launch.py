@@ -206,9 +206,9 @@ _WRITE = threading.Lock()  # one whole line at a time on the launcher's stdout/s
 
 
 def _pump(pipe, out, prefix: bytes, tail) -> None:
-    """Copy a child's output with `prefix` at the start of each line (a \r ends one too: progress
+    """Copy a child's output with `prefix` at the start of each line (a \\r ends one too: progress
     bars), or keep its last lines in `tail` when `out` is None. A piece of a line waits for its end
-    (or the pipe's, which ends it), so lines of two ranks never mix even when a child writes a line in pieces."""
+    (or the pipe's, which ends it), so two ranks' lines never mix when a child writes one in pieces."""
     pending = b""
     for chunk in iter(lambda: pipe.read1(65536), b""):
         *lines, pending = re.split(rb"(?<=[\r\n])", pending + chunk)  # each line keeps its end

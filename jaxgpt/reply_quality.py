@@ -79,11 +79,11 @@ def contexts(source: str, n: int, seed: int, fits) -> list[list[dict]]:
     return out
 
 
-def sample_replies(model_dir: str, prompts: list[list[dict]], prompt_seeds: list[int], params: SamplingParams,
+def sample_replies(loaded: runs.Loaded, prompts: list[list[dict]], prompt_seeds: list[int], params: SamplingParams,
                    slots: int = 64, screen: bool = False) -> list[list[str]]:
-    """`params.n` replies to each prompt, prompt i sampled with seed prompt_seeds[i] (one prefill
-    per prompt, its n samples decoding together with the other prompts' in the engine's slots)."""
-    loaded = runs.load(model_dir)
+    """`params.n` replies of the model `loaded` (runs.load) to each prompt, prompt i sampled with seed
+    prompt_seeds[i] (one prefill per prompt, its n samples decoding together with the other prompts'
+    in the engine's slots)."""
     engine = Engine(GPT(loaded.cfg.model), loaded.params, loaded.tokenizer, slots=slots)
     screener = Screen(loaded.cfg.screen if screen else ScreenConfig(enabled=False))
     with Service(engine, loaded.tokenizer, screener) as service:

@@ -9,7 +9,9 @@ import contextlib
 import dataclasses
 import os
 import random
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,13 +21,20 @@ import pytest
 # Tests run on the CPU (golden values are CPU numbers), with one device unless a test asks for more.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the whole run, its subprocesses and both xdist workers:
-# many tests compile the same tiny models, and compiling is most of their time. Fresh per run
-# (keyed by the xdist run id), so a clean checkout starts from an empty cache.
+# many tests compile the same tiny models, and compiling is most of their time. The first process to
+# read this file (xdist's controller, before it starts the workers, which inherit the variable) makes
+# an empty one and removes it when the run ends (pytest_sessionfinish below).
+_XLA_CACHE = None
 if os.environ.get("JAXGPT_TEST_XLA_CACHE", "1") == "1" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
-        os.environ.get("TMPDIR", "/tmp"), f"jaxgpt-test-xla-cache-{_run}")
+    _XLA_CACHE = tempfile.mkdtemp(prefix="jaxgpt-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _XLA_CACHE:
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+
 
 REPO = Path(__file__).resolve().parents[1]
 
