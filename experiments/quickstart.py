@@ -123,18 +123,22 @@ def examples(source: Path) -> list[dict]:
 
 def reply_measures(out: Path, source: Path, n: int, seed: int) -> dict:
     """reply_quality's measures of one reply to each of n held-out contexts (each cut after a user
-    turn), sampled with the model's defaults; a few of them verbatim."""
+    turn the dialogue answers), sampled with the model's defaults, beside the same measures of the
+    people's own replies to those contexts; a few of them verbatim."""
     loaded = runs.load(source)
     params = SamplingParams.from_config(loaded.cfg.sample, n=1, max_tokens=min(loaded.cfg.sample.max_new_tokens, 60))
     room = loaded.cfg.model.seq_len - params.max_tokens  # the prompt leaves room for a whole reply
     fits = lambda c: chat.render_prompt(c, loaded.tokenizer, room) is not None  # noqa: E731
-    prompts = reply_quality.contexts(f"jsonl:{out / 'corpus/val.jsonl'}", n, seed, fits)
-    if not prompts:
+    pairs = reply_quality.exchanges(f"jsonl:{out / 'corpus/val.jsonl'}", n, seed, fits)
+    if not pairs:
         raise SystemExit(f"quickstart: no held-out user turn of {out / 'corpus/val.jsonl'} fits in "
                          f"{room} tokens (model.seq_len - the reply's tokens)")
+    prompts, people = zip(*pairs)
     replies = [r[0] for r in reply_quality.sample_replies(
-        loaded, prompts, [seed * 1_000_003 + i for i in range(len(prompts))], params, screen=True)]
-    return {**reply_quality.measures(replies), "sampling": dataclasses.asdict(params),
+        loaded, list(prompts), [seed * 1_000_003 + i for i in range(len(prompts))], params, screen=True)]
+    measured, theirs = reply_quality.measures(replies), reply_quality.measures(list(people))
+    return {**measured, "people": theirs, "distance_to_people": reply_quality.distance(measured, theirs),
+            "sampling": dataclasses.asdict(params),
             "examples": [{"user": p[-1]["content"], "assistant": r} for p, r in zip(prompts[:4], replies[:4])]}
 
 
@@ -172,6 +176,10 @@ def main(argv=None) -> None:
     print(f"\nreplies to {measured['replies']} held-out user turns: distinct-1 {measured['distinct_1']:.3f}, "
           f"distinct-2 {measured['distinct_2']:.3f}, repeat a line {measured['repeats_a_line']:.3f}, "
           f"open like another {measured['same_opening']:.3f}, empty {measured['empty']:.3f}")
+    people = measured["people"]
+    print(f"the people's own replies to them:   distinct-1 {people['distinct_1']:.3f}, "
+          f"distinct-2 {people['distinct_2']:.3f}, repeat a line {people['repeats_a_line']:.3f}, "
+          f"open like another {people['same_opening']:.3f}, empty {people['empty']:.3f}")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; the model is in {out / 'export'}. Talk to it:")
     print(f"  python -m jaxgpt.talk {out / 'export'}")
 

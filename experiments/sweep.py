@@ -10,7 +10,7 @@ makes it; its corpus and 4,096-token BPE are reused, other vocabularies are trai
 
 Equal wall time: each variant's train step is timed first (a compiled step, a few warm-up steps,
 then `--calibrate` timed ones, as `python -m jaxgpt.bench train` does), and the variant trains for
-budget / step seconds steps, so its learning-rate schedule ends when the time is up. Held-out bits
+(budget - compile seconds) / step seconds steps, so its learning-rate schedule ends when the time is up. Held-out bits
 per byte are measured at 4 points of each run; the plot puts them against seconds spent in training
 steps (`train_s` in metrics.jsonl: evaluations are not counted, the first step's compile is).
 A variant marked `fixed` keeps its config's step count instead: today's recipe as it shipped.
@@ -50,6 +50,10 @@ PRETRAIN = {
     "wsd": (["optim.schedule=wsd"], {}),
     "muon": (["optim.name=muon"], {}),
     "muon_lr0.04": (["optim.name=muon", "optim.muon_lr=0.04"], {}),
+    "muon_adamw6e-3": (["optim.name=muon", *LR(6e-3)], {}),
+    "muon_vocab2048": (["optim.name=muon"], {"vocab": 2048}),
+    "layers3": (["model.n_layer=3"], {}),
+    "d96_h4_kv2": (["model.d_model=96"], {}),
     "bf16": (["model.dtype=bfloat16"], {}),
     "d192_h6_kv3": (["model.d_model=192", "model.n_head=6", "model.n_kv_head=3"], {}),
     "d256_h8_kv4": (["model.d_model=256", "model.n_head=8", "model.n_kv_head=4"], {}),
@@ -75,7 +79,8 @@ SFT = {
 
 SAMPLING = {  # name -> SamplingParams fields; each on the same held-in prompts and seeds
     f"t{t}_p{p}_rp{rp}": dict(temperature=t, top_p=p, repetition_penalty=rp)
-    for t in (0.6, 0.8, 1.0) for p in (0.9, 1.0) for rp in (1.0, 1.2)}
+    for t in (0.6, 0.7, 0.8, 0.9, 1.0) for p in (0.9, 1.0) for rp in (1.0, 1.2)}
+SAMPLING["t0.7_k40 (chat_sft.py today)"] = dict(temperature=0.7, top_k=40)
 
 
 def host() -> str:
@@ -129,7 +134,8 @@ def run_variant(stage: str, name: str, args) -> dict:
     cfg = stage_config(stage, args, overrides, options)
     timing = bench.bench_train(cfg, steps=args.calibrate, warmup=3)
     step_s = timing["ms_per_iter"] / 1e3
-    steps = cfg.train.steps if options.get("fixed") else max(int(args.budget / step_s), 40)
+    # the run's train_s counts its first step's compile too
+    steps = cfg.train.steps if options.get("fixed") else max(int((args.budget - timing["compile_s"]) / step_s), 40)
     run_dir = where / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = config_lib.apply_overrides(cfg, [
@@ -155,23 +161,25 @@ def run_variant(stage: str, name: str, args) -> dict:
 
 
 def run_sampling(args) -> list[dict]:
-    """Each sampling setting's reply measures on the same held-in prompts (the SFT run's data.chat)."""
+    """Each sampling setting's reply measures on the same held-in prompts (the SFT run's data.chat, each
+    cut after a user turn the dialogue answers), and their distance to the people's own replies there."""
     loaded, max_tokens = runs.load(args.model), 60
     cfg = loaded.cfg
     fits = lambda c: chat.render_prompt(c, loaded.tokenizer, cfg.model.seq_len - max_tokens) is not None  # noqa: E731
-    prompts = reply_quality.contexts(cfg.data.chat, args.prompts, args.seed, fits)
+    prompts, people = zip(*reply_quality.exchanges(cfg.data.chat, args.prompts, args.seed, fits))
+    theirs = reply_quality.measures(list(people))
     seeds = [args.seed * 1_000_003 + i for i in range(len(prompts))]
     rows = []
     for name, fields in SAMPLING.items():
         params = SamplingParams(max_tokens=max_tokens, **fields)
-        replies = [r[0] for r in reply_quality.sample_replies(loaded, prompts, seeds, params)]
+        replies = [r[0] for r in reply_quality.sample_replies(loaded, list(prompts), seeds, params)]
         m = reply_quality.measures(replies)
-        m["score"] = m["distinct_2"] - m["repeats_a_line"] - m["same_opening"] - m["empty"]
-        rows.append({"name": name, **fields, **m})
+        rows.append({"name": name, **fields, **m, "distance": reply_quality.distance(m, theirs)})
         print(json.dumps(rows[-1]))
     where = Path(args.out) / "sampling"
     where.mkdir(parents=True, exist_ok=True)
-    (where / "results.json").write_text(json.dumps({"model": args.model, "host": host(), "rows": rows}, indent=1))
+    (where / "results.json").write_text(json.dumps(
+        {"model": args.model, "host": host(), "people": theirs, "rows": rows}, indent=1))
     return rows
 
 
@@ -225,15 +233,18 @@ def report(args) -> None:
     sampling = Path(args.out) / "sampling/results.json"
     if sampling.is_file():
         got = json.loads(sampling.read_text())
-        lines = ["| setting | distinct-1 | distinct-2 | repeats a line | same opening | empty | words | score |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in sorted(got["rows"], key=lambda r: -r["score"]):
-            lines.append(f"| {r['name']} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['repeats_a_line']:.3f} | "
-                         f"{r['same_opening']:.3f} | {r['empty']:.3f} | {r['mean_words']:.1f} | {r['score']:.3f} |")
+        row = lambda name, m, d: (f"| {name} | {m['distinct_1']:.3f} | {m['distinct_2']:.3f} | "  # noqa: E731
+                                  f"{m['repeats_a_line']:.3f} | {m['same_opening']:.3f} | {m['empty']:.3f} | "
+                                  f"{m['mean_words']:.1f} | {d} |")
+        lines = ["| setting | distinct-1 | distinct-2 | repeats a line | same opening | empty | words | distance |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|", row("**the people's replies**", got["people"], "")]
+        lines += [row(r["name"], r, f"{r['distance']:.3f}") for r in sorted(got["rows"], key=lambda r: r["distance"])]
         text = replace_block(text, "sweep:sampling", f"Host: {got['host']}; model {got['model']}; "
                              f"{got['rows'][0]['replies']} held-in prompts, one reply each, the same seeds "
-                             f"(`python experiments/sweep.py sampling --model ...`). Score = distinct-2 - repeats "
-                             f"a line - same opening - empty.\n\n" + "\n".join(lines))
+                             f"(`python experiments/sweep.py sampling --model ...`). Distance = the sum of the "
+                             f"absolute differences from the people's replies to the same prompts in the five "
+                             f"rates (distinct-1, distinct-2, repeats a line, same opening, empty).\n\n"
+                             + "\n".join(lines))
     results_md.write_text(text)
     print(f"wrote {results_md}", file=sys.stderr)
 
@@ -252,7 +263,7 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default="runs/quickstart", help="a quickstart directory (its corpus and tokens)")
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds of training steps per variant")
-    ap.add_argument("--calibrate", type=int, default=15, help="timed steps that size each variant")
+    ap.add_argument("--calibrate", type=int, default=30, help="timed steps that size each variant")
     ap.add_argument("--only", nargs="*", default=None, help="these variants (default: all)")
     ap.add_argument("--init", default="", help="sft: the pretrained run to fine-tune")
     ap.add_argument("--model", default="", help="sampling: the SFT export whose replies are measured")

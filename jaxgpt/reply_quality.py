@@ -65,18 +65,43 @@ def measures(replies: list[str]) -> dict:
 def contexts(source: str, n: int, seed: int, fits) -> list[list[dict]]:
     """n conversations of `source` in a seeded order, each cut after one of its user turns (chosen at
     random); those that `fits` refuses (a user message longer than the context leaves) are skipped."""
+    return [context for context, _ in _cut(source, n, seed, fits, answered=False)]
+
+
+def exchanges(source: str, n: int, seed: int, fits) -> list[tuple[list[dict], str]]:
+    """As `contexts`, but cut only after user turns the conversation answers, each with that answer:
+    what the people replied, for measuring against the model's replies to the same contexts."""
+    return list(_cut(source, n, seed, fits, answered=True))
+
+
+def _cut(source, n, seed, fits, answered):
     rng = random.Random(seed)
     conversations = dialogs.load(source).conversations
-    out = []
+    found = 0
     for k in rng.sample(range(len(conversations)), len(conversations)):
         c = conversations[k]
-        users = [i for i, m in enumerate(c) if m["role"] == "user"]
-        context = c[:rng.choice(users) + 1]
-        if fits(context):
-            out.append(context)
-            if len(out) == n:
-                break
-    return out
+        users = [i for i, m in enumerate(c) if m["role"] == "user"
+                 and (not answered or (i + 1 < len(c) and c[i + 1]["role"] == "assistant"))]
+        if not users:
+            continue
+        i = rng.choice(users)
+        if fits(c[:i + 1]):
+            yield c[:i + 1], (c[i + 1]["content"] if answered else None)
+            found += 1
+            if found == n:
+                return
+
+
+# the measures a setting is matched on against the people's replies (mean_words is not a rate)
+MATCHED = ("distinct_1", "distinct_2", "repeats_a_line", "same_opening", "empty")
+
+
+def distance(measured: dict, reference: dict) -> float:
+    """How far one set of replies' measures is from another's (the people's replies to the same
+    contexts): the sum of absolute differences of the rates in MATCHED. More random sampling raises
+    distinct-n past the people's, greedier sampling lowers it and raises same_opening, so the
+    setting nearest the people is the one whose replies vary as much as theirs, no more."""
+    return sum(abs(measured[k] - reference[k]) for k in MATCHED)
 
 
 def sample_replies(loaded: runs.Loaded, prompts: list[list[dict]], prompt_seeds: list[int], params: SamplingParams,

@@ -53,3 +53,24 @@ def test_contexts_end_with_a_user_turn_and_are_seeded(tmp_path):
     assert all(c == conversations[int(c[0]["content"][1])][:len(c)] for c in picked)  # prefixes of the originals
     assert all(c[-1]["content"] != "u00" for c in picked)
     assert rq.contexts(f"jsonl:{path}", 5, seed=3, fits=lambda c: c[-1]["content"] != "u00") == picked
+
+
+def test_exchanges_pair_each_context_with_the_reply_it_got(tmp_path):
+    path = tmp_path / "c.jsonl"
+    # dialogue 0 ends on a user turn: that turn has no answer and is never picked
+    conversations = [[{"role": "user", "content": "u00"}, {"role": "assistant", "content": "a01"},
+                      {"role": "user", "content": "u02"}],
+                     [{"role": "user", "content": "u10"}, {"role": "assistant", "content": "a11"}]]
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    pairs = rq.exchanges(f"jsonl:{path}", 5, seed=0, fits=lambda c: True)
+    assert sorted((c[-1]["content"], reply) for c, reply in pairs) == [("u00", "a01"), ("u10", "a11")]
+    assert all(len(c) == 1 for c, _ in pairs)
+
+
+def test_distance_sums_the_rate_differences():
+    ours = {"distinct_1": 0.2, "distinct_2": 0.5, "repeats_a_line": 0.1, "same_opening": 0.3, "empty": 0.0,
+            "mean_words": 12.0}
+    theirs = {"distinct_1": 0.3, "distinct_2": 0.8, "repeats_a_line": 0.0, "same_opening": 0.05, "empty": 0.0,
+              "mean_words": 30.0}
+    assert rq.distance(ours, theirs) == pytest.approx(0.1 + 0.3 + 0.1 + 0.25)  # mean_words is not counted
+    assert rq.distance(ours, ours) == 0.0
