@@ -3,7 +3,7 @@
     python experiments/sweep.py pretrain [--data runs/quickstart] [--budget 150] [--only NAME ...]
     python experiments/sweep.py sft --init RUN [--budget 100] [--only NAME ...]
     python experiments/sweep.py sampling --model EXPORT [--prompts 200]
-    python experiments/sweep.py report          # the tables and PNG plots into experiments/RESULTS.md
+    python experiments/sweep.py report [--out DIR --block NAME]   # tables and PNG plots into experiments/RESULTS.md
 
 --data is a quickstart directory whose first two stages have run (`experiments/quickstart.py`
 makes it; its corpus and 4,096-token BPE are reused, other vocabularies are trained into --out).
@@ -41,32 +41,44 @@ from jaxgpt.generate import SamplingParams  # noqa: E402
 
 LR = lambda peak: [f"optim.lr={peak:g}", f"optim.min_lr={peak / 10:g}"]  # noqa: E731
 
+# The recipe the quickstart shipped with until the first sweep (AdamW 3e-3, 1200 steps); the knobs below
+# were each tried on top of it, and the config file now holds the winner (`recipe`).
+TODAY = ["optim.name=adamw", *LR(3e-3), "train.steps=1200", "train.eval_every=400"]
+
 # name -> (overrides on top of the stage's config, options); one knob at a time from `base`
 PRETRAIN = {
-    "today": ([], {"fixed": True}),  # the recipe as it shipped: 1200 steps, whatever time that takes
-    "base": ([], {}),
-    "adamw_lr1.5e-3": (LR(1.5e-3), {}),
-    "adamw_lr6e-3": (LR(6e-3), {}),
-    "wsd": (["optim.schedule=wsd"], {}),
-    "muon": (["optim.name=muon"], {}),
-    "muon_lr0.04": (["optim.name=muon", "optim.muon_lr=0.04"], {}),
-    "muon_adamw6e-3": (["optim.name=muon", *LR(6e-3)], {}),
-    "muon_vocab2048": (["optim.name=muon"], {"vocab": 2048}),
-    "layers3": (["model.n_layer=3"], {}),
-    "d96_h4_kv2": (["model.d_model=96"], {}),
-    "bf16": (["model.dtype=bfloat16"], {}),
-    "d192_h6_kv3": (["model.d_model=192", "model.n_head=6", "model.n_kv_head=3"], {}),
-    "d256_h8_kv4": (["model.d_model=256", "model.n_head=8", "model.n_kv_head=4"], {}),
-    "layers6": (["model.n_layer=6"], {}),
-    "kv4": (["model.n_kv_head=4"], {}),
-    "seq256_b8": (["model.seq_len=256", "data.batch_size=8"], {}),
-    "batch8": (["data.batch_size=8"], {}),
-    "batch32": (["data.batch_size=32"], {}),
-    "vocab2048": ([], {"vocab": 2048}),
-    "vocab8192": ([], {"vocab": 8192}),
-    "tied": (["model.tie_embeddings=true"], {}),
-    "init0.01": (["model.init_std=0.01"], {}),
+    "today": (TODAY, {"fixed": True}),  # the old recipe as it shipped: 1200 steps, whatever time that takes
+    "recipe": ([], {}),  # experiments/configs/chitchat_pretrain.py as it is now
+    "base": (TODAY, {}),
+    "adamw_lr1.5e-3": ([*TODAY, *LR(1.5e-3)], {}),
+    "adamw_lr6e-3": ([*TODAY, *LR(6e-3)], {}),
+    "wsd": ([*TODAY, "optim.schedule=wsd"], {}),
+    "muon": ([*TODAY, "optim.name=muon"], {}),
+    "muon_lr0.04": ([*TODAY, "optim.name=muon", "optim.muon_lr=0.04"], {}),
+    "muon_adamw6e-3": ([*TODAY, "optim.name=muon", *LR(6e-3)], {}),
+    "muon_vocab2048": ([*TODAY, "optim.name=muon"], {"vocab": 2048}),
+    "layers3": ([*TODAY, "model.n_layer=3"], {}),
+    "d96_h4_kv2": ([*TODAY, "model.d_model=96"], {}),
+    "bf16": ([*TODAY, "model.dtype=bfloat16"], {}),
+    "d192_h6_kv3": ([*TODAY, "model.d_model=192", "model.n_head=6", "model.n_kv_head=3"], {}),
+    "d256_h8_kv4": ([*TODAY, "model.d_model=256", "model.n_head=8", "model.n_kv_head=4"], {}),
+    "layers6": ([*TODAY, "model.n_layer=6"], {}),
+    "kv4": ([*TODAY, "model.n_kv_head=4"], {}),
+    "seq256_b8": ([*TODAY, "model.seq_len=256", "data.batch_size=8"], {}),
+    "batch8": ([*TODAY, "data.batch_size=8"], {}),
+    "batch32": ([*TODAY, "data.batch_size=32"], {}),
+    "vocab2048": ([*TODAY], {"vocab": 2048}),
+    "vocab8192": ([*TODAY], {"vocab": 8192}),
+    "tied": ([*TODAY, "model.tie_embeddings=true"], {}),
+    "init0.01": ([*TODAY, "model.init_std=0.01"], {}),
+    # on top of the recipe at batch 16 (Muon, AdamW 6e-3), for budgets as long as the quickstart's stage,
+    # where bigger models and batches may pay; the config file took batch 32 from this comparison
+    "recipe_batch16": (["data.batch_size=16"], {}),
+    "recipe_batch16_d192": (["data.batch_size=16", "model.d_model=192", "model.n_head=6", "model.n_kv_head=3"], {}),
+    "recipe_batch16_layers6": (["data.batch_size=16", "model.n_layer=6"], {}),
+    "recipe_batch16_muon_lr0.04": (["data.batch_size=16", "optim.muon_lr=0.04"], {}),
 }
+
 
 SFT = {
     "base": ([], {}),
@@ -80,7 +92,7 @@ SFT = {
 SAMPLING = {  # name -> SamplingParams fields; each on the same held-in prompts and seeds
     f"t{t}_p{p}_rp{rp}": dict(temperature=t, top_p=p, repetition_penalty=rp)
     for t in (0.6, 0.7, 0.8, 0.9, 1.0) for p in (0.9, 1.0) for rp in (1.0, 1.2)}
-SAMPLING["t0.7_k40 (chat_sft.py today)"] = dict(temperature=0.7, top_k=40)
+SAMPLING["t0.7_k40 (the old default)"] = dict(temperature=0.7, top_k=40)
 
 
 def host() -> str:
@@ -204,13 +216,18 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 
 def table(results: list[dict]) -> str:
-    base = next((r["val_bpb"] for r in results if r["name"] == "base"), None)
-    lines = ["| variant | overrides | params | ms/step | steps | tokens | train s | held-out bpb | vs base |",
+    ref = next((r for name in ("base", "today") for r in results if r["name"] == name), None)
+    base = ref and ref["val_bpb"]
+    lines = [f"| variant | what it runs | params | ms/step | steps | tokens | train s | held-out bpb | "
+             f"vs {ref['name'] if ref else 'base'} |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(results, key=lambda r: r["val_bpb"]):
-        knobs = " ".join(r["overrides"] + [f"{k}={v}" for k, v in r["options"].items()]) or "(config file)"
+        old_recipe = r["stage"] == "pretrain" and all(o in r["overrides"] for o in TODAY)
+        own = [o for o in r["overrides"] if not (old_recipe and o in TODAY)]
+        own += [f"{k}={v}" for k, v in r["options"].items()]
+        knobs = ("old recipe" if old_recipe else "config file") + (f" + `{' '.join(own)}`" if own else "")
         delta = f"{r['val_bpb'] - base:+.4f}" if base is not None else ""
-        lines.append(f"| {r['name']} | `{knobs}` | {r['params'] / 1e6:.2f}M | {r['calibrated_ms_per_step']} | "
+        lines.append(f"| {r['name']} | {knobs} | {r['params'] / 1e6:.2f}M | {r['calibrated_ms_per_step']} | "
                      f"{r['steps']} | {r['tokens'] / 1e6:.2f}M | {r['train_s']} | {r['val_bpb']:.4f} | {delta} |")
     return "\n".join(lines)
 
@@ -222,14 +239,23 @@ def report(args) -> None:
         results = [json.loads(p.read_text()) for p in sorted((Path(args.out) / stage).glob("*.json"))]
         if not results:
             continue
-        png = ROOT / f"experiments/sweep_{stage}.png"
+        png = ROOT / f"experiments/{args.block}_{stage}.png"
         budgets = sorted({r["budget_s"] for r in results if r["budget_s"]})
         budget = ", ".join(f"{b:g}" for b in budgets) or "none"
         plot(results, png, f"quickstart {stage}: held-out bpb, {budget} s budget per variant\n{results[0]['host']}")
+        out = os.path.relpath(args.out, Path.cwd())
+        # report is given the --data (and for sft --init) the sweep ran with: the results do not hold them
+        sources = [f"--data {os.path.relpath(args.data, Path.cwd())}"]
+        if stage == "sft" and args.init:
+            sources.append(f"--init {os.path.relpath(args.init, Path.cwd())}")
+        command = " ".join([f"python experiments/sweep.py {stage}", *sources, f"--out {out}",
+                            *[f"--budget {b:g}" for b in budgets],
+                            "--only", *sorted(r["name"] for r in results)])
         block = (f"Host: {results[0]['host']}. Budget per variant: {budget} s of training steps "
-                 f"(`python experiments/sweep.py {stage} --budget {budget}`, then "
-                 f"`python experiments/sweep.py report`).\n\n{table(results)}\n\n![{stage} sweep](sweep_{stage}.png)")
-        text = replace_block(text, f"sweep:{stage}", block)
+                 f"(`{command}`, then `python experiments/sweep.py report {' '.join(sources)} --out {out} "
+                 f"--block {args.block}`)."
+                 f"\n\n{table(results)}\n\n![{stage} sweep]({args.block}_{stage}.png)")
+        text = replace_block(text, f"{args.block}:{stage}", block)
     sampling = Path(args.out) / "sampling/results.json"
     if sampling.is_file():
         got = json.loads(sampling.read_text())
@@ -269,6 +295,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="", help="sampling: the SFT export whose replies are measured")
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--block", default="sweep", help="report: the RESULTS.md block and PNG names (BLOCK:STAGE)")
     args = ap.parse_args(argv)
     args.data, args.out = str(Path(args.data).absolute()), str(Path(args.out).absolute())
     hardware.tune_host()

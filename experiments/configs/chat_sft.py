@@ -27,6 +27,7 @@ def get_config() -> Config:
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, schedule="cosine", warmup_steps=50, b1=0.9, b2=0.99,
                           weight_decay=0.0, clip_norm=1.0),
         train=TrainConfig(steps=400, out_dir="runs/chat_sft", log_every=25, eval_every=200, samples=0),
-        # the model's sampling defaults (talk, serve, sample): chosen by experiments/sweep.py sampling
-        sample=SampleConfig(temperature=0.7, top_k=40, max_new_tokens=60),
+        # the model's sampling defaults (talk, serve, sample): of experiments/sweep.py sampling's grid, the
+        # setting whose reply measures came nearest the people's own replies to the same contexts
+        sample=SampleConfig(temperature=1.0, top_p=0.9, max_new_tokens=60),
     )

@@ -1,5 +1,8 @@
 """Pretraining a small llama-preset model on chitchat conversations as plain text (the quickstart's
-first training stage; sized for a 2-core CPU: about 4 minutes).
+first training stage; sized for a 2-core CPU: about 8 minutes on the slowest host measured). The recipe
+is the best of experiments/sweep.py's variants at equal wall time (experiments/RESULTS.md): Muon on the
+hidden matrices, AdamW at 6e-3 on the embeddings, head and norms, batch 32 (at the quickstart's budget
+the larger batch beat 16; at 100 s it lost).
 
     python -m jaxgpt.data prepare prepare.source=chitchat prepare.tokenizer=bpe:4096 prepare.out=data/chitchat
     python -m jaxgpt.train experiments/configs/chitchat_pretrain.py data.dir=data/chitchat
@@ -10,9 +13,9 @@ from jaxgpt.config import Config, DataConfig, ModelConfig, OptimConfig, TrainCon
 def get_config() -> Config:
     return Config(
         model=ModelConfig(preset="llama", n_layer=4, n_head=4, n_kv_head=2, d_model=128, seq_len=128),
-        data=DataConfig(tokenizer="bpe:4096", batch_size=16, segments=True),
-        optim=OptimConfig(lr=3e-3, min_lr=3e-4, schedule="cosine", warmup_steps=100, b1=0.9, b2=0.99,
-                          weight_decay=0.1, clip_norm=1.0),
-        train=TrainConfig(steps=1200, out_dir="runs/chitchat_pretrain", log_every=50, eval_every=400,
+        data=DataConfig(tokenizer="bpe:4096", batch_size=32, segments=True),
+        optim=OptimConfig(name="muon", lr=6e-3, min_lr=6e-4, schedule="cosine", warmup_steps=100, b1=0.9,
+                          b2=0.99, weight_decay=0.1, clip_norm=1.0),
+        train=TrainConfig(steps=620, out_dir="runs/chitchat_pretrain", log_every=50, eval_every=310,
                           samples=0),
     )

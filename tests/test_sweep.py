@@ -1,0 +1,44 @@
+"""experiments/sweep.py's table and RESULTS.md blocks (the training it drives is train.py's, tested there)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+import sweep  # noqa: E402
+
+
+def result(name, overrides, bpb, stage="pretrain", options=None):
+    return {"stage": stage, "name": name, "overrides": overrides, "options": options or {}, "params": 1_836_160,
+            "calibrated_ms_per_step": 250.0, "steps": 400, "tokens": 819_200, "train_s": 99.5, "val_bpb": bpb}
+
+
+def test_table_sorts_by_bpb_and_shows_what_each_variant_stands_on():
+    rows = sweep.table([result("base", sweep.TODAY, 1.9), result("muon", [*sweep.TODAY, "optim.name=muon"], 1.85),
+                        result("recipe", [], 1.8), result("vocab2048", sweep.TODAY, 1.95, options={"vocab": 2048})])
+    header, _, *lines = rows.splitlines()
+    assert header.endswith("| held-out bpb | vs base |")
+    assert [line.split(" | ")[0] for line in lines] == ["| recipe", "| muon", "| base", "| vocab2048"]
+    # the old recipe's overrides (TODAY) are named as such, not listed; the config file is named too
+    assert [line.split(" | ")[1] for line in lines] == [
+        "config file", "old recipe + `optim.name=muon`", "old recipe", "old recipe + `vocab=2048`"]
+    assert [line.split(" | ")[-1] for line in lines] == ["-0.1000 |", "-0.0500 |", "+0.0000 |", "+0.0500 |"]
+    assert lines[1] == "| muon | old recipe + `optim.name=muon` | 1.84M | 250.0 | 400 | 0.82M | 99.5 | 1.8500 | -0.0500 |"
+
+
+def test_without_base_the_rows_are_compared_with_today():
+    header, _, *lines = sweep.table([result("today", sweep.TODAY, 1.7, options={"fixed": True}),
+                                     result("recipe", [], 1.64)]).splitlines()
+    assert header.endswith("| vs today |")
+    assert lines == ["| recipe | config file | 1.84M | 250.0 | 400 | 0.82M | 99.5 | 1.6400 | -0.0600 |",
+                     "| today | old recipe + `fixed=True` | 1.84M | 250.0 | 400 | 0.82M | 99.5 | 1.7000 | +0.0000 |"]
+
+
+def test_sft_rows_keep_every_override():
+    (line,) = sweep.table([result("lr3e-3", ["optim.lr=0.003"], 1.7, stage="sft")]).splitlines()[2:]
+    assert line.split(" | ")[1] == "config file + `optim.lr=0.003`" and line.endswith("| 1.7000 |  |")
+
+
+def test_replace_block_rewrites_its_own_block_and_appends_a_new_one():
+    text = "intro\n<!-- a:pretrain -->\nold\n<!-- /a:pretrain -->\nafter\n"
+    assert sweep.replace_block(text, "a:pretrain", "new") == "intro\n<!-- a:pretrain -->\nnew\n<!-- /a:pretrain -->\nafter\n"
+    assert sweep.replace_block(text, "b:sft", "x") == text + "\n<!-- b:sft -->\nx\n<!-- /b:sft -->\n"
