@@ -3,7 +3,7 @@
     python experiments/sweep.py pretrain [--data runs/quickstart] [--budget 150] [--only NAME ...]
     python experiments/sweep.py sft --init RUN [--budget 100] [--only NAME ...]
     python experiments/sweep.py sampling --model EXPORT [--prompts 200]
-    python experiments/sweep.py report [--out DIR --block NAME]   # tables and PNG plots into experiments/RESULTS.md
+    python experiments/sweep.py report [--data D --init RUN --out DIR --block NAME]  # into experiments/RESULTS.md
 
 --data is a quickstart directory whose first two stages have run (`experiments/quickstart.py`
 makes it; its corpus and 4,096-token BPE are reused, other vocabularies are trained into --out).
@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import shutil
 import sys
 import time
@@ -45,40 +43,50 @@ LR = lambda peak: [f"optim.lr={peak:g}", f"optim.min_lr={peak / 10:g}"]  # noqa:
 # were each tried on top of it, and the config file now holds the winner (`recipe`).
 TODAY = ["optim.name=adamw", *LR(3e-3), "train.steps=1200", "train.eval_every=400"]
 
+
+def old(*knobs, **options):
+    """A variant on top of the old recipe: (overrides on top of the stage's config, options)."""
+    return [*TODAY, *knobs], options
+
+
+def batch16(*knobs):
+    """A variant on top of the recipe at batch 16, as it was before it took batch 32."""
+    return ["data.batch_size=16", *knobs], {}
+
+
 # name -> (overrides on top of the stage's config, options); one knob at a time from `base`
 PRETRAIN = {
-    "today": (TODAY, {"fixed": True}),  # the old recipe as it shipped: 1200 steps, whatever time that takes
+    "today": old(fixed=True),  # the old recipe as it shipped: 1200 steps, whatever time that takes
     "recipe": ([], {}),  # experiments/configs/chitchat_pretrain.py as it is now
-    "base": (TODAY, {}),
-    "adamw_lr1.5e-3": ([*TODAY, *LR(1.5e-3)], {}),
-    "adamw_lr6e-3": ([*TODAY, *LR(6e-3)], {}),
-    "wsd": ([*TODAY, "optim.schedule=wsd"], {}),
-    "muon": ([*TODAY, "optim.name=muon"], {}),
-    "muon_lr0.04": ([*TODAY, "optim.name=muon", "optim.muon_lr=0.04"], {}),
-    "muon_adamw6e-3": ([*TODAY, "optim.name=muon", *LR(6e-3)], {}),
-    "muon_vocab2048": ([*TODAY, "optim.name=muon"], {"vocab": 2048}),
-    "layers3": ([*TODAY, "model.n_layer=3"], {}),
-    "d96_h4_kv2": ([*TODAY, "model.d_model=96"], {}),
-    "bf16": ([*TODAY, "model.dtype=bfloat16"], {}),
-    "d192_h6_kv3": ([*TODAY, "model.d_model=192", "model.n_head=6", "model.n_kv_head=3"], {}),
-    "d256_h8_kv4": ([*TODAY, "model.d_model=256", "model.n_head=8", "model.n_kv_head=4"], {}),
-    "layers6": ([*TODAY, "model.n_layer=6"], {}),
-    "kv4": ([*TODAY, "model.n_kv_head=4"], {}),
-    "seq256_b8": ([*TODAY, "model.seq_len=256", "data.batch_size=8"], {}),
-    "batch8": ([*TODAY, "data.batch_size=8"], {}),
-    "batch32": ([*TODAY, "data.batch_size=32"], {}),
-    "vocab2048": ([*TODAY], {"vocab": 2048}),
-    "vocab8192": ([*TODAY], {"vocab": 8192}),
-    "tied": ([*TODAY, "model.tie_embeddings=true"], {}),
-    "init0.01": ([*TODAY, "model.init_std=0.01"], {}),
+    "base": old(),
+    "adamw_lr1.5e-3": old(*LR(1.5e-3)),
+    "adamw_lr6e-3": old(*LR(6e-3)),
+    "wsd": old("optim.schedule=wsd"),
+    "muon": old("optim.name=muon"),
+    "muon_lr0.04": old("optim.name=muon", "optim.muon_lr=0.04"),
+    "muon_adamw6e-3": old("optim.name=muon", *LR(6e-3)),
+    "muon_vocab2048": old("optim.name=muon", vocab=2048),
+    "layers3": old("model.n_layer=3"),
+    "d96_h4_kv2": old("model.d_model=96"),
+    "bf16": old("model.dtype=bfloat16"),
+    "d192_h6_kv3": old("model.d_model=192", "model.n_head=6", "model.n_kv_head=3"),
+    "d256_h8_kv4": old("model.d_model=256", "model.n_head=8", "model.n_kv_head=4"),
+    "layers6": old("model.n_layer=6"),
+    "kv4": old("model.n_kv_head=4"),
+    "seq256_b8": old("model.seq_len=256", "data.batch_size=8"),
+    "batch8": old("data.batch_size=8"),
+    "batch32": old("data.batch_size=32"),
+    "vocab2048": old(vocab=2048),
+    "vocab8192": old(vocab=8192),
+    "tied": old("model.tie_embeddings=true"),
+    "init0.01": old("model.init_std=0.01"),
     # on top of the recipe at batch 16 (Muon, AdamW 6e-3), for budgets as long as the quickstart's stage,
     # where bigger models and batches may pay; the config file took batch 32 from this comparison
-    "recipe_batch16": (["data.batch_size=16"], {}),
-    "recipe_batch16_d192": (["data.batch_size=16", "model.d_model=192", "model.n_head=6", "model.n_kv_head=3"], {}),
-    "recipe_batch16_layers6": (["data.batch_size=16", "model.n_layer=6"], {}),
-    "recipe_batch16_muon_lr0.04": (["data.batch_size=16", "optim.muon_lr=0.04"], {}),
+    "recipe_batch16": batch16(),
+    "recipe_batch16_d192": batch16("model.d_model=192", "model.n_head=6", "model.n_kv_head=3"),
+    "recipe_batch16_layers6": batch16("model.n_layer=6"),
+    "recipe_batch16_muon_lr0.04": batch16("optim.muon_lr=0.04"),
 }
-
 
 SFT = {
     "base": ([], {}),
@@ -96,11 +104,7 @@ SAMPLING["t0.7_k40 (the old default)"] = dict(temperature=0.7, top_k=40)
 
 
 def host() -> str:
-    name = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file() and (m := re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)):
-        name = m.group(1).strip()
-    return f"{name}, {os.cpu_count()} cores"
+    return f"{hardware.cpu_name()}, {os.cpu_count()} cores"
 
 
 def tokens_for(data: Path, out: Path, vocab: int, seed: int) -> Path:

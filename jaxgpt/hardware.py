@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import platform
+import re
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,16 @@ PEAK_BF16 = {
     "TPU v6 lite": 918e12,  # v6e (Trillium)
     "TPU v6e": 918e12,
 }
+
+
+def cpu_name() -> str:
+    """The CPU's model name as `lscpu` shows it (/proc/cpuinfo on Linux), for the host line beside a timing."""
+    try:
+        if m := re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M):
+            return m.group(1).strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def best_seconds(fn, x, repeats: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -56,3 +57,12 @@ def test_peak_flops_from_the_table_or_measured_on_cpu():
     assert hardware.peak_flops(v5e) == (197e12, "datasheet bf16 TPU v5 lite")
     flops, source = hardware.peak_flops(SimpleNamespace(device_kind="cpu", platform="cpu"))
     assert source == "measured fp32 matmul" and flops > 1e9
+
+
+def test_cpu_name_is_the_model_name_lscpu_shows():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo (not Linux)")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")]
+    assert hardware.cpu_name() == (names[0] if names else hardware.platform.processor() or hardware.platform.machine())

@@ -22,7 +22,8 @@ def test_table_sorts_by_bpb_and_shows_what_each_variant_stands_on():
     assert [line.split(" | ")[1] for line in lines] == [
         "config file", "old recipe + `optim.name=muon`", "old recipe", "old recipe + `vocab=2048`"]
     assert [line.split(" | ")[-1] for line in lines] == ["-0.1000 |", "-0.0500 |", "+0.0000 |", "+0.0500 |"]
-    assert lines[1] == "| muon | old recipe + `optim.name=muon` | 1.84M | 250.0 | 400 | 0.82M | 99.5 | 1.8500 | -0.0500 |"
+    assert lines[1] == ("| muon | old recipe + `optim.name=muon` | 1.84M | 250.0 | 400 | 0.82M | 99.5 | 1.8500 | "
+                        "-0.0500 |")
 
 
 def test_without_base_the_rows_are_compared_with_today():
@@ -40,5 +41,6 @@ def test_sft_rows_keep_every_override():
 
 def test_replace_block_rewrites_its_own_block_and_appends_a_new_one():
     text = "intro\n<!-- a:pretrain -->\nold\n<!-- /a:pretrain -->\nafter\n"
-    assert sweep.replace_block(text, "a:pretrain", "new") == "intro\n<!-- a:pretrain -->\nnew\n<!-- /a:pretrain -->\nafter\n"
+    assert sweep.replace_block(text, "a:pretrain", "new") == (
+        "intro\n<!-- a:pretrain -->\nnew\n<!-- /a:pretrain -->\nafter\n")
     assert sweep.replace_block(text, "b:sft", "x") == text + "\n<!-- b:sft -->\nx\n<!-- /b:sft -->\n"
