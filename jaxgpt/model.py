@@ -296,7 +296,10 @@ class Transformer(nn.Module):
             # one row (decoding one sequence): XLA:CPU fuses this upcast into its matvec loop, 5x
             # faster than a half-precision matvec (768x50304: 33 vs 6 GFLOP/s), the same products
             x_BxLxD, w_DxV = x_BxLxD.astype(jnp.float32), w_DxV.astype(jnp.float32)
-        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV, preferred_element_type=jnp.float32)
+        # one 2-D matmul, as in Dense: from the 3-D einsum XLA:CPU made a transposed copy of the [B*L, V]
+        # logits gradient for the weight gradient (quickstart step, head forward + backward: 272 vs 115 ms)
+        B, L = x_BxLxD.shape[:2]
+        logits_BxLxV = jnp.dot(x_BxLxD.reshape(B * L, D), w_DxV, preferred_element_type=jnp.float32).reshape(B, L, V)
         if cfg.logit_softcap > 0:
             logits_BxLxV = cfg.logit_softcap * jnp.tanh(logits_BxLxV / cfg.logit_softcap)
         return logits_BxLxV
