@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from jaxgpt import chat, dialogs, evaluate, export, hardware, prepare, reply_quality, runs, sample
+from jaxgpt import bench, chat, dialogs, evaluate, export, hardware, prepare, reply_quality, runs, sample
 from jaxgpt import config as config_lib
 from jaxgpt import train as train_lib
 from jaxgpt.generate import SamplingParams
@@ -47,6 +48,45 @@ SCALES = {  # overrides on top of the config files, per stage
                          "optim.min_lr=1e-4", "train.steps=6000"],
             "sft": ["data.batch_size=64", "optim.lr=1e-4", "optim.min_lr=1e-5", "train.steps=1500"]},
 }
+
+
+# With --fit-budget: seconds of training steps per stage, by scale; each stage's step is timed first and
+# the stage trains for as many steps as fit, its schedule sized to them (hosts measured so far differ 2x in
+# speed): the budgets at which experiments/sweep.py compared the recipes, and the time the config files'
+# step counts take on the slowest host measured. None: the config files' step counts.
+BUDGET_S = {"cpu": {"pretrain": 400, "sft": 100}, "gpu": None}
+
+
+def host() -> str:
+    """The host line beside a timing."""
+    return f"{hardware.cpu_name()}, {os.cpu_count()} cores"
+
+
+def steps_for(cfg: config_lib.Config, seconds: float, calibrate: int, batches=None) -> tuple[int, dict]:
+    """(steps of cfg's train step that take about `seconds` on this host, the timing): a compiled
+    step, 3 warm-up steps, then `calibrate` timed ones (bench.bench_train, on `batches` if opened
+    already); the run's first step compiles again, so the compile is counted in the seconds."""
+    timing = bench.bench_train(cfg, steps=calibrate, warmup=3, batches=batches)
+    return max(int((seconds - timing["compile_s"]) / (timing["ms_per_iter"] / 1e3)), 40), timing
+
+
+def sized(cfg: config_lib.Config, out: Path, name: str, seconds: float | None, calibrate: int = 10, batches=None):
+    """cfg with the steps that fit `seconds` (None: its own), planned once: the plan is kept in
+    OUT/NAME.plan.json, so a re-run after an interruption resumes the same schedule."""
+    if seconds is None:
+        return cfg
+    plan_path = out / f"{name}.plan.json"
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+    else:
+        steps, timing = steps_for(cfg, seconds, calibrate, batches)
+        plan = {"steps": steps, "config_steps": cfg.train.steps, "budget_s": seconds,
+                "ms_per_step": timing["ms_per_iter"], "host": host()}
+        plan_path.write_text(json.dumps(plan, indent=2))
+    print(f"[{name}] {plan['steps']} steps (the config file: {plan['config_steps']}): {plan['budget_s']:g} s at "
+          f"{plan['ms_per_step']:.0f} ms/step on this host", file=sys.stderr)
+    steps = plan["steps"]
+    return config_lib.apply_overrides(cfg, [f"train.steps={steps}", f"train.eval_every={max(steps // 2, 1)}"])
 
 
 def stage(out: Path, name: str, work) -> dict:
@@ -152,28 +192,40 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--replies", type=int, default=200, help="held-out user turns the reply measures use")
+    ap.add_argument("--fit-budget", action="store_true",
+                    help="size each stage by BUDGET_S on this host (its step timed first) instead of training "
+                         "the config files' step counts, the same run on every host. On a VM whose hypervisor "
+                         "takes a varying share of the CPU the timing misleads: 558 and 1096 ms for the same "
+                         "step 20 minutes apart on one host")
     args = ap.parse_args(argv)
     hardware.tune_host()
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, ticks = time.perf_counter(), hardware.cpu_ticks()
 
     stage(out, "1_data", lambda: split_data(out, args.seed))
     stage(out, "2_tokenizer", lambda: tokenize(out, args.vocab, args.seed))
-    pre = stage(out, "3_pretrain", lambda: train_lib.train(pretrain_config(out, args.scale)))
-    sft_cfg = sft_config(out, args.scale)
+    budget = (BUDGET_S[args.scale] or {}) if args.fit_budget else {}
+
+    def train_stage(name: str, cfg: config_lib.Config) -> dict:
+        cfg, batches = train_lib.open_run_batches(cfg)  # once, for the step's timing and the run
+        return train_lib.train(sized(cfg, out, name, budget.get(name.split("_", 1)[1]), batches=batches),
+                               batches=batches)
+
+    pre = stage(out, "3_pretrain", lambda: train_stage("3_pretrain", pretrain_config(out, args.scale)))
     before = stage(out, "4_sft_baseline", lambda: chat_eval(out, out / "pretrain"))
-    stage(out, "5_sft", lambda: train_lib.train(sft_cfg))
-    after = stage(out, "6_sft_eval", lambda: chat_eval(out, out / "sft"))
+    sft = stage(out, "5_sft", lambda: train_stage("5_sft", sft_config(out, args.scale)))
+    # the SFT run's own final evaluation is chat_eval's, on the same held-out conversations
+    after = {"loss": sft["val_loss"], "bits_per_byte": sft["val_bpb"]}
     export.export_run(out / "sft", out / "export")
-    talk = stage(out, "7_examples", lambda: {"exchanges": examples(out / "export")})
-    measured = stage(out, "8_reply_measures", lambda: reply_measures(out, out / "export", args.replies, args.seed))
+    talk = stage(out, "6_examples", lambda: {"exchanges": examples(out / "export")})
+    measured = stage(out, "7_reply_measures", lambda: reply_measures(out, out / "export", args.replies, args.seed))
 
     print("\n=== jaxgpt quickstart ===")
-    print(f"held-out text, bits per byte after pretraining: {pre['val_bpb']:.4f}")
+    print(f"held-out text, bits per byte after pretraining ({pre['step']} steps): {pre['val_bpb']:.4f}")
     print(f"held-out conversations, assistant tokens:  pretrained loss {before['loss']:.4f} "
           f"({before['bits_per_byte']:.4f} bpb)  ->  fine-tuned loss {after['loss']:.4f} "
-          f"({after['bits_per_byte']:.4f} bpb)")
+          f"({after['bits_per_byte']:.4f} bpb; {sft['step']} steps)")
     for ex in talk["exchanges"]:
         print(f"\nuser:      {ex['user']}\nassistant: {ex['assistant']}")
     print(f"\nreplies to {measured['replies']} held-out user turns: distinct-1 {measured['distinct_1']:.3f}, "
@@ -183,7 +235,10 @@ def main(argv=None) -> None:
     print(f"the people's own replies to them:   distinct-1 {people['distinct_1']:.3f}, "
           f"distinct-2 {people['distinct_2']:.3f}, repeat a line {people['repeats_a_line']:.3f}, "
           f"open like another {people['same_opening']:.3f}, empty {people['empty']:.3f}")
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s; the model is in {out / 'export'}. Talk to it:")
+    steal = hardware.steal_share(ticks, hardware.cpu_ticks())
+    # a VM's hypervisor can take a share of the CPU that varies by the minute: it slows every timing above
+    stolen = f" ({100 * steal:.0f}% of the CPU time taken by the hypervisor)" if steal is not None else ""
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s{stolen}; the model is in {out / 'export'}. Talk to it:")
     print(f"  python -m jaxgpt.talk {out / 'export'}")
 
 

@@ -3,7 +3,7 @@
     python experiments/sweep.py pretrain [--data runs/quickstart] [--budget 150] [--only NAME ...]
     python experiments/sweep.py sft --init RUN [--budget 100] [--only NAME ...]
     python experiments/sweep.py sampling --model EXPORT [--prompts 200]
-    python experiments/sweep.py report [--data D --init RUN --out DIR --block NAME]  # into experiments/RESULTS.md
+    python experiments/sweep.py report [--out DIR --block NAME]  # into experiments/RESULTS.md
 
 --data is a quickstart directory whose first two stages have run (`experiments/quickstart.py`
 makes it; its corpus and 4,096-token BPE are reused, other vocabularies are trained into --out).
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import quickstart  # noqa: E402
 
-from jaxgpt import bench, chat, hardware, reply_quality, runs  # noqa: E402
+from jaxgpt import chat, hardware, reply_quality, runs  # noqa: E402
 from jaxgpt import config as config_lib  # noqa: E402
 from jaxgpt import train as train_lib  # noqa: E402
 from jaxgpt.generate import SamplingParams  # noqa: E402
@@ -41,7 +41,7 @@ LR = lambda peak: [f"optim.lr={peak:g}", f"optim.min_lr={peak / 10:g}"]  # noqa:
 
 # The recipe the quickstart shipped with until the first sweep (AdamW 3e-3, 1200 steps); the knobs below
 # were each tried on top of it, and the config file now holds the winner (`recipe`).
-TODAY = ["optim.name=adamw", *LR(3e-3), "train.steps=1200", "train.eval_every=400"]
+TODAY = ["optim.name=adamw", *LR(3e-3), "data.batch_size=16", "train.steps=1200", "train.eval_every=400"]
 
 
 def old(*knobs, **options):
@@ -86,6 +86,14 @@ PRETRAIN = {
     "recipe_batch16_d192": batch16("model.d_model=192", "model.n_head=6", "model.n_kv_head=3"),
     "recipe_batch16_layers6": batch16("model.n_layer=6"),
     "recipe_batch16_muon_lr0.04": batch16("optim.muon_lr=0.04"),
+    # on top of the recipe once the output head's matmul no longer made XLA:CPU copy its gradient (a step
+    # 1.46x faster, the head's share of it 41% -> 25%): a larger vocabulary, model or context may now pay
+    "recipe_vocab8192": ([], {"vocab": 8192}),
+    "recipe_vocab2048": ([], {"vocab": 2048}),
+    "recipe_seq256_b16": (["model.seq_len=256", "data.batch_size=16"], {}),
+    "recipe_layers6": (["model.n_layer=6"], {}),
+    "recipe_batch64": (["data.batch_size=64"], {}),
+    "recipe_d192": (["model.d_model=192", "model.n_head=6", "model.n_kv_head=3"], {}),
 }
 
 SFT = {
@@ -101,10 +109,6 @@ SAMPLING = {  # name -> SamplingParams fields; each on the same held-in prompts 
     f"t{t}_p{p}_rp{rp}": dict(temperature=t, top_p=p, repetition_penalty=rp)
     for t in (0.6, 0.7, 0.8, 0.9, 1.0) for p in (0.9, 1.0) for rp in (1.0, 1.2)}
 SAMPLING["t0.7_k40 (the old default)"] = dict(temperature=0.7, top_k=40)
-
-
-def host() -> str:
-    return f"{hardware.cpu_name()}, {os.cpu_count()} cores"
 
 
 def tokens_for(data: Path, out: Path, vocab: int, seed: int) -> Path:
@@ -148,10 +152,9 @@ def run_variant(stage: str, name: str, args) -> dict:
         print(f"[{stage}/{name}] done before: reusing it", file=sys.stderr)
         return json.loads(result_path.read_text())
     cfg = stage_config(stage, args, overrides, options)
-    timing = bench.bench_train(cfg, steps=args.calibrate, warmup=3)
+    steps, timing = quickstart.steps_for(cfg, args.budget, args.calibrate)
     step_s = timing["ms_per_iter"] / 1e3
-    # the run's train_s counts its first step's compile too
-    steps = cfg.train.steps if options.get("fixed") else max(int((args.budget - timing["compile_s"]) / step_s), 40)
+    steps = cfg.train.steps if options.get("fixed") else steps
     run_dir = where / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = config_lib.apply_overrides(cfg, [
@@ -167,8 +170,9 @@ def run_variant(stage: str, name: str, args) -> dict:
     result = {"stage": stage, "name": name, "overrides": overrides, "options": options, "params": timing["params"],
               "calibrated_ms_per_step": round(step_s * 1e3, 2), "steps": steps,
               "tokens": steps * cfg.data.batch_size * cfg.model.seq_len, "train_s": round(rows[-1]["train_s"], 1),
-              "wall_s": round(wall, 1), "val_bpb": curve[-1][1], "curve": curve, "host": host(),
-              "budget_s": None if options.get("fixed") else args.budget}
+              "wall_s": round(wall, 1), "val_bpb": curve[-1][1], "curve": curve, "host": quickstart.host(),
+              "budget_s": None if options.get("fixed") else args.budget,
+              "data": args.data, "init": args.init if stage == "sft" else ""}  # what report's command names
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the export stays, for the SFT sweep
     where.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1))
@@ -195,7 +199,7 @@ def run_sampling(args) -> list[dict]:
     where = Path(args.out) / "sampling"
     where.mkdir(parents=True, exist_ok=True)
     (where / "results.json").write_text(json.dumps(
-        {"model": args.model, "host": host(), "people": theirs, "rows": rows}, indent=1))
+        {"model": args.model, "host": quickstart.host(), "people": theirs, "rows": rows}, indent=1))
     return rows
 
 
@@ -236,6 +240,22 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sweep_sources(results: list[dict], args) -> list[str]:
+    """The --data (and for sft --init) flags the results were run with; results written before they
+    recorded theirs take report's own flags. Several different ones are refused: one command cannot
+    name them."""
+    stage = results[0]["stage"]
+    flags = [("--data", "data")] + ([("--init", "init")] if stage == "sft" else [])
+    sources = []
+    for flag, key in flags:
+        seen = {r.get(key) or getattr(args, key) for r in results} - {""}
+        if len(seen) > 1:
+            raise SystemExit(f"sweep.py report: the {stage} results in {args.out} were run with different "
+                             f"{flag} ({', '.join(sorted(seen))}); keep one sweep per --out")
+        sources += [f"{flag} {os.path.relpath(path, Path.cwd())}" for path in seen]
+    return sources
+
+
 def report(args) -> None:
     results_md = ROOT / "experiments/RESULTS.md"
     text = results_md.read_text()
@@ -248,16 +268,12 @@ def report(args) -> None:
         budget = ", ".join(f"{b:g}" for b in budgets) or "none"
         plot(results, png, f"quickstart {stage}: held-out bpb, {budget} s budget per variant\n{results[0]['host']}")
         out = os.path.relpath(args.out, Path.cwd())
-        # report is given the --data (and for sft --init) the sweep ran with: the results do not hold them
-        sources = [f"--data {os.path.relpath(args.data, Path.cwd())}"]
-        if stage == "sft" and args.init:
-            sources.append(f"--init {os.path.relpath(args.init, Path.cwd())}")
+        sources = sweep_sources(results, args)
         command = " ".join([f"python experiments/sweep.py {stage}", *sources, f"--out {out}",
                             *[f"--budget {b:g}" for b in budgets],
                             "--only", *sorted(r["name"] for r in results)])
         block = (f"Host: {results[0]['host']}. Budget per variant: {budget} s of training steps "
-                 f"(`{command}`, then `python experiments/sweep.py report {' '.join(sources)} --out {out} "
-                 f"--block {args.block}`)."
+                 f"(`{command}`, then `python experiments/sweep.py report --out {out} --block {args.block}`)."
                  f"\n\n{table(results)}\n\n![{stage} sweep]({args.block}_{stage}.png)")
         text = replace_block(text, f"{args.block}:{stage}", block)
     sampling = Path(args.out) / "sampling/results.json"

@@ -58,8 +58,9 @@ def _page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def bench_train(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
-    trainer = Trainer(cfg)
+def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None) -> dict:
+    """`batches`: a batch source opened already (train.open_run_batches), not opened again."""
+    trainer = Trainer(cfg, batches=batches)
     state = trainer.init_state()
     batch = trainer.batch(0)
     t = time.perf_counter()
@@ -74,11 +75,12 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
         return state, metrics
 
     state, _ = run(0, warmup, state)
-    faults = _page_faults()
+    faults, ticks = _page_faults(), hardware.cpu_ticks()
     t = time.perf_counter()
     state, metrics = run(warmup, steps, state)
     seconds = time.perf_counter() - t
     faults = _page_faults() - faults
+    steal = hardware.steal_share(ticks, hardware.cpu_ticks())
 
     n_devices = len(trainer.mesh.devices.flat)
     tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
@@ -96,6 +98,8 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
         "peak_flops_per_device": peak, "peak_source": peak_source,
         "mfu": round(tokens_per_s * flops_per_token / (peak * n_devices), 4),
         "compile_s": round(compile_s, 2), "page_faults_per_step": round(faults / steps, 1),
+        # the share of the timed steps' CPU time a VM's hypervisor took (slows them by as much)
+        "cpu_steal": None if steal is None else round(steal, 3),
         "final_loss": round(float(metrics["loss"]), 4),
         "jax": jax.__version__,
     }

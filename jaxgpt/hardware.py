@@ -40,6 +40,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_ticks() -> dict[str, int]:
+    """This machine's CPU time so far by kind, in clock ticks (/proc/stat's first line; {} off Linux):
+    two readings give the share a hypervisor took ("steal"), which slows a VM's timings by as much."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return {}
+    kinds = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    return dict(zip(kinds, map(int, first[1:len(kinds) + 1])))
+
+
+def steal_share(before: dict[str, int], after: dict[str, int]) -> float | None:
+    """The share of CPU time between two cpu_ticks() readings that the hypervisor took (None if unknown)."""
+    spent = {k: after[k] - before[k] for k in before if k in after}
+    total = sum(spent.values())
+    return spent.get("steal", 0) / total if total and "steal" in spent else None
+
+
 def best_seconds(fn, x, repeats: int) -> float:
     """The fastest of `repeats` timed calls of jax.jit(fn)(x), after one untimed call that compiles."""
     f = jax.jit(fn)

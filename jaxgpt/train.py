@@ -275,16 +275,19 @@ class MetricsLog:
             self.tb.close()
 
 
-def train(cfg: config_lib.Config, devices=None, checkpointer=None) -> dict:
+def train(cfg: config_lib.Config, devices=None, checkpointer=None, batches=None) -> dict:
     """Run training, resuming as `train.resume` says; returns the last logged metrics.
 
     `checkpointer` (default: a checkpoint.Checkpointer under train.out_dir/checkpoints) has
     `restore(trainer) -> state | None`, `maybe_save(step, state, metrics)`, `save(step, state,
     metrics, wait)` and `close()`. A SIGTERM / SIGINT finishes the current step, saves and raises
     checkpoint.Interrupted; the same command then resumes, with the same losses as an unbroken run.
+    `batches`: the batch source of open_run_batches(cfg) when the caller opened it already (and cfg is
+    the config it returned beside it).
     """
     out_dir = Path(cfg.train.out_dir)
-    cfg, batches = open_run_batches(cfg)  # bad data fails here, before a checkpointer thread exists
+    if batches is None:
+        cfg, batches = open_run_batches(cfg)  # bad data fails here, before a checkpointer thread exists
     checkpointer = checkpointer or checkpoint.Checkpointer(cfg)  # checks the resume rules before any work
     try:
         trainer = Trainer(cfg, devices, batches)

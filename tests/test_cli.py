@@ -168,6 +168,7 @@ def test_bench_train_as_the_benchmark_script_calls_it(tmp_path, run_env):
     (line,) = proc.stdout.splitlines()
     result = json.loads(line)
     assert result["bench"] == "train" and result["steps"] == 2 and result["ms_per_iter"] > 0
+    assert result["cpu_steal"] is None or 0 <= result["cpu_steal"] <= 1
     bad = subprocess.run([sys.executable, "-m", "jaxgpt.bench", "train", "experiments/configs/shakespeare_char.py",
                           "--steps", "3"], capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) == 1

@@ -66,3 +66,13 @@ def test_cpu_name_is_the_model_name_lscpu_shows():
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")]
     assert hardware.cpu_name() == (names[0] if names else hardware.platform.processor() or hardware.platform.machine())
+
+
+def test_steal_share_is_the_hypervisors_part_of_the_cpu_time_between_two_readings():
+    before = {"user": 100, "nice": 0, "system": 10, "idle": 50, "iowait": 0, "irq": 0, "softirq": 0, "steal": 40}
+    after = {"user": 160, "nice": 0, "system": 20, "idle": 80, "iowait": 0, "irq": 0, "softirq": 0, "steal": 70}
+    assert hardware.steal_share(before, after) == 30 / 130
+    assert hardware.steal_share({}, {}) is None
+    if Path("/proc/stat").is_file():  # the real reading: every kind, counting up
+        first, second = hardware.cpu_ticks(), hardware.cpu_ticks()
+        assert len(first) == 8 and all(second[k] >= first[k] for k in first)

@@ -44,3 +44,30 @@ def test_replace_block_rewrites_its_own_block_and_appends_a_new_one():
     assert sweep.replace_block(text, "a:pretrain", "new") == (
         "intro\n<!-- a:pretrain -->\nnew\n<!-- /a:pretrain -->\nafter\n")
     assert sweep.replace_block(text, "b:sft", "x") == text + "\n<!-- b:sft -->\nx\n<!-- /b:sft -->\n"
+
+
+def test_report_names_the_data_each_result_recorded_and_refuses_a_mix(tmp_path):
+    import argparse
+    import os
+
+    import pytest
+    args = argparse.Namespace(data=str(tmp_path / "default"), init="", out=str(tmp_path / "sweep"))
+    a, b = (dict(result(n, [], 1.7, stage="sft"), data=str(tmp_path / "qs"), init=str(tmp_path / "qs/pretrain"))
+            for n in ("a", "b"))
+    rel = lambda p: os.path.relpath(p, Path.cwd())  # noqa: E731
+    assert sweep.sweep_sources([a, b], args) == [f"--data {rel(tmp_path / 'qs')}",
+                                                 f"--init {rel(tmp_path / 'qs/pretrain')}"]
+    # a result from before results recorded their data takes report's --data
+    assert sweep.sweep_sources([result("old", [], 1.7)], args) == [f"--data {rel(tmp_path / 'default')}"]
+    with pytest.raises(SystemExit, match=r"different --data .*keep one sweep per --out"):
+        sweep.sweep_sources([a, dict(b, data=str(tmp_path / "other"))], args)
+
+
+def test_today_on_the_config_file_is_the_old_recipe_as_it_shipped():
+    from jaxgpt import config as config_lib
+    cfg = config_lib.from_cli(sweep.ROOT / "experiments/configs/chitchat_pretrain.py", sweep.TODAY)
+    # the quickstart before issue 17: AdamW 3e-3 -> 3e-4, batch 16, 1200 steps, on the same model
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.data.batch_size, cfg.train.steps) == (
+        "adamw", 3e-3, 3e-4, 16, 1200)
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head, cfg.model.n_kv_head, cfg.model.seq_len) == (
+        4, 128, 4, 2, 128)
