@@ -1,7 +1,7 @@
-"""The whole ChatGPT recipe on a laptop CPU, in one command (about 14 minutes on the slowest 2-core host
+"""The whole ChatGPT recipe on a laptop CPU, in one command (about 12 minutes on the slowest 2-core host
 measured so far):
 
-    python experiments/quickstart.py [--out runs/quickstart] [--scale cpu|gpu]
+    python experiments/quickstart.py [--out runs/quickstart] [--scale cpu|gpu] [--fit-budget]
 
 1. data      chitchat's 7,168 two-person dialogues: a held-out 5% of dialogues, the rest as plain
              text and as conversations (each dialogue twice: either speaker can be the user)

@@ -224,7 +224,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 
 def table(results: list[dict]) -> str:
-    ref = next((r for name in ("base", "today") for r in results if r["name"] == name), None)
+    ref = next((r for name in ("base", "today", "recipe") for r in results if r["name"] == name), None)
     base = ref and ref["val_bpb"]
     lines = [f"| variant | what it runs | params | ms/step | steps | tokens | train s | held-out bpb | "
              f"vs {ref['name'] if ref else 'base'} |",
