@@ -85,8 +85,8 @@ def sized(cfg: config_lib.Config, out: Path, name: str, seconds: float | None, c
         plan_path.write_text(json.dumps(plan, indent=2))
     print(f"[{name}] {plan['steps']} steps (the config file: {plan['config_steps']}): {plan['budget_s']:g} s at "
           f"{plan['ms_per_step']:.0f} ms/step on this host", file=sys.stderr)
-    steps = plan["steps"]
-    return config_lib.apply_overrides(cfg, [f"train.steps={steps}", f"train.eval_every={max(steps // 2, 1)}"])
+    return config_lib.apply_overrides(cfg, [f"train.steps={plan['steps']}",
+                                            f"train.eval_every={max(plan['steps'] // 2, 1)}"])
 
 
 def stage(out: Path, name: str, work) -> dict:
@@ -207,14 +207,14 @@ def main(argv=None) -> None:
     stage(out, "2_tokenizer", lambda: tokenize(out, args.vocab, args.seed))
     budget = (BUDGET_S[args.scale] or {}) if args.fit_budget else {}
 
-    def train_stage(name: str, cfg: config_lib.Config) -> dict:
+    def train_stage(name: str, cfg: config_lib.Config, seconds: float | None) -> dict:
         cfg, batches = train_lib.open_run_batches(cfg)  # once, for the step's timing and the run
-        return train_lib.train(sized(cfg, out, name, budget.get(name.split("_", 1)[1]), batches=batches),
-                               batches=batches)
+        return train_lib.train(sized(cfg, out, name, seconds, batches=batches), batches=batches)
 
-    pre = stage(out, "3_pretrain", lambda: train_stage("3_pretrain", pretrain_config(out, args.scale)))
+    pre = stage(out, "3_pretrain", lambda: train_stage("3_pretrain", pretrain_config(out, args.scale),
+                                                       budget.get("pretrain")))
     before = stage(out, "4_sft_baseline", lambda: chat_eval(out, out / "pretrain"))
-    sft = stage(out, "5_sft", lambda: train_stage("5_sft", sft_config(out, args.scale)))
+    sft = stage(out, "5_sft", lambda: train_stage("5_sft", sft_config(out, args.scale), budget.get("sft")))
     # the SFT run's own final evaluation is chat_eval's, on the same held-out conversations
     after = {"loss": sft["val_loss"], "bits_per_byte": sft["val_bpb"]}
     export.export_run(out / "sft", out / "export")

@@ -151,10 +151,11 @@ def run_variant(stage: str, name: str, args) -> dict:
     if result_path.is_file():
         print(f"[{stage}/{name}] done before: reusing it", file=sys.stderr)
         return json.loads(result_path.read_text())
-    cfg = stage_config(stage, args, overrides, options)
-    steps, timing = quickstart.steps_for(cfg, args.budget, args.calibrate)
+    # the data opened once, for the step's timing and the run
+    cfg, batches = train_lib.open_run_batches(stage_config(stage, args, overrides, options))
+    budget_steps, timing = quickstart.steps_for(cfg, args.budget, args.calibrate, batches)
     step_s = timing["ms_per_iter"] / 1e3
-    steps = cfg.train.steps if options.get("fixed") else steps
+    steps = cfg.train.steps if options.get("fixed") else budget_steps
     run_dir = where / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = config_lib.apply_overrides(cfg, [
@@ -163,7 +164,7 @@ def run_variant(stage: str, name: str, args) -> dict:
     print(f"[{stage}/{name}] {timing['params'] / 1e6:.2f}M params, {step_s * 1e3:.1f} ms/step: {steps} steps",
           file=sys.stderr)
     t = time.perf_counter()
-    train_lib.train(cfg)
+    train_lib.train(cfg, batches=batches)
     wall = time.perf_counter() - t
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [[r["train_s"], r["val_bpb"]] for r in rows if r.get("val_bpb") is not None]

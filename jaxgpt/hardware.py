@@ -55,7 +55,7 @@ def steal_share(before: dict[str, int], after: dict[str, int]) -> float | None:
     """The share of CPU time between two cpu_ticks() readings that the hypervisor took (None if unknown)."""
     spent = {k: after[k] - before[k] for k in before if k in after}
     total = sum(spent.values())
-    return spent.get("steal", 0) / total if total and "steal" in spent else None
+    return spent["steal"] / total if total and "steal" in spent else None
 
 
 def best_seconds(fn, x, repeats: int) -> float:
