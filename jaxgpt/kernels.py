@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from jaxgpt.errors import ConfigError
 
@@ -82,26 +83,47 @@ def _attend_fwd(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, bias_BxLxS, has_keys_BxLx1):
                                   preferred_element_type=jnp.float32) * scale
     probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS + bias_BxLxS[:, None, None], axis=-1)
     probs_BxKxGxLxS = probs_BxKxGxLxS * has_keys_BxLx1[:, None, None]
-    out_BxKxGxLxE = jnp.einsum("bkgls,bkse->bkgle", probs_BxKxGxLxS.astype(v_BxKxSxE.dtype), v_BxKxSxE)
+    out_BxKxGxLxE = _einsum("bkgls,bkse->bkgle", probs_BxKxGxLxS.astype(v_BxKxSxE.dtype), v_BxKxSxE)
     return out_BxKxGxLxE, (q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, probs_BxKxGxLxS, out_BxKxGxLxE)
 
 
 def _attend_bwd(residuals, dout_BxKxGxLxE):
     q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, probs_BxKxGxLxS, out_BxKxGxLxE = residuals
     scale = q_BxKxGxLxE.shape[-1] ** -0.5
-    dv_BxKxSxE = jnp.einsum("bkgls,bkgle->bkse", probs_BxKxGxLxS.astype(dout_BxKxGxLxE.dtype), dout_BxKxGxLxE)
+    dv_BxKxSxE = _contract_queries(probs_BxKxGxLxS.astype(dout_BxKxGxLxE.dtype), dout_BxKxGxLxE)
     dprobs_BxKxGxLxS = jnp.einsum("bkgle,bkse->bkgls", dout_BxKxGxLxE, v_BxKxSxE,
                                   preferred_element_type=jnp.float32)
     # sum_s p * dp = sum_e do * o: the softmax backward's row sum, over E instead of S
     rowsum_BxKxGxLx1 = jnp.sum(dout_BxKxGxLxE.astype(jnp.float32) * out_BxKxGxLxE.astype(jnp.float32),
                                axis=-1, keepdims=True)
     dscores_BxKxGxLxS = (probs_BxKxGxLxS * (dprobs_BxKxGxLxS - rowsum_BxKxGxLx1) * scale).astype(q_BxKxGxLxE.dtype)
-    dq_BxKxGxLxE = jnp.einsum("bkgls,bkse->bkgle", dscores_BxKxGxLxS, k_BxKxSxE)
-    dk_BxKxSxE = jnp.einsum("bkgls,bkgle->bkse", dscores_BxKxGxLxS, q_BxKxGxLxE)
+    dq_BxKxGxLxE = _einsum("bkgls,bkse->bkgle", dscores_BxKxGxLxS, k_BxKxSxE)
+    dk_BxKxSxE = _contract_queries(dscores_BxKxGxLxS, q_BxKxGxLxE)
     return dq_BxKxGxLxE, dk_BxKxSxE, dv_BxKxSxE, None, None  # the mask gets no gradient
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _einsum(spec: str, a, b) -> jax.Array:
+    """einsum in a's dtype; half-precision products summed in fp32 and rounded once (see _dot)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _contract_queries(a_BxKxGxLxS, b_BxKxGxLxE) -> jax.Array:
+    """sum over the queries (g, l) of a^T b: [B, K, S, E], the form of dv and dk. In half precision
+    a^T is made a row-major array first: XLA:CPU runs a product contracted over its left
+    operand's leading axis in fp32 (see _half_matmul_bwd)."""
+    if a_BxKxGxLxS.dtype not in HALF_DTYPES:
+        return jnp.einsum("bkgls,bkgle->bkse", a_BxKxGxLxS, b_BxKxGxLxE)
+    B, K, G, L, S = a_BxKxGxLxS.shape
+    a_BxKxSxN = _row_major(a_BxKxGxLxS.reshape(B, K, G * L, S).swapaxes(-1, -2))
+    return _einsum("bksn,bkne->bkse", a_BxKxSxN, b_BxKxGxLxE.reshape(B, K, G * L, -1))
+
+
+def _row_major(x) -> jax.Array:
+    """x stored in its own axis order (a transpose copied, not left a strided view)."""
+    return with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
 
 
 def normalize(impl: str, x, scale_D, bias_D, eps: float, center: bool) -> jax.Array:
@@ -141,36 +163,47 @@ def _normalize_bwd(eps, center, residuals, dy):
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
-def matmul(impl: str, x_MxK, w_KxN) -> jax.Array:
-    """x @ w; on cpu, with the weight gradient computed in the orientation XLA:CPU runs fastest."""
-    return _matmul(x_MxK, w_KxN) if impl == "cpu" else x_MxK @ w_KxN
+def matmul(impl: str, x_MxK, w_KxN, out_dtype=None) -> jax.Array:
+    """x @ w, both in one dtype, rounded once to out_dtype (default: theirs). Half-precision inputs
+    are multiplied into fp32 sums, which is also how mixed precision (model.matmul_dtype=bfloat16
+    with fp32 activations) reaches a CPU's bf16 units. On cpu, the backward pass does the same with
+    the gradient rounded to the inputs' dtype, and computes the weight gradient in the orientation
+    XLA:CPU runs fastest."""
+    out_dtype = jnp.dtype(out_dtype or x_MxK.dtype)
+    if impl == "cpu":
+        return _matmul(x_MxK, w_KxN, out_dtype)
+    accumulate = jnp.float32 if x_MxK.dtype in HALF_DTYPES else None
+    return jnp.dot(x_MxK, w_KxN, preferred_element_type=accumulate).astype(out_dtype)
 
 
-def _dot(x_MxK, w_KxN) -> jax.Array:
-    """x @ w; in bf16/fp16 as an fp32 product rounded once, which XLA:CPU runs on YNNPACK twice as
-    fast as the half-precision-output dot (2048x768x2304: 750 vs 360 GFLOP/s; 8x768x2304: 150 vs
-    54). A single row is padded to two: XLA:CPU runs a half-precision matvec (M = 1, every decode
-    step of one sequence) by first converting the whole weight to fp32 (6.8 vs 25 GFLOP/s)."""
+def _dot(x_MxK, w_KxN, out_dtype) -> jax.Array:
+    """x @ w; in bf16/fp16 as an fp32 product rounded once, which XLA:CPU runs on its bf16 units
+    (YNNPACK / oneDNN) and the half-precision-output dot does not (AMX host, 4096x128x512: 439 vs
+    82 GFLOP/s, fp32 103; AVX-512 host, 2048x768x2304: 750 vs 360). A single row is padded to two:
+    XLA:CPU runs a half-precision matvec (M = 1, every decode step of one sequence) by first
+    converting the whole weight to fp32 (6.8 vs 25 GFLOP/s)."""
     if x_MxK.dtype not in HALF_DTYPES:
-        return x_MxK @ w_KxN
+        return (x_MxK @ w_KxN).astype(out_dtype)
     M = x_MxK.shape[0]
     if M == 1:
         x_MxK = jnp.concatenate([x_MxK, jnp.zeros_like(x_MxK)])
     y_MxN = jnp.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
-    return y_MxN[:M].astype(x_MxK.dtype)
+    return y_MxN[:M].astype(out_dtype)
 
 
-@jax.custom_vjp
-def _matmul(x_MxK, w_KxN):
-    return _dot(x_MxK, w_KxN)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x_MxK, w_KxN, out_dtype):
+    return _dot(x_MxK, w_KxN, out_dtype)
 
 
-def _matmul_fwd(x_MxK, w_KxN):
-    return _dot(x_MxK, w_KxN), (x_MxK, w_KxN)
+def _matmul_fwd(x_MxK, w_KxN, out_dtype):
+    return _dot(x_MxK, w_KxN, out_dtype), (x_MxK, w_KxN)
 
 
-def _matmul_bwd(residuals, dy_MxN):
+def _matmul_bwd(out_dtype, residuals, dy_MxN):
     x_MxK, w_KxN = residuals
+    if x_MxK.dtype in HALF_DTYPES:
+        return _half_matmul_bwd(x_MxK, w_KxN, dy_MxN.astype(x_MxK.dtype))
     K, N = w_KxN.shape
     if K > N:
         # XLA:CPU (YNNPACK) runs x^T dy 1.5x slower when the result is tall and narrow (the MLP's
@@ -180,6 +213,19 @@ def _matmul_bwd(residuals, dy_MxN):
     else:
         dw_KxN = x_MxK.T @ dy_MxN
     return dy_MxN @ w_KxN.T, dw_KxN
+
+
+def _half_matmul_bwd(x_MxK, w_KxN, dy_MxN):
+    """The backward products in half precision, in the two forms XLA:CPU gives to its bf16 units
+    (YNNPACK takes a dot whose left operand is contracted on its last axis; any other form XLA:CPU
+    converts to fp32 first). dx: dy against w's rows, as one dot_general (written as dy @ w.T,
+    XLA:CPU converted it). dw: x^T materialized row-major by a layout constraint (x.T alone
+    becomes a transposed view, the form it converts). 4096x128 by 4096x384 on an AMX host, both
+    gradients: 6 ms against 9.5 in fp32."""
+    dx_MxK = jax.lax.dot_general(dy_MxN, w_KxN, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    x_KxM = _row_major(x_MxK.T)
+    dw_KxN = jnp.dot(x_KxM, dy_MxN, preferred_element_type=jnp.float32)
+    return dx_MxK.astype(x_MxK.dtype), dw_KxN.astype(w_KxN.dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -59,15 +59,23 @@ def attention_mask(q_seg_BxL, q_pos_BxL, kv_seg_BxS, kv_pos_BxS) -> jax.Array:
     return same_doc & causal & (kv_seg_BxS[:, None, :] != 0)
 
 
-def rope(x_BxHxLxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding, rotating the two halves of each head (the GPT-NeoX layout)."""
+def rope(x_BxHxLxE: jax.Array, positions_BxL: jax.Array, theta: float, length: int) -> jax.Array:
+    """Rotary position embedding, rotating the two halves of each head (the GPT-NeoX layout), for
+    positions below `length`. sin and cos come from a [length, E/2] table looked up by position:
+    computed per (row, position) instead, XLA:CPU fused them into every head's rotation and into
+    the backward pass again (quickstart step: 40 ms of 390)."""
     E = x_BxHxLxE.shape[-1]
     inv_freq = theta ** -(jnp.arange(0, E, 2, dtype=jnp.float32) / E)
-    angles_Bx1xLxE2 = (positions_BxL[:, None, :, None] * inv_freq).astype(jnp.float32)
-    sin, cos = jnp.sin(angles_Bx1xLxE2), jnp.cos(angles_Bx1xLxE2)
+    angles_TxE2 = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq
+    sin_Bx1xLxE2, cos_Bx1xLxE2 = (table[positions_BxL][:, None] for table in (jnp.sin(angles_TxE2), jnp.cos(angles_TxE2)))
     x1, x2 = jnp.split(x_BxHxLxE.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = jnp.concatenate([x1 * cos_Bx1xLxE2 - x2 * sin_Bx1xLxE2, x2 * cos_Bx1xLxE2 + x1 * sin_Bx1xLxE2], axis=-1)
     return out.astype(x_BxHxLxE.dtype)
+
+
+def matmul_dtype(cfg: ModelConfig):
+    """What the matmuls multiply in (model.matmul_dtype; auto: the compute dtype)."""
+    return cfg.dtype if cfg.matmul_dtype == "auto" else cfg.matmul_dtype
 
 
 def cache_dtype(cfg: ModelConfig):
@@ -155,10 +163,10 @@ class Dense(nn.Module):
         batch_shape = x.shape[:x.ndim - len(self.shape_in)]
         # One 2-D matmul: XLA:CPU picks much better layouts for it than for the N-D einsum
         # (the N-D form made it transpose the MLP's hidden gradient in the backward pass).
-        x_MxK = x.reshape(math.prod(batch_shape), math.prod(self.shape_in)).astype(self.cfg.dtype)
-        w_KxN = w.reshape(math.prod(self.shape_in), math.prod(self.shape_out)).astype(self.cfg.dtype)
+        x_MxK = x.reshape(math.prod(batch_shape), math.prod(self.shape_in)).astype(matmul_dtype(self.cfg))
+        w_KxN = w.reshape(math.prod(self.shape_in), math.prod(self.shape_out)).astype(matmul_dtype(self.cfg))
         impl = kernels.resolve(self.cfg.attention, self.cfg.dtype)
-        y = kernels.matmul(impl, x_MxK, w_KxN).reshape(batch_shape + self.shape_out)
+        y = kernels.matmul(impl, x_MxK, w_KxN, self.cfg.dtype).reshape(batch_shape + self.shape_out)
         if self.cfg.bias:
             b = self.param("b", logical(nn.initializers.zeros, *self.names[len(self.shape_in):]), self.shape_out)
             y = y + b.astype(y.dtype)
@@ -187,9 +195,10 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q_BxHxLxE = Norm(cfg, qk=True, name="q_norm")(q_BxHxLxE)
             k_BxKxLxE = Norm(cfg, qk=True, name="k_norm")(k_BxKxLxE)
-        if cfg.position == "rope":
-            q_BxHxLxE = rope(q_BxHxLxE, positions_BxL, cfg.rope_theta)
-            k_BxKxLxE = rope(k_BxKxLxE, positions_BxL, cfg.rope_theta)
+        if cfg.position == "rope":  # positions lie below the context length and the keys' count
+            length = max(cfg.seq_len, mask_BxLxS.shape[-1])
+            q_BxHxLxE = rope(q_BxHxLxE, positions_BxL, cfg.rope_theta, length)
+            k_BxKxLxE = rope(k_BxKxLxE, positions_BxL, cfg.rope_theta, length)
         if cache is not None:  # write the new keys at each row's position, attend over the cache
             cache = {"k": write_cache(cache["k"], k_BxKxLxE.astype(cfg.dtype), positions_BxL[:, 0]),
                      "v": write_cache(cache["v"], v_BxKxLxE.astype(cfg.dtype), positions_BxL[:, 0])}
@@ -198,8 +207,9 @@ class Attention(nn.Module):
         impl = kernels.resolve(cfg.attention, cfg.dtype)
         if cache is not None:
             out_BxHxLxE = attend_cache(impl, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxS, positions_BxL)
-        else:
-            out_BxHxLxE = kernels.attention(impl, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxS)
+        else:  # in the matmul dtype: scores and probabilities stay fp32 (kernels.attention)
+            q_BxHxLxE, k_BxKxLxE, v_BxKxLxE = (x.astype(matmul_dtype(cfg)) for x in (q_BxHxLxE, k_BxKxLxE, v_BxKxLxE))
+            out_BxHxLxE = kernels.attention(impl, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxS).astype(cfg.dtype)
         out_BxLxHxE = out_BxHxLxE.transpose(0, 2, 1, 3)
         out_BxLxD = Dense((H, E), (D,), ("heads", "head_dim", "embed"), cfg, residual_std(cfg), name="wo")(out_BxLxHxE)
         return out_BxLxD, cache
@@ -291,7 +301,7 @@ class Transformer(nn.Module):
             w_DxV = wte.T
         else:
             w_DxV = self.param("lm_head", logical(nn.initializers.normal(cfg.init_std), "embed", "vocab"), (D, V))
-        w_DxV = w_DxV.astype(cfg.dtype)
+        x_BxLxD, w_DxV = x_BxLxD.astype(matmul_dtype(cfg)), w_DxV.astype(matmul_dtype(cfg))
         if x_BxLxD.shape[0] * x_BxLxD.shape[1] == 1 and w_DxV.dtype in kernels.HALF_DTYPES:
             # one row (decoding one sequence): XLA:CPU fuses this upcast into its matvec loop, 5x
             # faster than a half-precision matvec (768x50304: 33 vs 6 GFLOP/s), the same products
@@ -299,7 +309,8 @@ class Transformer(nn.Module):
         # one 2-D matmul, as in Dense: from the 3-D einsum XLA:CPU made a transposed copy of the [B*L, V]
         # logits gradient for the weight gradient (quickstart step, head forward + backward: 272 vs 115 ms)
         B, L = x_BxLxD.shape[:2]
-        logits_BxLxV = jnp.dot(x_BxLxD.reshape(B * L, D), w_DxV, preferred_element_type=jnp.float32).reshape(B, L, V)
+        impl = kernels.resolve(cfg.attention, cfg.dtype)
+        logits_BxLxV = kernels.matmul(impl, x_BxLxD.reshape(B * L, D), w_DxV, jnp.float32).reshape(B, L, V)
         if cfg.logit_softcap > 0:
             logits_BxLxV = cfg.logit_softcap * jnp.tanh(logits_BxLxV / cfg.logit_softcap)
         return logits_BxLxV

@@ -1,5 +1,6 @@
 """Tests for jaxgpt.kernels: every implementation that runs on a CPU against textbook forms, and the switch."""
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +128,63 @@ def test_matmul_matches_plain_jnp(impl, shape):
     dx, dw = vjp(dy)
     for name, g, want in [("y", y, x @ w), ("dx", dx, dy @ w.T), ("dw", dw, x.T @ dy)]:
         np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def bf16_round(*xs):
+    return [x.astype(jnp.bfloat16) for x in xs]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(64, 16, 48), (64, 48, 16)], ids=["wide", "tall"])
+def test_half_matmul_is_the_fp32_product_of_rounded_inputs(impl, shape):
+    """bf16 inputs, fp32 out: each product is the fp32 product of the rounded operands, the gradients
+    returned in the inputs' dtype (so within bf16 rounding of that product: sums of 16-48 terms of
+    size 1 here)."""
+    M, K, N = shape
+    rng = np.random.default_rng(5)
+    x, w, dy = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(M, K), (K, N), (M, N)])
+    xh, wh, dyh = bf16_round(x, w, dy)
+    y, vjp = jax.vjp(lambda x, w: kernels.matmul(impl, x, w, jnp.float32), xh, wh)
+    dx, dw = vjp(dy)
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    assert y.dtype == jnp.float32 and dx.dtype == dw.dtype == jnp.bfloat16
+    for name, got, want in [("y", y, f32(xh) @ f32(wh)), ("dx", dx, f32(dyh) @ f32(wh).T),
+                            ("dw", dw, f32(xh).T @ f32(dyh))]:
+        np.testing.assert_allclose(f32(got), want, rtol=2e-2, atol=5e-2, err_msg=name)
+
+
+def compiled_dots(fn, *args) -> list[str]:
+    """The operand types of every dot XLA:CPU compiled fn's gradient into."""
+    hlo = jax.jit(jax.grad(lambda *a: jnp.square(fn(*a).astype(jnp.float32)).sum(), argnums=tuple(range(len(args))))) \
+        .lower(*args).compile().as_text()
+    params = dict(re.findall(r"%(\S+) = (\w+)\[[^\]]*\]\S* parameter", hlo))
+    return [params.get(a, "?") + "," + params.get(b, "?")
+            for a, b in re.findall(r" dot\(%([^,\s]+), %([^)\s]+)\)", hlo)]
+
+
+def test_half_matmul_and_attention_backwards_stay_in_bf16_on_cpu():
+    """XLA:CPU converts a bf16 product to fp32 unless its left operand is contracted on its last
+    axis: the cpu backwards are written so that none of them is (weight gradients included)."""
+    rng = np.random.default_rng(6)
+    x, w = bf16_round(*(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(256, 64), (64, 96)]))
+    dots = compiled_dots(lambda x, w: kernels.matmul("cpu", x, w, jnp.float32), x, w)
+    assert len(dots) == 3 and set(dots) == {"bf16,bf16"}, dots
+    q, k, v, _ = qkv_and_cotangent(4, 2, 64, 64)
+    mask = jnp.tril(jnp.ones((2, 64, 64), bool))
+    dots = compiled_dots(lambda q, k, v: kernels.attention("cpu", q, k, v, mask), *bf16_round(q, k, v))
+    assert len(dots) == 6 and set(dots) == {"bf16,bf16"}, dots
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_half_attention_is_close_to_fp32(impl):
+    L = len(SEGMENTS[0])
+    q, k, v, dout = qkv_and_cotangent(4, 2, L, L, seed=7)
+    mask = packed_mask(SEGMENTS, POSITIONS)
+    got = values_and_grads(lambda *a: kernels.attention(impl, *a), *bf16_round(q, k, v), mask, dout.astype(jnp.bfloat16))
+    want = values_and_grads(reference_attention, *(x.astype(jnp.float32) for x in bf16_round(q, k, v)), mask, dout)
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+        assert g.dtype == jnp.bfloat16, name
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=3e-2, rtol=3e-2, err_msg=name)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -47,6 +47,7 @@ VARIANTS = {
     "remat": {"remat": True},
     "scan_remat": {"scan_layers": True, "remat": True},
     "bf16": {"dtype": "bfloat16"},
+    "bf16_matmuls": {"matmul_dtype": "bfloat16"},
     "bias": {"bias": True},
 }
 
@@ -270,6 +271,24 @@ def test_golden_loss_at_init(preset):
     assert float(total / count) == pytest.approx(GOLDEN_INIT_LOSS[preset], abs=1e-5)
     # near log(V) at init: the logits start small
     assert abs(float(total / count) - math.log(V)) < 0.05
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_bf16_matmuls_keep_fp32_activations_and_gradients(preset):
+    """model.matmul_dtype=bfloat16 under fp32 activations: the loss within bf16 rounding of the fp32
+    one, every parameter gradient fp32 and within a few percent of the fp32 gradient."""
+    batch = fixed_batch()
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        model = GPT(model_cfg(preset, matmul_dtype=dtype))
+        params = model.init(jax.random.key(0))
+        results[dtype] = jax.jit(jax.value_and_grad(lambda p: model.loss(p, batch)[0] / 30))(params)
+    (loss32, grads32), (loss16, grads16) = results["float32"], results["bfloat16"]
+    assert float(loss32) == pytest.approx(GOLDEN_INIT_LOSS[preset], abs=1e-5)
+    assert float(loss16) == pytest.approx(float(loss32), abs=2e-3) and float(loss16) != float(loss32)
+    for (path, g32), g16 in zip(jax.tree_util.tree_leaves_with_path(grads32), jax.tree.leaves(grads16)):
+        assert g16.dtype == jnp.float32, path
+        assert float(jnp.linalg.norm(g16 - g32)) <= 0.05 * float(jnp.linalg.norm(g32)), path
 
 
 @pytest.mark.parametrize("residual_init_std", [0.0, 0.05])
