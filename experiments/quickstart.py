@@ -134,10 +134,20 @@ def tokenize(out: Path, vocab: int, seed: int) -> dict:
             "train_mb_per_s": train["mb_per_s"]}
 
 
+def host_overrides(scale: str) -> list[str]:
+    """The CPU recipe multiplies in bf16 (chitchat_pretrain.py); a CPU without bf16 instructions would
+    emulate them, so there it multiplies in fp32."""
+    if scale != "cpu" or hardware.cpu_bf16_units():
+        return []
+    print("quickstart: this CPU lists no bf16 instructions (amx_bf16, avx512_bf16, bf16): fp32 matmuls",
+          file=sys.stderr)
+    return ["model.matmul_dtype=float32"]
+
+
 def pretrain_config(out: Path, scale: str, overrides=()) -> config_lib.Config:
     return config_lib.from_cli(ROOT / "experiments/configs/chitchat_pretrain.py", [
         f"data.dir={out / 'tokens/train'}", f"data.val_dir={out / 'tokens/val'}",
-        f"train.out_dir={out / 'pretrain'}", *SCALES[scale]["pretrain"], *overrides])
+        f"train.out_dir={out / 'pretrain'}", *SCALES[scale]["pretrain"], *host_overrides(scale), *overrides])
 
 
 def sft_config(out: Path, scale: str, overrides=()) -> config_lib.Config:

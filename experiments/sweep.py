@@ -41,7 +41,8 @@ LR = lambda peak: [f"optim.lr={peak:g}", f"optim.min_lr={peak / 10:g}"]  # noqa:
 
 # The recipe the quickstart shipped with until the first sweep (AdamW 3e-3, 1200 steps); the knobs below
 # were each tried on top of it, and the config file now holds the winner (`recipe`).
-TODAY = ["optim.name=adamw", *LR(3e-3), "data.batch_size=16", "train.steps=1200", "train.eval_every=400"]
+TODAY = ["optim.name=adamw", *LR(3e-3), "data.batch_size=16", "train.steps=1200", "train.eval_every=400",
+         "model.matmul_dtype=float32"]
 
 
 def old(*knobs, **options):
@@ -94,6 +95,18 @@ PRETRAIN = {
     "recipe_layers6": (["model.n_layer=6"], {}),
     "recipe_batch64": (["data.batch_size=64"], {}),
     "recipe_d192": (["model.d_model=192", "model.n_head=6", "model.n_kv_head=3"], {}),
+    # once RoPE's tables no longer went into every head's fusion and the matmuls could run in bf16
+    # (model.matmul_dtype) on a host's bf16 units: the recipe in mixed precision, and what its
+    # faster step may buy
+    "recipe_bf16_matmuls": (["model.matmul_dtype=bfloat16"], {}),  # the config file's since (recipe)
+    "recipe_fp32_matmuls": (["model.matmul_dtype=float32"], {}),  # the recipe before them
+    "recipe_bf16_matmuls_d192": (["model.matmul_dtype=bfloat16", "model.d_model=192", "model.n_head=6",
+                                  "model.n_kv_head=3"], {}),
+    "recipe_bf16_matmuls_layers6": (["model.matmul_dtype=bfloat16", "model.n_layer=6"], {}),
+    "recipe_bf16_matmuls_vocab8192": (["model.matmul_dtype=bfloat16"], {"vocab": 8192}),
+    # the recipe stopped at `today`'s 225.8 s on this session's code: 632 steps at the 357 ms/step the
+    # budgeted run took (its 30-step calibration said 228 ms, so it ran 968 steps in 346 s)
+    "recipe_632": (["train.steps=632"], {"fixed": True}),
 }
 
 SFT = {

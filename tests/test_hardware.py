@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,13 @@ def test_steal_share_is_the_hypervisors_part_of_the_cpu_time_between_two_reading
     if Path("/proc/stat").is_file():  # the real reading: every kind, counting up
         first, second = hardware.cpu_ticks(), hardware.cpu_ticks()
         assert len(first) == 8 and all(second[k] >= first[k] for k in first)
+
+
+def test_cpu_bf16_units_from_the_flags():
+    assert hardware.cpu_bf16_units("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert hardware.cpu_bf16_units("Features\t: fp asimd bf16 i8mm\n")  # Arm
+    assert not hardware.cpu_bf16_units("flags\t\t: fpu sse avx2 avx512f avx512bw\n")
+    assert not hardware.cpu_bf16_units("model name\t: something\n")  # no flags line at all
+    if Path("/proc/cpuinfo").is_file():
+        flags = set(re.search(r"^(?:flags|Features)\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+        assert hardware.cpu_bf16_units() == bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})

@@ -69,5 +69,5 @@ def test_today_on_the_config_file_is_the_old_recipe_as_it_shipped():
     # the quickstart before issue 17: AdamW 3e-3 -> 3e-4, batch 16, 1200 steps, on the same model
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.data.batch_size, cfg.train.steps) == (
         "adamw", 3e-3, 3e-4, 16, 1200)
-    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head, cfg.model.n_kv_head, cfg.model.seq_len) == (
-        4, 128, 4, 2, 128)
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head, cfg.model.n_kv_head, cfg.model.seq_len,
+            cfg.model.matmul_dtype) == (4, 128, 4, 2, 128, "float32")
