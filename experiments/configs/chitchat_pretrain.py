@@ -4,7 +4,7 @@ first training stage). The recipe is the best of experiments/sweep.py's variants
 batch 32 (at the quickstart's budget the larger batch beat 16 and 64; at 100 s it lost), and bf16
 matmuls under fp32 activations (model.matmul_dtype): on a CPU with bf16 instructions (AMX, AVX-512
 BF16) the step is 1.4x faster and the steps it buys more than pay for the rounding (at 420 s: 1302
-steps, 1.5861 bpb, against 834 fp32 steps, 1.6303). Its 1200 steps take about 450 s on the 2-core
+steps, 1.5861 bpb, against 834 fp32 steps, 1.6303). Its 1050 steps take 400-430 s on the 2-core
 host measured (Xeon with AMX); on a CPU without bf16 instructions the quickstart multiplies in fp32.
 
     python -m jaxgpt.data prepare prepare.source=chitchat prepare.tokenizer=bpe:4096 prepare.out=data/chitchat
@@ -20,6 +20,6 @@ def get_config() -> Config:
         data=DataConfig(tokenizer="bpe:4096", batch_size=32, segments=True),
         optim=OptimConfig(name="muon", lr=6e-3, min_lr=6e-4, schedule="cosine", warmup_steps=100, b1=0.9,
                           b2=0.99, weight_decay=0.1, clip_norm=1.0),
-        train=TrainConfig(steps=1200, out_dir="runs/chitchat_pretrain", log_every=50, eval_every=600,
+        train=TrainConfig(steps=1050, out_dir="runs/chitchat_pretrain", log_every=50, eval_every=525,
                           samples=0),
     )
