@@ -61,13 +61,20 @@ def attention_mask(q_seg_BxL, q_pos_BxL, kv_seg_BxS, kv_pos_BxS) -> jax.Array:
 
 def rope(x_BxHxLxE: jax.Array, positions_BxL: jax.Array, theta: float, length: int) -> jax.Array:
     """Rotary position embedding, rotating the two halves of each head (the GPT-NeoX layout), for
-    positions below `length`. sin and cos come from a [length, E/2] table looked up by position:
-    computed per (row, position) instead, XLA:CPU fused them into every head's rotation and into
-    the backward pass again (quickstart step: 40 ms of 390)."""
+    positions below `length`. When the rows hold more positions than that (training), sin and cos
+    come from a [length, E/2] table looked up by position: computed per (row, position), XLA:CPU
+    fused them into every head's rotation and into the backward pass again (quickstart step: 40 ms of
+    390). A decoding step's few positions are cheaper than a table of the whole context. Both give
+    the same values: sin and cos of float32(position) * inv_freq."""
     E = x_BxHxLxE.shape[-1]
     inv_freq = theta ** -(jnp.arange(0, E, 2, dtype=jnp.float32) / E)
-    angles_TxE2 = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq
-    sin_Bx1xLxE2, cos_Bx1xLxE2 = (table[positions_BxL][:, None] for table in (jnp.sin(angles_TxE2), jnp.cos(angles_TxE2)))
+    if positions_BxL.size > length:
+        angles_TxE2 = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq
+        sin_Bx1xLxE2, cos_Bx1xLxE2 = (table[positions_BxL][:, None]
+                                      for table in (jnp.sin(angles_TxE2), jnp.cos(angles_TxE2)))
+    else:
+        angles_Bx1xLxE2 = positions_BxL[:, None, :, None].astype(jnp.float32) * inv_freq
+        sin_Bx1xLxE2, cos_Bx1xLxE2 = jnp.sin(angles_Bx1xLxE2), jnp.cos(angles_Bx1xLxE2)
     x1, x2 = jnp.split(x_BxHxLxE.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos_Bx1xLxE2 - x2 * sin_Bx1xLxE2, x2 * cos_Bx1xLxE2 + x1 * sin_Bx1xLxE2], axis=-1)
     return out.astype(x_BxHxLxE.dtype)

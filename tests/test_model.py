@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.model import GPT, attention_mask, positions_from_segments, token_losses
+from jaxgpt.model import GPT, attention_mask, positions_from_segments, rope, token_losses
 from jaxgpt.sharding import RULES
 
 V = 37  # an odd vocabulary: nothing may assume a power of two
@@ -289,6 +289,18 @@ def test_bf16_matmuls_keep_fp32_activations_and_gradients(preset):
     for (path, g32), g16 in zip(jax.tree_util.tree_leaves_with_path(grads32), jax.tree.leaves(grads16)):
         assert g16.dtype == jnp.float32, path
         assert float(jnp.linalg.norm(g16 - g32)) <= 0.05 * float(jnp.linalg.norm(g32)), path
+
+
+def test_rope_from_its_table_equals_rope_per_position():
+    """Many positions (training) look sin and cos up in a table, few (a decoding step) compute them:
+    the same values to the bit, and a rotation keeps each pair's norm."""
+    x = jax.random.normal(jax.random.key(0), (2, 4, 16, 8))
+    positions = jnp.asarray(np.random.default_rng(0).integers(0, 20, (2, 16)), jnp.int32)
+    from_table = jax.jit(lambda x, p: rope(x, p, 10000.0, 20))(x, positions)  # 32 positions > 20
+    per_position = jax.jit(lambda x, p: rope(x, p, 10000.0, 64))(x, positions)  # 32 <= 64
+    assert np.array_equal(np.asarray(from_table), np.asarray(per_position))
+    pair_norm = lambda y: np.hypot(*np.split(np.asarray(y), 2, axis=-1))  # noqa: E731
+    np.testing.assert_allclose(pair_norm(from_table), pair_norm(x), rtol=1e-5)
 
 
 @pytest.mark.parametrize("residual_init_std", [0.0, 0.05])
