@@ -37,7 +37,8 @@ class ModelConfig:
     d_ff: int = 0                    # F; 0: 4*D for gelu, about 8/3*D (a multiple of 64) for swiglu
     seq_len: int = 1024              # L: context length of training and the learned position table
     norm: Literal["layernorm", "rmsnorm"] | None = None
-    mlp: Literal["gelu", "gelu_exact", "swiglu"] | None = None  # gelu: GPT-2's tanh form; gelu_exact: erf
+    mlp: Literal["gelu", "gelu_exact", "swiglu", "relu2"] | None = None  # gelu: GPT-2's tanh form; gelu_exact:
+                                     # erf; relu2: relu(x)^2 (Primer), two matrices like gelu
     position: Literal["learned", "rope"] | None = None
     bias: bool | None = None         # biases in projections and norms
     tie_embeddings: bool | None = None

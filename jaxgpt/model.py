@@ -234,7 +234,10 @@ class Mlp(nn.Module):
             h_BxLxF = jax.nn.silu(h_BxLx2xF[:, :, 0]) * h_BxLx2xF[:, :, 1]
         else:
             h_BxLxF = Dense((D,), (F,), ("embed", "mlp"), cfg, cfg.init_std, name="w_up")(x_BxLxD)
-            h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=cfg.mlp == "gelu")
+            if cfg.mlp == "relu2":
+                h_BxLxF = jnp.square(jax.nn.relu(h_BxLxF))
+            else:
+                h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=cfg.mlp == "gelu")
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
         return Dense((F,), (D,), ("mlp", "embed"), cfg, residual_std(cfg), name="w_down")(h_BxLxF)
 

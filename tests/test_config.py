@@ -60,7 +60,7 @@ def test_overrides_do_not_mutate_the_input():
     ("model.n_layer", "override 'model.n_layer': expected key=value, e.g. model.n_layer=6"),
     # choice fields: the allowed values come from the Literal type
     ("model.norm=batchnorm", "model.norm=batchnorm: expected one of layernorm, rmsnorm, none"),
-    ("model.mlp=relu", "model.mlp=relu: expected one of gelu, gelu_exact, swiglu, none"),
+    ("model.mlp=relu", "model.mlp=relu: expected one of gelu, gelu_exact, swiglu, relu2, none"),
     ("model.position=alibi", "model.position=alibi: expected one of learned, rope, none"),
     ("model.dtype=float16", "model.dtype=float16: expected one of float32, bfloat16"),
     ("model.attention=flash", "model.attention=flash: expected one of auto, xla, cudnn, cpu"),

@@ -355,3 +355,20 @@ def test_gelu_exact_is_the_erf_form():
     np.testing.assert_allclose(np.asarray(Mlp(exact).apply(params, x)),
                                np.asarray(erf_gelu @ w_down["w"] + w_down["b"]), rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(Mlp(exact).apply(params, x) - Mlp(tanh).apply(params, x)).max()) > 1e-3
+
+
+def test_relu2_is_relu_squared_between_two_matrices():
+    """mlp=relu2 (Primer's squared ReLU): relu(x @ w_up + b)^2 @ w_down + b, with gelu's params."""
+    import flax.linen as nn
+
+    from jaxgpt.model import Mlp
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 3, 32)), jnp.float32)
+    relu2 = model_cfg(mlp="relu2")
+    params = nn.meta.unbox(Mlp(relu2).init(jax.random.key(0), x))
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, nn.meta.unbox(Mlp(model_cfg()).init(
+        jax.random.key(0), x)))
+    params["params"]["w_up"]["b"] = jnp.full_like(params["params"]["w_up"]["b"], 0.01)
+    w_up, w_down = params["params"]["w_up"], params["params"]["w_down"]
+    h = np.maximum(np.asarray(x @ w_up["w"] + w_up["b"]), 0) ** 2
+    np.testing.assert_allclose(np.asarray(Mlp(relu2).apply(params, x)), h @ np.asarray(w_down["w"]) + np.asarray(w_down["b"]),
+                               rtol=1e-5, atol=1e-7)
