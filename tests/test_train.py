@@ -120,3 +120,16 @@ def test_bad_input_is_one_line_and_status_2(case, expected, text_file, tmp_path,
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and re.match(expected, lines[0]), proc.stderr
         assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_init_state_compiled_for_speed_draws_the_default_compiles_values(make_config, tmp_path, preset):
+    """init_state compiles at XLA:CPU's backend optimization level 1; the default level 2 (asked for
+    explicitly: the tests' own XLA_FLAGS lower it everywhere) gives the same state, bit for bit."""
+    trainer = Trainer(make_config(tmp_path, preset), jax.devices()[:1])
+    seed = trainer.cfg.train.seed
+    default = trainer._fresh_state_jit.lower(seed).compile(compiler_options={"xla_backend_optimization_level": 2})
+    bits = lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x  # noqa: E731
+    want, got = (jax.device_get(jax.tree.map(bits, s)) for s in (default(seed), trainer.init_state()))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
+    assert len(jax.tree.leaves(got.params)) > 5
