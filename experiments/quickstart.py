@@ -165,13 +165,16 @@ def chat_eval(out: Path, source: Path) -> dict:
 
 
 def examples(source: Path) -> list[dict]:
-    """Replies to PROMPTS with the model's own sampling defaults (chat_sft.py's sample section)."""
+    """Replies to PROMPTS with the model's own sampling defaults (chat_sft.py's sample section), each
+    with its own seed (sample.seed + i, as jaxgpt.talk seeds its turns): drawn with one seed, the four
+    replies shared their sampling noise, and three of them opened with the same five words."""
     loaded = runs.load(source)
     model = GPT(loaded.cfg.model)
+    seeded = lambda i: dataclasses.replace(loaded.cfg.sample, seed=(loaded.cfg.sample.seed + i) % 2 ** 32)  # noqa: E731
     return [{"user": p, "assistant": sample.chat_replies(model, loaded.params, loaded.tokenizer,
-                                                          [{"role": "user", "content": p}], loaded.cfg.sample,
+                                                          [{"role": "user", "content": p}], seeded(i),
                                                           screen=loaded.cfg.screen)[0]}
-            for p in PROMPTS]
+            for i, p in enumerate(PROMPTS)]
 
 
 def reply_measures(out: Path, source: Path, n: int, seed: int) -> dict:
