@@ -31,6 +31,24 @@ if os.environ.get("JAXGPT_TEST_XLA_CACHE", "1") == "1" and "JAX_COMPILATION_CACH
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
+# Tests compile far more than they compute (tiny models, a few steps each), so XLA:CPU's backend runs at
+# optimization level 1 here, in this process and its subprocesses: tests/test_train.py took 82 s
+# against 118 at the default level 2, tests/test_optim.py 95 against 134. Level 1 keeps level 2's
+# fused multiply-adds, so the numbers are the same to the bit (tests/test_train.py checks a model's
+# init); level 0, faster still, changes the last bit of some. Benchmarks, experiments and users' runs
+# never see this flag.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=1" if os.environ.get("JAXGPT_TEST_FAST_COMPILE", "1") == "1" else ""
+
+
+def xla_flags(*flags: str) -> str:
+    """XLA_FLAGS for a test's child process: the tests' own flags and these."""
+    return " ".join(f for f in (TEST_XLA_FLAGS, *flags) if f)
+
+
+if TEST_XLA_FLAGS and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS) if f)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _XLA_CACHE:
         shutil.rmtree(_XLA_CACHE, ignore_errors=True)
@@ -125,9 +143,11 @@ def tiny_run(text_file, tmp_path_factory):
 
 
 def subprocess_env(**extra) -> dict:
-    """Environment for `python -m jaxgpt.X` children (jaxgpt as installed): no inherited device flags."""
+    """Environment for `python -m jaxgpt.X` children (jaxgpt as installed): no inherited device flags,
+    the tests' own XLA flags, and an XLA_FLAGS given here on top of those."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = xla_flags(extra.pop("XLA_FLAGS", ""))
     env.update(extra)
     return env
 

@@ -25,7 +25,7 @@ from etils import epath
 from jaxgpt import checkpoint, config as config_lib, train as train_lib
 from jaxgpt.errors import CheckpointError
 
-from conftest import leaves_equal, subprocess_env
+from conftest import leaves_equal, subprocess_env, xla_flags
 
 REPO = Path(__file__).parents[1]
 STEPS = 6
@@ -352,7 +352,8 @@ for devices, mesh in [(8, ("mesh.data=1", "mesh.fsdp=8")), (4, ("mesh.data=1", "
     host = jax.device_get(checkpoint.state_tree(state))
     saved = saved or host
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(saved)))
-    trainer.step(state, trainer.batch(2))  # and training goes on on the new mesh
+    if c.mesh.tensor == 2:  # and training goes on on a new mesh (one compile of ~20 s here, not three)
+        trainer.step(state, trainer.batch(2))
     print("restored on", dict(trainer.mesh.shape), "params sharded like",
           state.params["block_0"]["mlp"]["w_up"]["w"].sharding.spec)
 """
@@ -362,7 +363,7 @@ for devices, mesh in [(8, ("mesh.data=1", "mesh.fsdp=8")), (4, ("mesh.data=1", "
 def test_checkpoint_from_8_devices_restores_on_other_meshes(env):
     run = env["root"] / "mesh8"
     proc_env = _subprocess_env(env["root"])
-    proc_env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    proc_env["XLA_FLAGS"] = xla_flags("--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, json.dumps(_config_dict(env["text"], run)), str(run)],
                           env=proc_env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

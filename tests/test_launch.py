@@ -25,8 +25,7 @@ CLUSTER_VARS = ("SLURM_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR", "JAX_NUM_PROC
 
 def clean_env(**extra) -> dict:
     """A child's environment with no cluster of the machine running the tests leaking in."""
-    env = {k: v for k, v in subprocess_env().items() if not k.startswith(CLUSTER_VARS)}
-    env.update(extra)
+    env = {k: v for k, v in subprocess_env(**extra).items() if not k.startswith(CLUSTER_VARS)}
     return env
 
 

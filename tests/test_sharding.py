@@ -93,10 +93,10 @@ def test_same_training_on_1_and_8_devices(eight_devices, preset):
     """5 fp32 train steps: data, fsdp and tensor parallel meshes give the one-device losses and params."""
     runs = {None if r["mesh"] is None else tuple(r["mesh"]): r for r in eight_devices
             if r["kind"] == "run" and r["preset"] == preset}
-    assert set(runs) == {None, (8, 1, 1), (2, 4, 1), (2, 2, 2)}
+    assert set(runs) == {None, (2, 4, 1), (2, 2, 2)}
     reference = runs[None]["losses"]
     assert len(reference) == 5 and reference[-1] < reference[0]  # it trains
-    for mesh in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+    for mesh in [(2, 4, 1), (2, 2, 2)]:
         assert runs[mesh]["losses"] == pytest.approx(reference, abs=1e-5), mesh
         assert runs[mesh]["max_param_diff"] < 1e-5, mesh
 
