@@ -42,7 +42,7 @@ LR = lambda peak: [f"optim.lr={peak:g}", f"optim.min_lr={peak / 10:g}"]  # noqa:
 # The recipe the quickstart shipped with until the first sweep (AdamW 3e-3, 1200 steps); the knobs below
 # were each tried on top of it, and the config file now holds the winner (`recipe`).
 TODAY = ["optim.name=adamw", *LR(3e-3), "data.batch_size=16", "train.steps=1200", "train.eval_every=400",
-         "model.matmul_dtype=float32"]
+         "model.matmul_dtype=float32", "model.qk_norm=false"]
 
 
 def old(*knobs, **options):
@@ -107,6 +107,23 @@ PRETRAIN = {
     # the recipe stopped at `today`'s 225.8 s on this session's code: 632 steps at the 357 ms/step the
     # budgeted run took (its 30-step calibration said 228 ms, so it ran 968 steps in 346 s)
     "recipe_632": (["train.steps=632"], {"fixed": True}),
+    # knobs that leave the step's cost about where it is, screened at a fixed 500 steps (the schedule
+    # ends there): the host's speed drifts 20-40% within an hour, a step count does not
+    **{f"s500{'_' + name if name else ''}": (["train.steps=500", *knobs], {"fixed": True}) for name, knobs in {
+        "": [],
+        "qk_norm": ["model.qk_norm=true"],
+        "softcap15": ["model.logit_softcap=15"],
+        "tied": ["model.tie_embeddings=true"],
+        "relu2": ["model.mlp=relu2"],
+        "muon_lr0.04": ["optim.muon_lr=0.04"],
+        "muon_lr0.01": ["optim.muon_lr=0.01"],
+        "adamw1.2e-2": LR(1.2e-2),
+        "warmup30": ["optim.warmup_steps=30"],
+        "wd0": ["optim.weight_decay=0"],
+        "wsd": ["optim.schedule=wsd", "optim.wsd_decay_fraction=0.4"],
+        "adamw2.4e-2": LR(2.4e-2),
+        "adamw1.2e-2_qk_norm": [*LR(1.2e-2), "model.qk_norm=true"],
+    }.items()},
 }
 
 SFT = {
@@ -116,6 +133,14 @@ SFT = {
     "one_direction": ([], {"one_direction": True}),
     "batch32": (["data.batch_size=32"], {}),
     "wsd": (["optim.schedule=wsd"], {}),
+    # the config file's 600 steps, one knob at a time (a step count holds while the host's speed drifts)
+    **{f"f600{'_' + name if name else ''}": (knobs, {"fixed": True}) for name, knobs in {
+        "": [],
+        "lr2e-3": LR(2e-3),
+        "lr5e-4": LR(5e-4),
+        "muon_lr0.01": ["optim.name=muon", "optim.muon_lr=0.01"],  # Muon on the matrices, as in pretraining
+        "muon_lr0.02": ["optim.name=muon", "optim.muon_lr=0.02"],
+    }.items()},
 }
 
 SAMPLING = {  # name -> SamplingParams fields; each on the same held-in prompts and seeds
@@ -238,7 +263,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 
 def table(results: list[dict]) -> str:
-    ref = next((r for name in ("base", "today", "recipe") for r in results if r["name"] == name), None)
+    ref = next((r for name in ("base", "today", "recipe", "s500", "f600") for r in results if r["name"] == name), None)
     base = ref and ref["val_bpb"]
     lines = [f"| variant | what it runs | params | ms/step | steps | tokens | train s | held-out bpb | "
              f"vs {ref['name'] if ref else 'base'} |",
