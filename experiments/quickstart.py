@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxgpt import bench, chat, dialogs, evaluate, export, hardware, prepare, reply_quality, runs, sample
+from jaxgpt import bench, chat, cli, dialogs, evaluate, export, hardware, prepare, reply_quality, runs, sample
 from jaxgpt import config as config_lib
 from jaxgpt import train as train_lib
 from jaxgpt.generate import SamplingParams
@@ -256,4 +256,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.one_line_errors("quickstart"):  # Ctrl-C in training: "error: stopped by SIGINT ...; rerun ..."
+        main()

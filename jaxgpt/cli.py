@@ -9,6 +9,7 @@ and exits with status 2; bugs stay tracebacks.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import sys
@@ -78,7 +79,7 @@ def run(prog: str, commands: dict[str, Command] | Command, argv: list[str] | Non
               f"{keys_help(command.root, command.sections)}")
         sys.exit(0)
     operands, settings = split(argv)
-    try:
+    with one_line_errors(prog):
         low, high = command.operands
         if not low <= len(operands) <= high:
             raise ConfigError(f"expected {low if low == high else f'{low} to {high}'} operand(s) before the "
@@ -87,6 +88,15 @@ def run(prog: str, commands: dict[str, Command] | Command, argv: list[str] | Non
         if command.tune_host:
             hardware.tune_host()
         command.main(operands, settings)
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str):
+    """A JaxgptError as `error: ...` on stderr and status 2, Ctrl-C as `PROG: interrupted` and 130;
+    anything else (a bug) stays a traceback. Every command line runs inside it (run, and scripts
+    such as experiments/quickstart.py)."""
+    try:
+        yield
     except JaxgptError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

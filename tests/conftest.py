@@ -45,8 +45,8 @@ def xla_flags(*flags: str) -> str:
     return " ".join(f for f in (TEST_XLA_FLAGS, *flags) if f)
 
 
-if TEST_XLA_FLAGS and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS) if f)
+if TEST_XLA_FLAGS and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit them
+    os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))  # the user's own flags last: they win
 
 
 def pytest_sessionfinish(session, exitstatus):
