@@ -41,9 +41,9 @@ PROMPTS = [  # written for this script: not in chitchat
 
 SCALES = {  # overrides on top of the config files, per stage
     "cpu": {"pretrain": [], "sft": []},
-    # the CPU recipe's Muon was chosen by sweeps at width 128; the GPT-2-small scale keeps AdamW until a
-    # sweep at that size says otherwise
-    "gpu": {"pretrain": ["optim.name=adamw", "model.n_layer=12", "model.n_head=12", "model.n_kv_head=4",
+    # the CPU recipe's Muon and embedding rate were chosen by sweeps at width 128; the GPT-2-small scale
+    # keeps AdamW at one rate until a sweep at that size says otherwise
+    "gpu": {"pretrain": ["optim.name=adamw", "optim.embed_lr_scale=1", "model.n_layer=12", "model.n_head=12", "model.n_kv_head=4",
                          "model.d_model=768", "model.seq_len=512", "model.dtype=bfloat16", "data.batch_size=64", "optim.lr=1e-3",
                          "optim.min_lr=1e-4", "train.steps=6000"],
             "sft": ["data.batch_size=64", "optim.lr=1e-4", "optim.min_lr=1e-5", "train.steps=1500"]},

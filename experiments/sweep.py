@@ -42,7 +42,7 @@ LR = lambda peak: [f"optim.lr={peak:g}", f"optim.min_lr={peak / 10:g}"]  # noqa:
 # The recipe the quickstart shipped with until the first sweep (AdamW 3e-3, 1200 steps); the knobs below
 # were each tried on top of it, and the config file now holds the winner (`recipe`).
 TODAY = ["optim.name=adamw", *LR(3e-3), "data.batch_size=16", "train.steps=1200", "train.eval_every=400",
-         "model.matmul_dtype=float32", "model.qk_norm=false"]
+         "model.matmul_dtype=float32", "model.qk_norm=false", "optim.embed_lr_scale=1"]
 
 
 def old(*knobs, **options):
@@ -109,6 +109,9 @@ PRETRAIN = {
     "recipe_632": (["train.steps=632"], {"fixed": True}),
     # the fifth session's: `today` took 272.0 s; 680 steps at the ~400 ms the recipe's step then ran
     "recipe_680": (["train.steps=680"], {"fixed": True}),
+    # the sixth session's recipe (embeddings at 3x, Muon momentum 0.9) at the same 680 steps: ~255 s at the
+    # 374 ms/step of its quickstart run, inside `today`'s 272.0 s (fifth session; 1200 steps, the same result)
+    "recipe6_680": (["train.steps=680", "optim.embed_lr_scale=3", "optim.muon_momentum=0.9"], {"fixed": True}),
     # knobs that leave the step's cost about where it is, screened at a fixed 500 steps (the schedule
     # ends there): the host's speed drifts 20-40% within an hour, a step count does not
     **{f"s500{'_' + name if name else ''}": (["train.steps=500", *knobs], {"fixed": True}) for name, knobs in {
@@ -126,6 +129,33 @@ PRETRAIN = {
         "adamw2.4e-2": LR(2.4e-2),
         "adamw1.2e-2_qk_norm": [*LR(1.2e-2), "model.qk_norm=true"],
     }.items()},
+    # the sixth session's screen, on top of the recipe as the fifth left it (AdamW 1.2e-2, QK-norm; the
+    # embeddings' rate and Muon's momentum pinned to what they were then): r500 is that recipe at 500 steps
+    **{f"r500{'_' + name if name else ''}": (["train.steps=500", "optim.embed_lr_scale=1", "optim.muon_momentum=0.95",
+                                              *knobs], {"fixed": True}) for name, knobs in {
+        "": [],
+        "embed_lr5": ["optim.embed_lr_scale=5"],
+        "embed_lr20": ["optim.embed_lr_scale=20"],
+        "muon_lr0.01": ["optim.muon_lr=0.01"],
+        "proj_init1e-6": ["model.residual_init_std=1e-6"],  # the residual projections start (nearly) at zero
+        "min_lr0": ["optim.min_lr=0"],
+        "wsd": ["optim.schedule=wsd", "optim.wsd_decay_fraction=0.4"],
+        "b2_0.95": ["optim.b2=0.95"],
+        "muon_momentum0.9": ["optim.muon_momentum=0.9"],
+        # the second round: around and between the first round's three winners
+        "embed_lr3": ["optim.embed_lr_scale=3"],
+        "embed_lr8": ["optim.embed_lr_scale=8"],
+        "muon_momentum0.85": ["optim.muon_momentum=0.85"],
+        "min_lr3e-3": ["optim.min_lr=3e-3"],
+        "embed_lr5_muon_momentum0.9": ["optim.embed_lr_scale=5", "optim.muon_momentum=0.9"],
+        "embed_lr5_muon_lr0.01": ["optim.embed_lr_scale=5", "optim.muon_lr=0.01"],
+        "embed_lr5_muon_momentum0.9_lr0.01": ["optim.embed_lr_scale=5", "optim.muon_momentum=0.9",
+                                              "optim.muon_lr=0.01"],
+        "embed_lr5_proj_init1e-6": ["optim.embed_lr_scale=5", "model.residual_init_std=1e-6"],
+        # the third round: the best pair with the momentum and embedding rate next to it
+        "embed_lr5_muon_momentum0.85": ["optim.embed_lr_scale=5", "optim.muon_momentum=0.85"],
+        "embed_lr3_muon_momentum0.9": ["optim.embed_lr_scale=3", "optim.muon_momentum=0.9"],
+    }.items()},
 }
 
 SFT = {
@@ -142,6 +172,8 @@ SFT = {
         "lr5e-4": LR(5e-4),
         "muon_lr0.01": ["optim.name=muon", "optim.muon_lr=0.01"],  # Muon on the matrices, as in pretraining
         "muon_lr0.02": ["optim.name=muon", "optim.muon_lr=0.02"],
+        "embed_lr3": ["optim.embed_lr_scale=3"],  # as pretraining's embeddings took (sixth session)
+        "embed_lr5": ["optim.embed_lr_scale=5"],
     }.items()},
 }
 
@@ -265,7 +297,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 
 def table(results: list[dict]) -> str:
-    ref = next((r for name in ("base", "today", "recipe", "s500", "f600") for r in results if r["name"] == name), None)
+    ref = next((r for name in ("base", "today", "recipe", "s500", "r500", "f600") for r in results if r["name"] == name), None)
     base = ref and ref["val_bpb"]
     lines = [f"| variant | what it runs | params | ms/step | steps | tokens | train s | held-out bpb | "
              f"vs {ref['name'] if ref else 'base'} |",

@@ -112,6 +112,8 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     decay_embeddings: bool = False   # weight decay on embedding tables too
+    embed_lr_scale: float = 1.0      # the embedding tables' learning rate, as a multiple of lr (their
+                                     # gradients are sparse: each row sees only its own tokens)
     clip_norm: float = 1.0           # 0: no clipping
     grad_accum: int = 1              # micro-batches per step; data.batch_size is split among them
     muon_lr: float = 0.02

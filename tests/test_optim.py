@@ -258,3 +258,22 @@ def test_all_masked_micro_batch_adds_nothing_and_all_masked_batch_is_no_update()
     assert float(metrics["loss"]) == 0.0 and float(metrics["tokens"]) == 0.0 and int(metrics["skipped"]) == 0
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get((state.params, state.opt_state)))):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_embed_lr_scale_multiplies_the_embeddings_updates_only(name):
+    model = tiny_model("gpt2")
+    params = model.init(jax.random.key(0))
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01) + 0.001 * p, params)
+    updates = {}
+    for scale in (1.0, 4.0):
+        cfg = OptimConfig(name=name, lr=1e-3, muon_lr=0.02, warmup_steps=0, schedule="constant",
+                          embed_lr_scale=scale)
+        optimizer = optim.build(cfg, 10, params, model.logical_axes)
+        updates[scale], _ = optimizer.update(grads, optimizer.init(params), params)
+    for path, base in jax.tree_util.tree_leaves_with_path(updates[1.0]):
+        scaled = dict(jax.tree_util.tree_leaves_with_path(updates[4.0]))[path]
+        key = jax.tree_util.keystr(path)
+        expected = 4.0 * base if key in ("['wte']", "['wpe']") else base
+        np.testing.assert_array_equal(np.asarray(scaled), np.asarray(expected), err_msg=key)
+        assert np.abs(np.asarray(base)).max() > 0, key
