@@ -52,13 +52,18 @@ fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
     | sed 's/^/{"bench": "nvidia-smi", "gpu": "/; s/$/"}/' >> "$rows" || true
+# the first implementation's step and the decode steps are also traced (bench.profile): their
+# busiest XLA ops land in the table, and the traces in $OUT for Perfetto
+prof=$work/profile
 for impl in "${attention[@]}"; do
-    bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" \
+    traced=()
+    [ "$impl" = "${attention[0]}" ] && traced=(bench.profile="$prof/train_$impl")
+    bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" "${traced[@]}" \
         || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"failed\": true}" >> "$rows"
 done
 bench compile "$config" "${common[@]}" model.attention="${attention[0]}" \
     || echo '{"bench": "compile", "failed": true}' >> "$rows"
-bench generate "$config" model.vocab_size=50304 "${decode[@]}" \
+bench generate "$config" model.vocab_size=50304 "${decode[@]}" bench.profile="$prof/generate" \
     || echo '{"bench": "generate", "failed": true}' >> "$rows"
 # the larger batch with the first implementation that ran
 impl=$($PY -c 'import json, sys; ok = [r["attention"] for r in (json.loads(l) for l in open(sys.argv[1]) if l.startswith("{"))
@@ -66,15 +71,21 @@ impl=$($PY -c 'import json, sys; ok = [r["attention"] for r in (json.loads(l) fo
 bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" "${larger[@]}" \
     || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"batch\": \"larger\", \"failed\": true}" >> "$rows"
 
+if [ -n "${OUT:-}" ]; then
+    find "$prof" -name perfetto_trace.json.gz | while read -r trace; do
+        name=${trace#"$prof"/}; name=${name%%/plugins/*}; cp "$trace" "$OUT/${name//\//_}_trace.json.gz"
+    done
+fi
+
 $PY - "$rows" "${OUT:-}" <<'EOF'
 import json, platform, sys
 import jax
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
 keep = {"train": ("attention", "batch", "ms_per_iter", "tokens_per_s", "mfu", "peak_flops_per_device", "peak_source",
-                  "compile_s", "peak_bytes_in_use", "step_temp_bytes", "final_loss", "failed"),
+                  "compile_s", "peak_bytes_in_use", "step_temp_bytes", "final_loss", "op_ms_per_run", "failed"),
         "compile": ("mesh", "estimate_gb", "xla_bytes", "xla_flops_per_device", "model_flops_per_step", "compile_s",
                     "failed"),
-        "generate": ("batch", "tok_per_s", "ttft_s", "bound_tok_per_s", "ratio_to_bound", "failed")}
+        "generate": ("batch", "tok_per_s", "ttft_s", "bound_tok_per_s", "ratio_to_bound", "op_ms_per_run", "failed")}
 table = {"host": platform.node(), "jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()]}
 for row in rows:
     kind = row.get("bench")
@@ -82,6 +93,9 @@ for row in rows:
         table["gpu"] = row["gpu"]
     elif kind in keep:
         table.setdefault(kind, []).append({k: row.get(k) for k in keep[kind] if k in row})
+        if "busiest_ops" in row:  # the eight busiest, short (all of them: rows.jsonl)
+            table[kind][-1]["busiest_ops"] = [f"{op['ms_per_run']} ms {op['op']} ({op['kernel'][:60]})"
+                                              for op in row["busiest_ops"][:8]]
 text = json.dumps(table, indent=1)
 print(text)
 if sys.argv[2]:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt import config as config_lib
-from jaxgpt import cli, data, generate, hardware, kernels, memory, prepare, runs, sharding, sources
+from jaxgpt import cli, data, generate, hardware, kernels, memory, prepare, profiling, runs, sharding, sources
 from jaxgpt.model import GPT
 from jaxgpt.config import BenchCommand, BenchConfig, PrepareConfig
 from jaxgpt.errors import ConfigError
@@ -58,8 +58,19 @@ def _page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None) -> dict:
-    """`batches`: a batch source opened already (train.open_run_batches), not opened again."""
+def _profiled(directory: str, runs: int, run) -> dict:
+    """`run()` traced `runs` times into `directory`: the busiest ops and the op time per run."""
+    with profiling.trace(directory):
+        for _ in range(runs):
+            run()
+    return {"profile_dir": directory, "op_ms_per_run": profiling.total_ms(directory, runs),
+            "busiest_ops": profiling.busiest_ops(directory, runs)}
+
+
+def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, profile: str = "",
+                profile_runs: int = 3) -> dict:
+    """`batches`: a batch source opened already (train.open_run_batches), not opened again.
+    `profile`: a directory to trace profile_runs more steps into (the result gains busiest_ops)."""
     trainer = Trainer(cfg, batches=batches)
     state = trainer.init_state()
     batch = trainer.batch(0)
@@ -110,6 +121,14 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None) -
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
+    if profile:
+        start = [warmup + steps]
+
+        def one_step():
+            nonlocal state
+            state, _ = run(start[0], 1, state)
+            start[0] += 1
+        out.update(_profiled(profile, profile_runs, one_step))
     return out
 
 
@@ -181,6 +200,13 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
                         "memory_gb_per_s": round(bandwidth / 1e9, 2), "bound_tok_per_s": round(bound, 2),
                         "ratio_to_bound": round(tok_per_s / bound, 3), "params": model.num_params(params),
                         "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__})
+        if bench.profile:  # decode steps alone: the prompts are prefilled by the untraced first step
+            for s, p in enumerate(prompts):
+                engine.submit(p, dataclasses.replace(sp, seed=s, max_tokens=bench.profile_runs + 2))
+            engine.step()
+            results[-1].update(_profiled(f"{bench.profile}/batch{batch}", bench.profile_runs, engine.step))
+            while engine.busy:
+                engine.step()
     return results
 
 
@@ -273,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
         config_overrides = [s for s in settings if _section(s) in CONFIG_SECTIONS]
         cmd = _bench_settings("train", [s for s in settings if s not in config_overrides], ("bench",))
         cfg = config_lib.from_cli(operands[0], config_overrides)
-        print(json.dumps(bench_train(cfg, cmd.bench.steps, cmd.bench.warmup)))
+        print(json.dumps(bench_train(cfg, cmd.bench.steps, cmd.bench.warmup, profile=cmd.bench.profile,
+                                     profile_runs=cmd.bench.profile_runs)))
 
     def compile_(operands: list[str], settings: list[str]) -> None:
         config_overrides = [s for s in settings if _section(s) in CONFIG_SECTIONS]

@@ -352,6 +352,8 @@ class BenchConfig:
     batch: tuple[int, ...] = (1, 8)  # generate: batch sizes (slots) to time
     new_tokens: int = 256            # generate: tokens generated per sequence
     prompt_tokens: int = 16          # generate: random prompt length
+    profile: str = ""                # train, generate: also trace profile_runs steps into this directory
+    profile_runs: int = 3            # (jax.profiler) and report the busiest XLA ops (profiling.py)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@
 
 "cpu": hand-written backward passes, each measured faster on XLA:CPU than autodiff's (the
 golden values in tests/test_model.py are this path's numbers). "xla": plain jnp, differentiated
-by autodiff, which leaves the compiler free to fuse (TPU, and a GPU in fp32). "cudnn": cuDNN's
+by autodiff, which leaves the compiler free to fuse (TPU, and a GPU in fp32); a half-precision
+matmul's backward only rounds its cotangent first (_rounded_matmul). "cudnn": cuDNN's
 fused flash attention (a GPU in bf16/fp16), which never stores the probabilities; norms and
 matmuls as "xla". Shapes in names as in model.py: B batch, H query heads, K kv heads, G = H/K,
 L query length, S key length, E head dim.
@@ -41,11 +42,13 @@ def resolve(choice: str, dtype) -> str:
     return choice
 
 
-def attention(impl: str, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS) -> jax.Array:
+def attention(impl: str, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS, causal: bool = False) -> jax.Array:
     """Softmax attention with grouped-query heads (K kv heads shared by G = H/K queries).
 
     mask True: the query may attend to the key. A query with no allowed key (padding) outputs 0
-    and gets gradient 0. Heads come first ([B, H, L, E]): the cpu path's matmuls then need no
+    and gets gradient 0. causal: the mask allows no key past its query's index (a training row,
+    L = S), so cuDNN may skip the blocks above the diagonal (gpt2_124m on an H200: the attention
+    kernels computed every block, the mask only adding -inf to half of them). Heads come first ([B, H, L, E]): the cpu path's matmuls then need no
     transposes, and a KV cache kept as [B, K, S, E] plugs in unchanged.
     """
     if impl == "cpu":
@@ -62,7 +65,7 @@ def attention(impl: str, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS) -> jax.Arr
     # gradient)
     q_BxLxHxE, k_BxSxKxE, v_BxSxKxE = (x.transpose(0, 2, 1, 3) for x in (q_BxHxLxE, k_BxKxSxE, v_BxKxSxE))
     out_BxLxHxE = jax.nn.dot_product_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask=mask_BxLxS[:, None],
-                                               implementation=impl)
+                                               is_causal=causal and impl == "cudnn", implementation=impl)
     has_keys_BxHxLx1 = mask_BxLxS.any(-1)[:, None, :, None]
     return jnp.where(has_keys_BxHxLx1, out_BxLxHxE.transpose(0, 2, 1, 3), 0)
 
@@ -172,8 +175,34 @@ def matmul(impl: str, x_MxK, w_KxN, out_dtype=None) -> jax.Array:
     out_dtype = jnp.dtype(out_dtype or x_MxK.dtype)
     if impl == "cpu":
         return _matmul(x_MxK, w_KxN, out_dtype)
-    accumulate = jnp.float32 if x_MxK.dtype in HALF_DTYPES else None
-    return jnp.dot(x_MxK, w_KxN, preferred_element_type=accumulate).astype(out_dtype)
+    if x_MxK.dtype in HALF_DTYPES:
+        return _rounded_matmul(x_MxK, w_KxN, out_dtype)
+    return jnp.dot(x_MxK, w_KxN).astype(out_dtype)
+
+
+# Autodiff of an fp32-accumulated half-precision product gives its two backward products an fp32
+# cotangent against half-precision operands, which run as fp32 matmuls: the output head's, whose
+# logits are fp32 for the loss, and any whose rounding XLA does not see through. Rounding the
+# cotangent to the operands' dtype first, as mixed-precision training does, keeps all three
+# products on the half-precision units (a GPU's tensor cores).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rounded_matmul(x_MxK, w_KxN, out_dtype):
+    return jnp.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _rounded_matmul_fwd(x_MxK, w_KxN, out_dtype):
+    return _rounded_matmul(x_MxK, w_KxN, out_dtype), (x_MxK, w_KxN)
+
+
+def _rounded_matmul_bwd(out_dtype, residuals, dy_MxN):
+    x_MxK, w_KxN = residuals
+    dy_MxN = dy_MxN.astype(x_MxK.dtype)
+    dx_MxK = jnp.dot(dy_MxN, w_KxN.T, preferred_element_type=jnp.float32)
+    dw_KxN = jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=jnp.float32)
+    return dx_MxK.astype(x_MxK.dtype), dw_KxN.astype(w_KxN.dtype)
+
+
+_rounded_matmul.defvjp(_rounded_matmul_fwd, _rounded_matmul_bwd)
 
 
 def _dot(x_MxK, w_KxN, out_dtype) -> jax.Array:

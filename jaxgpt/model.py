@@ -216,7 +216,9 @@ class Attention(nn.Module):
             out_BxHxLxE = attend_cache(impl, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxS, positions_BxL)
         else:  # in the matmul dtype: scores and probabilities stay fp32 (kernels.attention)
             q_BxHxLxE, k_BxKxLxE, v_BxKxLxE = (x.astype(matmul_dtype(cfg)) for x in (q_BxHxLxE, k_BxKxLxE, v_BxKxLxE))
-            out_BxHxLxE = kernels.attention(impl, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxS).astype(cfg.dtype)
+            # the mask is causal within each segment, and a segment's tokens are contiguous in its row
+            out_BxHxLxE = kernels.attention(impl, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxS,
+                                            causal=True).astype(cfg.dtype)
         out_BxLxHxE = out_BxHxLxE.transpose(0, 2, 1, 3)
         out_BxLxD = Dense((H, E), (D,), ("heads", "head_dim", "embed"), cfg, residual_std(cfg), name="wo")(out_BxLxHxE)
         return out_BxLxD, cache
@@ -312,7 +314,8 @@ class Transformer(nn.Module):
         else:
             w_DxV = self.param("lm_head", logical(nn.initializers.normal(cfg.init_std), "embed", "vocab"), (D, V))
         x_BxLxD, w_DxV = x_BxLxD.astype(matmul_dtype(cfg)), w_DxV.astype(matmul_dtype(cfg))
-        if x_BxLxD.shape[0] * x_BxLxD.shape[1] == 1 and w_DxV.dtype in kernels.HALF_DTYPES:
+        if (x_BxLxD.shape[0] * x_BxLxD.shape[1] == 1 and w_DxV.dtype in kernels.HALF_DTYPES
+                and jax.default_backend() == "cpu"):
             # one row (decoding one sequence): XLA:CPU fuses this upcast into its matvec loop, 5x
             # faster than a half-precision matvec (768x50304: 33 vs 6 GFLOP/s), the same products
             x_BxLxD, w_DxV = x_BxLxD.astype(jnp.float32), w_DxV.astype(jnp.float32)

@@ -175,6 +175,19 @@ def test_half_matmul_and_attention_backwards_stay_in_bf16_on_cpu():
     assert len(dots) == 6 and set(dots) == {"bf16,bf16"}, dots
 
 
+def test_xla_half_matmul_backward_multiplies_half_precision_operands():
+    """The cotangent of an fp32 output (the head's logits) is rounded before the backward products:
+    autodiff alone multiplied it in fp32 against bf16 operands, an fp32 matmul (on a GPU, off the
+    tensor cores: gpt2_124m's step on an H200 went from 132 to 87 ms with this)."""
+    x, w = jnp.ones((8, 16), jnp.bfloat16), jnp.ones((16, 32), jnp.bfloat16)
+    for out_dtype in (jnp.float32, jnp.bfloat16):
+        grad = jax.grad(lambda x, w: kernels.matmul("xla", x, w, out_dtype).astype(jnp.float32).sum(), (0, 1))
+        jaxpr = jax.make_jaxpr(grad)(x, w)
+        dots = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]  # the backward's two
+        operand_dtypes = {tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in dots}
+        assert len(dots) == 2 and operand_dtypes == {("bfloat16", "bfloat16")}, str(jaxpr)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_half_attention_is_close_to_fp32(impl):
     L = len(SEGMENTS[0])
