@@ -117,13 +117,14 @@ def test_help_and_usage(toy, capsys):
 def test_bench_splits_config_keys_from_bench_keys_and_tunes_the_host_unless_asked(monkeypatch, capsys):
     tuned, got = [], {}
     monkeypatch.setattr(hardware, "tune_host", lambda: tuned.append(True))
-    monkeypatch.setattr(bench, "bench_train", lambda cfg, steps, warmup: got.update(cfg=cfg, steps=steps, warmup=warmup)
-                        or {"ms_per_iter": 1.0})
+    monkeypatch.setattr(bench, "bench_train", lambda cfg, steps, warmup, **profile: got.update(
+        cfg=cfg, steps=steps, warmup=warmup, profile=profile) or {"ms_per_iter": 1.0})
     monkeypatch.setattr(bench, "bench_data", lambda prep, b: got.update(prep=prep, bench=b) or [{"mb_per_s": 2.0}])
     config = str(REPO / "experiments/configs/shakespeare_char.py")
     bench.main(["train", config, "data.path=x.txt", "bench.steps=7", "model.n_layer=2", "bench.warmup=3"])
     assert got["cfg"].data.path == "x.txt" and got["cfg"].model.n_layer == 2
     assert (got["steps"], got["warmup"]) == (7, 3) and tuned == [True]
+    assert got["profile"] == {"profile": "", "profile_runs": 3}  # not traced unless bench.profile names a directory
     assert json.loads(capsys.readouterr().out) == {"ms_per_iter": 1.0}
     bench.main(["train", config, "bench.untuned_host=true"])
     assert tuned == [True] and got["steps"] == 200  # not tuned again
