@@ -1,13 +1,14 @@
-"""The whole ChatGPT recipe on a laptop CPU, in one command (about 12 minutes on the slowest 2-core host
-measured so far):
+"""The whole ChatGPT recipe on a laptop CPU, in one command (about 10 minutes on a 2-core host, at most 12):
 
-    python experiments/quickstart.py [--out runs/quickstart] [--scale cpu|gpu] [--fit-budget]
+    python experiments/quickstart.py [--out runs/quickstart] [--scale cpu|gpu] [--fixed-steps]
 
 1. data      chitchat's 7,168 two-person dialogues: a held-out 5% of dialogues, the rest as plain
              text and as conversations (each dialogue twice: either speaker can be the user)
 2. tokenizer a 4096-token BPE trained on the training text (rustbpe, exported to tiktoken)
-3. pretrain  a small llama-preset model on the text, by next-token prediction
-4. sft       the same model fine-tuned on the conversations: loss on the assistant's replies only
+3. pretrain  a small llama-preset model on the text, by next-token prediction, for the steps that fit
+             BUDGET_S on this host (its step timed first)
+4. sft       the same model fine-tuned on the conversations: loss on the assistant's replies only, sized
+             the same way
 5. report    held-out bits per byte after each stage, the held-out assistant-token loss of the
              pretrained and of the fine-tuned model, and replies to prompts it never saw
 
@@ -50,11 +51,14 @@ SCALES = {  # overrides on top of the config files, per stage
 }
 
 
-# With --fit-budget: seconds of training steps per stage, by scale; each stage's step is timed first and
-# the stage trains for as many steps as fit, its schedule sized to them (hosts measured so far differ 2x in
-# speed): the budgets at which experiments/sweep.py compared the recipes, and the time the config files'
-# step counts take on the slowest host measured. None: the config files' step counts.
-BUDGET_S = {"cpu": {"pretrain": 400, "sft": 100}, "gpu": None}
+# Seconds of training steps per stage, by scale: each stage's step is timed first and the stage trains for
+# as many steps as fit, its schedule sized to them (the 2-core hosts measured so far differ 2.5x in speed:
+# 147 to 374 ms for the pretraining step). None, or --fixed-steps: the config files' step counts, the same
+# run on every host. A hypervisor that takes more of the CPU after the timing than during it would stretch
+# a stage: train.time_limit_s ends it at TIME_LIMIT x its budget (its schedule unfinished), so the command
+# stays under 12 minutes.
+BUDGET_S = {"cpu": {"pretrain": 450, "sft": 100}, "gpu": None}
+TIME_LIMIT = 1.15
 
 
 def host() -> str:
@@ -86,7 +90,8 @@ def sized(cfg: config_lib.Config, out: Path, name: str, seconds: float | None, c
     print(f"[{name}] {plan['steps']} steps (the config file: {plan['config_steps']}): {plan['budget_s']:g} s at "
           f"{plan['ms_per_step']:.0f} ms/step on this host", file=sys.stderr)
     return config_lib.apply_overrides(cfg, [f"train.steps={plan['steps']}",
-                                            f"train.eval_every={max(plan['steps'] // 2, 1)}"])
+                                            f"train.eval_every={max(plan['steps'] // 2, 1)}",
+                                            f"train.time_limit_s={TIME_LIMIT * plan['budget_s']:g}"])
 
 
 def stage(out: Path, name: str, work) -> dict:
@@ -205,11 +210,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--replies", type=int, default=200, help="held-out user turns the reply measures use")
-    ap.add_argument("--fit-budget", action="store_true",
-                    help="size each stage by BUDGET_S on this host (its step timed first) instead of training "
-                         "the config files' step counts, the same run on every host. On a VM whose hypervisor "
-                         "takes a varying share of the CPU the timing misleads: 558 and 1096 ms for the same "
-                         "step 20 minutes apart on one host")
+    ap.add_argument("--fixed-steps", action="store_true",
+                    help="train the config files' step counts, the same run on every host (1050 pretraining "
+                         "steps, 600 SFT steps), instead of the steps that fit BUDGET_S on this host")
     args = ap.parse_args(argv)
     hardware.tune_host()
     out = Path(args.out).absolute()
@@ -218,7 +221,7 @@ def main(argv=None) -> None:
 
     stage(out, "1_data", lambda: split_data(out, args.seed))
     stage(out, "2_tokenizer", lambda: tokenize(out, args.vocab, args.seed))
-    budget = (BUDGET_S[args.scale] or {}) if args.fit_budget else {}
+    budget = {} if args.fixed_steps else (BUDGET_S[args.scale] or {})
 
     def train_stage(name: str, cfg: config_lib.Config, seconds: float | None) -> dict:
         cfg, batches = train_lib.open_run_batches(cfg)  # once, for the step's timing and the run

@@ -129,6 +129,8 @@ class TrainConfig:
     eval_every: int = 500            # 0: only at the end
     eval_max_tokens: int = 0         # 0: the whole validation split
     max_nonfinite: int = 5           # stop after this many non-finite losses in a row
+    time_limit_s: float = 0.0        # >0: end the run (evaluate, save, export) at the first logged step past this
+                                     # many seconds of training steps; the schedule keeps its length
     samples: int = 2                 # samples printed at the end of the run
     sample_tokens: int = 200
     progress: bool = True            # tqdm progress bar

@@ -334,7 +334,7 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None, batches=None)
     progress = _progress(cfg, start, enabled=lead)
     pending, last, t_log, steps_since = [], {}, time.perf_counter(), 0
     train_s = 0.0  # seconds in training steps since this process started them (evaluations not counted)
-    stop, stopping = checkpoint.StopSignals(), 0
+    stop, stopping, out_of_time = checkpoint.StopSignals(), 0, False
     try:
         for step, batch in batches:
             state, metrics = trainer.step(state, batch)
@@ -348,6 +348,11 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None, batches=None)
                 elapsed = time.perf_counter() - t_log
                 n_steps, steps_since, train_s = steps_since, 0, train_s + elapsed
                 tps = n_steps * tokens_per_step / elapsed
+                # out of time (a host slower than the one the steps were planned on): end here, as at the last step
+                # (every process ends after the same step: they agree here, at a logged step)
+                out_of_time = bool(launch.largest(int(bool(cfg.train.time_limit_s) and not is_eval
+                                                      and train_s >= cfg.train.time_limit_s)))
+                is_eval = is_eval or out_of_time
                 last = {"step": done, "loss": float(fetched[-1]["loss"]), "train_s": round(train_s, 3),
                         "lr": float(optim.schedule(cfg.optim, cfg.train.steps)(step)),
                         "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tps,
@@ -379,6 +384,11 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None, batches=None)
             stopping = stop.signum if jax.process_count() == 1 else \
                 launch.largest(stop.signum) if done % cfg.train.log_every == 0 or is_eval else 0
             if stopping:
+                break
+            if out_of_time:
+                if lead:
+                    print(f"step {done} of {cfg.train.steps}: {train_s:.0f} s of training steps reached "
+                          f"train.time_limit_s={cfg.train.time_limit_s:g}; ending the run here", file=sys.stderr)
                 break
         # the end of the run, or a signal: save (a non-finite state is never saved), and wait for the disk
         saved = checkpointer.save(done, state, last if last.get("step") == done else {}, wait=True)

@@ -89,6 +89,22 @@ def test_train_stops_after_max_nonfinite_in_a_row(make_config, tmp_path):
     assert not (out / "export").exists()  # no export of a broken model
 
 
+@pytest.mark.slow
+def test_a_run_past_its_time_limit_ends_at_the_next_logged_step_as_a_finished_one(make_config, tmp_path, capsys):
+    out = tmp_path / "timed"
+    # any positive limit is spent by the first 3 steps' seconds (a compile among them)
+    last = train(make_config(out, train={"steps": 30, "log_every": 3, "eval_every": 10, "time_limit_s": 1e-6}))
+    rows = rows_of(out)
+    assert [r["step"] for r in rows] == [3] and last["step"] == 3
+    assert "val_loss" in rows[0] and last["val_loss"] == rows[0]["val_loss"]  # evaluated, as at a run's end
+    # the schedule kept its 30-step length: the lr is the one of step 3 of 30
+    cfg = make_config(out, train={"steps": 30})
+    assert rows[0]["lr"] == pytest.approx(float(optim.schedule(cfg.optim, 30)(2)), rel=1e-6)
+    assert (out / "export" / "params").is_dir() and (out / "checkpoints" / "3").is_dir()
+    assert re.search(r"^step 3 of 30: \d+ s of training steps reached train.time_limit_s=1e-06; ending the run here$",
+                     capsys.readouterr().err, re.M)
+
+
 def test_truncate_metrics_drops_later_and_torn_rows(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n{"step": 3, "loss": 1.5}\n{"step": 4, "lo')
