@@ -112,6 +112,8 @@ PRETRAIN = {
     # the sixth session's recipe (embeddings at 3x, Muon momentum 0.9) at the same 680 steps: ~255 s at the
     # 374 ms/step of its quickstart run, inside `today`'s 272.0 s (fifth session; 1200 steps, the same result)
     "recipe6_680": (["train.steps=680", "optim.embed_lr_scale=3", "optim.muon_momentum=0.9"], {"fixed": True}),
+    # the recipe at today's 113.7 s on the AMD EPYC host of the seventh session (151 ms/step there)
+    "recipe_750": (["train.steps=750"], {"fixed": True}),
     # knobs that leave the step's cost about where it is, screened at a fixed 500 steps (the schedule
     # ends there): the host's speed drifts 20-40% within an hour, a step count does not
     **{f"s500{'_' + name if name else ''}": (["train.steps=500", *knobs], {"fixed": True}) for name, knobs in {
@@ -155,6 +157,15 @@ PRETRAIN = {
         # the third round: the best pair with the momentum and embedding rate next to it
         "embed_lr5_muon_momentum0.85": ["optim.embed_lr_scale=5", "optim.muon_momentum=0.85"],
         "embed_lr3_muon_momentum0.9": ["optim.embed_lr_scale=3", "optim.muon_momentum=0.9"],
+    }.items()},
+    # the eighth session's screen at the quickstart's own horizon on its host (Xeon, 205 ms/step: 2220 steps in
+    # its 450 s): knobs that leave the step's cost where it is, on top of the recipe as it is (`q2220`)
+    **{f"q2220{'_' + name if name else ''}": (["train.steps=2220", *knobs], {"fixed": True}) for name, knobs in {
+        "": [],
+        "muon_lr0.01": ["optim.muon_lr=0.01"],
+        "proj_init1e-6": ["model.residual_init_std=1e-6"],
+        "wd0.2": ["optim.weight_decay=0.2"],
+        "adamw6e-3": LR(6e-3),
     }.items()},
 }
 
