@@ -156,28 +156,39 @@ class Norm(nn.Module):
 
 
 class Dense(nn.Module):
-    """x @ w (+ b) over the trailing len(shape_in) axes of x, fp32 params cast to the compute dtype."""
+    """x @ w (+ b) over the trailing len(shape_in) axes of x, fp32 params cast to the compute dtype.
+    split: the first output axis holds weights used apart (SwiGLU's gate and up): one matmul per
+    entry, returned as a list. From one matmul and slices, the backward pass assembled their
+    gradients into one array by padding and adding, a loop XLA:CPU ran at a third of the speed of
+    the same arithmetic without it (the quickstart's MLP: 4.3 ms per layer)."""
     shape_in: tuple[int, ...]
     shape_out: tuple[int, ...]
     names: tuple[str | None, ...]
     cfg: ModelConfig
     std: float
+    split: bool = False
 
     @nn.compact
     def __call__(self, x):
         w = self.param("w", logical(nn.initializers.normal(self.std), *self.names),
                        self.shape_in + self.shape_out)
+        b = (self.param("b", logical(nn.initializers.zeros, *self.names[len(self.shape_in):]), self.shape_out)
+             if self.cfg.bias else None)
+        if not self.split:
+            return self._apply(x, w, b, self.shape_out)
+        axis = len(self.shape_in)  # w's first output axis
+        return [self._apply(x, jnp.take(w, i, axis), None if b is None else b[i], self.shape_out[1:])
+                for i in range(self.shape_out[0])]
+
+    def _apply(self, x, w, b, shape_out):
         batch_shape = x.shape[:x.ndim - len(self.shape_in)]
         # One 2-D matmul: XLA:CPU picks much better layouts for it than for the N-D einsum
         # (the N-D form made it transpose the MLP's hidden gradient in the backward pass).
         x_MxK = x.reshape(math.prod(batch_shape), math.prod(self.shape_in)).astype(matmul_dtype(self.cfg))
-        w_KxN = w.reshape(math.prod(self.shape_in), math.prod(self.shape_out)).astype(matmul_dtype(self.cfg))
+        w_KxN = w.reshape(math.prod(self.shape_in), math.prod(shape_out)).astype(matmul_dtype(self.cfg))
         impl = kernels.resolve(self.cfg.attention, self.cfg.dtype)
-        y = kernels.matmul(impl, x_MxK, w_KxN, self.cfg.dtype).reshape(batch_shape + self.shape_out)
-        if self.cfg.bias:
-            b = self.param("b", logical(nn.initializers.zeros, *self.names[len(self.shape_in):]), self.shape_out)
-            y = y + b.astype(y.dtype)
-        return y
+        y = kernels.matmul(impl, x_MxK, w_KxN, self.cfg.dtype).reshape(batch_shape + shape_out)
+        return y if b is None else y + b.astype(y.dtype)
 
 
 def residual_std(cfg: ModelConfig) -> float:
@@ -232,8 +243,9 @@ class Mlp(nn.Module):
         cfg = self.cfg
         D, F = cfg.d_model, cfg.d_ff
         if cfg.mlp == "swiglu":
-            h_BxLx2xF = Dense((D,), (2, F), ("embed", None, "mlp"), cfg, cfg.init_std, name="w_up")(x_BxLxD)
-            h_BxLxF = jax.nn.silu(h_BxLx2xF[:, :, 0]) * h_BxLx2xF[:, :, 1]
+            gate_BxLxF, up_BxLxF = Dense((D,), (2, F), ("embed", None, "mlp"), cfg, cfg.init_std, split=True,
+                                         name="w_up")(x_BxLxD)
+            h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
         else:
             h_BxLxF = Dense((D,), (F,), ("embed", "mlp"), cfg, cfg.init_std, name="w_up")(x_BxLxD)
             if cfg.mlp == "relu2":

@@ -1,6 +1,7 @@
 """Tests for jaxgpt.model through its public API: shapes, masking, presets, axes, counts, golden losses."""
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -372,3 +373,36 @@ def test_relu2_is_relu_squared_between_two_matrices():
     h = np.maximum(np.asarray(x @ w_up["w"] + w_up["b"]), 0) ** 2
     np.testing.assert_allclose(np.asarray(Mlp(relu2).apply(params, x)), h @ np.asarray(w_down["w"]) + np.asarray(w_down["b"]),
                                rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_is_silu_gate_times_up_with_the_gradient_of_the_formula(bias):
+    """mlp=swiglu (llama): silu(x @ w_up[:, 0] + b[0]) * (x @ w_up[:, 1] + b[1]) @ w_down + b, from one
+    [D, 2, F] weight whose two halves are multiplied apart (Dense(split=True))."""
+    import flax.linen as nn
+
+    from jaxgpt.model import Mlp
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 3, 32)), jnp.float32)
+    cfg = model_cfg("llama", bias=bias)
+    params = nn.meta.unbox(Mlp(cfg).init(jax.random.key(0), x))
+    assert params["params"]["w_up"]["w"].shape == (32, 2, cfg.d_ff)
+    if bias:
+        assert params["params"]["w_up"]["b"].shape == (2, cfg.d_ff)
+        params["params"]["w_up"]["b"] = jnp.asarray(np.random.default_rng(8).standard_normal((2, cfg.d_ff)) * 0.1,
+                                                    jnp.float32)
+
+    def formula(p, x):
+        w_up, w_down = p["params"]["w_up"], p["params"]["w_down"]
+        gate, up = (x @ w_up["w"][:, i] + (w_up["b"][i] if bias else 0) for i in range(2))
+        return (jax.nn.silu(gate) * up) @ w_down["w"] + (w_down["b"] if bias else 0)
+
+    np.testing.assert_allclose(np.asarray(Mlp(cfg).apply(params, x)), np.asarray(formula(params, x)),
+                               rtol=1e-5, atol=1e-6)
+    loss = lambda fn: jax.grad(lambda p, x: jnp.square(fn(p, x)).sum(), argnums=(0, 1))  # noqa: E731
+    for a, b in zip(jax.tree.leaves(loss(Mlp(cfg).apply)(params, x)), jax.tree.leaves(loss(formula)(params, x))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # the two halves' gradients are written apart: the compiled backward pads no [B, L, 2, F] activation
+    # gradient (the weight's own [D, 2, F] gradient is small)
+    hlo = jax.jit(loss(Mlp(cfg).apply)).lower(params, x).compile().as_text()
+    assert re.search(r"= f32\[32,2,%d\]" % cfg.d_ff, hlo)  # the weight gradient, as the pattern below writes it
+    assert not re.search(r"= f32\[2,3,2,%d\]\S* pad\(" % cfg.d_ff, hlo)
