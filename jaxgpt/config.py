@@ -407,6 +407,7 @@ def validate(cfg: Config) -> Config:
         (cfg.data.batch_size % cfg.optim.grad_accum == 0,
          f"data.batch_size={cfg.data.batch_size} must be divisible by optim.grad_accum={cfg.optim.grad_accum}"),
         (cfg.train.steps > 0, "train.steps must be positive"),
+        (cfg.train.time_limit_s >= 0, f"train.time_limit_s={cfg.train.time_limit_s:g} must be >= 0 (0: no limit)"),
         (not (cfg.data.preferences and cfg.data.chat),
          f"data.preferences={cfg.data.preferences} and data.chat={cfg.data.chat}: a run trains on one (held-out "
          f"chats for a preference run go in data.chat_val)"),

@@ -144,6 +144,7 @@ def test_configs_are_frozen():
     (["model.preset=llama", "model.d_model=36", "model.n_head=4"], "model: rope needs an even head dimension"),
     (["data.batch_size=12", "optim.grad_accum=5"], "data.batch_size=12 must be divisible by optim.grad_accum=5"),
     (["train.steps=0"], "train.steps must be positive"),
+    (["train.time_limit_s=-5"], "train.time_limit_s=-5 must be >= 0 (0: no limit)"),
 ])
 def test_validation_errors(items, message):
     with pytest.raises(ConfigError) as e:
