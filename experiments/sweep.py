@@ -42,7 +42,8 @@ LR = lambda peak: [f"optim.lr={peak:g}", f"optim.min_lr={peak / 10:g}"]  # noqa:
 # The recipe the quickstart shipped with until the first sweep (AdamW 3e-3, 1200 steps); the knobs below
 # were each tried on top of it, and the config file now holds the winner (`recipe`).
 TODAY = ["optim.name=adamw", *LR(3e-3), "data.batch_size=16", "train.steps=1200", "train.eval_every=400",
-         "model.matmul_dtype=float32", "model.qk_norm=false", "optim.embed_lr_scale=1"]
+         "model.matmul_dtype=float32", "model.qk_norm=false", "optim.embed_lr_scale=1", "model.residual_init_std=0",
+         "optim.weight_decay=0.1"]
 
 
 def old(*knobs, **options):
@@ -164,8 +165,13 @@ PRETRAIN = {
         "": [],
         "muon_lr0.01": ["optim.muon_lr=0.01"],
         "proj_init1e-6": ["model.residual_init_std=1e-6"],
-        "wd0.2": ["optim.weight_decay=0.2"],
-        "adamw6e-3": LR(6e-3),
+        # the second round, on top of the first's winner (the residual projections starting near zero)
+        "proj_init1e-6_wd0.2": ["model.residual_init_std=1e-6", "optim.weight_decay=0.2"],
+        "proj_init1e-6_adamw6e-3": ["model.residual_init_std=1e-6", *LR(6e-3)],
+        "proj_init1e-6_wd0.05": ["model.residual_init_std=1e-6", "optim.weight_decay=0.05"],
+        # the third round: around the second's winner (AdamW at 6e-3)
+        "proj_init1e-6_adamw4e-3": ["model.residual_init_std=1e-6", *LR(4e-3)],
+        "proj_init1e-6_adamw6e-3_wd0.05": ["model.residual_init_std=1e-6", *LR(6e-3), "optim.weight_decay=0.05"],
     }.items()},
 }
 

@@ -71,3 +71,7 @@ def test_today_on_the_config_file_is_the_old_recipe_as_it_shipped():
         "adamw", 3e-3, 3e-4, 16, 1200)
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head, cfg.model.n_kv_head, cfg.model.seq_len,
             cfg.model.matmul_dtype) == (4, 128, 4, 2, 128, "float32")
+    # what the recipe changed since, pinned back: QK-norm, the embeddings' rate, the residual
+    # projections' init (0: GPT-2's scaled one), weight decay
+    assert (cfg.model.qk_norm, cfg.optim.embed_lr_scale, cfg.model.residual_init_std, cfg.optim.weight_decay) == (
+        False, 1.0, 0.0, 0.1)
