@@ -91,8 +91,9 @@ def sized(cfg: config_lib.Config, out: Path, name: str, seconds: float | None, c
         plan_path.write_text(json.dumps(plan, indent=2))
     print(f"[{name}] {plan['steps']} steps (the config file: {plan['config_steps']}): {plan['budget_s']:g} s at "
           f"{plan['ms_per_step']:.0f} ms/step on this host", file=sys.stderr)
+    # evaluations at the middle and the end (half rounded up: an odd count would evaluate at steps - 1 and at steps)
     return config_lib.apply_overrides(cfg, [f"train.steps={plan['steps']}",
-                                            f"train.eval_every={max(plan['steps'] // 2, 1)}",
+                                            f"train.eval_every={-(-plan['steps'] // 2)}",
                                             f"train.time_limit_s={TIME_LIMIT * plan['budget_s']:g}"])
 
 

@@ -46,3 +46,9 @@ def test_without_a_budget_the_config_files_steps_stand(tmp_path, timed):
 
 def test_a_budget_shorter_than_the_compile_still_trains_a_few_steps(timed):
     assert quickstart.steps_for(config_lib.Config(), 5, 10)[0] == 40
+
+
+def test_an_odd_step_count_is_evaluated_at_its_middle_and_end_only(tmp_path, timed):
+    cfg = config_lib.apply_overrides(config_lib.Config(), ["train.steps=900"])
+    sized = quickstart.sized(cfg, tmp_path, "3_pretrain", 400.25)  # (400.25 - 10) / 0.25 = 1561 steps
+    assert (sized.train.steps, sized.train.eval_every) == (1561, 781)  # 781 and 1561, not 780, 1560 and 1561
