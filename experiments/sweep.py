@@ -298,10 +298,13 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
+    # variants at a fixed step count are compared step for step (their seconds depend on what else ran)
+    by_step = all(r["budget_s"] is None for r in results)
     for r in sorted(results, key=lambda r: r["val_bpb"]):
-        xs, ys = zip(*r["curve"])
-        ax.plot(xs, ys, marker="o", markersize=3, label=f"{r['name']} ({r['val_bpb']:.4f})")
-    ax.set_xlabel("seconds in training steps")
+        seconds, ys = zip(*r["curve"])
+        ax.plot(eval_steps(r) if by_step else seconds, ys, marker="o", markersize=3,
+                label=f"{r['name']} ({r['val_bpb']:.4f})")
+    ax.set_xlabel("step" if by_step else "seconds in training steps")
     ax.set_ylabel("held-out bits per byte")
     ax.set_title(title)
     best = min(r["val_bpb"] for r in results)
@@ -311,6 +314,13 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def eval_steps(result: dict) -> list[int]:
+    """The steps at which run_variant's run evaluated (train.eval_every = steps // 4, and the last step)."""
+    every, steps = max(result["steps"] // 4, 1), result["steps"]
+    points = list(range(every, steps + 1, every))
+    return points if points[-1] == steps else points + [steps]
 
 
 def table(results: list[dict]) -> str:

@@ -75,3 +75,11 @@ def test_today_on_the_config_file_is_the_old_recipe_as_it_shipped():
     # projections' init (0: GPT-2's scaled one), weight decay
     assert (cfg.model.qk_norm, cfg.optim.embed_lr_scale, cfg.model.residual_init_std, cfg.optim.weight_decay) == (
         False, 1.0, 0.0, 0.1)
+
+
+def test_eval_steps_are_where_train_evaluates():
+    """run_variant evaluates every steps // 4 steps and at the last (train.py: done % eval_every == 0 or
+    done == steps), so a fixed-step sweep's curves are plotted against these steps."""
+    assert sweep.eval_steps({"steps": 2220}) == [555, 1110, 1665, 2220]
+    assert sweep.eval_steps({"steps": 2457}) == [614, 1228, 1842, 2456, 2457]
+    assert sweep.eval_steps({"steps": 3}) == [1, 2, 3]
