@@ -1,4 +1,4 @@
-"""The whole ChatGPT recipe on a laptop CPU, in one command (about 10 minutes on a 2-core host, at most 12):
+"""The whole ChatGPT recipe on a laptop CPU, in one command (about 11 minutes on a 2-core host, at most 12):
 
     python experiments/quickstart.py [--out runs/quickstart] [--scale cpu|gpu] [--fixed-steps]
 

@@ -349,9 +349,10 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None, batches=None)
                 n_steps, steps_since, train_s = steps_since, 0, train_s + elapsed
                 tps = n_steps * tokens_per_step / elapsed
                 # out of time (a host slower than the one the steps were planned on): end here, as at the last step
-                # (every process ends after the same step: they agree here, at a logged step)
-                out_of_time = bool(launch.largest(int(bool(cfg.train.time_limit_s) and not is_eval
-                                                      and train_s >= cfg.train.time_limit_s)))
+                # (every process ends after the same step: they agree here, at a logged step; without a limit
+                # they skip the exchange alike)
+                out_of_time = bool(cfg.train.time_limit_s) and not is_eval and \
+                    bool(launch.largest(int(train_s >= cfg.train.time_limit_s)))
                 is_eval = is_eval or out_of_time
                 last = {"step": done, "loss": float(fetched[-1]["loss"]), "train_s": round(train_s, 3),
                         "lr": float(optim.schedule(cfg.optim, cfg.train.steps)(step)),
