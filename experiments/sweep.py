@@ -248,7 +248,7 @@ def run_variant(stage: str, name: str, args) -> dict:
     run_dir = where / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = config_lib.apply_overrides(cfg, [
-        f"train.steps={steps}", f"train.eval_every={max(steps // 4, 1)}", f"train.out_dir={run_dir}",
+        f"train.steps={steps}", f"train.eval_every={eval_every(steps)}", f"train.out_dir={run_dir}",
         "train.progress=false", "checkpoint.keep=1"])
     print(f"[{stage}/{name}] {timing['params'] / 1e6:.2f}M params, {step_s * 1e3:.1f} ms/step: {steps} steps",
           file=sys.stderr)
@@ -316,9 +316,14 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def eval_every(steps: int) -> int:
+    """run_variant's train.eval_every: held-out bits per byte at 4 points of a run."""
+    return max(steps // 4, 1)
+
+
 def eval_steps(result: dict) -> list[int]:
-    """The steps at which run_variant's run evaluated (train.eval_every = steps // 4, and the last step)."""
-    every, steps = max(result["steps"] // 4, 1), result["steps"]
+    """The steps at which run_variant's run evaluated: every eval_every steps, and the last."""
+    every, steps = eval_every(result["steps"]), result["steps"]
     points = list(range(every, steps + 1, every))
     return points if points[-1] == steps else points + [steps]
 
