@@ -55,6 +55,8 @@ class ModelConfig:
     matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     attention: Literal["auto", "xla", "cudnn", "cpu"] = "auto"  # kernels.py: auto is cpu on CPU, cudnn on GPU
     remat: bool = False              # recompute each block in the backward pass
+    loss_chunks: int = 0             # >0: training's output head and cross-entropy fused (kernels.head_loss), over
+                                     # this many pieces of each row: the [B, L, V] logits are never stored whole
     scan_layers: bool = False        # lax.scan over blocks: fast compiles for deep models
 
     def resolved(self) -> "ModelConfig":
@@ -400,6 +402,8 @@ def validate(cfg: Config) -> Config:
     checks = [
         (m.d_model % m.n_head == 0, f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}"),
         (m.n_head % m.n_kv_head == 0, f"model.n_head={m.n_head} must be divisible by model.n_kv_head={m.n_kv_head}"),
+        (m.loss_chunks >= 0 and m.seq_len % max(m.loss_chunks, 1) == 0,
+         f"model.loss_chunks={m.loss_chunks} must be 0 (off) or divide model.seq_len={m.seq_len}"),
         (m.position != "rope" or m.head_dim % 2 == 0, "model: rope needs an even head dimension"),
         (cfg.data.batch_size > 0, "data.batch_size must be positive"),
         (not (cfg.data.path and cfg.data.dir),

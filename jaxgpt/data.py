@@ -186,6 +186,12 @@ def batch_at(tokens, seed: int, step: int, batch_size: int, seq_len: int, sampli
             "loss_mask": np.ones(inputs.shape, np.float32)}
 
 
+def rows_have_segments(cfg: DataConfig) -> bool:
+    """Whether a training row may hold more than one document, or padding: packed conversations,
+    preference pairs and data.segments do; plain packed text (segment ids all ones) does not."""
+    return bool(cfg.chat or cfg.preferences or cfg.segments)
+
+
 # ---- windows for exact evaluation ----
 
 def windows(n_tokens: int, seq_len: int, stride: int):

@@ -1,9 +1,11 @@
-"""The model's three hot spots (attention, normalization, matmul), one implementation per backend.
+"""The model's hot spots (attention, normalization, matmul, the output head's loss), one
+implementation per backend.
 
     impl = resolve(cfg.attention, cfg.dtype)   # "cpu" | "xla" | "cudnn"
     out_BxHxLxE = attention(impl, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS)
     y = normalize(impl, x, scale_D, bias_D, eps, center)
     y_MxN = matmul(impl, x_MxK, w_KxN)
+    loss = head_loss(impl, x_BxLxD, w_DxV, targets_BxL, weights_BxL, chunks, matmul_dtype)
 
 "cpu": hand-written backward passes, each measured faster on XLA:CPU than autodiff's (the
 golden values in tests/test_model.py are this path's numbers). "xla": plain jnp, differentiated
@@ -48,12 +50,17 @@ def attention(impl: str, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS, causal: bo
     mask True: the query may attend to the key. A query with no allowed key (padding) outputs 0
     and gets gradient 0. causal: the mask allows no key past its query's index (a training row,
     L = S), so cuDNN may skip the blocks above the diagonal (gpt2_124m on an H200: the attention
-    kernels computed every block, the mask only adding -inf to half of them). Heads come first ([B, H, L, E]): the cpu path's matmuls then need no
+    kernels computed every block, the mask only adding -inf to half of them). No mask with causal:
+    causality is the whole mask (rows of one document, no padding), and cuDNN reads none. Heads come first ([B, H, L, E]): the cpu path's matmuls then need no
     transposes, and a KV cache kept as [B, K, S, E] plugs in unchanged.
     """
+    if mask_BxLxS is None and not causal:
+        raise ValueError("attention needs a mask, or causal=True")
     if impl == "cpu":
         B, H, L, E = q_BxHxLxE.shape
         K = k_BxKxSxE.shape[1]
+        if mask_BxLxS is None:  # causal alone, the same for every row
+            mask_BxLxS = jnp.tril(jnp.ones((1, L, k_BxKxSxE.shape[2]), bool))
         bias_BxLxS = jnp.where(mask_BxLxS, 0.0, NEG_INF).astype(jnp.float32)
         # a query with nothing to attend to (padding) gets zero probabilities: output 0, gradient 0
         has_keys_BxLx1 = mask_BxLxS.any(-1, keepdims=True).astype(jnp.float32)
@@ -64,6 +71,10 @@ def attention(impl: str, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS, causal: bo
     # over a fully masked row is uniform, so padding rows are zeroed here (which also zeroes their
     # gradient)
     q_BxLxHxE, k_BxSxKxE, v_BxSxKxE = (x.transpose(0, 2, 1, 3) for x in (q_BxHxLxE, k_BxKxSxE, v_BxKxSxE))
+    if mask_BxLxS is None:  # causal alone: cuDNN reads no mask at all, every query has keys
+        out_BxLxHxE = jax.nn.dot_product_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, is_causal=True,
+                                                   implementation=impl)
+        return out_BxLxHxE.transpose(0, 2, 1, 3)
     out_BxLxHxE = jax.nn.dot_product_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask=mask_BxLxS[:, None],
                                                is_causal=causal and impl == "cudnn", implementation=impl)
     has_keys_BxHxLx1 = mask_BxLxS.any(-1)[:, None, :, None]
@@ -184,10 +195,13 @@ def matmul(impl: str, x_MxK, w_KxN, out_dtype=None) -> jax.Array:
 # cotangent against half-precision operands, which run as fp32 matmuls: the output head's, whose
 # logits are fp32 for the loss, and any whose rounding XLA does not see through. Rounding the
 # cotangent to the operands' dtype first, as mixed-precision training does, keeps all three
-# products on the half-precision units (a GPU's tensor cores).
+# products on the half-precision units (a GPU's tensor cores). Each product is asked for in the
+# dtype it is used in: a GPU's or TPU's matmul sums in fp32 and rounds once as it writes, while an
+# fp32 result rounded afterwards is written and read again at twice the bytes by a convert of its
+# own (gpt2_124m: every layer's four products, forward and backward).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _rounded_matmul(x_MxK, w_KxN, out_dtype):
-    return jnp.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32).astype(out_dtype)
+    return jnp.dot(x_MxK, w_KxN, preferred_element_type=out_dtype)
 
 
 def _rounded_matmul_fwd(x_MxK, w_KxN, out_dtype):
@@ -197,9 +211,9 @@ def _rounded_matmul_fwd(x_MxK, w_KxN, out_dtype):
 def _rounded_matmul_bwd(out_dtype, residuals, dy_MxN):
     x_MxK, w_KxN = residuals
     dy_MxN = dy_MxN.astype(x_MxK.dtype)
-    dx_MxK = jnp.dot(dy_MxN, w_KxN.T, preferred_element_type=jnp.float32)
-    dw_KxN = jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=jnp.float32)
-    return dx_MxK.astype(x_MxK.dtype), dw_KxN.astype(w_KxN.dtype)
+    dx_MxK = jnp.dot(dy_MxN, w_KxN.T, preferred_element_type=x_MxK.dtype)
+    dw_KxN = jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=w_KxN.dtype)
+    return dx_MxK, dw_KxN
 
 
 _rounded_matmul.defvjp(_rounded_matmul_fwd, _rounded_matmul_bwd)
@@ -258,3 +272,99 @@ def _half_matmul_bwd(x_MxK, w_KxN, dy_MxN):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def head_loss(impl: str, x_BxLxD, w_DxV, targets_BxL, weights_BxL, chunks: int, matmul_dtype,
+              softcap: float = 0.0) -> jax.Array:
+    """sum(weights * cross-entropy(x @ w, targets)): the output head and its loss fused, one piece of
+    the rows' positions at a time (`chunks` pieces), so the [B, L, V] fp32 logits never exist whole.
+
+    Under differentiation each piece's gradients are made as soon as its logits are (the softmax
+    minus the targets' one-hot, rounded to the matmul dtype, against x and w), so the backward pass
+    only scales them: the head's three products are done once each, and of the logits only one
+    piece is ever held (gpt2_124m at batch 32: 6.6 GB of fp32 logits, read and written by separate
+    passes of softmax, scale and rounding, besides their gradient). w is the fp32 parameter, cast
+    here, so its gradient sums the pieces in fp32. The pieces cut the length axis: each keeps every
+    row, so a batch sharded over devices stays spread over all of them.
+    """
+    return _head_loss(x_BxLxD, w_DxV, targets_BxL, weights_BxL, impl, _pieces(x_BxLxD.shape[1], chunks),
+                      jnp.dtype(matmul_dtype), softcap)
+
+
+def _pieces(L: int, chunks: int) -> int:
+    """The largest count of equal pieces of L positions that is at most `chunks`."""
+    return max(n for n in range(1, max(chunks, 1) + 1) if L % n == 0)
+
+
+def _piece_logits(x_BxCxD, w_DxV, targets_BxC, impl, matmul_dtype, softcap):
+    """One piece's logits [B*C, V] in fp32 (capped), their log-sum-exp and the targets' logits."""
+    B, C, D = x_BxCxD.shape
+    x_MxD = x_BxCxD.reshape(B * C, D).astype(matmul_dtype)
+    logits_MxV = _product(impl, x_MxD, w_DxV.astype(matmul_dtype))
+    if softcap > 0:
+        logits_MxV = softcap * jnp.tanh(logits_MxV / softcap)
+    lse_M = jax.nn.logsumexp(logits_MxV, axis=-1)
+    target_M = jnp.take_along_axis(logits_MxV, targets_BxC.reshape(B * C, 1), axis=-1)[:, 0]
+    return x_MxD, logits_MxV, lse_M, target_M
+
+
+def _product(impl, x_MxK, w_KxN) -> jax.Array:
+    """x @ w summed in fp32 (the matmul's forward form for this implementation)."""
+    return _dot(x_MxK, w_KxN, jnp.float32) if impl == "cpu" else jnp.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
+
+
+def _piece(x_BxLxD, i, n):
+    C = x_BxLxD.shape[1] // n
+    return jax.lax.dynamic_slice_in_dim(x_BxLxD, i * C, C, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _head_loss(x_BxLxD, w_DxV, targets_BxL, weights_BxL, impl, n, matmul_dtype, softcap):
+    def body(i, total):
+        _, _, lse_M, target_M = _piece_logits(_piece(x_BxLxD, i, n), w_DxV, _piece(targets_BxL, i, n),
+                                              impl, matmul_dtype, softcap)
+        return total + jnp.sum((lse_M - target_M) * _piece(weights_BxL, i, n).reshape(-1))
+    return jax.lax.fori_loop(0, n, body, jnp.zeros((), jnp.float32))
+
+
+def _head_loss_fwd(x_BxLxD, w_DxV, targets_BxL, weights_BxL, impl, n, matmul_dtype, softcap):
+    B, L, D = x_BxLxD.shape
+
+    def body(i, carry):
+        total, dx_BxLxD, dw_DxV = carry
+        targets_BxC, weights_BxC = _piece(targets_BxL, i, n), _piece(weights_BxL, i, n)
+        x_MxD, logits_MxV, lse_M, target_M = _piece_logits(_piece(x_BxLxD, i, n), w_DxV, targets_BxC,
+                                                           impl, matmul_dtype, softcap)
+        weights_M = weights_BxC.reshape(-1).astype(jnp.float32)
+        total = total + jnp.sum((lse_M - target_M) * weights_M)
+        # d loss / d logits: softmax - one-hot, each row scaled by its weight (and the cap's slope)
+        is_target_MxV = jnp.arange(logits_MxV.shape[1]) == targets_BxC.reshape(-1, 1)
+        dlogits_MxV = (jnp.exp(logits_MxV - lse_M[:, None]) - is_target_MxV) * weights_M[:, None]
+        if softcap > 0:
+            dlogits_MxV = dlogits_MxV * (1 - jnp.square(logits_MxV / softcap))
+        dlogits_MxV = dlogits_MxV.astype(matmul_dtype)
+        dx_MxD, dw_piece_DxV = _product_grads(impl, x_MxD, w_DxV.astype(matmul_dtype), dlogits_MxV)
+        dx_BxLxD = jax.lax.dynamic_update_slice_in_dim(dx_BxLxD, dx_MxD.reshape(B, -1, D).astype(dx_BxLxD.dtype),
+                                                       i * (L // n), axis=1)
+        return total, dx_BxLxD, dw_DxV + dw_piece_DxV
+
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros_like(x_BxLxD), jnp.zeros(w_DxV.shape, jnp.float32))
+    total, dx_BxLxD, dw_DxV = jax.lax.fori_loop(0, n, body, zeros)
+    return total, (dx_BxLxD, dw_DxV.astype(w_DxV.dtype))
+
+
+def _product_grads(impl, x_MxK, w_KxN, dy_MxN):
+    """(dy @ w^T, x^T @ dy summed in fp32) in the forms each implementation runs fastest."""
+    if impl == "cpu" and x_MxK.dtype in HALF_DTYPES:  # the forms XLA:CPU keeps on its bf16 units
+        dx_MxK = jax.lax.dot_general(dy_MxN, w_KxN, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return dx_MxK.astype(x_MxK.dtype), jnp.dot(_row_major(x_MxK.T), dy_MxN, preferred_element_type=jnp.float32)
+    return (jnp.dot(dy_MxN, w_KxN.T, preferred_element_type=x_MxK.dtype),
+            jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=jnp.float32))
+
+
+def _head_loss_bwd(impl, n, matmul_dtype, softcap, residuals, g):
+    dx_BxLxD, dw_DxV = residuals  # made by the forward pass for a cotangent of 1 (the loss's own)
+    return dx_BxLxD * g.astype(dx_BxLxD.dtype), dw_DxV * g.astype(dw_DxV.dtype), None, None
+
+
+_head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)

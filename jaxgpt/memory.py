@@ -98,7 +98,7 @@ def estimate(cfg: config_lib.Config, devices=None) -> Plan:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // cfg.optim.grad_accum)
     micro_batch = abstract_batch(dataclasses.replace(cfg, data=micro))
-    residuals = saved_for_backward(lambda p, b: trainer.model.loss(p, b)[0], state.params, micro_batch)
+    residuals = saved_for_backward(lambda p, b: trainer.model_loss(p, b)[0], state.params, micro_batch)
     params = _shard_bytes(state.params, trainer.params_sharding)
     grads_f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), state.params)
     per_device = {

@@ -214,7 +214,7 @@ class Attention(nn.Module):
             q_BxHxLxE = Norm(cfg, qk=True, name="q_norm")(q_BxHxLxE)
             k_BxKxLxE = Norm(cfg, qk=True, name="k_norm")(k_BxKxLxE)
         if cfg.position == "rope":  # positions lie below the context length and the keys' count
-            length = max(cfg.seq_len, mask_BxLxS.shape[-1])
+            length = max(cfg.seq_len, x_BxLxD.shape[1] if mask_BxLxS is None else mask_BxLxS.shape[-1])
             q_BxHxLxE = rope(q_BxHxLxE, positions_BxL, cfg.rope_theta, length)
             k_BxKxLxE = rope(k_BxKxLxE, positions_BxL, cfg.rope_theta, length)
         if cache is not None:  # write the new keys at each row's position, attend over the cache
@@ -277,7 +277,8 @@ class Transformer(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL, cache=None):
+    def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL, cache=None, logits=True):
+        """Logits [B, L, V]; without logits, the head's input and weight ([B, L, D], [D, V] fp32)."""
         cfg = self.cfg
         V, D = cfg.vocab_size, cfg.d_model
         wte = self.param("wte", logical(nn.initializers.normal(cfg.init_std), "vocab", "embed"), (V, D))
@@ -289,9 +290,13 @@ class Transformer(nn.Module):
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
         if cache is not None:
+            if segment_ids_BxL is None:
+                segment_ids_BxL = jnp.ones_like(tokens_BxL)
             return self.decode(x_BxLxD, segment_ids_BxL, positions_BxL, cache, wte)
-        # one mask for every layer: causal, within a segment, never onto padding
-        mask_BxLxL = attention_mask(segment_ids_BxL, positions_BxL, segment_ids_BxL, positions_BxL)
+        # one mask for every layer: causal, within a segment, never onto padding; without segments
+        # (each row one document, no padding) causality alone, which the kernels apply themselves
+        mask_BxLxL = (None if segment_ids_BxL is None else
+                      attention_mask(segment_ids_BxL, positions_BxL, segment_ids_BxL, positions_BxL))
         block = nn.remat(Block, prevent_cse=not cfg.scan_layers, static_argnums=()) if cfg.remat else Block
         if cfg.scan_layers:
             blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
@@ -301,7 +306,7 @@ class Transformer(nn.Module):
         else:
             for i in range(cfg.n_layer):
                 x_BxLxD, _ = block(cfg, self.deterministic, name=f"block_{i}")(x_BxLxD, mask_BxLxL, positions_BxL)
-        return self.head(x_BxLxD, wte)
+        return self.head(x_BxLxD, wte) if logits else self.head_inputs(x_BxLxD, wte)
 
     def decode(self, x_BxLxD, segment_ids_BxL, positions_BxL, cache, wte):
         """The layers against a KV cache (a list of per-layer {"k", "v"}): (logits, new cache)."""
@@ -317,14 +322,19 @@ class Transformer(nn.Module):
             new_cache.append(layer_cache)
         return self.head(x_BxLxD, wte), new_cache
 
-    def head(self, x_BxLxD, wte):
+    def head_inputs(self, x_BxLxD, wte):
+        """The final norm of the residual stream, and the output head's [D, V] fp32 weight."""
         cfg = self.cfg
         V, D = cfg.vocab_size, cfg.d_model
         x_BxLxD = Norm(cfg, name="norm_out")(x_BxLxD)
         if cfg.tie_embeddings:
-            w_DxV = wte.T
-        else:
-            w_DxV = self.param("lm_head", logical(nn.initializers.normal(cfg.init_std), "embed", "vocab"), (D, V))
+            return x_BxLxD, wte.T
+        return x_BxLxD, self.param("lm_head", logical(nn.initializers.normal(cfg.init_std), "embed", "vocab"), (D, V))
+
+    def head(self, x_BxLxD, wte):
+        cfg = self.cfg
+        V, D = cfg.vocab_size, cfg.d_model
+        x_BxLxD, w_DxV = self.head_inputs(x_BxLxD, wte)
         x_BxLxD, w_DxV = x_BxLxD.astype(matmul_dtype(cfg)), w_DxV.astype(matmul_dtype(cfg))
         if (x_BxLxD.shape[0] * x_BxLxD.shape[1] == 1 and w_DxV.dtype in kernels.HALF_DTYPES
                 and jax.default_backend() == "cpu"):
@@ -387,23 +397,36 @@ class GPT:
         return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
 
     def apply(self, params, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, *, dropout_rng=None,
-              cache=None):
+              cache=None, logits=True):
         """Logits [B, L, V]; with a cache (see init_cache), (logits, new cache) with the new tokens'
-        keys written at positions_BxL (absolute positions, contiguous within a row)."""
-        if segment_ids_BxL is None:
-            segment_ids_BxL = jnp.ones_like(tokens_BxL)
+        keys written at positions_BxL (absolute positions, contiguous within a row); without logits,
+        what the output head would multiply: the normed [B, L, D] and the [D, V] fp32 weight.
+        No segment ids: each row is one document without padding, and attention is causal alone."""
         if positions_BxL is None:
-            positions_BxL = positions_from_segments(segment_ids_BxL)
+            positions_BxL = (positions_from_segments(segment_ids_BxL) if segment_ids_BxL is not None else
+                             jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1], dtype=jnp.int32), tokens_BxL.shape))
         deterministic = dropout_rng is None or self.cfg.dropout == 0
         rngs = {} if deterministic else {"dropout": dropout_rng}
         return self.module(deterministic).apply({"params": params}, tokens_BxL, segment_ids_BxL, positions_BxL,
-                                                cache, rngs=rngs)
+                                                cache, logits, rngs=rngs)
 
-    def loss(self, params, batch: dict, dropout_rng=None) -> tuple[jax.Array, jax.Array]:
-        """(sum of masked token losses, number of masked tokens) for a batch dict of [B, L] arrays."""
-        logits_BxLxV = self.apply(params, batch["inputs"], batch["segment_ids"], batch.get("positions"),
-                                  dropout_rng=dropout_rng)
+    def loss(self, params, batch: dict, dropout_rng=None, *, segments: bool = True) -> tuple[jax.Array, jax.Array]:
+        """(sum of masked token losses, number of masked tokens) for a batch dict of [B, L] arrays;
+        with cfg.loss_chunks, by the fused head (kernels.head_loss), which never holds all the logits.
+        segments=False: the caller knows each row is one document without padding (plain packed text,
+        segment ids all ones), so attention is causal alone and reads no mask (cuDNN skips it)."""
+        cfg = self.cfg
         mask_BxL = batch["loss_mask"].astype(jnp.float32)
+        segment_ids_BxL = batch["segment_ids"] if segments else None
+        if cfg.loss_chunks:
+            x_BxLxD, w_DxV = self.apply(params, batch["inputs"], segment_ids_BxL, batch.get("positions"),
+                                        dropout_rng=dropout_rng, logits=False)
+            impl = kernels.resolve(cfg.attention, cfg.dtype)
+            total = kernels.head_loss(impl, x_BxLxD, w_DxV, batch["targets"], mask_BxL, cfg.loss_chunks,
+                                      matmul_dtype(cfg), cfg.logit_softcap)
+            return total, mask_BxL.sum()
+        logits_BxLxV = self.apply(params, batch["inputs"], segment_ids_BxL, batch.get("positions"),
+                                  dropout_rng=dropout_rng)
         return (token_losses(logits_BxLxV, batch["targets"]) * mask_BxL).sum(), mask_BxL.sum()
 
     def num_params(self, params) -> int:

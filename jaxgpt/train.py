@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import signal
 import sys
@@ -145,11 +146,13 @@ class Trainer:
         self.state_sharding = self._state_sharding(abstract_params)
         # data.preferences: the step minimizes the DPO loss, which may read the reference params beside the state
         self.dpo = preference.DPO(cfg, self.model) if cfg.data.preferences else None
+        # the model's loss on this run's batches: plain packed text's rows need no attention mask
+        self.model_loss = functools.partial(self.model.loss, segments=data.rows_have_segments(cfg.data))
         frozen_shardings = (self.params_sharding,) if self.dpo and self.dpo.in_step else ()
         with sharding.activate(self.mesh):
             self._fresh_state_jit = jax.jit(self._fresh_state, out_shardings=self.state_sharding)
             self.train_step = jax.jit(make_train_step(self.model, self.optimizer, cfg.optim.grad_accum,
-                                                      self.dpo.loss if self.dpo else None),
+                                                      self.dpo.loss if self.dpo else self.model_loss),
                                       in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh),
                                                     *frozen_shardings),
                                       out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),

@@ -208,3 +208,9 @@ def test_open_batches_serves_conversations_when_data_chat_is_set(make_config, tm
     eval_only = data.open_batches(make_config(data={"chat_val": f"jsonl:{path}", "tokenizer": "byte"}), training=False)
     assert sum(int(b["loss_mask"].sum()) for b in eval_only.eval_batches()) == sum(len(f"sweet lord {i}") + 1
                                                                                      for i in range(8))
+
+
+def test_only_plain_packed_text_has_rows_of_one_document():
+    assert not data.rows_have_segments(DataConfig(path="x.txt"))
+    for kw in ({"segments": True}, {"chat": "chitchat"}, {"preferences": "jsonl:p.jsonl"}):
+        assert data.rows_have_segments(DataConfig(path="x.txt", **kw)), kw

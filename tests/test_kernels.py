@@ -83,6 +83,22 @@ def test_attention_matches_reference_on_packed_rows_with_padding(impl, K):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_causal_attention_without_a_mask_is_the_causal_mask(impl):
+    """No mask with causal=True (rows of one document): the values and gradients of the lower-
+    triangular mask, bit for bit on cpu; no mask without causal is refused."""
+    L = len(SEGMENTS[0])
+    q, k, v, dout = qkv_and_cotangent(4, 2, L, L, seed=3)
+    tril = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (len(SEGMENTS), L, L))
+    got = values_and_grads(lambda *a: kernels.attention(impl, *a[:3], None, causal=True), q, k, v, None, dout)
+    want = values_and_grads(lambda *a: kernels.attention(impl, *a, causal=True), q, k, v, tril, dout)
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0 if impl == "cpu" else 1e-6,
+                                   atol=0 if impl == "cpu" else 1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="causal"):
+        kernels.attention(impl, q, k, v, None)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_attention_with_fewer_queries_than_keys(impl):
     """Decoding against a KV cache: L new queries, S cached keys, an arbitrary mask, one empty row."""
     L, S = 3, 7
@@ -186,6 +202,19 @@ def test_xla_half_matmul_backward_multiplies_half_precision_operands():
         dots = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]  # the backward's two
         operand_dtypes = {tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in dots}
         assert len(dots) == 2 and operand_dtypes == {("bfloat16", "bfloat16")}, str(jaxpr)
+        assert {str(eqn.outvars[0].aval.dtype) for eqn in dots} == {"bfloat16"}, str(jaxpr)
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_half_matmul_writes_its_output_dtype(out_dtype):
+    """The product comes out of the dot in the dtype asked for, not as fp32 rounded by a convert of
+    its own (on a GPU, a second pass over every activation at twice its bytes)."""
+    x, w = jnp.ones((8, 16), jnp.bfloat16), jnp.ones((16, 32), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda x, w: kernels.matmul("xla", x, w, out_dtype))(x, w)
+    names = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
+    inner = jaxpr.jaxpr.eqns[names.index("custom_vjp_call")].params["call_jaxpr"].jaxpr
+    assert [eqn.primitive.name for eqn in inner.eqns] == ["dot_general"], str(jaxpr)
+    assert inner.eqns[0].outvars[0].aval.dtype == out_dtype
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -267,3 +296,53 @@ def test_model_follows_the_switch():
 def test_cudnn_on_cpu_is_a_config_error():
     with pytest.raises(ConfigError, match="model.attention=cudnn"):
         GPT(tiny_llama("cudnn")).init(jax.random.key(0))
+
+
+def reference_head_loss(x_BxLxD, w_DxV, targets_BxL, weights_BxL, softcap=0.0):
+    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(jnp.float32), w_DxV.astype(jnp.float32))
+    if softcap:
+        logits_BxLxV = softcap * jnp.tanh(logits_BxLxV / softcap)
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+    return -jnp.sum(jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], -1)[..., 0] * weights_BxL)
+
+
+def head_loss_problem(seed, B=3, L=12, D=16, V=40):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((D, V)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32)
+    weights = jnp.asarray(rng.integers(0, 2, (B, L)), jnp.float32).at[0, 0].set(1.0)
+    return x, w, targets, weights
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunks", [1, 3, 5])  # 5 does not divide L = 12: 4 pieces
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_head_loss_is_the_weighted_cross_entropy(impl, chunks, softcap):
+    """Value and both gradients equal the plain logits -> log-softmax form in fp32, for any piece count,
+    with a cotangent other than 1 (the gradients made in the forward pass are scaled by it)."""
+    x, w, targets, weights = head_loss_problem(8)
+    got = jax.value_and_grad(lambda x, w: 2.5 * kernels.head_loss(impl, x, w, targets, weights, chunks, jnp.float32,
+                                                                  softcap), (0, 1))(x, w)
+    want = jax.value_and_grad(lambda x, w: 2.5 * reference_head_loss(x, w, targets, weights, softcap), (0, 1))(x, w)
+    for name, g, r in zip(["loss", "dx", "dw"], jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5, err_msg=name)
+    # without differentiation: the forward alone, the same value
+    np.testing.assert_allclose(float(kernels.head_loss(impl, x, w, targets, weights, chunks, jnp.float32, softcap)),
+                               float(want[0]) / 2.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_half_head_loss_rounds_only_the_products(impl):
+    """bf16 matmuls: the loss is the fp32 cross-entropy of the rounded operands' product, the input's
+    gradient comes back in its bf16 and the weight's in fp32 (summed over pieces in fp32)."""
+    x, w, targets, weights = head_loss_problem(9)
+    xh = x.astype(jnp.bfloat16)
+    (loss, (dx, dw)) = jax.value_and_grad(
+        lambda x, w: kernels.head_loss(impl, x, w, targets, weights, 3, jnp.bfloat16), (0, 1))(xh, w)
+    want, (dx_want, dw_want) = jax.value_and_grad(reference_head_loss, (0, 1))(
+        xh.astype(jnp.float32), w.astype(jnp.bfloat16).astype(jnp.float32), targets, weights)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_want), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_want), rtol=2e-2, atol=2e-2)

@@ -292,6 +292,53 @@ def test_bf16_matmuls_keep_fp32_activations_and_gradients(preset):
         assert float(jnp.linalg.norm(g16 - g32)) <= 0.05 * float(jnp.linalg.norm(g32)), path
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("variant", ["plain", "softcap", "bf16_matmuls"])
+def test_fused_head_loss_equals_the_logits_loss(preset, variant):
+    """model.loss_chunks: the same loss and gradients as from the whole logits (gpt2: tied head,
+    llama: untied), with padding's zero weights; in fp32 to 1e-5."""
+    batch = {**fixed_batch(), "loss_mask": jnp.ones((2, 15), jnp.float32).at[1, 9:].set(0.0)}
+    batch = {k: jnp.pad(v, ((0, 0), (0, 1))) for k, v in batch.items()}  # 16 positions: 4 pieces of 4
+    results = []
+    for chunks in (0, 4):
+        model = GPT(model_cfg(preset, loss_chunks=chunks, **VARIANTS[variant]))
+        params = model.init(jax.random.key(0))
+        results.append(jax.jit(jax.value_and_grad(lambda p: model.loss(p, batch)[0] / 30))(params))
+    tol = 1e-5 if variant != "bf16_matmuls" else 2e-3
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(results[1]), jax.tree.leaves(results[0])):
+        assert got.dtype == want.dtype, path
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol, err_msg=str(path))
+
+
+@pytest.mark.parametrize("variant", ["plain", "scan_remat"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_rows_without_segments_attend_causally(preset, variant):
+    """loss(segments=False), for rows of one document (plain packed text): no mask is built and
+    the loss and gradients are those of all-ones segment ids, to the bit on the cpu kernels."""
+    model = GPT(model_cfg(preset, **VARIANTS[variant]))
+    params = model.init(jax.random.key(0))
+    batch = fixed_batch()
+    grad = {flag: jax.jit(jax.value_and_grad(lambda p, f=flag: model.loss(p, batch, segments=f)[0]))(params)
+            for flag in (True, False)}
+    for got, want in zip(jax.tree.leaves(grad[False]), jax.tree.leaves(grad[True])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    jaxpr = str(jax.make_jaxpr(lambda p: model.loss(p, batch, segments=False))(params))
+    assert "eq" not in re.findall(r"= (\w+)\b", jaxpr)  # attention_mask compares segment ids (==): nothing does
+
+
+def test_fused_head_loss_never_holds_the_whole_logits():
+    """The compiled gradient of the fused loss has no array of B*L*V elements; the plain one has."""
+    batch = fixed_batch()
+    sizes = {}
+    for chunks in (0, 3):
+        model = GPT(model_cfg("gpt2", loss_chunks=chunks, seq_len=15))
+        params = model.init(jax.random.key(0))
+        hlo = jax.jit(jax.grad(lambda p: model.loss(p, batch)[0])).lower(params).compile().as_text()
+        sizes[chunks] = {math.prod(int(d) for d in dims.split(",") if d)
+                         for dims in re.findall(r"f32\[([\d,]*)\]", hlo)}
+    assert 2 * 15 * V in sizes[0] and 2 * 15 * V not in sizes[3] and 2 * 5 * V in sizes[3]
+
+
 def test_rope_from_its_table_equals_rope_per_position():
     """Many positions (training) look sin and cos up in a table, few (a decoding step) compute them:
     the same values to the bit, and a rotation keeps each pair's norm."""
