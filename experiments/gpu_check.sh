@@ -5,7 +5,10 @@
 #   bash experiments/gpu_check.sh                 # on the GPU machine, from the repository root
 #
 # - train: GPT-2 small (experiments/configs/gpt2_124m.py) train steps in bf16, tokens/s and MFU
-#   against the datasheet peak (hardware.py), once per attention implementation (cudnn, xla);
+#   against the datasheet peak (hardware.py), once per attention implementation (cudnn, xla); then
+#   with the first of them, each variant beside that row: packed documents (data.segments=true: the
+#   attention reads a mask, where plain text's rows attend causally with none), the output head fused
+#   with its loss (model.loss_chunks), and both forms of the loss at twice the batch;
 # - memory: `bench compile` of the same step: the estimate beside XLA's own plan for this GPU,
 #   and the peak memory the timed steps used;
 # - decode: the KV-cache engine's tokens/s at batch 1 and 64 (random-init weights: speed only).
@@ -41,12 +44,14 @@ steps=(bench.steps=20 bench.warmup=5)
 attention=(cudnn xla)
 # after the side-by-side rows: the first implementation at twice the batch (MFU's trend with batch)
 larger=(data.batch_size=64)
+chunks=(model.loss_chunks=8)
 decode=(bench.batch=1,64 bench.new_tokens=256)
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # toy size on a CPU: the script's plumbing, not a measurement
     common+=(model.n_layer=2 model.d_model=64 model.n_head=4 model.seq_len=64 data.batch_size=4)
     steps=(bench.steps=2 bench.warmup=1)
     attention=(xla)
     larger=(data.batch_size=8)
+    chunks=(model.loss_chunks=4)
     decode=(bench.batch=1,2 bench.new_tokens=8 model.n_layer=2 model.d_model=64 model.n_head=4 model.seq_len=64)
 fi
 
@@ -61,15 +66,18 @@ for impl in "${attention[@]}"; do
     bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" "${traced[@]}" \
         || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"failed\": true}" >> "$rows"
 done
+# the variants with the first implementation that ran
+impl=$($PY -c 'import json, sys; ok = [r["attention"] for r in (json.loads(l) for l in open(sys.argv[1]) if l.startswith("{"))
+                  if r.get("bench") == "train" and not r.get("failed")]; print(ok[0] if ok else "xla")' "$rows" || echo xla)
+for variant in "data.segments=true" "${chunks[*]}" "${larger[*]}" "${larger[*]} ${chunks[*]}"; do
+    # shellcheck disable=SC2086  # a variant is one or two key=value words
+    bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" $variant \
+        || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"variant\": \"$variant\", \"failed\": true}" >> "$rows"
+done
 bench compile "$config" "${common[@]}" model.attention="${attention[0]}" \
     || echo '{"bench": "compile", "failed": true}' >> "$rows"
 bench generate "$config" model.vocab_size=50304 "${decode[@]}" bench.profile="$prof/generate" \
     || echo '{"bench": "generate", "failed": true}' >> "$rows"
-# the larger batch with the first implementation that ran
-impl=$($PY -c 'import json, sys; ok = [r["attention"] for r in (json.loads(l) for l in open(sys.argv[1]) if l.startswith("{"))
-                  if r.get("bench") == "train" and not r.get("failed")]; print(ok[0] if ok else "xla")' "$rows" || echo xla)
-bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" "${larger[@]}" \
-    || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"batch\": \"larger\", \"failed\": true}" >> "$rows"
 
 if [ -n "${OUT:-}" ]; then
     find "$prof" -name perfetto_trace.json.gz | while read -r trace; do
@@ -81,7 +89,7 @@ $PY - "$rows" "${OUT:-}" <<'EOF'
 import json, platform, sys
 import jax
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
-keep = {"train": ("attention", "batch", "ms_per_iter", "tokens_per_s", "mfu", "peak_flops_per_device", "peak_source",
+keep = {"train": ("attention", "batch", "segments", "loss_chunks", "variant", "ms_per_iter", "tokens_per_s", "mfu", "peak_flops_per_device", "peak_source",
                   "compile_s", "peak_bytes_in_use", "step_temp_bytes", "final_loss", "op_ms_per_run", "failed"),
         "compile": ("mesh", "estimate_gb", "xla_bytes", "xla_flops_per_device", "model_flops_per_step", "compile_s",
                     "failed"),

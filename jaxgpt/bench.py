@@ -101,6 +101,7 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, p
     out = {
         "bench": "train", "preset": cfg.model.preset, "dtype": cfg.model.dtype,
         "attention": kernels.resolve(cfg.model.attention, cfg.model.dtype), "remat": cfg.model.remat,
+        "loss_chunks": cfg.model.loss_chunks, "segments": data.rows_have_segments(cfg.data),
         "params": trainer.model.num_params(state.params), "devices": n_devices,
         "device_kind": jax.devices()[0].device_kind, "mesh": dict(trainer.mesh.shape),
         "batch": cfg.data.batch_size, "seq_len": cfg.model.seq_len, "steps": steps,
