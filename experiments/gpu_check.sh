@@ -8,7 +8,8 @@
 #   against the datasheet peak (hardware.py), once per attention implementation (cudnn, xla); then
 #   with the first of them, each variant beside that row: packed documents (data.segments=true: the
 #   attention reads a mask, where plain text's rows attend causally with none), the output head fused
-#   with its loss (model.loss_chunks), and both forms of the loss at twice the batch;
+#   with its loss (model.loss_chunks), both forms of the loss at twice the batch, and last the plain
+#   step with XLA's Triton matmuls off (each row reports the XLA_FLAGS it ran under);
 # - memory: `bench compile` of the same step: the estimate beside XLA's own plan for this GPU,
 #   and the peak memory the timed steps used;
 # - decode: the KV-cache engine's tokens/s at batch 1 and 64 (random-init weights: speed only).
@@ -45,6 +46,9 @@ attention=(cudnn xla)
 # after the side-by-side rows: the first implementation at twice the batch (MFU's trend with batch)
 larger=(data.batch_size=64)
 chunks=(model.loss_chunks=8)
+# last (the first row a run cut short loses): the plain step with XLA's Triton matmul fusions off, so
+# cuBLAS does every product (XLA autotunes between them, and MaxText's GPU recipes set this)
+flags=--xla_gpu_enable_triton_gemm=false
 decode=(bench.batch=1,64 bench.new_tokens=256)
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # toy size on a CPU: the script's plumbing, not a measurement
     common+=(model.n_layer=2 model.d_model=64 model.n_head=4 model.seq_len=64 data.batch_size=4)
@@ -52,6 +56,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # toy size on a CPU: the script's plum
     attention=(xla)
     larger=(data.batch_size=8)
     chunks=(model.loss_chunks=4)
+    flags=--xla_cpu_enable_fast_math=false  # a CPU flag at its default: the row's plumbing only
     decode=(bench.batch=1,2 bench.new_tokens=8 model.n_layer=2 model.d_model=64 model.n_head=4 model.seq_len=64)
 fi
 
@@ -78,6 +83,8 @@ bench compile "$config" "${common[@]}" model.attention="${attention[0]}" \
     || echo '{"bench": "compile", "failed": true}' >> "$rows"
 bench generate "$config" model.vocab_size=50304 "${decode[@]}" bench.profile="$prof/generate" \
     || echo '{"bench": "generate", "failed": true}' >> "$rows"
+XLA_FLAGS="${XLA_FLAGS:-} $flags" bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" \
+    || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"variant\": \"$flags\", \"failed\": true}" >> "$rows"
 
 if [ -n "${OUT:-}" ]; then
     find "$prof" -name perfetto_trace.json.gz | while read -r trace; do
@@ -89,7 +96,7 @@ $PY - "$rows" "${OUT:-}" <<'EOF'
 import json, platform, sys
 import jax
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
-keep = {"train": ("attention", "batch", "segments", "loss_chunks", "variant", "ms_per_iter", "tokens_per_s", "mfu", "peak_flops_per_device", "peak_source",
+keep = {"train": ("attention", "batch", "segments", "loss_chunks", "xla_flags", "variant", "ms_per_iter", "tokens_per_s", "mfu", "peak_flops_per_device", "peak_source",
                   "compile_s", "peak_bytes_in_use", "step_temp_bytes", "final_loss", "op_ms_per_run", "failed"),
         "compile": ("mesh", "estimate_gb", "xla_bytes", "xla_flops_per_device", "model_flops_per_step", "compile_s",
                     "failed"),

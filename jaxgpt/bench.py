@@ -113,6 +113,7 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, p
         # the share of the timed steps' CPU time a VM's hypervisor took (slows them by as much)
         "cpu_steal": None if steal is None else round(steal, 3),
         "final_loss": round(float(metrics["loss"]), 4),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax": jax.__version__,
     }
     memory = compiled.memory_analysis()

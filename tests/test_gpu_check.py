@@ -22,7 +22,10 @@ def test_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
     assert table == json.loads(out.stdout[out.stdout.index("{"):])
     # each implementation, then the variants beside the first: packed documents, the fused loss, twice the batch
     assert [(row["attention"], row["batch"], row["segments"], row["loss_chunks"]) for row in table["train"]] == [
-        ("xla", 4, False, 0), ("xla", 4, True, 0), ("xla", 4, False, 4), ("xla", 8, False, 0), ("xla", 8, False, 4)]
+        ("xla", 4, False, 0), ("xla", 4, True, 0), ("xla", 4, False, 4), ("xla", 8, False, 0), ("xla", 8, False, 4),
+        ("xla", 4, False, 0)]
+    # the last one under the script's extra XLA flag (on a GPU, Triton's matmuls off), beside the inherited ones
+    assert ["--xla_cpu_enable_fast_math=false" in row["xla_flags"].split() for row in table["train"]] == [False] * 5 + [True]
     for train in table["train"]:
         assert train["tokens_per_s"] > 0 and math.isfinite(train["final_loss"]) and 0 < train["mfu"] < 1
     (plan,) = table["compile"]
@@ -35,4 +38,4 @@ def test_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*_trace.json.gz")) == [
         "generate_batch1_trace.json.gz", "generate_batch2_trace.json.gz", "train_xla_trace.json.gz"]
     # the rows as they came, for a run stopped at the device's limit
-    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 8
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 9
