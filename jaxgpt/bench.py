@@ -18,8 +18,8 @@ measured in the same run) with the ratio to it.
     python -m jaxgpt.bench compile CONFIG.py [mesh.devices=8 mesh.fsdp=8 mesh.device_memory_gb=80 ...]
 
 `compile`: the train step compiled ahead of time from shapes alone (no params made, no data read)
-for the config's mesh: memory.py's per-device estimate (params, optimizer state, gradients,
-activations, batch) beside XLA's memory analysis (arguments, outputs, temporaries), XLA's FLOPs per
+for the config's mesh (a DPO config's too): memory.py's per-device estimate (params, optimizer
+state, gradients, activations, batch, DPO's reference) beside XLA's memory analysis (arguments, outputs, temporaries), XLA's FLOPs per
 device and the model's FLOPs per step, and whether it fits mesh.device_memory_gb. mesh.devices=N
 plans N devices on a host with fewer (as N XLA:CPU devices: the shardings and the estimate are
 those of N accelerators; XLA:CPU's temporaries are its own compiler's, not a GPU's).

@@ -1,7 +1,8 @@
 """Memory planning: what one train step needs on each device, known before the step is compiled.
 
     plan = memory.estimate(cfg, devices)    # tracing only: seconds even for GPT-2 small
-    plan.per_device                         # bytes: params, optimizer, gradients, activations, batch, total
+    plan.per_device                         # bytes: params, optimizer, gradients, activations, batch,
+                                            # reference (DPO's, in the step), total
     memory.check(cfg, devices)              # raises OutOfMemory naming the knobs that would fit
     report = memory.analyze(trainer)        # the same plus XLA's analysis of the compiled step, and FLOPs
 
@@ -11,7 +12,7 @@ params; twice with optim.grad_accum > 1, the running sum beside one micro-batch'
 backward pass keeps from the forward for one micro-batch (the residuals of `jax.vjp`, found by
 tracing the loss, nothing computed: activations and the compute-dtype copies of the weights), split
 over the data-parallel devices (with mesh.tensor > 1 this overcounts: heads and MLP activations split
-over tensor too), and the batch. XLA's own figure for the compiled step is the one
+over tensor too), the batch, and a DPO run's reference params when its step reads them. XLA's own figure for the compiled step is the one
 that decides; `python -m jaxgpt.bench compile` prints both, so the gap is visible (see RESULTS.md).
 The limit is mesh.device_memory_gb, else what the device reports (GPUs and TPUs do, a CPU does not:
 there the check is off unless the config states a memory).
@@ -39,7 +40,7 @@ class OutOfMemory(JaxgptError):
 class Plan(NamedTuple):
     cfg: config_lib.Config
     mesh: dict              # axis -> size
-    per_device: dict        # bytes per device: params, optimizer, gradients, activations, batch, total
+    per_device: dict        # bytes per device: params, optimizer, gradients, activations, batch, reference, total
 
 
 def _shard_bytes(abstract_tree, shardings) -> int:
@@ -49,10 +50,29 @@ def _shard_bytes(abstract_tree, shardings) -> int:
 
 
 def abstract_batch(cfg: config_lib.Config, mesh=None) -> dict:
-    """The shapes of a global batch ([B, L] arrays), placed batch-sharded on `mesh` when given."""
+    """The shapes of a global batch ([B, L] arrays), placed batch-sharded on `mesh` when given; a DPO
+    run's scored beforehand (dpo.reference=precompute) also carry the reference's log-probabilities."""
     shape = (cfg.data.batch_size, cfg.model.seq_len)
     where = sharding.batch_sharding(mesh) if mesh is not None else None
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=where) for k, dtype in BATCH_KEYS}
+    keys = BATCH_KEYS + ((("ref_logps", jnp.float32),) if _dpo_reference(cfg) == "precompute" else ())
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=where) for k, dtype in keys}
+
+
+def _dpo_reference(cfg: config_lib.Config) -> str | None:
+    """Where a DPO run's reference log-probabilities come from (dpo.reference), None for other runs."""
+    return cfg.dpo.reference if cfg.data.preferences else None
+
+
+def frozen_params(trainer, placed: bool = False) -> tuple:
+    """The shapes of what the train step reads beside the state: DPO's reference params with
+    dpo.reference=step (placed like the params when `placed`), else nothing."""
+    if not (trainer.dpo and trainer.dpo.in_step):
+        return ()
+    params = trainer.abstract_state().params
+    if placed:
+        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params,
+                              trainer.params_sharding)
+    return (params,)
 
 
 def saved_for_backward(loss, params, batch) -> int:
@@ -98,7 +118,11 @@ def estimate(cfg: config_lib.Config, devices=None) -> Plan:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // cfg.optim.grad_accum)
     micro_batch = abstract_batch(dataclasses.replace(cfg, data=micro))
-    residuals = saved_for_backward(lambda p, b: trainer.model_loss(p, b)[0], state.params, micro_batch)
+    if trainer.dpo:  # the policy's residuals; the reference's forward (in the step) keeps none
+        residuals = saved_for_backward(lambda p, b: trainer.dpo.loss(p, b[0], None, *b[1])[0], state.params,
+                                       (micro_batch, frozen_params(trainer)))
+    else:
+        residuals = saved_for_backward(lambda p, b: trainer.model_loss(p, b)[0], state.params, micro_batch)
     params = _shard_bytes(state.params, trainer.params_sharding)
     grads_f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), state.params)
     per_device = {
@@ -107,6 +131,7 @@ def estimate(cfg: config_lib.Config, devices=None) -> Plan:
         "gradients": _shard_bytes(grads_f32, trainer.params_sharding) * (2 if cfg.optim.grad_accum > 1 else 1),
         "activations": residuals // shards,
         "batch": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in abstract_batch(cfg).values()) // shards,
+        "reference": params if frozen_params(trainer) else 0,  # DPO's reference params, kept beside the state
     }
     per_device["total"] = sum(per_device.values())
     return Plan(cfg, dict(mesh.shape), per_device)
@@ -197,7 +222,7 @@ def analyze(trainer) -> dict:
                          trainer.abstract_state(), trainer.state_sharding)
     t = time.perf_counter()
     with sharding.activate(mesh):
-        compiled = trainer.train_step.lower(state, abstract_batch(cfg, mesh)).compile()
+        compiled = trainer.train_step.lower(state, abstract_batch(cfg, mesh), *frozen_params(trainer, True)).compile()
     compile_s = time.perf_counter() - t
     plan = estimate(cfg, list(mesh.devices.flat))
     out = {"mesh": dict(mesh.shape), "compile_s": round(compile_s, 2),

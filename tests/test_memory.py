@@ -101,3 +101,26 @@ def test_bench_compile_on_8_simulated_devices_shards_params_and_optimizer_as_1_o
     assert [rows[f]["estimate_bytes"]["params"] for f in (1, 2, 4, 8)] == sorted(
         (rows[f]["estimate_bytes"]["params"] for f in (1, 2, 4, 8)), reverse=True)
     assert math.isclose(rows[1]["estimate_bytes"]["activations"], rows[8]["estimate_bytes"]["activations"])
+
+
+@pytest.mark.parametrize("reference", ["precompute", "step"])
+def test_a_dpo_step_is_planned_with_its_reference(text_file, tmp_path, reference):
+    """data.preferences: the DPO loss's residuals; with dpo.reference=step the reference params the
+    step reads (one more params' worth, in XLA's arguments too), with precompute the batch's
+    reference log-probabilities instead. Both compile ahead of time (bench compile's analysis)."""
+    pairs = tmp_path / "pairs.jsonl"  # never opened: planning reads no data
+    plain_cfg = resolved(text_file)
+    cfg = dataclasses.replace(plain_cfg, data=dataclasses.replace(plain_cfg.data, preferences=f"jsonl:{pairs}"),
+                              dpo=dataclasses.replace(plain_cfg.dpo, reference=reference))
+    plan = memory.estimate(cfg, jax.devices()[:1]).per_device
+    plain = _estimate(text_file)
+    B, L = cfg.data.batch_size, cfg.model.seq_len
+    assert plan["reference"] == (plain["params"] if reference == "step" else 0) and plain["reference"] == 0
+    assert plan["batch"] == 4 * B * L * (5 if reference == "precompute" else 4)  # ref_logps: a fifth [B, L]
+    assert plan["activations"] > 0 and plan["total"] == sum(v for k, v in plan.items() if k != "total")
+    report = memory.analyze(memory.trainer_for(cfg, jax.devices()[:1]))
+    extra = plain["params"] if reference == "step" else 4 * B * L  # the reference params, or ref_logps
+    # against the plain step with segment ids in use (plain text's rows need none: XLA drops that argument)
+    segmented = dataclasses.replace(plain_cfg, data=dataclasses.replace(plain_cfg.data, segments=True))
+    assert report["xla_bytes"]["arguments"] == memory.analyze(memory.trainer_for(
+        segmented, jax.devices()[:1]))["xla_bytes"]["arguments"] + extra
