@@ -630,7 +630,8 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
         if admission.draining:
             return JSONResponse({"status": "draining", "model": model_id, "in_flight": admission.count, **load},
                                 status_code=503, headers=admission.retry_after)
-        return {"status": "ok", "model": model_id, "in_flight": admission.count, **load}
+        return {"status": "ok", "model": model_id, "in_flight": admission.count, "feedback": feedback is not None,
+                **load}
 
     @app.get("/metrics")  # no key needed, as /health: counts and timings, no content
     async def metrics_page():

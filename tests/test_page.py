@@ -366,3 +366,22 @@ def test_with_saving_off_nothing_is_recorded_and_no_judging_is_offered(page, fee
     assert "store" not in request and "metadata" not in request
     assert page.locator("#log .actions").count() == 0
     assert rows(feedback_db, "SELECT count(*) FROM replies WHERE reply = ?", PAYLOAD[:4]) == [(0,)]
+
+
+def test_a_server_without_feedback_offers_no_saving(browser, service, tiny):
+    """serve.feedback=false: /health says so, the page unticks and disables "save for feedback", and
+    its replies come without judging (which the server would answer with a 404)."""
+    with serving(make_app(service, tiny[2], ServeConfig(slots=2), "tiny", feedback=None)) as bare:
+        page = browser.new_page()
+        try:
+            page.goto(bare)
+            page.click("#settings summary")
+            expect(page.locator("#store")).to_be_disabled()
+            expect(page.locator("#store")).not_to_be_checked()
+            settings(page, temperature=0, max_tokens=4)
+            request = say(page, "hi").post_data_json
+            finished(page)
+            assert "store" not in request and page.locator("#log .actions").count() == 0
+            assert bubbles(page).count() == 1
+        finally:
+            page.close()

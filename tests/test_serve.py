@@ -135,6 +135,7 @@ def test_models_and_health(api, url):
     assert api.get("/v1/models/tiny").json()["id"] == "tiny"
     health = httpx.get(f"{url}/health").json()  # no key needed
     assert health["status"] == "ok" and health["slots"] == 2 and health["model"] == "tiny"
+    assert health["feedback"] is False  # this app records none: the chat page offers no saving
     assert model_id_of("/x/runs/shakespeare/export") == "shakespeare" and model_id_of("/x/runs/tiny") == "tiny"
 
 
