@@ -12,7 +12,8 @@
 #   step with XLA's Triton matmuls off (each row reports the XLA_FLAGS it ran under);
 # - memory: `bench compile` of the same step: the estimate beside XLA's own plan for this GPU,
 #   and the peak memory the timed steps used;
-# - decode: the KV-cache engine's tokens/s at batch 1 and 64 (random-init weights: speed only).
+# - decode: the KV-cache engine's tokens/s at batch 1 and 64 (random-init weights: speed only), with
+#   its default 8 decode steps per call and with one.
 # The text is made here (random words, byte tokens inside GPT-2's 50304-id table), so nothing is
 # downloaded. GPU_CHECK_SMOKE=1 runs the same steps at toy size on a CPU (tests/test_experiments.py).
 set -euo pipefail
@@ -83,6 +84,9 @@ bench compile "$config" "${common[@]}" model.attention="${attention[0]}" \
     || echo '{"bench": "compile", "failed": true}' >> "$rows"
 bench generate "$config" model.vocab_size=50304 "${decode[@]}" bench.profile="$prof/generate" \
     || echo '{"bench": "generate", "failed": true}' >> "$rows"
+# beside it, one decode step per engine call (the engine's default makes 8 per call)
+bench generate "$config" model.vocab_size=50304 "${decode[@]}" bench.decode_steps=1 \
+    || echo '{"bench": "generate", "decode_steps": 1, "failed": true}' >> "$rows"
 XLA_FLAGS="${XLA_FLAGS:-} $flags" bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" \
     || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"variant\": \"$flags\", \"failed\": true}" >> "$rows"
 
@@ -100,7 +104,7 @@ keep = {"train": ("attention", "batch", "segments", "loss_chunks", "xla_flags", 
                   "compile_s", "peak_bytes_in_use", "step_temp_bytes", "final_loss", "op_ms_per_run", "failed"),
         "compile": ("mesh", "estimate_gb", "xla_bytes", "xla_flops_per_device", "model_flops_per_step", "compile_s",
                     "failed"),
-        "generate": ("batch", "tok_per_s", "ttft_s", "bound_tok_per_s", "ratio_to_bound", "op_ms_per_run", "failed")}
+        "generate": ("batch", "decode_steps", "tok_per_s", "ttft_s", "bound_tok_per_s", "ratio_to_bound", "op_ms_per_run", "failed")}
 table = {"host": platform.node(), "jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()]}
 for row in rows:
     kind = row.get("bench")

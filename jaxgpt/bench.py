@@ -178,15 +178,17 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
                        for x in jax.tree.leaves(params))
     sp = generate.SamplingParams(max_tokens=bench.new_tokens, temperature=1.0, top_k=50)
     rng, results = np.random.default_rng(0), []
+    steps = bench.decode_steps or generate.DECODE_STEPS
     for batch in bench.batch:
-        engine = generate.Engine(model, params, slots=batch)
+        engine = generate.Engine(model, params, slots=batch, decode_steps=steps)
         prompts = [rng.integers(0, vocab, bench.prompt_tokens).tolist() for _ in range(batch)]
-        # compile prefill and decode; when the rows will outgrow the context, past its first shift too
-        # (the shift's re-prefill compiles another prompt length: 1.4 of the 1.7 s the quickstart's
-        # model took for 256 new tokens at context 128, timed as decoding)
+        # compile prefill and both decode calls (one step, and `steps`); when the rows will outgrow
+        # the context, past its first shift too (the shift's re-prefill compiles another prompt
+        # length: 1.4 of the 1.7 s the quickstart's model took for 256 new tokens at context 128)
         S = model.cfg.seq_len
-        warm = 4 if bench.prompt_tokens + bench.new_tokens <= S else S - bench.prompt_tokens + 2
-        engine.generate(prompts, dataclasses.replace(sp, max_tokens=warm))
+        warm = steps + 3 if bench.prompt_tokens + bench.new_tokens <= S else S - bench.prompt_tokens + steps + 2
+        for max_tokens in (warm, 3):  # the second: one-step calls only (fewer tokens left than `steps`)
+            engine.generate(prompts, dataclasses.replace(sp, max_tokens=max_tokens))
         t0 = time.perf_counter()
         ids = [i for s, p in enumerate(prompts) for i in engine.submit(p, dataclasses.replace(sp, seed=s))]
         engine.step()
@@ -201,7 +203,8 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
                        jnp.dtype(model.cfg.dtype).itemsize * (bench.prompt_tokens + bench.new_tokens / 2))
         bound = batch * bandwidth / (weight_bytes + batch * cache_bytes)
         tok_per_s = n_new / seconds
-        results.append({"bench": "generate", "batch": batch, "dtype": model.cfg.dtype, "new_tokens": n_new,
+        results.append({"bench": "generate", "batch": batch, "dtype": model.cfg.dtype, "decode_steps": steps,
+                        "new_tokens": n_new,
                         "seconds": round(seconds, 6), "tok_per_s": round(tok_per_s, 2),
                         "ttft_s": round(ttft, 4), "prefill_tok_per_s": round(batch * bench.prompt_tokens / ttft, 1),
                         "memory_gb_per_s": round(bandwidth / 1e9, 2), "bound_tok_per_s": round(bound, 2),

@@ -356,6 +356,7 @@ class BenchConfig:
     batch: tuple[int, ...] = (1, 8)  # generate: batch sizes (slots) to time
     new_tokens: int = 256            # generate: tokens generated per sequence
     prompt_tokens: int = 16          # generate: random prompt length
+    decode_steps: int = 0            # generate: decode steps per engine call; 0: the engine's default (8)
     profile: str = ""                # train, generate: also trace profile_runs steps into this directory
     profile_runs: int = 3            # (jax.profiler) and report the busiest XLA ops (profiling.py)
 

@@ -308,7 +308,9 @@ def test_cancel_frees_the_slot_and_keeps_what_was_made(tiny):
     engine.cancel(a, "content_filter")
     engine.cancel(b)  # still waiting: it never runs
     assert engine.slot_request == [None] and engine.requests[a].finish_reason == "content_filter"
-    assert len(engine.requests[a].tokens) == 3 and engine.requests[b].finish_reason == "cancelled"
+    # the step that admits it: the prompt's token and one more (its first tokens out at once); the next,
+    # a call of decode_steps
+    assert len(engine.requests[a].tokens) == 2 + engine.decode_steps and engine.requests[b].finish_reason == "cancelled"
     while engine.busy:
         engine.step()
     assert engine.requests[b].tokens == [] and len(engine.requests[c].tokens) == 2
@@ -345,3 +347,25 @@ def test_the_steps_compile_once_per_bucket(tiny):
     sizes = generate._prefill._cache_size(), generate._decode._cache_size()
     engine.generate([prompt(7, 41), prompt(3, 42)], SamplingParams(temperature=1.0, seed=3, max_tokens=4))
     assert (generate._prefill._cache_size(), generate._decode._cache_size()) == sizes
+
+
+def test_several_steps_per_call_make_the_same_replies(tiny):
+    """decode_steps=8 against one step per call: the same tokens and log-probabilities for requests
+    that sample, penalize, stop on an id, end at max_tokens mid-call and shift their context."""
+    model, params = tiny
+    requests = [(prompt(5, 60), SamplingParams(temperature=1.0, top_k=10, seed=4, max_tokens=45)),  # shifts (S = 32)
+                (prompt(3, 61), SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=13,
+                                               repetition_penalty=1.3, frequency_penalty=0.5)),
+                (prompt(9, 62), SamplingParams(temperature=1.0, seed=14, max_tokens=30, stop_ids=(3,))),  # mid-call
+                (prompt(2, 63), SamplingParams(temperature=0, max_tokens=11))]
+    replies = {}
+    for steps in (1, 8):
+        engine = Engine(model, params, slots=3, decode_steps=steps)  # 4 requests in 3 slots: one waits
+        ids = [i for p, sp in requests for i in engine.submit(p, sp)]
+        while engine.busy:
+            engine.step()
+        replies[steps] = [(engine.requests[i].tokens, engine.requests[i].finish_reason,
+                           np.round(engine.requests[i].logprobs, 5).tolist()) for i in ids]
+    assert replies[8] == replies[1]
+    assert [(len(tokens), reason) for tokens, reason, _ in replies[1]] == [
+        (45, "length"), (13, "length"), (16, "stop"), (11, "length")]
