@@ -296,21 +296,17 @@ def _pieces(L: int, chunks: int) -> int:
     return max(n for n in range(1, max(chunks, 1) + 1) if L % n == 0)
 
 
-def _piece_logits(x_BxCxD, w_DxV, targets_BxC, impl, matmul_dtype, softcap):
-    """One piece's logits [B*C, V] in fp32 (capped), their log-sum-exp and the targets' logits."""
+def _piece_logits(x_BxCxD, w_DxV, targets_BxC, impl, softcap):
+    """One piece's logits [B*C, V] in fp32 (capped), their log-sum-exp and the targets' logits; x is
+    cast to w's dtype (the matmul dtype, w cast once outside the loop over pieces)."""
     B, C, D = x_BxCxD.shape
-    x_MxD = x_BxCxD.reshape(B * C, D).astype(matmul_dtype)
-    logits_MxV = _product(impl, x_MxD, w_DxV.astype(matmul_dtype))
+    x_MxD = x_BxCxD.reshape(B * C, D).astype(w_DxV.dtype)
+    logits_MxV = matmul(impl, x_MxD, w_DxV, jnp.float32)  # not differentiated: its forward form only
     if softcap > 0:
         logits_MxV = softcap * jnp.tanh(logits_MxV / softcap)
     lse_M = jax.nn.logsumexp(logits_MxV, axis=-1)
     target_M = jnp.take_along_axis(logits_MxV, targets_BxC.reshape(B * C, 1), axis=-1)[:, 0]
     return x_MxD, logits_MxV, lse_M, target_M
-
-
-def _product(impl, x_MxK, w_KxN) -> jax.Array:
-    """x @ w summed in fp32 (the matmul's forward form for this implementation)."""
-    return _dot(x_MxK, w_KxN, jnp.float32) if impl == "cpu" else jnp.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
 
 
 def _piece(x_BxLxD, i, n):
@@ -320,21 +316,22 @@ def _piece(x_BxLxD, i, n):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _head_loss(x_BxLxD, w_DxV, targets_BxL, weights_BxL, impl, n, matmul_dtype, softcap):
+    w_DxV = w_DxV.astype(matmul_dtype)
+
     def body(i, total):
-        _, _, lse_M, target_M = _piece_logits(_piece(x_BxLxD, i, n), w_DxV, _piece(targets_BxL, i, n),
-                                              impl, matmul_dtype, softcap)
+        _, _, lse_M, target_M = _piece_logits(_piece(x_BxLxD, i, n), w_DxV, _piece(targets_BxL, i, n), impl, softcap)
         return total + jnp.sum((lse_M - target_M) * _piece(weights_BxL, i, n).reshape(-1))
     return jax.lax.fori_loop(0, n, body, jnp.zeros((), jnp.float32))
 
 
 def _head_loss_fwd(x_BxLxD, w_DxV, targets_BxL, weights_BxL, impl, n, matmul_dtype, softcap):
     B, L, D = x_BxLxD.shape
+    w_m_DxV = w_DxV.astype(matmul_dtype)
 
     def body(i, carry):
         total, dx_BxLxD, dw_DxV = carry
         targets_BxC, weights_BxC = _piece(targets_BxL, i, n), _piece(weights_BxL, i, n)
-        x_MxD, logits_MxV, lse_M, target_M = _piece_logits(_piece(x_BxLxD, i, n), w_DxV, targets_BxC,
-                                                           impl, matmul_dtype, softcap)
+        x_MxD, logits_MxV, lse_M, target_M = _piece_logits(_piece(x_BxLxD, i, n), w_m_DxV, targets_BxC, impl, softcap)
         weights_M = weights_BxC.reshape(-1).astype(jnp.float32)
         total = total + jnp.sum((lse_M - target_M) * weights_M)
         # d loss / d logits: softmax - one-hot, each row scaled by its weight (and the cap's slope)
@@ -343,12 +340,12 @@ def _head_loss_fwd(x_BxLxD, w_DxV, targets_BxL, weights_BxL, impl, n, matmul_dty
         if softcap > 0:
             dlogits_MxV = dlogits_MxV * (1 - jnp.square(logits_MxV / softcap))
         dlogits_MxV = dlogits_MxV.astype(matmul_dtype)
-        dx_MxD, dw_piece_DxV = _product_grads(impl, x_MxD, w_DxV.astype(matmul_dtype), dlogits_MxV)
+        dx_MxD, dw_piece_DxV = _product_grads(impl, x_MxD, w_m_DxV, dlogits_MxV)
         dx_BxLxD = jax.lax.dynamic_update_slice_in_dim(dx_BxLxD, dx_MxD.reshape(B, -1, D).astype(dx_BxLxD.dtype),
                                                        i * (L // n), axis=1)
         return total, dx_BxLxD, dw_DxV + dw_piece_DxV
 
-    zeros = (jnp.zeros((), jnp.float32), jnp.zeros_like(x_BxLxD), jnp.zeros(w_DxV.shape, jnp.float32))
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros_like(x_BxLxD), jnp.zeros(w_DxV.shape, jnp.float32))  # dw: fp32 sums
     total, dx_BxLxD, dw_DxV = jax.lax.fori_loop(0, n, body, zeros)
     return total, (dx_BxLxD, dw_DxV.astype(w_DxV.dtype))
 
