@@ -393,10 +393,11 @@ class Engine:
             logits_KxBxV = np.asarray(logits_KxBxV) if self.keep_logits else None
             slots = [(r, r.slot) for r in busy]
             for k in range(K):  # in order; a request that ends (stop id, max_tokens) drops its later tokens
+                scores_k = jax.tree.map(lambda x: x[k], scores)  # noqa: B023 (used at once)
                 for r, slot in slots:
                     if r.finish_reason is None:
                         r.position += 1
-                        self._emit(r, int(token_KxB[k, slot]), _row(jax.tree.map(lambda x: x[k], scores), slot),
+                        self._emit(r, int(token_KxB[k, slot]), _row(scores_k, slot),
                                    None if logits_KxBxV is None else logits_KxBxV[k, slot], out)
         return out
 
