@@ -178,6 +178,8 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
                        for x in jax.tree.leaves(params))
     sp = generate.SamplingParams(max_tokens=bench.new_tokens, temperature=1.0, top_k=50)
     rng, results = np.random.default_rng(0), []
+    if bench.decode_steps < 0:
+        raise ConfigError(f"bench.decode_steps={bench.decode_steps}: must be >= 0 (0: the engine's default)")
     steps = bench.decode_steps or generate.DECODE_STEPS
     for batch in bench.batch:
         engine = generate.Engine(model, params, slots=batch, decode_steps=steps)

@@ -46,6 +46,12 @@ def test_generate_times_no_compile_when_rows_outgrow_the_context(monkeypatch, ca
     assert any("Compiling" in m for m in messages) and not any("Compiling" in m for m in timed), timed
 
 
+def test_generate_refuses_negative_decode_steps():
+    model = GPT(ModelConfig(preset="llama", vocab_size=64, n_layer=1, n_head=2, d_model=16, seq_len=32).resolved())
+    with pytest.raises(ConfigError, match=r"^bench.decode_steps=-2: must be >= 0"):
+        bench.bench_generate(model, model.init(jax.random.key(0)), BenchConfig(decode_steps=-2), 64)
+
+
 def test_generate_takes_the_shared_scripts_flags():
     assert bench._generate_flags(["generate", "c.py", "--batch", "1", "8", "--new", "256", "model.dtype=bfloat16"]) == [
         "generate", "c.py", "bench.batch=1,8", "bench.new_tokens=256", "model.dtype=bfloat16"]
