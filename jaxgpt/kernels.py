@@ -210,10 +210,13 @@ def _rounded_matmul_fwd(x_MxK, w_KxN, out_dtype):
 
 def _rounded_matmul_bwd(out_dtype, residuals, dy_MxN):
     x_MxK, w_KxN = residuals
-    dy_MxN = dy_MxN.astype(x_MxK.dtype)
-    dx_MxK = jnp.dot(dy_MxN, w_KxN.T, preferred_element_type=x_MxK.dtype)
-    dw_KxN = jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=w_KxN.dtype)
-    return dx_MxK, dw_KxN
+    return _dot_grads(x_MxK, w_KxN, dy_MxN.astype(x_MxK.dtype), w_KxN.dtype)
+
+
+def _dot_grads(x_MxK, w_KxN, dy_MxN, dw_dtype):
+    """(dy @ w^T in x's dtype, x^T @ dy in dw_dtype), each summed in fp32 and written in its dtype."""
+    return (jnp.dot(dy_MxN, w_KxN.T, preferred_element_type=x_MxK.dtype),
+            jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=dw_dtype))
 
 
 _rounded_matmul.defvjp(_rounded_matmul_fwd, _rounded_matmul_bwd)
@@ -258,8 +261,8 @@ def _matmul_bwd(out_dtype, residuals, dy_MxN):
     return dy_MxN @ w_KxN.T, dw_KxN
 
 
-def _half_matmul_bwd(x_MxK, w_KxN, dy_MxN):
-    """The backward products in half precision, in the two forms XLA:CPU gives to its bf16 units
+def _half_matmul_bwd(x_MxK, w_KxN, dy_MxN, dw_dtype=None):
+    """The backward products in half precision (dw rounded to dw_dtype, default w's), in the two forms XLA:CPU gives to its bf16 units
     (YNNPACK takes a dot whose left operand is contracted on its last axis; any other form XLA:CPU
     converts to fp32 first). dx: dy against w's rows, as one dot_general (written as dy @ w.T,
     XLA:CPU converted it). dw: x^T materialized row-major by a layout constraint (x.T alone
@@ -268,7 +271,7 @@ def _half_matmul_bwd(x_MxK, w_KxN, dy_MxN):
     dx_MxK = jax.lax.dot_general(dy_MxN, w_KxN, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     x_KxM = _row_major(x_MxK.T)
     dw_KxN = jnp.dot(x_KxM, dy_MxN, preferred_element_type=jnp.float32)
-    return dx_MxK.astype(x_MxK.dtype), dw_KxN.astype(w_KxN.dtype)
+    return dx_MxK.astype(x_MxK.dtype), dw_KxN.astype(dw_dtype or w_KxN.dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -353,10 +356,8 @@ def _head_loss_fwd(x_BxLxD, w_DxV, targets_BxL, weights_BxL, impl, n, matmul_dty
 def _product_grads(impl, x_MxK, w_KxN, dy_MxN):
     """(dy @ w^T, x^T @ dy summed in fp32) in the forms each implementation runs fastest."""
     if impl == "cpu" and x_MxK.dtype in HALF_DTYPES:  # the forms XLA:CPU keeps on its bf16 units
-        dx_MxK = jax.lax.dot_general(dy_MxN, w_KxN, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        return dx_MxK.astype(x_MxK.dtype), jnp.dot(_row_major(x_MxK.T), dy_MxN, preferred_element_type=jnp.float32)
-    return (jnp.dot(dy_MxN, w_KxN.T, preferred_element_type=x_MxK.dtype),
-            jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=jnp.float32))
+        return _half_matmul_bwd(x_MxK, w_KxN, dy_MxN, jnp.float32)
+    return _dot_grads(x_MxK, w_KxN, dy_MxN, jnp.float32)
 
 
 def _head_loss_bwd(impl, n, matmul_dtype, softcap, residuals, g):
