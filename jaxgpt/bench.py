@@ -43,7 +43,7 @@ import numpy as np
 
 from jaxgpt import config as config_lib
 from jaxgpt import cli, data, generate, hardware, kernels, memory, prepare, profiling, runs, sharding, sources
-from jaxgpt.model import GPT
+from jaxgpt.model import GPT, matmul_dtype
 from jaxgpt.config import BenchCommand, BenchConfig, PrepareConfig
 from jaxgpt.errors import ConfigError
 from jaxgpt.train import Trainer
@@ -96,10 +96,11 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, p
     n_devices = len(trainer.mesh.devices.flat)
     tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
     flops_per_token = trainer.model.flops_per_token(state.params)
-    peak, peak_source = hardware.peak_flops()
+    peak, peak_source = hardware.peak_flops(matmul_dtype=matmul_dtype(cfg.model))
     tokens_per_s = steps * tokens_per_step / seconds
     out = {
         "bench": "train", "preset": cfg.model.preset, "dtype": cfg.model.dtype,
+        "matmul_dtype": matmul_dtype(cfg.model),
         "attention": kernels.resolve(cfg.model.attention, cfg.model.dtype), "remat": cfg.model.remat,
         "loss_chunks": cfg.model.loss_chunks, "segments": data.rows_have_segments(cfg.data),
         "params": trainer.model.num_params(state.params), "devices": n_devices,

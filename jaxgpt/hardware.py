@@ -88,10 +88,11 @@ def best_seconds(fn, x, repeats: int) -> float:
 
 
 @functools.cache
-def measured_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
-    """fp32 FLOP/s of an n x n matmul on the default device, best of `repeats`."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    return 2 * n ** 3 / best_seconds(lambda x: x @ x, a, repeats)
+def measured_matmul_flops(n: int = 1024, repeats: int = 10, dtype="float32") -> float:
+    """FLOP/s of an n x n matmul on the default device, best of `repeats`: inputs in `dtype`,
+    summed in fp32 (how the model's bf16 matmuls run, model.matmul_dtype)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    return 2 * n ** 3 / best_seconds(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32), a, repeats)
 
 
 def memory_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
@@ -101,14 +102,19 @@ def memory_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
     return 2 * n_bytes / best_seconds(lambda a: a * 1.0001, x, repeats)
 
 
-def peak_flops(device=None) -> tuple[float, str]:
-    """(peak FLOP/s per device, where the number comes from)."""
+def peak_flops(device=None, matmul_dtype="float32") -> tuple[float, str]:
+    """(peak FLOP/s per device, where the number comes from). An accelerator's is its datasheet's
+    dense bf16 rate; a CPU's is measured, in the dtype the run multiplies in (on a CPU with bf16
+    units a bf16 product runs several times faster than fp32, so a bf16 run's MFU against the
+    fp32 rate would read several times too high)."""
     device = device or jax.devices()[0]
     for name, flops in PEAK_BF16.items():
         if name.lower() in device.device_kind.lower():
             return flops, f"datasheet bf16 {name}"
     if device.platform == "cpu":
-        return measured_matmul_flops() / len(jax.local_devices()), "measured fp32 matmul"  # this host's devices share it
+        name = jnp.dtype(matmul_dtype).name
+        flops = measured_matmul_flops(dtype=name) / len(jax.local_devices())  # this host's devices share it
+        return flops, f"measured {name.replace('bfloat16', 'bf16').replace('float32', 'fp32')} matmul"
     return float("nan"), f"unknown device {device.device_kind}"
 
 

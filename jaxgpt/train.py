@@ -29,7 +29,7 @@ from jaxgpt import checkpoint, cli, data, evaluate, export, files, hardware, lau
 from jaxgpt import preference, sharding
 from jaxgpt import config as config_lib
 from jaxgpt.errors import JaxgptError
-from jaxgpt.model import GPT
+from jaxgpt.model import GPT, matmul_dtype
 from jaxgpt.tokenizer import Tokenizer
 
 
@@ -325,7 +325,7 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None, batches=None)
         truncate_metrics(out_dir / "metrics.jsonl", start)  # rows past the restored step are redone
     n_params = trainer.model.num_params(state.params)
     flops_per_token = trainer.model.flops_per_token(state.params)
-    peak, _ = hardware.peak_flops()
+    peak, _ = hardware.peak_flops(matmul_dtype=matmul_dtype(cfg.model))
     tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
     if lead:
         print(f"model: {cfg.model.preset}, {n_params / 1e6:.2f}M params; mesh {dict(trainer.mesh.shape)}"

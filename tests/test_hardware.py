@@ -60,8 +60,12 @@ def test_peak_flops_from_the_table_or_measured_on_cpu():
     assert hardware.peak_flops(h100) == (989e12, "datasheet bf16 H100")
     v5e = SimpleNamespace(device_kind="TPU v5 lite", platform="tpu")
     assert hardware.peak_flops(v5e) == (197e12, "datasheet bf16 TPU v5 lite")
-    flops, source = hardware.peak_flops(SimpleNamespace(device_kind="cpu", platform="cpu"))
+    cpu = SimpleNamespace(device_kind="cpu", platform="cpu")
+    flops, source = hardware.peak_flops(cpu)
     assert source == "measured fp32 matmul" and flops > 1e9
+    bf16_flops, source = hardware.peak_flops(cpu, "bfloat16")  # a bf16 run's MFU is against the bf16 rate
+    assert source == "measured bf16 matmul" and bf16_flops > 1e9
+    assert hardware.peak_flops(h100, "float32") == (989e12, "datasheet bf16 H100")
 
 
 def test_cpu_name_is_the_model_name_lscpu_shows():
