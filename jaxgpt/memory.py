@@ -1,6 +1,6 @@
 """Memory planning: what one train step needs on each device, known before the step is compiled.
 
-    plan = memory.estimate(cfg, devices)    # tracing only: seconds even for GPT-2 small
+    plan = memory.estimate(cfg, devices)    # by tracing: seconds even for GPT-2 small
     plan.per_device                         # bytes: params, optimizer, gradients, activations, batch,
                                             # reference (DPO's, in the step), total
     memory.check(cfg, devices)              # raises OutOfMemory naming the knobs that would fit
@@ -10,10 +10,9 @@ The estimate adds up what a step holds at once on one device: its shard of the p
 optimizer state (exact: their shardings' shard shapes), the gradients (fp32, sharded like the
 params; twice with optim.grad_accum > 1, the running sum beside one micro-batch's), the values the
 backward pass keeps from the forward for one micro-batch (the residuals of `jax.vjp`, found by
-tracing the loss, nothing computed: activations and the compute-dtype copies of the weights), split
-over the data-parallel devices (with mesh.tensor > 1 this overcounts: heads and MLP activations split
-over tensor too), the batch, and a DPO run's reference params when its step reads them. XLA's own figure for the compiled step is the one
-that decides; `python -m jaxgpt.bench compile` prints both, so the gap is visible (see RESULTS.md).
+tracing the loss, nothing computed: activations and the compute-dtype copies of the weights), each
+at the size of its shard (saved_for_backward), the batch, and a DPO run's reference params when its
+step reads them. XLA's own figure for the compiled step is the one that decides; `python -m jaxgpt.bench compile` prints both, so the gap is visible (see RESULTS.md).
 The limit is mesh.device_memory_gb, else what the device reports (GPUs and TPUs do, a CPU does not:
 there the check is off unless the config states a memory).
 """
@@ -45,7 +44,7 @@ class Plan(NamedTuple):
 
 def _shard_bytes(abstract_tree, shardings) -> int:
     """Bytes of the largest shard of each leaf, summed: what one device holds of the tree."""
-    return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+    return sum(_nbytes(s.shard_shape(x.shape), x.dtype)
                for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)))
 
 
@@ -75,20 +74,35 @@ def frozen_params(trainer, placed: bool = False) -> tuple:
     return (params,)
 
 
-def saved_for_backward(loss, params, batch) -> int:
-    """Bytes the backward pass of `loss` keeps from its forward pass, by tracing it: its residuals,
-    less those that are its inputs themselves (an fp32 model's weights are kept, but they are the
-    params, counted once already). The matmuls' reshaped weights still count: copies in bf16, in fp32
-    views that XLA usually need not copy (an overcount of about the params' size there).
-    jax.ad_checkpoint.print_saved_residuals prints the same list; the function behind it is private,
-    so without it every residual counts."""
-    try:
-        from jax._src.ad_checkpoint import saved_residuals
-    except ImportError:
-        closure = jax.eval_shape(lambda p, b: jax.vjp(lambda p: loss(p, b), p)[1], params, batch)
-        return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(closure))
-    return sum(math.prod(aval.shape) * jnp.dtype(aval.dtype).itemsize
-               for aval, where in saved_residuals(loss, params, batch) if not where.startswith("from the argument"))
+def saved_for_backward(loss, params, batch, mesh=None) -> int:
+    """Bytes per device that the backward pass of `loss` keeps from its forward pass (its residuals,
+    the values `jax.vjp` closes over), less those that are its inputs themselves (an fp32 model's
+    weights are kept, but they are the params, counted once already). The matmuls' reshaped weights
+    still count: copies in bf16, in fp32 views that XLA usually need not copy (an overcount of about
+    the params' size there).
+
+    `params` and `batch` are shapes placed on `mesh` (None: one device). Without tensor parallelism
+    every residual splits over the batch's devices, so tracing alone gives the answer. With it, the
+    heads' and the MLP's values split over `tensor` too while the residual stream does not, so the
+    residuals are compiled for the mesh (the forward pass alone: 2 s for GPT-2 small on a CPU) and
+    each counted at its shard's size: GPT-2 small on 8 devices, tensor=4, is 3.85 GB a device where
+    dividing by data x fsdp gave 12.08."""
+    def residuals(params, batch):
+        inputs = {id(x) for x in jax.tree.leaves((params, batch))}
+        saved = jax.tree.leaves(jax.vjp(lambda p: loss(p, batch), params)[1])
+        return [x for x in saved if id(x) not in inputs]
+
+    if mesh is None or mesh.shape["tensor"] == 1:
+        shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        return sum(_nbytes(x.shape, x.dtype) for x in jax.eval_shape(residuals, params, batch)) // shards
+    with sharding.activate(mesh):
+        compiled = jax.jit(residuals).lower(params, batch).compile()
+    return sum(_nbytes(s.shard_shape(x.shape), x.dtype)
+               for x, s in zip(jax.eval_shape(residuals, params, batch), compiled.output_shardings))
+
+
+def _nbytes(shape, dtype) -> int:
+    return math.prod(shape) * jnp.dtype(dtype).itemsize
 
 
 def with_vocab(cfg: config_lib.Config) -> config_lib.Config:
@@ -116,21 +130,23 @@ def estimate(cfg: config_lib.Config, devices=None) -> Plan:
     mesh = trainer.mesh
     state = trainer.abstract_state()
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    placed_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.params,
+                                 trainer.params_sharding)
     micro = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // cfg.optim.grad_accum)
-    micro_batch = abstract_batch(dataclasses.replace(cfg, data=micro))
+    micro_batch = abstract_batch(dataclasses.replace(cfg, data=micro), mesh)
     if trainer.dpo:  # the policy's residuals; the reference's forward (in the step) keeps none
-        residuals = saved_for_backward(lambda p, b: trainer.dpo.loss(p, b[0], None, *b[1])[0], state.params,
-                                       (micro_batch, frozen_params(trainer)))
+        residuals = saved_for_backward(lambda p, b: trainer.dpo.loss(p, b[0], None, *b[1])[0], placed_params,
+                                       (micro_batch, frozen_params(trainer, placed=True)), mesh)
     else:
-        residuals = saved_for_backward(lambda p, b: trainer.model_loss(p, b)[0], state.params, micro_batch)
+        residuals = saved_for_backward(lambda p, b: trainer.model_loss(p, b)[0], placed_params, micro_batch, mesh)
     params = _shard_bytes(state.params, trainer.params_sharding)
     grads_f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), state.params)
     per_device = {
         "params": params,
         "optimizer": _shard_bytes(state.opt_state, trainer.state_sharding.opt_state),
         "gradients": _shard_bytes(grads_f32, trainer.params_sharding) * (2 if cfg.optim.grad_accum > 1 else 1),
-        "activations": residuals // shards,
-        "batch": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in abstract_batch(cfg).values()) // shards,
+        "activations": residuals,
+        "batch": sum(_nbytes(x.shape, x.dtype) for x in abstract_batch(cfg).values()) // shards,
         "reference": params if frozen_params(trainer) else 0,  # DPO's reference params, kept beside the state
     }
     per_device["total"] = sum(per_device.values())

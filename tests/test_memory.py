@@ -124,3 +124,27 @@ def test_a_dpo_step_is_planned_with_its_reference(text_file, tmp_path, reference
     segmented = dataclasses.replace(plain_cfg, data=dataclasses.replace(plain_cfg.data, segments=True))
     assert report["xla_bytes"]["arguments"] == memory.analyze(memory.trainer_for(
         segmented, jax.devices()[:1]))["xla_bytes"]["arguments"] + extra
+
+
+def test_tensor_parallel_residuals_are_counted_at_their_shards_size(text_file, tmp_path):
+    """With mesh.tensor > 1 the heads' and the MLP's saved values split over tensor and the residual
+    stream does not: per device, the activations fall below those of data x fsdp devices alone, and
+    by less than the factor tensor. (Dividing by data x fsdp alone, as the estimate did, left them
+    equal: 3x too high for GPT-2 small at tensor=4.)"""
+    config_file = tmp_path / "tiny.json"
+    config_file.write_text(resolved(text_file).to_json())
+    script = f"""
+import json, jax
+from jaxgpt import config as config_lib, memory
+cfg = config_lib.load_file({str(config_file)!r})
+out = {{}}
+for tensor in (1, 2, 4):
+    changed = config_lib.validate(config_lib.apply_overrides(cfg, ["mesh.data=2", "mesh.fsdp=1", f"mesh.tensor={{tensor}}"]))
+    out[tensor] = memory.estimate(changed, jax.devices()[:2 * tensor]).per_device["activations"]
+print(json.dumps(out))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    act = {int(k): v for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
+    assert act[1] / 2 < act[2] < act[1] and act[2] / 2 < act[4] < act[2]
