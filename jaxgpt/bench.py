@@ -46,7 +46,7 @@ from jaxgpt import cli, data, generate, hardware, kernels, memory, prepare, prof
 from jaxgpt.model import GPT, matmul_dtype
 from jaxgpt.config import BenchCommand, BenchConfig, PrepareConfig
 from jaxgpt.errors import ConfigError
-from jaxgpt.train import Trainer
+from jaxgpt.train import DispatchWindow, Trainer
 
 
 def _page_faults() -> int:
@@ -80,8 +80,10 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, p
     compile_s = time.perf_counter() - t
 
     def run(start, n, state):
+        window = DispatchWindow()
         for _, b in data.Prefetcher(trainer.batch, start, start + n, cfg.data.prefetch):
             state, metrics = compiled(state, b)
+            window(metrics)
         jax.block_until_ready(metrics)
         return state, metrics
 

@@ -8,6 +8,7 @@ A non-finite loss leaves params and optimizer state untouched; too many in a row
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -127,6 +128,29 @@ def open_run_batches(cfg: config_lib.Config):
     if jax.process_index() == 0:
         launch.barrier("data")
     return with_vocab(cfg, batches.tokenizer), batches
+
+
+# How many train steps the host may dispatch ahead of the oldest one still running. XLA:CPU queues at
+# most 32 computations per device, and a program over several CPU devices whose queue reached that
+# deadlocked in its all-reduce (jax 0.10.2: `jaxgpt.train` on 2 simulated devices with
+# train.log_every=500 hung at its first all-reduce past 32 queued steps and was aborted by XLA; 16 or 32
+# ahead never hung, 40 or 64 always did). Eight ahead keeps any accelerator fed.
+STEPS_AHEAD = 8
+
+
+class DispatchWindow:
+    """Keeps the host at most `size` steps ahead: window(outputs) after each dispatched step waits
+    for the outputs of the step `size` back (its metrics: never donated state) when they are not
+    ready yet."""
+
+    def __init__(self, size: int = STEPS_AHEAD):
+        self._size = size
+        self._pending: collections.deque = collections.deque()
+
+    def __call__(self, outputs) -> None:
+        self._pending.append(outputs)
+        while len(self._pending) > self._size:
+            jax.block_until_ready(self._pending.popleft())
 
 
 class Trainer:
@@ -336,12 +360,14 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None, batches=None)
     batches = data.Prefetcher(trainer.batch, start, cfg.train.steps, cfg.data.prefetch)
     progress = _progress(cfg, start, enabled=lead)
     pending, last, t_log, steps_since = [], {}, time.perf_counter(), 0
+    window = DispatchWindow()
     train_s = 0.0  # seconds in training steps since this process started them (evaluations not counted)
     stop, stopping, out_of_time = checkpoint.StopSignals(), 0, False
     try:
         for step, batch in batches:
             state, metrics = trainer.step(state, batch)
             pending.append(metrics)
+            window(metrics)
             steps_since += 1
             done = step + 1
             is_eval = done == cfg.train.steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0)

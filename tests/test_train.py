@@ -138,6 +138,21 @@ def test_bad_input_is_one_line_and_status_2(case, expected, text_file, tmp_path,
         assert proc.stdout == ""
 
 
+def test_steps_over_several_cpu_devices_logged_rarely_do_not_deadlock(text_file, tmp_path, run_env):
+    """With no host sync for 200 steps the host ran ahead of 2 CPU devices until XLA:CPU's queue of
+    32 computations a device was full, and the step's all-reduce deadlocked (XLA aborts after 40 s);
+    the loop now stays train.STEPS_AHEAD steps ahead. (The Tiny Shakespeare model: a step long enough
+    for the host to run ahead; the tests' 2-layer one never filled the queue.)"""
+    proc = subprocess.run([sys.executable, "-m", "jaxgpt.train", str(REPO / "experiments/configs/shakespeare_char.py"),
+                           f"data.path={text_file}", f"train.out_dir={tmp_path / 'run'}", "mesh.data=2",
+                           "train.steps=200", "train.log_every=200", "train.eval_every=0", "train.samples=0",
+                           "train.progress=false"],
+                          capture_output=True, text=True, timeout=300,
+                          env=run_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [row["step"] for row in rows_of(tmp_path / "run")] == [200]
+
+
 @pytest.mark.parametrize("preset", ["gpt2", "llama"])
 def test_init_state_compiled_for_speed_draws_the_default_compiles_values(make_config, tmp_path, preset):
     """init_state compiles at XLA:CPU's backend optimization level 1; the default level 2 (asked for
