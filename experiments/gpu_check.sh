@@ -63,8 +63,8 @@ fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
     | sed 's/^/{"bench": "nvidia-smi", "gpu": "/; s/$/"}/' >> "$rows" || true
-# the first implementation's step and the decode steps are also traced (bench.profile): their
-# busiest XLA ops land in the table, and the traces in $OUT for Perfetto
+# the first implementation's step, its last variant and the decode steps are also traced
+# (bench.profile): their busiest XLA ops land in the table, and the traces in $OUT for Perfetto
 prof=$work/profile
 for impl in "${attention[@]}"; do
     traced=()
@@ -75,9 +75,13 @@ done
 # the variants with the first implementation that ran
 impl=$($PY -c 'import json, sys; ok = [r["attention"] for r in (json.loads(l) for l in open(sys.argv[1]) if l.startswith("{"))
                   if r.get("bench") == "train" and not r.get("failed")]; print(ok[0] if ok else "xla")' "$rows" || echo xla)
-for variant in "data.segments=true" "${chunks[*]}" "${larger[*]}" "${larger[*]} ${chunks[*]}"; do
+# the last (twice the batch, the loss fused) is traced too: where the time goes in the likeliest best step
+variants=("data.segments=true" "${chunks[*]}" "${larger[*]}" "${larger[*]} ${chunks[*]}")
+for variant in "${variants[@]}"; do
+    traced=()
+    [ "$variant" = "${variants[-1]}" ] && traced=(bench.profile="$prof/train_${impl}_larger_chunks")
     # shellcheck disable=SC2086  # a variant is one or two key=value words
-    bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" $variant \
+    bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" $variant "${traced[@]}" \
         || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"variant\": \"$variant\", \"failed\": true}" >> "$rows"
 done
 bench compile "$config" "${common[@]}" model.attention="${attention[0]}" \
