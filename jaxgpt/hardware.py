@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 
 # device_kind substring -> dense bf16 FLOP/s per chip (vendor data sheets)
-PEAK_BF16 = {
+PEAK_BF16 = {  # dense, no sparsity; the first name found in a device's kind wins
     "H200": 989e12,
-    "H100": 989e12,   # SXM; the PCIe card is 756e12
+    "H100 PCIe": 756e12,
+    "H100": 989e12,   # SXM
     "A100": 312e12,
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,  # v5e

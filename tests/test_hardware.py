@@ -58,6 +58,8 @@ def test_tune_host_keeps_scratch_memory_mapped_between_calls():
 def test_peak_flops_from_the_table_or_measured_on_cpu():
     h100 = SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3", platform="gpu")
     assert hardware.peak_flops(h100) == (989e12, "datasheet bf16 H100")
+    pcie = SimpleNamespace(device_kind="NVIDIA H100 PCIe", platform="gpu")
+    assert hardware.peak_flops(pcie) == (756e12, "datasheet bf16 H100 PCIe")
     v5e = SimpleNamespace(device_kind="TPU v5 lite", platform="tpu")
     assert hardware.peak_flops(v5e) == (197e12, "datasheet bf16 TPU v5 lite")
     cpu = SimpleNamespace(device_kind="cpu", platform="cpu")
