@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxgpt import config as config_lib, launch
+from jaxgpt import config as config_lib, launch, sharding
 from jaxgpt.errors import CheckpointError, ConfigError, JaxgptError
 from jaxgpt.model import GPT
 
@@ -68,15 +68,10 @@ def state_tree(state) -> dict:
             "rng": jax.random.key_data(state.rng), "nonfinite_run": state.nonfinite_run}
 
 
-def _placed(shapes, shardings):
-    """Restore targets: shapes and dtypes with the shardings to place them by (any mesh)."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
-
-
 def params_target(model: GPT, shardings=None):
     abstract = jax.eval_shape(model.init, jax.random.key(0))
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return _placed(abstract, shardings if shardings is not None else jax.tree.map(lambda _: one, abstract))
+    return sharding.placed(abstract, shardings if shardings is not None else jax.tree.map(lambda _: one, abstract))
 
 
 def _path(keys) -> str:
@@ -166,7 +161,7 @@ def restore_step(step_dir: Path, trainer):
     check_model(meta["config"], trainer.cfg, step_dir,
                 "use the checkpoint's value, or a new train.out_dir for a different model")
     abstract, s = trainer.abstract_state(), trainer.state_sharding
-    target = _placed(jax.eval_shape(state_tree, abstract), {"params": s.params, "opt_state": s.opt_state,
+    target = sharding.placed(jax.eval_shape(state_tree, abstract), {"params": s.params, "opt_state": s.opt_state,
                      "step": s.step, "rng": s.rng, "nonfinite_run": s.nonfinite_run})
     stored = _read("state metadata", lambda: ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree)
     _check_tree(stored, target, meta["config"], trainer.cfg, step_dir)

@@ -12,7 +12,8 @@ params; twice with optim.grad_accum > 1, the running sum beside one micro-batch'
 backward pass keeps from the forward for one micro-batch (the residuals of `jax.vjp`, found by
 tracing the loss, nothing computed: activations and the compute-dtype copies of the weights), each
 at the size of its shard (saved_for_backward), the batch, and a DPO run's reference params when its
-step reads them. XLA's own figure for the compiled step is the one that decides; `python -m jaxgpt.bench compile` prints both, so the gap is visible (see RESULTS.md).
+step reads them. XLA's own figure for the compiled step is the one that decides; `python -m
+jaxgpt.bench compile` prints both, so the gap is visible (see RESULTS.md).
 The limit is mesh.device_memory_gb, else what the device reports (GPUs and TPUs do, a CPU does not:
 there the check is off unless the config states a memory).
 """
@@ -69,8 +70,7 @@ def frozen_params(trainer, placed: bool = False) -> tuple:
         return ()
     params = trainer.abstract_state().params
     if placed:
-        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params,
-                              trainer.params_sharding)
+        params = sharding.placed(params, trainer.params_sharding)
     return (params,)
 
 
@@ -130,8 +130,7 @@ def estimate(cfg: config_lib.Config, devices=None) -> Plan:
     mesh = trainer.mesh
     state = trainer.abstract_state()
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    placed_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.params,
-                                 trainer.params_sharding)
+    placed_params = sharding.placed(state.params, trainer.params_sharding)
     micro = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // cfg.optim.grad_accum)
     micro_batch = abstract_batch(dataclasses.replace(cfg, data=micro), mesh)
     if trainer.dpo:  # the policy's residuals; the reference's forward (in the step) keeps none
@@ -234,8 +233,7 @@ def analyze(trainer) -> dict:
     time from shapes: no params are made)."""
     import time
     cfg, mesh = trainer.cfg, trainer.mesh
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         trainer.abstract_state(), trainer.state_sharding)
+    state = sharding.placed(trainer.abstract_state(), trainer.state_sharding)
     t = time.perf_counter()
     with sharding.activate(mesh):
         compiled = trainer.train_step.lower(state, abstract_batch(cfg, mesh), *frozen_params(trainer, True)).compile()

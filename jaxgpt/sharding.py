@@ -93,6 +93,12 @@ def logical_to_mesh(logical_specs, shapes, mesh: Mesh):
                         mesh_specs, shapes, is_leaf=lambda s: isinstance(s, P))
 
 
+def placed(shapes, shardings):
+    """A tree of shapes and dtypes, each leaf with the sharding to place it by: what jit lowers for a
+    mesh ahead of time, and what a checkpoint is restored onto."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[B, L] arrays: batch split over data and fsdp."""
     return NamedSharding(mesh, P(("data", "fsdp"), None))

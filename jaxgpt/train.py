@@ -131,10 +131,10 @@ def open_run_batches(cfg: config_lib.Config):
 
 
 # How many train steps the host may dispatch ahead of the oldest one still running. XLA:CPU queues at
-# most 32 computations per device, and a program over several CPU devices whose queue reached that
+# most 32 computations per device, and a program over several CPU devices whose queue filled up
 # deadlocked in its all-reduce (jax 0.10.2: `jaxgpt.train` on 2 simulated devices with
-# train.log_every=500 hung at its first all-reduce past 32 queued steps and was aborted by XLA; 16 or 32
-# ahead never hung, 40 or 64 always did). Eight ahead keeps any accelerator fed.
+# train.log_every=500 hung and was aborted by XLA; a jitted psum in a loop never hung with a sync
+# every 32 calls or fewer, always with one every 40 or 64). Eight ahead keeps any accelerator fed.
 STEPS_AHEAD = 8
 
 
