@@ -7,13 +7,16 @@
 # - train: GPT-2 small (experiments/configs/gpt2_124m.py) train steps in bf16, tokens/s and MFU
 #   against the datasheet peak (hardware.py), once per attention implementation (cudnn, xla); then
 #   with the first of them, each variant beside that row: packed documents (data.segments=true: the
-#   attention reads a mask, where plain text's rows attend causally with none), the output head fused
+#   attention reads a mask, where plain text's rows attend causally with none), a non-finite step's
+#   update skipped by a lax.cond (train.skip_update=cond; a GPU's default computes it and selects, since
+#   a cond stops the host mid-step: hardware.branches_sync_host), the output head fused
 #   with its loss (model.loss_chunks), both forms of the loss at twice the batch, and last the plain
 #   step with XLA's Triton matmuls off (each row reports the XLA_FLAGS it ran under);
 # - memory: `bench compile` of the same step: the estimate beside XLA's own plan for this GPU,
 #   and the peak memory the timed steps used;
 # - decode: the KV-cache engine's tokens/s at batch 1 and 64 (random-init weights: speed only), with
-#   its default 8 decode steps per call and with one.
+#   its default 8 decode steps per call, with one, and with the cache read in chunks of 128 positions
+#   (model.cache_window=chunks: a lax.switch per layer; a GPU's default reads it whole).
 # The text is made here (random words, byte tokens inside GPT-2's 50304-id table), so nothing is
 # downloaded. GPU_CHECK_SMOKE=1 runs the same steps at toy size on a CPU (tests/test_experiments.py).
 set -euo pipefail
@@ -76,7 +79,7 @@ done
 impl=$($PY -c 'import json, sys; ok = [r["attention"] for r in (json.loads(l) for l in open(sys.argv[1]) if l.startswith("{"))
                   if r.get("bench") == "train" and not r.get("failed")]; print(ok[0] if ok else "xla")' "$rows" || echo xla)
 # the last (twice the batch, the loss fused) is traced too: where the time goes in the likeliest best step
-variants=("data.segments=true" "${chunks[*]}" "${larger[*]}" "${larger[*]} ${chunks[*]}")
+variants=("data.segments=true" "train.skip_update=cond" "${chunks[*]}" "${larger[*]}" "${larger[*]} ${chunks[*]}")
 for variant in "${variants[@]}"; do
     traced=()
     [ "$variant" = "${variants[-1]}" ] && traced=(bench.profile="$prof/train_${impl}_larger_chunks")
@@ -91,6 +94,9 @@ bench generate "$config" model.vocab_size=50304 "${decode[@]}" bench.profile="$p
 # beside it, one decode step per engine call (the engine's default makes 8 per call)
 bench generate "$config" model.vocab_size=50304 "${decode[@]}" bench.decode_steps=1 \
     || echo '{"bench": "generate", "decode_steps": 1, "failed": true}' >> "$rows"
+# and the KV cache read in chunks of 128 positions (a lax.switch per layer) instead of whole, the GPU's default
+bench generate "$config" model.vocab_size=50304 "${decode[@]}" model.cache_window=chunks \
+    || echo '{"bench": "generate", "cache_window": "chunks", "failed": true}' >> "$rows"
 XLA_FLAGS="${XLA_FLAGS:-} $flags" bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" \
     || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"variant\": \"$flags\", \"failed\": true}" >> "$rows"
 
@@ -104,11 +110,11 @@ $PY - "$rows" "${OUT:-}" <<'EOF'
 import json, platform, sys
 import jax
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
-keep = {"train": ("attention", "batch", "segments", "loss_chunks", "xla_flags", "variant", "ms_per_iter", "tokens_per_s", "mfu", "peak_flops_per_device", "peak_source",
+keep = {"train": ("attention", "batch", "segments", "loss_chunks", "skip_update", "xla_flags", "variant", "ms_per_iter", "tokens_per_s", "mfu", "peak_flops_per_device", "peak_source",
                   "compile_s", "peak_bytes_in_use", "step_temp_bytes", "final_loss", "op_ms_per_run", "failed"),
         "compile": ("mesh", "estimate_gb", "xla_bytes", "xla_flops_per_device", "model_flops_per_step", "compile_s",
                     "failed"),
-        "generate": ("batch", "decode_steps", "tok_per_s", "ttft_s", "bound_tok_per_s", "ratio_to_bound", "op_ms_per_run", "failed")}
+        "generate": ("batch", "decode_steps", "cache_window", "tok_per_s", "ttft_s", "bound_tok_per_s", "ratio_to_bound", "op_ms_per_run", "failed")}
 table = {"host": platform.node(), "jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()]}
 for row in rows:
     kind = row.get("bench")

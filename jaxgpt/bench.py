@@ -46,7 +46,7 @@ from jaxgpt import cli, data, generate, hardware, kernels, memory, prepare, prof
 from jaxgpt.model import GPT, matmul_dtype
 from jaxgpt.config import BenchCommand, BenchConfig, PrepareConfig
 from jaxgpt.errors import ConfigError
-from jaxgpt.train import DispatchWindow, Trainer
+from jaxgpt.train import DispatchWindow, Trainer, resolve_skip_update
 
 
 def _page_faults() -> int:
@@ -105,6 +105,7 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, p
         "matmul_dtype": matmul_dtype(cfg.model),
         "attention": kernels.resolve(cfg.model.attention, cfg.model.dtype), "remat": cfg.model.remat,
         "loss_chunks": cfg.model.loss_chunks, "segments": data.rows_have_segments(cfg.data),
+        "skip_update": resolve_skip_update(cfg.train.skip_update),
         "params": trainer.model.num_params(state.params), "devices": n_devices,
         "device_kind": jax.devices()[0].device_kind, "mesh": dict(trainer.mesh.shape),
         "batch": cfg.data.batch_size, "seq_len": cfg.model.seq_len, "steps": steps,
@@ -209,6 +210,7 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
         bound = batch * bandwidth / (weight_bytes + batch * cache_bytes)
         tok_per_s = n_new / seconds
         results.append({"bench": "generate", "batch": batch, "dtype": model.cfg.dtype, "decode_steps": steps,
+                        "cache_window": kernels.resolve_cache_window(model.cfg.cache_window),
                         "new_tokens": n_new,
                         "seconds": round(seconds, 6), "tok_per_s": round(tok_per_s, 2),
                         "ttft_s": round(ttft, 4), "prefill_tok_per_s": round(batch * bench.prompt_tokens / ttft, 1),

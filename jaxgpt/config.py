@@ -58,6 +58,10 @@ class ModelConfig:
     loss_chunks: int = 0             # >0: training's output head and cross-entropy fused (kernels.head_loss), over
                                      # this many pieces of each row: the [B, L, V] logits are never stored whole
     scan_layers: bool = False        # lax.scan over blocks: fast compiles for deep models
+    # what a decoding step reads of the KV cache: "chunks", the first multiple of 128 positions past
+    # every row's (a lax.switch per layer), or "whole"; auto: whole on a GPU, where each switch
+    # stops the host (hardware.branches_sync_host), chunks elsewhere
+    cache_window: Literal["auto", "chunks", "whole"] = "auto"
 
     def resolved(self) -> "ModelConfig":
         """The same config with every preset-dependent field made concrete."""
@@ -131,6 +135,10 @@ class TrainConfig:
     eval_every: int = 500            # 0: only at the end
     eval_max_tokens: int = 0         # 0: the whole validation split
     max_nonfinite: int = 5           # stop after this many non-finite losses in a row
+    # how such a step leaves params and optimizer state as they were: "cond" skips the update (a
+    # lax.cond), "select" computes it and keeps the old values; auto: select on a GPU, where a cond
+    # stops the host mid-step (hardware.branches_sync_host), cond elsewhere
+    skip_update: Literal["auto", "cond", "select"] = "auto"
     time_limit_s: float = 0.0        # >0: end the run (evaluate, save, export) at the first logged step past this
                                      # many seconds of training steps; the schedule keeps its length
     samples: int = 2                 # samples printed at the end of the run

@@ -119,6 +119,16 @@ def peak_flops(device=None, matmul_dtype="float32") -> tuple[float, str]:
     return float("nan"), f"unknown device {device.device_kind}"
 
 
+def branches_sync_host(backend: str | None = None) -> bool:
+    """Whether a device-side branch (lax.cond / lax.switch) stops the host until the device catches
+    up. On a GPU it does: XLA:GPU runs a conditional by copying its branch index to the host and
+    waiting for the stream (ConditionalThunk, BlockHostUntilDone in openxla/xla), and conditionals
+    are not among the kinds it captures into CUDA graphs by default, so the kernels after one are
+    launched only once the GPU has run everything before it. A CPU runs on the host anyway, and a
+    TPU branches on the device. A loop of known trip count (lax.scan, fori_loop) does not wait."""
+    return (backend or jax.default_backend()) == "gpu"
+
+
 def tune_host() -> None:
     """Keep XLA:CPU's scratch memory mapped from one step to the next. Call it before the first
     computation (every `python -m jaxgpt.*` command does).

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.layout import Layout, with_layout_constraint
 
+from jaxgpt import hardware
 from jaxgpt.errors import ConfigError
 
 NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
@@ -41,6 +42,14 @@ def resolve(choice: str, dtype) -> str:
     if choice == "cudnn" and not cudnn_ok:
         raise ConfigError(f"model.attention=cudnn needs a GPU and model.dtype=bfloat16 (here: {backend}, "
                           f"{jnp.dtype(dtype).name}); use model.attention=auto or xla")
+    return choice
+
+
+def resolve_cache_window(choice: str) -> str:
+    """What model.cache_window names: auto is whole on a GPU (a lax.switch per layer would stop the
+    host at every layer of every decoding step: hardware.branches_sync_host), chunks elsewhere."""
+    if choice == "auto":
+        return "whole" if hardware.branches_sync_host() else "chunks"
     return choice
 
 

@@ -106,13 +106,15 @@ def write_cache(cache_BxKxSxE, x_BxKxLxE, start_B) -> jax.Array:
 KV_CHUNK = 128  # decoding attends over the cache in multiples of this many positions
 
 
-def attend_cache(impl: str, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS, positions_BxL) -> jax.Array:
-    """Attention over a KV cache's first n positions only: n the smallest multiple of KV_CHUNK
-    (or S) above every query's position, so past it the causal mask allows nothing anyway.
+def attend_cache(impl: str, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS, positions_BxL,
+                 window: str = "chunks") -> jax.Array:
+    """Attention over a KV cache's first n positions only (window "chunks"): n the smallest
+    multiple of KV_CHUNK (or S) above every query's position, so past it the causal mask allows
+    nothing anyway; or over all S of them (window "whole", kernels.resolve_cache_window).
 
     A decode step otherwise reads the whole static cache (8 rows of GPT-2 small at S = 1024:
-    600 MB a step, 18 of 45 ms) while the rows hold a few hundred tokens. One program holds a
-    branch per n (lax.switch on the largest position), so a growing row never recompiles.
+    600 MB a step, 18 of 45 ms on a CPU) while the rows hold a few hundred tokens. One program
+    holds a branch per n (lax.switch on the largest position), so a growing row never recompiles.
     """
     S = k_BxKxSxE.shape[2]
     sizes = [min(S, KV_CHUNK * (i + 1)) for i in range(-(-S // KV_CHUNK))]
@@ -128,7 +130,7 @@ def attend_cache(impl: str, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS, positio
             return out_BxHxLxE.astype(q_BxHxLxE.dtype)
         return kernels.attention(impl, q_BxHxLxE, k_BxKxNxE, v_BxKxNxE, mask_BxLxS[..., :n])
 
-    if len(sizes) == 1:
+    if len(sizes) == 1 or window == "whole":
         return attend(S, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS)
     chunk = jnp.minimum(jnp.max(positions_BxL) // KV_CHUNK, len(sizes) - 1)
     return jax.lax.switch(chunk, [functools.partial(attend, n) for n in sizes],
@@ -224,7 +226,8 @@ class Attention(nn.Module):
             k_BxKxLxE, v_BxKxLxE = cache["k"], cache["v"]  # now [B, K, S, E]
         impl = kernels.resolve(cfg.attention, cfg.dtype)
         if cache is not None:
-            out_BxHxLxE = attend_cache(impl, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxS, positions_BxL)
+            out_BxHxLxE = attend_cache(impl, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE, mask_BxLxS, positions_BxL,
+                                       kernels.resolve_cache_window(cfg.cache_window))
         else:  # in the matmul dtype: scores and probabilities stay fp32 (kernels.attention)
             q_BxHxLxE, k_BxKxLxE, v_BxKxLxE = (x.astype(matmul_dtype(cfg)) for x in (q_BxHxLxE, k_BxKxLxE, v_BxKxLxE))
             # the mask is causal within each segment, and a segment's tokens are contiguous in its row

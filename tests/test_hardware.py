@@ -70,6 +70,11 @@ def test_peak_flops_from_the_table_or_measured_on_cpu():
     assert hardware.peak_flops(h100, "float32") == (989e12, "datasheet bf16 H100")
 
 
+def test_only_a_gpu_stops_the_host_at_a_branch():
+    assert hardware.branches_sync_host("gpu") and not hardware.branches_sync_host("cpu")
+    assert not hardware.branches_sync_host("tpu") and not hardware.branches_sync_host()  # this CPU
+
+
 def test_cpu_name_is_the_model_name_lscpu_shows():
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():

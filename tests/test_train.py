@@ -1,4 +1,5 @@
 """Tests for jaxgpt.train: an end-to-end tiny run, reproducibility, and the non-finite guard."""
+import dataclasses
 import json
 import re
 import subprocess
@@ -60,9 +61,16 @@ def huge_lr_config(make_config, out_dir, steps=10):
                        train={"steps": steps, "max_nonfinite": 3, "log_every": 1, "eval_every": 0})
 
 
-def test_nonfinite_steps_leave_the_state_untouched(make_config, tmp_path):
-    trainer = Trainer(huge_lr_config(make_config, tmp_path), jax.devices()[:1])
+@pytest.mark.parametrize("skip_update", ["cond", "select"])
+def test_nonfinite_steps_leave_the_state_untouched(make_config, tmp_path, skip_update):
+    """train.skip_update: the update skipped by a lax.cond, or computed and not kept (a select, with
+    no branch: on a GPU a cond stops the host mid-step), with the same outcome."""
+    cfg = huge_lr_config(make_config, tmp_path)
+    trainer = Trainer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, skip_update=skip_update)),
+                      jax.devices()[:1])
     state = trainer.init_state()
+    step = jax.make_jaxpr(trainer.train_step)(state, trainer.batch(0))
+    assert (" cond[" in str(step)) == (skip_update == "cond")
     history = []
     for step in range(4):
         before = jax.device_get((state.params, state.opt_state))
