@@ -96,9 +96,9 @@ def saved_for_backward(loss, params, batch, mesh=None) -> int:
         shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         return sum(_nbytes(x.shape, x.dtype) for x in jax.eval_shape(residuals, params, batch)) // shards
     with sharding.activate(mesh):
-        compiled = jax.jit(residuals).lower(params, batch).compile()
-    return sum(_nbytes(s.shard_shape(x.shape), x.dtype)
-               for x, s in zip(jax.eval_shape(residuals, params, batch), compiled.output_shardings))
+        lowered = jax.jit(residuals).lower(params, batch)
+        shardings = lowered.compile().output_shardings
+    return sum(_nbytes(s.shard_shape(x.shape), x.dtype) for x, s in zip(lowered.out_info, shardings))
 
 
 def _nbytes(shape, dtype) -> int:
