@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt import config as config_lib
-from jaxgpt import cli, data, generate, hardware, kernels, memory, prepare, profiling, runs, sharding, sources
+from jaxgpt import aot, cli, data, generate, hardware, kernels, memory, prepare, profiling, runs, sharding, sources
 from jaxgpt.model import GPT, matmul_dtype
 from jaxgpt.config import BenchCommand, BenchConfig, PrepareConfig
 from jaxgpt.errors import ConfigError
@@ -227,10 +227,16 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
     return results
 
 
-def bench_compile(cfg: config_lib.Config) -> dict:
+def bench_compile(cfg: config_lib.Config, target: str = "") -> dict:
     """Memory and FLOPs of cfg's train step on its mesh, from shapes alone. With mesh.devices=N on a
     host with fewer devices the step is planned on N simulated XLA:CPU devices: params, optimizer
-    state and the estimate are what N accelerators would hold; XLA:CPU's temporaries are its own."""
+    state and the estimate are what N accelerators would hold; XLA:CPU's temporaries are its own.
+    target (a card of aot.CARDS): compiled by XLA:GPU for mesh.devices (default 1) of those GPUs,
+    with no GPU here: the compiler's own memory plan, and its kernels' bytes and FLOPs."""
+    if target:
+        devices = aot.devices(target, cfg.mesh.devices or 1)
+        with aot.compiling_for(target):
+            return _compile_report(cfg, devices, target)
     n = cfg.mesh.devices
     if n:
         try:  # must precede the backend's start; only the CPU backend reads it
@@ -243,18 +249,23 @@ def bench_compile(cfg: config_lib.Config) -> dict:
         if len(devices) < n:
             raise ConfigError(f"mesh.devices={n}: only {len(devices)} CPU devices could be made here (jax started "
                               f"before bench compile; set XLA_FLAGS=--xla_force_host_platform_device_count={n})")
+    return _compile_report(cfg, devices)
+
+
+def _compile_report(cfg: config_lib.Config, devices: list, target: str = "") -> dict:
     cfg = memory.with_vocab(cfg)
     trainer = memory.trainer_for(cfg, devices)
-    out = {"bench": "compile", "preset": cfg.model.preset, "dtype": cfg.model.dtype, "remat": cfg.model.remat,
+    out = {"bench": "compile", "target": target or None, "preset": cfg.model.preset, "dtype": cfg.model.dtype, "remat": cfg.model.remat,
            "batch": cfg.data.batch_size, "grad_accum": cfg.optim.grad_accum, "seq_len": cfg.model.seq_len,
            "devices": trainer.mesh.devices.size, "platform": devices[0].platform, "device_kind": devices[0].device_kind,
-           **memory.analyze(trainer)}
+           **memory.analyze(trainer, target)}
     out["estimate_gb"] = {k: round(v / memory.GB, 3) for k, v in out["estimate_bytes"].items()}
     model = trainer.model
     params = jax.eval_shape(model.init, jax.random.key(0))
     out["params"] = model.num_params(params)
     out["model_flops_per_step"] = model.flops_per_token(params) * cfg.data.batch_size * cfg.model.seq_len
-    limit, source = memory.device_limit(cfg, devices)
+    limit, source = memory.device_limit(cfg, devices) if not target or cfg.mesh.device_memory_gb else (
+        aot.card(target).memory_bytes, f"{target} data sheet")
     out["limit_bytes"], out["limit_source"] = limit, source
     if limit is not None:  # the estimate decides train's check; XLA's figure is for this platform's compiler
         out["fits"] = out["estimate_bytes"]["total"] <= limit
@@ -321,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def compile_(operands: list[str], settings: list[str]) -> None:
         config_overrides = [s for s in settings if _section(s) in CONFIG_SECTIONS]
-        _bench_settings("compile", [s for s in settings if s not in config_overrides], ("bench",))
-        print(json.dumps(bench_compile(config_lib.from_cli(operands[0], config_overrides))))
+        cmd = _bench_settings("compile", [s for s in settings if s not in config_overrides], ("bench",))
+        print(json.dumps(bench_compile(config_lib.from_cli(operands[0], config_overrides), cmd.bench.target)))
 
     def data_(operands: list[str], settings: list[str]) -> None:
         cmd = _bench_settings("data", settings, ("prepare", "bench"), ("prepare.source", "prepare.tokenizer"))

@@ -367,6 +367,8 @@ class BenchConfig:
     decode_steps: int = 0            # generate: decode steps per engine call; 0: the engine's default (8)
     profile: str = ""                # train, generate: also trace profile_runs steps into this directory
     profile_runs: int = 3            # (jax.profiler) and report the busiest XLA ops (profiling.py)
+    target: str = ""                 # compile: plan for this GPU (aot.CARDS: h100, h200) with XLA:GPU's own
+                                     # compiler, no GPU needed (jax's CUDA plugin and cuDNN installed)
 
 
 @dataclass(frozen=True)

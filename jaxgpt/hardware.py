@@ -5,6 +5,7 @@ holds for a given machine, so we measure the fp32 matmul rate of this one.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import platform
@@ -119,6 +120,25 @@ def peak_flops(device=None, matmul_dtype="float32") -> tuple[float, str]:
     return float("nan"), f"unknown device {device.device_kind}"
 
 
+_target_platform: list[str] = []  # set while compiling for a device this host lacks (aot.py)
+
+
+def compute_platform() -> str:
+    """The platform the model's computations are made for: the default backend's ("cpu", "gpu",
+    "tpu"), or the one being compiled for ahead of time (target_platform)."""
+    return _target_platform[-1] if _target_platform else jax.default_backend()
+
+
+@contextlib.contextmanager
+def target_platform(name: str):
+    """Inside, compute_platform() is `name`: code that picks kernels by platform picks them for that one."""
+    _target_platform.append(name)
+    try:
+        yield
+    finally:
+        _target_platform.pop()
+
+
 def branches_sync_host(backend: str | None = None) -> bool:
     """Whether a device-side branch (lax.cond / lax.switch) stops the host until the device catches
     up. On a GPU it does: XLA:GPU runs a conditional by copying its branch index to the host and
@@ -126,7 +146,7 @@ def branches_sync_host(backend: str | None = None) -> bool:
     are not among the kinds it captures into CUDA graphs by default, so the kernels after one are
     launched only once the GPU has run everything before it. A CPU runs on the host anyway, and a
     TPU branches on the device. A loop of known trip count (lax.scan, fori_loop) does not wait."""
-    return (backend or jax.default_backend()) == "gpu"
+    return (backend or compute_platform()) == "gpu"
 
 
 def tune_host() -> None:

@@ -35,7 +35,7 @@ def resolve(choice: str, dtype) -> str:
     else xla. An explicit cudnn where it cannot run is a ConfigError, not a crash inside XLA."""
     if choice not in ("auto", "cpu", "xla", "cudnn"):
         raise ConfigError(f"model.attention={choice!r}: expected one of auto, xla, cudnn, cpu")
-    backend = jax.default_backend()
+    backend = hardware.compute_platform()
     cudnn_ok = backend == "gpu" and jnp.dtype(dtype) in HALF_DTYPES
     if choice == "auto":
         return "cpu" if backend == "cpu" else "cudnn" if cudnn_ok else "xla"

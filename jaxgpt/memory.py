@@ -228,9 +228,10 @@ def check(cfg: config_lib.Config, devices=None) -> Plan | None:
                       f"is available ({source}); {advice}")
 
 
-def analyze(trainer) -> dict:
+def analyze(trainer, card: str = "") -> dict:
     """The estimate beside XLA's memory and cost analysis of the compiled step (compiled ahead of
-    time from shapes: no params are made)."""
+    time from shapes: no params are made). card: the step is compiled for that GPU (aot.py), and
+    its kernels' bytes and FLOPs are summed too."""
     import time
     cfg, mesh = trainer.cfg, trainer.mesh
     state = sharding.placed(trainer.abstract_state(), trainer.state_sharding)
@@ -247,6 +248,9 @@ def analyze(trainer) -> dict:
                "code": m.generated_code_size_in_bytes}
         xla["total"] = xla["arguments"] + xla["outputs"] - xla["aliased"] + xla["temporaries"]
         out["xla_bytes"] = xla
+    if card:
+        from jaxgpt import aot
+        out["kernels"] = aot.summary(aot.kernels(compiled.as_text()), card)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and "flops" in cost:

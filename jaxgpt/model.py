@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgpt import kernels
+from jaxgpt import hardware, kernels
 from jaxgpt.config import ModelConfig
 
 
@@ -340,7 +340,7 @@ class Transformer(nn.Module):
         x_BxLxD, w_DxV = self.head_inputs(x_BxLxD, wte)
         x_BxLxD, w_DxV = x_BxLxD.astype(matmul_dtype(cfg)), w_DxV.astype(matmul_dtype(cfg))
         if (x_BxLxD.shape[0] * x_BxLxD.shape[1] == 1 and w_DxV.dtype in kernels.HALF_DTYPES
-                and jax.default_backend() == "cpu"):
+                and hardware.compute_platform() == "cpu"):
             # one row (decoding one sequence): XLA:CPU fuses this upcast into its matvec loop, 5x
             # faster than a half-precision matvec (768x50304: 33 vs 6 GFLOP/s), the same products
             x_BxLxD, w_DxV = x_BxLxD.astype(jnp.float32), w_DxV.astype(jnp.float32)
