@@ -186,6 +186,26 @@ def _normalize_bwd(eps, center, residuals, dy):
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
+ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=True),   # GPT-2's tanh form
+    "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+    "relu2": lambda h: jnp.square(jax.nn.relu(h)),
+}
+
+
+def activate(impl: str, name: str, y, b=None) -> jax.Array:
+    """The MLP's activation of its first product plus bias, `name` one of ACTIVATIONS.
+
+    Off the CPU the backward pass recomputes it from y and b, which are kept anyway (y is what the
+    matmul wrote), instead of keeping a [B, L, F] value from inside it: autodiff of GPT-2's gelu kept
+    the tanh, one more array written by the forward pass and read by the backward (gpt2_124m, batch 32,
+    XLA:GPU's plan for an H100: 0.4 GB a layer). XLA:CPU keeps its own order (the golden values).
+    """
+    def forward(y, b):
+        return ACTIVATIONS[name](y if b is None else y + b.astype(y.dtype))
+    return forward(y, b) if impl == "cpu" else jax.checkpoint(forward)(y, b)
+
+
 def matmul(impl: str, x_MxK, w_KxN, out_dtype=None) -> jax.Array:
     """x @ w, both in one dtype, rounded once to out_dtype (default: theirs). Half-precision inputs
     are multiplied into fp32 sums, which is also how mixed precision (model.matmul_dtype=bfloat16

@@ -169,6 +169,7 @@ class Dense(nn.Module):
     cfg: ModelConfig
     std: float
     split: bool = False
+    activation: str = ""  # kernels.ACTIVATIONS' name, applied to x @ w + b (not with split)
 
     @nn.compact
     def __call__(self, x):
@@ -190,6 +191,8 @@ class Dense(nn.Module):
         w_KxN = w.reshape(math.prod(self.shape_in), math.prod(shape_out)).astype(matmul_dtype(self.cfg))
         impl = kernels.resolve(self.cfg.attention, self.cfg.dtype)
         y = kernels.matmul(impl, x_MxK, w_KxN, self.cfg.dtype).reshape(batch_shape + shape_out)
+        if self.activation:
+            return kernels.activate(impl, self.activation, y, b)
         return y if b is None else y + b.astype(y.dtype)
 
 
@@ -250,11 +253,8 @@ class Mlp(nn.Module):
                                          name="w_up")(x_BxLxD)
             h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
         else:
-            h_BxLxF = Dense((D,), (F,), ("embed", "mlp"), cfg, cfg.init_std, name="w_up")(x_BxLxD)
-            if cfg.mlp == "relu2":
-                h_BxLxF = jnp.square(jax.nn.relu(h_BxLxF))
-            else:
-                h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=cfg.mlp == "gelu")
+            h_BxLxF = Dense((D,), (F,), ("embed", "mlp"), cfg, cfg.init_std, activation=cfg.mlp,
+                            name="w_up")(x_BxLxD)
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
         return Dense((F,), (D,), ("mlp", "embed"), cfg, residual_std(cfg), name="w_down")(h_BxLxF)
 

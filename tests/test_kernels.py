@@ -346,3 +346,22 @@ def test_half_head_loss_rounds_only_the_products(impl):
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_want), rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_want), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", sorted(kernels.ACTIVATIONS))
+@pytest.mark.parametrize("bias", [False, True])
+def test_activation_off_the_cpu_keeps_only_its_inputs_for_the_backward_pass(name, bias):
+    y_MxF = jax.random.normal(jax.random.key(0), (64, 96), jnp.bfloat16)
+    b_F = jax.random.normal(jax.random.key(1), (96,), jnp.float32) if bias else None
+    kept = {}
+    for impl in ("cpu", "xla"):
+        out, vjp = jax.vjp(lambda y, b: kernels.activate(impl, name, y, b), y_MxF, b_F)
+        expected = kernels.ACTIVATIONS[name](y_MxF if b_F is None else y_MxF + b_F.astype(jnp.bfloat16))
+        np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+        grads = vjp(jnp.ones_like(out))
+        kept[impl] = grads, [x.shape for x in jax.tree.leaves(vjp) if getattr(x, "shape", ()) == y_MxF.shape]
+    for g_cpu, g_xla in zip(kept["cpu"][0], kept["xla"][0]):
+        if g_cpu is not None:
+            np.testing.assert_allclose(np.asarray(g_xla, np.float32), np.asarray(g_cpu, np.float32), rtol=1e-2, atol=1e-2)
+    assert kept["xla"][1] == [y_MxF.shape]            # y itself, which the matmul wrote anyway
+    assert len(kept["cpu"][1]) >= (2 if name == "relu2" else 3)  # autodiff keeps values from inside
