@@ -336,9 +336,23 @@ def _piece_logits(x_BxCxD, w_DxV, targets_BxC, impl, softcap):
     logits_MxV = matmul(impl, x_MxD, w_DxV, jnp.float32)  # not differentiated: its forward form only
     if softcap > 0:
         logits_MxV = softcap * jnp.tanh(logits_MxV / softcap)
-    lse_M = jax.nn.logsumexp(logits_MxV, axis=-1)
+    lse_M = jax.nn.logsumexp(logits_MxV, axis=-1) if impl == "cpu" else _logsumexp_one_pass(logits_MxV)
     target_M = jnp.take_along_axis(logits_MxV, targets_BxC.reshape(B * C, 1), axis=-1)[:, 0]
     return x_MxD, logits_MxV, lse_M, target_M
+
+
+def _logsumexp_one_pass(x_MxV) -> jax.Array:
+    """log(sum(exp(x))) over the last axis in one read of x: a reduction of (running max, sum of exp
+    below it) pairs, where logsumexp's max and then its sum read the [M, V] logits twice (gpt2_124m at
+    batch 32: 6.6 GB a step, XLA:GPU's plan for an H100). Not differentiated (the fused head's forward)."""
+    def merge(a, b):
+        (max_a, sum_a), (max_b, sum_b) = a, b
+        top = jnp.maximum(max_a, max_b)
+        return top, sum_a * jnp.exp(max_a - top) + sum_b * jnp.exp(max_b - top)
+    # an element is the pair (x, 1); the start (NEG_INF, 0) is finite, so merging two starts gives no NaN
+    top_M, total_M = jax.lax.reduce((x_MxV, jnp.ones_like(x_MxV)), (jnp.float32(NEG_INF), jnp.float32(0)),
+                                    merge, (x_MxV.ndim - 1,))
+    return top_M + jnp.log(total_M)
 
 
 def _piece(x_BxLxD, i, n):
