@@ -9,9 +9,10 @@
 #   with the first of them, each variant beside that row: packed documents (data.segments=true: the
 #   attention reads a mask, where plain text's rows attend causally with none), a non-finite step's
 #   update skipped by a lax.cond (train.skip_update=cond; a GPU's default computes it and selects, since
-#   a cond stops the host mid-step: hardware.branches_sync_host), the output head fused
-#   with its loss (model.loss_chunks), both forms of the loss at twice the batch, and last the plain
-#   step with XLA's Triton matmuls off (each row reports the XLA_FLAGS it ran under);
+#   a cond stops the host mid-step: hardware.branches_sync_host), the output head and its loss over
+#   the whole [B, L, V] logits (model.loss_chunks=0, where the config fuses them over 8 pieces), both
+#   forms of the loss at twice the batch, and last the plain step with XLA's Triton matmuls off (each
+#   row reports the XLA_FLAGS it ran under);
 # - memory: `bench compile` of the same step: the estimate beside XLA's own plan for this GPU,
 #   and the peak memory the timed steps used;
 # - decode: the KV-cache engine's tokens/s at batch 1 and 64 (random-init weights: speed only), with
@@ -49,7 +50,7 @@ steps=(bench.steps=20 bench.warmup=5)
 attention=(cudnn xla)
 # after the side-by-side rows: the first implementation at twice the batch (MFU's trend with batch)
 larger=(data.batch_size=64)
-chunks=(model.loss_chunks=8)
+unfused=(model.loss_chunks=0)  # the head's logits whole, then the loss (the config fuses them: 8 pieces)
 # last (the first row a run cut short loses): the plain step with XLA's Triton matmul fusions off, so
 # cuBLAS does every product (XLA autotunes between them, and MaxText's GPU recipes set this)
 flags=--xla_gpu_enable_triton_gemm=false
@@ -59,7 +60,6 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # toy size on a CPU: the script's plum
     steps=(bench.steps=2 bench.warmup=1)
     attention=(xla)
     larger=(data.batch_size=8)
-    chunks=(model.loss_chunks=4)
     flags=--xla_cpu_enable_fast_math=false  # a CPU flag at its default: the row's plumbing only
     decode=(bench.batch=1,2 bench.new_tokens=8 model.n_layer=2 model.d_model=64 model.n_head=4 model.seq_len=64)
 fi
@@ -79,10 +79,10 @@ done
 impl=$($PY -c 'import json, sys; ok = [r["attention"] for r in (json.loads(l) for l in open(sys.argv[1]) if l.startswith("{"))
                   if r.get("bench") == "train" and not r.get("failed")]; print(ok[0] if ok else "xla")' "$rows" || echo xla)
 # the last (twice the batch, the loss fused) is traced too: where the time goes in the likeliest best step
-variants=("data.segments=true" "train.skip_update=cond" "${chunks[*]}" "${larger[*]}" "${larger[*]} ${chunks[*]}")
+variants=("data.segments=true" "train.skip_update=cond" "${unfused[*]}" "${larger[*]} ${unfused[*]}" "${larger[*]}")
 for variant in "${variants[@]}"; do
     traced=()
-    [ "$variant" = "${variants[-1]}" ] && traced=(bench.profile="$prof/train_${impl}_larger_chunks")
+    [ "$variant" = "${variants[-1]}" ] && traced=(bench.profile="$prof/train_${impl}_larger")
     # shellcheck disable=SC2086  # a variant is one or two key=value words
     bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" $variant "${traced[@]}" \
         || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"variant\": \"$variant\", \"failed\": true}" >> "$rows"

@@ -24,9 +24,9 @@ def test_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
     # (on a CPU the update is skipped by a cond in every row; the variant names it, a GPU's default selects)
     assert [(row["attention"], row["batch"], row["segments"], row["loss_chunks"], row["skip_update"])
             for row in table["train"]] == [
-        ("xla", 4, False, 0, "cond"), ("xla", 4, True, 0, "cond"), ("xla", 4, False, 0, "cond"),
-        ("xla", 4, False, 4, "cond"), ("xla", 8, False, 0, "cond"), ("xla", 8, False, 4, "cond"),
-        ("xla", 4, False, 0, "cond")]
+        ("xla", 4, False, 8, "cond"), ("xla", 4, True, 8, "cond"), ("xla", 4, False, 8, "cond"),
+        ("xla", 4, False, 0, "cond"), ("xla", 8, False, 0, "cond"), ("xla", 8, False, 8, "cond"),
+        ("xla", 4, False, 8, "cond")]
     # the last one under the script's extra XLA flag (on a GPU, Triton's matmuls off), beside the inherited ones
     assert ["--xla_cpu_enable_fast_math=false" in row["xla_flags"].split() for row in table["train"]] == [False] * 6 + [True]
     for train in table["train"]:
@@ -40,7 +40,7 @@ def test_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
     assert ["busiest_ops" in row for row in table["train"]] == [True, False, False, False, False, True, False]
     assert [len(row.get("busiest_ops", ())) for row in table["generate"]] == [8, 8, 0, 0, 0, 0]
     assert sorted(p.name for p in tmp_path.glob("*_trace.json.gz")) == [
-        "generate_batch1_trace.json.gz", "generate_batch2_trace.json.gz", "train_xla_larger_chunks_trace.json.gz",
+        "generate_batch1_trace.json.gz", "generate_batch2_trace.json.gz", "train_xla_larger_trace.json.gz",
         "train_xla_trace.json.gz"]
     # the rows as they came, for a run stopped at the device's limit
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 14
