@@ -141,30 +141,44 @@ def _dot_flops(computations: dict, name: str) -> int:
 
 
 _SLICING = {"slice", "dynamic-slice", "gather"}
+_PER_ELEMENT = {"convert", "bitcast", "reshape", "copy", "negate", "abs"}  # one input, element for element
 
 
 def _fusion_bytes(computations: dict, name: str, result_type: str, operand_types: list[str]) -> int:
-    """Bytes a fusion reads and writes: an operand that is only sliced or gathered inside counts the
-    pieces taken, and a buffer updated in place (dynamic-update-slice of an operand) the update."""
+    """Bytes a fusion reads and writes: an operand that is only sliced or gathered inside (directly or
+    after a convert or reshape) counts the pieces taken, and a buffer updated in place
+    (dynamic-update-slice of an operand) the update."""
     instructions = computations[name]
     types = {result: hlo_type for result, hlo_type, *_ in instructions}
-    uses = collections.defaultdict(list)  # value -> [(operand position, opcode, result type)]
+    uses = collections.defaultdict(list)  # value -> [(operand position, opcode, its result, result type)]
     params, in_place, updates = {}, set(), 0
     for result, hlo_type, opcode, operands, attributes in instructions:
         if opcode == "parameter":
             params[result] = int(attributes)  # its index among the fusion's operands
         for position, o in enumerate(operands):
-            uses[o].append((position, opcode, hlo_type))
+            uses[o].append((position, opcode, result, hlo_type))
         if opcode == "dynamic-update-slice":
             in_place.add(operands[0])
             updates += _bytes(types.get(operands[1], ""))
+
+    def pieces(value: str) -> int | None:
+        """Bytes taken from `value` if every use of it ends in a slice of it, else None (read whole)."""
+        taken, users = 0, uses.get(value, [])
+        for position, opcode, result, hlo_type in users:
+            if position == 0 and opcode in _SLICING:
+                taken += _bytes(hlo_type)
+            elif opcode in _PER_ELEMENT and (piece := pieces(result)) is not None:
+                taken += piece
+            else:
+                return None
+        return taken if users else None
+
     total = 0
     for param, index in params.items():
         if param in in_place:
             continue  # written in place: only the update moves (counted below)
-        taken = uses.get(param, [])
-        if taken and all(position == 0 and opcode in _SLICING for position, opcode, _ in taken):
-            total += sum(_bytes(hlo_type) for _, _, hlo_type in taken)
+        if (taken := pieces(param)) is not None:
+            total += taken
         elif index < len(operand_types):
             total += _bytes(operand_types[index])
     return total + (updates if in_place else _bytes(result_type))

@@ -133,6 +133,21 @@ def test_normalize_matches_plain_jnp(impl, center):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("center", [True, False], ids=["layernorm", "rmsnorm"])
+def test_normalize_off_the_cpu_keeps_the_row_statistics_for_the_backward_pass(center):
+    """xla: the backward pass gets x and each row's mean and 1/std (mean and mean square in one read of
+    x), never a normalized copy of x; the values hold where the mean is far from 0 (mean 20, std 1)."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((3, 5, 16)) + 20, jnp.float32)
+    scale, bias = (jnp.asarray(rng.standard_normal(16), jnp.float32) for _ in range(2))
+    y, vjp = jax.vjp(lambda x, s, b: kernels.normalize("xla", x, s, b, 1e-5, center), x, scale, bias)
+    kept = sorted(leaf.shape for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "shape"))
+    assert kept == sorted([(3, 5, 1), (3, 5, 1), (3, 5, 16), (16,)])
+    assert any(leaf is x for leaf in jax.tree.leaves(vjp))  # x itself, not a copy made from it
+    np.testing.assert_allclose(np.asarray(y), np.asarray(plain_normalize(x, scale, bias, 1e-5, center)),
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [(6, 4, 9), (6, 9, 4)], ids=["wide", "tall"])
 def test_matmul_matches_plain_jnp(impl, shape):
@@ -237,7 +252,9 @@ def test_only_cpu_uses_the_hand_written_backwards(impl):
     jaxprs = [jax.make_jaxpr(lambda x, w: kernels.matmul(impl, x, w))(x, w),
               jax.make_jaxpr(lambda x: kernels.normalize(impl, x, w[:, 0], w[:, 1], 1e-5, True))(x),
               jax.make_jaxpr(lambda q, k, v: kernels.attention(impl, q, k, v, mask))(q, k, v)]
-    assert ["custom_vjp_call" in str(j) for j in jaxprs] == [impl == "cpu"] * 3
+    # the norm has a backward of its own on both paths: the cpu one's, and off the CPU one that is given
+    # the row statistics (test_normalize_off_the_cpu_keeps_the_row_statistics_for_the_backward_pass)
+    assert ["custom_vjp_call" in str(j) for j in jaxprs] == [impl == "cpu", True, impl == "cpu"]
 
 
 def test_resolve_on_cpu():
