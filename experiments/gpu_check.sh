@@ -112,7 +112,7 @@ import jax
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
 keep = {"train": ("attention", "batch", "segments", "loss_chunks", "skip_update", "xla_flags", "variant", "ms_per_iter", "tokens_per_s", "mfu", "peak_flops_per_device", "peak_source",
                   "compile_s", "peak_bytes_in_use", "step_temp_bytes", "final_loss", "op_ms_per_run", "failed"),
-        "compile": ("mesh", "estimate_gb", "xla_bytes", "xla_flops_per_device", "model_flops_per_step", "compile_s",
+        "compile": ("mesh", "estimate_gb", "xla_bytes", "xla_flops_per_device", "model_flops_per_step", "compile_s", "kernels",
                     "failed"),
         "generate": ("batch", "decode_steps", "cache_window", "tok_per_s", "ttft_s", "bound_tok_per_s", "ratio_to_bound", "op_ms_per_run", "failed")}
 table = {"host": platform.node(), "jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()]}

@@ -66,6 +66,11 @@ def card(name: str) -> Card:
     return CARDS[name]
 
 
+def card_of(device_kind: str) -> str:
+    """The name in CARDS of the card a GPU reports as its kind, or "" (another card)."""
+    return next((name for name, c in CARDS.items() if c.name.lower() in device_kind.lower()), "")
+
+
 def devices(name: str, count: int = 1) -> list:
     """`count` GPUs of one host, of the card `name`, as jax devices to build a mesh of and compile for."""
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # it would look for a driver
@@ -138,6 +143,14 @@ def _dot_flops(computations: dict, name: str) -> int:
         for called in re.findall(r"calls=%([\w.\-]+)", attributes):
             flops += _dot_flops(computations, called)
     return flops
+
+
+def _library_matmul_flops(result_type: str, lhs_type: str, attributes: str) -> int:
+    """2 x output elements x contracted size of a cuBLAS custom call, from its dot dimension numbers."""
+    contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', attributes)
+    lhs_dims = [int(d) for d in _ARRAY.findall(lhs_type)[0][1].split(",") if d]
+    k = math.prod(lhs_dims[int(i.strip('"'))] for i in contracting.group(1).split(",") if i) if contracting else 0
+    return 2 * k * math.prod(int(d) for d in _ARRAY.findall(result_type)[0][1].split(",") if d)
 
 
 _SLICING = {"slice", "dynamic-slice", "gather"}
@@ -219,7 +232,11 @@ def kernels(hlo_text: str) -> list[Kernel]:
             n_bytes = _bytes(hlo_type) + sum(map(_bytes, operand_types))
             if opcode == "custom-call":
                 target = re.search(r'custom_call_target="([^"]*)"', attributes).group(1)
-                kind = "attention" if "fmha" in target else "matmul" if "gemm" in target.lower() else target
+                kind = "attention" if "fmha" in target else target
+                if "cublas" in target or "gemm" in target.lower():  # a library matmul (Triton's are fusions)
+                    kind, result = "matmul", _ARRAY.search(hlo_type).group(0)  # not its scratch workspace
+                    flops = _library_matmul_flops(result, operand_types[0], attributes)
+                    n_bytes = _bytes(result) + sum(map(_bytes, operand_types))
             elif opcode == "fusion":
                 called = re.search(r"calls=%([\w.\-]+)", attributes).group(1)
                 flops = _dot_flops(computations, called)

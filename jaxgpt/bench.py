@@ -258,7 +258,9 @@ def _compile_report(cfg: config_lib.Config, devices: list, target: str = "") -> 
     out = {"bench": "compile", "target": target or None, "preset": cfg.model.preset, "dtype": cfg.model.dtype, "remat": cfg.model.remat,
            "batch": cfg.data.batch_size, "grad_accum": cfg.optim.grad_accum, "seq_len": cfg.model.seq_len,
            "devices": trainer.mesh.devices.size, "platform": devices[0].platform, "device_kind": devices[0].device_kind,
-           **memory.analyze(trainer, target)}
+           # on a GPU of CARDS, its own compiled step's kernels too (autotuned, unlike a planned one's)
+           **memory.analyze(trainer, target or (aot.card_of(devices[0].device_kind) if devices[0].platform == "gpu"
+                                                else ""))}
     out["estimate_gb"] = {k: round(v / memory.GB, 3) for k, v in out["estimate_bytes"].items()}
     model = trainer.model
     params = jax.eval_shape(model.init, jax.random.key(0))

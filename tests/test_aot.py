@@ -25,8 +25,9 @@ def _cuda_plugin_installed() -> bool:
     except ModuleNotFoundError:  # no jax_plugins package at all
         return False
 
-# A module in XLA's text form, written here: an elementwise fusion, a matmul fusion, and a loop of 4
-# trips whose body slices one [8, 16] piece out of a [4, 8, 16] buffer and writes it into another.
+# A module in XLA's text form, written here: an elementwise fusion, a matmul fusion, a cuBLAS matmul (with
+# its scratch workspace), and a loop of 4 trips whose body slices one [8, 16] piece out of a [4, 8, 16]
+# buffer and writes it into another.
 MODULE = """HloModule jit_step, is_scheduled=true
 
 %fused_add (param_0: f32[8,16], param_1: f32[8,16]) -> f32[8,16] {
@@ -77,19 +78,22 @@ MODULE = """HloModule jit_step, is_scheduled=true
   ROOT %lt = pred[] compare(%j, %four), direction=LT
 }
 
-ENTRY %main.1 (a: f32[8,16], b: f32[8,16], x: bf16[8,16], w: bf16[16,32], s: f32[4,8,16]) -> (f32[8,16], bf16[8,32], f32[4,8,16]) {
+ENTRY %main.1 (a: f32[8,16], b: f32[8,16], x: bf16[8,16], w: bf16[16,32], s: f32[4,8,16], wf: f32[16,32]) -> (f32[8,16], bf16[8,32], f32[4,8,16], f32[8,32]) {
   %a = f32[8,16]{1,0} parameter(0)
   %b = f32[8,16]{1,0} parameter(1)
   %x = bf16[8,16]{1,0} parameter(2)
   %w = bf16[16,32]{1,0} parameter(3)
   %s = f32[4,8,16]{2,1,0} parameter(4)
+  %wf = f32[16,32]{1,0} parameter(5)
   %sum = f32[8,16]{1,0} fusion(%a, %b), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/add"}
   %product = bf16[8,32]{1,0} fusion(%x, %w), kind=kCustom, calls=%gemm_fusion_dot, metadata={op_name="jit(step)/dot_general"}
+  %library = (f32[8,32]{1,0}, s8[4194304]{0}) custom-call(%a, %wf), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %library_product = f32[8,32]{1,0} get-tuple-element(%library), index=0
   %zero = s32[] constant(0)
   %init = (s32[], f32[4,8,16]{2,1,0}, f32[4,8,16]{2,1,0}) tuple(%zero, %s, %s)
   %loop = (s32[], f32[4,8,16]{2,1,0}, f32[4,8,16]{2,1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
   %out = f32[4,8,16]{2,1,0} get-tuple-element(%loop), index=2
-  ROOT %result = (f32[8,16]{1,0}, bf16[8,32]{1,0}, f32[4,8,16]{2,1,0}) tuple(%sum, %product, %out)
+  ROOT %result = (f32[8,16]{1,0}, bf16[8,32]{1,0}, f32[4,8,16]{2,1,0}, f32[8,32]{1,0}) tuple(%sum, %product, %out, %library_product)
 }
 """
 
@@ -100,6 +104,7 @@ def test_kernels_count_each_launch_with_the_bytes_it_moves():
     assert rows == [
         ("fusion", 3 * 8 * 16 * 4, 0, 1, "jit(step)/add"),                       # two operands and the result
         ("matmul", (8 * 16 + 16 * 32 + 8 * 32) * 2, 2 * 8 * 32 * 16, 1, "jit(step)/dot_general"),
+        ("matmul", (8 * 16 + 16 * 32 + 8 * 32) * 4, 2 * 8 * 32 * 16, 1, "jit(step)/dot_general"),  # no workspace
         # the body, 4 times: the [1, 8, 16] piece taken (not the whole buffer), its index, the result
         ("fusion", 4 * (512 + 4 + 512), 0, 4, "jit(step)/while/body/dynamic_slice"),
         # updated in place: the update read and written, and the index; the buffer itself not at all
@@ -108,9 +113,14 @@ def test_kernels_count_each_launch_with_the_bytes_it_moves():
     ]
     summary = aot.summary(table, "h100", top=2)
     assert summary["by_kind"]["fusion"] == {"launches": 9, "bytes": 1536 + 2 * 4112, "flops": 0}
-    assert summary["matmul_flops"] == 8192
+    assert summary["matmul_flops"] == 2 * 8192
     assert summary["memory_bound_bytes"] == 1536 + 2 * 4112 + 48
     assert [h["bytes"] for h in summary["heaviest"]] == [4112, 4112]
+
+
+def test_a_gpu_is_matched_to_its_card_by_the_kind_it_reports():
+    assert [aot.card_of(kind) for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB")] == [
+        "h100", "h200", ""]
 
 
 def test_an_unknown_card_is_refused_in_one_line():
