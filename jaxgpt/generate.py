@@ -130,13 +130,26 @@ def _cutoff(sorted_BxN, k_Bx1, top_p_Bx1, min_p_Bx1) -> jax.Array:
     return jnp.maximum(jnp.maximum(kth_Bx1, nucleus_Bx1), min_p_cut_Bx1)
 
 
-def filter_logits(logits_BxV: jax.Array, knobs: dict) -> jax.Array:
+def sampling_paths(knobs: dict[str, np.ndarray], V: int) -> tuple[bool, bool]:
+    """(some row samples, some sampling row's filter needs the full sort), from the knobs as the
+    host holds them: the static arguments that leave out of a step the work no row needs. Decided
+    here rather than by a lax.cond on the device, which on a GPU stops the host until the device
+    catches up at every step (hardware.branches_sync_host)."""
+    sampling = knobs["temperature"] != 0
+    top_k, top_p = knobs["top_k"], knobs["top_p"]
+    small = (top_k > 0) & (top_k <= min(TOP_K_MAX, V))
+    sort = ~small & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
+    return bool(sampling.any()), bool((sampling & sort).any())
+
+
+def filter_logits(logits_BxV: jax.Array, knobs: dict, full_sort: bool = True) -> jax.Array:
     """Each row's logits over its temperature, with what its top-k, top-p (over what top-k kept)
     and min-p leave out at -inf; knobs are [B] arrays named as SamplingParams' fields.
 
     A row's cutoff depends on its own knobs only, never on the other rows': it is computed one way
     for a given top_k (from lax.top_k when 1 <= top_k <= TOP_K_MAX, else from a full sort, which
-    costs an 8x50304 batch 90 ms a step and runs only when some row needs it)."""
+    costs an 8x50304 batch 90 ms a step). full_sort=False leaves the sort out, for when no row whose
+    result is used needs it (sampling_paths); such rows' results are then wrong."""
     B, V = logits_BxV.shape
     col = lambda name: knobs[name][:, None]  # noqa: E731
     scaled_BxV = logits_BxV.astype(jnp.float32) / jnp.maximum(col("temperature"), 1e-6)
@@ -150,9 +163,8 @@ def filter_logits(logits_BxV: jax.Array, knobs: dict) -> jax.Array:
     small_cut_Bx1 = _cutoff(top_BxN, jnp.minimum(k_Bx1, N), top_p_Bx1, min_p_Bx1)
     max_cut_Bx1 = top_BxN[:, :1] + jnp.log(min_p_Bx1)  # neither top-k nor top-p: min-p needs the max alone
     sort_Bx1 = ~small_Bx1 & ((k_Bx1 < V) | (top_p_Bx1 < 1.0))
-    sort_cut_Bx1 = jax.lax.cond(jnp.any(sort_Bx1),
-                                lambda: _cutoff(-jnp.sort(-scaled_BxV, axis=-1), k_Bx1, top_p_Bx1, min_p_Bx1),
-                                lambda: jnp.full((B, 1), -jnp.inf))
+    sort_cut_Bx1 = (_cutoff(-jnp.sort(-scaled_BxV, axis=-1), k_Bx1, top_p_Bx1, min_p_Bx1) if full_sort
+                    else jnp.full((B, 1), -jnp.inf))
     cutoff_Bx1 = jnp.where(small_Bx1, small_cut_Bx1, jnp.where(sort_Bx1, sort_cut_Bx1, max_cut_Bx1))
     return jnp.where(scaled_BxV < cutoff_Bx1, -jnp.inf, scaled_BxV)
 
@@ -169,18 +181,20 @@ def penalize(logits_BxV, knobs, counts_BxV, seen_BxV, n_valid: int) -> jax.Array
             - knobs["presence_penalty"][:, None] * (counts_BxV > 0))
 
 
-def sample_tokens(logits_BxV, knobs, counts_BxV, seen_BxV, step_B, n_valid: int) -> jax.Array:
+def sample_tokens(logits_BxV, knobs, counts_BxV, seen_BxV, step_B, n_valid: int,
+                  paths: tuple[bool, bool] = (True, True)) -> jax.Array:
     """One token per row under that row's knobs: penalties, then filter_logits; temperature 0 is
-    the argmax. Row b's draw uses fold_in(key(seed_b), step_b) alone, whatever the other rows are."""
+    the argmax. Row b's draw uses fold_in(key(seed_b), step_b) alone, whatever the other rows are.
+    paths: sampling_paths of the knobs (the default computes every path)."""
     logits_BxV = penalize(logits_BxV, knobs, counts_BxV, seen_BxV, n_valid)
     greedy_B = first_argmax(logits_BxV)
-
-    def sampled() -> jax.Array:  # jax.random.categorical's draw (argmax of logits + Gumbel noise)
-        keys_B = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(knobs["seed"], step_B)
-        gumbel_BxV = jax.vmap(lambda key: jax.random.gumbel(key, logits_BxV.shape[-1:], jnp.float32))(keys_B)
-        return first_argmax(filter_logits(logits_BxV, knobs) + gumbel_BxV)
-
-    sampled_B = jax.lax.cond(jnp.all(knobs["temperature"] == 0), lambda: greedy_B, sampled)
+    sampling, full_sort = paths
+    if not sampling:
+        return greedy_B.astype(jnp.int32)
+    # jax.random.categorical's draw (argmax of logits + Gumbel noise)
+    keys_B = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(knobs["seed"], step_B)
+    gumbel_BxV = jax.vmap(lambda key: jax.random.gumbel(key, logits_BxV.shape[-1:], jnp.float32))(keys_B)
+    sampled_B = first_argmax(filter_logits(logits_BxV, knobs, full_sort) + gumbel_BxV)
     return jnp.where(knobs["temperature"] == 0, greedy_B, sampled_B).astype(jnp.int32)
 
 
@@ -196,8 +210,9 @@ def _scores(logits_BxV, token_B, top_n: int, n_valid: int):
     return chosen_B, (ids_BxN, top_BxN)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def _prefill(model: GPT, n_valid: int, top_n: int, params, state, tokens_1xL, length, slot, fresh, knobs, step_1):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def _prefill(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], params, state, tokens_1xL, length, slot,
+             fresh, knobs, step_1):
     """Prompt tokens[:length] into cache row `slot` (from position 0); the first new token."""
     L = tokens_1xL.shape[1]
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)  # noqa: E731
@@ -215,7 +230,7 @@ def _prefill(model: GPT, n_valid: int, top_n: int, params, state, tokens_1xL, le
     prompt_1xV = jnp.zeros((1, V), bool).at[0, tokens_1xL[0]].max(segments_1xL[0] > 0)
     seen_1xV = jnp.where(fresh, prompt_1xV, take(state["seen"]))
     counts_1xV = jnp.where(fresh, 0, take(state["counts"]))
-    token_1 = sample_tokens(logits_1xV, knobs, counts_1xV, seen_1xV, step_1, n_valid)
+    token_1 = sample_tokens(logits_1xV, knobs, counts_1xV, seen_1xV, step_1, n_valid, paths)
     counts_1xV = counts_1xV + jax.nn.one_hot(token_1, V, dtype=jnp.int32)
     write = lambda x, row_1xKxLxE: jax.lax.dynamic_update_slice(x, row_1xKxLxE, (slot, 0, 0, 0))  # noqa: E731
     state = {"cache": jax.tree.map(write, state["cache"], cache_1), "counts": put(state["counts"], counts_1xV),
@@ -223,24 +238,26 @@ def _prefill(model: GPT, n_valid: int, top_n: int, params, state, tokens_1xL, le
     return token_1, logits_1xV, _scores(logits_1xV, token_1, top_n, n_valid), state
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
-def _fork(model: GPT, n_valid: int, top_n: int, state, logits_1xV, src, dsts_F, knobs, step_F):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
+def _fork(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], state, logits_1xV, src, dsts_F, knobs,
+          step_F):
     """Copy slot src's freshly prefilled cache row to slots dsts and draw their first tokens from
     the same prompt logits: the n samples of one request share one prefill."""
     F = dsts_F.shape[0]
     copy = lambda x: x.at[dsts_F].set(jnp.broadcast_to(x[src], (F, *x.shape[1:])))  # noqa: E731
     seen_FxV = jnp.broadcast_to(state["seen"][src], (F, logits_1xV.shape[-1]))
     logits_FxV = jnp.broadcast_to(logits_1xV, seen_FxV.shape)
-    token_F = sample_tokens(logits_FxV, knobs, jnp.zeros(seen_FxV.shape, jnp.int32), seen_FxV, step_F, n_valid)
+    token_F = sample_tokens(logits_FxV, knobs, jnp.zeros(seen_FxV.shape, jnp.int32), seen_FxV, step_F, n_valid,
+                            paths)
     counts_FxV = jax.nn.one_hot(token_F, seen_FxV.shape[-1], dtype=jnp.int32)
     state = {"cache": jax.tree.map(copy, state["cache"]), "seen": copy(state["seen"]),
              "counts": state["counts"].at[dsts_F].set(counts_FxV)}
     return token_F, _scores(logits_FxV, token_F, top_n, n_valid), state
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
-def _decode(model: GPT, n_valid: int, top_n: int, steps: int, keep_logits: bool, params, state, tokens_B, positions_B,
-            active_B, knobs, step_B):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(7,))
+def _decode(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], steps: int, keep_logits: bool, params,
+            state, tokens_B, positions_B, active_B, knobs, step_B):
     """`steps` decode steps in one call: every slot's last token at its position, each new token
     fed back at the next. Per step (stacked on a leading K axis): the tokens, the logits when kept,
     the scores."""
@@ -249,7 +266,7 @@ def _decode(model: GPT, n_valid: int, top_n: int, steps: int, keep_logits: bool,
         logits_Bx1xV, cache = model.apply(params, tokens_B[:, None], jnp.ones_like(tokens_B)[:, None],
                                           (positions_B + j)[:, None], cache=state["cache"])
         logits_BxV = logits_Bx1xV[:, 0]
-        token_B = sample_tokens(logits_BxV, knobs, state["counts"], state["seen"], step_B + j, n_valid)
+        token_B = sample_tokens(logits_BxV, knobs, state["counts"], state["seen"], step_B + j, n_valid, paths)
         counts_BxV = state["counts"] + jax.nn.one_hot(token_B, logits_BxV.shape[-1], dtype=jnp.int32) * active_B[:, None]
         state = {"cache": cache, "counts": counts_BxV, "seen": state["seen"]}
         return (state, token_B), (token_B, logits_BxV if keep_logits else None,
@@ -387,8 +404,8 @@ class Engine:
             K = 1 if admitted else self._steps(busy)  # a new reply's first tokens out at once
             with self._on_mesh():
                 token_KxB, logits_KxBxV, scores, self.state = _decode(
-                    self.model, self.n_valid, self._top_n(busy), K, self.keep_logits, self.params, self.state,
-                    tokens, positions, active, self.knobs, steps)
+                    self.model, self.n_valid, self._top_n(busy), self._paths(self.knobs), K, self.keep_logits,
+                    self.params, self.state, tokens, positions, active, self.knobs, steps)
             token_KxB, scores = np.asarray(token_KxB), jax.tree.map(np.asarray, scores)
             logits_KxBxV = np.asarray(logits_KxBxV) if self.keep_logits else None
             slots = [(r, r.slot) for r in busy]
@@ -417,6 +434,9 @@ class Engine:
         """Trace under the mesh and the rules, so the model's logical constraints take effect."""
         return sharding.activate(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
+    def _paths(self, knobs: dict[str, np.ndarray]) -> tuple[bool, bool]:
+        return sampling_paths(knobs, self.model.cfg.vocab_size)
+
     def _top_n(self, requests) -> int:
         """Top log-probabilities are computed (a second compile) only while someone asks for them."""
         return MAX_TOP_LOGPROBS if any(r.params.top_logprobs for r in requests) else 0
@@ -430,7 +450,8 @@ class Engine:
         knobs = {name: arr[slot:slot + 1] for name, arr in self.knobs.items()}
         with self._on_mesh():
             token_1, logits_1xV, scores, self.state = _prefill(
-                self.model, self.n_valid, self._top_n([request]), self.params, self.state, tokens, np.int32(n),
+                self.model, self.n_valid, self._top_n([request]), self._paths(knobs), self.params, self.state,
+                tokens, np.int32(n),
                 np.int32(slot), np.bool_(fresh), knobs, np.array([len(request.tokens)], np.int32))
         request.position = n
         self._emit(request, int(token_1[0]), _row(jax.tree.map(np.asarray, scores), 0),
@@ -442,8 +463,9 @@ class Engine:
         dsts = np.array([r.slot for r in rest], np.int32)
         knobs = {name: arr[dsts] for name, arr in self.knobs.items()}
         with self._on_mesh():
-            token_F, scores, self.state = _fork(self.model, self.n_valid, self._top_n(group), self.state, logits_1xV,
-                                                np.int32(src), dsts, knobs, np.zeros(len(rest), np.int32))
+            token_F, scores, self.state = _fork(self.model, self.n_valid, self._top_n(group), self._paths(knobs),
+                                                self.state, logits_1xV, np.int32(src), dsts, knobs,
+                                                np.zeros(len(rest), np.int32))
         token_F, scores = np.asarray(token_F), jax.tree.map(np.asarray, scores)
         logits_V = np.asarray(logits_1xV[0]) if self.keep_logits else None
         for i, r in enumerate(rest):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.generate import KNOBS, Engine, SamplingParams, filter_logits, sample_tokens, seed_of
+from jaxgpt.generate import IDLE_KNOBS, KNOBS, Engine, SamplingParams, filter_logits, sample_tokens, sampling_paths, seed_of
 from jaxgpt.model import GPT
 
 V = 29
@@ -204,6 +204,50 @@ def test_sampling_filters():
     assert int(sample_tokens(logits, knobs, counts, zeros > 0, jnp.zeros(4, jnp.int32), 4)[3]) == 3
     # tokens past n_valid (padding ids) are never drawn
     assert int(sample_tokens(logits, knobs, zeros, zeros > 0, jnp.zeros(4, jnp.int32), 1)[3]) == 0
+
+
+def test_sampling_paths_leave_out_only_what_no_row_uses():
+    """The host decides which paths a step computes (no device branch): sampling when some row samples,
+    the full sort when a sampling row's top-k is past TOP_K_MAX or its top-p works without top-k."""
+    def paths(**columns):
+        knobs = {name: np.full(3, value, dtype) for name, (value, dtype) in
+                 {"temperature": (0.0, np.float32), "top_k": (0, np.int32), "top_p": (1.0, np.float32)}.items()}
+        knobs.update({name: np.asarray(values) for name, values in columns.items()})
+        return sampling_paths(knobs, 100)
+    assert paths() == (False, False)                                        # every row greedy (idle slots)
+    assert paths(temperature=[0, 0.7, 0]) == (True, False)                  # plain sampling
+    assert paths(temperature=[0, 0.7, 0], top_k=[0, 40, 0]) == (True, False)  # top-k from lax.top_k
+    assert paths(temperature=[0, 0.7, 0], top_k=[0, 80, 0]) == (True, True)   # past TOP_K_MAX: sorted
+    assert paths(temperature=[0, 0.7, 0], top_p=[1, 0.9, 1]) == (True, True)
+    assert paths(temperature=[0, 0.7, 0], top_k=[0, 40, 0], top_p=[1, 0.9, 1]) == (True, False)
+    assert paths(top_p=[0.9, 0.9, 0.9]) == (False, False)                   # greedy rows never filter
+    # the paths a step leaves out change no row that uses them: a row that samples, beside one that sorts
+    logits = jnp.log(jnp.asarray([PROBS, PROBS]))
+    knobs = {name: np.full(2, IDLE_KNOBS[name], dtype) for name, dtype in KNOBS.items()}
+    knobs.update(temperature=np.float32([0.0, 1.0]), top_k=np.int32([0, 2]), top_p=np.float32([0.5, 1.0]))
+    assert sampling_paths(knobs, 4) == (True, False)
+    assert np.array_equal(np.asarray(filter_logits(logits, knobs, full_sort=False))[1],
+                          np.asarray(filter_logits(logits, knobs))[1])
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8),
+                                    SamplingParams(temperature=0.8, top_p=0.9)], ids=["greedy", "sampled", "sorted"])
+def test_a_gpu_decode_step_holds_no_branch(params):
+    """With the GPU's cache window, the decode step has no lax.cond / lax.switch, which on a GPU would
+    stop the host at every token (hardware.branches_sync_host); what to compute is decided on the host."""
+    from jaxgpt import generate
+    cfg = ModelConfig(preset="gpt2", vocab_size=V, n_layer=2, n_head=4, d_model=32, seq_len=256,
+                      cache_window="whole").resolved()
+    model = GPT(cfg)
+    engine = Engine(model, model.init(jax.random.key(1)), slots=2)
+    engine.submit(prompt(5, 1), params)
+    engine.step()  # the prefill (and its first token); the next decode step is traced below
+    steps = np.zeros(2, np.int32)
+    traced = generate._decode.trace(model, engine.n_valid, 0, engine._paths(engine.knobs), 8, False, engine.params,
+                                    engine.state, steps, steps, steps, engine.knobs, steps)
+    text = str(traced.jaxpr)
+    assert " cond[" not in text and "switch" not in text
+    assert ("sort[" in text) == (params.top_p < 1) and ("random_bits" in text) == (params.temperature > 0)
 
 
 # ---- filter_logits: a hand-made distribution, shuffled: token 1 (0.5), token 3 (0.3), token 0 (0.15), token 2 (0.05)
