@@ -199,7 +199,8 @@ def _fusion_bytes(computations: dict, name: str, result_type: str, operand_types
 
 @dataclasses.dataclass
 class Kernel:
-    kind: str        # matmul, attention (cuDNN), fusion (XLA's elementwise/reduction kernels), or the opcode
+    kind: str        # matmul, attention (cuDNN), fusion (XLA's elementwise/reduction kernels), conditional
+                     # (a branch: on a GPU the host waits for the device there), or the opcode
     bytes: int       # its operands' and results' bytes, times its launches (a sliced operand counts whole)
     flops: int       # matmul FLOPs, times its launches
     launches: int    # 1, or a loop's trip count
@@ -209,11 +210,10 @@ class Kernel:
 
 def kernels(hlo_text: str) -> list[Kernel]:
     """The kernels one run of a compiled XLA:GPU module launches (its text: Compiled.as_text()), a
-    loop's body counted its trip count of times."""
+    loop's body counted its trip count of times, of a conditional's branches the one that moves most."""
     computations, entry = _computations(hlo_text)
-    table: list[Kernel] = []
 
-    def walk(name: str, launches: int) -> None:
+    def walk(name: str, launches: int, table: list[Kernel]) -> None:
         instructions = computations[name]
         types = {result: hlo_type for result, hlo_type, *_ in instructions}
         for _, hlo_type, opcode, operands, attributes in instructions:
@@ -221,11 +221,21 @@ def kernels(hlo_text: str) -> list[Kernel]:
                 continue
             if opcode == "while":
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', attributes)
-                walk(re.search(r"body=%([\w.\-]+)", attributes).group(1), launches * int(trips.group(1) if trips else 1))
+                walk(re.search(r"body=%([\w.\-]+)", attributes).group(1),
+                     launches * int(trips.group(1) if trips else 1), table)
                 continue
-            if opcode in ("call", "conditional"):  # every branch counted: an upper bound
-                for called in re.findall(r"(?:to_apply|calls|branch_computations)=\{?%([\w.\-]+)", attributes):
-                    walk(called, launches)
+            if opcode == "call":
+                walk(re.search(r"to_apply=%([\w.\-]+)", attributes).group(1), launches, table)
+                continue
+            if opcode == "conditional":  # listed itself (on a GPU the host waits there), then one branch
+                op_name = re.search(r'op_name="([^"]*)"', attributes)
+                table.append(Kernel("conditional", 0, 0, launches, op_name.group(1) if op_name else "", hlo_type[:60]))
+                branches = re.search(r"branch_computations=\{([^}]*)\}", attributes)
+                names = re.findall(r"%([\w.\-]+)", branches.group(1) if branches else attributes)
+                tables = [[] for _ in names]
+                for called, branch in zip(names, tables):
+                    walk(called, launches, branch)
+                table.extend(max(tables, key=lambda branch: sum(k.bytes for k in branch), default=[]))
                 continue
             flops, kind = 0, opcode
             operand_types = [types.get(o, "") for o in operands]
@@ -246,7 +256,8 @@ def kernels(hlo_text: str) -> list[Kernel]:
             table.append(Kernel(kind, n_bytes * launches, flops * launches, launches,
                                 op_name.group(1) if op_name else "", hlo_type))
 
-    walk(entry, 1)
+    table: list[Kernel] = []
+    walk(entry, 1, table)
     return table
 
 

@@ -26,8 +26,8 @@ def _cuda_plugin_installed() -> bool:
         return False
 
 # A module in XLA's text form, written here: an elementwise fusion, a matmul fusion, a cuBLAS matmul (with
-# its scratch workspace), and a loop of 4 trips whose body slices one [8, 16] piece out of a [4, 8, 16]
-# buffer and writes it into another.
+# its scratch workspace), a loop of 4 trips whose body slices one [8, 16] piece out of a [4, 8, 16] buffer
+# and writes it into another, and a conditional whose branches add or pass their operand.
 MODULE = """HloModule jit_step, is_scheduled=true
 
 %fused_add (param_0: f32[8,16], param_1: f32[8,16]) -> f32[8,16] {
@@ -71,6 +71,15 @@ MODULE = """HloModule jit_step, is_scheduled=true
   ROOT %tuple.1 = (s32[], f32[4,8,16]{2,1,0}, f32[4,8,16]{2,1,0}) tuple(%next, %source, %written)
 }
 
+%add_twice (y: f32[8,16]) -> f32[8,16] {
+  %y = f32[8,16]{1,0} parameter(0)
+  ROOT %twice = f32[8,16]{1,0} fusion(%y, %y), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/cond/add"}
+}
+
+%pass (z: f32[8,16]) -> f32[8,16] {
+  ROOT %z = f32[8,16]{1,0} parameter(0)
+}
+
 %cond (q: (s32[], f32[4,8,16], f32[4,8,16])) -> pred[] {
   %q = (s32[], f32[4,8,16]{2,1,0}, f32[4,8,16]{2,1,0}) parameter(0)
   %j = s32[] get-tuple-element(%q), index=0
@@ -78,13 +87,14 @@ MODULE = """HloModule jit_step, is_scheduled=true
   ROOT %lt = pred[] compare(%j, %four), direction=LT
 }
 
-ENTRY %main.1 (a: f32[8,16], b: f32[8,16], x: bf16[8,16], w: bf16[16,32], s: f32[4,8,16], wf: f32[16,32]) -> (f32[8,16], bf16[8,32], f32[4,8,16], f32[8,32]) {
+ENTRY %main.1 (a: f32[8,16], b: f32[8,16], x: bf16[8,16], w: bf16[16,32], s: f32[4,8,16], wf: f32[16,32], flag: pred[]) -> (f32[8,16], bf16[8,32], f32[4,8,16], f32[8,32], f32[8,16]) {
   %a = f32[8,16]{1,0} parameter(0)
   %b = f32[8,16]{1,0} parameter(1)
   %x = bf16[8,16]{1,0} parameter(2)
   %w = bf16[16,32]{1,0} parameter(3)
   %s = f32[4,8,16]{2,1,0} parameter(4)
   %wf = f32[16,32]{1,0} parameter(5)
+  %flag = pred[] parameter(6)
   %sum = f32[8,16]{1,0} fusion(%a, %b), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/add"}
   %product = bf16[8,32]{1,0} fusion(%x, %w), kind=kCustom, calls=%gemm_fusion_dot, metadata={op_name="jit(step)/dot_general"}
   %library = (f32[8,32]{1,0}, s8[4194304]{0}) custom-call(%a, %wf), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
@@ -93,7 +103,8 @@ ENTRY %main.1 (a: f32[8,16], b: f32[8,16], x: bf16[8,16], w: bf16[16,32], s: f32
   %init = (s32[], f32[4,8,16]{2,1,0}, f32[4,8,16]{2,1,0}) tuple(%zero, %s, %s)
   %loop = (s32[], f32[4,8,16]{2,1,0}, f32[4,8,16]{2,1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
   %out = f32[4,8,16]{2,1,0} get-tuple-element(%loop), index=2
-  ROOT %result = (f32[8,16]{1,0}, bf16[8,32]{1,0}, f32[4,8,16]{2,1,0}, f32[8,32]{1,0}) tuple(%sum, %product, %out, %library_product)
+  %branch = f32[8,16]{1,0} conditional(%flag, %a, %b), true_computation=%add_twice, false_computation=%pass, metadata={op_name="jit(step)/cond"}
+  ROOT %result = (f32[8,16]{1,0}, bf16[8,32]{1,0}, f32[4,8,16]{2,1,0}, f32[8,32]{1,0}, f32[8,16]{1,0}) tuple(%sum, %product, %out, %library_product, %branch)
 }
 """
 
@@ -110,11 +121,14 @@ def test_kernels_count_each_launch_with_the_bytes_it_moves():
         # updated in place: the update read and written, and the index; the buffer itself not at all
         ("fusion", 4 * (512 + 4 + 512), 0, 4, "jit(step)/while/body/dynamic_update_slice"),
         ("add", 4 * 12, 0, 4, ""),                                               # an unfused scalar add
+        ("conditional", 0, 0, 1, "jit(step)/cond"),  # listed (a GPU's host waits there), then the larger branch
+        ("fusion", 3 * 8 * 16 * 4, 0, 1, "jit(step)/cond/add"),
     ]
     summary = aot.summary(table, "h100", top=2)
-    assert summary["by_kind"]["fusion"] == {"launches": 9, "bytes": 1536 + 2 * 4112, "flops": 0}
+    assert summary["by_kind"]["fusion"] == {"launches": 10, "bytes": 2 * 1536 + 2 * 4112, "flops": 0}
+    assert summary["by_kind"]["conditional"] == {"launches": 1, "bytes": 0, "flops": 0}
     assert summary["matmul_flops"] == 2 * 8192
-    assert summary["memory_bound_bytes"] == 1536 + 2 * 4112 + 48
+    assert summary["memory_bound_bytes"] == 2 * 1536 + 2 * 4112 + 48
     assert [h["bytes"] for h in summary["heaviest"]] == [4112, 4112]
 
 
@@ -169,3 +183,9 @@ def test_bench_compile_plans_a_gpu_step_on_a_host_without_one():
     # bf16 on a GPU: cuDNN's flash attention, forward and backward in each layer, chosen on this CPU host
     assert report["kernels"]["by_kind"]["attention"]["launches"] == 2 * layers
     assert report["kernels"]["matmul_flops"] == 3 * (forward - B * L * 4 * L * D * layers)
+    # no branch in a GPU's step (train.skip_update=auto selects there): its host never waits mid-step ...
+    assert "conditional" not in report["kernels"]["by_kind"]
+    # ... where the update skipped by a lax.cond is one
+    cond = _bench_compile("bench.target=h100", "train.skip_update=cond")
+    assert cond.returncode == 0, cond.stderr[-2000:]
+    assert json.loads(cond.stdout.strip().splitlines()[-1])["kernels"]["by_kind"]["conditional"]["launches"] == 1
