@@ -22,7 +22,9 @@ for the config's mesh (a DPO config's too): memory.py's per-device estimate (par
 state, gradients, activations, batch, DPO's reference) beside XLA's memory analysis (arguments, outputs, temporaries), XLA's FLOPs per
 device and the model's FLOPs per step, and whether it fits mesh.device_memory_gb. mesh.devices=N
 plans N devices on a host with fewer (as N XLA:CPU devices: the shardings and the estimate are
-those of N accelerators; XLA:CPU's temporaries are its own compiler's, not a GPU's).
+those of N accelerators; XLA:CPU's temporaries are its own compiler's, not a GPU's). bench.target=h100
+(or h200) compiles it with XLA:GPU itself for that card, on a host without one (aot.py), and adds the
+compiled step's kernels: launches, matmul FLOPs, memory-bound bytes and the least time they take.
 
 `data`: tokenizer throughput (MB/s of UTF-8 text) of `prepare`'s worker pool, one line per worker count;
 it reads the source as prepare does (prepare.field, prepare.doc_split, ...).
@@ -255,7 +257,8 @@ def bench_compile(cfg: config_lib.Config, target: str = "") -> dict:
 def _compile_report(cfg: config_lib.Config, devices: list, target: str = "") -> dict:
     cfg = memory.with_vocab(cfg)
     trainer = memory.trainer_for(cfg, devices)
-    out = {"bench": "compile", "target": target or None, "preset": cfg.model.preset, "dtype": cfg.model.dtype, "remat": cfg.model.remat,
+    out = {"bench": "compile", "target": target or None, "preset": cfg.model.preset, "dtype": cfg.model.dtype,
+           "remat": cfg.model.remat,
            "batch": cfg.data.batch_size, "grad_accum": cfg.optim.grad_accum, "seq_len": cfg.model.seq_len,
            "devices": trainer.mesh.devices.size, "platform": devices[0].platform, "device_kind": devices[0].device_kind,
            # on a GPU of CARDS, its own compiled step's kernels too (autotuned, unlike a planned one's)
