@@ -130,27 +130,35 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[tuple]], str]:
     return computations, entry
 
 
+def _dims(hlo_type: str) -> list[int]:
+    """The dimensions of the first array in an HLO type."""
+    return [int(d) for d in _ARRAY.findall(hlo_type)[0][1].split(",") if d]
+
+
+def _matmul_flops(result_type: str, lhs_type: str, contracted: str) -> int:
+    """2 x output elements x contracted size; contracted: the lhs's contracting dimensions, "1" or "0,2"."""
+    lhs = _dims(lhs_type)
+    return 2 * math.prod(lhs[int(i.strip('" '))] for i in contracted.split(",") if i.strip('" ')) \
+        * math.prod(_dims(result_type))
+
+
 def _dot_flops(computations: dict, name: str) -> int:
-    """2 x output elements x contracted size, over the dots in computation `name` and those it calls."""
+    """Matmul FLOPs of the dots in computation `name` and those it calls."""
     flops, instructions = 0, computations.get(name, [])
     types = {result: hlo_type for result, hlo_type, *_ in instructions}
     for _, hlo_type, opcode, operands, attributes in instructions:
         if opcode == "dot":
-            lhs_dims = [int(d) for d in _ARRAY.findall(types[operands[0]])[0][1].split(",") if d]
             contracted = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attributes).group(1)
-            k = math.prod(lhs_dims[int(i)] for i in contracted.split(",") if i)
-            flops += 2 * k * math.prod(int(d) for d in _ARRAY.findall(hlo_type)[0][1].split(",") if d)
+            flops += _matmul_flops(hlo_type, types[operands[0]], contracted)
         for called in re.findall(r"calls=%([\w.\-]+)", attributes):
             flops += _dot_flops(computations, called)
     return flops
 
 
 def _library_matmul_flops(result_type: str, lhs_type: str, attributes: str) -> int:
-    """2 x output elements x contracted size of a cuBLAS custom call, from its dot dimension numbers."""
+    """Matmul FLOPs of a cuBLAS custom call, from its dot dimension numbers (0 without them)."""
     contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', attributes)
-    lhs_dims = [int(d) for d in _ARRAY.findall(lhs_type)[0][1].split(",") if d]
-    k = math.prod(lhs_dims[int(i.strip('"'))] for i in contracting.group(1).split(",") if i) if contracting else 0
-    return 2 * k * math.prod(int(d) for d in _ARRAY.findall(result_type)[0][1].split(",") if d)
+    return _matmul_flops(result_type, lhs_type, contracting.group(1)) if contracting else 0
 
 
 _SLICING = {"slice", "dynamic-slice", "gather"}

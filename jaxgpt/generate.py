@@ -130,15 +130,21 @@ def _cutoff(sorted_BxN, k_Bx1, top_p_Bx1, min_p_Bx1) -> jax.Array:
     return jnp.maximum(jnp.maximum(kth_Bx1, nucleus_Bx1), min_p_cut_Bx1)
 
 
+def _cutoff_source(top_k, top_p, V: int):
+    """Per row (numpy on the host or jax on the device): whether its cutoff lies among the TOP_K_MAX
+    largest logits (1 <= top_k <= TOP_K_MAX), and whether it needs the full sort instead (top-k past
+    that, or top-p without top-k); neither: min-p alone, or no filter."""
+    small = (top_k > 0) & (top_k <= min(TOP_K_MAX, V))
+    return small, ~small & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
+
+
 def sampling_paths(knobs: dict[str, np.ndarray], V: int) -> tuple[bool, bool]:
     """(some row samples, some sampling row's filter needs the full sort), from the knobs as the
     host holds them: the static arguments that leave out of a step the work no row needs. Decided
     here rather than by a lax.cond on the device, which on a GPU stops the host until the device
     catches up at every step (hardware.branches_sync_host)."""
     sampling = knobs["temperature"] != 0
-    top_k, top_p = knobs["top_k"], knobs["top_p"]
-    small = (top_k > 0) & (top_k <= min(TOP_K_MAX, V))
-    sort = ~small & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
+    _, sort = _cutoff_source(knobs["top_k"], knobs["top_p"], V)
     return bool(sampling.any()), bool((sampling & sort).any())
 
 
@@ -156,13 +162,12 @@ def filter_logits(logits_BxV: jax.Array, knobs: dict, full_sort: bool = True) ->
     top_k_Bx1, top_p_Bx1, min_p_Bx1 = col("top_k"), col("top_p"), col("min_p")
     k_Bx1 = jnp.where(top_k_Bx1 > 0, jnp.minimum(top_k_Bx1, V), V)
     N = min(TOP_K_MAX, V)
-    small_Bx1 = (top_k_Bx1 > 0) & (top_k_Bx1 <= N)  # the cutoff lies among the N largest
+    small_Bx1, sort_Bx1 = _cutoff_source(top_k_Bx1, top_p_Bx1, V)  # the rows' ways, as sampling_paths sees them
     # the barrier keeps XLA from folding the slices below into lax.top_k's sort, which then would
     # no longer be rewritten into XLA:CPU's TopK kernel (a full sort: 66 vs 8 ms at 8x50304)
     top_BxN = jax.lax.optimization_barrier(jax.lax.top_k(scaled_BxV, N)[0])
     small_cut_Bx1 = _cutoff(top_BxN, jnp.minimum(k_Bx1, N), top_p_Bx1, min_p_Bx1)
     max_cut_Bx1 = top_BxN[:, :1] + jnp.log(min_p_Bx1)  # neither top-k nor top-p: min-p needs the max alone
-    sort_Bx1 = ~small_Bx1 & ((k_Bx1 < V) | (top_p_Bx1 < 1.0))
     sort_cut_Bx1 = (_cutoff(-jnp.sort(-scaled_BxV, axis=-1), k_Bx1, top_p_Bx1, min_p_Bx1) if full_sort
                     else jnp.full((B, 1), -jnp.inf))
     cutoff_Bx1 = jnp.where(small_Bx1, small_cut_Bx1, jnp.where(sort_Bx1, sort_cut_Bx1, max_cut_Bx1))
@@ -451,8 +456,7 @@ class Engine:
         with self._on_mesh():
             token_1, logits_1xV, scores, self.state = _prefill(
                 self.model, self.n_valid, self._top_n([request]), self._paths(knobs), self.params, self.state,
-                tokens, np.int32(n),
-                np.int32(slot), np.bool_(fresh), knobs, np.array([len(request.tokens)], np.int32))
+                tokens, np.int32(n), np.int32(slot), np.bool_(fresh), knobs, np.array([len(request.tokens)], np.int32))
         request.position = n
         self._emit(request, int(token_1[0]), _row(jax.tree.map(np.asarray, scores), 0),
                    np.asarray(logits_1xV[0]) if self.keep_logits else None, out)
