@@ -27,9 +27,9 @@ Retry-After. SIGTERM drains: requests in flight finish, new ones get 503, then t
 Not yet: tools, response_format, logit_bias, batched prompts.
 
 All generation goes through one `replies.Service` (one engine thread, serve.slots requests decoding
-together, the screen on every reply); the HTTP side only parses, waits and formats. The API key is
-serve.api_key or the JAXGPT_API_KEY environment variable; without one the server is open, which is
-why it listens on 127.0.0.1 unless told otherwise.
+together, the screen on every reply); the HTTP side only parses, waits and formats, in OpenAI's wire
+format (jaxgpt.openai_api). The API key is serve.api_key or the JAXGPT_API_KEY environment variable;
+without one the server is open, which is why it listens on 127.0.0.1 unless told otherwise.
 """
 from __future__ import annotations
 
@@ -37,10 +37,8 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import itertools
 import json
 import os
-import re
 import secrets
 import signal
 import sys
@@ -48,7 +46,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import anyio
 from fastapi import FastAPI, Request
@@ -57,13 +55,14 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from jaxgpt import chat, cli, runs
+from jaxgpt import cli, openai_api, runs
 from jaxgpt.config import Config
 from jaxgpt.errors import ConfigError, JaxgptError
 from jaxgpt.feedback import Feedback, FeedbackError, default_path, stored
-from jaxgpt.generate import MAX_TOP_LOGPROBS, Engine, SamplingParams
+from jaxgpt.generate import Engine, SamplingParams
 from jaxgpt.model import GPT
-from jaxgpt.replies import Reply, Service, Stream
+from jaxgpt.openai_api import ApiError, LogprobFormat
+from jaxgpt.replies import Service, Stream
 from jaxgpt.screen import Screen
 from jaxgpt.tokenizer import Tokenizer
 
@@ -91,155 +90,6 @@ class ServeConfig:
 class ServeCommand(Config):
     """The run's sections (sample, screen, model.dtype ...) plus the server's own."""
     serve: ServeConfig = field(default_factory=ServeConfig)
-
-
-# ---- errors, in OpenAI's shape ----
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None,  # noqa: A002 - OpenAI's name
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _field_of(message: str, fallback: str) -> str:
-    """The field a ValueError names: replies and SamplingParams.problem start their messages with it."""
-    m = re.match(r"(\w+)[=:]", message)
-    return m.group(1) if m else fallback
-
-
-# ---- the request body: OpenAI's fields, checked by hand so every mistake names its field ----
-
-INT, NUMBER = "an integer", "a number"
-# the sampling fields a request may set (SamplingParams' names, OpenAI's where it has them)
-FIELDS = {"temperature": NUMBER, "top_p": NUMBER, "top_k": INT, "min_p": NUMBER, "presence_penalty": NUMBER,
-         "frequency_penalty": NUMBER, "repetition_penalty": NUMBER, "n": INT}
-
-
-def _get(body: dict, name: str, kind: str, default: Any = None) -> Any:
-    """body[name] checked to be of `kind` (an absent field or null: default)."""
-    value = body.get(name)
-    if value is None:
-        return default
-    ok = {INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          NUMBER: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "a boolean": lambda v: isinstance(v, bool),
-          "a string": lambda v: isinstance(v, str),
-          "an object": lambda v: isinstance(v, dict)}[kind]
-    if not ok(value):
-        raise ApiError(400, f"{name}: expected {kind}, got {json.dumps(value)[:80]}", name, code="invalid_type")
-    return value
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        return (stop,)
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return tuple(stop)
-    raise ApiError(400, "stop: expected a string or a list of strings", "stop", code="invalid_type")
-
-
-def _messages(body: dict) -> list[dict]:
-    """OpenAI's messages as ours: content given as a list of text parts is joined, and "developer"
-    (OpenAI's newer name for the system role) is "system"; the rest is checked by Service.chat."""
-    messages = body.get("messages")
-    if messages is None:
-        raise ApiError(400, "messages: required", "messages", code="missing_required_parameter")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages: expected a non-empty list of messages", "messages", code="invalid_type")
-    out = []
-    for m in messages:
-        if isinstance(m, dict) and isinstance(m.get("content"), list):
-            parts = m["content"]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in parts):
-                raise ApiError(400, "messages: only text content parts are supported", "messages")
-            m = {**m, "content": "".join(p["text"] for p in parts)}
-        if isinstance(m, dict) and m.get("role") == "developer":
-            m = {**m, "role": "system"}
-        out.append({"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m)
-    return out
-
-
-def _params(body: dict, defaults: SamplingParams, max_tokens: int, top_logprobs: int) -> SamplingParams:
-    knobs = {name: _get(body, name, kind, getattr(defaults, name)) for name, kind in FIELDS.items()}
-    seed = _get(body, "seed", INT)
-    return dataclasses.replace(defaults, **knobs, max_tokens=max_tokens, stop=_stop(body), top_logprobs=top_logprobs,
-                               seed=secrets.randbelow(2 ** 31) if seed is None else seed)
-
-
-def _max_tokens(body: dict) -> tuple[int | None, str]:
-    """The requested reply length and the field it came in (max_completion_tokens is the newer name)."""
-    for name in ("max_completion_tokens", "max_tokens"):
-        if (value := _get(body, name, INT)) is not None:
-            return value, name
-    return None, "max_tokens"
-
-
-def _usage(prompt_tokens: int, replies: list[Reply]) -> dict:
-    completion = sum(len(r.token_ids) for r in replies)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-
-def _sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
-
-
-# ---- log-probabilities, in the two shapes OpenAI's endpoints use ----
-
-def _logprob_request(body: dict, kind: str) -> int | None:
-    """How many top alternatives per token a request asks for (0: only the chosen token's), or
-    None for no logprobs. Chat: logprobs (a boolean) and top_logprobs; completions: logprobs (a count)."""
-    if kind == "chat":
-        wanted = _get(body, "logprobs", "a boolean", False)
-        top = _get(body, "top_logprobs", INT)
-        if top is not None and not wanted:
-            raise ApiError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
-        name, count = "top_logprobs", (top or 0) if wanted else None
-    else:
-        name, count = "logprobs", _get(body, "logprobs", INT)
-    if count is not None and not 0 <= count <= MAX_TOP_LOGPROBS:
-        raise ApiError(400, f"{name}: must be in [0, {MAX_TOP_LOGPROBS}], got {count}", name)
-    return count
-
-
-class LogprobFormat:
-    """Token ids and their log-probabilities as a choice's `logprobs` (chat: {"content": [...]},
-    completions: tokens / token_logprobs / top_logprobs / text_offset)."""
-
-    def __init__(self, tokenizer: Tokenizer, kind: str):
-        self.tokenizer, self.kind = tokenizer, kind
-
-    def piece(self, token: int) -> tuple[str, bytes]:
-        """A token's text and bytes; a piece of a character decodes with U+FFFD, its bytes are exact."""
-        if self.tokenizer.is_special(token):
-            text = self.tokenizer.decode([token])
-            return text, text.encode("utf-8")
-        raw = self.tokenizer.decode_bytes([token])
-        return raw.decode("utf-8", errors="replace"), raw
-
-    def __call__(self, ids: list[int], logprobs: list[float], tops: list[list[tuple[int, float]]],
-                 offset: int = 0) -> dict:
-        tops = tops or [[] for _ in ids]
-        if self.kind == "chat":
-            def entry(token: int, logprob: float) -> dict:
-                text, raw = self.piece(token)
-                return {"token": text, "logprob": float(logprob), "bytes": list(raw)}
-            return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
-                                for t, lp, top in zip(ids, logprobs, tops)], "refusal": None}
-        texts = [self.piece(t)[0] for t in ids]
-        offsets = list(itertools.accumulate(map(len, texts[:-1]), initial=offset)) if texts else []
-        return {"tokens": texts, "token_logprobs": [float(lp) for lp in logprobs],
-                "top_logprobs": [{self.piece(a)[0]: float(alp) for a, alp in top} for top in tops],
-                "text_offset": offsets}
 
 
 # ---- taking requests on: a bounded number at a time, none while draining ----
@@ -438,7 +288,7 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
             raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object", code="invalid_json")
-        if (model := _get(body, "model", "a string")) is not None and model != model_id:
+        if (model := openai_api.typed_field(body, "model", "a string")) is not None and model != model_id:
             raise ApiError(404, f"model {model!r} does not exist; this server has {model_id!r}", "model",
                            code="model_not_found")
         return body
@@ -449,7 +299,7 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
             return call()
         except ValueError as e:
             code = "context_length_exceeded" if "model's context" in str(e) else None
-            raise ApiError(400, str(e), _field_of(str(e), param), code=code) from None
+            raise ApiError(400, str(e), openai_api.field_of(str(e), param), code=code) from None
         except JaxgptError as e:  # a malformed conversation, characters the tokenizer lacks
             raise ApiError(400, f"{param}: {e}", param) from None
 
@@ -478,7 +328,7 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
         for choice, r in zip(choices, replies):
             choice.update(logprobs=logprobs and logprobs(r.token_ids, r.logprobs, r.top_logprobs),
                           finish_reason=r.finish_reason)
-        return {**head, "choices": choices, "usage": _usage(stream.prompt_tokens, replies)}
+        return {**head, "choices": choices, "usage": openai_api.usage(stream.prompt_tokens, replies)}
 
     async def _events(stream: Stream, head: dict, kind: str, include_usage: bool,
                       logprobs: LogprobFormat | None) -> AsyncIterator[str]:
@@ -495,11 +345,11 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
                 choice = {"index": index, "delta": {} if text is None else {"content": text}}
             else:
                 choice = {"index": index, "text": text or ""}
-            return _sse({**head, "choices": [{**choice, "logprobs": scores, "finish_reason": finish_reason}],
+            return openai_api.sse({**head, "choices": [{**choice, "logprobs": scores, "finish_reason": finish_reason}],
                          **extra})
         if kind == "chat":
             for i in range(stream.n):
-                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                yield openai_api.sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}], **extra})
         try:
             async for delta in iterate_in_threadpool(iter(stream)):
@@ -507,7 +357,7 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
                     stream.cancel()
                     replies = await run_in_threadpool(stream.result, 30)
                     message = next((r.error for r in replies if r.error), "generation failed")
-                    yield _sse(ApiError(500, f"generation failed: {message}", type="server_error").body())
+                    yield openai_api.sse(ApiError(500, f"generation failed: {message}", type="server_error").body())
                     break
                 if delta.text or delta.token_ids:
                     scores = None
@@ -520,10 +370,11 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
             else:
                 if include_usage:
                     replies = await run_in_threadpool(stream.result, 30)
-                    yield _sse({**head, "choices": [], "usage": _usage(stream.prompt_tokens, replies)})
+                    counts = openai_api.usage(stream.prompt_tokens, replies)
+                    yield openai_api.sse({**head, "choices": [], "usage": counts})
         except Exception as e:  # noqa: BLE001 - the client still gets an answer it can parse
-            yield _sse(ApiError(500, f"{type(e).__name__}: {e}", type="server_error").body())
-        yield _sse("[DONE]")
+            yield openai_api.sse(ApiError(500, f"{type(e).__name__}: {e}", type="server_error").body())
+        yield openai_api.sse("[DONE]")
 
     def submit(call, param: str, received: float) -> Ticket:
         """call() (a submission to the service), if the server takes on one more request."""
@@ -540,16 +391,16 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
         received = time.monotonic()
         authorize(request)
         body = await read_body(request)
-        max_tokens, max_field = _max_tokens(body)
-        streaming = _get(body, "stream", "a boolean", False)
-        include_usage = _get(body, "stream_options", "an object", {}).get("include_usage") is True
-        top_logprobs = _logprob_request(body, kind)
+        max_tokens, max_field = openai_api.requested_max_tokens(body)
+        streaming = openai_api.typed_field(body, "stream", "a boolean", False)
+        include_usage = openai_api.typed_field(body, "stream_options", "an object", {}).get("include_usage") is True
+        top_logprobs = openai_api.logprob_request(body, kind)
         scores = LogprobFormat(tokenizer, kind) if top_logprobs is not None else None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         if kind == "chat":
-            messages = _messages(body)
-            params = _params(body, defaults, defaults.max_tokens if max_tokens is None else max_tokens,
-                             top_logprobs or 0)
+            messages = openai_api.chat_messages(body)
+            reply_tokens = defaults.max_tokens if max_tokens is None else max_tokens
+            params = openai_api.sampling_params(body, defaults, reply_tokens, top_logprobs or 0)
             check(params, max_field)
             store = stored(body)  # {source, replaces} if the request asks to be recorded
             # drop_old_turns=False: a conversation that does not fit is refused, never silently cut;
@@ -576,7 +427,7 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
             if len(ids) + max_tokens > seq_len:
                 raise ApiError(400, f"prompt: {len(ids)} prompt tokens plus {max_field}={max_tokens} exceed the "
                                     f"model's context of {seq_len} tokens", "prompt", code="context_length_exceeded")
-            params = _params(body, defaults, max_tokens, top_logprobs or 0)
+            params = openai_api.sampling_params(body, defaults, max_tokens, top_logprobs or 0)
             check(params, max_field)
             ticket = submit(lambda: service.complete(ids, params), "prompt", received)
         return await respond(request, ticket, rid, kind, streaming, include_usage, scores)  # it closes the ticket
