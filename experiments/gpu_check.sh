@@ -10,9 +10,10 @@
 #   attention reads a mask, where plain text's rows attend causally with none), a non-finite step's
 #   update skipped by a lax.cond (train.skip_update=cond; a GPU's default computes it and selects, since
 #   a cond stops the host mid-step: hardware.branches_sync_host), the output head and its loss over
-#   the whole [B, L, V] logits (model.loss_chunks=0, where the config fuses them over 8 pieces), both
-#   forms of the loss at twice the batch, and last the plain step with XLA's Triton matmuls off (each
-#   row reports the XLA_FLAGS it ran under);
+#   the whole [B, L, V] logits (model.loss_chunks=0, where the config fuses them over 8 pieces), the
+#   logits written in fp32 (model.logits_dtype=float32, where the config writes bf16 as torch autocast
+#   does), the fused step at twice the batch, and last the plain step with XLA's Triton matmuls off
+#   (each row reports the XLA_FLAGS it ran under);
 # - memory: `bench compile` of the same step: the estimate beside XLA's own plan for this GPU,
 #   and the peak memory the timed steps used;
 # - decode: the KV-cache engine's tokens/s at batch 1 and 64 (random-init weights: speed only), with
@@ -51,6 +52,7 @@ attention=(cudnn xla)
 # after the side-by-side rows: the first implementation at twice the batch (MFU's trend with batch)
 larger=(data.batch_size=64)
 unfused=(model.loss_chunks=0)  # the head's logits whole, then the loss (the config fuses them: 8 pieces)
+fp32_logits=(model.logits_dtype=float32)  # the config writes them in bf16
 # last (the first row a run cut short loses): the plain step with XLA's Triton matmul fusions off, so
 # cuBLAS does every product (XLA autotunes between them, and MaxText's GPU recipes set this)
 flags=--xla_gpu_enable_triton_gemm=false
@@ -79,7 +81,7 @@ done
 impl=$($PY -c 'import json, sys; ok = [r["attention"] for r in (json.loads(l) for l in open(sys.argv[1]) if l.startswith("{"))
                   if r.get("bench") == "train" and not r.get("failed")]; print(ok[0] if ok else "xla")' "$rows" || echo xla)
 # the last (twice the batch, the loss fused) is traced too: where the time goes in the likeliest best step
-variants=("data.segments=true" "train.skip_update=cond" "${unfused[*]}" "${larger[*]} ${unfused[*]}" "${larger[*]}")
+variants=("data.segments=true" "train.skip_update=cond" "${unfused[*]}" "${fp32_logits[*]}" "${larger[*]}")
 for variant in "${variants[@]}"; do
     traced=()
     [ "$variant" = "${variants[-1]}" ] && traced=(bench.profile="$prof/train_${impl}_larger")
@@ -110,7 +112,7 @@ $PY - "$rows" "${OUT:-}" <<'EOF'
 import json, platform, sys
 import jax
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
-keep = {"train": ("attention", "batch", "segments", "loss_chunks", "skip_update", "xla_flags", "variant", "ms_per_iter", "tokens_per_s", "mfu", "peak_flops_per_device", "peak_source",
+keep = {"train": ("attention", "batch", "segments", "loss_chunks", "logits_dtype", "skip_update", "xla_flags", "variant", "ms_per_iter", "tokens_per_s", "mfu", "peak_flops_per_device", "peak_source",
                   "compile_s", "peak_bytes_in_use", "step_temp_bytes", "final_loss", "op_ms_per_run", "failed"),
         "compile": ("mesh", "estimate_gb", "xla_bytes", "xla_flops_per_device", "model_flops_per_step", "compile_s", "kernels",
                     "failed"),

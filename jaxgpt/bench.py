@@ -104,7 +104,7 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, p
     tokens_per_s = steps * tokens_per_step / seconds
     out = {
         "bench": "train", "preset": cfg.model.preset, "dtype": cfg.model.dtype,
-        "matmul_dtype": matmul_dtype(cfg.model),
+        "matmul_dtype": matmul_dtype(cfg.model), "logits_dtype": cfg.model.logits_dtype,
         "attention": kernels.resolve(cfg.model.attention, cfg.model.dtype), "remat": cfg.model.remat,
         "loss_chunks": cfg.model.loss_chunks, "segments": data.rows_have_segments(cfg.data),
         "skip_update": resolve_skip_update(cfg.train.skip_update),

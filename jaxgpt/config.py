@@ -55,6 +55,10 @@ class ModelConfig:
     matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     attention: Literal["auto", "xla", "cudnn", "cpu"] = "auto"  # kernels.py: auto is cpu on CPU, cudnn on GPU
     remat: bool = False              # recompute each block in the backward pass
+    # what the output head writes its logits in; the loss and sampling read them into fp32. bfloat16:
+    # torch autocast's numerics (its head's matmul writes bf16), half the bytes of the largest arrays
+    # (gpt2_124m at batch 32: 6.6 GB of fp32 logits, written once and read twice by the fused head)
+    logits_dtype: Literal["float32", "bfloat16"] = "float32"
     loss_chunks: int = 0             # >0: training's output head and cross-entropy fused (kernels.head_loss), over
                                      # this many pieces of each row: the [B, L, V] logits are never stored whole
     scan_layers: bool = False        # lax.scan over blocks: fast compiles for deep models

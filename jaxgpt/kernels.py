@@ -62,8 +62,9 @@ def attention(impl: str, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS, causal: bo
     and gets gradient 0. causal: the mask allows no key past its query's index (a training row,
     L = S), so cuDNN may skip the blocks above the diagonal (gpt2_124m on an H200: the attention
     kernels computed every block, the mask only adding -inf to half of them). No mask with causal:
-    causality is the whole mask (rows of one document, no padding), and cuDNN reads none. Heads come first ([B, H, L, E]): the cpu path's matmuls then need no
-    transposes, and a KV cache kept as [B, K, S, E] plugs in unchanged.
+    causality is the whole mask (rows of one document, no padding), and cuDNN reads none. Heads
+    come first ([B, H, L, E]): the cpu path's matmuls then need no transposes, and a KV cache kept
+    as [B, K, S, E] plugs in unchanged.
     """
     if mask_BxLxS is None and not causal:
         raise ValueError("attention needs a mask, or causal=True")
@@ -346,7 +347,7 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def head_loss(impl: str, x_BxLxD, w_DxV, targets_BxL, weights_BxL, chunks: int, matmul_dtype,
-              softcap: float = 0.0) -> jax.Array:
+              softcap: float = 0.0, logits_dtype=jnp.float32) -> jax.Array:
     """sum(weights * cross-entropy(x @ w, targets)): the output head and its loss fused, one piece of
     the rows' positions at a time (`chunks` pieces), so the [B, L, V] fp32 logits never exist whole.
 
@@ -356,10 +357,11 @@ def head_loss(impl: str, x_BxLxD, w_DxV, targets_BxL, weights_BxL, chunks: int, 
     piece is ever held (gpt2_124m at batch 32: 6.6 GB of fp32 logits, read and written by separate
     passes of softmax, scale and rounding, besides their gradient). w is the fp32 parameter, cast
     here, so its gradient sums the pieces in fp32. The pieces cut the length axis: each keeps every
-    row, so a batch sharded over devices stays spread over all of them.
+    row, so a batch sharded over devices stays spread over all of them. The logits are written in
+    logits_dtype and read into fp32 by the softmax (bfloat16: half their bytes, torch autocast's numerics).
     """
     return _head_loss(x_BxLxD, w_DxV, targets_BxL, weights_BxL, impl, _pieces(x_BxLxD.shape[1], chunks),
-                      jnp.dtype(matmul_dtype), softcap)
+                      jnp.dtype(matmul_dtype), softcap, jnp.dtype(logits_dtype))
 
 
 def _pieces(L: int, chunks: int) -> int:
@@ -367,12 +369,14 @@ def _pieces(L: int, chunks: int) -> int:
     return max(n for n in range(1, max(chunks, 1) + 1) if L % n == 0)
 
 
-def _piece_logits(x_BxCxD, w_DxV, targets_BxC, impl, softcap):
-    """One piece's logits [B*C, V] in fp32 (capped), their log-sum-exp and the targets' logits; x is
-    cast to w's dtype (the matmul dtype, w cast once outside the loop over pieces)."""
+def _piece_logits(x_BxCxD, w_DxV, targets_BxC, impl, softcap, logits_dtype):
+    """One piece's logits [B*C, V] (written in logits_dtype, read into fp32, capped), their
+    log-sum-exp and the targets' logits; x is cast to w's dtype (the matmul dtype, w cast once
+    outside the loop over pieces)."""
     B, C, D = x_BxCxD.shape
     x_MxD = x_BxCxD.reshape(B * C, D).astype(w_DxV.dtype)
-    logits_MxV = matmul(impl, x_MxD, w_DxV, jnp.float32)  # not differentiated: its forward form only
+    # not differentiated: its forward form only. The upcast fuses into the passes that read it.
+    logits_MxV = matmul(impl, x_MxD, w_DxV, logits_dtype).astype(jnp.float32)
     if softcap > 0:
         logits_MxV = softcap * jnp.tanh(logits_MxV / softcap)
     lse_M = jax.nn.logsumexp(logits_MxV, axis=-1) if impl == "cpu" else _logsumexp_one_pass(logits_MxV)
@@ -399,24 +403,26 @@ def _piece(x_BxLxD, i, n):
     return jax.lax.dynamic_slice_in_dim(x_BxLxD, i * C, C, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _head_loss(x_BxLxD, w_DxV, targets_BxL, weights_BxL, impl, n, matmul_dtype, softcap):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _head_loss(x_BxLxD, w_DxV, targets_BxL, weights_BxL, impl, n, matmul_dtype, softcap, logits_dtype):
     w_DxV = w_DxV.astype(matmul_dtype)
 
     def body(i, total):
-        _, _, lse_M, target_M = _piece_logits(_piece(x_BxLxD, i, n), w_DxV, _piece(targets_BxL, i, n), impl, softcap)
+        _, _, lse_M, target_M = _piece_logits(_piece(x_BxLxD, i, n), w_DxV, _piece(targets_BxL, i, n), impl, softcap,
+                                              logits_dtype)
         return total + jnp.sum((lse_M - target_M) * _piece(weights_BxL, i, n).reshape(-1))
     return jax.lax.fori_loop(0, n, body, jnp.zeros((), jnp.float32))
 
 
-def _head_loss_fwd(x_BxLxD, w_DxV, targets_BxL, weights_BxL, impl, n, matmul_dtype, softcap):
+def _head_loss_fwd(x_BxLxD, w_DxV, targets_BxL, weights_BxL, impl, n, matmul_dtype, softcap, logits_dtype):
     B, L, D = x_BxLxD.shape
     w_m_DxV = w_DxV.astype(matmul_dtype)
 
     def body(i, carry):
         total, dx_BxLxD, dw_DxV = carry
         targets_BxC, weights_BxC = _piece(targets_BxL, i, n), _piece(weights_BxL, i, n)
-        x_MxD, logits_MxV, lse_M, target_M = _piece_logits(_piece(x_BxLxD, i, n), w_m_DxV, targets_BxC, impl, softcap)
+        x_MxD, logits_MxV, lse_M, target_M = _piece_logits(_piece(x_BxLxD, i, n), w_m_DxV, targets_BxC, impl, softcap,
+                                                           logits_dtype)
         weights_M = weights_BxC.reshape(-1).astype(jnp.float32)
         total = total + jnp.sum((lse_M - target_M) * weights_M)
         # d loss / d logits: softmax - one-hot, each row scaled by its weight (and the cap's slope)
@@ -442,7 +448,7 @@ def _product_grads(impl, x_MxK, w_KxN, dy_MxN):
     return _dot_grads(x_MxK, w_KxN, dy_MxN, jnp.float32)
 
 
-def _head_loss_bwd(impl, n, matmul_dtype, softcap, residuals, g):
+def _head_loss_bwd(impl, n, matmul_dtype, softcap, logits_dtype, residuals, g):
     dx_BxLxD, dw_DxV = residuals  # made by the forward pass for a cotangent of 1 (the loss's own)
     return dx_BxLxD * g.astype(dx_BxLxD.dtype), dw_DxV * g.astype(dw_DxV.dtype), None, None
 

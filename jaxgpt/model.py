@@ -348,7 +348,8 @@ class Transformer(nn.Module):
         # logits gradient for the weight gradient (quickstart step, head forward + backward: 272 vs 115 ms)
         B, L = x_BxLxD.shape[:2]
         impl = kernels.resolve(cfg.attention, cfg.dtype)
-        logits_BxLxV = kernels.matmul(impl, x_BxLxD.reshape(B * L, D), w_DxV, jnp.float32).reshape(B, L, V)
+        logits_MxV = kernels.matmul(impl, x_BxLxD.reshape(B * L, D), w_DxV, cfg.logits_dtype)
+        logits_BxLxV = logits_MxV.astype(jnp.float32).reshape(B, L, V)
         if cfg.logit_softcap > 0:
             logits_BxLxV = cfg.logit_softcap * jnp.tanh(logits_BxLxV / cfg.logit_softcap)
         return logits_BxLxV
@@ -426,7 +427,7 @@ class GPT:
                                         dropout_rng=dropout_rng, logits=False)
             impl = kernels.resolve(cfg.attention, cfg.dtype)
             total = kernels.head_loss(impl, x_BxLxD, w_DxV, batch["targets"], mask_BxL, cfg.loss_chunks,
-                                      matmul_dtype(cfg), cfg.logit_softcap)
+                                      matmul_dtype(cfg), cfg.logit_softcap, cfg.logits_dtype)
             return total, mask_BxL.sum()
         logits_BxLxV = self.apply(params, batch["inputs"], segment_ids_BxL, batch.get("positions"),
                                   dropout_rng=dropout_rng)

@@ -176,6 +176,7 @@ def test_gpt2_124m_config_file():
     cfg = config_lib.from_cli(GPT2_124M, [])
     m = cfg.model
     assert (m.n_layer, m.n_head, m.d_model, m.seq_len, m.vocab_size, m.dtype) == (12, 12, 768, 1024, 50304, "bfloat16")
+    assert (m.loss_chunks, m.logits_dtype) == (8, "bfloat16")  # the head fused with its loss, bf16 logits
     assert (cfg.data.tokenizer, cfg.data.batch_size, cfg.optim.grad_accum) == ("gpt2", 480, 8)
     assert cfg.data.batch_size * m.seq_len == 491520  # ~0.5M tokens per step
 

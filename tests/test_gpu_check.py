@@ -20,13 +20,15 @@ def test_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     table = json.loads((tmp_path / "gpu_check.json").read_text())
     assert table == json.loads(out.stdout[out.stdout.index("{"):])
-    # each implementation, then the variants beside the first: packed documents, the fused loss, twice the batch
+    # each implementation, then the variants beside the first: packed documents, the whole logits, fp32 logits,
+    # twice the batch
     # (on a CPU the update is skipped by a cond in every row; the variant names it, a GPU's default selects)
-    assert [(row["attention"], row["batch"], row["segments"], row["loss_chunks"], row["skip_update"])
-            for row in table["train"]] == [
-        ("xla", 4, False, 8, "cond"), ("xla", 4, True, 8, "cond"), ("xla", 4, False, 8, "cond"),
-        ("xla", 4, False, 0, "cond"), ("xla", 8, False, 0, "cond"), ("xla", 8, False, 8, "cond"),
-        ("xla", 4, False, 8, "cond")]
+    assert [(row["attention"], row["batch"], row["segments"], row["loss_chunks"], row["logits_dtype"],
+             row["skip_update"]) for row in table["train"]] == [
+        ("xla", 4, False, 8, "bfloat16", "cond"), ("xla", 4, True, 8, "bfloat16", "cond"),
+        ("xla", 4, False, 8, "bfloat16", "cond"), ("xla", 4, False, 0, "bfloat16", "cond"),
+        ("xla", 4, False, 8, "float32", "cond"), ("xla", 8, False, 8, "bfloat16", "cond"),
+        ("xla", 4, False, 8, "bfloat16", "cond")]
     # the last one under the script's extra XLA flag (on a GPU, Triton's matmuls off), beside the inherited ones
     assert ["--xla_cpu_enable_fast_math=false" in row["xla_flags"].split() for row in table["train"]] == [False] * 6 + [True]
     for train in table["train"]:

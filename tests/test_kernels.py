@@ -365,6 +365,28 @@ def test_half_head_loss_rounds_only_the_products(impl):
     np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_want), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_head_loss_with_bf16_logits_is_the_cross_entropy_of_the_rounded_logits(impl):
+    """logits_dtype=bfloat16 (torch autocast's numerics): the loss and gradients are those of the
+    fp32 product rounded once to bf16 and read back into fp32, not those of the fp32 logits."""
+    x, w, targets, weights = head_loss_problem(10, V=300)
+
+    def rounded_reference(x, w):
+        logits_BxLxV = jnp.einsum("bld,dv->blv", x, w)
+        # rounded in value only: autodiff of the casts would round the logits' gradient to bf16 too
+        logits_BxLxV += jax.lax.stop_gradient(logits_BxLxV.astype(jnp.bfloat16).astype(jnp.float32) - logits_BxLxV)
+        logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+        return -jnp.sum(jnp.take_along_axis(logp_BxLxV, targets[..., None], -1)[..., 0] * weights)
+
+    got = jax.value_and_grad(lambda x, w: kernels.head_loss(impl, x, w, targets, weights, 3, jnp.float32,
+                                                            logits_dtype=jnp.bfloat16), (0, 1))(x, w)
+    want = jax.value_and_grad(rounded_reference, (0, 1))(x, w)
+    unrounded = jax.value_and_grad(lambda x, w: reference_head_loss(x, w, targets, weights), (0, 1))(x, w)
+    for name, g, r, u in zip(["loss", "dx", "dw"], *map(jax.tree.leaves, (got, want, unrounded))):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-4, err_msg=name)
+        assert not np.allclose(np.asarray(g), np.asarray(u), rtol=1e-5, atol=1e-4), name  # the rounding is real
+
+
 @pytest.mark.parametrize("name", sorted(kernels.ACTIVATIONS))
 @pytest.mark.parametrize("bias", [False, True])
 def test_activation_off_the_cpu_keeps_only_its_inputs_for_the_backward_pass(name, bias):
