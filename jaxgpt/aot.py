@@ -252,9 +252,14 @@ def kernels(hlo_text: str) -> list[Kernel]:
                 target = re.search(r'custom_call_target="([^"]*)"', attributes).group(1)
                 kind = "attention" if "fmha" in target else target
                 if "cublas" in target or "gemm" in target.lower():  # a library matmul (Triton's are fusions)
-                    kind, result = "matmul", _ARRAY.search(hlo_type).group(0)  # not its scratch workspace
-                    flops = _library_matmul_flops(result, operand_types[0], attributes)
-                    n_bytes = _bytes(result) + sum(map(_bytes, operand_types))
+                    # its outputs: the product, any epilogue's auxiliary output (GELU_AUX: the value
+                    # before the activation), then a scratch workspace, which is not data
+                    outputs = [f"{t}[{dims}]" for t, dims in _ARRAY.findall(hlo_type)]
+                    if len(outputs) > 1 and outputs[-1].startswith("s8["):
+                        outputs.pop()
+                    kind = "matmul"
+                    flops = _library_matmul_flops(outputs[0], operand_types[0], attributes)
+                    n_bytes = sum(map(_bytes, outputs)) + sum(map(_bytes, operand_types))
             elif opcode == "fusion":
                 called = re.search(r"calls=%([\w.\-]+)", attributes).group(1)
                 flops = _dot_flops(computations, called)

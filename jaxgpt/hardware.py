@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import platform
 import re
 import time
@@ -147,6 +148,17 @@ def branches_sync_host(backend: str | None = None) -> bool:
     launched only once the GPU has run everything before it. A CPU runs on the host anyway, and a
     TPU branches on the device. A loop of known trip count (lax.scan, fori_loop) does not wait."""
     return (backend or compute_platform()) == "gpu"
+
+
+def library_matmuls(xla_flags: str | None = None) -> bool:
+    """Whether XLA:GPU makes every matmul a cuBLAS call: XLA_FLAGS turns its Triton matmul fusions
+    off (--xla_gpu_enable_triton_gemm=false, as MaxText's GPU recipes do; the last setting counts).
+    cuBLASLt then adds a bias and applies GPT-2's gelu as it writes the product (its BIAS_GELU_AUX
+    epilogue, which also writes the pre-activation value for the backward pass), where a Triton
+    matmul writes the bare product and a kernel of its own adds the bias (kernels.activate)."""
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    values = re.findall(r"--xla_gpu_enable_triton_gemm=(\w+)", flags)
+    return compute_platform() == "gpu" and bool(values) and values[-1].lower() in ("false", "0")
 
 
 def tune_host() -> None:

@@ -239,11 +239,20 @@ def activate(impl: str, name: str, y, b=None) -> jax.Array:
     Off the CPU the backward pass recomputes it from y and b, which are kept anyway (y is what the
     matmul wrote), instead of keeping a [B, L, F] value from inside it: autodiff of GPT-2's gelu kept
     the tanh, one more array written by the forward pass and read by the backward (gpt2_124m, batch 32,
-    XLA:GPU's plan for an H100: 0.4 GB a layer). XLA:CPU keeps its own order (the golden values).
+    XLA:GPU's plan for an H100: 0.4 GB a layer). When XLA:GPU's matmuls are all cuBLAS calls
+    (hardware.library_matmuls) the bias is added before, so that cuBLASLt adds it and applies the
+    gelu in the matmul's epilogue, writing y + b for the backward pass beside the activation: no
+    kernel of its own reads y (the same plan, Triton's matmuls off: 2.4 GB less a step; with Triton's
+    matmuls, which write the bare product, this order would cost 2.4 GB more). XLA:CPU keeps its own
+    order (the golden values).
     """
     def forward(y, b):
         return ACTIVATIONS[name](y if b is None else y + b.astype(y.dtype))
-    return forward(y, b) if impl == "cpu" else jax.checkpoint(forward)(y, b)
+    if impl == "cpu":
+        return forward(y, b)
+    if b is not None and hardware.library_matmuls():
+        return jax.checkpoint(ACTIVATIONS[name])(y + b.astype(y.dtype))
+    return jax.checkpoint(forward)(y, b)
 
 
 def matmul(impl: str, x_MxK, w_KxN, out_dtype=None) -> jax.Array:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +98,7 @@ ENTRY %main.1 (a: f32[8,16], b: f32[8,16], x: bf16[8,16], w: bf16[16,32], s: f32
   %flag = pred[] parameter(6)
   %sum = f32[8,16]{1,0} fusion(%a, %b), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/add"}
   %product = bf16[8,32]{1,0} fusion(%x, %w), kind=kCustom, calls=%gemm_fusion_dot, metadata={op_name="jit(step)/dot_general"}
-  %library = (f32[8,32]{1,0}, s8[4194304]{0}) custom-call(%a, %wf), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %library = (f32[8,32]{1,0}, f32[8,32]{1,0}, s8[4194304]{0}) custom-call(%a, %wf), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]},"epilogue":"GELU_AUX"}}
   %library_product = f32[8,32]{1,0} get-tuple-element(%library), index=0
   %zero = s32[] constant(0)
   %init = (s32[], f32[4,8,16]{2,1,0}, f32[4,8,16]{2,1,0}) tuple(%zero, %s, %s)
@@ -115,7 +116,8 @@ def test_kernels_count_each_launch_with_the_bytes_it_moves():
     assert rows == [
         ("fusion", 3 * 8 * 16 * 4, 0, 1, "jit(step)/add"),                       # two operands and the result
         ("matmul", (8 * 16 + 16 * 32 + 8 * 32) * 2, 2 * 8 * 32 * 16, 1, "jit(step)/dot_general"),
-        ("matmul", (8 * 16 + 16 * 32 + 8 * 32) * 4, 2 * 8 * 32 * 16, 1, "jit(step)/dot_general"),  # no workspace
+        # cuBLAS: the operands, the product and its epilogue's auxiliary output (GELU_AUX), not the workspace
+        ("matmul", (8 * 16 + 16 * 32 + 2 * 8 * 32) * 4, 2 * 8 * 32 * 16, 1, "jit(step)/dot_general"),
         # the body, 4 times: the [1, 8, 16] piece taken (not the whole buffer), its index, the result
         ("fusion", 4 * (512 + 4 + 512), 0, 4, "jit(step)/while/body/dynamic_slice"),
         # updated in place: the update read and written, and the index; the buffer itself not at all
@@ -189,3 +191,36 @@ def test_bench_compile_plans_a_gpu_step_on_a_host_without_one():
     cond = _bench_compile("bench.target=h100", "train.skip_update=cond")
     assert cond.returncode == 0, cond.stderr[-2000:]
     assert json.loads(cond.stdout.strip().splitlines()[-1])["kernels"]["by_kind"]["conditional"]["launches"] == 1
+
+
+# the tiny GPT's train step compiled for an H100, its compiled module's text on stdout
+_COMPILED_STEP = """
+import sys
+from jaxgpt import aot, config as config_lib, memory, sharding
+cfg = config_lib.from_cli(sys.argv[1], sys.argv[2:])
+with aot.compiling_for("h100"):
+    trainer = memory.trainer_for(cfg, aot.devices("h100", 1))
+    state = sharding.placed(trainer.abstract_state(), trainer.state_sharding)
+    with sharding.activate(trainer.mesh):
+        print(trainer.train_step.lower(state, memory.abstract_batch(trainer.cfg, trainer.mesh)).compile().as_text())
+"""
+
+
+@pytest.mark.skipif(not (PLUGIN_DIR and (Path(PLUGIN_DIR) / "jax_plugins" / "xla_cuda12").is_dir()),
+                    reason="set JAXGPT_CUDA_PLUGIN_DIR to a directory with jax's CUDA plugin and cuDNN (.ci/run does)")
+def test_with_cublas_matmuls_the_mlp_bias_and_gelu_are_the_matmul_epilogue():
+    """XLA_FLAGS with Triton's matmuls off: every layer's first MLP product adds its bias and applies
+    GPT-2's gelu in cuBLASLt's epilogue (BIAS_GELU_AUX, which also writes the sum for the backward
+    pass); with Triton's matmuls, none does (a Triton matmul writes the bare product)."""
+    tiny = ["data.path=unused.txt", "data.tokenizer=byte", "model.vocab_size=256", "optim.grad_accum=1",
+            "data.batch_size=4", "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.seq_len=32"]
+    epilogues = {}
+    for flags in ("", "--xla_gpu_enable_triton_gemm=false"):
+        env = {**os.environ, "XLA_FLAGS": flags,
+               "PYTHONPATH": os.pathsep.join(filter(None, [PLUGIN_DIR, str(ROOT), os.environ.get("PYTHONPATH", "")]))}
+        out = subprocess.run([sys.executable, "-c", _COMPILED_STEP, GPT2, *tiny], capture_output=True, text=True,
+                             env=env, cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        epilogues[flags] = re.findall(r'"epilogue":"(\w+)"', out.stdout)
+    assert "BIAS_GELU_AUX" not in epilogues[""]
+    assert epilogues["--xla_gpu_enable_triton_gemm=false"].count("BIAS_GELU_AUX") == 2  # one a layer

@@ -113,3 +113,12 @@ def test_cpu_bf16_units_from_the_flags():
     if Path("/proc/cpuinfo").is_file():
         flags = set(re.search(r"^(?:flags|Features)\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
         assert hardware.cpu_bf16_units() == bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+
+
+def test_library_matmuls_reads_the_last_triton_setting_in_xla_flags():
+    off, on = "--xla_gpu_enable_triton_gemm=false", "--xla_gpu_enable_triton_gemm=true"
+    with hardware.target_platform("gpu"):
+        assert [hardware.library_matmuls(flags) for flags in ("", off, f"--xla_dump_to=x {off}", f"{off} {on}",
+                                                              f"{on} {off}", "--xla_gpu_enable_triton_gemm=0")] == [
+            False, True, True, False, True, True]
+    assert not hardware.library_matmuls(off)  # a CPU has no cuBLAS, whatever the flags say

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import kernels
+from jaxgpt import hardware, kernels
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import ConfigError
 from jaxgpt.model import GPT
@@ -385,6 +385,24 @@ def test_head_loss_with_bf16_logits_is_the_cross_entropy_of_the_rounded_logits(i
     for name, g, r, u in zip(["loss", "dx", "dw"], *map(jax.tree.leaves, (got, want, unrounded))):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-4, err_msg=name)
         assert not np.allclose(np.asarray(g), np.asarray(u), rtol=1e-5, atol=1e-4), name  # the rounding is real
+
+
+def test_activation_under_cublas_matmuls_adds_the_bias_first_and_keeps_the_sum(monkeypatch):
+    """With XLA:GPU's matmuls all cuBLAS calls, the bias is added before the recomputed activation
+    (so cuBLASLt's epilogue can add it and apply the gelu), and y + b is what the backward pass keeps:
+    the same values and gradients as autodiff's, one [M, F] array kept."""
+    y_MxF = jax.random.normal(jax.random.key(0), (64, 96), jnp.bfloat16)
+    b_F = jax.random.normal(jax.random.key(1), (96,), jnp.float32)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")
+    with hardware.target_platform("gpu"):  # traced for a GPU, run here
+        out, vjp = jax.vjp(lambda y, b: kernels.activate("xla", "gelu", y, b), y_MxF, b_F)
+    h_MxF = y_MxF + b_F.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(kernels.ACTIVATIONS["gelu"](h_MxF), np.float32))
+    kept = [x for x in jax.tree.leaves(vjp) if getattr(x, "shape", ()) == y_MxF.shape]
+    assert len(kept) == 1 and np.array_equal(np.asarray(kept[0], np.float32), np.asarray(h_MxF, np.float32))
+    want = jax.vjp(lambda y, b: kernels.ACTIVATIONS["gelu"](y + b.astype(y.dtype)), y_MxF, b_F)[1]
+    for got, expected in zip(vjp(jnp.ones_like(out)), want(jnp.ones_like(out))):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("name", sorted(kernels.ACTIVATIONS))
