@@ -54,7 +54,8 @@ larger=(data.batch_size=64)
 unfused=(model.loss_chunks=0)  # the head's logits whole, then the loss (the config fuses them: 8 pieces)
 fp32_logits=(model.logits_dtype=float32)  # the config writes them in bf16
 # last (the first row a run cut short loses): the plain step with XLA's Triton matmul fusions off, so
-# cuBLAS does every product (XLA autotunes between them, and MaxText's GPU recipes set this)
+# cuBLAS does every product (XLA autotunes between them, and MaxText's GPU recipes set this); the MLP
+# then adds its bias before the gelu, which cuBLASLt applies as it writes (hardware.library_matmuls)
 flags=--xla_gpu_enable_triton_gemm=false
 decode=(bench.batch=1,64 bench.new_tokens=256)
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # toy size on a CPU: the script's plumbing, not a measurement
