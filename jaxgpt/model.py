@@ -190,10 +190,16 @@ class Dense(nn.Module):
         x_MxK = x.reshape(math.prod(batch_shape), math.prod(self.shape_in)).astype(matmul_dtype(self.cfg))
         w_KxN = w.reshape(math.prod(self.shape_in), math.prod(shape_out)).astype(matmul_dtype(self.cfg))
         impl = kernels.resolve(self.cfg.attention, self.cfg.dtype)
-        y = kernels.matmul(impl, x_MxK, w_KxN, self.cfg.dtype).reshape(batch_shape + shape_out)
+        y_MxN = kernels.matmul(impl, x_MxK, w_KxN, self.cfg.dtype)
+        # the bias added to the 2-D product, before any reshape: then cuBLAS adds it as it writes the
+        # product (a GPU with Triton's matmuls off), where a bias over two axes (q's heads) took a
+        # kernel of its own. The same sums; Triton's matmuls and XLA:CPU make the same kernels.
+        b_N = None if b is None else b.reshape(-1)
         if self.activation:
-            return kernels.activate(impl, self.activation, y, b)
-        return y if b is None else y + b.astype(y.dtype)
+            y_MxN = kernels.activate(impl, self.activation, y_MxN, b_N)
+        elif b_N is not None:
+            y_MxN = y_MxN + b_N.astype(y_MxN.dtype)
+        return y_MxN.reshape(batch_shape + shape_out)
 
 
 def residual_std(cfg: ModelConfig) -> float:

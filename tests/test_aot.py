@@ -211,13 +211,18 @@ with aot.compiling_for("h100"):
 def test_with_cublas_matmuls_the_mlp_bias_and_gelu_are_the_matmul_epilogue():
     """XLA_FLAGS with Triton's matmuls off: every layer's first MLP product adds its bias and applies
     GPT-2's gelu in cuBLASLt's epilogue (BIAS_GELU_AUX, which also writes the sum for the backward
-    pass). With the bias added inside the recomputed activation, as under Triton's matmuls, the
-    backward pass needs the bare product and XLA makes none."""
+    pass; with the bias added inside the recomputed activation, as under Triton's matmuls, the
+    backward pass needs the bare product and XLA makes none), and every other product of the forward
+    pass adds its bias there too (q's, over two axes, did not when added after the reshape to heads)."""
+    # rows enough that a layer's input is over 32 MB: XLA:GPU merges sibling products of smaller inputs
+    # (q's, k's and v's) into one matmul, whose biases it then adds apart (its DotMerger)
     tiny = ["data.path=unused.txt", "data.tokenizer=byte", "model.vocab_size=256", "optim.grad_accum=1",
-            "data.batch_size=4", "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.seq_len=32"]
+            "data.batch_size=64", "model.n_layer=2", "model.d_model=256", "model.n_head=4", "model.seq_len=1024"]
     env = {**os.environ, "XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false",
            "PYTHONPATH": os.pathsep.join(filter(None, [PLUGIN_DIR, str(ROOT), os.environ.get("PYTHONPATH", "")]))}
     out = subprocess.run([sys.executable, "-c", _COMPILED_STEP, GPT2, *tiny], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert re.findall(r'"epilogue":"(\w+)"', out.stdout).count("BIAS_GELU_AUX") == 2  # one a layer
+    epilogues = re.findall(r'"epilogue":"(\w+)"', out.stdout)
+    assert epilogues.count("BIAS_GELU_AUX") == 2  # one a layer
+    assert epilogues.count("BIAS") == 2 * 4  # and every other forward product's bias: q, k and v, the two outputs
