@@ -228,16 +228,22 @@ def check(cfg: config_lib.Config, devices=None) -> Plan | None:
                       f"is available ({source}); {advice}")
 
 
+def compile_step(trainer):
+    """The trainer's train step compiled ahead of time from shapes alone (no params are made)."""
+    state = sharding.placed(trainer.abstract_state(), trainer.state_sharding)
+    with sharding.activate(trainer.mesh):
+        return trainer.train_step.lower(state, abstract_batch(trainer.cfg, trainer.mesh),
+                                        *frozen_params(trainer, True)).compile()
+
+
 def analyze(trainer, card: str = "") -> dict:
     """The estimate beside XLA's memory and cost analysis of the compiled step (compiled ahead of
     time from shapes: no params are made). card: the step is compiled for that GPU (aot.py), and
     its kernels' bytes and FLOPs are summed too."""
     import time
     cfg, mesh = trainer.cfg, trainer.mesh
-    state = sharding.placed(trainer.abstract_state(), trainer.state_sharding)
     t = time.perf_counter()
-    with sharding.activate(mesh):
-        compiled = trainer.train_step.lower(state, abstract_batch(cfg, mesh), *frozen_params(trainer, True)).compile()
+    compiled = compile_step(trainer)
     compile_s = time.perf_counter() - t
     plan = estimate(cfg, list(mesh.devices.flat))
     out = {"mesh": dict(mesh.shape), "compile_s": round(compile_s, 2),

@@ -196,13 +196,10 @@ def test_bench_compile_plans_a_gpu_step_on_a_host_without_one():
 # the tiny GPT's train step compiled for an H100, its compiled module's text on stdout
 _COMPILED_STEP = """
 import sys
-from jaxgpt import aot, config as config_lib, memory, sharding
+from jaxgpt import aot, config as config_lib, memory
 cfg = config_lib.from_cli(sys.argv[1], sys.argv[2:])
 with aot.compiling_for("h100"):
-    trainer = memory.trainer_for(cfg, aot.devices("h100", 1))
-    state = sharding.placed(trainer.abstract_state(), trainer.state_sharding)
-    with sharding.activate(trainer.mesh):
-        print(trainer.train_step.lower(state, memory.abstract_batch(trainer.cfg, trainer.mesh)).compile().as_text())
+    print(memory.compile_step(memory.trainer_for(cfg, aot.devices("h100", 1))).as_text())
 """
 
 
