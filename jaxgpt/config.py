@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -399,14 +400,29 @@ def load_file(path: str | Path) -> Config:
     if path.suffix == ".json":
         try:
             return from_dict(json.loads(path.read_text()))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         except ValueError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
     spec = importlib.util.spec_from_file_location(f"_jaxgpt_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path}: a config file must define get_config() -> Config")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path}: a config file must define get_config() -> Config")
+        cfg = module.get_config()
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: {e.msg}") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # the file's own code failed: name its line (the deepest frame in the file)
+        lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__)
+                 if Path(frame.filename).resolve() == path.resolve()]
+        where = f"{path}:{lines[-1]}" if lines else str(path)
+        raise ConfigError(f"{where}: {type(e).__name__}: {e}") from None
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not a jaxgpt.config.Config")
+    return cfg
 
 
 def validate(cfg: Config) -> Config:

@@ -188,6 +188,27 @@ def test_config_file_errors(tmp_path):
     bad.write_text("x = 1\n")
     with pytest.raises(ConfigError, match=r"bad.py: a config file must define get_config\(\) -> Config"):
         load_file(bad)
+    # the file's own mistakes: one line naming the file and the line
+    cases = {
+        "def get_config(:\n": r"bad.py:1: invalid syntax$",
+        "import os\nimport no_such_module_here\n": r"bad.py:2: ModuleNotFoundError: No module named 'no_such_module_here'$",
+        ("from jaxgpt.config import Config, ModelConfig\n\ndef get_config():\n"
+         "    return Config(model=ModelConfig(n_layers=3))\n"):
+            r"bad.py:4: TypeError: .*unexpected keyword argument 'n_layers'$",
+        "def get_config():\n    return 3\n": r"bad.py: get_config\(\) returned int, not a jaxgpt.config.Config$",
+    }
+    for text, message in cases.items():
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_file(bad)
+    # a config.json: the file named before what is wrong in it
+    bad_json = tmp_path / "config.json"
+    bad_json.write_text("[1]")
+    with pytest.raises(ConfigError, match=r"config.json: a config is an object of sections, not list$"):
+        load_file(bad_json)
+    bad_json.write_text('{"model": {"n_layer": "x"}}')
+    with pytest.raises(ConfigError, match=r"config.json: model.n_layer='x': expected int$"):
+        load_file(bad_json)
 
 
 def test_json_round_trip(tmp_path):
