@@ -14,6 +14,7 @@ checkpoints or step directory; `none` starts fresh and refuses to overwrite chec
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import signal
 import sys
@@ -183,6 +184,29 @@ def restore_params(step_dir: Path, cfg: config_lib.Config, model: GPT, shardings
     tree = _read("params", lambda: ocp.PyTreeCheckpointer().restore(step_dir / "state", args=args))
     _verify(tree["params"], meta["checksums"], prefix="params/")
     return tree["params"], meta
+
+
+EXPORT_CHECKSUMS = "checksums.json"  # beside an export's params/: {leaf path: checksum}
+
+
+def read_export_params(export_dir: Path, model: GPT, shardings=None) -> dict:
+    """An export's params (export.py), placed by `shardings` (one device when None): each leaf's shape
+    checked against the model's before any is read, each leaf's checksum after (an export written
+    before exports carried checksums is read unchecked). A damaged export raises Damaged."""
+    target = params_target(model, shardings)
+    stored = _read("params metadata", lambda: ocp.StandardCheckpointer().metadata(export_dir / "params"))
+    stored = getattr(stored, "item_metadata", stored)
+    stored_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(target):
+        key = jax.tree_util.keystr(path)
+        if stored_shapes.get(key) != tuple(leaf.shape):
+            raise CheckpointError(f"{export_dir}: param {key} is {stored_shapes.get(key)} in the checkpoint "
+                                  f"but {tuple(leaf.shape)} in the model config")
+    tree = _read("params", lambda: ocp.StandardCheckpointer().restore(export_dir / "params", target))
+    sums_file = export_dir / EXPORT_CHECKSUMS
+    if sums_file.is_file():
+        _verify(tree, _read(EXPORT_CHECKSUMS, lambda: json.loads(sums_file.read_text())))
+    return tree
 
 
 def remove_temporaries(directory: Path, tries: int = 50) -> None:

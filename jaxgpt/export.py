@@ -3,8 +3,8 @@ sample (and later chat and serve) and for fine-tuning (`train.init_from`). runs.
 
     python -m jaxgpt.export RUN_DIR OUT    # a run's newest intact checkpoint (or a step directory) -> OUT
 
-An export directory holds `config.json`, `params/` (orbax) and the tokenizer files; a run writes one
-to `export/` when it finishes.
+An export directory holds `config.json`, `params/` (orbax), `checksums.json` (one per param, checked as
+they are read back) and the tokenizer files; a run writes one to `export/` when it finishes.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from jaxgpt import cli, config as config_lib, files, runs
+from jaxgpt import checkpoint, cli, config as config_lib, files, runs
 from jaxgpt.tokenizer import Tokenizer
 
 
@@ -35,6 +35,8 @@ def export(out_dir: str | Path, cfg: config_lib.Config, params, tokenizer: Token
     checkpointer.save(tmp / "params", params)
     checkpointer.wait_until_finished()
     files.atomic_write(tmp / "config.json", cfg.to_json())
+    # read back against these (runs.load): a damaged export is refused, not loaded with wrong weights
+    files.atomic_write(tmp / checkpoint.EXPORT_CHECKSUMS, json.dumps(checkpoint.checksums_and_finite(params)[0]))
     if tokenizer is not None:
         tokenizer.save(tmp)
     for name, content in (extra or {}).items():

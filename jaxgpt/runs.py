@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import jax
-import orbax.checkpoint as ocp
 
 from jaxgpt import checkpoint, config as config_lib, sharding
 from jaxgpt.errors import CheckpointError
@@ -97,20 +96,6 @@ def tokenizer(source: str | Path) -> Tokenizer:
     raise CheckpointError(f"{source}: no tokenizer.json (a run writes one into its directory and its export)")
 
 
-def _export_params(export_dir: Path, model: GPT, shardings=None):
-    """An export's params, checked leaf by leaf against the model's shapes before any is read."""
-    target = checkpoint.params_target(model, shardings)
-    stored = ocp.StandardCheckpointer().metadata(export_dir / "params")
-    stored = getattr(stored, "item_metadata", stored)
-    stored_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(target):
-        key = jax.tree_util.keystr(path)
-        if stored_shapes.get(key) != tuple(leaf.shape):
-            raise CheckpointError(f"{export_dir}: param {key} is {stored_shapes.get(key)} in the checkpoint "
-                                  f"but {tuple(leaf.shape)} in the model config")
-    return ocp.StandardCheckpointer().restore(export_dir / "params", target)
-
-
 def params(source: str | Path, cfg: config_lib.Config, shardings=None) -> tuple[dict, str, int | None]:
     """(params, where they came from, checkpoint step or None) of `source`, checked against cfg's
     model shape and placed by `shardings` (one device when None). Damaged checkpoints are skipped."""
@@ -122,7 +107,7 @@ def params(source: str | Path, cfg: config_lib.Config, shardings=None) -> tuple[
                 return tree, str(directory), meta["step"]
             checkpoint.check_model(_saved_dict(kind, directory), cfg, directory,
                                    "params can only be loaded into the same model shape")
-            return _export_params(directory, model, shardings), str(directory), None
+            return checkpoint.read_export_params(directory, model, shardings), str(directory), None
         except checkpoint.Damaged as e:
             checkpoint.warn(f"skipping {directory}: incomplete or damaged ({e})")
     raise _nothing_there(source) if next(_candidates(source), None) is None else \

@@ -16,7 +16,7 @@ def test_export_cli_writes_what_the_run_holds(tiny_run, tmp_path, capsys):
     exported, final = runs.load(out), runs.load(run / "export")
     assert leaves_equal(exported.params, final.params) and exported.tokenizer.fingerprint == final.tokenizer.fingerprint
     assert exported.cfg.to_dict() == json.loads((run / "config.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "params", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checksums.json", "config.json", "params", "tokenizer.json"]
 
 
 def test_state_around_params_has_a_fresh_optimizer(tiny_run, make_config, tmp_path):

@@ -73,3 +73,37 @@ def test_train_config_takes_the_model_of_init_from(tiny_run, tmp_path):
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.vocab_size) == (source.n_layer, source.d_model,
                                                                             source.vocab_size)
     assert cfg.model.dropout == 0.1 and cfg.optim.lr == 1e-4 and cfg.data.path == "x.txt"
+
+
+def _largest_file(directory):
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_a_damaged_export_is_refused_and_one_without_checksums_still_loads(tiny_run, tmp_path, capsys):
+    run, _ = tiny_run
+    good = runs.load(run / "export").params
+    sums = json.loads((run / "export" / "checksums.json").read_text())
+    assert sorted(sums) == sorted("/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(good))
+    # bytes changed inside a params data file (its size unchanged): the checksums catch it
+    flipped = tmp_path / "flipped"
+    shutil.copytree(run / "export", flipped)
+    data = _largest_file(flipped / "params")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 4] = bytes(255 - b for b in raw[len(raw) // 2: len(raw) // 2 + 4])
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"flipped: no checkpoint or export that reads back intact$"):
+        runs.load(flipped)
+    err = capsys.readouterr().err
+    assert f"skipping {flipped.absolute()}: incomplete or damaged (checksum mismatch in " in err, err
+    # a params file cut short: orbax cannot read it, the same refusal
+    cut = tmp_path / "cut"
+    shutil.copytree(run / "export", cut)
+    data = _largest_file(cut / "params")
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"cut: no checkpoint or export that reads back intact$"):
+        runs.load(cut)
+    # an export written before exports carried checksums loads, unchecked
+    older = tmp_path / "older"
+    shutil.copytree(run / "export", older)
+    (older / "checksums.json").unlink()
+    assert leaves_equal(runs.load(older).params, good)
