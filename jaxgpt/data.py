@@ -100,14 +100,25 @@ def load_dir(directory: str | Path, verify: bool = True) -> TokenData:
                         f"an unfinished prepare leaves none)")
     if meta.get("format") != FORMAT:
         raise DataError(f"{directory / 'meta.json'}: not a jaxgpt data directory (format {meta.get('format')!r})")
+    try:  # every field read before any shard is opened: an edited or damaged meta.json is named
+        fingerprint, dtype = meta["tokenizer_fingerprint"], np.dtype(meta["dtype"])
+        shard_infos = {name: [(s["file"], s) for s in meta["splits"][name]["shards"]] for name in SPLITS}
+        for infos in shard_infos.values():
+            for _, info in infos:
+                int(info["tokens"]), str(info["sha256"])
+        bpt = {name: info["bytes"] / max(info["tokens"], 1) for name, info in meta["splits"].items()}
+    except KeyError as e:
+        raise DataError(f"{directory / 'meta.json'}: no {e.args[0]!r} field; prepare the data again") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{directory / 'meta.json'}: malformed ({type(e).__name__}: {e}); prepare the data again") \
+            from None
     tokenizer = Tokenizer.load(directory)
-    if tokenizer.fingerprint != meta["tokenizer_fingerprint"]:
+    if tokenizer.fingerprint != fingerprint:
         raise DataError(f"{directory}: the tokenizer files do not match meta.json (fingerprint differs)")
-    dtype, arrays = np.dtype(meta["dtype"]), {}
-    for name in SPLITS:
-        shards = [_open_shard(directory / s["file"], s, dtype, verify) for s in meta["splits"][name]["shards"]]
+    arrays = {}
+    for name, infos in shard_infos.items():
+        shards = [_open_shard(directory / file, info, dtype, verify) for file, info in infos]
         arrays[name] = shards[0] if len(shards) == 1 else ShardedTokens(shards, dtype)
-    bpt = {name: info["bytes"] / max(info["tokens"], 1) for name, info in meta["splits"].items()}
     return TokenData(arrays["train"], arrays["val"], tokenizer, bpt, {**meta, "dir": str(directory)})
 
 

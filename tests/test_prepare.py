@@ -257,6 +257,26 @@ def test_truncated_or_corrupt_shard_is_refused_on_load(tmp_path):
     assert len(data.load_dir(tmp_path / "out", verify=False).train) == len(raw) // 2
 
 
+def test_an_edited_or_damaged_meta_json_is_named_on_load(tmp_path):
+    write(tmp_path / "t.txt", "some text to tokenize\n" * 50)
+    prep(f"text:{tmp_path / 't.txt'}", tmp_path / "out", val_fraction=0)
+    meta_file = tmp_path / "out" / "meta.json"
+    good = json.loads(meta_file.read_text())
+    cases = [(lambda m: m.pop("dtype"), r"no 'dtype' field"),
+             (lambda m: m["splits"].pop("val"), r"no 'val' field"),
+             (lambda m: m.update(dtype="floaty"), r"malformed \(TypeError: data type 'floaty' not understood\)"),
+             (lambda m: m["splits"]["train"]["shards"][0].update(tokens="x"), r"malformed \(ValueError: invalid literal"),
+             (lambda m: m.update(splits=[]), r"malformed \(TypeError: list indices")]
+    for edit, message in cases:
+        meta = json.loads(json.dumps(good))
+        edit(meta)
+        meta_file.write_text(json.dumps(meta))
+        with pytest.raises(DataError, match=rf"^{meta_file}: {message}.*; prepare the data again$"):
+            data.load_dir(tmp_path / "out")
+    meta_file.write_text(json.dumps(good))
+    assert len(data.load_dir(tmp_path / "out").train) == good["splits"]["train"]["tokens"]
+
+
 def test_settings_are_checked_as_on_the_command_line(tmp_path, monkeypatch):
     write(tmp_path / "t.txt", "hello world\n" * 20)
     source = f"text:{tmp_path / 't.txt'}"
