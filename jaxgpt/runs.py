@@ -67,7 +67,7 @@ def _nothing_there(source) -> CheckpointError:
 def _saved_dict(kind: str, directory: Path) -> dict:
     if kind == "checkpoint":
         return checkpoint.read_meta(directory)["config"]
-    return json.loads((directory / "config.json").read_text())
+    return config_lib.load_file(directory / "config.json").to_dict()  # a bad file is named in one line
 
 
 def saved_config(source: str | Path) -> config_lib.Config:
