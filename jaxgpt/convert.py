@@ -95,8 +95,12 @@ class Weights:
                 raise ConvertError(f"{index}: no weight_map")
             self.files = {name: directory / file for name, file in weight_map.items()}
         elif self.where.is_file():
-            with safe_open(self.where, framework="np") as f:
-                self.files = dict.fromkeys(f.keys(), self.where)
+            try:
+                with safe_open(self.where, framework="np") as f:
+                    self.files = dict.fromkeys(f.keys(), self.where)
+            except Exception as e:  # noqa: BLE001 - a file cut short or not safetensors at all
+                raise ConvertError(f"{self.where}: not a readable safetensors file ({type(e).__name__}: {e})") \
+                    from None
         else:
             raise ConvertError(f"{directory}: no model.safetensors or model.safetensors.index.json (a "
                                f"pytorch_model.bin is not read: save_pretrained writes safetensors)")

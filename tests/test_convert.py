@@ -312,6 +312,11 @@ def test_bad_inputs_fail_in_one_line(hf_dirs, tmp_path, capsys, monkeypatch):
     assert "head_dim=8" in one_line_error(capsys, ["from-hf", str(bad), out])
     bad = edit_config(llama, tmp_path / "e", num_hidden_layers=3)  # the checkpoint holds only 2 layers
     assert "model.safetensors: tensor model.layers.2." in one_line_error(capsys, ["from-hf", str(bad), out])
+    cut = edit_config(llama, tmp_path / "g")  # the weights cut short: their header is incomplete
+    (cut / "model.safetensors").unlink()  # a link to the original: write a file of its own
+    (cut / "model.safetensors").write_bytes((llama / "model.safetensors").read_bytes()[:1000])
+    assert one_line_error(capsys, ["from-hf", str(cut), out]).startswith(
+        f"error: {cut / 'model.safetensors'}: not a readable safetensors file (SafetensorError: ")
     assert "gelu_fast" in one_line_error(capsys, ["from-hf", str(edit_config(
         hf_dirs["gpt2"], tmp_path / "f", activation_function="gelu_fast")), out])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
