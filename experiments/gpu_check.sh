@@ -12,8 +12,8 @@
 #   a cond stops the host mid-step: hardware.branches_sync_host), the output head and its loss over
 #   the whole [B, L, V] logits (model.loss_chunks=0, where the config fuses them over 8 pieces), the
 #   logits written in fp32 (model.logits_dtype=float32, where the config writes bf16 as torch autocast
-#   does), the fused step at twice the batch, then the plain step with XLA's Triton matmuls off
-#   (each row reports the XLA_FLAGS it ran under);
+#   does), the fused step at twice the batch, then that step with XLA's Triton matmuls off (each row
+#   reports the XLA_FLAGS it ran under);
 # - memory: `bench compile` of the same step: the estimate beside XLA's own plan for this GPU,
 #   and the peak memory the timed steps used;
 # - decode: the KV-cache engine's tokens/s at batch 1 and 64 (random-init weights: speed only), with
@@ -53,10 +53,11 @@ attention=(cudnn xla)
 larger=(data.batch_size=64)
 unfused=(model.loss_chunks=0)  # the head's logits whole, then the loss (the config fuses them: 8 pieces)
 fp32_logits=(model.logits_dtype=float32)  # the config writes them in bf16
-# after the variants: the plain step with XLA's Triton matmul fusions off, so cuBLAS does every
-# product (XLA autotunes between them, and MaxText's GPU recipes set this); the MLP then adds its bias
-# before the gelu, which cuBLASLt applies as it writes (hardware.library_matmuls). Decoding comes last:
-# a run cut short at the device's limit loses its rows first.
+# after the variants: the step at twice the batch (beside its row above: the likeliest best MFU) with
+# XLA's Triton matmul fusions off, so cuBLAS does every product (XLA autotunes between them, and
+# MaxText's GPU recipes set this); the MLP then adds its bias before the gelu, which cuBLASLt applies
+# as it writes (hardware.library_matmuls). Decoding comes last: a run cut short at the device's limit
+# loses its rows first.
 flags=--xla_gpu_enable_triton_gemm=false
 decode=(bench.batch=1,64 bench.new_tokens=256)
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # toy size on a CPU: the script's plumbing, not a measurement
@@ -91,7 +92,7 @@ for variant in "${variants[@]}"; do
     bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" $variant "${traced[@]}" \
         || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"variant\": \"$variant\", \"failed\": true}" >> "$rows"
 done
-XLA_FLAGS="${XLA_FLAGS:-} $flags" bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" \
+XLA_FLAGS="${XLA_FLAGS:-} $flags" bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" "${larger[@]}" \
     || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"variant\": \"$flags\", \"failed\": true}" >> "$rows"
 bench compile "$config" "${common[@]}" model.attention="${attention[0]}" \
     || echo '{"bench": "compile", "failed": true}' >> "$rows"

@@ -28,8 +28,9 @@ def test_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
         ("xla", 4, False, 8, "bfloat16", "cond"), ("xla", 4, True, 8, "bfloat16", "cond"),
         ("xla", 4, False, 8, "bfloat16", "cond"), ("xla", 4, False, 0, "bfloat16", "cond"),
         ("xla", 4, False, 8, "float32", "cond"), ("xla", 8, False, 8, "bfloat16", "cond"),
-        ("xla", 4, False, 8, "bfloat16", "cond")]
-    # the last one under the script's extra XLA flag (on a GPU, Triton's matmuls off), beside the inherited ones
+        ("xla", 8, False, 8, "bfloat16", "cond")]
+    # the last one (twice the batch) under the script's extra XLA flag (on a GPU, Triton's matmuls off), beside
+    # the inherited ones
     assert ["--xla_cpu_enable_fast_math=false" in row["xla_flags"].split() for row in table["train"]] == [False] * 6 + [True]
     for train in table["train"]:
         assert train["tokens_per_s"] > 0 and math.isfinite(train["final_loss"]) and 0 < train["mfu"] < 1
