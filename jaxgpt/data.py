@@ -105,7 +105,7 @@ def load_dir(directory: str | Path, verify: bool = True) -> TokenData:
         shard_infos = {name: [(s["file"], s) for s in meta["splits"][name]["shards"]] for name in SPLITS}
         for infos in shard_infos.values():
             for _, info in infos:
-                int(info["tokens"]), str(info["sha256"])
+                int(info["tokens"]), str(info["sha256"])  # present, and a count
         bpt = {name: info["bytes"] / max(info["tokens"], 1) for name, info in meta["splits"].items()}
     except KeyError as e:
         raise DataError(f"{directory / 'meta.json'}: no {e.args[0]!r} field; prepare the data again") from None
