@@ -1,4 +1,4 @@
-"""The whole ChatGPT recipe on a laptop CPU, in one command (about 11 minutes on a 2-core host, at most 12):
+"""The whole ChatGPT recipe on a laptop CPU, in one command (about 11 minutes on a 2-core host, 11-12.5):
 
     python experiments/quickstart.py [--out runs/quickstart] [--scale cpu|gpu] [--fixed-steps]
 
@@ -52,13 +52,13 @@ SCALES = {  # overrides on top of the config files, per stage
 
 
 # Seconds of training steps per stage, by scale: each stage's step is timed first and the stage trains for
-# as many steps as fit, its schedule sized to them (the 2-core hosts measured so far differ 2.5x in speed:
-# 147 to 374 ms for the pretraining step). None, or --fixed-steps: the config files' step counts, the same
+# as many steps as fit, its schedule sized to them (the 2-core hosts measured so far differ 2.6x in speed:
+# 147 to 380 ms for the pretraining step). None, or --fixed-steps: the config files' step counts, the same
 # run on every host. Around the steps the command spends 65-85 s (data, tokenizer, the timing, compiles,
-# evaluations, replies) and a run's steps take ~4% longer than their timing said: about 11 minutes in all.
+# evaluations, replies; ~150 s on the slowest host, where these scale with the step) and a run's steps take
+# ~4% longer than their timing said: about 11 minutes in all, 12 min 21 s on the slowest host measured.
 # A hypervisor that takes more of the CPU after the timing than during it would stretch a stage:
-# train.time_limit_s ends it at TIME_LIMIT x its budget (its schedule unfinished), so the command stays
-# within 12 minutes.
+# train.time_limit_s ends its steps at TIME_LIMIT x its budget (its schedule unfinished).
 BUDGET_S = {"cpu": {"pretrain": 480, "sft": 100}, "gpu": None}
 TIME_LIMIT = 1.1
 
