@@ -195,13 +195,11 @@ def read_export_params(export_dir: Path, model: GPT, shardings=None) -> dict:
     before exports carried checksums is read unchecked). A damaged export raises Damaged."""
     target = params_target(model, shardings)
     stored = _read("params metadata", lambda: ocp.StandardCheckpointer().metadata(export_dir / "params"))
-    stored = getattr(stored, "item_metadata", stored)
-    stored_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(target):
-        key = jax.tree_util.keystr(path)
-        if stored_shapes.get(key) != tuple(leaf.shape):
-            raise CheckpointError(f"{export_dir}: param {key} is {stored_shapes.get(key)} in the checkpoint "
-                                  f"but {tuple(leaf.shape)} in the model config")
+    have, want = _shapes(getattr(stored, "item_metadata", stored)), _shapes(target)
+    for key in sorted(have.keys() | want.keys()):  # the paths the checksums name too
+        if have.get(key) != want.get(key):
+            raise CheckpointError(f"{export_dir}: param {key} is {have.get(key)} in the checkpoint but "
+                                  f"{want.get(key)} in the model config")
     tree = _read("params", lambda: ocp.StandardCheckpointer().restore(export_dir / "params", target))
     sums_file = export_dir / EXPORT_CHECKSUMS
     if sums_file.is_file():

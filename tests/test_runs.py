@@ -1,5 +1,6 @@
 """Tests for jaxgpt.runs: one loader for a run directory, a checkpoint step or an export."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -126,3 +127,18 @@ def test_a_bad_export_config_is_named_in_one_line(tiny_run, tmp_path):
         config_file.write_text(text + "\n")
         with pytest.raises(ConfigError, match=rf"^{config_file.absolute()}: {message}"):
             runs.load(export_dir)
+
+
+def test_an_export_whose_params_differ_from_its_config_names_the_param(tiny_run, tmp_path):
+    run, _ = tiny_run
+    export_dir = tmp_path / "export"
+    shutil.copytree(run / "export", export_dir)
+    config = json.loads((export_dir / "config.json").read_text())
+    had_qk_norm = config["model"]["qk_norm"]
+    config["model"]["qk_norm"] = not had_qk_norm  # a change of params the shape fields do not cover
+    (export_dir / "config.json").write_text(json.dumps(config))
+    stored, wanted = ("(16,)", "None") if had_qk_norm else ("None", "(16,)")
+    with pytest.raises(CheckpointError, match=rf"^{export_dir.absolute()}: param block_0/attn/k_norm/scale is "
+                                              rf"{re.escape(stored)} in the checkpoint but {re.escape(wanted)} in "
+                                              rf"the model config$"):
+        runs.load(export_dir)
