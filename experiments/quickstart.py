@@ -1,4 +1,4 @@
-"""The whole ChatGPT recipe on a laptop CPU, in one command (about 11 minutes on a 2-core host, 11-12.5):
+"""The whole ChatGPT recipe on a laptop CPU, in one command (about 11 minutes on a 2-core host):
 
     python experiments/quickstart.py [--out runs/quickstart] [--scale cpu|gpu] [--fixed-steps]
 
@@ -51,16 +51,20 @@ SCALES = {  # overrides on top of the config files, per stage
 }
 
 
-# Seconds of training steps per stage, by scale: each stage's step is timed first and the stage trains for
-# as many steps as fit, its schedule sized to them (the 2-core hosts measured so far differ 2.6x in speed:
-# 147 to 380 ms for the pretraining step). None, or --fixed-steps: the config files' step counts, the same
-# run on every host. Around the steps the command spends 65-85 s (data, tokenizer, the timing, compiles,
-# evaluations, replies; ~150 s on the slowest host, where these scale with the step) and a run's steps take
-# ~4% longer than their timing said: about 11 minutes in all, 12 min 21 s on the slowest host measured.
-# A hypervisor that takes more of the CPU after the timing than during it would stretch a stage:
-# train.time_limit_s ends its steps at TIME_LIMIT x its budget (its schedule unfinished).
-BUDGET_S = {"cpu": {"pretrain": 480, "sft": 100}, "gpu": None}
+# Seconds per training stage, by scale, all in: the step's timing, the run's compile, its evaluations and its
+# steps. Each stage's step is timed first and the stage trains for as many steps as fit what is left, its
+# schedule sized to them (the 2-core hosts measured so far differ 2.6x in speed: 147 to 380 ms for the
+# pretraining step; the time around the steps grows with the step: 30-50 s a stage on the slowest hosts).
+# None, or --fixed-steps: the config files' step counts, the same run on every host. A run's steps took 4-6%
+# longer than their timing (a host's speed drifts: 270-356 ms a step in one run whose timing said 304), so
+# they are counted at STEP_DRIFT x their timing; a run's setup and its final save (~8 s) and the other stages
+# (data, tokenizer, the pretrained model's score, replies: 25-60 s) are not in the budgets: about 11 minutes
+# in all. A hypervisor that takes more of the CPU after the timing than during it would stretch a stage:
+# train.time_limit_s ends its steps at TIME_LIMIT x their share (the schedule unfinished).
+BUDGET_S = {"cpu": {"pretrain": 480, "sft": 125}, "gpu": None}
+STEP_DRIFT = 1.05
 TIME_LIMIT = 1.1
+EVALUATIONS = 2  # a sized run evaluates at the middle of its schedule and at its end
 
 
 def host() -> str:
@@ -68,33 +72,60 @@ def host() -> str:
     return f"{hardware.cpu_name()}, {os.cpu_count()} cores"
 
 
+def steps_in(seconds: float, timing: dict, drift: float = 1.0) -> int:
+    """Steps of a timed train step (bench.bench_train's result), each `drift` x its timing, that take
+    about `seconds`, the run's own compile (its first step compiles again) included; at least 40."""
+    return max(int((seconds - timing["compile_s"]) / (drift * timing["ms_per_iter"] / 1e3)), 40)
+
+
 def steps_for(cfg: config_lib.Config, seconds: float, calibrate: int, batches=None) -> tuple[int, dict]:
     """(steps of cfg's train step that take about `seconds` on this host, the timing): a compiled
     step, 3 warm-up steps, then `calibrate` timed ones (bench.bench_train, on `batches` if opened
-    already); the run's first step compiles again, so the compile is counted in the seconds."""
+    already)."""
     timing = bench.bench_train(cfg, steps=calibrate, warmup=3, batches=batches)
-    return max(int((seconds - timing["compile_s"]) / (timing["ms_per_iter"] / 1e3)), 40), timing
+    return steps_in(seconds, timing), timing
 
 
-def sized(cfg: config_lib.Config, out: Path, name: str, seconds: float | None, calibrate: int = 10, batches=None):
-    """cfg with the steps that fit `seconds` (None: its own), planned once: the plan is kept in
-    OUT/NAME.plan.json, so a re-run after an interruption resumes the same schedule."""
+def evaluation_s(cfg: config_lib.Config, batches, step_s: float) -> float:
+    """One evaluation of the run's validation split, estimated from a train step's time: a third of it
+    per batch of the training batch's rows (a forward pass is 2 of the step's 6 FLOPs per parameter and
+    token; on the 2-core hosts an evaluation took 0.23-0.26 of a step per token)."""
+    rows = cfg.eval.batch_size or cfg.data.batch_size
+    n = sum(1 for _ in batches.eval_batches("val", rows, cfg.eval.stride, cfg.train.eval_max_tokens))
+    return n * rows / cfg.data.batch_size * step_s / 3
+
+
+def sized(cfg: config_lib.Config, out: Path, name: str, seconds: float | None, batches, calibrate: int = 10):
+    """cfg with the steps that fit `seconds` all in (None: its own): the step's timing (its wall time
+    measured), its evaluations (estimated) and the run's compile come off the budget first. Planned
+    once: the plan is kept in OUT/NAME.plan.json, so a re-run after an interruption resumes the same
+    schedule."""
     if seconds is None:
         return cfg
     plan_path = out / f"{name}.plan.json"
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
     else:
-        steps, timing = steps_for(cfg, seconds, calibrate, batches)
-        plan = {"steps": steps, "config_steps": cfg.train.steps, "budget_s": seconds,
-                "ms_per_step": timing["ms_per_iter"], "host": host()}
+        t = time.perf_counter()
+        timing = bench.bench_train(cfg, steps=calibrate, warmup=3, batches=batches)
+        timing_s = time.perf_counter() - t
+        evaluations_s = EVALUATIONS * evaluation_s(cfg, batches, timing["ms_per_iter"] / 1e3)
+        steps_s = seconds - timing_s - evaluations_s  # the run's compile and its steps
+        plan = {"steps": steps_in(steps_s, timing, STEP_DRIFT), "config_steps": cfg.train.steps,
+                "budget_s": seconds, "timing_s": timing_s, "evaluations_s": evaluations_s, "steps_s": steps_s,
+                "compile_s": timing["compile_s"], "ms_per_step": timing["ms_per_iter"], "step_drift": STEP_DRIFT,
+                "host": host()}
         plan_path.write_text(json.dumps(plan, indent=2))
-    print(f"[{name}] {plan['steps']} steps (the config file: {plan['config_steps']}): {plan['budget_s']:g} s at "
+    # (a plan written before the time around the steps was counted has its budget as the steps' alone)
+    around = {key: plan.get(key, 0.0) for key in ("timing_s", "evaluations_s")}
+    steps_s = plan.get("steps_s", plan["budget_s"])
+    print(f"[{name}] {plan['steps']} steps (the config file: {plan['config_steps']}): {plan['budget_s']:g} s "
+          f"less {around['timing_s']:.0f} s of timing and ~{around['evaluations_s']:.0f} s of evaluations, at "
           f"{plan['ms_per_step']:.0f} ms/step on this host", file=sys.stderr)
     # evaluations at the middle and the end (half rounded up: an odd count would evaluate at steps - 1 and at steps)
     return config_lib.apply_overrides(cfg, [f"train.steps={plan['steps']}",
                                             f"train.eval_every={-(-plan['steps'] // 2)}",
-                                            f"train.time_limit_s={TIME_LIMIT * plan['budget_s']:g}"])
+                                            f"train.time_limit_s={TIME_LIMIT * steps_s:g}"])
 
 
 def stage(out: Path, name: str, work) -> dict:
@@ -228,7 +259,7 @@ def main(argv=None) -> None:
 
     def train_stage(name: str, cfg: config_lib.Config, seconds: float | None) -> dict:
         cfg, batches = train_lib.open_run_batches(cfg)  # once, for the step's timing and the run
-        return train_lib.train(sized(cfg, out, name, seconds, batches=batches), batches=batches)
+        return train_lib.train(sized(cfg, out, name, seconds, batches), batches=batches)
 
     pre = stage(out, "3_pretrain", lambda: train_stage("3_pretrain", pretrain_config(out, args.scale),
                                                        budget.get("pretrain")))
