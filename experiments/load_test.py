@@ -96,7 +96,7 @@ def random_init_export(preset: str, tokenizer_from: str, overrides: list[str], o
         raise LoadTestError(f"--random-init {preset}: model.vocab_size={vocab} is smaller than the "
                             f"{tokenizer.n_vocab} tokens of {tokenizer_from}'s tokenizer")
     cfg = config_lib.validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)))
-    params = jax.jit(GPT(cfg.model).init)(jax.random.key(0))
+    params = GPT(cfg.model).init(jax.random.key(0))
     # OUT/PRESET/export: the server names the model after PRESET (serve.model_id_of)
     return export.export(out / preset / "export", cfg, jax.device_get(params), tokenizer)
 

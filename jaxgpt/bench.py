@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
             if not cfg.model.vocab_size:
                 raise ConfigError(f"{operands[0]}: set model.vocab_size to time a config without data")
             model = GPT(cfg.model)
-            params, vocab = jax.jit(model.init)(jax.random.key(0)), cfg.model.vocab_size
+            params, vocab = model.init(jax.random.key(0)), cfg.model.vocab_size
         for result in bench_generate(model, params, cmd.bench, vocab):
             print(json.dumps(result), flush=True)
 

@@ -266,7 +266,7 @@ def test_a_native_model_goes_to_transformers(make_config, text_file, tmp_path):
     that transformers loads, with the same logits and the same ids."""
     cfg = make_config(preset="llama", model={"vocab_size": 320, "rope_theta": 1000.0})
     tok = Tokenizer.train_bpe([text_file.read_text()], 300)
-    params = jax.jit(GPT(cfg.model).init)(jax.random.key(0))
+    params = GPT(cfg.model).init(jax.random.key(0))
     export.export(tmp_path / "native", cfg, jax.device_get(params), tok)
     convert.to_hf(str(tmp_path / "native"), tmp_path / "hf")
     tokens_BxL = np.random.default_rng(0).integers(0, 320, (1, 24))

@@ -409,7 +409,9 @@ def test_several_steps_per_call_make_the_same_replies(tiny):
         while engine.busy:
             engine.step()
         replies[steps] = [(engine.requests[i].tokens, engine.requests[i].finish_reason,
-                           np.round(engine.requests[i].logprobs, 5).tolist()) for i in ids]
-    assert replies[8] == replies[1]
+                           np.asarray(engine.requests[i].logprobs)) for i in ids]
+    assert [(tokens, reason) for tokens, reason, _ in replies[8]] == [(tokens, reason) for tokens, reason, _ in replies[1]]
+    for (*_, by_8), (*_, by_1) in zip(replies[8], replies[1]):  # two programs: the last bits may differ (5e-7 seen)
+        np.testing.assert_allclose(by_8, by_1, rtol=0, atol=1e-5)
     assert [(len(tokens), reason) for tokens, reason, _ in replies[1]] == [
         (45, "length"), (13, "length"), (16, "stop"), (11, "length")]
