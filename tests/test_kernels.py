@@ -292,7 +292,7 @@ def test_model_follows_the_switch():
     """attention=xla: no hand-written backward anywhere in the model, and the same loss and gradients."""
     model = GPT(tiny_llama("cpu"))
     rng = np.random.default_rng(5)
-    # random params of the right shapes: quicker than model.init's op-by-op threefry on XLA:CPU
+    # random params of the right shapes: no init program to compile
     params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.3, jnp.float32),
                           jax.eval_shape(model.init, jax.random.key(0)))
     seg = jnp.asarray(SEGMENTS, jnp.int32)
