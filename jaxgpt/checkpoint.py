@@ -149,7 +149,32 @@ def _read(what, fn):
     except (CheckpointError, KeyboardInterrupt):
         raise
     except Exception as e:  # anything orbax / tensorstore / json raise on a damaged directory
+        _quiet_abandoned_reads()
         raise Damaged(f"cannot read {what}: {_first_line(e)}") from e
+
+
+def _quiet_abandoned_reads() -> None:
+    """When one array of a restore fails, orbax abandons its sibling reads and closes its event loop,
+    and Python reports what is left, later (often at exit) and after the one-line error that already
+    said the directory is damaged: each suspended read, closed, as "Exception ignored in: <coroutine
+    _read_array_index_and_device_put>" (orbax's `except BaseException` turns the close into an
+    Exception), and each of tensorstore's finished reads as "RuntimeError: Event loop is closed" from
+    its callback. From the first failed read on, those two are dropped; anything else goes on to the
+    hook before."""
+    if getattr(sys.unraisablehook, "quiets_abandoned_reads", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        closed_read = (getattr(unraisable.object, "__name__", "") == "_read_array_index_and_device_put"
+                       and isinstance(getattr(error, "__cause__", None), GeneratorExit))
+        closed_loop = unraisable.object is None and isinstance(error, RuntimeError) and \
+            str(error) == "Event loop is closed"
+        if not (closed_read or closed_loop):
+            previous(unraisable)
+    hook.quiets_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def read_meta(step_dir: Path) -> dict:

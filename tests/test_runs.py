@@ -99,7 +99,7 @@ def test_a_damaged_export_is_refused_and_one_without_checksums_still_loads(tiny_
     err = capsys.readouterr().err
     assert f"skipping {flipped.absolute()}: incomplete or damaged (checksum mismatch in " in err, err
     # a params file cut short: orbax cannot read it, the same refusal, from the command line (in a process of
-    # its own: orbax leaves the failed reads' sibling coroutines unretrieved, which Python reports at exit)
+    # its own: what orbax leaves of the failed reads, Python reports at exit; checkpoint._read quiets it)
     cut = tmp_path / "cut"
     shutil.copytree(run / "export", cut)
     data = _largest_file(cut / "params")
@@ -107,8 +107,9 @@ def test_a_damaged_export_is_refused_and_one_without_checksums_still_loads(tiny_
     out = subprocess.run([sys.executable, "-m", "jaxgpt.evaluate", str(cut)], capture_output=True, text=True,
                          env=subprocess_env(), timeout=300)
     assert out.returncode != 0 and out.stdout == ""
-    assert f"checkpoint: skipping {cut.absolute()}: incomplete or damaged (cannot read params: " in out.stderr
-    assert out.stderr.splitlines()[-1] == f"error: {cut}: no checkpoint or export that reads back intact", out.stderr
+    warning, error = out.stderr.splitlines()  # and nothing of orbax's abandoned reads after them
+    assert warning.startswith(f"checkpoint: skipping {cut.absolute()}: incomplete or damaged (cannot read params: ")
+    assert error == f"error: {cut}: no checkpoint or export that reads back intact", out.stderr
     # an export written before exports carried checksums loads, unchecked
     older = tmp_path / "older"
     shutil.copytree(run / "export", older)
