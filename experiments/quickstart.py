@@ -78,11 +78,17 @@ def steps_in(seconds: float, timing: dict, drift: float = 1.0) -> int:
     return max(int((seconds - timing["compile_s"]) / (drift * timing["ms_per_iter"] / 1e3)), 40)
 
 
-def steps_for(cfg: config_lib.Config, seconds: float, calibrate: int, batches=None) -> tuple[int, dict]:
-    """(steps of cfg's train step that take about `seconds` on this host, the timing): a compiled
-    step, 3 warm-up steps, then `calibrate` timed ones (bench.bench_train, on `batches` if opened
-    already)."""
+def time_step(cfg: config_lib.Config, calibrate: int, batches=None) -> tuple[dict, float]:
+    """(the timing of cfg's train step on this host, the seconds the timing took): a compiled step,
+    3 warm-up steps, then `calibrate` timed ones (bench.bench_train, on `batches` if opened already)."""
+    t = time.perf_counter()
     timing = bench.bench_train(cfg, steps=calibrate, warmup=3, batches=batches)
+    return timing, time.perf_counter() - t
+
+
+def steps_for(cfg: config_lib.Config, seconds: float, calibrate: int, batches=None) -> tuple[int, dict]:
+    """(steps of cfg's train step that take about `seconds` on this host, the timing)."""
+    timing, _ = time_step(cfg, calibrate, batches)
     return steps_in(seconds, timing), timing
 
 
@@ -106,9 +112,7 @@ def sized(cfg: config_lib.Config, out: Path, name: str, seconds: float | None, b
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
     else:
-        t = time.perf_counter()
-        timing = bench.bench_train(cfg, steps=calibrate, warmup=3, batches=batches)
-        timing_s = time.perf_counter() - t
+        timing, timing_s = time_step(cfg, calibrate, batches)
         evaluations_s = EVALUATIONS * evaluation_s(cfg, batches, timing["ms_per_iter"] / 1e3)
         steps_s = seconds - timing_s - evaluations_s  # the run's compile and its steps
         plan = {"steps": steps_in(steps_s, timing, STEP_DRIFT), "config_steps": cfg.train.steps,
