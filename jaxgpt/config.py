@@ -44,6 +44,15 @@ class ModelConfig:
     bias: bool | None = None         # biases in projections and norms
     tie_embeddings: bool | None = None
     rope_theta: float = 10000.0
+    # RoPE's frequencies stretched for a context longer than pretraining's (Hugging Face's rope types):
+    # linear divides every frequency by rope_factor; llama3 (Llama 3.1 on) divides those whose wavelength
+    # passes rope_original_context / rope_low_freq_factor, keeps those under rope_original_context /
+    # rope_high_freq_factor, and blends the ones between
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
     qk_norm: bool = False            # RMS-normalise queries and keys per head
     logit_softcap: float = 0.0       # 0: off; else logits = c * tanh(logits / c)
     norm_eps: float = 1e-5
@@ -436,6 +445,12 @@ def validate(cfg: Config) -> Config:
         (m.loss_chunks >= 0 and m.seq_len % max(m.loss_chunks, 1) == 0,
          f"model.loss_chunks={m.loss_chunks} must be 0 (off) or divide model.seq_len={m.seq_len}"),
         (m.position != "rope" or m.head_dim % 2 == 0, "model: rope needs an even head dimension"),
+        (m.rope_factor > 0, f"model.rope_factor={m.rope_factor:g} must be positive"),
+        (m.rope_scaling != "llama3" or 0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+         f"model.rope_low_freq_factor={m.rope_low_freq_factor:g} must be positive and below "
+         f"model.rope_high_freq_factor={m.rope_high_freq_factor:g}"),
+        (m.rope_scaling != "llama3" or m.rope_original_context > 0,
+         f"model.rope_original_context={m.rope_original_context} must be positive"),
         (cfg.data.batch_size > 0, "data.batch_size must be positive"),
         (not (cfg.data.path and cfg.data.dir),
          f"data.path={cfg.data.path} and data.dir={cfg.data.dir}: set one (a text file or a prepared directory)"),

@@ -4,9 +4,9 @@
     python -m jaxgpt.convert to-hf RUN_OR_EXPORT DIR [to_hf.dtype=bfloat16 to_hf.max_shard_mb=N]
 
 from-hf reads config.json and model.safetensors (or the shards of model.safetensors.index.json) of
-a GPT2LMHeadModel or LlamaForCausalLM into a jaxgpt export, which all that takes a run takes
-(evaluate, sample, talk, serve, train.init_from); what jaxgpt cannot express is refused by its config
-key. The export keeps the model's own config, tokenizer and generation files under hf/, so that to-hf
+a GPT2LMHeadModel or LlamaForCausalLM (its RoPE plain, linear or scaled as Llama 3.1's) into a jaxgpt
+export, which all that takes a run takes (evaluate, sample, talk, serve, train.init_from); what jaxgpt
+cannot express is refused by its config key. The export keeps the model's own config, tokenizer and generation files under hf/, so that to-hf
 carries over what jaxgpt does not model (bos/eos ids, chat template), and converted.json.
 
 Tokenizers: GPT-2's own vocabulary becomes tiktoken's gpt2 encoding, any other tokenizer.json is
@@ -173,11 +173,6 @@ def model_config(arch: str, hf: dict, where: Path, seq_len: int = 0) -> ModelCon
                            norm_eps=hf.get("layer_norm_epsilon", 1e-5), init_std=hf.get("initializer_range", 0.02))
     if hf.get("hidden_act", "silu") != "silu":
         _refuse(where, "hidden_act", hf["hidden_act"], "jaxgpt's SwiGLU gates with silu")
-    if hf.get("rope_scaling"):  # transformers 4 writes rope_scaling, 5 rope_parameters.rope_type
-        _refuse(where, "rope_scaling", hf["rope_scaling"], "jaxgpt's RoPE is unscaled")
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        _refuse(where, "rope_parameters.rope_type", rope["rope_type"], "jaxgpt's RoPE is unscaled")
     if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
         _refuse(where, "attention_bias", hf.get("attention_bias", False), f"with mlp_bias="
                 f"{json.dumps(hf.get('mlp_bias', False))}: jaxgpt's model.bias puts biases on all projections or none")
@@ -188,9 +183,46 @@ def model_config(arch: str, hf: dict, where: Path, seq_len: int = 0) -> ModelCon
                        n_kv_head=hf.get("num_key_value_heads") or H, d_model=D, d_ff=get("intermediate_size"),
                        seq_len=seq_len or get("max_position_embeddings"), norm="rmsnorm", mlp="swiglu",
                        position="rope", bias=bool(hf.get("attention_bias", False)),
-                       tie_embeddings=hf.get("tie_word_embeddings", False),
-                       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                       tie_embeddings=hf.get("tie_word_embeddings", False), **rope_config(hf, where),
                        norm_eps=hf.get("rms_norm_eps", 1e-6), init_std=hf.get("initializer_range", 0.02))
+
+
+# jaxgpt's RoPE scaling fields and the keys of Hugging Face's rope parameters that hold them
+ROPE_KEYS = {"linear": {"rope_factor": "factor"},
+             "llama3": {"rope_factor": "factor", "rope_low_freq_factor": "low_freq_factor",
+                        "rope_high_freq_factor": "high_freq_factor",
+                        "rope_original_context": "original_max_position_embeddings"}}
+
+
+def rope_config(hf: dict, where: Path) -> dict:
+    """ModelConfig's rope fields of a HF Llama config: transformers 5 writes rope_parameters (rope_type,
+    rope_theta and the scaling's keys), 4 rope_theta beside rope_scaling (its kind as "type" in older files)."""
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = hf.get(key) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", *ROPE_KEYS):
+        _refuse(where, f"{key}.rope_type", kind, "jaxgpt scales RoPE as linear or llama3")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        _refuse(where, "partial_rotary_factor", partial, "jaxgpt rotates every dimension of a head")
+    out = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind == "default":
+        return out
+    if kind == "llama3" and "original_max_position_embeddings" not in rope:  # as transformers reads it
+        rope = {**rope, "original_max_position_embeddings": _get(hf, "max_position_embeddings", where)}
+    for field, hf_key in ROPE_KEYS[kind].items():
+        value = rope.get(hf_key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConvertError(f"{where}: {key}.{hf_key}={json.dumps(value)}: rope_type {kind} needs a number there")
+        out[field] = int(value) if field == "rope_original_context" else float(value)
+    return {**out, "rope_scaling": kind}
+
+
+def hf_rope(m: ModelConfig) -> dict:
+    """Hugging Face's rope parameters of a jaxgpt Llama (transformers 5's rope_parameters)."""
+    kind = "default" if m.rope_scaling == "none" else m.rope_scaling
+    return {"rope_type": kind, "rope_theta": m.rope_theta,
+            **{hf_key: getattr(m, field) for field, hf_key in ROPE_KEYS.get(kind, {}).items()}}
 
 
 def hf_architecture(m: ModelConfig) -> str:
@@ -217,14 +249,16 @@ def hf_config(arch: str, m: ModelConfig, vocab_size: int, base: dict | None, tok
         if base is None:  # jaxgpt's one dropout acts on embeddings and the residual stream, not attention
             fields.update(embd_pdrop=m.dropout, resid_pdrop=m.dropout, attn_pdrop=0.0)
     else:
-        base_rope = (base or {}).get("rope_parameters")
         fields = dict(model_type="llama", hidden_size=m.d_model, num_hidden_layers=m.n_layer,
                       num_attention_heads=m.n_head, num_key_value_heads=m.n_kv_head, head_dim=m.head_dim,
                       intermediate_size=m.d_ff, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, hidden_act="silu",
                       max_position_embeddings=max(m.seq_len, (base or {}).get("max_position_embeddings", 0)),
                       attention_bias=m.bias, mlp_bias=m.bias)
-        if base_rope is not None:
-            fields["rope_parameters"] = {**base_rope, "rope_type": "default", "rope_theta": m.rope_theta}
+        # transformers 5 writes (and reads first) rope_parameters; 4 reads rope_theta and rope_scaling
+        rope, scaling = hf_rope(m), None
+        if rope["rope_type"] != "default":
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        fields.update(rope_parameters=rope, rope_scaling=scaling)
     out = {**(base or {}), **fields, "architectures": [arch], "vocab_size": vocab_size,
            "tie_word_embeddings": m.tie_embeddings, "torch_dtype": dtype, "dtype": dtype}
     if base is None and tok is not None:

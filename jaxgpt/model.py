@@ -59,21 +59,36 @@ def attention_mask(q_seg_BxL, q_pos_BxL, kv_seg_BxS, kv_pos_BxS) -> jax.Array:
     return same_doc & causal & (kv_seg_BxS[:, None, :] != 0)
 
 
-def rope(x_BxHxLxE: jax.Array, positions_BxL: jax.Array, theta: float, length: int) -> jax.Array:
-    """Rotary position embedding, rotating the two halves of each head (the GPT-NeoX layout), for
-    positions below `length`. When the rows hold more positions than that (training), sin and cos
-    come from a [length, E/2] table looked up by position: computed per (row, position), XLA:CPU
-    fused them into every head's rotation and into the backward pass again (quickstart step: 40 ms of
-    390). A decoding step's few positions are cheaper than a table of the whole context. Both give
-    the same values: sin and cos of float32(position) * inv_freq."""
-    E = x_BxHxLxE.shape[-1]
-    inv_freq = theta ** -(jnp.arange(0, E, 2, dtype=jnp.float32) / E)
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """RoPE's angle per position for each pair of a head's dims: theta^(-2i/E), stretched as
+    cfg.rope_scaling says (Hugging Face's linear and llama3 rope types give the same values)."""
+    E = cfg.head_dim
+    inv_freq_E2 = cfg.rope_theta ** -(jnp.arange(0, E, 2, dtype=jnp.float32) / E)
+    if cfg.rope_scaling == "linear":  # positions p read as p / factor
+        return inv_freq_E2 / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        # turns of each frequency over the pretraining context: past high_freq_factor turns it is kept,
+        # below low_freq_factor divided by the factor (stretched to the new context), blended between
+        turns_E2 = cfg.rope_original_context / (2 * math.pi / inv_freq_E2)
+        kept_E2 = jnp.clip((turns_E2 - cfg.rope_low_freq_factor)
+                           / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor), 0.0, 1.0)
+        return (1 - kept_E2) * inv_freq_E2 / cfg.rope_factor + kept_E2 * inv_freq_E2
+    return inv_freq_E2
+
+
+def rope(x_BxHxLxE: jax.Array, positions_BxL: jax.Array, inv_freq_E2: jax.Array, length: int) -> jax.Array:
+    """Rotary position embedding, rotating the two halves of each head (the GPT-NeoX layout) by
+    position * inv_freq (rope_frequencies), for positions below `length`. When the rows hold more
+    positions than that (training), sin and cos come from a [length, E/2] table looked up by position:
+    computed per (row, position), XLA:CPU fused them into every head's rotation and into the backward
+    pass again (quickstart step: 40 ms of 390). A decoding step's few positions are cheaper than a
+    table of the whole context. Both give the same values: sin and cos of float32(position) * inv_freq."""
     if positions_BxL.size > length:
-        angles_TxE2 = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq
+        angles_TxE2 = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq_E2
         sin_Bx1xLxE2, cos_Bx1xLxE2 = (table[positions_BxL][:, None]
                                       for table in (jnp.sin(angles_TxE2), jnp.cos(angles_TxE2)))
     else:
-        angles_Bx1xLxE2 = positions_BxL[:, None, :, None].astype(jnp.float32) * inv_freq
+        angles_Bx1xLxE2 = positions_BxL[:, None, :, None].astype(jnp.float32) * inv_freq_E2
         sin_Bx1xLxE2, cos_Bx1xLxE2 = jnp.sin(angles_Bx1xLxE2), jnp.cos(angles_Bx1xLxE2)
     x1, x2 = jnp.split(x_BxHxLxE.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos_Bx1xLxE2 - x2 * sin_Bx1xLxE2, x2 * cos_Bx1xLxE2 + x1 * sin_Bx1xLxE2], axis=-1)
@@ -226,8 +241,8 @@ class Attention(nn.Module):
             k_BxKxLxE = Norm(cfg, qk=True, name="k_norm")(k_BxKxLxE)
         if cfg.position == "rope":  # positions lie below the context length and the keys' count
             length = max(cfg.seq_len, x_BxLxD.shape[1] if mask_BxLxS is None else mask_BxLxS.shape[-1])
-            q_BxHxLxE = rope(q_BxHxLxE, positions_BxL, cfg.rope_theta, length)
-            k_BxKxLxE = rope(k_BxKxLxE, positions_BxL, cfg.rope_theta, length)
+            q_BxHxLxE = rope(q_BxHxLxE, positions_BxL, rope_frequencies(cfg), length)
+            k_BxKxLxE = rope(k_BxKxLxE, positions_BxL, rope_frequencies(cfg), length)
         if cache is not None:  # write the new keys at each row's position, attend over the cache
             cache = {"k": write_cache(cache["k"], k_BxKxLxE.astype(cfg.dtype), positions_BxL[:, 0]),
                      "v": write_cache(cache["v"], v_BxKxLxE.astype(cfg.dtype), positions_BxL[:, 0])}

@@ -63,8 +63,18 @@ def hf_dirs(tmp_path_factory):
                  max_position_embeddings=64, rope_theta=500.0, initializer_range=0.1, bos_token_id=0, eos_token_id=1)
     gqa = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=n_tok, num_key_value_heads=2, **llama))
     tied = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=211, tie_word_embeddings=True, **llama))
+    # Llama 3.1-3.2's RoPE (as Llama-3.2-1B: GQA, tied), its bands set so that the 8 frequencies of a
+    # 16-wide head fall 2 kept, 1 blended, 5 divided; and the linear kind
+    llama3 = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=n_tok, num_key_value_heads=2, tie_word_embeddings=True,
+        **{**llama, "max_position_embeddings": 256, "initializer_range": 0.3},
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}))
+    linear = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=211, **llama, rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 3.0}))
     return {"gpt2": save_hf(root / "gpt2", gpt2, tok_json), "gqa": save_hf(root / "gqa", gqa, tok_json),
-            "tied": save_hf(root / "tied", tied),
+            "tied": save_hf(root / "tied", tied), "llama3": save_hf(root / "llama3", llama3, tok_json),
+            "linear": save_hf(root / "linear", linear),
             "sharded": save_hf(root / "sharded", gqa, tok_json, max_shard_size="60KB")}
 
 
@@ -89,7 +99,7 @@ def jax_logits(export_dir, tokens_BxL) -> np.ndarray:
     return np.asarray(jax.jit(GPT(loaded.cfg.model).apply)(loaded.params, jnp.asarray(tokens_BxL)))  # one compile
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gqa", "tied"])
+@pytest.mark.parametrize("name", ["gpt2", "gqa", "tied", "llama3", "linear"])
 def test_logits_equal_transformers(hf_dirs, exports, name):
     out, summary = exports[name]
     n = summary["hf_vocab_size"]
@@ -115,6 +125,10 @@ def test_config_and_tokenizer_mapping(exports):
     # GPT-2's vocab_size leaves room: the new ids take unused rows, nothing is padded
     assert s_gpt2["vocab_size"] == s_gpt2["hf_vocab_size"]
     assert json.loads((gqa / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    m3, linear = runs.saved_config(exports["llama3"][0]).model, runs.saved_config(exports["linear"][0]).model
+    assert (m3.rope_scaling, m3.rope_theta, m3.rope_factor, m3.rope_low_freq_factor, m3.rope_high_freq_factor,
+            m3.rope_original_context, m3.seq_len, m3.tie_embeddings) == ("llama3", 500.0, 4.0, 1.0, 4.0, 64, 256, True)
+    assert (linear.rope_scaling, linear.rope_factor) == ("linear", 3.0) and m.rope_scaling == "none"
     assert s_tied["tokenizer"] is None and (tied / runs.NO_TOKENIZER).is_file()
 
 
@@ -174,7 +188,7 @@ def test_gpt2_vocabulary_becomes_tiktoken_gpt2(monkeypatch):
     assert all(tok.encode(t) == hf.encode(t).ids for t in TEXTS)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gqa", "tied"])
+@pytest.mark.parametrize("name", ["gpt2", "gqa", "tied", "llama3"])
 def test_to_hf_gives_back_the_same_tensors(hf_dirs, exports, name, tmp_path):
     summary = convert.to_hf(str(exports[name][0]), tmp_path / "back")
     original = safetensors_numpy.load_file(hf_dirs[name] / "model.safetensors")
@@ -185,12 +199,15 @@ def test_to_hf_gives_back_the_same_tensors(hf_dirs, exports, name, tmp_path):
     assert np.array_equal(hf_logits(tmp_path / "back", tokens_BxL), hf_logits(hf_dirs[name], tokens_BxL))
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)  # carried over from the original
+    if name != "gpt2":
+        original_config = json.loads((hf_dirs[name] / "config.json").read_text())
+        assert config["rope_parameters"] == original_config["rope_parameters"]
     if name != "tied":
         fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
         assert fast(TEXTS[1], add_special_tokens=False)["input_ids"] == runs.tokenizer(exports[name][0]).encode(TEXTS[1])
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "gqa", "llama3"])
 def test_greedy_generation_equals_transformers(hf_dirs, exports, name):
     loaded = runs.load(exports[name][0], XLA)
     prompt = loaded.tokenizer.encode("ROMEO: the night")
@@ -261,10 +278,11 @@ def test_an_imported_model_fine_tunes_and_goes_back(exports, make_config, tmp_pa
     assert np.abs(hf_logits(tmp_path / "hf", tokens_BxL) - jax_logits(tmp_path / "ft" / "export", tokens_BxL)).max() < 1e-4
 
 
-def test_a_native_model_goes_to_transformers(make_config, text_file, tmp_path):
+@pytest.mark.parametrize("scaling", [{}, {"rope_scaling": "llama3", "rope_factor": 8.0, "rope_original_context": 16}])
+def test_a_native_model_goes_to_transformers(make_config, text_file, tmp_path, scaling):
     """A jaxgpt llama-preset model with a trained BPE: to-hf writes a model and a tokenizer.json
-    that transformers loads, with the same logits and the same ids."""
-    cfg = make_config(preset="llama", model={"vocab_size": 320, "rope_theta": 1000.0})
+    that transformers loads, with the same logits and the same ids (RoPE scaled or not)."""
+    cfg = make_config(preset="llama", model={"vocab_size": 320, "rope_theta": 1000.0, **scaling})
     tok = Tokenizer.train_bpe([text_file.read_text()], 300)
     params = GPT(cfg.model).init(jax.random.key(0))
     export.export(tmp_path / "native", cfg, jax.device_get(params), tok)
@@ -296,6 +314,17 @@ def one_line_error(capsys, argv) -> str:
     return err
 
 
+def test_a_transformers_4_rope_scaling_converts_the_same(hf_dirs, exports, tmp_path):
+    """Files written by transformers 4 (Llama-3.2's on the hub) hold rope_theta beside rope_scaling,
+    its kind as "type" in older ones, and no rope_parameters: the same model as transformers 5's file."""
+    scaling = {"type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    old = edit_config(hf_dirs["llama3"], tmp_path, rope_parameters="DELETE", rope_theta=500.0, rope_scaling=scaling)
+    convert.from_hf(str(old), tmp_path / "export")
+    assert runs.saved_config(tmp_path / "export").model == runs.saved_config(exports["llama3"][0]).model
+    assert leaves_equal(runs.load(tmp_path / "export").params, runs.load(exports["llama3"][0]).params)
+
+
 def test_bad_inputs_fail_in_one_line(hf_dirs, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "out")
     empty = tmp_path / "empty"
@@ -304,8 +333,13 @@ def test_bad_inputs_fail_in_one_line(hf_dirs, tmp_path, capsys, monkeypatch):
     llama = hf_dirs["tied"]
     bad = edit_config(llama, tmp_path / "a", architectures=["MistralForCausalLM"], model_type="mistral")
     assert "architectures=" in one_line_error(capsys, ["from-hf", str(bad), out])
-    bad = edit_config(llama, tmp_path / "b", rope_scaling={"rope_type": "linear", "factor": 2.0})
-    assert "rope_scaling=" in one_line_error(capsys, ["from-hf", str(bad), out])
+    bad = edit_config(llama, tmp_path / "b", rope_parameters={"rope_type": "yarn", "factor": 2.0})
+    assert 'rope_parameters.rope_type="yarn" is not supported' in one_line_error(capsys, ["from-hf", str(bad), out])
+    bad = edit_config(llama, tmp_path / "b2", rope_parameters={"rope_type": "llama3", "factor": 2.0})
+    assert "rope_parameters.low_freq_factor=null: rope_type llama3 needs a number" in one_line_error(
+        capsys, ["from-hf", str(bad), out])
+    bad = edit_config(llama, tmp_path / "b3", partial_rotary_factor=0.5)
+    assert "partial_rotary_factor=0.5" in one_line_error(capsys, ["from-hf", str(bad), out])
     bad = edit_config(llama, tmp_path / "c", attention_bias=True)
     assert "attention_bias=true" in one_line_error(capsys, ["from-hf", str(bad), out])
     bad = edit_config(llama, tmp_path / "d", head_dim=8)
