@@ -7,6 +7,10 @@ The chat template, the only place it is written down (`render`):
     <|bos|> <|system_start|>...<|system_end|> <|user_start|>...<|user_end|>
             <|assistant_start|>...<|assistant_end|> <|user_start|>... (and so on)
 
+A model imported from Hugging Face with its own chat template (ChatML, Llama 3's) keeps it: its tokenizer's
+`chat_format` picks the pieces each message is wrapped in (CHAT_FORMATS), and everything below, the mask,
+truncation, packing, the stop tokens of a reply, follows that layout.
+
 The loss mask is over *targets*: mask[i] is True when token i is trained, i.e. the loss of
 predicting token i from tokens 0..i-1 counts. True for every assistant content token and the
 <|assistant_end|> closing it (so the model learns to stop); False for <|assistant_start|> (the
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -32,28 +37,88 @@ from jaxgpt.tokenizer import Tokenizer
 
 # ---- the chat template ----
 
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """How messages are laid out in tokens: `bos`, then each message as start(role) + content +
+    end(role), and start("assistant") to prompt a reply. Each piece is a special token of the
+    tokenizer (by name) or text, encoded on its own; "{role}" in a piece is the role's name."""
+    bos: tuple[str, ...]
+    start: tuple[str, ...]
+    end: tuple[str, ...]
+
+    def pieces(self, tokenizer: Tokenizer, pieces: tuple[str, ...], role: str = "") -> list[int]:
+        """The ids of some of the format's pieces: <|...|> a special token, anything else text."""
+        ids = []
+        for piece in pieces:
+            piece = piece.replace("{role}", role)
+            ids += [tokenizer.special_id(piece)] if is_token(piece) else tokenizer.encode(piece)
+        return ids
+
+    def tokens(self) -> set[str]:
+        """The special tokens a tokenizer needs for this format."""
+        return {p for p in (*self.bos, *self.start, *self.end) if is_token(p) and "{role}" not in p}
+
+
+def is_token(piece: str) -> bool:
+    return piece.startswith("<|") and piece.endswith("|>")
+
+
+# jaxgpt's own (the module docstring), and the formats of imported chat models (Tokenizer.chat_format, set by
+# convert from the model's template): ChatML (SmolLM2, Qwen2.5: <|im_start|>user\n...<|im_end|>\n) and
+# Llama 3's (<|start_header_id|>user<|end_header_id|>\n\n...<|eot_id|>). Their first special tokens must
+# be the tokenizer's special tokens.
+CHAT_FORMATS = {
+    "jaxgpt": ChatFormat(bos=("<|bos|>",), start=("<|{role}_start|>",), end=("<|{role}_end|>",)),
+    "chatml": ChatFormat(bos=(), start=("<|im_start|>", "{role}\n"), end=("<|im_end|>", "\n")),
+    "llama3": ChatFormat(bos=("<|begin_of_text|>",), start=("<|start_header_id|>", "{role}", "<|end_header_id|>",
+                                                          "\n\n"), end=("<|eot_id|>",)),
+}
+ROLES = ("system", "user", "assistant")
+
+
+class Layout:
+    """A tokenizer's chat format in ids: the bos ids, and each role's start and end ids."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        fmt = CHAT_FORMATS[tokenizer.chat_format]
+        self.bos = fmt.pieces(tokenizer, fmt.bos)
+        self.start = {role: fmt.pieces(tokenizer, fmt.start, role) for role in ROLES}
+        self.end = {role: fmt.pieces(tokenizer, fmt.end, role) for role in ROLES}
+
+    def overhead(self, role: str) -> int:
+        """The ids a message adds around its content."""
+        return len(self.start[role]) + len(self.end[role])
+
+    def stop_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
+        """What ends a reply: the assistant's end, a user's start (a model that goes on to write the
+        next turn), end of text."""
+        return (self.end["assistant"][0], self.start["user"][0], tokenizer.eot_id)
+
+
+@functools.lru_cache(maxsize=8)  # per tokenizer object: a data run renders every conversation with one
+def layout(tokenizer: Tokenizer) -> Layout:
+    return Layout(tokenizer)
+
+
 def _template(roles: Sequence[str], contents: Sequence[Sequence[int]], tokenizer: Tokenizer,
               for_generation: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask) of already-encoded messages; see the module docstring for the layout."""
-    special = tokenizer.special_id
-    ids = np.empty(1 + sum(len(c) + 2 for c in contents) + for_generation, np.int32)
-    mask = np.zeros(len(ids), np.bool_)
-    ids[0], pos = tokenizer.bos_id, 1
+    lay = layout(tokenizer)
+    ids, mask = list(lay.bos), [False] * len(lay.bos)
     for role, content in zip(roles, contents):
-        n = len(content)
-        ids[pos], ids[pos + 1:pos + 1 + n], ids[pos + 1 + n] = (
-            special(f"<|{role}_start|>"), content, special(f"<|{role}_end|>"))
-        if role == "assistant":
-            mask[pos + 1:pos + 2 + n] = True  # the content and <|assistant_end|>
-        pos += n + 2
+        content = list(content)
+        ids += lay.start[role] + content + lay.end[role]
+        trained = role == "assistant"  # the content and the end that closes it
+        mask += [False] * len(lay.start[role]) + [trained] * (len(content) + len(lay.end[role]))
     if for_generation:
-        ids[pos] = special("<|assistant_start|>")
-    return ids, mask
+        ids += lay.start["assistant"]
+        mask += [False] * len(lay.start["assistant"])
+    return np.asarray(ids, np.int32), np.asarray(mask, np.bool_)
 
 
 def render(conversation: Conversation, tokenizer: Tokenizer, for_generation: bool = False
            ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32, loss mask bool) of a conversation; `for_generation` appends <|assistant_start|>
+    """(ids int32, loss mask bool) of a conversation; `for_generation` appends the assistant's start
     after the user's last message, so the model writes the reply (no mask is trained there)."""
     validate(conversation, trainable=False)
     if for_generation and conversation[-1]["role"] != "user":
@@ -81,14 +146,15 @@ def render_prompt(conversation: Conversation, tokenizer: Tokenizer, max_tokens: 
 
 
 def _kept(roles: Sequence[str], lengths: Sequence[int], max_tokens: int) -> list[int] | None:
-    """Indices of the messages a trainable conversation keeps within `max_tokens` rendered tokens:
-    the system message, then the newest whole user/assistant pairs that fit (a trailing user message
-    is dropped). None when not even the last pair fits: an assistant reply is never split."""
+    """Indices of the messages a trainable conversation keeps within `max_tokens` rendered tokens
+    (`lengths`: each message's, rendered; max_tokens less the bos ids): the system message, then the
+    newest whole user/assistant pairs that fit (a trailing user message is dropped). None when not
+    even the last pair fits: an assistant reply is never split."""
     head = [0] if roles[0] == "system" else []
     end = len(roles) - (roles[-1] == "user")
-    budget, first = max_tokens - 1 - sum(lengths[i] + 2 for i in head), end
+    budget, first = max_tokens - sum(lengths[i] for i in head), end
     for j in range(end - 2, len(head) - 1, -2):  # (user j, assistant j+1), newest first
-        budget -= lengths[j] + lengths[j + 1] + 4
+        budget -= lengths[j] + lengths[j + 1]
         if budget < 0:
             break
         first = j
@@ -101,7 +167,8 @@ def render_truncated(conversation: Conversation, tokenizer: Tokenizer, seq_len: 
     (the system message stays); None when even the system message and the last pair do not fit."""
     validate(conversation)
     roles, encoded = [m["role"] for m in conversation], [tokenizer.encode(m["content"]) for m in conversation]
-    keep = _kept(roles, [len(e) for e in encoded], seq_len + 1)
+    lay = layout(tokenizer)
+    keep = _kept(roles, [len(e) + lay.overhead(r) for r, e in zip(roles, encoded)], seq_len + 1 - len(lay.bos))
     return None if keep is None else _template([roles[i] for i in keep], [encoded[i] for i in keep], tokenizer)
 
 
@@ -112,10 +179,11 @@ def render_windows(conversation: Conversation, tokenizer: Tokenizer, seq_len: in
     to fit even alone is dropped. The last window is `render_truncated`'s."""
     validate(conversation)
     roles, encoded = [m["role"] for m in conversation], [tokenizer.encode(m["content"]) for m in conversation]
-    lengths, n_head = [len(e) for e in encoded], int(roles[0] == "system")
+    lay = layout(tokenizer)
+    lengths, n_head = [len(e) + lay.overhead(r) for r, e in zip(roles, encoded)], int(roles[0] == "system")
     windows, end = [], len(roles) - (roles[-1] == "user")
     while end > n_head:
-        keep = _kept(roles[:end], lengths[:end], seq_len + 1)
+        keep = _kept(roles[:end], lengths[:end], seq_len + 1 - len(lay.bos))
         windows += [keep] if keep else []
         end = keep[n_head] if keep else end - 2  # before this window, or before the pair that never fits
     return [_template([roles[i] for i in keep], [encoded[i] for i in keep], tokenizer) for keep in windows[::-1]]

@@ -31,7 +31,7 @@ import jax
 import ml_dtypes  # noqa: F401 - registers bfloat16, so safetensors' numpy reader returns bf16 tensors
 import numpy as np
 
-from jaxgpt import cli, config as config_lib, export, files, runs
+from jaxgpt import chat, cli, config as config_lib, export, files, runs
 from jaxgpt.config import Config, FromHfConfig, HfCommand, ModelConfig, ToHfConfig
 from jaxgpt.errors import JaxgptError
 from jaxgpt.tokenizer import FORMAT, SPECIAL_TOKENS, Tokenizer, _load_hf, _official, byte_level_chars
@@ -465,7 +465,25 @@ def tokenizer_for(directory: Path, hf: dict, spec: str, name: str) -> Tokenizer 
     tok_cfg = {}
     for extra in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
         tok_cfg.update(_read_json(directory / extra) if (directory / extra).is_file() else {})
-    return Tokenizer.from_hf(hf_json, name, _role_id("eos", hf, tok_cfg, hf_tok), _role_id("bos", hf, tok_cfg, hf_tok))
+    return Tokenizer.from_hf(hf_json, name, _role_id("eos", hf, tok_cfg, hf_tok), _role_id("bos", hf, tok_cfg, hf_tok),
+                             chat_format_of(directory, tok_cfg, parsed))
+
+
+def chat_format_of(directory: Path, tok_cfg: dict, hf_json: dict) -> str:
+    """The chat format of the model's own template (tokenizer_config.json's chat_template, or the
+    chat_template.jinja transformers 5 writes): one of chat.CHAT_FORMATS whose special tokens the template
+    writes and the tokenizer has; jaxgpt's own when it has no template or another one."""
+    template = tok_cfg.get("chat_template")
+    if not template and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    if not isinstance(template, str):  # absent, or a list of named templates (tool use): not read
+        return "jaxgpt"
+    specials = {t.get("content") for t in hf_json.get("added_tokens", []) if t.get("special")}
+    for name in ("chatml", "llama3"):
+        tokens = chat.CHAT_FORMATS[name].tokens()
+        if all(t in template for t in tokens if t != "<|begin_of_text|>") and tokens <= specials:
+            return name
+    return "jaxgpt"
 
 
 def tiktoken_json(tok: Tokenizer) -> str:
@@ -556,7 +574,8 @@ def from_hf(source: str, out: str | Path, cfg: FromHfConfig = FromHfConfig()) ->
     flat = pad_vocab(flat, V) if V > m.vocab_size else flat
     run_cfg = config_lib.validate(Config(model=dataclasses.replace(m, vocab_size=V)))
     converted = {"source": source, "architecture": arch, "hf_vocab_size": m.vocab_size, "vocab_size": V,
-                 "tokenizer": tok.name if tok is not None else None}
+                 "tokenizer": tok.name if tok is not None else None,
+                 "chat_format": tok.chat_format if tok is not None else None}
     extra = {f"hf/{name}": (directory / name).read_bytes() for name in HF_FILES if (directory / name).is_file()}
     extra["converted.json"] = json.dumps(converted, indent=1) + "\n"
     if tok is None:

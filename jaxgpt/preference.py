@@ -96,14 +96,14 @@ def render_pair(pair: dict, tokenizer: Tokenizer, seq_len: int):
     <|assistant_end|>) alone; the context's oldest exchanges dropped until both fit in seq_len + 1
     tokens together. None when even the last user turn leaves no room."""
     replies = [tokenizer.encode(pair[key]) for key in ("chosen", "rejected")]
-    room = (seq_len + 1 - sum(len(r) + 1 for r in replies)) // 2  # for each copy of the prompt
+    end = chat.layout(tokenizer).end["assistant"]
+    room = (seq_len + 1 - sum(len(r) + len(end) for r in replies)) // 2  # for each copy of the prompt
     prompt = chat.render_prompt(pair["messages"], tokenizer, room) if room > 0 else None
     if prompt is None:
         return None
-    end = tokenizer.special_id("<|assistant_end|>")
     out = []
     for reply in replies:
-        ids = np.concatenate([prompt, np.asarray(reply, np.int32), np.asarray([end], np.int32)]).astype(np.int32)
+        ids = np.concatenate([prompt, np.asarray(reply, np.int32), np.asarray(end, np.int32)]).astype(np.int32)
         mask = np.zeros(len(ids), np.bool_)
         mask[len(prompt):] = True
         out.append((ids, mask))

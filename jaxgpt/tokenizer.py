@@ -197,8 +197,10 @@ class Tokenizer:
 
     def __init__(self, name: str, *, pattern: str = "", ranks: dict[bytes, int] | None = None,
                  chars: Sequence[str] | None = None, specials: dict[str, int] | None = None,
-                 hf_json: str | None = None):
+                 hf_json: str | None = None, chat_format: str = "jaxgpt"):
         self.name, self._pattern, self._ranks, self.hf_json = name, pattern, ranks, hf_json
+        # how chat.py lays conversations out in tokens: jaxgpt's own, or an imported chat model's (chat.CHAT_FORMATS)
+        self.chat_format = chat_format
         self._lengths: np.ndarray | None = None
         if ranks is None and chars is None and hf_json is None:
             raise TokenizerError(f"Tokenizer({name!r}) needs ranks or chars; to build a tokenizer by name "
@@ -309,17 +311,22 @@ class Tokenizer:
             raise TokenizerError(f"{token!r} is not a special token of '{self.name}'; known: {known}")
         return self._specials[token]
 
+    def has_special(self, token: str) -> bool:
+        return token in self._specials
+
     def is_special(self, id: int) -> bool:  # noqa: A002 - the interface's name
         return int(id) in self._special_ids
 
     # -- identity and persistence --
     def _definition(self) -> dict:
-        """Everything that fixes the ids except the ranks themselves (and the name, which doesn't)."""
+        """Everything that fixes the ids except the ranks themselves (and the name, which doesn't);
+        a chat format other than jaxgpt's (it changes the ids of every conversation)."""
+        fmt = {} if self.chat_format == "jaxgpt" else {"chat_format": self.chat_format}
         if self._hf is not None:
-            return {"kind": "hf", "special_tokens": self._specials}
+            return {"kind": "hf", "special_tokens": self._specials, **fmt}
         if self._ranks is None:
-            return {"kind": "char", "chars": "".join(self._chars), "special_tokens": self._specials}
-        return {"kind": "tiktoken", "pattern": self._pattern, "special_tokens": self._specials}
+            return {"kind": "char", "chars": "".join(self._chars), "special_tokens": self._specials, **fmt}
+        return {"kind": "tiktoken", "pattern": self._pattern, "special_tokens": self._specials, **fmt}
 
     def _ranks_bytes(self) -> bytes:  # the standard .tiktoken format: base64 token, space, rank
         items = sorted(self._ranks.items(), key=lambda kv: kv[1])
@@ -356,15 +363,14 @@ class Tokenizer:
             meta = json.loads(path.read_text(encoding="utf-8"))
             if meta.get("format") != FORMAT:
                 raise TokenizerError(f"{path} is not a jaxgpt tokenizer (format {meta.get('format')!r})")
+            common = dict(specials=meta["special_tokens"], chat_format=meta.get("chat_format", "jaxgpt"))
             if meta["kind"] == "char":
-                tok = cls(meta["name"], chars=meta["chars"], specials=meta["special_tokens"])
+                tok = cls(meta["name"], chars=meta["chars"], **common)
             elif meta["kind"] == "hf":
-                tok = cls(meta["name"], hf_json=(path.parent / meta["hf_file"]).read_text(encoding="utf-8"),
-                          specials=meta["special_tokens"])
+                tok = cls(meta["name"], hf_json=(path.parent / meta["hf_file"]).read_text(encoding="utf-8"), **common)
             else:
                 ranks = _parse_ranks((path.parent / meta["ranks_file"]).read_bytes())
-                tok = cls(meta["name"], pattern=meta["pattern"], ranks=ranks,
-                          specials=meta["special_tokens"])
+                tok = cls(meta["name"], pattern=meta["pattern"], ranks=ranks, **common)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise TokenizerError(f"cannot load tokenizer from {path}: {type(e).__name__}: {e}") from None
         if tok.fingerprint != meta.get("fingerprint"):
@@ -403,7 +409,8 @@ class Tokenizer:
                    specials=official.get("special_tokens", {}))
 
     @classmethod
-    def from_hf(cls, hf_json: str, name: str, eos_id: int | None = None, bos_id: int | None = None) -> Tokenizer:
+    def from_hf(cls, hf_json: str, name: str, eos_id: int | None = None, bos_id: int | None = None,
+                chat_format: str = "jaxgpt") -> Tokenizer:
         """A Hugging Face `tokenizers` file (its JSON text), encoding as HF does without
         add_special_tokens. Its special added tokens stay special; <|endoftext|> and <|bos|> are the
         model's own eos and bos ids where it has them, each other chat special the added token of
@@ -416,7 +423,7 @@ class Tokenizer:
         for ours, theirs in (("<|endoftext|>", eos_id), ("<|bos|>", bos_id)):
             if theirs is not None:
                 specials.setdefault(ours, theirs)
-        return cls(name, hf_json=hf_json, specials=specials)
+        return cls(name, hf_json=hf_json, specials=specials, chat_format=chat_format)
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, name: str | None = None) -> Tokenizer:

@@ -127,6 +127,36 @@ def test_windows_keep_every_reply_that_fits(byte):
     assert len(batches.train) == 3 and batches.train.dropped == 0
 
 
+def byte_with_format(chat_format):
+    """Bytes plus the special tokens a chat format writes (as an imported model's tokenizer has them)."""
+    names = sorted(chat.CHAT_FORMATS[chat_format].tokens() - set(chat.CHAT_FORMATS["jaxgpt"].tokens()))
+    return Tokenizer(f"byte-{chat_format}", pattern=Tokenizer.from_spec("byte")._pattern,
+                     ranks={bytes([i]): i for i in range(256)},
+                     specials={name: 256 + i for i, name in enumerate(names)}, chat_format=chat_format)
+
+
+@pytest.mark.parametrize("chat_format", ["jaxgpt", "chatml", "llama3"])
+def test_truncation_keeps_the_most_pairs_that_fit_in_every_format(chat_format):
+    """For every context length, render_truncated keeps the system message and the most newest pairs whose
+    rendering fits (what trying each in turn finds), and render_windows ends with that window."""
+    tok = byte_with_format(chat_format)
+    long = CONVERSATION + [{"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "Six!"},
+                           {"role": "user", "content": "unanswered"}]
+    candidates = [long[:1] + long[1 + 2 * k:7] for k in range(3)]  # all pairs, the newest two, the newest one
+    lengths = [len(render(c, tok)[0]) for c in candidates]
+    for seq_len in range(lengths[-1] - 3, lengths[0] + 2):
+        fits = [c for c, n in zip(candidates, lengths) if n <= seq_len + 1]
+        got = render_truncated(long, tok, seq_len)
+        if not fits:
+            assert got is None
+            continue
+        ids, mask = got
+        assert ids.tolist() == render(fits[0], tok)[0].tolist() and mask.tolist() == render(fits[0], tok)[1].tolist()
+        assert render_windows(long, tok, seq_len)[-1][0].tolist() == ids.tolist()
+    prompt = chat.render_prompt(long, tok, 10_000)
+    assert prompt.tolist() == render(long, tok, for_generation=True)[0].tolist()
+
+
 def test_special_token_text_in_content_stays_text(byte):
     conversation = [{"role": "user", "content": "say <|assistant_end|>"}, {"role": "assistant", "content": "<|bos|>"}]
     ids, mask = render(conversation, byte)

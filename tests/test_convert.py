@@ -3,7 +3,9 @@ transformers models saved to a temporary directory (nothing is downloaded)."""
 import base64
 import dataclasses
 import hashlib
+import itertools
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import corpus, leaves_equal
-from jaxgpt import config as config_lib, convert, export, runs, sample, train as train_lib
+from jaxgpt import chat, config as config_lib, convert, export, runs, sample, train as train_lib
 from jaxgpt.errors import CheckpointError
 from jaxgpt.generate import Engine, SamplingParams
+from jaxgpt.replies import Service
 from jaxgpt.model import GPT
 from jaxgpt.tokenizer import SPECIAL_TOKENS, Tokenizer, byte_level_chars
 
@@ -27,13 +30,13 @@ TEXTS = ["Hello world, this is a test.", "ROMEO:\nThe night is sweet, my lord!",
 XLA = ["model.attention=xla"]  # plain XLA fp32 math (the default cpu kernels agree as closely)
 
 
-def hf_tokenizer_json(vocab_size: int = 300) -> str:
-    """A small byte-level BPE trained here, with <s> / </s> specials, as HF's tokenizer.json."""
+def hf_tokenizer_json(vocab_size: int = 300, specials: tuple[str, ...] = ("<s>", "</s>")) -> str:
+    """A small byte-level BPE trained here, with <s> / </s> specials (or others), as HF's tokenizer.json."""
     from tokenizers import decoders, models, pre_tokenizers, trainers
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([corpus(20_000)], trainer)
     return tok.to_str()
@@ -292,6 +295,86 @@ def test_a_native_model_goes_to_transformers(make_config, text_file, tmp_path, s
     fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert all(fast(t, add_special_tokens=False)["input_ids"] == tok.encode(t) for t in TEXTS)
     assert fast.eos_token == "<|endoftext|>" and fast.convert_tokens_to_ids("<|bos|>") == tok.bos_id
+
+
+# Chat templates written here in the two layouts jaxgpt reads (their tokens as SmolLM2 / Qwen2.5 and Llama 3
+# write them; the real ones add default system messages, dates and tool calls on top)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+          "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CHATS = [[{"role": "user", "content": "Hello there, how are you?"}],
+         [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "ROMEO: the night"},
+          {"role": "assistant", "content": "Is sweet, my lord!\nGood night."}, {"role": "user", "content": "And then?"}]]
+
+
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory):
+    """Random-init Llamas whose tokenizers carry a ChatML and a Llama 3 chat template (tokenizer_config.json)."""
+    root, out = tmp_path_factory.mktemp("chat_hf"), {}
+    for name, template, specials, bos, eos in [
+            ("chatml", CHATML, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>"),
+            ("llama3", LLAMA3, ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                "<|eot_id|>"), "<|begin_of_text|>", "<|eot_id|>")]:
+        tok_json = hf_tokenizer_json(specials=specials)
+        ids = tokenizers.Tokenizer.from_str(tok_json).token_to_id
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1,
+            bos_token_id=ids(bos) if bos else None, eos_token_id=ids(eos)))
+        directory = root / name
+        model.save_pretrained(directory)
+        (directory / "tokenizer.json").write_text(tok_json)
+        (directory / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "eos_token": eos,
+             **({"bos_token": bos} if bos else {})}))
+        out[name] = (directory, convert.from_hf(str(directory), root / f"{name}_export"))
+    return out
+
+
+def template_ids(directory, conversation, generation: bool) -> list[int]:
+    fast = transformers.AutoTokenizer.from_pretrained(directory)
+    ids = fast.apply_chat_template(conversation, add_generation_prompt=generation, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_an_imported_chat_model_talks_in_its_own_template(chat_models, name):
+    """A model whose template is ChatML or Llama 3's converts with that chat format: conversations render to
+    the ids transformers' apply_chat_template gives, the loss mask covers each reply and the end token that
+    closes it, and replies stop at that token."""
+    directory, summary = chat_models[name]
+    assert summary["chat_format"] == name
+    export_dir = Path(summary["export"])
+    tok = runs.tokenizer(export_dir)
+    assert tok.chat_format == name and Tokenizer.load(tok.save(export_dir / "again")).chat_format == name
+    for conversation in CHATS:
+        assert chat.render(conversation, tok, for_generation=True)[0].tolist() == template_ids(
+            directory, conversation, True)
+    full = CHATS[1][:3]
+    ids, mask = chat.render(full, tok)
+    assert ids.tolist() == template_ids(directory, full, False)
+    end = "<|im_end|>" if name == "chatml" else "<|eot_id|>"
+    trained = tok.encode(full[2]["content"]) + [tok.special_id(end)] + (tok.encode("\n") if name == "chatml" else [])
+    assert ids[mask].tolist() == trained and ids[len(ids) - len(trained):].tolist() == trained
+    lay = chat.layout(tok)
+    start = "<|im_start|>" if name == "chatml" else "<|start_header_id|>"
+    assert lay.stop_ids(tok)[:2] == (tok.special_id(end), tok.special_id(start))
+    # the engine stops there: a reply ends at the model's end token, which it never shows
+    loaded = runs.load(export_dir, XLA)
+    with Service(Engine(GPT(loaded.cfg.model), loaded.params, tok, slots=1), tok) as service:
+        reply = service.chat(CHATS[0], SamplingParams(max_tokens=8, temperature=0.0)).result()[0]
+    prompt = chat.render(CHATS[0], tok, for_generation=True)[0].tolist()
+    ours = Engine(GPT(loaded.cfg.model), loaded.params, None, slots=1).generate(
+        [prompt], SamplingParams(max_tokens=8, temperature=0.0, stop_ids=lay.stop_ids(tok)))[0]
+    with torch.no_grad():  # (the prompt holds id 0, bos: the attention mask given, not inferred from a pad id)
+        ref = hf_model(directory).generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                                           max_new_tokens=8, do_sample=False, eos_token_id=list(lay.stop_ids(tok)),
+                                           pad_token_id=0)[0, len(prompt):].tolist()
+    ref = list(itertools.takewhile(lambda t: t not in lay.stop_ids(tok), ref))  # HF keeps the stop token
+    assert ours == ref and reply.text == tok.decode(ours)
 
 
 def edit_config(directory, tmp_path, **changes):
