@@ -42,6 +42,7 @@ class ModelConfig:
                                      # erf; relu2: relu(x)^2 (Primer), two matrices like gelu
     position: Literal["learned", "rope"] | None = None
     bias: bool | None = None         # biases in projections and norms
+    qkv_bias: bool = False           # biases on the query, key and value projections alone (Qwen2)
     tie_embeddings: bool | None = None
     rope_theta: float = 10000.0
     # RoPE's frequencies stretched for a context longer than pretraining's (Hugging Face's rope types):

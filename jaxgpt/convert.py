@@ -4,10 +4,11 @@
     python -m jaxgpt.convert to-hf RUN_OR_EXPORT DIR [to_hf.dtype=bfloat16 to_hf.max_shard_mb=N]
 
 from-hf reads config.json and model.safetensors (or the shards of model.safetensors.index.json) of
-a GPT2LMHeadModel or LlamaForCausalLM (its RoPE plain, linear or scaled as Llama 3.1's) into a jaxgpt
-export, which all that takes a run takes (evaluate, sample, talk, serve, train.init_from); what jaxgpt
-cannot express is refused by its config key. The export keeps the model's own config, tokenizer and generation files under hf/, so that to-hf
-carries over what jaxgpt does not model (bos/eos ids, chat template), and converted.json.
+a GPT2LMHeadModel, LlamaForCausalLM (its RoPE plain, linear or scaled as Llama 3.1's) or Qwen2ForCausalLM
+(a Llama with biases on q, k and v: model.qkv_bias) into a jaxgpt export, which all that takes a run
+takes (evaluate, sample, talk, serve, train.init_from); what jaxgpt cannot express is refused by its
+config key. The export keeps the model's own config, tokenizer and generation files under hf/, so that
+to-hf carries over what jaxgpt does not model (bos/eos ids, chat template), and converted.json.
 
 Tokenizers: GPT-2's own vocabulary becomes tiktoken's gpt2 encoding, any other tokenizer.json is
 read by the `tokenizers` library (tokenizer.py's hf kind). jaxgpt's chat specials take the model's
@@ -36,8 +37,8 @@ from jaxgpt.config import Config, FromHfConfig, HfCommand, ModelConfig, ToHfConf
 from jaxgpt.errors import JaxgptError
 from jaxgpt.tokenizer import FORMAT, SPECIAL_TOKENS, Tokenizer, _load_hf, _official, byte_level_chars
 
-GPT2, LLAMA = "GPT2LMHeadModel", "LlamaForCausalLM"
-MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA}
+GPT2, LLAMA, QWEN2 = "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM"
+MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "qwen2": QWEN2}
 # the model's own files an export keeps under hf/ (and to-hf writes back)
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
@@ -145,10 +146,10 @@ def _refuse(where: Path, key: str, value, why: str):
 def architecture(hf: dict, where: Path) -> str:
     archs = hf.get("architectures") or [MODEL_TYPES.get(hf.get("model_type"), "")]
     for arch in archs:
-        if arch in (GPT2, LLAMA):
+        if arch in (GPT2, LLAMA, QWEN2):
             return arch
     raise ConvertError(f"{where}: architectures={json.dumps(archs)} (model_type={hf.get('model_type')!r}): "
-                       f"jaxgpt converts {GPT2} and {LLAMA}")
+                       f"jaxgpt converts {GPT2}, {LLAMA} and {QWEN2}")
 
 
 def model_config(arch: str, hf: dict, where: Path, seq_len: int = 0) -> ModelConfig:
@@ -173,7 +174,9 @@ def model_config(arch: str, hf: dict, where: Path, seq_len: int = 0) -> ModelCon
                            norm_eps=hf.get("layer_norm_epsilon", 1e-5), init_std=hf.get("initializer_range", 0.02))
     if hf.get("hidden_act", "silu") != "silu":
         _refuse(where, "hidden_act", hf["hidden_act"], "jaxgpt's SwiGLU gates with silu")
-    if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+    if arch == QWEN2 and hf.get("use_sliding_window", False):
+        _refuse(where, "use_sliding_window", True, "jaxgpt's attention sees the whole context")
+    if arch == LLAMA and hf.get("attention_bias", False) != hf.get("mlp_bias", False):
         _refuse(where, "attention_bias", hf.get("attention_bias", False), f"with mlp_bias="
                 f"{json.dumps(hf.get('mlp_bias', False))}: jaxgpt's model.bias puts biases on all projections or none")
     D, H = get("hidden_size"), get("num_attention_heads")
@@ -182,7 +185,8 @@ def model_config(arch: str, hf: dict, where: Path, seq_len: int = 0) -> ModelCon
     return ModelConfig(preset="llama", vocab_size=get("vocab_size"), n_layer=get("num_hidden_layers"), n_head=H,
                        n_kv_head=hf.get("num_key_value_heads") or H, d_model=D, d_ff=get("intermediate_size"),
                        seq_len=seq_len or get("max_position_embeddings"), norm="rmsnorm", mlp="swiglu",
-                       position="rope", bias=bool(hf.get("attention_bias", False)),
+                       position="rope", bias=arch == LLAMA and bool(hf.get("attention_bias", False)),
+                       qkv_bias=arch == QWEN2,  # Qwen2: biases on q, k and v, none elsewhere
                        tie_embeddings=hf.get("tie_word_embeddings", False), **rope_config(hf, where),
                        norm_eps=hf.get("rms_norm_eps", 1e-6), init_std=hf.get("initializer_range", 0.02))
 
@@ -226,8 +230,9 @@ def hf_rope(m: ModelConfig) -> dict:
 
 
 def hf_architecture(m: ModelConfig) -> str:
-    """The HF architecture a jaxgpt model is: learned positions make it GPT-2, RoPE Llama."""
-    arch = GPT2 if m.position == "learned" else LLAMA
+    """The HF architecture a jaxgpt model is: learned positions make it GPT-2, RoPE Llama (Qwen2 with
+    biases on q, k and v alone)."""
+    arch = GPT2 if m.position == "learned" else QWEN2 if m.qkv_bias and not m.bias else LLAMA
     wanted = dict(norm="layernorm", mlp=("gelu", "gelu_exact"), bias=True, n_kv_head=m.n_head) if arch == GPT2 \
         else dict(norm="rmsnorm", mlp=("swiglu",))
     for key, ok in {**wanted, "qk_norm": False, "logit_softcap": 0.0}.items():
@@ -249,11 +254,13 @@ def hf_config(arch: str, m: ModelConfig, vocab_size: int, base: dict | None, tok
         if base is None:  # jaxgpt's one dropout acts on embeddings and the residual stream, not attention
             fields.update(embd_pdrop=m.dropout, resid_pdrop=m.dropout, attn_pdrop=0.0)
     else:
-        fields = dict(model_type="llama", hidden_size=m.d_model, num_hidden_layers=m.n_layer,
+        fields = dict(model_type="llama" if arch == LLAMA else "qwen2", hidden_size=m.d_model,
+                      num_hidden_layers=m.n_layer,
                       num_attention_heads=m.n_head, num_key_value_heads=m.n_kv_head, head_dim=m.head_dim,
                       intermediate_size=m.d_ff, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, hidden_act="silu",
                       max_position_embeddings=max(m.seq_len, (base or {}).get("max_position_embeddings", 0)),
-                      attention_bias=m.bias, mlp_bias=m.bias)
+                      **(dict(attention_bias=m.bias, mlp_bias=m.bias) if arch == LLAMA else
+                         dict(use_sliding_window=False)))
         # transformers 5 writes (and reads first) rope_parameters; 4 reads rope_theta and rope_scaling
         rope, scaling = hf_rope(m), None
         if rope["rope_type"] != "default":
@@ -281,9 +288,16 @@ LAYERS = {  # (name prefix of layer i, weights stored [out, in] (torch Linear) r
         "self_attn.v_proj": ("v",), "self_attn.o_proj": ("o",), "post_attention_layernorm": ("norm_mlp",),
         "mlp.gate_proj": ("gate",), "mlp.up_proj": ("up",), "mlp.down_proj": ("down",)}),
 }
+LAYERS[QWEN2] = LAYERS[LLAMA]  # the same tensors, with q, k and v's biases
 TOP = {GPT2: {"wte": "transformer.wte.weight", "wpe": "transformer.wpe.weight",
               "norm_out/scale": "transformer.ln_f.weight", "norm_out/bias": "transformer.ln_f.bias"},
        LLAMA: {"wte": "model.embed_tokens.weight", "norm_out/scale": "model.norm.weight"}}
+TOP[QWEN2] = TOP[LLAMA]
+
+
+def biased(m: ModelConfig) -> set[str]:
+    """The parts that have a bias: all with model.bias, q, k and v with model.qkv_bias."""
+    return {"q", "k", "v", "o", "gate", "up", "down"} if m.bias else {"q", "k", "v"} if m.qkv_bias else set()
 
 
 def part_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -301,10 +315,12 @@ def unpack(p: dict[str, np.ndarray], b: str, m: ModelConfig) -> dict[str, np.nda
              "o": p[b + "attn/wo/w"].reshape(-1, D), "down": p[b + "mlp/w_down/w"],
              # swiglu's w_up is [D, 2, F]: index 0 the gate (through silu), 1 the up projection
              **({"gate": up[:, 0], "up": up[:, 1]} if m.mlp == "swiglu" else {"up": up})}
+    if "q" in biased(m):
+        kv_2xKE = p[b + "attn/wkv/b"].reshape(2, -1)
+        parts.update({"q.b": p[b + "attn/wq/b"].reshape(-1), "k.b": kv_2xKE[0], "v.b": kv_2xKE[1]})
     if m.bias:
-        kv_2xKE, up_b = p[b + "attn/wkv/b"].reshape(2, -1), p[b + "mlp/w_up/b"]
-        parts.update({"q.b": p[b + "attn/wq/b"].reshape(-1), "k.b": kv_2xKE[0], "v.b": kv_2xKE[1],
-                      "o.b": p[b + "attn/wo/b"], "down.b": p[b + "mlp/w_down/b"],
+        up_b = p[b + "mlp/w_up/b"]
+        parts.update({"o.b": p[b + "attn/wo/b"], "down.b": p[b + "mlp/w_down/b"],
                       **({"gate.b": up_b[0], "up.b": up_b[1]} if m.mlp == "swiglu" else {"up.b": up_b})})
     if m.bias and m.norm == "layernorm":
         parts.update({"norm_attn.b": p[b + "norm_attn/bias"], "norm_mlp.b": p[b + "norm_mlp/bias"]})
@@ -320,11 +336,12 @@ def pack(parts: dict[str, np.ndarray], b: str, m: ModelConfig) -> dict[str, np.n
          b + "attn/wkv/w": np.stack([parts["k"], parts["v"]], 1).reshape(D, 2, K, E),
          b + "mlp/w_up/w": np.stack([parts["gate"], parts["up"]], 1) if glu else parts["up"],
          b + "mlp/w_down/w": parts["down"]}
+    if "q" in biased(m):
+        p.update({b + "attn/wq/b": parts["q.b"].reshape(H, E),
+                  b + "attn/wkv/b": np.stack([parts["k.b"], parts["v.b"]]).reshape(2, K, E)})
     if m.bias:
-        p.update({b + "attn/wq/b": parts["q.b"].reshape(H, E), b + "attn/wo/b": parts["o.b"],
-                  b + "attn/wkv/b": np.stack([parts["k.b"], parts["v.b"]]).reshape(2, K, E),
-                  b + "mlp/w_up/b": np.stack([parts["gate.b"], parts["up.b"]]) if glu else parts["up.b"],
-                  b + "mlp/w_down/b": parts["down.b"]})
+        p.update({b + "attn/wo/b": parts["o.b"], b + "mlp/w_down/b": parts["down.b"],
+                  b + "mlp/w_up/b": np.stack([parts["gate.b"], parts["up.b"]]) if glu else parts["up.b"]})
     if m.bias and m.norm == "layernorm":
         p.update({b + "norm_attn/bias": parts["norm_attn.b"], b + "norm_mlp/bias": parts["norm_mlp.b"]})
     return p
@@ -349,7 +366,7 @@ def params_from_hf(w: Weights, arch: str, m: ModelConfig) -> dict[str, np.ndarra
             splits = np.cumsum(sizes)[:-1]
             w_INxOUT = w(h + ".weight", (sum(sizes), fan_in)).T if out_in else w(h + ".weight", (fan_in, sum(sizes)))
             parts.update(zip(held, np.split(w_INxOUT, splits, axis=1)))
-            if m.bias:
+            if held[0] in biased(m):
                 parts.update(zip([part + ".b" for part in held], np.split(w(h + ".bias", (sum(sizes),)), splits)))
         flat.update(pack(parts, f"block_{i}/", m))
     if not m.tie_embeddings:

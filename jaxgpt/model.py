@@ -185,13 +185,14 @@ class Dense(nn.Module):
     std: float
     split: bool = False
     activation: str = ""  # kernels.ACTIVATIONS' name, applied to x @ w + b (not with split)
+    bias: bool | None = None  # None: cfg.bias
 
     @nn.compact
     def __call__(self, x):
         w = self.param("w", logical(nn.initializers.normal(self.std), *self.names),
                        self.shape_in + self.shape_out)
         b = (self.param("b", logical(nn.initializers.zeros, *self.names[len(self.shape_in):]), self.shape_out)
-             if self.cfg.bias else None)
+             if (self.cfg.bias if self.bias is None else self.bias) else None)
         if not self.split:
             return self._apply(x, w, b, self.shape_out)
         axis = len(self.shape_in)  # w's first output axis
@@ -230,9 +231,11 @@ class Attention(nn.Module):
     def __call__(self, x_BxLxD, mask_BxLxS, positions_BxL, cache=None):
         cfg = self.cfg
         D, H, K, E = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        q_BxLxHxE = Dense((D,), (H, E), ("embed", "heads", "head_dim"), cfg, cfg.init_std, name="wq")(x_BxLxD)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        q_BxLxHxE = Dense((D,), (H, E), ("embed", "heads", "head_dim"), cfg, cfg.init_std, bias=qkv_bias,
+                          name="wq")(x_BxLxD)
         kv_BxLx2xKxE = Dense((D,), (2, K, E), ("embed", None, "kv_heads", "head_dim"), cfg, cfg.init_std,
-                             name="wkv")(x_BxLxD)
+                             bias=qkv_bias, name="wkv")(x_BxLxD)
         # to heads-first, once for q and once for k and v together
         q_BxHxLxE = q_BxLxHxE.transpose(0, 2, 1, 3)
         k_BxKxLxE, v_BxKxLxE = kv_BxLx2xKxE.transpose(2, 0, 3, 1, 4)

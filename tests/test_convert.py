@@ -75,9 +75,16 @@ def hf_dirs(tmp_path_factory):
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}))
     linear = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=211, **llama, rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 3.0}))
+    # Qwen2 (Qwen2.5's architecture): a Llama with biases on q, k and v alone, here drawn at random (HF starts them at 0)
+    qwen2 = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=n_tok, num_key_value_heads=2, tie_word_embeddings=True, **llama))
+    with torch.no_grad():
+        for name, x in qwen2.named_parameters():
+            if name.endswith("_proj.bias"):
+                x.normal_(0.0, 0.1)
     return {"gpt2": save_hf(root / "gpt2", gpt2, tok_json), "gqa": save_hf(root / "gqa", gqa, tok_json),
             "tied": save_hf(root / "tied", tied), "llama3": save_hf(root / "llama3", llama3, tok_json),
-            "linear": save_hf(root / "linear", linear),
+            "linear": save_hf(root / "linear", linear), "qwen2": save_hf(root / "qwen2", qwen2, tok_json),
             "sharded": save_hf(root / "sharded", gqa, tok_json, max_shard_size="60KB")}
 
 
@@ -102,7 +109,7 @@ def jax_logits(export_dir, tokens_BxL) -> np.ndarray:
     return np.asarray(jax.jit(GPT(loaded.cfg.model).apply)(loaded.params, jnp.asarray(tokens_BxL)))  # one compile
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gqa", "tied", "llama3", "linear"])
+@pytest.mark.parametrize("name", ["gpt2", "gqa", "tied", "llama3", "linear", "qwen2"])
 def test_logits_equal_transformers(hf_dirs, exports, name):
     out, summary = exports[name]
     n = summary["hf_vocab_size"]
@@ -132,6 +139,10 @@ def test_config_and_tokenizer_mapping(exports):
     assert (m3.rope_scaling, m3.rope_theta, m3.rope_factor, m3.rope_low_freq_factor, m3.rope_high_freq_factor,
             m3.rope_original_context, m3.seq_len, m3.tie_embeddings) == ("llama3", 500.0, 4.0, 1.0, 4.0, 64, 256, True)
     assert (linear.rope_scaling, linear.rope_factor) == ("linear", 3.0) and m.rope_scaling == "none"
+    qwen2 = runs.saved_config(exports["qwen2"][0]).model
+    assert (qwen2.qkv_bias, qwen2.bias, m.qkv_bias) == (True, False, False)
+    attn = runs.load(exports["qwen2"][0]).params["block_0"]["attn"]
+    assert {name for name, leaves in attn.items() if "b" in leaves} == {"wq", "wkv"}  # none on wo
     assert s_tied["tokenizer"] is None and (tied / runs.NO_TOKENIZER).is_file()
 
 
@@ -191,7 +202,7 @@ def test_gpt2_vocabulary_becomes_tiktoken_gpt2(monkeypatch):
     assert all(tok.encode(t) == hf.encode(t).ids for t in TEXTS)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gqa", "tied", "llama3"])
+@pytest.mark.parametrize("name", ["gpt2", "gqa", "tied", "llama3", "qwen2"])
 def test_to_hf_gives_back_the_same_tensors(hf_dirs, exports, name, tmp_path):
     summary = convert.to_hf(str(exports[name][0]), tmp_path / "back")
     original = safetensors_numpy.load_file(hf_dirs[name] / "model.safetensors")
@@ -210,7 +221,7 @@ def test_to_hf_gives_back_the_same_tensors(hf_dirs, exports, name, tmp_path):
         assert fast(TEXTS[1], add_special_tokens=False)["input_ids"] == runs.tokenizer(exports[name][0]).encode(TEXTS[1])
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gqa", "llama3"])
+@pytest.mark.parametrize("name", ["gpt2", "gqa", "llama3", "qwen2"])
 def test_greedy_generation_equals_transformers(hf_dirs, exports, name):
     loaded = runs.load(exports[name][0], XLA)
     prompt = loaded.tokenizer.encode("ROMEO: the night")
@@ -281,15 +292,22 @@ def test_an_imported_model_fine_tunes_and_goes_back(exports, make_config, tmp_pa
     assert np.abs(hf_logits(tmp_path / "hf", tokens_BxL) - jax_logits(tmp_path / "ft" / "export", tokens_BxL)).max() < 1e-4
 
 
-@pytest.mark.parametrize("scaling", [{}, {"rope_scaling": "llama3", "rope_factor": 8.0, "rope_original_context": 16}])
-def test_a_native_model_goes_to_transformers(make_config, text_file, tmp_path, scaling):
+@pytest.mark.parametrize("variant", [{}, {"rope_scaling": "llama3", "rope_factor": 8.0, "rope_original_context": 16},
+                                     {"qkv_bias": True}])
+def test_a_native_model_goes_to_transformers(make_config, text_file, tmp_path, variant):
     """A jaxgpt llama-preset model with a trained BPE: to-hf writes a model and a tokenizer.json
-    that transformers loads, with the same logits and the same ids (RoPE scaled or not)."""
-    cfg = make_config(preset="llama", model={"vocab_size": 320, "rope_theta": 1000.0, **scaling})
+    that transformers loads, with the same logits and the same ids (RoPE scaled or not; with biases on
+    q, k and v, as a Qwen2)."""
+    cfg = make_config(preset="llama", model={"vocab_size": 320, "rope_theta": 1000.0, **variant})
     tok = Tokenizer.train_bpe([text_file.read_text()], 300)
     params = GPT(cfg.model).init(jax.random.key(0))
+    # biases start at 0: draw them, so that their place in the HF model counts
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.random.normal(jax.random.key(1), x.shape) * 0.1 if path[-1].key == "b" else x, params)
     export.export(tmp_path / "native", cfg, jax.device_get(params), tok)
     convert.to_hf(str(tmp_path / "native"), tmp_path / "hf")
+    architecture = "Qwen2ForCausalLM" if variant.get("qkv_bias") else "LlamaForCausalLM"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [architecture]
     tokens_BxL = np.random.default_rng(0).integers(0, 320, (1, 24))
     assert np.abs(hf_logits(tmp_path / "hf", tokens_BxL) - jax_logits(tmp_path / "native", tokens_BxL)).max() < 1e-4
     fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -423,6 +441,8 @@ def test_bad_inputs_fail_in_one_line(hf_dirs, tmp_path, capsys, monkeypatch):
         capsys, ["from-hf", str(bad), out])
     bad = edit_config(llama, tmp_path / "b3", partial_rotary_factor=0.5)
     assert "partial_rotary_factor=0.5" in one_line_error(capsys, ["from-hf", str(bad), out])
+    bad = edit_config(hf_dirs["qwen2"], tmp_path / "b4", use_sliding_window=True)
+    assert "use_sliding_window=true" in one_line_error(capsys, ["from-hf", str(bad), out])
     bad = edit_config(llama, tmp_path / "c", attention_bias=True)
     assert "attention_bias=true" in one_line_error(capsys, ["from-hf", str(bad), out])
     bad = edit_config(llama, tmp_path / "d", head_dim=8)
