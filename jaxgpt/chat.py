@@ -31,7 +31,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jaxgpt.dialogs import ChatDataError, Conversation, load, read_jsonl, split, validate, write_jsonl
+from jaxgpt.dialogs import ROLES, ChatDataError, Conversation, load, read_jsonl, split, validate, write_jsonl
+from jaxgpt.errors import TokenizerError
 from jaxgpt.tokenizer import Tokenizer
 
 
@@ -65,34 +66,34 @@ def is_token(piece: str) -> bool:
 
 # jaxgpt's own (the module docstring), and the formats of imported chat models (Tokenizer.chat_format, set by
 # convert from the model's template): ChatML (SmolLM2, Qwen2.5: <|im_start|>user\n...<|im_end|>\n) and
-# Llama 3's (<|start_header_id|>user<|end_header_id|>\n\n...<|eot_id|>). Their first special tokens must
-# be the tokenizer's special tokens.
+# Llama 3's (<|start_header_id|>user<|end_header_id|>\n\n...<|eot_id|>). Every <|...|> piece must be a
+# special token of the tokenizer.
 CHAT_FORMATS = {
     "jaxgpt": ChatFormat(bos=("<|bos|>",), start=("<|{role}_start|>",), end=("<|{role}_end|>",)),
     "chatml": ChatFormat(bos=(), start=("<|im_start|>", "{role}\n"), end=("<|im_end|>", "\n")),
     "llama3": ChatFormat(bos=("<|begin_of_text|>",), start=("<|start_header_id|>", "{role}", "<|end_header_id|>",
                                                           "\n\n"), end=("<|eot_id|>",)),
 }
-ROLES = ("system", "user", "assistant")
 
 
 class Layout:
-    """A tokenizer's chat format in ids: the bos ids, and each role's start and end ids."""
+    """A tokenizer's chat format in ids: the bos ids, each role's start and end ids, and what ends a
+    reply (stop_ids: the assistant's end, a user's start for a model that goes on to write the next
+    turn, end of text)."""
 
     def __init__(self, tokenizer: Tokenizer):
+        if tokenizer.chat_format not in CHAT_FORMATS:  # a hand-edited tokenizer.json
+            raise TokenizerError(f"'{tokenizer.name}': chat_format {tokenizer.chat_format!r} is not one of "
+                                 f"{', '.join(CHAT_FORMATS)}")
         fmt = CHAT_FORMATS[tokenizer.chat_format]
         self.bos = fmt.pieces(tokenizer, fmt.bos)
         self.start = {role: fmt.pieces(tokenizer, fmt.start, role) for role in ROLES}
         self.end = {role: fmt.pieces(tokenizer, fmt.end, role) for role in ROLES}
+        self.stop_ids = (self.end["assistant"][0], self.start["user"][0], tokenizer.eot_id)
 
     def overhead(self, role: str) -> int:
         """The ids a message adds around its content."""
         return len(self.start[role]) + len(self.end[role])
-
-    def stop_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
-        """What ends a reply: the assistant's end, a user's start (a model that goes on to write the
-        next turn), end of text."""
-        return (self.end["assistant"][0], self.start["user"][0], tokenizer.eot_id)
 
 
 @functools.lru_cache(maxsize=8)  # per tokenizer object: a data run renders every conversation with one

@@ -244,8 +244,9 @@ class Attention(nn.Module):
             k_BxKxLxE = Norm(cfg, qk=True, name="k_norm")(k_BxKxLxE)
         if cfg.position == "rope":  # positions lie below the context length and the keys' count
             length = max(cfg.seq_len, x_BxLxD.shape[1] if mask_BxLxS is None else mask_BxLxS.shape[-1])
-            q_BxHxLxE = rope(q_BxHxLxE, positions_BxL, rope_frequencies(cfg), length)
-            k_BxKxLxE = rope(k_BxKxLxE, positions_BxL, rope_frequencies(cfg), length)
+            inv_freq_E2 = rope_frequencies(cfg)
+            q_BxHxLxE = rope(q_BxHxLxE, positions_BxL, inv_freq_E2, length)
+            k_BxKxLxE = rope(k_BxKxLxE, positions_BxL, inv_freq_E2, length)
         if cache is not None:  # write the new keys at each row's position, attend over the cache
             cache = {"k": write_cache(cache["k"], k_BxKxLxE.astype(cfg.dtype), positions_BxL[:, 0]),
                      "v": write_cache(cache["v"], v_BxKxLxE.astype(cfg.dtype), positions_BxL[:, 0])}

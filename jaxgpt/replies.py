@@ -255,8 +255,8 @@ class Service:
             n = len(full if full is not None else chat.render(messages, self.tokenizer, for_generation=True)[0])
             raise ValueError(f"messages: {n} prompt tokens plus max_tokens={params.max_tokens} exceed the "
                              f"model's context of {seq_len} tokens")
-        stop_ids = chat.layout(self.tokenizer).stop_ids(self.tokenizer)
-        return self.complete(ids.tolist(), dataclasses.replace(params, stop_ids=params.stop_ids + stop_ids))
+        stop_ids = params.stop_ids + chat.layout(self.tokenizer).stop_ids
+        return self.complete(ids.tolist(), dataclasses.replace(params, stop_ids=stop_ids))
 
     def load(self) -> dict:
         """What a metrics endpoint shows: busy slots, queue depth, screening decisions."""

@@ -311,9 +311,6 @@ class Tokenizer:
             raise TokenizerError(f"{token!r} is not a special token of '{self.name}'; known: {known}")
         return self._specials[token]
 
-    def has_special(self, token: str) -> bool:
-        return token in self._specials
-
     def is_special(self, id: int) -> bool:  # noqa: A002 - the interface's name
         return int(id) in self._special_ids
 

@@ -157,6 +157,18 @@ def test_truncation_keeps_the_most_pairs_that_fit_in_every_format(chat_format):
     assert prompt.tolist() == render(long, tok, for_generation=True)[0].tolist()
 
 
+def test_a_format_the_tokenizer_cannot_write_is_one_line():
+    from jaxgpt.errors import TokenizerError
+    unknown = Tokenizer("byte-x", pattern=Tokenizer.from_spec("byte")._pattern,
+                        ranks={bytes([i]): i for i in range(256)}, chat_format="zephyr")
+    with pytest.raises(TokenizerError, match="^'byte-x': chat_format 'zephyr' is not one of jaxgpt, chatml, llama3$"):
+        render(CONVERSATION, unknown)
+    no_tokens = Tokenizer("byte-y", pattern=Tokenizer.from_spec("byte")._pattern,
+                          ranks={bytes([i]): i for i in range(256)}, chat_format="chatml")  # no <|im_start|>
+    with pytest.raises(TokenizerError, match="'<\\|im_start\\|>' is not a special token of 'byte-y'"):
+        render(CONVERSATION, no_tokens)
+
+
 def test_special_token_text_in_content_stays_text(byte):
     conversation = [{"role": "user", "content": "say <|assistant_end|>"}, {"role": "assistant", "content": "<|bos|>"}]
     ids, mask = render(conversation, byte)

@@ -379,19 +379,19 @@ def test_an_imported_chat_model_talks_in_its_own_template(chat_models, name):
     assert ids[mask].tolist() == trained and ids[len(ids) - len(trained):].tolist() == trained
     lay = chat.layout(tok)
     start = "<|im_start|>" if name == "chatml" else "<|start_header_id|>"
-    assert lay.stop_ids(tok)[:2] == (tok.special_id(end), tok.special_id(start))
+    assert lay.stop_ids[:2] == (tok.special_id(end), tok.special_id(start))
     # the engine stops there: a reply ends at the model's end token, which it never shows
     loaded = runs.load(export_dir, XLA)
     with Service(Engine(GPT(loaded.cfg.model), loaded.params, tok, slots=1), tok) as service:
         reply = service.chat(CHATS[0], SamplingParams(max_tokens=8, temperature=0.0)).result()[0]
     prompt = chat.render(CHATS[0], tok, for_generation=True)[0].tolist()
     ours = Engine(GPT(loaded.cfg.model), loaded.params, None, slots=1).generate(
-        [prompt], SamplingParams(max_tokens=8, temperature=0.0, stop_ids=lay.stop_ids(tok)))[0]
+        [prompt], SamplingParams(max_tokens=8, temperature=0.0, stop_ids=lay.stop_ids))[0]
     with torch.no_grad():  # (the prompt holds id 0, bos: the attention mask given, not inferred from a pad id)
         ref = hf_model(directory).generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
-                                           max_new_tokens=8, do_sample=False, eos_token_id=list(lay.stop_ids(tok)),
+                                           max_new_tokens=8, do_sample=False, eos_token_id=list(lay.stop_ids),
                                            pad_token_id=0)[0, len(prompt):].tolist()
-    ref = list(itertools.takewhile(lambda t: t not in lay.stop_ids(tok), ref))  # HF keeps the stop token
+    ref = list(itertools.takewhile(lambda t: t not in lay.stop_ids, ref))  # HF keeps the stop token
     assert ours == ref and reply.text == tok.decode(ours)
 
 
