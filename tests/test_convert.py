@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import corpus, leaves_equal
-from jaxgpt import chat, config as config_lib, convert, export, runs, sample, train as train_lib
+from conftest import corpus, leaves_equal, synthetic
+from jaxgpt import chat, config as config_lib, convert, data, dialogs, export, runs, sample, train as train_lib
 from jaxgpt.errors import CheckpointError
 from jaxgpt.generate import Engine, SamplingParams
 from jaxgpt.replies import Service
@@ -393,6 +393,26 @@ def test_an_imported_chat_model_talks_in_its_own_template(chat_models, name):
                                            pad_token_id=0)[0, len(prompt):].tolist()
     ref = list(itertools.takewhile(lambda t: t not in lay.stop_ids, ref))  # HF keeps the stop token
     assert ours == ref and reply.text == tok.decode(ours)
+
+
+def test_an_imported_chat_model_fine_tunes_in_its_own_template(chat_models, make_config, tmp_path):
+    """SFT from a ChatML model (train.init_from) trains on ChatML rows, with the loss on each reply and its
+    <|im_end|>, and its export keeps the format for talk and serve."""
+    export_dir = Path(chat_models["chatml"][1]["export"])
+    path = dialogs.write_jsonl(tmp_path / "c.jsonl", synthetic(40))
+    cfg = make_config(tmp_path / "ft", data={"chat": f"jsonl:{path}", "batch_size": 4, "tokenizer": str(export_dir)},
+                      train={"steps": 3, "log_every": 1, "eval_every": 0, "init_from": str(export_dir)})
+    cfg = config_lib.validate(dataclasses.replace(cfg, model=runs.saved_config(export_dir).model))
+    tok = runs.tokenizer(export_dir)
+    batch = data.open_batches(cfg).batch_at(0)
+    inputs, targets, mask = (np.asarray(batch[k]) for k in ("inputs", "targets", "loss_mask"))
+    mask = mask.astype(bool)
+    assert (inputs == tok.special_id("<|im_start|>")).sum() > 0 and not (inputs == tok.special_id("<|user_start|>")).any()
+    assert mask.any() and (targets[mask] == tok.special_id("<|im_end|>")).any()
+    assert not (targets[mask] == tok.special_id("<|im_start|>")).any()  # a turn's start is never trained
+    logged = train_lib.train(cfg, devices=jax.devices()[:1])
+    assert logged["step"] == 3 and np.isfinite(logged["loss"])
+    assert runs.tokenizer(tmp_path / "ft" / "export").chat_format == "chatml"
 
 
 def edit_config(directory, tmp_path, **changes):
