@@ -47,21 +47,24 @@ class ChatFormat:
     start: tuple[str, ...]
     end: tuple[str, ...]
 
-    def pieces(self, tokenizer: Tokenizer, pieces: tuple[str, ...], role: str = "") -> list[int]:
-        """The ids of some of the format's pieces: <|...|> a special token, anything else text."""
-        ids = []
-        for piece in pieces:
-            piece = piece.replace("{role}", role)
-            ids += [tokenizer.special_id(piece)] if is_token(piece) else tokenizer.encode(piece)
-        return ids
-
-    def tokens(self) -> set[str]:
-        """The special tokens a tokenizer needs for this format."""
-        return {p for p in (*self.bos, *self.start, *self.end) if is_token(p) and "{role}" not in p}
+    def tokens(self, bos: bool = True) -> set[str]:
+        """The special tokens a tokenizer needs for this format (with bos=False, those written around
+        each message: a template writes its bos as a variable)."""
+        pieces = (*self.bos, *self.start, *self.end) if bos else (*self.start, *self.end)
+        return {p for p in pieces if is_token(p) and "{role}" not in p}
 
 
 def is_token(piece: str) -> bool:
     return piece.startswith("<|") and piece.endswith("|>")
+
+
+def piece_ids(tokenizer: Tokenizer, pieces: tuple[str, ...], role: str = "") -> list[int]:
+    """The ids of a format's pieces: <|...|> a special token, anything else text."""
+    ids = []
+    for piece in pieces:
+        piece = piece.replace("{role}", role)
+        ids += [tokenizer.special_id(piece)] if is_token(piece) else tokenizer.encode(piece)
+    return ids
 
 
 # jaxgpt's own (the module docstring), and the formats of imported chat models (Tokenizer.chat_format, set by
@@ -86,9 +89,9 @@ class Layout:
             raise TokenizerError(f"'{tokenizer.name}': chat_format {tokenizer.chat_format!r} is not one of "
                                  f"{', '.join(CHAT_FORMATS)}")
         fmt = CHAT_FORMATS[tokenizer.chat_format]
-        self.bos = fmt.pieces(tokenizer, fmt.bos)
-        self.start = {role: fmt.pieces(tokenizer, fmt.start, role) for role in ROLES}
-        self.end = {role: fmt.pieces(tokenizer, fmt.end, role) for role in ROLES}
+        self.bos = piece_ids(tokenizer, fmt.bos)
+        self.start = {role: piece_ids(tokenizer, fmt.start, role) for role in ROLES}
+        self.end = {role: piece_ids(tokenizer, fmt.end, role) for role in ROLES}
         self.stop_ids = (self.end["assistant"][0], self.start["user"][0], tokenizer.eot_id)
 
     def overhead(self, role: str) -> int:

@@ -318,7 +318,7 @@ def unpack(p: dict[str, np.ndarray], b: str, m: ModelConfig) -> dict[str, np.nda
     if "q" in biased(m):
         kv_2xKE = p[b + "attn/wkv/b"].reshape(2, -1)
         parts.update({"q.b": p[b + "attn/wq/b"].reshape(-1), "k.b": kv_2xKE[0], "v.b": kv_2xKE[1]})
-    if m.bias:
+    if "o" in biased(m):
         up_b = p[b + "mlp/w_up/b"]
         parts.update({"o.b": p[b + "attn/wo/b"], "down.b": p[b + "mlp/w_down/b"],
                       **({"gate.b": up_b[0], "up.b": up_b[1]} if m.mlp == "swiglu" else {"up.b": up_b})})
@@ -339,7 +339,7 @@ def pack(parts: dict[str, np.ndarray], b: str, m: ModelConfig) -> dict[str, np.n
     if "q" in biased(m):
         p.update({b + "attn/wq/b": parts["q.b"].reshape(H, E),
                   b + "attn/wkv/b": np.stack([parts["k.b"], parts["v.b"]]).reshape(2, K, E)})
-    if m.bias:
+    if "o" in biased(m):
         p.update({b + "attn/wo/b": parts["o.b"], b + "mlp/w_down/b": parts["down.b"],
                   b + "mlp/w_up/b": np.stack([parts["gate.b"], parts["up.b"]]) if glu else parts["up.b"]})
     if m.bias and m.norm == "layernorm":
@@ -497,8 +497,8 @@ def chat_format_of(directory: Path, tok_cfg: dict, hf_json: dict) -> str:
         return "jaxgpt"
     specials = {t.get("content") for t in hf_json.get("added_tokens", []) if t.get("special")}
     for name in ("chatml", "llama3"):
-        tokens = chat.CHAT_FORMATS[name].tokens()
-        if all(t in template for t in tokens if t != "<|begin_of_text|>") and tokens <= specials:
+        fmt = chat.CHAT_FORMATS[name]
+        if all(t in template for t in fmt.tokens(bos=False)) and fmt.tokens() <= specials:
             return name
     return "jaxgpt"
 
