@@ -26,8 +26,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxgpt import checkpoint, config as config_lib, data
-from jaxgpt.train import Trainer
+from jaxgpt.store import checkpoint
+from jaxgpt import config as config_lib
+from jaxgpt.data import tokens as data
+from jaxgpt.train.trainer import Trainer
 
 
 def _du(path: Path) -> int:

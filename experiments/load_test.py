@@ -77,9 +77,11 @@ def random_init_export(preset: str, tokenizer_from: str, overrides: list[str], o
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
-    from jaxgpt import config as config_lib, export, runs
+    from jaxgpt import config as config_lib
+    from jaxgpt.store import export
+    from jaxgpt.store import runs
     from jaxgpt.errors import JaxgptError
-    from jaxgpt.model import GPT
+    from jaxgpt.model.gpt import GPT
 
     path = ROOT / "experiments/configs" / f"{preset}.py"
     if not path.is_file():

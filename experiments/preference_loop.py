@@ -32,9 +32,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from jaxgpt import chat, evaluate, hardware, preference, reply_quality, runs  # noqa: E402
-from jaxgpt import train as train_lib  # noqa: E402
-from jaxgpt.generate import SamplingParams  # noqa: E402
+from jaxgpt.data import chat  # noqa: E402
+from jaxgpt.train import evaluate  # noqa: E402
+from jaxgpt import hardware  # noqa: E402
+from jaxgpt.train import dpo as preference  # noqa: E402
+import reply_quality  # noqa: E402
+from jaxgpt.store import runs  # noqa: E402
+from jaxgpt.train import trainer as train_lib  # noqa: E402
+from jaxgpt.generate.engine import SamplingParams  # noqa: E402
 
 
 def asks_back(text: str) -> bool:

@@ -25,11 +25,21 @@ import sys
 import time
 from pathlib import Path
 
-from jaxgpt import bench, chat, cli, dialogs, evaluate, export, hardware, prepare, reply_quality, runs, sample
+from jaxgpt.perf import bench
+from jaxgpt.data import chat
+from jaxgpt import cli
+from jaxgpt.data import dialogs
+from jaxgpt.train import evaluate
+from jaxgpt.store import export
+from jaxgpt import hardware
+from jaxgpt.data import prepare
+import reply_quality
+from jaxgpt.store import runs
+from jaxgpt.generate import sample
 from jaxgpt import config as config_lib
-from jaxgpt import train as train_lib
-from jaxgpt.generate import SamplingParams
-from jaxgpt.model import GPT
+from jaxgpt.train import trainer as train_lib
+from jaxgpt.generate.engine import SamplingParams
+from jaxgpt.model.gpt import GPT
 
 ROOT = Path(__file__).resolve().parents[1]  # the config files are read from the checkout
 

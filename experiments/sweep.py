@@ -32,10 +32,13 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import quickstart  # noqa: E402
 
-from jaxgpt import chat, hardware, reply_quality, runs  # noqa: E402
+from jaxgpt.data import chat  # noqa: E402
+from jaxgpt import hardware  # noqa: E402
+import reply_quality  # noqa: E402
+from jaxgpt.store import runs  # noqa: E402
 from jaxgpt import config as config_lib  # noqa: E402
-from jaxgpt import train as train_lib  # noqa: E402
-from jaxgpt.generate import SamplingParams  # noqa: E402
+from jaxgpt.train import trainer as train_lib  # noqa: E402
+from jaxgpt.generate.engine import SamplingParams  # noqa: E402
 
 LR = lambda peak: [f"optim.lr={peak:g}", f"optim.min_lr={peak / 10:g}"]  # noqa: E731
 

@@ -15,7 +15,8 @@ import re
 import sys
 from typing import Any, Callable
 
-from jaxgpt import hardware, overrides
+from jaxgpt import hardware
+from jaxgpt import overrides
 from jaxgpt.errors import ConfigError, JaxgptError
 
 _OVERRIDE = re.compile(r"^-{0,2}[A-Za-z_]\w*\.\w+=")

@@ -77,7 +77,7 @@ def corpus(n_chars: int = 60_000, seed: int = 0) -> str:
 @pytest.fixture(scope="session", autouse=True)
 def token_cache(tmp_path_factory):
     """Tokenized data goes to a per-session cache (also for subprocesses), never the user's ~/.cache."""
-    from jaxgpt import prepare
+    from jaxgpt.data import prepare
     path = tmp_path_factory.mktemp("jaxgpt_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(prepare, "CACHE", path)
@@ -89,7 +89,7 @@ def token_cache(tmp_path_factory):
 def offline_tiktoken(tmp_path_factory):
     """No test touches the network or a user's files: pretrained encodings come from the packaged
     offline files (module scope, so it is in place before any tokenizer is built)."""
-    from jaxgpt import tokenizer as tk
+    from jaxgpt.data import tokenizer as tk
 
     def no_network(url, sha256):
         raise OSError("network disabled in tests")
@@ -135,7 +135,7 @@ def tiny_run(text_file, tmp_path_factory):
     """One finished 30-step run (run directory, its metrics rows), shared by evaluate and sample tests."""
     import json
 
-    from jaxgpt.train import train
+    from jaxgpt.train.trainer import train
     out_dir = tmp_path_factory.mktemp("runs") / "tiny"
     train(tiny(text_file, out_dir))
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]

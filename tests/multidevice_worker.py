@@ -15,12 +15,12 @@ import sys
 import jax
 import numpy as np
 
-from jaxgpt import sharding
+from jaxgpt.parallel import sharding
 from jaxgpt.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig,
                            validate)
-from jaxgpt.generate import Engine, SamplingParams
-from jaxgpt.model import GPT
-from jaxgpt.train import Trainer
+from jaxgpt.generate.engine import Engine, SamplingParams
+from jaxgpt.model.gpt import GPT
+from jaxgpt.train.trainer import Trainer
 
 # data x fsdp, and all three axes (pure data parallelism is what each of these does on its data axis;
 # tests/test_launch.py trains over processes on both). Each mesh costs a compile of ~20 s on 2 cores.

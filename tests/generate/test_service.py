@@ -1,0 +1,232 @@
+"""Tests for jaxgpt.replies: ids to screened text (UTF-8, stop strings, the screen) and the threaded Service."""
+import threading
+
+import jax
+import numpy as np
+import pytest
+import regex
+
+from jaxgpt.config import ModelConfig, ScreenConfig
+from jaxgpt.generate.engine import Engine, SamplingParams
+from jaxgpt.model.gpt import GPT
+from jaxgpt.generate.service import Service, TextStream
+from jaxgpt.generate.screen import Screen, normalize
+from jaxgpt.data.tokenizer import Tokenizer
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,!?ｆｕｃｋ𝐟\u200b"
+REFUSAL = "Sorry, I can't continue with that."
+
+
+def char_tokenizer():
+    return Tokenizer.from_spec("char", corpus=CHARS)
+
+
+def screen(tmp_path, *phrases, **settings) -> Screen:
+    path = tmp_path / "blocklist.txt"
+    path.write_text("\n".join(phrases) + "\n", encoding="utf-8")
+    return Screen(ScreenConfig(blocklist=str(path), refusal=REFUSAL, **settings))
+
+
+def feed_ids(stream: TextStream, ids, sizes) -> list[str]:
+    """Feed ids in chunks of the given sizes (cycled), then finish: the released deltas."""
+    out, i, k = [], 0, 0
+    while i < len(ids):
+        n = sizes[k % len(sizes)]
+        out.append(stream.add(ids[i:i + n]))
+        i, k = i + n, k + 1
+    out.append(stream.finish())
+    return out
+
+
+# ---- TextStream ----
+
+def test_a_four_byte_character_split_across_tokens_arrives_whole():
+    tok = Tokenizer.from_spec("cl100k_base")
+    text = "ok 😀 then 𝄞 and 中文 done"
+    ids = tok.encode(text)
+    pieces = [tok.decode_bytes([i]) for i in ids]
+    assert any(p and not _is_utf8(p) for p in pieces)  # some token really ends inside a character
+    deltas = feed_ids(TextStream(tok), ids, [1])
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+    assert any("😀" in d for d in deltas) and any("𝄞" in d for d in deltas)
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+@pytest.mark.parametrize("sizes", [[1], [2], [3, 1], [5]])
+def test_stop_strings_never_leak_a_partial_match(sizes):
+    tok = char_tokenizer()
+    text = "one. two , end. three end! four"
+    stream = TextStream(tok, stop=("end!", "xyz"))
+    released = ""
+    for delta in feed_ids(stream, tok.encode(text), sizes):
+        released += delta
+        assert "one. two , end. three ".startswith(released)  # never a piece of "end!"
+    assert released == "one. two , end. three " and stream.finish_reason == "stop"
+
+
+def test_a_text_without_stop_strings_is_released_as_it_comes():
+    tok = char_tokenizer()
+    stream = TextStream(tok, stop=("zz",))
+    assert stream.add(tok.encode("hello z")) == "hello "  # "z" could begin "zz": held
+    assert stream.add(tok.encode("a")) == "za" and stream.finish() == "" and stream.finish_reason is None
+
+
+@pytest.mark.parametrize("text", ["so fuck this", "so FUCK this", "so ｆｕｃｋ this", "so 𝐟uck this",
+                                  "so f\u200bu\u200bck this"])
+@pytest.mark.parametrize("sizes", [[1], [2], [3, 1]])
+def test_a_screened_phrase_never_reaches_the_stream(tmp_path, text, sizes):
+    tok = Tokenizer.from_spec("char", corpus=text)
+    s = screen(tmp_path, "fuck")
+    stream = TextStream(tok, screen=s.stream(), refusal=REFUSAL)
+    deltas = feed_ids(stream, tok.encode(text), sizes)
+    shown = "".join(deltas)
+    assert "fuck" not in normalize(shown)[0] and shown.endswith(REFUSAL)
+    assert shown.removesuffix(REFUSAL).strip() == "so" and stream.finish_reason == "content_filter"
+
+
+# ---- the Service, on a tiny random model with a character vocabulary ----
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = char_tokenizer()
+    cfg = ModelConfig(preset="gpt2", vocab_size=tok.n_vocab, n_layer=2, n_head=2, d_model=32, seq_len=64).resolved()
+    model = GPT(cfg)
+    return model, model.init(jax.random.key(3)), tok
+
+
+def greedy_text(tiny, prompt, n):
+    model, params, tok = tiny
+    [ids] = Engine(model, params, tok, slots=1).generate([tok.encode(prompt)], SamplingParams(temperature=0, max_tokens=n))
+    return tok.decode_bytes(ids).decode()
+
+
+def test_concurrent_callers_get_the_replies_they_would_alone(tiny):
+    model, params, tok = tiny
+    prompts = ["hello", "abc", "what is this", "ok", "z"]
+    settings = [SamplingParams(temperature=0.9, seed=i, max_tokens=6 + i) for i in range(len(prompts))]
+    alone = [tok.decode_bytes(Engine(model, params, tok, slots=1).generate([tok.encode(p)], sp)[0]).decode()
+             for p, sp in zip(prompts, settings)]
+    got = [None] * len(prompts)
+    with Service(Engine(model, params, tok, slots=2), tok) as service:
+        def call(i):
+            stream = service.complete(tok.encode(prompts[i]), settings[i])
+            got[i] = ("".join(d.text for d in stream), stream.result()[0])
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert [text for text, _ in got] == alone
+    assert [reply.text for _, reply in got] == alone
+    assert all(r.finish_reason == "length" and len(r.token_ids) == sp.max_tokens for (_, r), sp in zip(got, settings))
+    assert service.load()["screen"]["passed"] == 0  # no screen given: nothing counted as screened
+
+
+def test_a_phrase_the_model_says_is_screened_end_to_end(tiny, tmp_path):
+    model, params, tok = tiny
+    sp = SamplingParams(temperature=1.0, seed=0, max_tokens=30)
+    [ids] = Engine(model, params, tok, slots=1).generate([tok.encode("hello")], sp)
+    plain = tok.decode_bytes(ids).decode()  # what the model says unscreened, look-alike letters and all
+    words = regex.findall(r"\w+", normalize(plain)[0])
+    assert len(words) >= 2 and any(c not in normalize(c)[0] for c in plain)  # it writes some look-alikes
+    phrase = words[1]
+    # the list writes the word in full-width letters with a zero-width space: the same once normalised
+    disguised = "".join(chr(ord(c) + 0xFEE0) if "a" <= c <= "z" else c for c in phrase)
+    s = screen(tmp_path, disguised[:1] + "\u200b" + disguised[1:])
+    with Service(Engine(model, params, tok, slots=1), tok, s) as service:
+        stream = service.complete(tok.encode("hello"), sp)
+        shown = "".join(d.text for d in stream)
+        [reply] = stream.result()
+    said = shown.removesuffix(REFUSAL).rstrip(" ")
+    assert shown.endswith(REFUSAL) and phrase not in normalize(said)[0]
+    assert plain.startswith(said) and len(normalize(said)[0]) == normalize(plain)[0].index(phrase)  # all before it
+    assert reply.finish_reason == "content_filter" and reply.screened == "blocklist"
+    assert len(reply.token_ids) < 30  # decoding stopped at the match
+    assert s.counts()["blocked_reply"] == 1
+
+
+def test_a_blocked_user_message_gets_the_refusal_without_generating(tiny, tmp_path):
+    model, params, tok = tiny
+    s = screen(tmp_path, "bad word")
+    engine = Engine(model, params, tok, slots=1)
+    with Service(engine, tok, s) as service:
+        stream = service.chat([{"role": "user", "content": "say a BAD  word"}], SamplingParams(max_tokens=5))
+        [reply] = stream.result(5)
+        assert [d.text for d in stream] == [REFUSAL]
+    assert reply.finish_reason == "content_filter" and reply.token_ids == [] and engine._next_id == 0
+    assert s.counts()["blocked_user"] == 1
+
+
+@pytest.mark.parametrize("mode", ["flag", "refuse"])
+def test_low_confidence_replies_are_flagged_or_refused(tiny, mode):
+    model, params, tok = tiny
+    s = Screen(ScreenConfig(blocklist=None, min_mean_logprob=0.0, low_confidence=mode, refusal=REFUSAL))
+    with Service(Engine(model, params, tok, slots=1), tok, s) as service:
+        stream = service.complete(tok.encode("hello"), SamplingParams(temperature=0, max_tokens=8))
+        deltas = list(stream)
+        [reply] = stream.result()
+    assert reply.flagged and reply.mean_logprob == pytest.approx(np.mean(reply.logprobs)) and reply.mean_logprob < 0
+    if mode == "flag":
+        assert reply.text == greedy_text(tiny, "hello", 8) and reply.finish_reason == "length"
+        assert s.counts()["low_confidence_flagged"] == 1
+    else:  # nothing was shown before the verdict
+        assert [d.text for d in deltas] == [""] * (len(deltas) - 1) + [REFUSAL]
+        assert reply.text == REFUSAL and reply.finish_reason == "content_filter"
+        assert s.counts()["low_confidence_refused"] == 1
+
+
+def test_cancel_stops_a_reply_and_frees_the_slot(tiny):
+    model, params, tok = tiny
+    engine = Engine(model, params, tok, slots=1)
+    with Service(engine, tok) as service:
+        long = service.complete(tok.encode("a"), SamplingParams(temperature=0, max_tokens=10_000))
+        for i, _ in enumerate(long):
+            if i == 2:
+                long.cancel()
+        [reply] = long.result(30)
+        short = service.complete(tok.encode("b"), SamplingParams(temperature=0, max_tokens=3))
+        assert short.result(30)[0].finish_reason == "length"
+    assert reply.finish_reason == "cancelled" and 3 <= len(reply.token_ids) < 100
+
+
+def test_a_failing_step_answers_everyone_and_the_service_goes_on(tiny, monkeypatch):
+    model, params, tok = tiny
+    engine = Engine(model, params, tok, slots=2)
+    real_step, calls = engine.step, []
+
+    def flaky_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the device went away")
+        return real_step()
+    monkeypatch.setattr(engine, "step", flaky_step)
+    with Service(engine, tok) as service:
+        a = service.complete(tok.encode("a"), SamplingParams(temperature=0, max_tokens=20))
+        b = service.complete(tok.encode("b"), SamplingParams(temperature=0, max_tokens=20))
+        failed = [a.result(30)[0], b.result(30)[0]]
+        after = service.complete(tok.encode("hello"), SamplingParams(temperature=0, max_tokens=5)).result(30)[0]
+    assert [r.finish_reason for r in failed] == ["error", "error"]
+    assert failed[0].error == "RuntimeError: the device went away"
+    assert after.finish_reason == "length" and after.text == greedy_text(tiny, "hello", 5)
+
+
+def test_chat_drops_old_turns_to_fit_or_says_which_field(tiny):
+    model, params, tok = tiny
+    turns = [{"role": "system", "content": "be nice"}]
+    for i in range(8):
+        turns += [{"role": "user", "content": f"question {'abc'[i % 3]}"}, {"role": "assistant", "content": "answer ok"}]
+    turns.append({"role": "user", "content": "last one"})
+    with Service(Engine(model, params, tok, slots=1), tok) as service:
+        [reply] = service.chat(turns, SamplingParams(temperature=0, max_tokens=10)).result(30)
+        assert reply.prompt_tokens <= 64 - 10 and reply.finish_reason in ("length", "stop")
+        with pytest.raises(ValueError, match=r"^messages: \d+ prompt tokens plus max_tokens=10 exceed"):
+            service.chat(turns, SamplingParams(max_tokens=10), drop_old_turns=False)
+        with pytest.raises(ValueError, match=r"^top_p=1.5 must be in"):
+            service.complete([1], SamplingParams(top_p=1.5))
