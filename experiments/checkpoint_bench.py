@@ -26,9 +26,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.store import checkpoint
 from jaxgpt import config as config_lib
 from jaxgpt.data import tokens as data
+from jaxgpt.store import checkpoint
 from jaxgpt.train.trainer import Trainer
 
 

@@ -78,10 +78,9 @@ def random_init_export(preset: str, tokenizer_from: str, overrides: list[str], o
     import jax
 
     from jaxgpt import config as config_lib
-    from jaxgpt.store import export
-    from jaxgpt.store import runs
     from jaxgpt.errors import JaxgptError
     from jaxgpt.model.gpt import GPT
+    from jaxgpt.store import export, runs
 
     path = ROOT / "experiments/configs" / f"{preset}.py"
     if not path.is_file():

@@ -32,14 +32,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from jaxgpt.data import chat  # noqa: E402
-from jaxgpt.train import evaluate  # noqa: E402
-from jaxgpt import hardware  # noqa: E402
-from jaxgpt.train import dpo as preference  # noqa: E402
 import reply_quality  # noqa: E402
+
+from jaxgpt import hardware  # noqa: E402
+from jaxgpt.data import chat  # noqa: E402
+from jaxgpt.generate.sampling import SamplingParams  # noqa: E402
 from jaxgpt.store import runs  # noqa: E402
-from jaxgpt.train import trainer as train_lib  # noqa: E402
-from jaxgpt.generate.engine import SamplingParams  # noqa: E402
+from jaxgpt.data import pairs as pair_data  # noqa: E402
+from jaxgpt.train import (
+    evaluate,  # noqa: E402
+    loop,  # noqa: E402
+)
 
 
 def asks_back(text: str) -> bool:
@@ -64,7 +67,7 @@ def stage(where: Path, name: str, settings: dict, work) -> dict:
 def held_out_source(cfg) -> str:
     if cfg.data.chat_val:
         return cfg.data.chat_val
-    raise SystemExit(f"the SFT model names no held-out conversations (data.chat_val): give an SFT run that has them")
+    raise SystemExit("the SFT model names no held-out conversations (data.chat_val): give an SFT run that has them")
 
 
 def seeds(args, n: int, held_out: bool) -> list[int]:
@@ -142,8 +145,8 @@ def main(argv=None) -> None:
         replies, val_replies = both[:len(prompts)], both[len(prompts):]
         pairs, counts = label(prompts, replies)
         val_pairs, val_counts = label(val_prompts, val_replies)
-        preference.write_pairs(here / "pairs.jsonl", pairs)
-        preference.write_pairs(here / "val_pairs.jsonl", val_pairs)
+        pair_data.write_pairs(here / "pairs.jsonl", pairs)
+        pair_data.write_pairs(here / "val_pairs.jsonl", val_pairs)
         (here / "val_prompts.json").write_text(json.dumps(val_prompts))
         return {"rate_before": rate(val_replies), "rate_held_in": rate(replies),
                 "pairs": {"train": len(pairs), "val": len(val_pairs), "train_prompts": len(prompts),
@@ -167,8 +170,8 @@ def main(argv=None) -> None:
 
     def tune():
         shutil.rmtree(dpo_dir, ignore_errors=True)  # other settings' checkpoints must not be resumed
-        cfg = train_lib.train_config(ROOT / "experiments/configs/chat_dpo.py", overrides)
-        last = train_lib.train(cfg)
+        cfg = loop.train_config(ROOT / "experiments/configs/chat_dpo.py", overrides)
+        last = loop.train(cfg)
         rows = [json.loads(line) for line in (dpo_dir / "metrics.jsonl").read_text().splitlines()]
         return {"last": last, "first": rows[0]}
 

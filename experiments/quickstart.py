@@ -25,21 +25,19 @@ import sys
 import time
 from pathlib import Path
 
-from jaxgpt.perf import bench
-from jaxgpt.data import chat
-from jaxgpt import cli
-from jaxgpt.data import dialogs
-from jaxgpt.train import evaluate
-from jaxgpt.store import export
-from jaxgpt import hardware
-from jaxgpt.data import prepare
 import reply_quality
-from jaxgpt.store import runs
-from jaxgpt.generate import sample
+
+from jaxgpt import cli, hardware
 from jaxgpt import config as config_lib
-from jaxgpt.train import trainer as train_lib
-from jaxgpt.generate.engine import SamplingParams
+from jaxgpt import export as export_command
+from jaxgpt.data import chat, dialogs, prepare
+from jaxgpt.generate import sample
+from jaxgpt.generate.sampling import SamplingParams
 from jaxgpt.model.gpt import GPT
+from jaxgpt.perf import bench
+from jaxgpt.store import runs
+from jaxgpt.train import evaluate, loop
+from jaxgpt.train import trainer as trainer_lib
 
 ROOT = Path(__file__).resolve().parents[1]  # the config files are read from the checkout
 
@@ -106,7 +104,7 @@ def evaluation_s(cfg: config_lib.Config, batches, step_s: float) -> float:
     """One evaluation of the run's validation split, estimated from a train step's time: a third of it
     per batch of the training batch's rows (a forward pass is 2 of the step's 6 FLOPs per parameter and
     token; on the 2-core hosts an evaluation took 0.23-0.26 of a step per token)."""
-    rows = cfg.eval.batch_size or cfg.data.batch_size
+    rows = cfg.eval_batch_size
     n = sum(1 for _ in batches.eval_batches("val", rows, cfg.eval.stride, cfg.train.eval_max_tokens))
     return n * rows / cfg.data.batch_size * step_s / 3
 
@@ -206,7 +204,7 @@ def pretrain_config(out: Path, scale: str, overrides=()) -> config_lib.Config:
 def sft_config(out: Path, scale: str, overrides=()) -> config_lib.Config:
     """The SFT stage; the model's shape comes from the pretrained run (train.init_from: OUT/pretrain
     unless `overrides` name another)."""
-    return train_lib.train_config(ROOT / "experiments/configs/chat_sft.py", [
+    return loop.train_config(ROOT / "experiments/configs/chat_sft.py", [
         f"data.chat=jsonl:{out / 'corpus/train.jsonl'}", f"data.chat_val=jsonl:{out / 'corpus/val.jsonl'}",
         f"train.init_from={out / 'pretrain'}", f"train.out_dir={out / 'sft'}", *SCALES[scale]["sft"], *overrides])
 
@@ -272,8 +270,8 @@ def main(argv=None) -> None:
     budget = {} if args.fixed_steps else (BUDGET_S[args.scale] or {})
 
     def train_stage(name: str, cfg: config_lib.Config, seconds: float | None) -> dict:
-        cfg, batches = train_lib.open_run_batches(cfg)  # once, for the step's timing and the run
-        return train_lib.train(sized(cfg, out, name, seconds, batches), batches=batches)
+        cfg, batches = trainer_lib.open_run_batches(cfg)  # once, for the step's timing and the run
+        return loop.train(sized(cfg, out, name, seconds, batches), batches=batches)
 
     pre = stage(out, "3_pretrain", lambda: train_stage("3_pretrain", pretrain_config(out, args.scale),
                                                        budget.get("pretrain")))
@@ -281,7 +279,7 @@ def main(argv=None) -> None:
     sft = stage(out, "5_sft", lambda: train_stage("5_sft", sft_config(out, args.scale), budget.get("sft")))
     # the SFT run's own final evaluation is chat_eval's, on the same held-out conversations
     after = {"loss": sft["val_loss"], "bits_per_byte": sft["val_bpb"]}
-    export.export_run(out / "sft", out / "export")
+    export_command.export_run(out / "sft", out / "export")
     talk = stage(out, "6_examples", lambda: {"exchanges": examples(out / "export")})
     measured = stage(out, "7_reply_measures", lambda: reply_measures(out, out / "export", args.replies, args.seed))
 

@@ -18,13 +18,14 @@ import dataclasses
 import random
 import re
 
-from jaxgpt.data import dialogs
-from jaxgpt.store import runs
 from jaxgpt.config import ScreenConfig
-from jaxgpt.generate.engine import Engine, SamplingParams
-from jaxgpt.model.gpt import GPT
-from jaxgpt.generate.service import Service
+from jaxgpt.data import dialogs
+from jaxgpt.generate.engine import Engine
+from jaxgpt.generate.sampling import SamplingParams
 from jaxgpt.generate.screen import Screen
+from jaxgpt.generate.service import Service
+from jaxgpt.model.gpt import GPT
+from jaxgpt.store import runs
 
 WORD = re.compile(r"[\w']+")
 OPENING_WORDS = 4

@@ -31,14 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import quickstart  # noqa: E402
-
-from jaxgpt.data import chat  # noqa: E402
-from jaxgpt import hardware  # noqa: E402
 import reply_quality  # noqa: E402
-from jaxgpt.store import runs  # noqa: E402
+
 from jaxgpt import config as config_lib  # noqa: E402
-from jaxgpt.train import trainer as train_lib  # noqa: E402
-from jaxgpt.generate.engine import SamplingParams  # noqa: E402
+from jaxgpt import hardware  # noqa: E402
+from jaxgpt.data import chat  # noqa: E402
+from jaxgpt.generate.sampling import SamplingParams  # noqa: E402
+from jaxgpt.store import runs  # noqa: E402
+from jaxgpt.train import loop  # noqa: E402
+from jaxgpt.train import trainer as trainer_lib  # noqa: E402
 
 LR = lambda peak: [f"optim.lr={peak:g}", f"optim.min_lr={peak / 10:g}"]  # noqa: E731
 
@@ -108,15 +109,12 @@ PRETRAIN = {
                                   "model.n_kv_head=3"], {}),
     "recipe_bf16_matmuls_layers6": (["model.matmul_dtype=bfloat16", "model.n_layer=6"], {}),
     "recipe_bf16_matmuls_vocab8192": (["model.matmul_dtype=bfloat16"], {"vocab": 8192}),
-    # the recipe stopped at `today`'s 225.8 s on this session's code: 632 steps at the 357 ms/step the
-    # budgeted run took (its 30-step calibration said 228 ms, so it ran 968 steps in 346 s)
+    # fixed step counts that stand for a time budget on one host: the steps a budgeted run of `today`
+    # fitted there (the hosts and budgets: experiments/notes/quickstart-recipe.md)
     "recipe_632": (["train.steps=632"], {"fixed": True}),
-    # the fifth session's: `today` took 272.0 s; 680 steps at the ~400 ms the recipe's step then ran
     "recipe_680": (["train.steps=680"], {"fixed": True}),
-    # the sixth session's recipe (embeddings at 3x, Muon momentum 0.9) at the same 680 steps: ~255 s at the
-    # 374 ms/step of its quickstart run, inside `today`'s 272.0 s (fifth session; 1200 steps, the same result)
+    # the recipe with the embeddings at 3x and Muon's momentum at 0.9, at the same 680 steps
     "recipe6_680": (["train.steps=680", "optim.embed_lr_scale=3", "optim.muon_momentum=0.9"], {"fixed": True}),
-    # the recipe at today's 113.7 s on the AMD EPYC host of the seventh session (151 ms/step there)
     "recipe_750": (["train.steps=750"], {"fixed": True}),
     # knobs that leave the step's cost about where it is, screened at a fixed 500 steps (the schedule
     # ends there): the host's speed drifts 20-40% within an hour, a step count does not
@@ -135,8 +133,8 @@ PRETRAIN = {
         "adamw2.4e-2": LR(2.4e-2),
         "adamw1.2e-2_qk_norm": [*LR(1.2e-2), "model.qk_norm=true"],
     }.items()},
-    # the sixth session's screen, on top of the recipe as the fifth left it (AdamW 1.2e-2, QK-norm; the
-    # embeddings' rate and Muon's momentum pinned to what they were then): r500 is that recipe at 500 steps
+    # a screen on top of an earlier recipe (AdamW 1.2e-2, QK-norm; the embeddings' rate and Muon's
+    # momentum pinned to what they were then): r500 is that recipe at 500 steps
     **{f"r500{'_' + name if name else ''}": (["train.steps=500", "optim.embed_lr_scale=1", "optim.muon_momentum=0.95",
                                               *knobs], {"fixed": True}) for name, knobs in {
         "": [],
@@ -162,8 +160,8 @@ PRETRAIN = {
         "embed_lr5_muon_momentum0.85": ["optim.embed_lr_scale=5", "optim.muon_momentum=0.85"],
         "embed_lr3_muon_momentum0.9": ["optim.embed_lr_scale=3", "optim.muon_momentum=0.9"],
     }.items()},
-    # the eighth session's screen at the quickstart's own horizon on its host (Xeon, 205 ms/step: 2220 steps in
-    # its 450 s): knobs that leave the step's cost where it is, on top of the recipe as it is (`q2220`)
+    # a screen at the quickstart's own horizon on one host (2220 steps fitted its budget there): knobs
+    # that leave the step's cost where it is, on top of the recipe as it is (`q2220`)
     **{f"q2220{'_' + name if name else ''}": (["train.steps=2220", *knobs], {"fixed": True}) for name, knobs in {
         "": [],
         "muon_lr0.01": ["optim.muon_lr=0.01"],
@@ -192,7 +190,7 @@ SFT = {
         "lr5e-4": LR(5e-4),
         "muon_lr0.01": ["optim.name=muon", "optim.muon_lr=0.01"],  # Muon on the matrices, as in pretraining
         "muon_lr0.02": ["optim.name=muon", "optim.muon_lr=0.02"],
-        "embed_lr3": ["optim.embed_lr_scale=3"],  # as pretraining's embeddings took (sixth session)
+        "embed_lr3": ["optim.embed_lr_scale=3"],  # as pretraining's embeddings took
         "embed_lr5": ["optim.embed_lr_scale=5"],
     }.items()},
 }
@@ -244,7 +242,7 @@ def run_variant(stage: str, name: str, args) -> dict:
         print(f"[{stage}/{name}] done before: reusing it", file=sys.stderr)
         return json.loads(result_path.read_text())
     # the data opened once, for the step's timing and the run
-    cfg, batches = train_lib.open_run_batches(stage_config(stage, args, overrides, options))
+    cfg, batches = trainer_lib.open_run_batches(stage_config(stage, args, overrides, options))
     budget_steps, timing = quickstart.steps_for(cfg, args.budget, args.calibrate, batches)
     step_s = timing["ms_per_iter"] / 1e3
     steps = cfg.train.steps if options.get("fixed") else budget_steps
@@ -256,7 +254,7 @@ def run_variant(stage: str, name: str, args) -> dict:
     print(f"[{stage}/{name}] {timing['params'] / 1e6:.2f}M params, {step_s * 1e3:.1f} ms/step: {steps} steps",
           file=sys.stderr)
     t = time.perf_counter()
-    train_lib.train(cfg, batches=batches)
+    loop.train(cfg, batches=batches)
     wall = time.perf_counter() - t
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [[r["train_s"], r["val_bpb"]] for r in rows if r.get("val_bpb") is not None]

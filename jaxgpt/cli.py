@@ -16,7 +16,7 @@ import sys
 from typing import Any, Callable
 
 from jaxgpt import hardware
-from jaxgpt import overrides
+from jaxgpt.config import overrides
 from jaxgpt.errors import ConfigError, JaxgptError
 
 _OVERRIDE = re.compile(r"^-{0,2}[A-Za-z_]\w*\.\w+=")
@@ -44,7 +44,7 @@ def keys_help(root: type, sections: tuple[str, ...] = ()) -> str:
     for section in dataclasses.fields(root):
         if sections and section.name not in sections:
             continue
-        hints = overrides._hints(section.default_factory)
+        hints = overrides.type_hints(section.default_factory)
         for f in dataclasses.fields(section.default_factory):
             default = getattr(section.default_factory(), f.name)
             # written as an override would be, so a line can be pasted back

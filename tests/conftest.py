@@ -89,12 +89,12 @@ def token_cache(tmp_path_factory):
 def offline_tiktoken(tmp_path_factory):
     """No test touches the network or a user's files: pretrained encodings come from the packaged
     offline files (module scope, so it is in place before any tokenizer is built)."""
-    from jaxgpt.data import tokenizer as tk
+    from jaxgpt.data import vocabularies
 
     def no_network(url, sha256):
         raise OSError("network disabled in tests")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tk, "_download", no_network)
+        mp.setattr(vocabularies, "download", no_network)
         mp.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("empty_cache")))
         mp.delenv("JAXGPT_TIKTOKEN_DIR", raising=False)
         yield
@@ -135,7 +135,7 @@ def tiny_run(text_file, tmp_path_factory):
     """One finished 30-step run (run directory, its metrics rows), shared by evaluate and sample tests."""
     import json
 
-    from jaxgpt.train.trainer import train
+    from jaxgpt.train.loop import train
     out_dir = tmp_path_factory.mktemp("runs") / "tiny"
     train(tiny(text_file, out_dir))
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]

@@ -15,11 +15,19 @@ import sys
 import jax
 import numpy as np
 
-from jaxgpt.parallel import sharding
-from jaxgpt.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig,
-                           validate)
-from jaxgpt.generate.engine import Engine, SamplingParams
+from jaxgpt.config import (
+    Config,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    validate,
+)
+from jaxgpt.generate.engine import Engine
+from jaxgpt.generate.sampling import SamplingParams
 from jaxgpt.model.gpt import GPT
+from jaxgpt.parallel import sharding
 from jaxgpt.train.trainer import Trainer
 
 # data x fsdp, and all three axes (pure data parallelism is what each of these does on its data axis;

@@ -17,7 +17,7 @@ def all_keys(root) -> list[str]:
     return [f"{s.name}.{f.name}" for s in dataclasses.fields(root) for f in dataclasses.fields(getattr(root, s.name))]
 
 
-def _hints(section) -> dict[str, Any]:
+def type_hints(section) -> dict[str, Any]:
     return typing.get_type_hints(section if isinstance(section, type) else type(section))
 
 
@@ -117,7 +117,7 @@ def apply_overrides(root, overrides: list[str]):
         if key not in keys:
             raise _unknown(key, keys)
         section_name, name = key.split(".")
-        changes.setdefault(section_name, {})[name] = _parse(text.strip(), _hints(getattr(root, section_name))[name], key)
+        changes.setdefault(section_name, {})[name] = _parse(text.strip(), type_hints(getattr(root, section_name))[name], key)
     return dataclasses.replace(root, **{s: dataclasses.replace(getattr(root, s), **c) for s, c in changes.items()})
 
 
@@ -131,7 +131,7 @@ def from_dict(d: dict, root_type: type):
         if section_name not in {f.name for f in dataclasses.fields(root)}:
             raise ConfigError(f"unknown config section {section_name!r}")
         section = getattr(root, section_name)
-        hints = _hints(section)
+        hints = type_hints(section)
         for name in values:
             if name not in hints:
                 raise _unknown(f"{section_name}.{name}", all_keys(root))

@@ -1,24 +1,13 @@
-"""Typed run configuration: frozen dataclasses, config files, `key=value` overrides, validation.
-
-A config file is a Python file under `experiments/configs/` that defines `get_config() -> Config`
-(or a run's `config.json`). Every command line takes such a file (or a run) and overrides like
-`model.n_layer=6 optim.lr=3e-4`. A choice field is typed `Literal[...]`: parsing, validation and
-`--help` all read the allowed values from the type, so they are written down once. Configs are
-immutable: change one with `dataclasses.replace` (or `apply_overrides`).
-This module must not import jax: it is read before devices are set up.
+"""A run's settings: one frozen dataclass per section of a config (model, data, optim, train, mesh,
+checkpoint, eval, sample, screen, distributed, dpo) and their root, Config. A choice field is typed
+`Literal[...]`: parsing, validation and `--help` all read the allowed values from the type.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
-
-from jaxgpt import overrides
-from jaxgpt.errors import ConfigError
 
 # What each preset means when a model field is left at None.
 PRESETS = {
@@ -62,9 +51,11 @@ class ModelConfig:
     residual_init_std: float = 0.0   # the blocks' output projections; 0: init_std / sqrt(2N) (GPT-2's scaling)
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (params, softmax, loss stay fp32)
     # the matmuls' inputs (products summed in fp32); auto: the compute dtype. bfloat16 under float32
-    # activations is mixed precision: on a CPU with AMX, 4-6x the fp32 matmul speed (kernels._dot)
+    # activations is mixed precision: on a CPU with AMX, 4-6x the fp32 matmul speed (kernels/matmul)
     matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    attention: Literal["auto", "xla", "cudnn", "cpu"] = "auto"  # kernels.py: auto is cpu on CPU, cudnn on GPU
+    # the kernels of attention, the norms, the matmuls and the fused head (model/kernels/choice.py):
+    # auto is cpu on a CPU, cudnn on a GPU in bf16/fp16, else xla
+    attention: Literal["auto", "xla", "cudnn", "cpu"] = "auto"
     remat: bool = False              # recompute each block in the backward pass
     # what the output head writes its logits in; the loss and sampling read them into fp32. bfloat16:
     # torch autocast's numerics (its head's matmul writes bf16), half the bytes of the largest arrays
@@ -262,215 +253,13 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
 
+    @property
+    def eval_batch_size(self) -> int:
+        """Rows per evaluation batch: eval.batch_size, else data.batch_size."""
+        return self.eval.batch_size or self.data.batch_size
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
-
-
-# ---- the tools' settings: one root per command line, its sections like Config's ----
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """`python -m jaxgpt.data prepare`: a source tokenized into a prepared directory."""
-    source: str = ""                 # text:PATH | jsonl:PATH[:field] | hf:NAME[:config] | chitchat | chatterbot
-    tokenizer: str = ""              # a tokenizer spec (tokenizer.parse_spec); char and bpe:N are trained on the source
-    out: str = ""                    # the directory to write
-    workers: int = 0                 # tokenizing processes; 0: one per CPU core but one
-    val_fraction: float = 0.1        # fraction of documents for the val split
-    seed: int = 0                    # seeds the train/val split
-    errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8: stop, or substitute U+FFFD
-    field: str = "text"              # the text field of jsonl rows and hf datasets
-    doc_split: Literal["file", "paragraph", "line"] = "file"  # text sources: one document per file / paragraph / line
-    limit: int = 0                   # only the first N documents (0: all)
-    dtype: Literal["auto", "uint16", "uint32"] = "auto"
-    hf_split: str = "train"          # the split of an hf source to read
-    shard_tokens: int = 1 << 27      # a shard closes once it holds this many tokens (256 MB of uint16)
-    chunk_bytes: int = 1 << 20       # text handed to a worker at a time
-    overwrite: bool = False          # replace a directory prepared from other inputs or settings
-    progress: bool = True
-
-
-@dataclass(frozen=True)
-class PrepareCommand:
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-
-
-@dataclass(frozen=True)
-class ConvertConfig:
-    """`python -m jaxgpt.chat convert`: conversations from a source written as JSONL."""
-    source: str = ""                 # chitchat | chatterbot[:LANG,...] | sharegpt:PATH | jsonl:PATH
-    out: str = ""                    # FILE.jsonl
-    limit: int = 0                   # stop after N conversations (0: all)
-    skip_bad: bool = False           # skip and count malformed records instead of stopping
-
-
-@dataclass(frozen=True)
-class RenderConfig:
-    """`python -m jaxgpt.chat render`: one conversation through the chat template, trained tokens marked."""
-    file: str = ""                   # FILE.jsonl of {"messages": [...]}
-    tokenizer: str = "gpt2"          # a tokenizer spec or a run / export
-    index: int = 0                   # which conversation of the file
-    seq_len: int = 0                 # truncate to a context of seq_len + 1 tokens first (0: no truncation)
-    ids: bool = False                # also list each token: position, id, trained, text
-
-
-@dataclass(frozen=True)
-class ChatCommand:
-    convert: ConvertConfig = field(default_factory=ConvertConfig)
-    render: RenderConfig = field(default_factory=RenderConfig)
-
-
-@dataclass(frozen=True)
-class BpeConfig:
-    """`python -m jaxgpt.tokenizer train`: a byte-level BPE trained with rustbpe."""
-    input: tuple[str, ...] = ()      # UTF-8 text files, comma-separated
-    vocab_size: int = 4096           # total ids, bytes and specials included
-    out: str = ""                    # directory for tokenizer.json / tokenizer.tiktoken
-    name: str = ""                   # default bpe:VOCAB_SIZE
-
-
-@dataclass(frozen=True)
-class EncodeConfig:
-    """`python -m jaxgpt.tokenizer encode`: the ids of a text."""
-    tokenizer: str = "gpt2"          # a tokenizer spec or a run / export
-    corpus: str = ""                 # text file that defines a char or bpe:N tokenizer
-    text: str = ""
-
-
-@dataclass(frozen=True)
-class TokenizerCommand:
-    bpe: BpeConfig = field(default_factory=BpeConfig)
-    encode: EncodeConfig = field(default_factory=EncodeConfig)
-
-
-@dataclass(frozen=True)
-class FromHfConfig:
-    """`python -m jaxgpt.convert from-hf`: a Hugging Face model (directory or hub name) -> an export."""
-    tokenizer: str = ""              # "": the tokenizer files beside config.json; else a HF tokenizer.json (or its
-                                     # directory) or a jaxgpt tokenizer spec (gpt2, a saved tokenizer...)
-    seq_len: int = 0                 # 0: max_position_embeddings; a rope model may take less (the KV cache's length)
-    revision: str = ""               # a hub name's branch, tag or commit ("": the default branch)
-
-
-@dataclass(frozen=True)
-class ToHfConfig:
-    """`python -m jaxgpt.convert to-hf`: a run or export -> a directory transformers loads."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the HF model's own, else float32
-    max_shard_mb: float = 4096.0     # a bigger model.safetensors is split into shards + an index
-    overwrite: bool = False          # write into a DIR that is not empty (its model files are replaced)
-
-
-@dataclass(frozen=True)
-class HfCommand:
-    from_hf: FromHfConfig = field(default_factory=FromHfConfig)
-    to_hf: ToHfConfig = field(default_factory=ToHfConfig)
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """`python -m jaxgpt.bench`: how long to time (train) and what (data)."""
-    steps: int = 200                 # timed train steps
-    warmup: int = 20                 # untimed steps first
-    untuned_host: bool = False       # leave malloc and dispatch at their defaults (hardware.tune_host)
-    workers: tuple[int, ...] = (1, 2)  # data: worker counts to time
-    max_mb: float = 64.0             # data: tokenize at most this much text
-    batch: tuple[int, ...] = (1, 8)  # generate: batch sizes (slots) to time
-    new_tokens: int = 256            # generate: tokens generated per sequence
-    prompt_tokens: int = 16          # generate: random prompt length
-    decode_steps: int = 0            # generate: decode steps per engine call; 0: the engine's default (8)
-    profile: str = ""                # train, generate: also trace profile_runs steps into this directory
-    profile_runs: int = 3            # (jax.profiler) and report the busiest XLA ops (profiling.py)
-    target: str = ""                 # compile: plan for this GPU (aot.CARDS: h100, h200) with XLA:GPU's own
-                                     # compiler, no GPU needed (jax's CUDA plugin and cuDNN installed)
-
-
-@dataclass(frozen=True)
-class BenchCommand(Config):
-    """bench train takes a whole Config; bench data reads the prepare section's source and tokenizer."""
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    bench: BenchConfig = field(default_factory=BenchConfig)
-
-
-apply_overrides = overrides.apply_overrides  # (root, ["section.key=value", ...]) -> a new root
-all_keys = overrides.all_keys
-
-
-def from_dict(d: dict, root_type: type = Config):
-    """A root (default Config) from a (possibly partial) nested dict, e.g. a run's config.json."""
-    return overrides.from_dict(d, root_type)
-
-
-def load_file(path: str | Path) -> Config:
-    """Run a Python config file and return its `get_config()` (or read a run's config.json)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    if path.suffix == ".json":
-        try:
-            return from_dict(json.loads(path.read_text()))
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-        except ValueError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    spec = importlib.util.spec_from_file_location(f"_jaxgpt_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise ConfigError(f"{path}: a config file must define get_config() -> Config")
-        cfg = module.get_config()
-    except SyntaxError as e:
-        raise ConfigError(f"{path}:{e.lineno}: {e.msg}") from None
-    except ConfigError:
-        raise
-    except Exception as e:  # the file's own code failed: name its line (the deepest frame in the file)
-        lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__)
-                 if Path(frame.filename).resolve() == path.resolve()]
-        where = f"{path}:{lines[-1]}" if lines else str(path)
-        raise ConfigError(f"{where}: {type(e).__name__}: {e}") from None
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not a jaxgpt.config.Config")
-    return cfg
-
-
-def validate(cfg: Config) -> Config:
-    """Check every field's type and choices and the cross-field rules; returns the config with the
-    preset's defaults filled in (ModelConfig.resolved)."""
-    cfg = from_dict(cfg.to_dict(), type(cfg))  # type and choice checks, for values set in Python too
-    m = cfg.model.resolved()
-    checks = [
-        (m.d_model % m.n_head == 0, f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}"),
-        (m.n_head % m.n_kv_head == 0, f"model.n_head={m.n_head} must be divisible by model.n_kv_head={m.n_kv_head}"),
-        (m.loss_chunks >= 0 and m.seq_len % max(m.loss_chunks, 1) == 0,
-         f"model.loss_chunks={m.loss_chunks} must be 0 (off) or divide model.seq_len={m.seq_len}"),
-        (m.position != "rope" or m.head_dim % 2 == 0, "model: rope needs an even head dimension"),
-        (m.rope_factor > 0, f"model.rope_factor={m.rope_factor:g} must be positive"),
-        (m.rope_scaling != "llama3" or 0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
-         f"model.rope_low_freq_factor={m.rope_low_freq_factor:g} must be positive and below "
-         f"model.rope_high_freq_factor={m.rope_high_freq_factor:g}"),
-        (m.rope_scaling != "llama3" or m.rope_original_context > 0,
-         f"model.rope_original_context={m.rope_original_context} must be positive"),
-        (cfg.data.batch_size > 0, "data.batch_size must be positive"),
-        (not (cfg.data.path and cfg.data.dir),
-         f"data.path={cfg.data.path} and data.dir={cfg.data.dir}: set one (a text file or a prepared directory)"),
-        (cfg.data.batch_size % cfg.optim.grad_accum == 0,
-         f"data.batch_size={cfg.data.batch_size} must be divisible by optim.grad_accum={cfg.optim.grad_accum}"),
-        (cfg.train.steps > 0, "train.steps must be positive"),
-        (cfg.train.time_limit_s >= 0, f"train.time_limit_s={cfg.train.time_limit_s:g} must be >= 0 (0: no limit)"),
-        (not (cfg.data.preferences and cfg.data.chat),
-         f"data.preferences={cfg.data.preferences} and data.chat={cfg.data.chat}: a run trains on one (held-out "
-         f"chats for a preference run go in data.chat_val)"),
-        (cfg.dpo.beta > 0, f"dpo.beta={cfg.dpo.beta} must be positive"),
-        (0 <= cfg.dpo.label_smoothing < 0.5, f"dpo.label_smoothing={cfg.dpo.label_smoothing} must be in [0, 0.5)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    return dataclasses.replace(cfg, model=m)
-
-
-def from_cli(path: str | Path, overrides: list[str]) -> Config:
-    """What every command line does: load the file, apply overrides, validate."""
-    return validate(apply_overrides(load_file(path), overrides))

@@ -31,10 +31,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jaxgpt.data.dialogs import ROLES, ChatDataError, Conversation, load, read_jsonl, split, validate, write_jsonl
-from jaxgpt.errors import TokenizerError
+from jaxgpt.data.dialogs import ROLES, ChatDataError, Conversation, split, validate
 from jaxgpt.data.tokenizer import Tokenizer
-
+from jaxgpt.errors import TokenizerError
 
 # ---- the chat template ----
 
@@ -261,7 +260,7 @@ class Rendered:
         return cls.of(out, dropped)
 
 
-def _assemble(data: Rendered, rows: Sequence[Sequence[int]], seq_len: int) -> dict:
+def assemble(data: Rendered, rows: Sequence[Sequence[int]], seq_len: int) -> dict:
     """A batch dict of [B, seq_len] arrays from rows of conversation indices (an empty row is padding)."""
     tokens, segments, mask = (np.zeros((len(rows), seq_len + 1), dt) for dt in (np.int32, np.int32, np.bool_))
     for b, row in enumerate(rows):
@@ -289,7 +288,7 @@ def pack(rendered: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, batch_
     if len(rows) > batch_size:
         raise ChatDataError(f"{len(data)} conversations need {len(rows)} rows of {seq_len + 1} tokens, "
                             f"more than batch_size={batch_size}")
-    return _assemble(data, rows + [[]] * (batch_size - len(rows)), seq_len)
+    return assemble(data, rows + [[]] * (batch_size - len(rows)), seq_len)
 
 
 def shuffled_rows(rng: np.random.Generator, lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -351,7 +350,7 @@ class ChatBatches:
 
     def batch_at(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
         """Process p's rows [p*B/P, (p+1)*B/P) of the global batch of `step`."""
-        return _assemble(self.train, step_rows(self, step, process_index, process_count), self.seq_len)
+        return assemble(self.train, step_rows(self, step, process_index, process_count), self.seq_len)
 
     def eval_batches(self, split: str = "val", batch_size: int = 0, stride: int = 0, max_tokens: int = 0
                      ) -> Iterator[dict]:
@@ -364,58 +363,4 @@ class ChatBatches:
         rows = first_fit(data.lengths, self.seq_len + 1)
         for b in range(0, len(rows), batch_size):
             chunk = rows[b:b + batch_size]
-            yield _assemble(data, chunk + [[]] * (batch_size - len(chunk)), self.seq_len)
-
-
-# ---- command line ----
-
-def show(ids: np.ndarray, mask: np.ndarray, tokenizer: Tokenizer, marks: tuple[str, str] = ("⟦", "⟧")) -> str:
-    """The rendered text with each run of trained tokens between `marks` (runs start and end at
-    special tokens, so decoding them run by run never splits a character)."""
-    edges = [0, *(np.flatnonzero(np.diff(mask.astype(np.int8))) + 1).tolist(), len(ids)]
-    return "".join(marks[0] + tokenizer.decode(ids[a:b]) + marks[1] if mask[a] else tokenizer.decode(ids[a:b])
-                   for a, b in zip(edges, edges[1:]) if b > a)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from jaxgpt import cli  # here, not at the top: importing chat.py stays free of jax
-    from jaxgpt.config import ChatCommand
-
-    def convert(operands: list[str], settings: list[str]) -> None:
-        cfg = cli.tool_config(ChatCommand, settings, ("convert.source", "convert.out")).convert
-        loaded = load(cfg.source, skip_bad=cfg.skip_bad, limit=cfg.limit or None)
-        try:
-            path = write_jsonl(cfg.out, loaded.conversations, loaded.ids)
-        except OSError as e:
-            raise ChatDataError(f"convert.out={cfg.out}: cannot write it ({e.strerror or e})") from None
-        print(f"wrote {len(loaded.conversations)} conversations to {path} "
-              f"({loaded.skipped} source records skipped: malformed or nothing to train on)")
-
-    def show_one(operands: list[str], settings: list[str]) -> None:
-        cfg = cli.tool_config(ChatCommand, settings, ("render.file",)).render
-        loaded = read_jsonl(cfg.file, limit=cfg.index + 1)
-        if cfg.index >= len(loaded.conversations):
-            raise ChatDataError(f"{cfg.file}: no conversation {cfg.index} (it has {len(loaded.conversations)})")
-        tokenizer, conversation = Tokenizer.from_spec(cfg.tokenizer), loaded.conversations[cfg.index]
-        rendered = (render_truncated(conversation, tokenizer, cfg.seq_len) if cfg.seq_len
-                    else render(conversation, tokenizer))
-        if rendered is None:
-            raise ChatDataError(f"{cfg.file}: conversation {cfg.index} does not fit in render.seq_len={cfg.seq_len} "
-                                f"+ 1 tokens even with only its last exchange")
-        ids, mask = rendered
-        print(f"# {loaded.ids[cfg.index]}: {len(ids)} tokens, {int(mask.sum())} trained (between ⟦ and ⟧)")
-        print(show(ids, mask, tokenizer))
-        for i, (token, trained) in enumerate(zip(ids.tolist(), mask.tolist()) if cfg.ids else ()):
-            print(f"{i}\t{token}\t{int(trained)}\t{tokenizer.decode([token])!r}")
-
-    cli.run("python -m jaxgpt.chat", {
-        "convert": cli.Command(convert, "convert.source=SOURCE convert.out=F.jsonl [convert.limit=N "
-                               "convert.skip_bad=true]\n  SOURCE: chitchat | chatterbot[:LANG,...] | sharegpt:PATH | "
-                               "jsonl:PATH", ChatCommand, sections=("convert",), operands=(0, 0)),
-        "render": cli.Command(show_one, "render.file=F.jsonl [render.tokenizer=SPEC render.index=N render.seq_len=L "
-                              "render.ids=true]", ChatCommand, sections=("render",), operands=(0, 0)),
-    }, None if argv is None else list(argv))
-
-
-if __name__ == "__main__":
-    main()
+            yield assemble(data, chunk + [[]] * (batch_size - len(chunk)), self.seq_len)

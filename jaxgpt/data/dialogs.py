@@ -95,7 +95,7 @@ def split(conversations: Sequence[Conversation], val_fraction: float, seed: int,
 
 # ---- readers and converters: each gives Loaded(conversations, ids, skipped) ----
 
-class _Bad(Exception):
+class BadRecord(Exception):
     """Why a record is malformed; the reader adds where it is."""
 
 
@@ -110,7 +110,7 @@ def _json_id(record) -> str | None:
     return record["id"] if isinstance(record, dict) and isinstance(record.get("id"), str) else None
 
 
-def _json_records(path: Path) -> Iterator[tuple[str, str | None, object]]:
+def json_records(path: Path) -> Iterator[tuple[str, str | None, object]]:
     """(where, its "id", record) for each line of a JSONL file, or each element of a JSON array."""
     data = _read_bytes(path)
     if data.lstrip()[:1] == b"[":
@@ -121,9 +121,9 @@ def _json_records(path: Path) -> Iterator[tuple[str, str | None, object]]:
             try:
                 record = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError:
-                record = _Bad("not UTF-8")
+                record = BadRecord("not UTF-8")
             except json.JSONDecodeError as e:
-                record = _Bad(f"not JSON ({e.msg} at column {e.colno})")
+                record = BadRecord(f"not JSON ({e.msg} at column {e.colno})")
             yield f"{path}:{line}", _json_id(record), record
 
 
@@ -154,13 +154,13 @@ def _collect(records, convert, skip_bad: bool, limit: int | None = None) -> Load
     conversations, ids, skipped = [], [], 0
     for where, dialog_id, record in records:
         try:
-            if isinstance(record, _Bad):
+            if isinstance(record, BadRecord):
                 raise record
             got = convert(record)
             for conversation in got:
                 if (problem := check(conversation)) is not None:
-                    raise _Bad(problem)
-        except _Bad as e:
+                    raise BadRecord(problem)
+        except BadRecord as e:
             if not skip_bad:
                 raise ChatDataError(f"{where}: {e} {SKIP_HINT}") from None
             skipped += 1
@@ -175,31 +175,31 @@ def _collect(records, convert, skip_bad: bool, limit: int | None = None) -> Load
 
 def _from_messages(record) -> list[Conversation]:
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-        raise _Bad('expected {"messages": [{"role": ..., "content": ...}, ...]}')
+        raise BadRecord('expected {"messages": [{"role": ..., "content": ...}, ...]}')
     return [[{"role": m["role"], "content": m["content"]} if isinstance(m, dict) and {"role", "content"} <= m.keys()
              else m for m in record["messages"]]]  # other keys ("name", ...) are dropped
 
 
 def _from_sharegpt(record) -> list[Conversation]:
     if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-        raise _Bad('expected {"conversations": [{"from": ..., "value": ...}, ...]}')
+        raise BadRecord('expected {"conversations": [{"from": ..., "value": ...}, ...]}')
     conversation = []
     for i, turn in enumerate(record["conversations"]):
         who = turn.get("from") if isinstance(turn, dict) else None
         if not isinstance(who, str) or who not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
-            raise _Bad(f'turn {i} is not {{"from": {"|".join(SHAREGPT_ROLES)}, "value": str}}')
+            raise BadRecord(f'turn {i} is not {{"from": {"|".join(SHAREGPT_ROLES)}, "value": str}}')
         conversation.append({"role": SHAREGPT_ROLES[who], "content": turn["value"]})
     return [conversation]
 
 
 def read_jsonl(path: str | os.PathLike, *, skip_bad: bool = False, limit: int | None = None) -> Loaded:
     """Conversations from `{"messages": [...]}` JSONL (an "id" is kept, other keys are ignored)."""
-    return _collect(_json_records(Path(path)), _from_messages, skip_bad, limit)
+    return _collect(json_records(Path(path)), _from_messages, skip_bad, limit)
 
 
 def read_sharegpt(path: str | os.PathLike, *, skip_bad: bool = False, limit: int | None = None) -> Loaded:
     """Conversations from ShareGPT records, as JSONL or one JSON array; "from" is one of SHAREGPT_ROLES."""
-    return _collect(_json_records(Path(path)), _from_sharegpt, skip_bad, limit)
+    return _collect(json_records(Path(path)), _from_sharegpt, skip_bad, limit)
 
 
 def _from_chitchat(dialog) -> list[Conversation]:
@@ -208,11 +208,11 @@ def _from_chitchat(dialog) -> list[Conversation]:
     try:
         lines = [(u["sender"], u["text"]) for message in dialog["messages"] for u in message]
     except (KeyError, TypeError):
-        raise _Bad('expected {"messages": [[{"sender": ..., "text": ...}, ...], ...]}') from None
+        raise BadRecord('expected {"messages": [[{"sender": ..., "text": ...}, ...], ...]}') from None
     turns: list[tuple[str, list[str]]] = []
     for sender, text in lines:
         if not isinstance(text, str) or not isinstance(sender, str):
-            raise _Bad("a chat line's sender or text is not a string")
+            raise BadRecord("a chat line's sender or text is not a string")
         if not text.strip():
             continue
         if turns and turns[-1][0] == sender:
@@ -221,7 +221,7 @@ def _from_chitchat(dialog) -> list[Conversation]:
             turns.append((sender, [text.strip()]))
     speakers = list(dict.fromkeys(sender for sender, _ in turns))
     if len(speakers) > 2:
-        raise _Bad(f"{len(speakers)} speakers; a dialog has two")
+        raise BadRecord(f"{len(speakers)} speakers; a dialog has two")
     out = []
     for user in speakers if len(speakers) == 2 else ():
         conversation = [{"role": "user" if s == user else "assistant", "content": "\n".join(t)} for s, t in turns]
@@ -266,7 +266,7 @@ def _yaml_dialogs(path: Path, root: Path) -> Iterator[tuple[str, str, object]]:
         line = node.start_mark.line + 1
         ok = isinstance(node, yaml.SequenceNode) and all(isinstance(x, yaml.ScalarNode) for x in node.value)
         yield (f"{path}:{line}", f"chatterbot:{path.relative_to(root).as_posix()}:{line}",
-               [x.value for x in node.value] if ok else _Bad("the dialog is not a list of lines (mis-indented?)"))
+               [x.value for x in node.value] if ok else BadRecord("the dialog is not a list of lines (mis-indented?)"))
 
 
 def _from_chatterbot(lines: list[str]) -> list[Conversation]:

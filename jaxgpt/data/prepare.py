@@ -24,17 +24,15 @@ from typing import Iterator
 import numpy as np
 import tqdm
 
-from jaxgpt import overrides
-from jaxgpt.config import PrepareCommand, PrepareConfig
-from jaxgpt.errors import DataError
-from jaxgpt.files import read_json, sha256, write_json
+from jaxgpt.config import PrepareCommand, PrepareConfig, overrides
 from jaxgpt.data.sources import CHUNK_BYTES, Source, decode, limited, open_source
 from jaxgpt.data.tokenizer import Tokenizer, parse_spec
+from jaxgpt.errors import DataError
+from jaxgpt.files import read_json, sha256, write_json
 
 CACHE = Path(os.environ.get("JAXGPT_CACHE", Path.home() / ".cache" / "jaxgpt"))
 FORMAT = "jaxgpt-data/1"
 SPLITS = ("train", "val")
-SHARD_TOKENS = 1 << 27         # a shard closes once it holds this many tokens (256 MB of uint16)
 
 
 def token_dtype(n_vocab: int):
@@ -203,12 +201,11 @@ def prepare(cfg: PrepareConfig) -> dict:
     The same inputs and settings (a content hash) reuse a finished directory, and a run that stopped
     resumes after its last finished shard. More than one worker spawns processes (workers=0: one per
     CPU core but one), so a script calling this must do so under `if __name__ == "__main__":`."""
-    t0, tokenizer_s = time.perf_counter(), 0.0
+    t0 = time.perf_counter()
     # types and choices checked (and ints made floats) as the command line's are, for configs built in Python
     cfg = overrides.from_dict({"prepare": dataclasses.asdict(cfg)}, PrepareCommand).prepare
     if not 0 <= cfg.val_fraction < 1:
         raise DataError(f"prepare.val_fraction={cfg.val_fraction}: expected 0 <= fraction < 1")
-    workers = cfg.workers or max(1, (os.cpu_count() or 1) - 1)
     _steady_malloc()
     src = open_source(cfg.source, errors=cfg.errors, field=cfg.field, doc_split=cfg.doc_split,
                       hf_split=cfg.hf_split, chunk_bytes=cfg.chunk_bytes)
@@ -233,30 +230,53 @@ def prepare(cfg: PrepareConfig) -> dict:
                             f"use another prepare.out or prepare.overwrite=true")
         (out / "meta.json").unlink()  # from here on the directory no longer looks finished
     out.mkdir(parents=True, exist_ok=True)
+    tok, state, tokenizer_s = _started(cfg, out, key, src, pretrained)
+    splits = _encoded(cfg, out, src, state)
+    meta = {"format": FORMAT, "key": key, "source": cfg.source, "tokenizer": tok.name,
+            "tokenizer_fingerprint": tok.fingerprint, "n_vocab": tok.n_vocab, "eot_id": tok.eot_id,
+            "dtype": state["dtype"], "tokens": sum(splits[s]["tokens"] for s in SPLITS),
+            "documents": sum(splits[s]["documents"] for s in SPLITS), "bytes": sum(splits[s]["bytes"] for s in SPLITS),
+            "split_rule": {"by": "document", "val_fraction": cfg.val_fraction, "seed": cfg.seed},
+            "settings": settings, "splits": splits}
+    write_json(out / "meta.json", meta)  # last: its presence means the directory is complete
+    (out / "progress.json").unlink(missing_ok=True)
+    seconds = time.perf_counter() - t0
+    return {**meta, "reused": False, "seconds": seconds, "mb_per_s": meta["bytes"] / 1e6 / seconds,
+            "tokenizer_train_s": tokenizer_s}
+
+
+def _started(cfg: PrepareConfig, out: Path, key: str, src, pretrained) -> tuple[Tokenizer, dict, float]:
+    """(tokenizer, progress state, seconds spent training the tokenizer): the progress of an earlier
+    run with the same key, else a fresh start (stale shards removed, the tokenizer built and saved)."""
     state = read_json(out / "progress.json")
-    if not (state and state.get("key") == key and _shards_complete(out, state, np.dtype(state["dtype"]).itemsize)):
-        for stale in out.glob("*_[0-9][0-9][0-9][0-9][0-9][0-9].bin*"):
-            stale.unlink()
-        t_tok = time.perf_counter()
-        tok = pretrained or build_tokenizer(cfg.tokenizer, src, cfg.limit)
-        tokenizer_s = time.perf_counter() - t_tok
-        np_dtype = np.dtype(token_dtype(tok.n_vocab) if cfg.dtype == "auto" else cfg.dtype)
-        if tok.n_vocab > np.iinfo(np_dtype).max + 1:
-            raise DataError(f"{out}: tokenizer {tok.name} has {tok.n_vocab} ids, too many for "
-                            f"prepare.dtype={cfg.dtype} (at most {np.iinfo(np_dtype).max + 1}); use prepare.dtype=auto")
-        tok.save(out)
-        state = {"key": key, "dtype": np_dtype.name, "splits": {
-            s: {"shards": [], "open_from": 0, "documents": 0, "bytes": 0} for s in SPLITS}}
-        write_json(out / "progress.json", state)  # after the tokenizer, so a resume can trust it
-    else:
-        tok = pretrained or Tokenizer.load(out)  # one copy: a pretrained one matches the key's fingerprint
+    if state and state.get("key") == key and _shards_complete(out, state, np.dtype(state["dtype"]).itemsize):
+        return pretrained or Tokenizer.load(out), state, 0.0  # one copy: a pretrained one matches the key
+    for stale in out.glob("*_[0-9][0-9][0-9][0-9][0-9][0-9].bin*"):
+        stale.unlink()
+    t_tok = time.perf_counter()
+    tok = pretrained or build_tokenizer(cfg.tokenizer, src, cfg.limit)
+    tokenizer_s = time.perf_counter() - t_tok
+    np_dtype = np.dtype(token_dtype(tok.n_vocab) if cfg.dtype == "auto" else cfg.dtype)
+    if tok.n_vocab > np.iinfo(np_dtype).max + 1:
+        raise DataError(f"{out}: tokenizer {tok.name} has {tok.n_vocab} ids, too many for "
+                        f"prepare.dtype={cfg.dtype} (at most {np.iinfo(np_dtype).max + 1}); use prepare.dtype=auto")
+    tok.save(out)
+    state = {"key": key, "dtype": np_dtype.name, "splits": {
+        s: {"shards": [], "open_from": 0, "documents": 0, "bytes": 0} for s in SPLITS}}
+    write_json(out / "progress.json", state)  # after the tokenizer, so a resume can trust it
+    return tok, state, tokenizer_s
+
+
+def _encoded(cfg: PrepareConfig, out: Path, src, state: dict) -> dict:
+    """Encode the source's pieces into shards, from the first task not in a finished shard on; the
+    splits' entries of meta.json (shards, documents, bytes, tokens)."""
+    workers = cfg.workers or max(1, (os.cpu_count() or 1) - 1)
     np_dtype, splits = np.dtype(state["dtype"]), state["splits"]
     writers = {s: _ShardWriter(out, s, np_dtype, cfg.shard_tokens, len(splits[s]["shards"])) for s in SPLITS}
     counts = {s: {"documents": splits[s]["documents"], "bytes": splits[s]["bytes"]} for s in SPLITS}
     start = min(splits[s]["open_from"] for s in SPLITS)  # tasks before it are in finished shards
     pieces = limited(src.pieces(), cfg.limit)
     indexed = ((i, t) for i, t in enumerate(tasks(pieces, cfg.chunk_bytes)) if i >= start)
-
     bar = tqdm.tqdm(total=src.total_bytes if not start else None, unit="B", unit_scale=True,
                     disable=not cfg.progress, desc=f"tokenizing {cfg.source}", file=sys.stderr, dynamic_ncols=True)
     with Encoder(out, workers, cfg.seed, cfg.val_fraction, np_dtype) as encoder:
@@ -285,17 +305,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.val_fraction and not splits["val"]["tokens"]:
         print(f"warning: {out}: the val split is empty ({splits['train']['documents']} documents); "
               f"with one large file use prepare.doc_split=paragraph or line", file=sys.stderr)
-    meta = {"format": FORMAT, "key": key, "source": cfg.source, "tokenizer": tok.name,
-            "tokenizer_fingerprint": tok.fingerprint, "n_vocab": tok.n_vocab, "eot_id": tok.eot_id,
-            "dtype": np_dtype.name, "tokens": sum(splits[s]["tokens"] for s in SPLITS),
-            "documents": sum(splits[s]["documents"] for s in SPLITS), "bytes": sum(splits[s]["bytes"] for s in SPLITS),
-            "split_rule": {"by": "document", "val_fraction": cfg.val_fraction, "seed": cfg.seed},
-            "settings": settings, "splits": splits}
-    write_json(out / "meta.json", meta)  # last: its presence means the directory is complete
-    (out / "progress.json").unlink(missing_ok=True)
-    seconds = time.perf_counter() - t0
-    return {**meta, "reused": False, "seconds": seconds, "mb_per_s": meta["bytes"] / 1e6 / seconds,
-            "tokenizer_train_s": tokenizer_s}
+    return splits
 
 
 def read_text_file(path: str | Path) -> bytes:

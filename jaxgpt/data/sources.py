@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
+from jaxgpt.config import PrepareConfig
 from jaxgpt.errors import DataError
 
-CHUNK_BYTES = 1 << 20          # text read, and work handed to a worker, in pieces of about this size
+CHUNK_BYTES = PrepareConfig.chunk_bytes  # text read, and work handed to a worker, in pieces of about this size
 SOURCES = "text:PATH, jsonl:PATH[:field], hf:NAME[:config], chitchat or chatterbot"
 
 

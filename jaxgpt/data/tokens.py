@@ -20,15 +20,22 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxgpt.data import chat
 from jaxgpt import cli
-from jaxgpt.data import dialogs
 from jaxgpt.config import DataConfig, PrepareCommand
-from jaxgpt.errors import DataError
-from jaxgpt.files import read_json, sha256
-from jaxgpt.data.prepare import FORMAT, SPLITS, prepare, read_text_file, split_text, token_dtype, tokenize_text_file
+from jaxgpt.data import chat, dialogs, pairs
+from jaxgpt.data.prepare import (
+    FORMAT,
+    SPLITS,
+    prepare,
+    read_text_file,
+    split_text,
+    token_dtype,
+    tokenize_text_file,
+)
 from jaxgpt.data.sources import SOURCES
 from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.errors import DataError
+from jaxgpt.files import read_json, sha256
 
 
 @dataclasses.dataclass
@@ -270,15 +277,15 @@ class TokenBatches:
         return window_batches(tokens, self.seq_len, stride, batch_size or self.cfg.batch_size)
 
 
-def open_batches(cfg, tokenizer: Tokenizer | None = None, training: bool = True):
+def open_batches(cfg, tokenizer: Tokenizer | None = None, training: bool = True, held_out_chats=()):
     """The batch source of a Config's data section: conversations when data.chat (or, to evaluate,
     data.chat_val) is set, else token data (data.dir, else data.path). `tokenizer`: the model's,
     when it exists already (fine-tuning, evaluation); else the data's own, or data.tokenizer.
-    data.preferences (training): preference pairs for DPO (preference.PairBatches)."""
+    data.preferences (training): preference pairs for DPO (pairs.PairBatches), with `held_out_chats`
+    (conversations) scored beside them."""
     d = cfg.data
     if d.preferences and training:
-        from jaxgpt.train import dpo as preference  # the pair batches live beside the DPO loss (and need jax)
-        return preference.open_batches(cfg, tokenizer or Tokenizer.from_spec(d.tokenizer))
+        return pairs.open_batches(cfg, tokenizer or Tokenizer.from_spec(d.tokenizer), held_out_chats)
     if d.chat or (d.chat_val and not training):
         tokenizer = tokenizer or Tokenizer.from_spec(d.tokenizer)
         loaded = dialogs.load(d.chat) if d.chat else dialogs.Loaded([], [], 0)

@@ -10,13 +10,14 @@ in jaxgpt.talk and the server; plain continuations are not.
 from __future__ import annotations
 
 from jaxgpt import cli
-from jaxgpt.store import runs
 from jaxgpt.config import Config, SampleConfig, ScreenConfig
-from jaxgpt.generate.engine import Engine, SamplingParams
-from jaxgpt.model.gpt import GPT
-from jaxgpt.generate.service import Service
-from jaxgpt.generate.screen import Screen
 from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.generate.engine import Engine
+from jaxgpt.generate.sampling import SamplingParams
+from jaxgpt.generate.screen import Screen
+from jaxgpt.generate.service import Service
+from jaxgpt.model.gpt import GPT
+from jaxgpt.store import runs
 
 
 def generate(model: GPT, params, prompt_ids: list[int], max_new_tokens: int, cfg: SampleConfig,

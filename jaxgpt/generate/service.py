@@ -28,11 +28,12 @@ import threading
 import time
 from typing import Callable, Iterator
 
-from jaxgpt.data import chat
 from jaxgpt.config import ScreenConfig
-from jaxgpt.generate.engine import Engine, Request, SamplingParams
-from jaxgpt.generate.screen import Screen, ScreenStream
+from jaxgpt.data import chat
 from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.generate.engine import Engine, Request
+from jaxgpt.generate.sampling import SamplingParams
+from jaxgpt.generate.screen import Screen, ScreenStream
 
 
 class TextStream:

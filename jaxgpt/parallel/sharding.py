@@ -12,7 +12,8 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxgpt.config import MeshConfig
 from jaxgpt.errors import ConfigError
@@ -61,10 +62,23 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def data_shards(mesh: Mesh) -> int:
+    """How many ways the batch's rows split: the data-parallel devices, data x fsdp."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def padded(batch: dict, mesh: Mesh) -> dict:
+    """A host batch with empty rows (segment 0, no loss) appended so that it splits over the mesh's
+    data-parallel devices."""
+    pad = -len(batch["inputs"]) % data_shards(mesh)
+    return batch if not pad else {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+                                  for k, v in batch.items()}
+
+
 def check_batch(mesh: Mesh, batch_size: int, grad_accum: int = 1) -> None:
     """The global batch, and each micro-batch of it, must split evenly over the data-parallel devices
     (data x fsdp): every device computes its share of every micro-batch."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = data_shards(mesh)
     if batch_size % shards:
         raise ConfigError(f"data.batch_size={batch_size} does not split over the mesh's {shards} data-parallel "
                           f"devices (mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']}); use a "
@@ -121,7 +135,7 @@ def batch_blocks(mesh: Mesh) -> tuple[list[int], int]:
     (data.batch_at(step, i, n) for each). jax.make_mesh lays processes out in order, so a process's
     shards are contiguous and merge into one larger block; a process shares its block with others
     when the batch is replicated over mesh axes that span processes (tensor across hosts)."""
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    n = data_shards(mesh)
     index = batch_sharding(mesh).addressable_devices_indices_map((n, 1))
     held = sorted({rows.start or 0 for rows, _ in index.values()})
     size = len(held)

@@ -21,9 +21,12 @@ import dataclasses
 import math
 import os
 import re
+import time
 
 from jaxgpt import hardware
 from jaxgpt.errors import ConfigError
+from jaxgpt.parallel import sharding
+from jaxgpt.train import memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,3 +298,38 @@ def summary(table: list[Kernel], card_name: str, top: int = 12) -> dict:
                       "op": re.sub(r"^jit\([^)]*\)/", "", k.op_name)[:100]}
                      for k in sorted(memory_bound, key=lambda k: -k.bytes)[:top]],
     }
+
+
+# ---- a train step compiled from shapes, and what XLA made of it ----
+
+def compile_step(trainer):
+    """The trainer's train step compiled ahead of time from shapes alone (no params are made)."""
+    state = sharding.placed(trainer.abstract_state(), trainer.state_sharding)
+    with sharding.activate(trainer.mesh):
+        return trainer.train_step.lower(state, memory.abstract_batch(trainer.cfg, trainer.mesh),
+                                        *memory.frozen_params(trainer, True)).compile()
+
+
+def analyze(trainer, card: str = "") -> dict:
+    """The estimate beside XLA's memory and cost analysis of the compiled step (compiled ahead of
+    time from shapes: no params are made). card: the step is compiled for that GPU (aot.py), and
+    its kernels' bytes and FLOPs are summed too."""
+    mesh = trainer.mesh
+    t = time.perf_counter()
+    compiled = compile_step(trainer)
+    compile_s = time.perf_counter() - t
+    plan = memory.estimate(trainer)
+    out = {"mesh": dict(mesh.shape), "compile_s": round(compile_s, 2),
+           "estimate_bytes": plan.per_device}
+    if (m := compiled.memory_analysis()) is not None:
+        xla = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+               "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+               "code": m.generated_code_size_in_bytes}
+        xla["total"] = xla["arguments"] + xla["outputs"] - xla["aliased"] + xla["temporaries"]
+        out["xla_bytes"] = xla
+    if card:
+        out["kernels"] = summary(kernels(compiled.as_text()), card)
+    cost = compiled.cost_analysis()
+    if cost and "flops" in cost:
+        out["xla_flops_per_device"] = float(cost["flops"])
+    return out

@@ -33,6 +33,7 @@ Both tune the host first (hardware.tune_host) unless bench.untuned_host=true.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -40,26 +41,22 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
+from jaxgpt import cli, hardware
 from jaxgpt import config as config_lib
-from jaxgpt.perf import aot
-from jaxgpt import cli
-from jaxgpt.data import tokens as data
-from jaxgpt.generate import engine as generate
-from jaxgpt import hardware
-from jaxgpt.model import kernels
-from jaxgpt.train import memory
-from jaxgpt.data import prepare
-from jaxgpt.perf import profiling
-from jaxgpt.store import runs
-from jaxgpt.parallel import sharding
-from jaxgpt.data import sources
-from jaxgpt.model.gpt import GPT, matmul_dtype
 from jaxgpt.config import BenchCommand, BenchConfig, PrepareConfig
+from jaxgpt.data import prepare, sources
+from jaxgpt.data import tokens as data
 from jaxgpt.errors import ConfigError
-from jaxgpt.train.trainer import DispatchWindow, Trainer, resolve_skip_update
+from jaxgpt.model.gpt import GPT
+from jaxgpt.model.kernels.choice import matmul_dtype
+from jaxgpt.parallel import sharding
+from jaxgpt.perf import aot, decode, profiling
+from jaxgpt.store import runs
+from jaxgpt.train import memory
+from jaxgpt.train.loop import DispatchWindow
+from jaxgpt.train.step import resolve_skip_update
+from jaxgpt.train.trainer import Trainer
 
 
 def _page_faults() -> int:
@@ -69,15 +66,6 @@ def _page_faults() -> int:
     except ImportError:  # not on Windows
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def _profiled(directory: str, runs: int, run) -> dict:
-    """`run()` traced `runs` times into `directory`: the busiest ops and the op time per run."""
-    with profiling.trace(directory):
-        for _ in range(runs):
-            run()
-    return {"profile_dir": directory, "op_ms_per_run": profiling.total_ms(directory, runs),
-            "busiest_ops": profiling.busiest_ops(directory, runs)}
 
 
 def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, profile: str = "",
@@ -92,14 +80,7 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, p
         compiled = trainer.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
 
-    def run(start, n, state):
-        window = DispatchWindow()
-        for _, b in data.Prefetcher(trainer.batch, start, start + n, cfg.data.prefetch):
-            state, metrics = compiled(state, b)
-            window(metrics)
-        jax.block_until_ready(metrics)
-        return state, metrics
-
+    run = functools.partial(_run_steps, trainer, compiled)
     state, _ = run(0, warmup, state)
     faults, ticks = _page_faults(), hardware.cpu_ticks()
     t = time.perf_counter()
@@ -116,7 +97,7 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, p
     out = {
         "bench": "train", "preset": cfg.model.preset, "dtype": cfg.model.dtype,
         "matmul_dtype": matmul_dtype(cfg.model), "logits_dtype": cfg.model.logits_dtype,
-        "attention": kernels.resolve(cfg.model.attention, cfg.model.dtype), "remat": cfg.model.remat,
+        "attention": trainer.model.kernels.impl, "remat": cfg.model.remat,
         "loss_chunks": cfg.model.loss_chunks, "segments": data.rows_have_segments(cfg.data),
         "skip_update": resolve_skip_update(cfg.train.skip_update),
         "params": trainer.model.num_params(state.params), "devices": n_devices,
@@ -133,13 +114,7 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, p
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax": jax.__version__,
     }
-    memory = compiled.memory_analysis()
-    if memory is not None:
-        out["step_temp_bytes"] = memory.temp_size_in_bytes
-        out["step_argument_bytes"] = memory.argument_size_in_bytes
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        out["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
+    out.update(_step_memory(compiled))
     if profile:
         start = [warmup + steps]
 
@@ -147,7 +122,29 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, p
             nonlocal state
             state, _ = run(start[0], 1, state)
             start[0] += 1
-        out.update(_profiled(profile, profile_runs, one_step))
+        out.update(profiling.profiled(profile, profile_runs, one_step))
+    return out
+
+
+def _run_steps(trainer, compiled, start: int, n: int, state):
+    """(state, last metrics) after n steps from `start`, dispatched as the train loop does them."""
+    window = DispatchWindow()
+    for _, b in data.Prefetcher(trainer.batch, start, start + n, trainer.cfg.data.prefetch):
+        state, metrics = compiled(state, b)
+        window(metrics)
+    jax.block_until_ready(metrics)
+    return state, metrics
+
+
+def _step_memory(compiled) -> dict:
+    """XLA's temporaries and arguments of the compiled step, and the device's peak use where it says."""
+    out = {}
+    if (analysis := compiled.memory_analysis()) is not None:
+        out["step_temp_bytes"] = analysis.temp_size_in_bytes
+        out["step_argument_bytes"] = analysis.argument_size_in_bytes
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
     return out
 
 
@@ -187,59 +184,6 @@ def bench_data(prep: PrepareConfig, bench: BenchConfig = BenchConfig()) -> list[
     return results
 
 
-def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[dict]:
-    """Decode speed of the engine, one result per batch size: random prompts, temperature 1 and
-    top-k 50 (as the Hugging Face reference samples), no stop token, so every row makes new_tokens."""
-    bandwidth = hardware.memory_bandwidth()
-    weight_bytes = sum(x.size * jnp.dtype(model.cfg.dtype).itemsize if x.ndim > 1 else x.nbytes
-                       for x in jax.tree.leaves(params))
-    sp = generate.SamplingParams(max_tokens=bench.new_tokens, temperature=1.0, top_k=50)
-    rng, results = np.random.default_rng(0), []
-    if bench.decode_steps < 0:
-        raise ConfigError(f"bench.decode_steps={bench.decode_steps}: must be >= 0 (0: the engine's default)")
-    steps = bench.decode_steps or generate.DECODE_STEPS
-    for batch in bench.batch:
-        engine = generate.Engine(model, params, slots=batch, decode_steps=steps)
-        prompts = [rng.integers(0, vocab, bench.prompt_tokens).tolist() for _ in range(batch)]
-        # compile prefill and both decode calls (one step, and `steps`); when the rows will outgrow
-        # the context, past its first shift too (the shift's re-prefill compiles another prompt
-        # length: 1.4 of the 1.7 s the quickstart's model took for 256 new tokens at context 128)
-        S = model.cfg.seq_len
-        warm = steps + 3 if bench.prompt_tokens + bench.new_tokens <= S else S - bench.prompt_tokens + steps + 2
-        for max_tokens in (warm, 3):  # the second: one-step calls only (fewer tokens left than `steps`)
-            engine.generate(prompts, dataclasses.replace(sp, max_tokens=max_tokens))
-        t0 = time.perf_counter()
-        ids = [i for s, p in enumerate(prompts) for i in engine.submit(p, dataclasses.replace(sp, seed=s))]
-        engine.step()
-        ttft = time.perf_counter() - t0
-        while engine.busy:
-            engine.step()
-        seconds = time.perf_counter() - t0
-        n_new = sum(len(engine.requests[i].tokens) for i in ids)
-        # a decode step reads every weight once and each row's cache up to its length (on average
-        # prompt + new/2 positions): the memory-bandwidth bound on tokens/s
-        cache_bytes = (2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim *
-                       jnp.dtype(model.cfg.dtype).itemsize * (bench.prompt_tokens + bench.new_tokens / 2))
-        bound = batch * bandwidth / (weight_bytes + batch * cache_bytes)
-        tok_per_s = n_new / seconds
-        results.append({"bench": "generate", "batch": batch, "dtype": model.cfg.dtype, "decode_steps": steps,
-                        "cache_window": kernels.resolve_cache_window(model.cfg.cache_window),
-                        "new_tokens": n_new,
-                        "seconds": round(seconds, 6), "tok_per_s": round(tok_per_s, 2),
-                        "ttft_s": round(ttft, 4), "prefill_tok_per_s": round(batch * bench.prompt_tokens / ttft, 1),
-                        "memory_gb_per_s": round(bandwidth / 1e9, 2), "bound_tok_per_s": round(bound, 2),
-                        "ratio_to_bound": round(tok_per_s / bound, 3), "params": model.num_params(params),
-                        "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__})
-        if bench.profile:  # decode steps alone: the prompts are prefilled by the untraced first step
-            for s, p in enumerate(prompts):
-                engine.submit(p, dataclasses.replace(sp, seed=s, max_tokens=bench.profile_runs + 2))
-            engine.step()
-            results[-1].update(_profiled(f"{bench.profile}/batch{batch}", bench.profile_runs, engine.step))
-            while engine.busy:
-                engine.step()
-    return results
-
-
 def bench_compile(cfg: config_lib.Config, target: str = "") -> dict:
     """Memory and FLOPs of cfg's train step on its mesh, from shapes alone. With mesh.devices=N on a
     host with fewer devices the step is planned on N simulated XLA:CPU devices: params, optimizer
@@ -266,14 +210,14 @@ def bench_compile(cfg: config_lib.Config, target: str = "") -> dict:
 
 
 def _compile_report(cfg: config_lib.Config, devices: list, target: str = "") -> dict:
-    cfg = memory.with_vocab(cfg)
+    cfg = memory.with_pretrained_vocab(cfg)
     trainer = memory.trainer_for(cfg, devices)
     out = {"bench": "compile", "target": target or None, "preset": cfg.model.preset, "dtype": cfg.model.dtype,
            "remat": cfg.model.remat,
            "batch": cfg.data.batch_size, "grad_accum": cfg.optim.grad_accum, "seq_len": cfg.model.seq_len,
            "devices": trainer.mesh.devices.size, "platform": devices[0].platform, "device_kind": devices[0].device_kind,
            # on a GPU of CARDS, its own compiled step's kernels too (autotuned, unlike a planned one's)
-           **memory.analyze(trainer, target or (aot.card_of(devices[0].device_kind) if devices[0].platform == "gpu"
+           **aot.analyze(trainer, target or (aot.card_of(devices[0].device_kind) if devices[0].platform == "gpu"
                                                 else ""))}
     out["estimate_gb"] = {k: round(v / memory.GB, 3) for k, v in out["estimate_bytes"].items()}
     model = trainer.model
@@ -368,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise ConfigError(f"{operands[0]}: set model.vocab_size to time a config without data")
             model = GPT(cfg.model)
             params, vocab = model.init(jax.random.key(0)), cfg.model.vocab_size
-        for result in bench_generate(model, params, cmd.bench, vocab):
+        for result in decode.bench_generate(model, params, cmd.bench, vocab):
             print(json.dumps(result), flush=True)
 
     cli.run("python -m jaxgpt.bench", {  # tune_host=False: the commands tune it unless bench.untuned_host=true

@@ -73,3 +73,12 @@ def busiest_ops(directory: str | Path, runs: int, top: int = 25) -> list[dict]:
 def total_ms(directory: str | Path, runs: int) -> float:
     """All op time per run (the device's busy time, or XLA:CPU's summed over its threads)."""
     return round(sum(us for _, _, us in op_events(directory)) / 1e3 / runs, 3)
+
+
+def profiled(directory: str, runs: int, run) -> dict:
+    """`run()` traced `runs` times into `directory`: the busiest ops and the op time per run."""
+    with trace(directory):
+        for _ in range(runs):
+            run()
+    return {"profile_dir": directory, "op_ms_per_run": total_ms(directory, runs),
+            "busiest_ops": busiest_ops(directory, runs)}

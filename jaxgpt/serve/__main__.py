@@ -1,4 +1,4 @@
-"""`python -m jaxgpt.serve` (the code: jaxgpt/serve/app.py)."""
-from jaxgpt.serve.app import main
+"""`python -m jaxgpt.serve` (the code: jaxgpt/serve/server.py)."""
+from jaxgpt.serve.server import main
 
 main()

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from jaxgpt.data import dialogs
-from jaxgpt import files
 from jaxgpt.errors import DataError
 
 SCHEMA_VERSION = 1           # PRAGMA user_version
@@ -109,7 +108,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _open(path: Path, create: bool) -> sqlite3.Connection:
+def open_database(path: Path, create: bool) -> sqlite3.Connection:
     """A connection to a checked feedback database (made with the schema if new and `create`)."""
     if path.is_dir() or (not create and not path.is_file()):
         raise FeedbackError(f"{path}: no feedback database there")
@@ -146,7 +145,7 @@ def _open(path: Path, create: bool) -> sqlite3.Connection:
     return conn
 
 
-def _json(obj) -> str:
+def compact_json(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -193,7 +192,7 @@ class Feedback:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._conn = _open(self.path, create=True)  # checked (or made) here: a bad file stops the start
+        self._conn = open_database(self.path, create=True)  # checked (or made) here: a bad file stops the start
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed, self._lock = False, threading.Lock()  # nothing is queued behind the last job
         self._thread = threading.Thread(target=self._write, name="jaxgpt-feedback", daemon=True)
@@ -230,8 +229,8 @@ class Feedback:
             raise FeedbackError(f"messages: {problem or 'the last message must be a user message'}", "messages")
         if dataclasses.is_dataclass(sampling):
             sampling = dataclasses.asdict(sampling)
-        row = (completion_id, time.time() if created is None else created, model, source, _json(context),
-               _json(sampling or {}), _string(replaces, "replaces", required=False))
+        row = (completion_id, time.time() if created is None else created, model, source, compact_json(context),
+               compact_json(sampling or {}), _string(replaces, "replaces", required=False))
         self._submit(lambda conn: conn.executemany(
             "INSERT INTO replies (id, choice, created, model, source, messages, sampling, replaces) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(row[0], i, *row[1:]) for i in range(n)]))
@@ -351,123 +350,3 @@ class Feedback:
                 if job.done is not None:
                     job.done.set()
         conn.close()
-
-
-# ---- reading: export and stats ----
-
-def _collect(conn: sqlite3.Connection) -> tuple[list[dict], list[dict]]:
-    """(SFT records, pair records) by the rules in the module's docstring."""
-    rows = {(r[0], r[1]): r for r in conn.execute(
-        "SELECT id, choice, messages, reply, finish_reason FROM replies WHERE reply IS NOT NULL ORDER BY rowid")}
-    ratings, edits, better = {}, {}, {}  # the latest judgement of each kind wins
-    for cid, choice, kind, other_id, other_choice, edit in conn.execute(
-            "SELECT completion_id, choice, kind, other_id, other_choice, edit FROM judgements ORDER BY id"):
-        key = (cid, choice)
-        if kind in RATINGS:
-            ratings[key] = kind
-        elif kind == "edit":
-            edits[key] = edit
-        else:
-            better.pop(frozenset((key, (other_id, other_choice))), None)  # re-judged: goes last
-            better[frozenset((key, (other_id, other_choice)))] = (key, (other_id, other_choice))
-    sft, pairs, seen = [], [], set()
-
-    def pair(messages: str, chosen: str, rejected: str) -> None:
-        if chosen != rejected and (messages, chosen, rejected) not in seen:
-            seen.add((messages, chosen, rejected))
-            pairs.append({"messages": json.loads(messages), "chosen": chosen, "rejected": rejected})
-    usable = {key: r for key, r in rows.items() if r[4] != "error"}
-    for key, r in rows.items():
-        text = edits.get(key) or (r[3] if ratings.get(key) == "up" and r[4] == "stop" else None)
-        if text is not None and dialogs.check(json.loads(r[2]) + [{"role": "assistant", "content": text}]) is None:
-            sft.append({"id": key[0] if key[1] == 0 else f"{key[0]}#{key[1]}",
-                        "messages": json.loads(r[2]) + [{"role": "assistant", "content": text}]})
-    for chosen, rejected in better.values():
-        if chosen in usable and rejected in usable:
-            pair(usable[chosen][2], usable[chosen][3], usable[rejected][3])
-    for key, r in usable.items():
-        if key in edits:
-            pair(r[2], edits[key], r[3])
-    liked = [key for key in usable if ratings.get(key) == "up"]
-    disliked = [key for key in usable if ratings.get(key) == "down"]
-    for up in liked:
-        for down in disliked:
-            if usable[up][2] == usable[down][2] and frozenset((up, down)) not in better:  # "better" said otherwise
-                pair(usable[up][2], usable[up][3], usable[down][3])
-    return sft, pairs
-
-
-def export(path: str | Path, sft: str | Path | None = None, pairs: str | Path | None = None) -> dict:
-    """Write the SFT conversations and / or the preference pairs of the database at `path`; the counts."""
-    conn = _open(Path(path), create=False)
-    try:
-        conversations, pair_records = _collect(conn)
-    finally:
-        conn.close()
-    for where, name in ((sft, "export.sft"), (pairs, "export.pairs")):
-        if where is not None and Path(where).is_dir():
-            raise FeedbackError(f"{name}={where}: a directory, not a file", name)
-    if sft is not None:
-        dialogs.write_jsonl(sft, [c["messages"] for c in conversations], [c["id"] for c in conversations])
-    if pairs is not None:
-        files.atomic_write(pairs, "".join(_json(p) + "\n" for p in pair_records))
-    return {"sft": len(conversations), "pairs": len(pair_records)}
-
-
-def stats(path: str | Path) -> dict:
-    """Counts: replies (finished or not, by source and finish_reason), judgements by kind, and what
-    export would write."""
-    conn = _open(Path(path), create=False)
-    try:
-        count = lambda sql: dict(conn.execute(sql).fetchall())  # noqa: E731
-        out = {"path": str(path), "schema_version": SCHEMA_VERSION,
-               "replies": conn.execute("SELECT count(*) FROM replies").fetchone()[0],
-               "unfinished": conn.execute("SELECT count(*) FROM replies WHERE reply IS NULL").fetchone()[0],
-               "by_source": count("SELECT source, count(*) FROM replies GROUP BY source ORDER BY source"),
-               "by_finish_reason": count("SELECT finish_reason, count(*) FROM replies WHERE reply IS NOT NULL "
-                                         "GROUP BY finish_reason ORDER BY finish_reason"),
-               "judgements": {kind: 0 for kind in ("up", "down", "better", "edit")}
-               | count("SELECT kind, count(*) FROM judgements GROUP BY kind")}
-        sft, pairs = _collect(conn)
-    finally:
-        conn.close()
-    return {**out, "export": {"sft": len(sft), "pairs": len(pairs)}}
-
-
-# ---- command line ----
-
-@dataclasses.dataclass(frozen=True)
-class ExportConfig:
-    sft: str = ""    # liked and edited replies as SFT conversations: JSONL that data.chat=jsonl:PATH reads
-    pairs: str = ""  # preference pairs: JSONL of {"messages": context, "chosen": str, "rejected": str}
-
-
-@dataclasses.dataclass(frozen=True)
-class FeedbackCommand:
-    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from jaxgpt import cli  # here: importing this module stays free of jax
-    from jaxgpt.errors import ConfigError
-
-    def run_export(operands: list[str], settings: list[str]) -> None:
-        cfg = cli.tool_config(FeedbackCommand, settings).export
-        if not cfg.sft and not cfg.pairs:
-            raise ConfigError("set export.sft=FILE.jsonl and / or export.pairs=FILE.jsonl")
-        counts = export(operands[0], cfg.sft or None, cfg.pairs or None)
-        print(json.dumps({**counts, "sft_file": cfg.sft or None, "pairs_file": cfg.pairs or None}))
-
-    def run_stats(operands: list[str], settings: list[str]) -> None:
-        cli.tool_config(FeedbackCommand, settings)
-        print(json.dumps(stats(operands[0]), indent=1))
-
-    cli.run("python -m jaxgpt.feedback", {
-        "export": cli.Command(run_export, "DB [export.sft=SFT.jsonl] [export.pairs=PAIRS.jsonl]", FeedbackCommand,
-                              sections=("export",), tune_host=False),
-        "stats": cli.Command(run_stats, "DB", FeedbackCommand, sections=("stats",), tune_host=False),  # no keys
-    }, None if argv is None else list(argv))
-
-
-if __name__ == "__main__":
-    main()

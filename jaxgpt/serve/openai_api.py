@@ -10,10 +10,10 @@ import re
 import secrets
 from typing import Any
 
-from jaxgpt.generate.engine import MAX_TOP_LOGPROBS, SamplingParams
-from jaxgpt.generate.service import Reply
 from jaxgpt.data.tokenizer import Tokenizer
-
+from jaxgpt.errors import JaxgptError
+from jaxgpt.generate.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from jaxgpt.generate.service import Reply
 
 # ---- errors, in OpenAI's shape ----
 
@@ -104,6 +104,74 @@ def requested_max_tokens(body: dict) -> tuple[int | None, str]:
         if (value := typed_field(body, name, INT)) is not None:
             return value, name
     return None, "max_tokens"
+
+
+def request_body(data: bytes, model_id: str) -> dict:
+    """A request's body as the JSON object it must be, naming this server's model if any."""
+    try:
+        body = json.loads(data)
+    except ValueError as e:  # also invalid UTF-8
+        raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    if (model := typed_field(body, "model", "a string")) is not None and model != model_id:
+        raise ApiError(404, f"model {model!r} does not exist; this server has {model_id!r}",
+                       "model", code="model_not_found")
+    return body
+
+
+@dataclasses.dataclass(frozen=True)
+class Asked:
+    """What a completion request asks for besides its prompt and sampling fields."""
+    kind: str                  # "chat" or "completion"
+    max_tokens: int | None     # None: what the context leaves, at most the run's default
+    max_field: str             # the field max_tokens came in, for error messages
+    stream: bool
+    include_usage: bool        # stream_options.include_usage: a last chunk with the usage
+    top_logprobs: int | None   # None: no logprobs
+
+
+def asked(body: dict, kind: str) -> Asked:
+    max_tokens, max_field = requested_max_tokens(body)
+    stream = typed_field(body, "stream", "a boolean", False)
+    options = typed_field(body, "stream_options", "an object", {})
+    return Asked(kind, max_tokens, max_field, stream, options.get("include_usage") is True,
+                 logprob_request(body, kind))
+
+
+def prompt_ids(body: dict, tokenizer: Tokenizer) -> list[int]:
+    """A text completion's prompt (a string, a list of one, or token ids) as token ids."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return as_400(lambda: tokenizer.encode(prompt), "prompt") or [tokenizer.eot_id]
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tokenizer.n_vocab
+            for t in prompt):
+        return list(prompt)  # token ids, as OpenAI's API takes them too
+    raise ApiError(400, "prompt: expected a string or a list of token ids", "prompt",
+                   code="invalid_type" if prompt is not None else "missing_required_parameter")
+
+
+def check_sampling(params: SamplingParams, max_field: str, slots: int) -> None:
+    """A 400 naming the field (max_tokens as the request named it) of params a server refuses."""
+    if problem := params.problem(slots):
+        name, message = problem
+        if name == "max_tokens":
+            name, message = max_field, message.replace("max_tokens", max_field, 1)
+        raise ApiError(400, message, name)
+
+
+def as_400(call, param: str):
+    """call(), turning what the tokenizer or the service refuses into a 400 that names the field."""
+    try:
+        return call()
+    except ValueError as e:
+        code = "context_length_exceeded" if "model's context" in str(e) else None
+        raise ApiError(400, str(e), field_of(str(e), param), code=code) from None
+    except JaxgptError as e:  # a malformed conversation, characters the tokenizer lacks
+        raise ApiError(400, f"{param}: {e}", param) from None
 
 
 def usage(prompt_tokens: int, replies: list[Reply]) -> dict:

@@ -25,14 +25,15 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from jaxgpt import cli
-from jaxgpt.store import runs
 from jaxgpt.config import Config, SampleConfig
 from jaxgpt.errors import JaxgptError
-from jaxgpt.serve.feedback import Feedback
-from jaxgpt.generate.engine import Engine, SamplingParams
-from jaxgpt.model.gpt import GPT
-from jaxgpt.generate.service import Service
+from jaxgpt.generate.engine import Engine
+from jaxgpt.generate.sampling import SamplingParams
 from jaxgpt.generate.screen import Screen
+from jaxgpt.generate.service import Service
+from jaxgpt.model.gpt import GPT
+from jaxgpt.serve.feedback import Feedback
+from jaxgpt.store import runs
 
 HELP = ("/reset: a new conversation   /temperature N: sampling temperature (0: greedy)   "
         "/system TEXT: the system message (and a new conversation)   /up, /down: judge the last reply   "

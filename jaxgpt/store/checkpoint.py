@@ -14,27 +14,20 @@ checkpoints or step directory; `none` starts fresh and refuses to overwrite chec
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxgpt import config as config_lib
-from jaxgpt.parallel import launch
-from jaxgpt.parallel import sharding
-from jaxgpt.errors import CheckpointError, ConfigError, JaxgptError
+from jaxgpt.errors import CheckpointError, ConfigError
 from jaxgpt.model.gpt import GPT
-
-# TrainState objects always come from the trainer (`python -m jaxgpt.train` runs that module as
-# __main__, whose TrainState is a different class from jaxgpt.train.trainer.TrainState).
+from jaxgpt.parallel import launch, sharding
+from jaxgpt.store import integrity
 
 FORMAT = 1
 # Model fields that decide parameter shapes (seq_len too, when positions are a learned table).
@@ -42,25 +35,8 @@ SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff
                 "bias", "tie_embeddings", "qk_norm", "scan_layers")
 
 
-class Interrupted(JaxgptError):
-    """Training stopped on SIGTERM / SIGINT after saving; `signum` says which."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-
-
-class Damaged(Exception):
-    """A step directory that cannot be read back exactly; restore skips it."""
-
-
 def warn(message: str) -> None:
     print(f"checkpoint: {message}", file=sys.stderr)
-
-
-def _first_line(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
-    return f"{type(e).__name__}: {text[:200]}"
 
 
 # ---- the saved pytree, its checksums and its shapes ------------------------------------------
@@ -77,47 +53,6 @@ def params_target(model: GPT, shardings=None):
     return sharding.placed(abstract, shardings if shardings is not None else jax.tree.map(lambda _: one, abstract))
 
 
-def _path(keys) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
-
-
-def _shapes(tree) -> dict:
-    return {_path(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _checksum(x: jax.Array) -> jax.Array:
-    """Position-weighted sum of the bit patterns mod 2**32: integer, hence the same on any mesh."""
-    if x.dtype == jnp.bool_:
-        bits = x.astype(jnp.uint32)
-    else:
-        width = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
-        bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
-    index = jnp.zeros(bits.shape, jnp.uint32)
-    for d in range(bits.ndim):  # the flat index, without reshaping (and so resharding) the array
-        index = index * jnp.uint32(bits.shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d)
-    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
-
-
-@jax.jit
-def _checksums_and_finite(tree):
-    """(a checksum per leaf, whether every float leaf is finite), in one pass over the state."""
-    leaves = jax.tree.leaves(tree)
-    finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return [_checksum(x) for x in leaves], jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
-
-
-def checksums_and_finite(tree) -> tuple[dict, bool]:
-    """({leaf path: checksum}, whether every float is finite) on the host."""
-    sums, finite = jax.device_get(_checksums_and_finite(tree))
-    return {_path(p): int(s) for (p, _), s in zip(jax.tree_util.tree_leaves_with_path(tree), sums)}, bool(finite)
-
-
-def _verify(tree, expected: dict, prefix: str = "") -> None:
-    for key, value in checksums_and_finite(tree)[0].items():
-        if expected.get(prefix + key) != value:
-            raise Damaged(f"checksum mismatch in {prefix + key}")
-
-
 # ---- compatibility checks: run before any array is read --------------------------------------
 
 def check_model(saved: dict, cfg: config_lib.Config, where: Path, hint: str) -> None:
@@ -131,7 +66,7 @@ def check_model(saved: dict, cfg: config_lib.Config, where: Path, hint: str) -> 
 
 
 def _check_tree(stored: dict, target: dict, saved: dict, cfg: config_lib.Config, where: Path) -> None:
-    have, want = _shapes(stored), _shapes(target)
+    have, want = integrity.leaf_shapes(stored), integrity.leaf_shapes(target)
     for key in sorted(have.keys() | want.keys()):
         if have.get(key) != want.get(key):
             if key.startswith("opt_state"):
@@ -145,42 +80,8 @@ def _check_tree(stored: dict, target: dict, saved: dict, cfg: config_lib.Config,
 
 # ---- reading step directories ----------------------------------------------------------------
 
-def _read(what, fn):
-    try:
-        return fn()
-    except (CheckpointError, KeyboardInterrupt):
-        raise
-    except Exception as e:  # anything orbax / tensorstore / json raise on a damaged directory
-        _quiet_abandoned_reads()
-        raise Damaged(f"cannot read {what}: {_first_line(e)}") from e
-
-
-def _quiet_abandoned_reads() -> None:
-    """When one array of a restore fails, orbax abandons its sibling reads and closes its event loop,
-    and Python reports what is left, later (often at exit) and after the one-line error that already
-    said the directory is damaged: each suspended read, closed, as "Exception ignored in: <coroutine
-    _read_array_index_and_device_put>" (orbax's `except BaseException` turns the close into an
-    Exception), and each of tensorstore's finished reads as "RuntimeError: Event loop is closed" from
-    its callback. From the first failed read on, those two are dropped; anything else goes on to the
-    hook before."""
-    if getattr(sys.unraisablehook, "quiets_abandoned_reads", False):
-        return
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        error = unraisable.exc_value
-        closed_read = (getattr(unraisable.object, "__name__", "") == "_read_array_index_and_device_put"
-                       and isinstance(getattr(error, "__cause__", None), GeneratorExit))
-        closed_loop = unraisable.object is None and isinstance(error, RuntimeError) and \
-            str(error) == "Event loop is closed"
-        if not (closed_read or closed_loop):
-            previous(unraisable)
-    hook.quiets_abandoned_reads = True
-    sys.unraisablehook = hook
-
-
 def read_meta(step_dir: Path) -> dict:
-    return _read("meta", lambda: ocp.JsonCheckpointHandler().restore(step_dir / "meta"))
+    return integrity.guarded_read("meta", lambda: ocp.JsonCheckpointHandler().restore(step_dir / "meta"))
 
 
 def restore_step(step_dir: Path, trainer):
@@ -191,10 +92,10 @@ def restore_step(step_dir: Path, trainer):
     abstract, s = trainer.abstract_state(), trainer.state_sharding
     target = sharding.placed(jax.eval_shape(state_tree, abstract), {"params": s.params, "opt_state": s.opt_state,
                      "step": s.step, "rng": s.rng, "nonfinite_run": s.nonfinite_run})
-    stored = _read("state metadata", lambda: ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree)
+    stored = integrity.guarded_read("state metadata", lambda: ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree)
     _check_tree(stored, target, meta["config"], trainer.cfg, step_dir)
-    tree = _read("state", lambda: ocp.StandardCheckpointer().restore(step_dir / "state", target))
-    _verify(tree, meta["checksums"])
+    tree = integrity.guarded_read("state", lambda: ocp.StandardCheckpointer().restore(step_dir / "state", target))
+    integrity.verify_checksums(tree, meta["checksums"])
     return abstract.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"],
                             rng=jax.random.wrap_key_data(tree["rng"], impl=meta["rng_impl"]),
                             nonfinite_run=tree["nonfinite_run"])
@@ -208,30 +109,9 @@ def restore_params(step_dir: Path, cfg: config_lib.Config, model: GPT, shardings
     target = {"params": params_target(model, shardings)}
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
-    tree = _read("params", lambda: ocp.PyTreeCheckpointer().restore(step_dir / "state", args=args))
-    _verify(tree["params"], meta["checksums"], prefix="params/")
+    tree = integrity.guarded_read("params", lambda: ocp.PyTreeCheckpointer().restore(step_dir / "state", args=args))
+    integrity.verify_checksums(tree["params"], meta["checksums"], prefix="params/")
     return tree["params"], meta
-
-
-EXPORT_CHECKSUMS = "checksums.json"  # beside an export's params/: {leaf path: checksum}
-
-
-def read_export_params(export_dir: Path, model: GPT, shardings=None) -> dict:
-    """An export's params (export.py), placed by `shardings` (one device when None): each leaf's shape
-    checked against the model's before any is read, each leaf's checksum after (an export written
-    before exports carried checksums is read unchecked). A damaged export raises Damaged."""
-    target = params_target(model, shardings)
-    stored = _read("params metadata", lambda: ocp.StandardCheckpointer().metadata(export_dir / "params"))
-    have, want = _shapes(getattr(stored, "item_metadata", stored)), _shapes(target)
-    for key in sorted(have.keys() | want.keys()):  # the paths the checksums name too
-        if have.get(key) != want.get(key):
-            raise CheckpointError(f"{export_dir}: param {key} is {have.get(key)} in the checkpoint but "
-                                  f"{want.get(key)} in the model config")
-    tree = _read("params", lambda: ocp.StandardCheckpointer().restore(export_dir / "params", target))
-    sums_file = export_dir / EXPORT_CHECKSUMS
-    if sums_file.is_file():
-        _verify(tree, _read(EXPORT_CHECKSUMS, lambda: json.loads(sums_file.read_text())))
-    return tree
 
 
 def remove_temporaries(directory: Path, tries: int = 50) -> None:
@@ -278,7 +158,7 @@ def newest(directory: Path, step: int | None, load, quarantine: bool = False):
         step_dir = directory / str(s)
         try:
             return load(step_dir)
-        except Damaged as e:
+        except integrity.Damaged as e:
             moved = ""
             if quarantine:
                 launch.barrier(f"damaged-{s}")  # no process is still reading it
@@ -291,6 +171,18 @@ def newest(directory: Path, step: int | None, load, quarantine: bool = False):
 
 
 # ---- the run's checkpointer ------------------------------------------------------------------
+
+def _handlers() -> ocp.DefaultCheckpointHandlerRegistry:
+    """The two items of a step directory and how each is written and read (orbax's replacement of
+    CheckpointManager's deprecated item_names)."""
+    registry = ocp.DefaultCheckpointHandlerRegistry()
+    for item, handler, save, restore in (
+            ("state", ocp.StandardCheckpointHandler, ocp.args.StandardSave, ocp.args.StandardRestore),
+            ("meta", ocp.JsonCheckpointHandler, ocp.args.JsonSave, ocp.args.JsonRestore)):
+        registry.add(item, save, handler)
+        registry.add(item, restore, handler)
+    return registry
+
 
 def _val_loss(metrics: dict) -> float:
     return metrics.get("val_loss", float("inf"))
@@ -332,7 +224,7 @@ class Checkpointer:
             cleanup_tmp_directories=True)  # temporaries of saves cut short by a kill
         if jax.process_index() == 0:
             remove_temporaries(self.directory)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handlers())
         # orbax starts removing those temporaries in a thread when the manager is made, and waits for
         # it only before a save; wait now, or a run that stops early (a config error, say) leaves the
         # thread running into interpreter shutdown: a traceback after the user's one-line error.
@@ -384,7 +276,7 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         tree = state_tree(state)
-        sums, finite = checksums_and_finite(tree)
+        sums, finite = integrity.checksums_and_finite(tree)
         nonfinite_run = int(jax.device_get(state.nonfinite_run))
         if nonfinite_run or not finite:
             warn(f"step {step}: not saving a non-finite state ({nonfinite_run} skipped steps in a row, "
@@ -423,7 +315,7 @@ class Checkpointer:
         with contextlib.suppress(Exception):
             self.manager.close()
         good = steps_in(self.directory)
-        return CheckpointError(f"{self.directory / str(step)}: saving failed ({_first_line(e)}); the checkpoints "
+        return CheckpointError(f"{self.directory / str(step)}: saving failed ({integrity.first_line(e)}); the checkpoints "
                                f"before it are intact (newest: {good[0] if good else 'none'}); fix the disk and "
                                f"rerun the same command to resume")
 
@@ -431,32 +323,3 @@ class Checkpointer:
         if not self.failed:  # a failed save closed the manager already
             self.wait()
             self.manager.close()
-
-
-class StopSignals:
-    """The first SIGTERM / SIGINT asks the loop to stop after the current step and save; a second
-    one aborts at once. Handlers can only be installed from the main thread; elsewhere a no-op."""
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._previous[s] = signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum:
-            self.restore()
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-              f"(send it again to stop at once)", file=sys.stderr)
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else ""
-
-    def restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}

@@ -1,7 +1,6 @@
 """Params-only exports: params + config + tokenizer, without the optimizer state, for evaluate,
-sample (and later chat and serve) and for fine-tuning (`train.init_from`). runs.py loads them.
-
-    python -m jaxgpt.export RUN_DIR OUT    # a run's newest intact checkpoint (or a step directory) -> OUT
+sample, chat and serve, and for fine-tuning (`train.init_from`): written, found and read back here
+(runs.py loads a whole model from one; `python -m jaxgpt.export RUN_DIR OUT` writes one from a run).
 
 An export directory holds `config.json`, `params/` (orbax), `checksums.json` (one per param, checked as
 they are read back) and the tokenizer files; a run writes one to `export/` when it finishes.
@@ -15,12 +14,14 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from jaxgpt.store import checkpoint
-from jaxgpt import cli
 from jaxgpt import config as config_lib
 from jaxgpt import files
-from jaxgpt.store import runs
 from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.errors import CheckpointError
+from jaxgpt.model.gpt import GPT
+from jaxgpt.store import checkpoint, integrity
+
+EXPORT_CHECKSUMS = "checksums.json"  # beside an export's params/: {leaf path: checksum}
 
 
 def export(out_dir: str | Path, cfg: config_lib.Config, params, tokenizer: Tokenizer | None,
@@ -40,7 +41,7 @@ def export(out_dir: str | Path, cfg: config_lib.Config, params, tokenizer: Token
     checkpointer.wait_until_finished()
     files.atomic_write(tmp / "config.json", cfg.to_json())
     # read back against these (runs.load): a damaged export is refused, not loaded with wrong weights
-    files.atomic_write(tmp / checkpoint.EXPORT_CHECKSUMS, json.dumps(checkpoint.checksums_and_finite(params)[0]))
+    files.atomic_write(tmp / EXPORT_CHECKSUMS, json.dumps(integrity.checksums_and_finite(params)[0]))
     if tokenizer is not None:
         tokenizer.save(tmp)
     for name, content in (extra or {}).items():
@@ -50,20 +51,31 @@ def export(out_dir: str | Path, cfg: config_lib.Config, params, tokenizer: Token
     return out_dir
 
 
-def export_run(source: str | Path, out_dir: str | Path) -> tuple[Path, int | None]:
-    """Export what runs.load finds in `source`: (export directory, checkpoint step or None)."""
-    loaded = runs.load(source)
-    return export(out_dir, loaded.cfg, jax.device_get(loaded.params), loaded.tokenizer), loaded.step
+def find(source: str | Path) -> Path | None:
+    """The export directory `source` is, or holds as export/; None when neither."""
+    source = Path(source)
+    for candidate in (source, source / "export"):
+        if (candidate / "params").is_dir() and (candidate / "config.json").is_file():
+            return candidate.absolute()
+    return None
 
 
-def main(argv: list[str] | None = None) -> None:
-    def run(operands, settings):
-        out, step = export_run(operands[0], operands[1])
-        print(json.dumps({"export": str(out), "step": step}))
-
-    cli.run("python -m jaxgpt.export", cli.Command(run, usage="RUN_DIR OUT", root=config_lib.Config, sections=("mesh",),
-                                                   operands=(2, 2)), argv)
-
-
-if __name__ == "__main__":
-    main()
+def read_params(export_dir: Path, model: GPT, shardings=None) -> dict:
+    """An export's params, placed by `shardings` (one device when None): each leaf's shape checked
+    against the model's before any is read, each leaf's checksum after (an export written before
+    exports carried checksums is read unchecked). A damaged export raises integrity.Damaged."""
+    target = checkpoint.params_target(model, shardings)
+    stored = integrity.guarded_read("params metadata",
+                                    lambda: ocp.StandardCheckpointer().metadata(export_dir / "params"))
+    have, want = integrity.leaf_shapes(getattr(stored, "item_metadata", stored)), integrity.leaf_shapes(target)
+    for key in sorted(have.keys() | want.keys()):  # the paths the checksums name too
+        if have.get(key) != want.get(key):
+            raise CheckpointError(f"{export_dir}: param {key} is {have.get(key)} in the checkpoint but "
+                                  f"{want.get(key)} in the model config")
+    tree = integrity.guarded_read("params",
+                                  lambda: ocp.StandardCheckpointer().restore(export_dir / "params", target))
+    sums_file = export_dir / EXPORT_CHECKSUMS
+    if sums_file.is_file():
+        expected = integrity.guarded_read(EXPORT_CHECKSUMS, lambda: json.loads(sums_file.read_text()))
+        integrity.verify_checksums(tree, expected)
+    return tree

@@ -13,18 +13,17 @@ or stopped, is loaded where it is), else of its export. `evaluate`, `sample`, `e
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import jax
 
-from jaxgpt.store import checkpoint
 from jaxgpt import config as config_lib
-from jaxgpt.parallel import sharding
+from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.errors import CheckpointError
 from jaxgpt.model.gpt import GPT
-from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.parallel import sharding
+from jaxgpt.store import checkpoint, export, integrity
 
 NO_TOKENIZER = "NO_TOKENIZER"  # in an export converted without tokenizer files (jaxgpt.convert)
 
@@ -38,15 +37,6 @@ class Loaded(NamedTuple):
     mesh: jax.sharding.Mesh | None = None
 
 
-def find_export(source: str | Path) -> Path | None:
-    """The export directory `source` is, or holds as export/; None when neither."""
-    source = Path(source)
-    for candidate in (source, source / "export"):
-        if (candidate / "params").is_dir() and (candidate / "config.json").is_file():
-            return candidate.absolute()
-    return None
-
-
 def _candidates(source: str | Path) -> Iterator[tuple[str, Path]]:
     """(kind, directory) of what may hold the params, best first: checkpoint steps newest first (only
     the named one for a step directory), then the export."""
@@ -57,7 +47,7 @@ def _candidates(source: str | Path) -> Iterator[tuple[str, Path]]:
             yield "checkpoint", directory / str(s)
         if step is not None:
             return
-    if (export_dir := find_export(source)) is not None:
+    if (export_dir := export.find(source)) is not None:
         yield "export", export_dir
 
 
@@ -77,7 +67,7 @@ def saved_config(source: str | Path) -> config_lib.Config:
     for kind, directory in _candidates(source):
         try:
             return config_lib.from_dict(_saved_dict(kind, directory))
-        except checkpoint.Damaged as e:
+        except integrity.Damaged as e:
             checkpoint.warn(f"skipping {directory}: incomplete or damaged ({e})")
     raise _nothing_there(source)
 
@@ -109,8 +99,8 @@ def params(source: str | Path, cfg: config_lib.Config, shardings=None) -> tuple[
                 return tree, str(directory), meta["step"]
             checkpoint.check_model(_saved_dict(kind, directory), cfg, directory,
                                    "params can only be loaded into the same model shape")
-            return checkpoint.read_export_params(directory, model, shardings), str(directory), None
-        except checkpoint.Damaged as e:
+            return export.read_params(directory, model, shardings), str(directory), None
+        except integrity.Damaged as e:
             checkpoint.warn(f"skipping {directory}: incomplete or damaged ({e})")
     raise _nothing_there(source) if next(_candidates(source), None) is None else \
         CheckpointError(f"{source}: no checkpoint or export that reads back intact")

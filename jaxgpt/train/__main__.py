@@ -1,4 +1,4 @@
-"""`python -m jaxgpt.train` (the code: jaxgpt/train/trainer.py)."""
-from jaxgpt.train.trainer import main
+"""`python -m jaxgpt.train` (the code: jaxgpt/train/loop.py)."""
+from jaxgpt.train.loop import main
 
 main()

@@ -18,11 +18,11 @@ import jax
 import numpy as np
 
 from jaxgpt import cli
-from jaxgpt.data import tokens as data
-from jaxgpt.store import runs
-from jaxgpt.parallel import sharding
 from jaxgpt.config import Config
+from jaxgpt.data import tokens as data
 from jaxgpt.model.gpt import GPT
+from jaxgpt.parallel import sharding
+from jaxgpt.store import runs
 
 
 def make_eval_step(model: GPT, mesh, params_sharding):
@@ -34,13 +34,9 @@ def make_eval_step(model: GPT, mesh, params_sharding):
 def evaluate_batches(eval_step, params, batches, mesh, token_bytes: np.ndarray | None = None) -> dict:
     """Exact mean loss over every masked target of `batches` (an iterable of [B, L] host dicts);
     `token_bytes[id]` (UTF-8 bytes per token id) gives bits per byte of the masked targets."""
-    # the global batch must split evenly over the data-parallel devices: pad with empty rows
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
     total, count, n_bytes = 0.0, 0.0, 0
     for batch in batches:
-        pad = -len(batch["inputs"]) % shards
-        if pad:
-            batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+        batch = sharding.padded(batch, mesh)  # the global batch must split over the data-parallel devices
         loss_sum, n = eval_step(params, sharding.put_batch(batch, mesh))
         total, count = total + float(loss_sum), count + float(n)
         if token_bytes is not None:
@@ -57,7 +53,7 @@ def evaluate_source(batches, cfg: Config, eval_step, params, mesh, split: str, m
     """Score a split of a batch source (data.TokenBatches or chat.ChatBatches) as cfg.eval says."""
     with sharding.activate(mesh):
         return evaluate_batches(eval_step, params,
-                                batches.eval_batches(split, cfg.eval.batch_size or cfg.data.batch_size,
+                                batches.eval_batches(split, cfg.eval_batch_size,
                                                      cfg.eval.stride, max_tokens),
                                 mesh, batches.token_bytes)
 

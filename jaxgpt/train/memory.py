@@ -1,10 +1,12 @@
 """Memory planning: what one train step needs on each device, known before the step is compiled.
 
-    plan = memory.estimate(cfg, devices)    # by tracing: seconds even for GPT-2 small
+    plan = memory.estimate(trainer)         # by tracing: seconds even for GPT-2 small
     plan.per_device                         # bytes: params, optimizer, gradients, activations, batch,
                                             # reference (DPO's, in the step), total
-    memory.check(cfg, devices)              # raises OutOfMemory naming the knobs that would fit
-    report = memory.analyze(trainer)        # the same plus XLA's analysis of the compiled step, and FLOPs
+    memory.check(trainer)                   # raises OutOfMemory naming the knobs that would fit
+    trainer = memory.trainer_for(cfg, devices)  # a config's trainer with no data opened: shapes only
+
+(perf/aot.py's `analyze` sets the estimate beside XLA's analysis of the compiled step.)
 
 The estimate adds up what a step holds at once on one device: its shard of the params and of the
 optimizer state (exact: their shardings' shard shapes), the gradients (fp32, sharded like the
@@ -27,8 +29,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt import config as config_lib
-from jaxgpt.parallel import sharding
+from jaxgpt.data import tokenizer
 from jaxgpt.errors import ConfigError, JaxgptError
+from jaxgpt.parallel import sharding
+from jaxgpt.train.trainer import Trainer
 
 GB = 1e9
 BATCH_KEYS = (("inputs", jnp.int32), ("targets", jnp.int32), ("segment_ids", jnp.int32), ("loss_mask", jnp.float32))
@@ -94,7 +98,7 @@ def saved_for_backward(loss, params, batch, mesh=None) -> int:
         return [x for x in saved if id(x) not in inputs]
 
     if mesh is None or mesh.shape["tensor"] == 1:
-        shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        shards = 1 if mesh is None else sharding.data_shards(mesh)
         return sum(_nbytes(x.shape, x.dtype) for x in jax.eval_shape(residuals, params, batch)) // shards
     with sharding.activate(mesh):
         lowered = jax.jit(residuals).lower(params, batch)
@@ -106,11 +110,10 @@ def _nbytes(shape, dtype) -> int:
     return math.prod(shape) * jnp.dtype(dtype).itemsize
 
 
-def with_vocab(cfg: config_lib.Config) -> config_lib.Config:
+def with_pretrained_vocab(cfg: config_lib.Config) -> config_lib.Config:
     """cfg with model.vocab_size known without opening the data: as set, or a pretrained tokenizer's size."""
     if cfg.model.vocab_size:
         return cfg
-    from jaxgpt.data import tokenizer
     if tokenizer.parse_spec(cfg.data.tokenizer).kind != "pretrained":
         raise ConfigError(f"model.vocab_size=0 and data.tokenizer={cfg.data.tokenizer} is built from the data: "
                           f"set model.vocab_size to plan without the data")
@@ -118,19 +121,17 @@ def with_vocab(cfg: config_lib.Config) -> config_lib.Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=n_vocab))
 
 
-def trainer_for(cfg: config_lib.Config, devices=None):
+def trainer_for(cfg: config_lib.Config, devices=None) -> Trainer:
     """The Trainer of cfg (model, mesh, optimizer, step) with no data opened: shapes only."""
-    from jaxgpt.train.trainer import Trainer  # train imports this module for its check
-    return Trainer(with_vocab(cfg), devices, open_data=False)
+    return Trainer(with_pretrained_vocab(cfg), devices, open_data=False)
 
 
-def estimate(cfg: config_lib.Config, devices=None) -> Plan:
-    """Per-device bytes of one train step of `cfg` on `devices` (default: all), by tracing only."""
-    trainer = trainer_for(cfg, devices)
+def estimate(trainer: Trainer) -> Plan:
+    """Per-device bytes of one train step of the trainer's config on its mesh, by tracing only."""
     cfg = trainer.cfg
     mesh = trainer.mesh
     state = trainer.abstract_state()
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.data_shards(mesh)
     placed_params = sharding.placed(state.params, trainer.params_sharding)
     micro = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // cfg.optim.grad_accum)
     micro_batch = abstract_batch(dataclasses.replace(cfg, data=micro), mesh)
@@ -170,19 +171,18 @@ def _mesh_overrides(cfg: config_lib.Config, fsdp: int, n_devices: int) -> list[s
     return [f"mesh.fsdp={fsdp}", f"mesh.data={n_devices // (fsdp * tensor)}"]
 
 
-def alternatives(cfg: config_lib.Config, devices=None) -> list[tuple[str, float]]:
+def alternatives(trainer: Trainer) -> list[tuple[str, float]]:
     """The knobs that lower a step's memory, each on its own, with the per-device bytes each gives:
     remat, the smallest grad_accum (and the largest fsdp) that fits the limit (else the largest tried)."""
-    devices = list(devices if devices is not None else jax.devices())
+    cfg, mesh = trainer.cfg, trainer.mesh
+    devices, n = list(mesh.devices.flat), mesh.devices.size
     limit, _ = device_limit(cfg, devices)
     limit = float("inf") if limit is None else limit
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    devices, n = list(mesh.devices.flat), mesh.devices.size
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.data_shards(mesh)
 
     def total(overrides):
         changed = config_lib.validate(config_lib.apply_overrides(cfg, overrides))
-        return estimate(changed, devices).per_device["total"]
+        return estimate(trainer_for(changed, devices)).per_device["total"]
 
     def first_fit(options):
         tried = None
@@ -208,18 +208,18 @@ def readable(n_bytes: float) -> str:
     return f"{int(n_bytes)} B"
 
 
-def check(cfg: config_lib.Config, devices=None) -> Plan | None:
-    """Refuse (OutOfMemory) a config whose step would not fit in one device's memory, naming what
+def check(trainer: Trainer) -> Plan | None:
+    """Refuse (OutOfMemory) a trainer whose step would not fit in one device's memory, naming what
     would make it fit; the plan when a limit is known, else None (nothing is traced)."""
-    limit, source = device_limit(cfg, devices)
+    limit, source = device_limit(trainer.cfg, list(trainer.mesh.devices.flat))
     if limit is None:
         return None
-    plan = estimate(cfg, devices)
+    plan = estimate(trainer)
     need = plan.per_device["total"]
     if need <= limit:
         return plan
     parts = ", ".join(f"{k} {readable(v)}" for k, v in plan.per_device.items() if k != "total")
-    knobs = alternatives(cfg, devices)
+    knobs = alternatives(trainer)
     fitting = [f"{k} ({readable(v)})" for k, v in knobs if v <= limit]
     others = [f"{k} ({readable(v)})" for k, v in knobs if v > limit]
     advice = f"fits with: {'; '.join(fitting)}" if fitting else "no one knob fits alone"
@@ -227,39 +227,3 @@ def check(cfg: config_lib.Config, devices=None) -> Plan | None:
         advice += f"; not enough alone: {'; '.join(others)}"
     raise OutOfMemory(f"the train step needs about {readable(need)} per device ({parts}) but {readable(limit)} "
                       f"is available ({source}); {advice}")
-
-
-def compile_step(trainer):
-    """The trainer's train step compiled ahead of time from shapes alone (no params are made)."""
-    state = sharding.placed(trainer.abstract_state(), trainer.state_sharding)
-    with sharding.activate(trainer.mesh):
-        return trainer.train_step.lower(state, abstract_batch(trainer.cfg, trainer.mesh),
-                                        *frozen_params(trainer, True)).compile()
-
-
-def analyze(trainer, card: str = "") -> dict:
-    """The estimate beside XLA's memory and cost analysis of the compiled step (compiled ahead of
-    time from shapes: no params are made). card: the step is compiled for that GPU (aot.py), and
-    its kernels' bytes and FLOPs are summed too."""
-    import time
-    cfg, mesh = trainer.cfg, trainer.mesh
-    t = time.perf_counter()
-    compiled = compile_step(trainer)
-    compile_s = time.perf_counter() - t
-    plan = estimate(cfg, list(mesh.devices.flat))
-    out = {"mesh": dict(mesh.shape), "compile_s": round(compile_s, 2),
-           "estimate_bytes": plan.per_device}
-    if (m := compiled.memory_analysis()) is not None:
-        xla = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-               "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-               "code": m.generated_code_size_in_bytes}
-        xla["total"] = xla["arguments"] + xla["outputs"] - xla["aliased"] + xla["temporaries"]
-        out["xla_bytes"] = xla
-    if card:
-        from jaxgpt.perf import aot
-        out["kernels"] = aot.summary(aot.kernels(compiled.as_text()), card)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost and "flops" in cost:
-        out["xla_flops_per_device"] = float(cost["flops"])
-    return out

@@ -4,11 +4,19 @@ import random
 
 import numpy as np
 import pytest
-
 from conftest import CONVERSATION, synthetic, write_lines
-from jaxgpt.data import chat
-from jaxgpt.data import dialogs
-from jaxgpt.data.chat import ChatBatches, ChatDataError, first_fit, pack, render, render_truncated, render_windows
+
+from jaxgpt import chat as chat_command
+from jaxgpt.data import chat, dialogs
+from jaxgpt.data.chat import (
+    ChatBatches,
+    ChatDataError,
+    first_fit,
+    pack,
+    render,
+    render_truncated,
+    render_windows,
+)
 from jaxgpt.data.tokenizer import Tokenizer
 
 
@@ -275,13 +283,13 @@ def test_chat_batches_count_what_does_not_fit(byte):
 
 @pytest.fixture
 def chat_cli(monkeypatch):
-    """chat.main in this process (the host left untuned); returns the exit status."""
+    """chat_command.main in this process (the host left untuned); returns the exit status."""
     from jaxgpt import hardware
     monkeypatch.setattr(hardware, "tune_host", lambda: None)
 
     def run(*argv):
         try:
-            chat.main(list(argv))
+            chat_command.main(list(argv))
         except SystemExit as e:
             return e.code
         return 0

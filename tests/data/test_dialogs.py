@@ -3,12 +3,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import CONVERSATION, synthetic, write_lines
+
 from jaxgpt.data import dialogs
 from jaxgpt.data.dialogs import ChatDataError
 from jaxgpt.errors import DataError
-
 
 # ---- the message format ----
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import corpus, write
-from jaxgpt.data import tokens as data
-from jaxgpt.data import prepare
+
 from jaxgpt.config import PrepareConfig
-from jaxgpt.errors import ConfigError, DataError, TokenizerError
+from jaxgpt.data import prepare
+from jaxgpt.data import tokens as data
 from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.errors import ConfigError, DataError, TokenizerError
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,8 +11,9 @@ import pytest
 import tiktoken
 
 from jaxgpt.data import tokenizer as tk
-from jaxgpt.errors import TokenizerError
+from jaxgpt.data import vocabularies
 from jaxgpt.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from jaxgpt.errors import TokenizerError
 
 TEXTS = ["Hello world! It's 2024; numbers 1234567 and    spaces.\n\n  Tabs\tand newlines\r\n", "你好，世界",
          "emoji 😀👍🏽 and a family 👨‍👩‍👧 in mixed text: ünïcödé, ελληνικά, русский",
@@ -229,7 +230,7 @@ def test_load_detects_tampering(bpe, tmp_path):
 # ---- finding the pretrained files ----
 
 def test_missing_file_message(monkeypatch, tmp_path):
-    monkeypatch.setattr(tk, "_packaged_files", lambda stem: [])
+    monkeypatch.setattr(vocabularies, "packaged_files", lambda stem: [])
     monkeypatch.setenv("JAXGPT_TIKTOKEN_DIR", str(tmp_path))
     with pytest.raises(TokenizerError) as err:
         Tokenizer.from_spec("cl100k_base")
@@ -244,9 +245,9 @@ def test_missing_file_message(monkeypatch, tmp_path):
 
 
 def test_user_dir_is_used_and_checked(monkeypatch, tmp_path):
-    (src,) = [p for p in tk._packaged_files("cl100k_base") if p.suffix == ".tiktoken"]
+    (src,) = [p for p in vocabularies.packaged_files("cl100k_base") if p.suffix == ".tiktoken"]
     (tmp_path / "cl100k_base.tiktoken").write_bytes(src.read_bytes())
-    monkeypatch.setattr(tk, "_packaged_files", lambda stem: [])
+    monkeypatch.setattr(vocabularies, "packaged_files", lambda stem: [])
     monkeypatch.setenv("JAXGPT_TIKTOKEN_DIR", str(tmp_path))
     assert Tokenizer.from_spec("cl100k_base").encode("hello world") == [15339, 1917]
     (tmp_path / "r50k_base.tiktoken").write_bytes(b"aGk= 0\n")  # not the official file
@@ -255,11 +256,11 @@ def test_user_dir_is_used_and_checked(monkeypatch, tmp_path):
 
 
 def test_tiktoken_cache_is_used(monkeypatch, tmp_path):
-    (src,) = [p for p in tk._packaged_files("o200k_base") if p.suffix == ".gz"]
-    monkeypatch.setattr(tk, "_packaged_files", lambda stem: [])
+    (src,) = [p for p in vocabularies.packaged_files("o200k_base") if p.suffix == ".gz"]
+    monkeypatch.setattr(vocabularies, "packaged_files", lambda stem: [])
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    _, (url, _) = tk._official("o200k_base")
-    tk._tiktoken_cache_file(url).write_bytes(gzip.decompress(src.read_bytes()))
+    _, (url, _) = vocabularies.tiktoken_definition("o200k_base")
+    vocabularies.tiktoken_cache_file(url).write_bytes(gzip.decompress(src.read_bytes()))
     assert Tokenizer.from_spec("o200k_base").encode("hello world") == [24912, 2375]
 
 

@@ -3,14 +3,14 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import corpus, write
-from jaxgpt.data import tokens as data
-from jaxgpt.data import prepare
-from jaxgpt.data.tokens import window_batches, windows
+
 from jaxgpt.config import DataConfig, PrepareConfig
-from jaxgpt.errors import DataError
+from jaxgpt.data import prepare
+from jaxgpt.data import tokens as data
 from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.data.tokens import window_batches, windows
+from jaxgpt.errors import DataError
 
 
 @pytest.fixture(scope="module", autouse=True)

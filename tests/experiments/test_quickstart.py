@@ -10,10 +10,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 
 import quickstart  # noqa: E402
-
 from conftest import tiny  # noqa: E402
+
 from jaxgpt import config as config_lib  # noqa: E402
-from jaxgpt.train import trainer as train_lib  # noqa: E402
+from jaxgpt.train import trainer as trainer_lib  # noqa: E402
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def timed(monkeypatch):
 def run_data(text_file):
     """A tiny run's config and its opened data: 8 validation batches of the training batch's 8 rows
     (train.eval_max_tokens=2048 of 256-token batches)."""
-    cfg, batches = train_lib.open_run_batches(tiny(text_file))
+    cfg, batches = trainer_lib.open_run_batches(tiny(text_file))
     return config_lib.apply_overrides(cfg, ["train.steps=900"]), batches
 
 

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 import reply_quality as rq
 
 

@@ -66,7 +66,7 @@ def test_report_names_the_data_each_result_recorded_and_refuses_a_mix(tmp_path):
 def test_today_on_the_config_file_is_the_old_recipe_as_it_shipped():
     from jaxgpt import config as config_lib
     cfg = config_lib.from_cli(sweep.ROOT / "experiments/configs/chitchat_pretrain.py", sweep.TODAY)
-    # the quickstart before issue 17: AdamW 3e-3 -> 3e-4, batch 16, 1200 steps, on the same model
+    # the quickstart before its recipe was tuned: AdamW 3e-3 -> 3e-4, batch 16, 1200 steps, on the same model
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.data.batch_size, cfg.train.steps) == (
         "adamw", 3e-3, 3e-4, 16, 1200)
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head, cfg.model.n_kv_head, cfg.model.seq_len,

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.generate.engine import IDLE_KNOBS, KNOBS, Engine, SamplingParams, filter_logits, sample_tokens, sampling_paths, seed_of
+from jaxgpt.generate.engine import Engine
+from jaxgpt.generate.sampling import (
+    IDLE_KNOBS,
+    KNOBS,
+    SamplingParams,
+    filter_logits,
+    sample_tokens,
+    sampling_paths,
+    seed_of,
+)
 from jaxgpt.model.gpt import GPT
 
 V = 29
@@ -134,7 +143,7 @@ def test_same_seed_same_reply_alone_and_in_a_busy_batch(tiny):
 def test_an_idle_slot_carries_neutral_knobs(tiny):
     """A slot nobody uses (never, or no longer) is greedy with every filter off: a finished
     request's top_p left behind would make every later step sort the whole vocabulary."""
-    from jaxgpt.generate.engine import IDLE_KNOBS
+    from jaxgpt.generate.sampling import IDLE_KNOBS
     model, params = tiny
     engine = Engine(model, params, slots=3)
     idle = lambda slot: {name: engine.knobs[name][slot].item() for name in IDLE_KNOBS}  # noqa: E731

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 from jaxgpt.config import ModelConfig, SampleConfig
-from jaxgpt.model.gpt import GPT
-from jaxgpt.generate.sample import generate, sample_texts
 from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.generate.sample import generate, sample_texts
+from jaxgpt.model.gpt import GPT
 
 REPO = Path(__file__).resolve().parents[2]
 

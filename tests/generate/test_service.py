@@ -7,11 +7,12 @@ import pytest
 import regex
 
 from jaxgpt.config import ModelConfig, ScreenConfig
-from jaxgpt.generate.engine import Engine, SamplingParams
-from jaxgpt.model.gpt import GPT
-from jaxgpt.generate.service import Service, TextStream
-from jaxgpt.generate.screen import Screen, normalize
 from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.generate.engine import Engine
+from jaxgpt.generate.sampling import SamplingParams
+from jaxgpt.generate.screen import Screen, normalize
+from jaxgpt.generate.service import Service, TextStream
+from jaxgpt.model.gpt import GPT
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?ｆｕｃｋ𝐟\u200b"
 REFUSAL = "Sorry, I can't continue with that."

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.model.gpt import GPT, attention_mask, positions_from_segments, rope, rope_frequencies, token_losses
+from jaxgpt.model.gpt import GPT, attention_mask, positions_from_segments, token_losses
 from jaxgpt.parallel.sharding import RULES
 
 V = 37  # an odd vocabulary: nothing may assume a power of two
@@ -339,41 +339,6 @@ def test_fused_head_loss_never_holds_the_whole_logits():
     assert 2 * 15 * V in sizes[0] and 2 * 15 * V not in sizes[3] and 2 * 5 * V in sizes[3]
 
 
-def test_rope_from_its_table_equals_rope_per_position():
-    """Many positions (training) look sin and cos up in a table, few (a decoding step) compute them:
-    the same values to the bit, and a rotation keeps each pair's norm."""
-    x = jax.random.normal(jax.random.key(0), (2, 4, 16, 8))
-    positions = jnp.asarray(np.random.default_rng(0).integers(0, 20, (2, 16)), jnp.int32)
-    inv_freq = 10000.0 ** -(jnp.arange(0, 8, 2) / 8)
-    from_table = jax.jit(lambda x, p: rope(x, p, inv_freq, 20))(x, positions)  # 32 positions > 20
-    per_position = jax.jit(lambda x, p: rope(x, p, inv_freq, 64))(x, positions)  # 32 <= 64
-    assert np.array_equal(np.asarray(from_table), np.asarray(per_position))
-    pair_norm = lambda y: np.hypot(*np.split(np.asarray(y), 2, axis=-1))  # noqa: E731
-    np.testing.assert_allclose(pair_norm(from_table), pair_norm(x), rtol=1e-5)
-
-
-def test_rope_frequencies_scaled_linear_and_llama3():
-    """theta^(-2i/E) unscaled; linear: each divided by the factor; llama3, by each frequency's turns over
-    the original context: past high_freq_factor kept, below low_freq_factor divided, blended between."""
-    cfg = model_cfg("llama", d_model=64, n_head=4, rope_theta=500.0)  # head dim 16: 8 frequencies
-    plain = 500.0 ** -(np.arange(0, 16, 2) / 16)
-    np.testing.assert_allclose(np.asarray(rope_frequencies(cfg)), plain, rtol=1e-6)
-    linear = dataclasses.replace(cfg, rope_scaling="linear", rope_factor=4.0)
-    np.testing.assert_allclose(np.asarray(rope_frequencies(linear)), plain / 4, rtol=1e-6)
-    llama3 = dataclasses.replace(cfg, rope_scaling="llama3", rope_factor=4.0, rope_low_freq_factor=1.0,
-                                 rope_high_freq_factor=4.0, rope_original_context=64)
-    turns = 64 * plain / (2 * math.pi)  # 10.2, 4.7, 2.2, 0.99, 0.46, ...
-    assert (turns[:2] > 4).all() and 1 < turns[2] < 4 and (turns[3:] < 1).all()
-    blend = (turns[2] - 1) / (4 - 1)
-    want = np.concatenate([plain[:2], [plain[2] * (blend + (1 - blend) / 4)], plain[3:] / 4])
-    np.testing.assert_allclose(np.asarray(rope_frequencies(llama3)), want, rtol=1e-6)
-    # the model rotates by the scaled frequencies (same params, other logits)
-    x = tokens(1, 16)
-    for scaled in (linear, llama3):
-        params = GPT(cfg).init(jax.random.key(0))
-        assert not np.allclose(GPT(cfg).apply(params, x), GPT(scaled).apply(params, x))
-
-
 @pytest.mark.parametrize("residual_init_std", [0.0, 0.05])
 def test_init_scales(residual_init_std):
     """GPT-2's init: matrices and tables at init_std; the residual outputs at init_std / sqrt(2N),
@@ -408,92 +373,3 @@ def test_dropout_only_with_rng():
     dropped = lambda k: np.asarray(apply(params, x, dropout_rng=jax.random.key(k)))  # noqa: E731
     assert not np.allclose(dropped(1), plain)
     np.testing.assert_array_equal(dropped(1), dropped(1))
-
-
-def test_gelu_exact_is_the_erf_form():
-    """mlp=gelu_exact (PyTorch's nn.GELU) and mlp=gelu (GPT-2's tanh form) share params, not values."""
-    import flax.linen as nn
-
-    from jaxgpt.model.gpt import Mlp
-    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 3, 32)) * 3, jnp.float32)
-    exact, tanh = model_cfg(mlp="gelu_exact"), model_cfg()
-    params = nn.meta.unbox(Mlp(tanh).init(jax.random.key(0), x))
-    params["params"]["w_up"]["w"] *= 50  # pre-activations of order 1, where the two forms differ
-    params["params"]["w_down"]["w"] *= 50
-    w_up, w_down = params["params"]["w_up"], params["params"]["w_down"]
-    h = x @ w_up["w"] + w_up["b"]
-    erf_gelu = 0.5 * h * (1 + jax.scipy.special.erf(h / np.sqrt(2)))
-    np.testing.assert_allclose(np.asarray(Mlp(exact).apply(params, x)),
-                               np.asarray(erf_gelu @ w_down["w"] + w_down["b"]), rtol=1e-5, atol=1e-5)
-    assert float(jnp.abs(Mlp(exact).apply(params, x) - Mlp(tanh).apply(params, x)).max()) > 1e-3
-
-
-def test_relu2_is_relu_squared_between_two_matrices():
-    """mlp=relu2 (Primer's squared ReLU): relu(x @ w_up + b)^2 @ w_down + b, with gelu's params."""
-    import flax.linen as nn
-
-    from jaxgpt.model.gpt import Mlp
-    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 3, 32)), jnp.float32)
-    relu2 = model_cfg(mlp="relu2")
-    params = nn.meta.unbox(Mlp(relu2).init(jax.random.key(0), x))
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, nn.meta.unbox(Mlp(model_cfg()).init(
-        jax.random.key(0), x)))
-    params["params"]["w_up"]["b"] = jnp.full_like(params["params"]["w_up"]["b"], 0.01)
-    w_up, w_down = params["params"]["w_up"], params["params"]["w_down"]
-    h = np.maximum(np.asarray(x @ w_up["w"] + w_up["b"]), 0) ** 2
-    np.testing.assert_allclose(np.asarray(Mlp(relu2).apply(params, x)), h @ np.asarray(w_down["w"]) + np.asarray(w_down["b"]),
-                               rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_swiglu_is_silu_gate_times_up_with_the_gradient_of_the_formula(bias):
-    """mlp=swiglu (llama): silu(x @ w_up[:, 0] + b[0]) * (x @ w_up[:, 1] + b[1]) @ w_down + b, from one
-    [D, 2, F] weight whose two halves are multiplied apart (Dense(split=True))."""
-    import flax.linen as nn
-
-    from jaxgpt.model.gpt import Mlp
-    x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 3, 32)), jnp.float32)
-    cfg = model_cfg("llama", bias=bias)
-    params = nn.meta.unbox(Mlp(cfg).init(jax.random.key(0), x))
-    assert params["params"]["w_up"]["w"].shape == (32, 2, cfg.d_ff)
-    if bias:
-        assert params["params"]["w_up"]["b"].shape == (2, cfg.d_ff)
-        params["params"]["w_up"]["b"] = jnp.asarray(np.random.default_rng(8).standard_normal((2, cfg.d_ff)) * 0.1,
-                                                    jnp.float32)
-
-    def formula(p, x):
-        w_up, w_down = p["params"]["w_up"], p["params"]["w_down"]
-        gate, up = (x @ w_up["w"][:, i] + (w_up["b"][i] if bias else 0) for i in range(2))
-        return (jax.nn.silu(gate) * up) @ w_down["w"] + (w_down["b"] if bias else 0)
-
-    np.testing.assert_allclose(np.asarray(Mlp(cfg).apply(params, x)), np.asarray(formula(params, x)),
-                               rtol=1e-5, atol=1e-6)
-    loss = lambda fn: jax.grad(lambda p, x: jnp.square(fn(p, x)).sum(), argnums=(0, 1))  # noqa: E731
-    for a, b in zip(jax.tree.leaves(loss(Mlp(cfg).apply)(params, x)), jax.tree.leaves(loss(formula)(params, x))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    # the two halves' gradients are written apart: the compiled backward pads no [B, L, 2, F] activation
-    # gradient (the weight's own [D, 2, F] gradient is small)
-    hlo = jax.jit(loss(Mlp(cfg).apply)).lower(params, x).compile().as_text()
-    assert re.search(r"= f32\[32,2,%d\]" % cfg.d_ff, hlo)  # the weight gradient, as the pattern below writes it
-    assert not re.search(r"= f32\[2,3,2,%d\]\S* pad\(" % cfg.d_ff, hlo)
-
-
-@pytest.mark.parametrize("window", ["chunks", "whole"])
-def test_decoding_reads_the_cache_by_chunks_or_whole_with_the_same_logits(window):
-    """model.cache_window: past a KV_CHUNK (128) boundary and before it, decoding against the cache
-    gives the full forward pass's logits either way; only "chunks" branches (a lax.switch on the
-    largest position), which a GPU pays for with a host sync per layer."""
-    model = GPT(model_cfg("llama", seq_len=256, cache_window=window))
-    params = model.init(jax.random.key(0))
-    ids = tokens(B=2, L=200, seed=3)
-    expected = np.asarray(jax.jit(model.apply)(params, ids))
-    cached = jax.jit(lambda params, ids, pos, cache: model.apply(params, ids, jnp.ones_like(ids), pos, cache=cache))
-    cache = model.init_cache(2)
-    pos = jnp.arange(100, dtype=jnp.int32)[None].repeat(2, 0)
-    logits, cache = cached(params, ids[:, :100], pos, cache)
-    np.testing.assert_allclose(np.asarray(logits), expected[:, :100], atol=1e-5, rtol=1e-5)
-    for t in range(100, 200):  # the window grows past 128 at t = 128
-        logits, cache = cached(params, ids[:, t:t + 1], jnp.full((2, 1), t, jnp.int32), cache)
-        np.testing.assert_allclose(np.asarray(logits[:, 0]), expected[:, t], atol=1e-5, rtol=1e-5)
-    step = jax.make_jaxpr(cached)(params, ids[:, :1], jnp.full((2, 1), 150, jnp.int32), cache)
-    assert (" cond[" in str(step)) == (window == "chunks")

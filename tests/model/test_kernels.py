@@ -1,4 +1,4 @@
-"""Tests for jaxgpt.kernels: every implementation that runs on a CPU against textbook forms, and the switch."""
+"""Tests for jaxgpt.model.kernels: every implementation that runs on a CPU against textbook forms, and the switch."""
 import dataclasses
 import re
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from jaxgpt import hardware
-from jaxgpt.model import kernels
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import ConfigError
 from jaxgpt.model.gpt import GPT
+from jaxgpt.model.kernels import attention, choice, head_loss, matmul, norm
 
 IMPLS = ["cpu", "xla"]  # what runs on a CPU; "auto" resolves to "cpu" there (test_resolve_on_cpu)
 
@@ -71,7 +71,7 @@ def test_attention_matches_reference_on_packed_rows_with_padding(impl, K):
     L = len(SEGMENTS[0])
     q, k, v, dout = qkv_and_cotangent(4, K, L, L)
     mask = packed_mask(SEGMENTS, POSITIONS)
-    got = jax.jit(values_and_grads, static_argnums=0)(lambda *a: kernels.attention(impl, *a), q, k, v, mask, dout)
+    got = jax.jit(values_and_grads, static_argnums=0)(lambda *a: attention.attention(impl, *a), q, k, v, mask, dout)
     want = values_and_grads(reference_attention, q, k, v, mask, dout)
     for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
         assert g.shape == w.shape and g.dtype == jnp.float32, name
@@ -90,13 +90,13 @@ def test_causal_attention_without_a_mask_is_the_causal_mask(impl):
     L = len(SEGMENTS[0])
     q, k, v, dout = qkv_and_cotangent(4, 2, L, L, seed=3)
     tril = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (len(SEGMENTS), L, L))
-    got = values_and_grads(lambda *a: kernels.attention(impl, *a[:3], None, causal=True), q, k, v, None, dout)
-    want = values_and_grads(lambda *a: kernels.attention(impl, *a, causal=True), q, k, v, tril, dout)
+    got = values_and_grads(lambda *a: attention.attention(impl, *a[:3], None, causal=True), q, k, v, None, dout)
+    want = values_and_grads(lambda *a: attention.attention(impl, *a, causal=True), q, k, v, tril, dout)
     for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0 if impl == "cpu" else 1e-6,
                                    atol=0 if impl == "cpu" else 1e-6, err_msg=name)
     with pytest.raises(ValueError, match="causal"):
-        kernels.attention(impl, q, k, v, None)
+        attention.attention(impl, q, k, v, None)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -105,7 +105,7 @@ def test_attention_with_fewer_queries_than_keys(impl):
     L, S = 3, 7
     q, k, v, dout = qkv_and_cotangent(4, 2, L, S, seed=1)
     mask = jnp.asarray(np.random.default_rng(2).random((2, L, S)) < 0.6).at[1, 2].set(False)
-    got = jax.jit(values_and_grads, static_argnums=0)(lambda *a: kernels.attention(impl, *a), q, k, v, mask, dout)
+    got = jax.jit(values_and_grads, static_argnums=0)(lambda *a: attention.attention(impl, *a), q, k, v, mask, dout)
     want = values_and_grads(reference_attention, q, k, v, mask, dout)
     for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5, err_msg=name)
@@ -128,7 +128,7 @@ def test_normalize_matches_plain_jnp(impl, center):
         y, vjp = jax.vjp(lambda x, s, b: fn(x, s, b, 1e-5, center), x, scale, bias)
         return (y, *vjp(dy))
 
-    got = with_grads(lambda *a: kernels.normalize(impl, *a))
+    got = with_grads(lambda *a: norm.normalize(impl, *a))
     want = with_grads(plain_normalize)
     for name, g, w in zip(["y", "dx", "dscale", "dbias"], got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5, err_msg=name)
@@ -141,7 +141,7 @@ def test_normalize_off_the_cpu_keeps_the_row_statistics_for_the_backward_pass(ce
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((3, 5, 16)) + 20, jnp.float32)
     scale, bias = (jnp.asarray(rng.standard_normal(16), jnp.float32) for _ in range(2))
-    y, vjp = jax.vjp(lambda x, s, b: kernels.normalize("xla", x, s, b, 1e-5, center), x, scale, bias)
+    y, vjp = jax.vjp(lambda x, s, b: norm.normalize("xla", x, s, b, 1e-5, center), x, scale, bias)
     kept = sorted(leaf.shape for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "shape"))
     assert kept == sorted([(3, 5, 1), (3, 5, 1), (3, 5, 16), (16,)])
     assert any(leaf is x for leaf in jax.tree.leaves(vjp))  # x itself, not a copy made from it
@@ -156,7 +156,7 @@ def test_matmul_matches_plain_jnp(impl, shape):
     M, K, N = shape
     rng = np.random.default_rng(4)
     x, w, dy = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(M, K), (K, N), (M, N)])
-    y, vjp = jax.vjp(lambda x, w: kernels.matmul(impl, x, w), x, w)
+    y, vjp = jax.vjp(lambda x, w: matmul.matmul(impl, x, w), x, w)
     dx, dw = vjp(dy)
     for name, g, want in [("y", y, x @ w), ("dx", dx, dy @ w.T), ("dw", dw, x.T @ dy)]:
         np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-6, atol=1e-6, err_msg=name)
@@ -176,7 +176,7 @@ def test_half_matmul_is_the_fp32_product_of_rounded_inputs(impl, shape):
     rng = np.random.default_rng(5)
     x, w, dy = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(M, K), (K, N), (M, N)])
     xh, wh, dyh = bf16_round(x, w, dy)
-    y, vjp = jax.vjp(lambda x, w: kernels.matmul(impl, x, w, jnp.float32), xh, wh)
+    y, vjp = jax.vjp(lambda x, w: matmul.matmul(impl, x, w, jnp.float32), xh, wh)
     dx, dw = vjp(dy)
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     assert y.dtype == jnp.float32 and dx.dtype == dw.dtype == jnp.bfloat16
@@ -199,11 +199,11 @@ def test_half_matmul_and_attention_backwards_stay_in_bf16_on_cpu():
     axis: the cpu backwards are written so that none of them is (weight gradients included)."""
     rng = np.random.default_rng(6)
     x, w = bf16_round(*(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(256, 64), (64, 96)]))
-    dots = compiled_dots(lambda x, w: kernels.matmul("cpu", x, w, jnp.float32), x, w)
+    dots = compiled_dots(lambda x, w: matmul.matmul("cpu", x, w, jnp.float32), x, w)
     assert len(dots) == 3 and set(dots) == {"bf16,bf16"}, dots
     q, k, v, _ = qkv_and_cotangent(4, 2, 64, 64)
     mask = jnp.tril(jnp.ones((2, 64, 64), bool))
-    dots = compiled_dots(lambda q, k, v: kernels.attention("cpu", q, k, v, mask), *bf16_round(q, k, v))
+    dots = compiled_dots(lambda q, k, v: attention.attention("cpu", q, k, v, mask), *bf16_round(q, k, v))
     assert len(dots) == 6 and set(dots) == {"bf16,bf16"}, dots
 
 
@@ -213,7 +213,7 @@ def test_xla_half_matmul_backward_multiplies_half_precision_operands():
     tensor cores: gpt2_124m's step on an H200 went from 132 to 87 ms with this)."""
     x, w = jnp.ones((8, 16), jnp.bfloat16), jnp.ones((16, 32), jnp.bfloat16)
     for out_dtype in (jnp.float32, jnp.bfloat16):
-        grad = jax.grad(lambda x, w: kernels.matmul("xla", x, w, out_dtype).astype(jnp.float32).sum(), (0, 1))
+        grad = jax.grad(lambda x, w: matmul.matmul("xla", x, w, out_dtype).astype(jnp.float32).sum(), (0, 1))
         jaxpr = jax.make_jaxpr(grad)(x, w)
         dots = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]  # the backward's two
         operand_dtypes = {tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in dots}
@@ -226,7 +226,7 @@ def test_xla_half_matmul_writes_its_output_dtype(out_dtype):
     """The product comes out of the dot in the dtype asked for, not as fp32 rounded by a convert of
     its own (on a GPU, a second pass over every activation at twice its bytes)."""
     x, w = jnp.ones((8, 16), jnp.bfloat16), jnp.ones((16, 32), jnp.bfloat16)
-    jaxpr = jax.make_jaxpr(lambda x, w: kernels.matmul("xla", x, w, out_dtype))(x, w)
+    jaxpr = jax.make_jaxpr(lambda x, w: matmul.matmul("xla", x, w, out_dtype))(x, w)
     names = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
     inner = jaxpr.jaxpr.eqns[names.index("custom_vjp_call")].params["call_jaxpr"].jaxpr
     assert [eqn.primitive.name for eqn in inner.eqns] == ["dot_general"], str(jaxpr)
@@ -238,7 +238,7 @@ def test_half_attention_is_close_to_fp32(impl):
     L = len(SEGMENTS[0])
     q, k, v, dout = qkv_and_cotangent(4, 2, L, L, seed=7)
     mask = packed_mask(SEGMENTS, POSITIONS)
-    got = values_and_grads(lambda *a: kernels.attention(impl, *a), *bf16_round(q, k, v), mask, dout.astype(jnp.bfloat16))
+    got = values_and_grads(lambda *a: attention.attention(impl, *a), *bf16_round(q, k, v), mask, dout.astype(jnp.bfloat16))
     want = values_and_grads(reference_attention, *(x.astype(jnp.float32) for x in bf16_round(q, k, v)), mask, dout)
     for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
         assert g.dtype == jnp.bfloat16, name
@@ -250,9 +250,9 @@ def test_only_cpu_uses_the_hand_written_backwards(impl):
     x, w = jnp.ones((3, 4)), jnp.ones((4, 2))
     q = k = v = jnp.ones((1, 2, 3, 4))
     mask = jnp.ones((1, 3, 3), bool)
-    jaxprs = [jax.make_jaxpr(lambda x, w: kernels.matmul(impl, x, w))(x, w),
-              jax.make_jaxpr(lambda x: kernels.normalize(impl, x, w[:, 0], w[:, 1], 1e-5, True))(x),
-              jax.make_jaxpr(lambda q, k, v: kernels.attention(impl, q, k, v, mask))(q, k, v)]
+    jaxprs = [jax.make_jaxpr(lambda x, w: matmul.matmul(impl, x, w))(x, w),
+              jax.make_jaxpr(lambda x: norm.normalize(impl, x, w[:, 0], w[:, 1], 1e-5, True))(x),
+              jax.make_jaxpr(lambda q, k, v: attention.attention(impl, q, k, v, mask))(q, k, v)]
     # the norm has a backward of its own on both paths: the cpu one's, and off the CPU one that is given
     # the row statistics (test_normalize_off_the_cpu_keeps_the_row_statistics_for_the_backward_pass)
     assert ["custom_vjp_call" in str(j) for j in jaxprs] == [impl == "cpu", True, impl == "cpu"]
@@ -261,13 +261,13 @@ def test_only_cpu_uses_the_hand_written_backwards(impl):
 def test_resolve_on_cpu():
     assert jax.default_backend() == "cpu"
     for dtype in ["float32", "bfloat16", jnp.float32]:
-        assert kernels.resolve("auto", dtype) == "cpu"
-        assert kernels.resolve("cpu", dtype) == "cpu"
-        assert kernels.resolve("xla", dtype) == "xla"
+        assert choice.resolve("auto", dtype) == "cpu"
+        assert choice.resolve("cpu", dtype) == "cpu"
+        assert choice.resolve("xla", dtype) == "xla"
         with pytest.raises(ConfigError, match=r"^model\.attention=cudnn needs a GPU"):
-            kernels.resolve("cudnn", dtype)
+            choice.resolve("cudnn", dtype)
     with pytest.raises(ConfigError, match="model.attention='flash'"):
-        kernels.resolve("flash", "float32")
+        choice.resolve("flash", "float32")
 
 
 @pytest.mark.parametrize("backend, dtype, expected", [
@@ -275,13 +275,13 @@ def test_resolve_on_cpu():
     ("tpu", "bfloat16", "xla"), ("tpu", "float32", "xla")])
 def test_resolve_auto_elsewhere(monkeypatch, backend, dtype, expected):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    assert kernels.resolve("auto", dtype) == expected
-    assert kernels.resolve("xla", dtype) == "xla"
+    assert choice.resolve("auto", dtype) == expected
+    assert choice.resolve("xla", dtype) == "xla"
     if expected == "cudnn":
-        assert kernels.resolve("cudnn", dtype) == "cudnn"
+        assert choice.resolve("cudnn", dtype) == "cudnn"
     else:
         with pytest.raises(ConfigError, match="model.attention=cudnn"):
-            kernels.resolve("cudnn", dtype)
+            choice.resolve("cudnn", dtype)
 
 
 def tiny_llama(attention: str) -> ModelConfig:
@@ -316,6 +316,26 @@ def test_cudnn_on_cpu_is_a_config_error():
         GPT(tiny_llama("cudnn")).init(jax.random.key(0))
 
 
+def test_every_auto_is_resolved_once_when_the_model_is_built(monkeypatch):
+    """GPT(cfg) picks the host's kernels, cache window and matmul dtype; tracing the layers (a
+    forward pass, a decoding step, the fused loss) resolves nothing again."""
+    cfg = dataclasses.replace(tiny_llama("auto"), loss_chunks=7, matmul_dtype="bfloat16")
+    model = GPT(cfg)
+    assert model.kernels == choice.Kernels(impl="cpu", cache_window="chunks", matmul_dtype="bfloat16",
+                                           platform="cpu")
+
+    def refuse(*_):
+        raise AssertionError("resolved again while tracing")
+    for name in ("resolve", "resolve_cache_window", "matmul_dtype"):
+        monkeypatch.setattr(choice, name, refuse)
+    monkeypatch.setattr(hardware, "compute_platform", refuse)
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    ids = jnp.zeros((1, 7), jnp.int32)
+    batch = {"inputs": ids, "targets": ids, "segment_ids": ids + 1, "loss_mask": ids * 1.0}
+    jax.eval_shape(model.loss, params, batch)
+    jax.eval_shape(lambda p, c: model.apply(p, ids[:, :1], cache=c), params, model.init_cache(1))
+
+
 def reference_head_loss(x_BxLxD, w_DxV, targets_BxL, weights_BxL, softcap=0.0):
     logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(jnp.float32), w_DxV.astype(jnp.float32))
     if softcap:
@@ -340,13 +360,13 @@ def test_head_loss_is_the_weighted_cross_entropy(impl, chunks, softcap):
     """Value and both gradients equal the plain logits -> log-softmax form in fp32, for any piece count,
     with a cotangent other than 1 (the gradients made in the forward pass are scaled by it)."""
     x, w, targets, weights = head_loss_problem(8)
-    got = jax.value_and_grad(lambda x, w: 2.5 * kernels.head_loss(impl, x, w, targets, weights, chunks, jnp.float32,
+    got = jax.value_and_grad(lambda x, w: 2.5 * head_loss.head_loss(impl, x, w, targets, weights, chunks, jnp.float32,
                                                                   softcap), (0, 1))(x, w)
     want = jax.value_and_grad(lambda x, w: 2.5 * reference_head_loss(x, w, targets, weights, softcap), (0, 1))(x, w)
     for name, g, r in zip(["loss", "dx", "dw"], jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5, err_msg=name)
     # without differentiation: the forward alone, the same value
-    np.testing.assert_allclose(float(kernels.head_loss(impl, x, w, targets, weights, chunks, jnp.float32, softcap)),
+    np.testing.assert_allclose(float(head_loss.head_loss(impl, x, w, targets, weights, chunks, jnp.float32, softcap)),
                                float(want[0]) / 2.5, rtol=1e-6)
 
 
@@ -357,7 +377,7 @@ def test_half_head_loss_rounds_only_the_products(impl):
     x, w, targets, weights = head_loss_problem(9)
     xh = x.astype(jnp.bfloat16)
     (loss, (dx, dw)) = jax.value_and_grad(
-        lambda x, w: kernels.head_loss(impl, x, w, targets, weights, 3, jnp.bfloat16), (0, 1))(xh, w)
+        lambda x, w: head_loss.head_loss(impl, x, w, targets, weights, 3, jnp.bfloat16), (0, 1))(xh, w)
     want, (dx_want, dw_want) = jax.value_and_grad(reference_head_loss, (0, 1))(
         xh.astype(jnp.float32), w.astype(jnp.bfloat16).astype(jnp.float32), targets, weights)
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
@@ -379,7 +399,7 @@ def test_head_loss_with_bf16_logits_is_the_cross_entropy_of_the_rounded_logits(i
         logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
         return -jnp.sum(jnp.take_along_axis(logp_BxLxV, targets[..., None], -1)[..., 0] * weights)
 
-    got = jax.value_and_grad(lambda x, w: kernels.head_loss(impl, x, w, targets, weights, 3, jnp.float32,
+    got = jax.value_and_grad(lambda x, w: head_loss.head_loss(impl, x, w, targets, weights, 3, jnp.float32,
                                                             logits_dtype=jnp.bfloat16), (0, 1))(x, w)
     want = jax.value_and_grad(rounded_reference, (0, 1))(x, w)
     unrounded = jax.value_and_grad(lambda x, w: reference_head_loss(x, w, targets, weights), (0, 1))(x, w)
@@ -396,25 +416,25 @@ def test_activation_under_cublas_matmuls_adds_the_bias_first_and_keeps_the_sum(m
     b_F = jax.random.normal(jax.random.key(1), (96,), jnp.float32)
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")
     with hardware.target_platform("gpu"):  # traced for a GPU, run here
-        out, vjp = jax.vjp(lambda y, b: kernels.activate("xla", "gelu", y, b), y_MxF, b_F)
+        out, vjp = jax.vjp(lambda y, b: matmul.activate("xla", "gelu", y, b), y_MxF, b_F)
     h_MxF = y_MxF + b_F.astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(kernels.ACTIVATIONS["gelu"](h_MxF), np.float32))
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(matmul.ACTIVATIONS["gelu"](h_MxF), np.float32))
     kept = [x for x in jax.tree.leaves(vjp) if getattr(x, "shape", ()) == y_MxF.shape]
     assert len(kept) == 1 and np.array_equal(np.asarray(kept[0], np.float32), np.asarray(h_MxF, np.float32))
-    want = jax.vjp(lambda y, b: kernels.ACTIVATIONS["gelu"](y + b.astype(y.dtype)), y_MxF, b_F)[1]
+    want = jax.vjp(lambda y, b: matmul.ACTIVATIONS["gelu"](y + b.astype(y.dtype)), y_MxF, b_F)[1]
     for got, expected in zip(vjp(jnp.ones_like(out)), want(jnp.ones_like(out))):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("name", sorted(kernels.ACTIVATIONS))
+@pytest.mark.parametrize("name", sorted(matmul.ACTIVATIONS))
 @pytest.mark.parametrize("bias", [False, True])
 def test_activation_off_the_cpu_keeps_only_its_inputs_for_the_backward_pass(name, bias):
     y_MxF = jax.random.normal(jax.random.key(0), (64, 96), jnp.bfloat16)
     b_F = jax.random.normal(jax.random.key(1), (96,), jnp.float32) if bias else None
     kept = {}
     for impl in ("cpu", "xla"):
-        out, vjp = jax.vjp(lambda y, b: kernels.activate(impl, name, y, b), y_MxF, b_F)
-        expected = kernels.ACTIVATIONS[name](y_MxF if b_F is None else y_MxF + b_F.astype(jnp.bfloat16))
+        out, vjp = jax.vjp(lambda y, b: matmul.activate(impl, name, y, b), y_MxF, b_F)
+        expected = matmul.ACTIVATIONS[name](y_MxF if b_F is None else y_MxF + b_F.astype(jnp.bfloat16))
         np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
         grads = vjp(jnp.ones_like(out))
         kept[impl] = grads, [x.shape for x in jax.tree.leaves(vjp) if getattr(x, "shape", ()) == y_MxF.shape]

@@ -11,13 +11,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import subprocess_env, tiny
 
-from jaxgpt.parallel import launch
-from jaxgpt.store import runs
 from jaxgpt.config import DistributedConfig
 from jaxgpt.errors import ConfigError
-
-from conftest import subprocess_env, tiny
+from jaxgpt.parallel import launch
+from jaxgpt.store import runs
 
 AUTO = DistributedConfig()
 CLUSTER_VARS = ("SLURM_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
@@ -162,7 +161,7 @@ def test_signals_reach_every_child_once():
 REFERENCE = """
 import sys
 from jaxgpt import config as config_lib
-from jaxgpt.train import trainer as train
+from jaxgpt.train import loop as train
 config, root = sys.argv[1], sys.argv[2]
 def run(name, *overrides):
     train.train(config_lib.validate(config_lib.apply_overrides(config_lib.load_file(config),

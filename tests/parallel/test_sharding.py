@@ -6,13 +6,12 @@ from pathlib import Path
 
 import jax
 import pytest
+from conftest import subprocess_env
 from jax.sharding import PartitionSpec as P
 
-from jaxgpt.parallel import sharding
 from jaxgpt.config import MeshConfig
 from jaxgpt.errors import ConfigError
-
-from conftest import subprocess_env
+from jaxgpt.parallel import sharding
 
 REPO = Path(__file__).resolve().parents[2]
 

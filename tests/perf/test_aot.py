@@ -15,7 +15,7 @@ import pytest
 
 from jaxgpt.perf import aot
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GPT2 = str(ROOT / "experiments/configs/gpt2_124m.py")
 PLUGIN_DIR = os.environ.get("JAXGPT_CUDA_PLUGIN_DIR", "")
 
@@ -201,7 +201,7 @@ from jaxgpt import config as config_lib
 from jaxgpt.train import memory
 cfg = config_lib.from_cli(sys.argv[1], sys.argv[2:])
 with aot.compiling_for("h100"):
-    print(memory.compile_step(memory.trainer_for(cfg, aot.devices("h100", 1))).as_text())
+    print(aot.compile_step(memory.trainer_for(cfg, aot.devices("h100", 1))).as_text())
 """
 
 

@@ -5,17 +5,17 @@ import logging
 import jax
 import pytest
 
-from jaxgpt.perf import bench
 from jaxgpt.config import BenchConfig, ModelConfig
 from jaxgpt.errors import ConfigError
 from jaxgpt.model.gpt import GPT
+from jaxgpt.perf import bench, decode
 
 
 def test_generate_reports_every_token_of_every_batch():
     model = GPT(ModelConfig(preset="llama", vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
                             seq_len=64).resolved())
     params = model.init(jax.random.key(0))
-    results = bench.bench_generate(model, params, BenchConfig(batch=(1, 3), new_tokens=9, prompt_tokens=5), 64)
+    results = decode.bench_generate(model, params, BenchConfig(batch=(1, 3), new_tokens=9, prompt_tokens=5), 64)
     assert [r["batch"] for r in results] == [1, 3]
     for r in results:
         assert r["new_tokens"] == 9 * r["batch"]  # no stop token: every row makes new_tokens
@@ -31,15 +31,15 @@ def test_generate_times_no_compile_when_rows_outgrow_the_context(monkeypatch, ca
     model = GPT(ModelConfig(preset="llama", vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
                             seq_len=64).resolved())  # the shift re-prefills 32 tokens, the prompt 16 (buckets)
     params = model.init(jax.random.key(0))
-    submit = bench.generate.Engine.submit
+    submit = decode.generate.Engine.submit
 
     def timed_submit(self, *args, **kwargs):  # the bench's timed part starts at its submit
         logging.getLogger("test").warning("timed part starts")
         return submit(self, *args, **kwargs)
 
-    monkeypatch.setattr(bench.generate.Engine, "submit", timed_submit)
+    monkeypatch.setattr(decode.generate.Engine, "submit", timed_submit)
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-        (result,) = bench.bench_generate(model, params, BenchConfig(batch=(1,), new_tokens=70, prompt_tokens=5), 64)
+        (result,) = decode.bench_generate(model, params, BenchConfig(batch=(1,), new_tokens=70, prompt_tokens=5), 64)
     messages = [r.getMessage() for r in caplog.records]
     timed = messages[len(messages) - messages[::-1].index("timed part starts"):]  # after the last submit
     assert result["new_tokens"] == 70 and messages.count("timed part starts") == 3  # two warm-ups, then timed
@@ -49,7 +49,7 @@ def test_generate_times_no_compile_when_rows_outgrow_the_context(monkeypatch, ca
 def test_generate_refuses_negative_decode_steps():
     model = GPT(ModelConfig(preset="llama", vocab_size=64, n_layer=1, n_head=2, d_model=16, seq_len=32).resolved())
     with pytest.raises(ConfigError, match=r"^bench.decode_steps=-2: must be >= 0"):
-        bench.bench_generate(model, model.init(jax.random.key(0)), BenchConfig(decode_steps=-2), 64)
+        decode.bench_generate(model, model.init(jax.random.key(0)), BenchConfig(decode_steps=-2), 64)
 
 
 def test_generate_takes_the_shared_scripts_flags():

@@ -13,14 +13,17 @@ import pytest
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from jaxgpt.data import chat  # noqa: E402
-from jaxgpt.config import ModelConfig  # noqa: E402
-from jaxgpt.generate.engine import Engine, SamplingParams  # noqa: E402
-from jaxgpt.model.gpt import GPT  # noqa: E402
-from jaxgpt.generate.service import Service  # noqa: E402
-from jaxgpt.serve.app import ServeConfig, make_app, model_id_of  # noqa: E402
-from jaxgpt.data.tokenizer import Tokenizer  # noqa: E402
 from conftest import serving, slow_engine  # noqa: E402
+
+from jaxgpt.config import ModelConfig  # noqa: E402
+from jaxgpt.data import chat  # noqa: E402
+from jaxgpt.data.tokenizer import Tokenizer  # noqa: E402
+from jaxgpt.generate.engine import Engine  # noqa: E402
+from jaxgpt.generate.sampling import SamplingParams  # noqa: E402
+from jaxgpt.generate.service import Service  # noqa: E402
+from jaxgpt.model.gpt import GPT  # noqa: E402
+from jaxgpt.serve.app import ServeConfig, make_app  # noqa: E402
+from jaxgpt.serve.server import model_id_of  # noqa: E402
 
 KEY = "sk-test"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
@@ -404,7 +407,7 @@ def test_sigterm_drains_then_exits(service, tiny, monkeypatch):
     flight completes, new requests and /health get 503 with Retry-After, then the server stops."""
     import signal
 
-    from jaxgpt.serve.app import draining_server
+    from jaxgpt.serve.server import draining_server
     slow_engine(monkeypatch, service, 0.05)
     app = make_app(service, tiny[2], ServeConfig(slots=2, retry_after_s=2), "tiny")
     sock = socket.socket()
@@ -611,7 +614,7 @@ def test_a_stored_chat_completion_is_recorded_and_one_without_store_is_not(store
 
 
 def test_feedback_on_a_stored_reply_and_its_errors(stored, url, tmp_path):
-    from jaxgpt.serve import feedback
+    from jaxgpt.serve import feedback_export
     base, db, _ = stored
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as api:
         # replies with different texts to one context: temperature 1, seeds apart, lengths apart
@@ -647,7 +650,7 @@ def test_feedback_on_a_stored_reply_and_its_errors(stored, url, tmp_path):
     assert off.status_code == 404 and off.json()["error"]["code"] == "feedback_off"
 
     stored_rows(db, *ids)
-    feedback.export(db, pairs=tmp_path / "pairs.jsonl")
+    feedback_export.export(db, pairs=tmp_path / "pairs.jsonl")
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert {"messages": MESSAGES, "chosen": texts[1], "rejected": texts[0]} in pairs
     assert {"messages": MESSAGES, "chosen": "well, hello", "rejected": texts[0]} in pairs

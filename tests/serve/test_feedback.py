@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from jaxgpt import feedback as feedback_command
 from jaxgpt.data import dialogs
-from jaxgpt.serve import feedback
+from jaxgpt.serve import feedback, feedback_export
 from jaxgpt.serve.feedback import Feedback, FeedbackError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +64,7 @@ def test_16_threads_writing_at_once_lose_no_row_and_the_file_is_in_wal_mode(tmp_
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert feedback.stats(db)["judgements"] == {"up": 320, "down": 320, "better": 0, "edit": 0}
+    assert feedback_export.stats(db)["judgements"] == {"up": 320, "down": 320, "better": 0, "edit": 0}
 
 
 def golden_database(db):
@@ -102,13 +103,13 @@ PAIRS = [{"messages": A, "chosen": "hello", "rejected": "hey"},     # better
 def test_export_gives_the_expected_conversations_and_pairs(tmp_path):
     db = tmp_path / "feedback.db"
     golden_database(db)
-    counts = feedback.export(db, tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl")
+    counts = feedback_export.export(db, tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl")
     assert counts == {"sft": 2, "pairs": 4}
     assert [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()] == SFT
     assert [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()] == PAIRS
     loaded = dialogs.load(f"jsonl:{tmp_path / 'sft.jsonl'}")  # what data.chat=jsonl:PATH reads
     assert loaded.conversations == [c["messages"] for c in SFT] and loaded.ids == ["r1", "r4"]
-    stats = feedback.stats(db)
+    stats = feedback_export.stats(db)
     assert stats["replies"] == 10 and stats["unfinished"] == 1
     assert stats["by_source"] == {"api": 7, "page": 2, "talk": 1}  # r8: two rows and stats["export"] == counts
     assert stats["judgements"] == {"up": 5, "down": 3, "better": 2, "edit": 1}
@@ -119,13 +120,13 @@ def test_export_gives_the_expected_conversations_and_pairs(tmp_path):
 
 
 def test_the_sft_export_trains_as_data_chat(tmp_path):
-    from jaxgpt.data import tokens as data
     from jaxgpt.config import Config
+    from jaxgpt.data import tokens as data
     from jaxgpt.data.tokenizer import Tokenizer
 
     db = tmp_path / "feedback.db"
     golden_database(db)
-    feedback.export(db, sft=tmp_path / "sft.jsonl")
+    feedback_export.export(db, sft=tmp_path / "sft.jsonl")
     cfg = Config()
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, chat=f"jsonl:{tmp_path / 'sft.jsonl'}",
                                                             batch_size=2, val_fraction=0.0),
@@ -150,16 +151,16 @@ def test_the_command_line_exports_and_counts(tmp_path, run_env):
 def test_stats_help_and_errors_from_main(tmp_path, capsys):
     db = tmp_path / "feedback.db"
     golden_database(db)
-    feedback.main(["stats", str(db)])
+    feedback_command.main(["stats", str(db)])
     assert json.loads(capsys.readouterr().out)["export"] == {"sft": 2, "pairs": 4}
     with pytest.raises(SystemExit) as exit_:
-        feedback.main(["export", "--help"])
+        feedback_command.main(["export", "--help"])
     assert exit_.value.code == 0 and "export.pairs=" in capsys.readouterr().out
     (tmp_path / "notes.txt").write_text("not a database at all\n" * 20)
     for argv in (["stats", str(tmp_path / "notes.txt")], ["export", str(db)],
                  ["export", str(tmp_path / "missing.db"), "export.sft=x.jsonl"]):
         with pytest.raises(SystemExit) as exit_:
-            feedback.main(argv)
+            feedback_command.main(argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "missing.db").exists()  # reading never makes a database
@@ -208,7 +209,7 @@ def test_an_older_schema_another_database_or_a_text_file_is_one_line_naming_the_
     text.write_text("SQLite format 2? no: " + "x" * 200)
     for path, words in ((old, "schema version 0"), (other, "not a jaxgpt feedback database"),
                         (text, "not a usable SQLite database")):
-        for open_it in (Feedback, feedback.stats):
+        for open_it in (Feedback, feedback_export.stats):
             with pytest.raises(FeedbackError) as e:
                 open_it(path)
             assert str(e.value).startswith(f"{path}: ") and words in str(e.value) and "\n" not in str(e.value)

@@ -2,10 +2,10 @@
 (tests/test_serve.py sends the same through a real one)."""
 import pytest
 
-from jaxgpt.serve import openai_api
-from jaxgpt.generate.engine import MAX_TOP_LOGPROBS, SamplingParams
-from jaxgpt.serve.openai_api import ApiError, LogprobFormat
 from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.generate.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from jaxgpt.serve import openai_api
+from jaxgpt.serve.openai_api import ApiError, LogprobFormat
 
 
 def refused(call) -> ApiError:

@@ -21,20 +21,21 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
-from jaxgpt.data import chat  # noqa: E402
-from jaxgpt.train import optim  # noqa: E402
-from jaxgpt.serve import feedback  # noqa: E402
-from jaxgpt.config import ModelConfig, OptimConfig, ScreenConfig  # noqa: E402
-from jaxgpt.serve.feedback import Feedback  # noqa: E402
-from jaxgpt.generate.engine import Engine, SamplingParams  # noqa: E402
-from jaxgpt.model.gpt import GPT  # noqa: E402
-from jaxgpt.generate.service import Service  # noqa: E402
-from jaxgpt.generate.screen import Screen  # noqa: E402
-from jaxgpt.serve.app import ServeConfig, make_app  # noqa: E402
-from jaxgpt.data.tokenizer import Tokenizer  # noqa: E402
-from jaxgpt.train.trainer import TrainState, make_train_step  # noqa: E402
 from conftest import serving, slow_engine  # noqa: E402
+
+from jaxgpt.config import ModelConfig, OptimConfig, ScreenConfig  # noqa: E402
+from jaxgpt.data import chat  # noqa: E402
+from jaxgpt.data.tokenizer import Tokenizer  # noqa: E402
+from jaxgpt.generate.engine import Engine  # noqa: E402
+from jaxgpt.generate.sampling import SamplingParams  # noqa: E402
+from jaxgpt.generate.screen import Screen  # noqa: E402
+from jaxgpt.generate.service import Service  # noqa: E402
+from jaxgpt.model.gpt import GPT  # noqa: E402
+from jaxgpt.serve import feedback_export  # noqa: E402
+from jaxgpt.serve.app import ServeConfig, make_app  # noqa: E402
+from jaxgpt.serve.feedback import Feedback  # noqa: E402
+from jaxgpt.train import optim  # noqa: E402
+from jaxgpt.train.step import TrainState, make_train_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-page"
@@ -350,7 +351,7 @@ def test_regenerate_then_this_one_is_better_is_a_pair_in_the_export(page, servic
     assert page.locator("#error").text_content() == ""
 
     recorder.flush()
-    counts = feedback.export(feedback_db, tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl")
+    counts = feedback_export.export(feedback_db, tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl")
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert pairs[0] == {"messages": LESSON[:1], "chosen": PAYLOAD[:5], "rejected": PAYLOAD[:12]}
     assert {"messages": LESSON[:1], "chosen": "hello there", "rejected": PAYLOAD[:5]} in pairs

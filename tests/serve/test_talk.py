@@ -11,11 +11,11 @@ import pexpect
 import pytest
 
 from jaxgpt.config import ModelConfig, SampleConfig
-from jaxgpt.generate.engine import Engine
-from jaxgpt.model.gpt import GPT
-from jaxgpt.generate.service import Service
-from jaxgpt.serve.talk import Talk
 from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.generate.engine import Engine
+from jaxgpt.generate.service import Service
+from jaxgpt.model.gpt import GPT
+from jaxgpt.serve.talk import Talk
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -20,14 +20,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import leaves_equal, subprocess_env, xla_flags
 from etils import epath
 
-from jaxgpt.store import checkpoint
 from jaxgpt import config as config_lib
-from jaxgpt.train import trainer as train_lib
 from jaxgpt.errors import CheckpointError
-
-from conftest import leaves_equal, subprocess_env, xla_flags
+from jaxgpt.store import checkpoint, integrity
+from jaxgpt.train import loop
+from jaxgpt.train import trainer as trainer_lib
 
 REPO = Path(__file__).parents[2]
 STEPS = 6
@@ -47,7 +47,7 @@ def env(text_file, tmp_path_factory):
     """A finished run (checkpoints at 2, 4, 6, a row per step) for tests to copy."""
     root = tmp_path_factory.mktemp("ckpt")
     base = root / "base"
-    train_lib.train(_cfg(text_file, base), devices=jax.devices()[:1])
+    loop.train(_cfg(text_file, base), devices=jax.devices()[:1])
     return {"root": root, "text": text_file, "base": base, "losses": _losses(base)}
 
 
@@ -77,7 +77,7 @@ def _files(directory: Path) -> dict:
 
 
 def _restore(cfg):
-    trainer = train_lib.Trainer(cfg, jax.devices()[:1])
+    trainer = trainer_lib.Trainer(cfg, jax.devices()[:1])
     ck = checkpoint.Checkpointer(cfg)
     try:
         return trainer, ck, ck.restore(trainer)
@@ -92,7 +92,7 @@ def _restore(cfg):
 def test_signal_saves_and_the_rerun_continues_bitwise(env, monkeypatch, sig):
     run = env["root"] / f"signal-{sig}"
     cfg = _cfg(env["text"], run)
-    step, handler = train_lib.Trainer.step, signal.getsignal(sig)
+    step, handler = trainer_lib.Trainer.step, signal.getsignal(sig)
 
     def step_then_signal(self, state, batch):
         out = step(self, state, batch)
@@ -100,14 +100,14 @@ def test_signal_saves_and_the_rerun_continues_bitwise(env, monkeypatch, sig):
             os.kill(os.getpid(), sig)
         return out
 
-    monkeypatch.setattr(train_lib.Trainer, "step", step_then_signal)
-    with pytest.raises(checkpoint.Interrupted, match=f"stopped by {sig.name} after step 5; saved step 5") as e:
-        train_lib.train(cfg, devices=jax.devices()[:1])
+    monkeypatch.setattr(trainer_lib.Trainer, "step", step_then_signal)
+    with pytest.raises(loop.Interrupted, match=f"stopped by {sig.name} after step 5; saved step 5") as e:
+        loop.train(cfg, devices=jax.devices()[:1])
     assert e.value.signum == sig
     assert checkpoint.steps_in(run / "checkpoints") == [5, 4, 2]
     assert signal.getsignal(sig) == handler  # put back
-    monkeypatch.setattr(train_lib.Trainer, "step", step)
-    train_lib.train(_cfg(env["text"], run), devices=jax.devices()[:1])
+    monkeypatch.setattr(trainer_lib.Trainer, "step", step)
+    loop.train(_cfg(env["text"], run), devices=jax.devices()[:1])
     assert _losses(run) == env["losses"]
 
 
@@ -203,7 +203,7 @@ def test_damaged_checkpoint_is_skipped_with_a_warning_and_kept(env, capfd, damag
                      capfd.readouterr().err)
     (aside,) = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("6.damaged-")]
     assert _files(aside) == before  # nothing deleted or changed
-    train_lib.train(_cfg(env["text"], run), devices=jax.devices()[:1])  # redoes steps 5 and 6, saves 6 again
+    loop.train(_cfg(env["text"], run), devices=jax.devices()[:1])  # redoes steps 5 and 6, saves 6 again
     assert _losses(run) == env["losses"]
     assert checkpoint.steps_in(run / "checkpoints") == [6, 4, 2]
 
@@ -239,8 +239,8 @@ def test_after_a_failed_read_only_the_abandoned_reads_leftovers_go_unreported(mo
 
     abandon(_read_array_index_and_device_put)
     assert seen == [(Exception, "Encountered error while reading array index")]  # before: reported
-    with pytest.raises(checkpoint.Damaged, match="^cannot read params: OSError: gone$"):
-        checkpoint._read("params", lambda: (_ for _ in ()).throw(OSError("gone")))
+    with pytest.raises(integrity.Damaged, match="^cannot read params: OSError: gone$"):
+        integrity.guarded_read("params", lambda: (_ for _ in ()).throw(OSError("gone")))
     seen.clear()
     abandon(_read_array_index_and_device_put)
     report(RuntimeError("Event loop is closed"))
@@ -263,19 +263,19 @@ def test_model_shape_mismatch_fails_before_any_compute(env, monkeypatch):
     def no_compute(*args, **kwargs):
         raise AssertionError("computed before checking the checkpoint")
 
-    monkeypatch.setattr(train_lib.Trainer, "init_state", no_compute)
-    monkeypatch.setattr(train_lib.Trainer, "step", no_compute)
+    monkeypatch.setattr(trainer_lib.Trainer, "init_state", no_compute)
+    monkeypatch.setattr(trainer_lib.Trainer, "step", no_compute)
     with pytest.raises(CheckpointError, match=r"checkpoints/6: model.d_model=32 in the checkpoint but "
                                               r"model.d_model=48 in the config"):
-        train_lib.train(_cfg(env["text"], run, "model.d_model=48"), devices=jax.devices()[:1])
+        loop.train(_cfg(env["text"], run, "model.d_model=48"), devices=jax.devices()[:1])
     with pytest.raises(CheckpointError, match=r"model.n_layer=2 in the checkpoint but model.n_layer=3"):
-        train_lib.train(_cfg(env["text"], run, "model.n_layer=3"), devices=jax.devices()[:1])
+        loop.train(_cfg(env["text"], run, "model.n_layer=3"), devices=jax.devices()[:1])
 
 
 def test_optimizer_mismatch_points_to_init_from(env):
     run = _copy(env, "optim")
     try:
-        train_lib.Trainer(_cfg(env["text"], run, "optim.name=muon"), jax.devices()[:1])
+        trainer_lib.Trainer(_cfg(env["text"], run, "optim.name=muon"), jax.devices()[:1])
     except ValueError as e:  # Trainer._state_sharding and optax's muon state: not this module's to fix
         pytest.skip(f"the Trainer cannot build optim.name=muon yet: {str(e).splitlines()[0]}")
     with pytest.raises(CheckpointError, match=r"optim.name=adamw in the checkpoint, muon in the config.*"
@@ -330,8 +330,8 @@ def test_diverging_run_saves_only_finite_states(env, capfd):
     run = env["root"] / "diverge"
     cfg = _cfg(env["text"], run, "optim.lr=1e30", "optim.warmup_steps=0", "checkpoint.every=1",
                "train.max_nonfinite=3")
-    with pytest.raises(train_lib.NonFiniteLoss):
-        train_lib.train(cfg, devices=jax.devices()[:1])
+    with pytest.raises(loop.NonFiniteLoss):
+        loop.train(cfg, devices=jax.devices()[:1])
     saved = checkpoint.steps_in(run / "checkpoints")
     skipped = [r["step"] for r in _rows(run) if r["skipped"]]
     assert skipped and not set(saved) & set(skipped)
@@ -346,7 +346,7 @@ def test_keeps_the_last_k_and_optionally_the_best(env, keep_best):
     shutil.copytree(env["base"], run)
     shutil.rmtree(run / "checkpoints")
     cfg = _cfg(env["text"], run, "checkpoint.every=0", "checkpoint.keep=2", f"checkpoint.keep_best={keep_best}")
-    trainer = train_lib.Trainer(cfg, jax.devices()[:1])
+    trainer = trainer_lib.Trainer(cfg, jax.devices()[:1])
     ck = checkpoint.Checkpointer(cfg)
     state = trainer.init_state()
     for step, val in zip(range(1, 6), [3.0, 1.0, 2.0, None, None]):
@@ -389,17 +389,18 @@ import json, sys
 import jax, numpy as np
 from jaxgpt.store import checkpoint
 from jaxgpt import config as config_lib
-from jaxgpt.train import trainer as train_lib
+from jaxgpt.train import loop
+from jaxgpt.train import trainer as trainer_lib
 cfg_dict, run = json.loads(sys.argv[1]), sys.argv[2]
 def cfg(*overrides):
     return config_lib.validate(config_lib.apply_overrides(config_lib.from_dict(cfg_dict), list(overrides)))
 base = ["train.steps=2", "checkpoint.every=2", "data.batch_size=8", "train.out_dir=" + run]
-train_lib.train(cfg(*base, "mesh.data=2", "mesh.fsdp=4"))
+loop.train(cfg(*base, "mesh.data=2", "mesh.fsdp=4"))
 saved = None
 for devices, mesh in [(8, ("mesh.data=1", "mesh.fsdp=8")), (4, ("mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2")),
                       (1, ("mesh.data=1",))]:
     c = cfg(*base, *mesh)
-    trainer = train_lib.Trainer(c, jax.devices()[:devices])
+    trainer = trainer_lib.Trainer(c, jax.devices()[:devices])
     ck = checkpoint.Checkpointer(c)
     state = ck.restore(trainer)
     ck.close()

@@ -3,18 +3,19 @@ import json
 
 import jax
 import numpy as np
-
 from conftest import leaves_equal
+
 from jaxgpt import config as config_lib
-from jaxgpt.store import export
+from jaxgpt import export as export_command
 from jaxgpt.store import runs
-from jaxgpt.train import trainer as train_lib
+from jaxgpt.train import loop
+from jaxgpt.train import trainer as trainer_lib
 
 
 def test_export_cli_writes_what_the_run_holds(tiny_run, tmp_path, capsys):
     run, rows = tiny_run
     out = tmp_path / "exported"
-    export.main([str(run), str(out)])
+    export_command.main([str(run), str(out)])
     assert json.loads(capsys.readouterr().out) == {"export": str(out), "step": rows[-1]["step"]}
     exported, final = runs.load(out), runs.load(run / "export")
     assert leaves_equal(exported.params, final.params) and exported.tokenizer.fingerprint == final.tokenizer.fingerprint
@@ -24,7 +25,7 @@ def test_export_cli_writes_what_the_run_holds(tiny_run, tmp_path, capsys):
 
 def test_state_around_params_has_a_fresh_optimizer(tiny_run, make_config, tmp_path):
     run, _ = tiny_run
-    trainer = train_lib.Trainer(make_config(tmp_path / "ft", optim={"lr": 1e-4}), jax.devices()[:1])
+    trainer = trainer_lib.Trainer(make_config(tmp_path / "ft", optim={"lr": 1e-4}), jax.devices()[:1])
     params, _, _ = runs.params(run, trainer.cfg, trainer.params_sharding)
     state = trainer.state_around(params)
     assert int(state.step) == 0 and leaves_equal(state.params, runs.load(run).params)
@@ -35,8 +36,8 @@ def test_training_with_init_from_starts_from_those_params(tiny_run, make_config,
     run, _ = tiny_run
     cfg = make_config(tmp_path / "ft", train={"steps": 1, "log_every": 1, "eval_every": 0})
     cfg = config_lib.apply_overrides(cfg, [f"train.init_from={run}"])
-    logged = train_lib.train(cfg, devices=jax.devices()[:1])
-    trainer = train_lib.Trainer(cfg, jax.devices()[:1])
+    logged = loop.train(cfg, devices=jax.devices()[:1])
+    trainer = trainer_lib.Trainer(cfg, jax.devices()[:1])
     params, _, _ = runs.params(run, trainer.cfg, trainer.params_sharding)
     _, metrics = trainer.step(trainer.state_around(params), trainer.batch(0))
     assert logged["step"] == 1 and logged["loss"] == float(metrics["loss"])

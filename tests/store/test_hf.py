@@ -11,22 +11,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import corpus, leaves_equal, synthetic
-from jaxgpt.data import chat
+
 from jaxgpt import config as config_lib
-from jaxgpt.store import hf as convert
+from jaxgpt.data import chat, dialogs
 from jaxgpt.data import tokens as data
-from jaxgpt.data import dialogs
-from jaxgpt.store import export
-from jaxgpt.store import runs
-from jaxgpt.generate import sample
-from jaxgpt.train import trainer as train_lib
+from jaxgpt.data.tokenizer import SPECIAL_TOKENS, Tokenizer, byte_level_chars
 from jaxgpt.errors import CheckpointError
-from jaxgpt.generate.engine import Engine, SamplingParams
+from jaxgpt.generate import sample
+from jaxgpt.generate.engine import Engine
+from jaxgpt.generate.sampling import SamplingParams
 from jaxgpt.generate.service import Service
 from jaxgpt.model.gpt import GPT
-from jaxgpt.data.tokenizer import SPECIAL_TOKENS, Tokenizer, byte_level_chars
+from jaxgpt.store import export, runs
+from jaxgpt.store.hf import convert
+from jaxgpt.store.hf import tokenizer as hf_tokenizer
+from jaxgpt.train import loop
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -199,12 +199,12 @@ def test_gpt2_vocabulary_becomes_tiktoken_gpt2(monkeypatch):
     (here the hash is this test tokenizer's, as GPT-2's real vocabulary is not available offline)."""
     hf_json = hf_tokenizer_json()
     spec = json.loads(hf_json)
-    assert convert.as_gpt2(spec) is None
+    assert hf_tokenizer.as_gpt2(spec) is None
     chars = byte_level_chars()
     ranks = sorted((i, bytes(chars[c] for c in p)) for p, i in spec["model"]["vocab"].items() if p not in ("<s>", "</s>"))
     digest = hashlib.sha256(b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in ranks)).hexdigest()
-    monkeypatch.setattr(convert, "_gpt2_sha256", lambda: digest)
-    tok = convert.as_gpt2(spec)
+    monkeypatch.setattr(hf_tokenizer, "_gpt2_sha256", lambda: digest)
+    tok = hf_tokenizer.as_gpt2(spec)
     hf = tokenizers.Tokenizer.from_str(hf_json)
     assert tok.name == "gpt2" and tok.eot_id == 50256 and tok.bos_id == 50257
     assert all(tok.encode(t) == hf.encode(t).ids for t in TEXTS)
@@ -286,7 +286,7 @@ def test_an_imported_model_fine_tunes_and_goes_back(exports, make_config, tmp_pa
     cfg = make_config(tmp_path / "ft", data={"batch_size": 4}, train={
         "steps": 3, "log_every": 1, "eval_every": 0, "eval_max_tokens": 256, "init_from": str(out)})
     cfg = config_lib.validate(dataclasses.replace(cfg, model=runs.saved_config(out).model))
-    logged = train_lib.train(cfg, devices=jax.devices()[:1])
+    logged = loop.train(cfg, devices=jax.devices()[:1])
     assert logged["step"] == 3 and np.isfinite(logged["loss"])
     tuned = runs.load(tmp_path / "ft" / "export")
     assert tuned.tokenizer.fingerprint == runs.tokenizer(out).fingerprint
@@ -418,7 +418,7 @@ def test_an_imported_chat_model_fine_tunes_in_its_own_template(chat_models, make
     assert (inputs == tok.special_id("<|im_start|>")).sum() > 0 and not (inputs == tok.special_id("<|user_start|>")).any()
     assert mask.any() and (targets[mask] == tok.special_id("<|im_end|>")).any()
     assert not (targets[mask] == tok.special_id("<|im_start|>")).any()  # a turn's start is never trained
-    logged = train_lib.train(cfg, devices=jax.devices()[:1])
+    logged = loop.train(cfg, devices=jax.devices()[:1])
     assert logged["step"] == 3 and np.isfinite(logged["loss"])
     assert runs.tokenizer(tmp_path / "ft" / "export").chat_format == "chatml"
 

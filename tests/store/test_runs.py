@@ -7,11 +7,11 @@ import sys
 
 import jax
 import pytest
-
 from conftest import leaves_equal, subprocess_env
-from jaxgpt.store import runs
-from jaxgpt.train import trainer as train_lib
+
 from jaxgpt.errors import CheckpointError, ConfigError
+from jaxgpt.store import runs
+from jaxgpt.train import loop
 
 
 def test_run_step_and_export_give_the_same_model(tiny_run):
@@ -72,7 +72,7 @@ def test_train_config_takes_the_model_of_init_from(tiny_run, tmp_path):
     run, _ = tiny_run
     config_file = tmp_path / "ft.json"
     config_file.write_text(json.dumps({"model": {"n_layer": 7, "d_model": 32}, "data": {"path": "x.txt"}}))
-    cfg = train_lib.train_config(config_file, [f"train.init_from={run}", "model.dropout=0.1", "optim.lr=1e-4"])
+    cfg = loop.train_config(config_file, [f"train.init_from={run}", "model.dropout=0.1", "optim.lr=1e-4"])
     source = runs.saved_config(run).model
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.vocab_size) == (source.n_layer, source.d_model,
                                                                             source.vocab_size)
@@ -100,7 +100,7 @@ def test_a_damaged_export_is_refused_and_one_without_checksums_still_loads(tiny_
     err = capsys.readouterr().err
     assert f"skipping {flipped.absolute()}: incomplete or damaged (checksum mismatch in " in err, err
     # a params file cut short: orbax cannot read it, the same refusal, from the command line (in a process of
-    # its own: what orbax leaves of the failed reads, Python reports at exit; checkpoint._read quiets it)
+    # its own: what orbax leaves of the failed reads, Python reports at exit; integrity.guarded_read quiets it)
     cut = tmp_path / "cut"
     shutil.copytree(run / "export", cut)
     data = _largest_file(cut / "params")

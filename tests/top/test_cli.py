@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
-
 from conftest import REPO, corpus, write
-from jaxgpt.perf import bench
-from jaxgpt import cli
-from jaxgpt import hardware
+
+from jaxgpt import cli, hardware
 from jaxgpt.config import BenchCommand
+from jaxgpt.perf import bench
 
 
 @dataclass(frozen=True)

@@ -77,13 +77,14 @@ def test_only_a_gpu_stops_the_host_at_a_branch():
 
 def test_a_target_platform_picks_the_kernels_of_that_platform():
     import jax.numpy as jnp
-    from jaxgpt.model import kernels
-    assert hardware.compute_platform() == "cpu" and kernels.resolve("auto", jnp.bfloat16) == "cpu"
+
+    from jaxgpt.model.kernels import choice
+    assert hardware.compute_platform() == "cpu" and choice.resolve("auto", jnp.bfloat16) == "cpu"
     with hardware.target_platform("gpu"):  # compiling ahead of time for a GPU (aot.py)
         assert hardware.compute_platform() == "gpu" and hardware.branches_sync_host()
-        assert kernels.resolve("auto", jnp.bfloat16) == "cudnn" and kernels.resolve("auto", jnp.float32) == "xla"
-        assert kernels.resolve_cache_window("auto") == "whole"
-    assert hardware.compute_platform() == "cpu" and kernels.resolve_cache_window("auto") == "chunks"
+        assert choice.resolve("auto", jnp.bfloat16) == "cudnn" and choice.resolve("auto", jnp.float32) == "xla"
+        assert choice.resolve_cache_window("auto") == "whole"
+    assert hardware.compute_platform() == "cpu" and choice.resolve_cache_window("auto") == "chunks"
 
 
 def test_cpu_name_is_the_model_name_lscpu_shows():

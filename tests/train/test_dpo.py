@@ -1,4 +1,4 @@
-"""Tests for jaxgpt.preference: the DPO loss by hand, its start at log 2, the reply-only mask of a
+"""Tests for jaxgpt.train.dpo (and the pairs of jaxgpt.data.pairs): the DPO loss by hand, its start at log 2, the reply-only mask of a
 packed pair, pairs that never see each other, and DPO through jaxgpt.train (margin up, exact resume)."""
 import json
 import math
@@ -9,19 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO, synthetic
-from jaxgpt.data import chat
-from jaxgpt.data import dialogs
-from jaxgpt.train import evaluate
-from jaxgpt.train import dpo as preference
+
 from jaxgpt import config as config_lib
-from jaxgpt.train import trainer as train_lib
 from jaxgpt.config import ModelConfig
+from jaxgpt.data import chat, dialogs
+from jaxgpt.data import pairs as pair_data
 from jaxgpt.data.dialogs import ChatDataError
-from jaxgpt.model.gpt import GPT, token_losses
-from jaxgpt.train.dpo import PairBatches, dpo_loss
 from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.model.gpt import GPT, token_losses
+from jaxgpt.train import dpo as preference
+from jaxgpt.train import evaluate, loop
+from jaxgpt.train import trainer as trainer_lib
+from jaxgpt.data.pairs import PairBatches
+from jaxgpt.train.dpo import dpo_loss
 
 TIMING = ("tokens_per_s", "mfu", "train_s")
 
@@ -121,7 +122,7 @@ def test_a_bad_row_is_a_one_line_error_naming_file_and_line(tmp_path):
                      ("not json", "not JSON")):
         path.write_text(json.dumps(good) + "\n" + (bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
         with pytest.raises(ChatDataError, match=f"^{path}:2: .*{why}") as e:
-            preference.read_pairs(f"jsonl:{path}")
+            pair_data.read_pairs(f"jsonl:{path}")
         assert "\n" not in str(e.value)
 
 
@@ -146,18 +147,18 @@ def sft_run(tmp_path_factory):
         "model.preset=llama", "model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.seq_len=256",
         "train.steps=4", "train.eval_every=0", "train.log_every=2", "train.progress=false", "optim.warmup_steps=2",
         f"train.out_dir={root / 'sft'}"])
-    train_lib.train(cfg)
+    loop.train(cfg)
     rng = random.Random(0)
     words = "hi hello how are you fine thanks what why yes no maybe today".split()
     say = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
     pairs = [{"messages": c[:1] if c[0]["role"] == "user" else c[:2], "chosen": say(rng.randint(1, 4)) + "?",
               "rejected": say(rng.randint(1, 4)) + "."} for c in chats]
-    preference.write_pairs(root / "pairs.jsonl", pairs)
+    pair_data.write_pairs(root / "pairs.jsonl", pairs)
     return root
 
 
 def dpo_config(root, out, *extra):
-    return train_lib.train_config(REPO / "experiments/configs/chat_dpo.py", [
+    return loop.train_config(REPO / "experiments/configs/chat_dpo.py", [
         f"train.init_from={root / 'sft'}", f"data.preferences=jsonl:{root / 'pairs.jsonl'}", f"train.out_dir={out}",
         "data.batch_size=4", "data.prefetch=1", "train.steps=10", "train.log_every=1", "train.eval_every=5",
         "train.progress=false", "checkpoint.every=5", "optim.lr=3e-3", "optim.warmup_steps=2", "dpo.beta=0.5", *extra])
@@ -168,7 +169,7 @@ def test_dpo_through_train_raises_the_margin_and_resumes_exactly(sft_run, tmp_pa
     run = tmp_path / "dpo"
     cfg = dpo_config(sft_run, run)
     assert cfg.model.seq_len == 256 and cfg.train.init_from  # the SFT run's model
-    train_lib.train(cfg)
+    loop.train(cfg)
     rows = rows_of(run)
     assert [r["step"] for r in rows] == list(range(1, 11))
     # step 0: the policy is the reference (precomputed in another packing: equal to float rounding)
@@ -188,13 +189,13 @@ def test_dpo_through_train_raises_the_margin_and_resumes_exactly(sft_run, tmp_pa
     shutil.copytree(run, again)
     shutil.rmtree(again / "checkpoints" / "10")
     shutil.rmtree(again / "export")
-    train_lib.train(dpo_config(sft_run, again))
+    loop.train(dpo_config(sft_run, again))
     assert strip(rows_of(again)) == strip(rows)
 
     # dpo.reference=step: the reference scored in the step gives the same losses
-    trainer = train_lib.Trainer(dpo_config(sft_run, tmp_path / "step", "dpo.reference=step"))
+    trainer = trainer_lib.Trainer(dpo_config(sft_run, tmp_path / "step", "dpo.reference=step"))
     assert len(trainer.frozen) == 1 and "ref_logps" not in trainer.batch(0)
-    state = trainer.state_around(trainer.dpo.reference_params(trainer))
+    state = trainer.state_around(trainer.reference_params())
     # the held-out chats are scored as jaxgpt.evaluate scores the SFT run (its val split, same windows)
     before = evaluate.evaluate(str(sft_run / "sft"))
     assert trainer.evaluate(state.params)["bits_per_byte"] == pytest.approx(before["bits_per_byte"], rel=1e-6)

@@ -1,7 +1,7 @@
 """Tests for jaxgpt.evaluate: the exact loss, bits per byte, and scoring any data (text file, conversations), the CLI."""
 import json
-import shutil
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import write_lines
-from jaxgpt.store import runs
-from jaxgpt.parallel import sharding
+
 from jaxgpt.config import MeshConfig, ModelConfig
-from jaxgpt.data.tokens import window_batches as eval_batches
-from jaxgpt.train.evaluate import evaluate, evaluate_batches, make_eval_step
-from jaxgpt.model.gpt import GPT, token_losses
 from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.data.tokens import window_batches as eval_batches
+from jaxgpt.model.gpt import GPT, token_losses
+from jaxgpt.parallel import sharding
+from jaxgpt.store import runs
+from jaxgpt.train.evaluate import evaluate, evaluate_batches, make_eval_step
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -144,8 +144,8 @@ def test_data_named_on_the_command_line_replaces_the_runs_data(tiny_run, tmp_pat
 
 
 def test_a_prepared_directory_in_the_models_tokenizer(tiny_run, tmp_path):
-    from jaxgpt.data import prepare
     from jaxgpt.config import PrepareConfig
+    from jaxgpt.data import prepare
     run, _ = tiny_run
     text = tmp_path / "more.txt"
     text.write_text("".join(f"ROMEO:\nGood night, sweet lord {'!' * i}\n\n" for i in range(40)))

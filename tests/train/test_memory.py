@@ -8,10 +8,11 @@ import sys
 
 import jax
 import pytest
-
 from conftest import subprocess_env, tiny
-from jaxgpt.train import memory
+
 from jaxgpt.model.gpt import GPT
+from jaxgpt.perf import aot
+from jaxgpt.train import memory
 from jaxgpt.train.trainer import open_run_batches
 
 
@@ -21,7 +22,7 @@ def resolved(text_file, out_dir="", **sections):
 
 
 def _estimate(text_file, **sections):
-    return memory.estimate(resolved(text_file, **sections), jax.devices()[:1]).per_device
+    return memory.estimate(memory.trainer_for(resolved(text_file, **sections), jax.devices()[:1])).per_device
 
 
 def test_the_estimate_adds_up_shards_gradients_and_residuals(text_file):
@@ -44,7 +45,7 @@ def test_the_estimate_adds_up_shards_gradients_and_residuals(text_file):
 
 def test_no_limit_on_a_cpu_means_no_check(text_file):
     assert memory.device_limit(tiny(text_file))[0] is None
-    assert memory.check(tiny(text_file)) is None
+    assert memory.check(memory.trainer_for(tiny(text_file, model={"vocab_size": 64}))) is None
 
 
 def test_a_config_over_the_limit_is_refused_with_the_knobs_that_fit(text_file, tmp_path):
@@ -53,7 +54,8 @@ def test_a_config_over_the_limit_is_refused_with_the_knobs_that_fit(text_file, t
     cfg = resolved(text_file, tmp_path / "run", train={"steps": 2, "log_every": 1, "eval_every": 0})
     with pytest.raises(memory.OutOfMemory, match=r"^the train step needs about .* per device .*fits with: "
                                                  r"model\.remat=true \("):
-        memory.check(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, device_memory_gb=limit_gb)))
+        memory.check(memory.trainer_for(dataclasses.replace(
+            cfg, mesh=dataclasses.replace(cfg.mesh, device_memory_gb=limit_gb))))
 
     config_file = tmp_path / "tiny.json"
     config_file.write_text(cfg.to_json())
@@ -112,17 +114,17 @@ def test_a_dpo_step_is_planned_with_its_reference(text_file, tmp_path, reference
     plain_cfg = resolved(text_file)
     cfg = dataclasses.replace(plain_cfg, data=dataclasses.replace(plain_cfg.data, preferences=f"jsonl:{pairs}"),
                               dpo=dataclasses.replace(plain_cfg.dpo, reference=reference))
-    plan = memory.estimate(cfg, jax.devices()[:1]).per_device
+    plan = memory.estimate(memory.trainer_for(cfg, jax.devices()[:1])).per_device
     plain = _estimate(text_file)
     B, L = cfg.data.batch_size, cfg.model.seq_len
     assert plan["reference"] == (plain["params"] if reference == "step" else 0) and plain["reference"] == 0
     assert plan["batch"] == 4 * B * L * (5 if reference == "precompute" else 4)  # ref_logps: a fifth [B, L]
     assert plan["activations"] > 0 and plan["total"] == sum(v for k, v in plan.items() if k != "total")
-    report = memory.analyze(memory.trainer_for(cfg, jax.devices()[:1]))
+    report = aot.analyze(memory.trainer_for(cfg, jax.devices()[:1]))
     extra = plain["params"] if reference == "step" else 4 * B * L  # the reference params, or ref_logps
     # against the plain step with segment ids in use (plain text's rows need none: XLA drops that argument)
     segmented = dataclasses.replace(plain_cfg, data=dataclasses.replace(plain_cfg.data, segments=True))
-    assert report["xla_bytes"]["arguments"] == memory.analyze(memory.trainer_for(
+    assert report["xla_bytes"]["arguments"] == aot.analyze(memory.trainer_for(
         segmented, jax.devices()[:1]))["xla_bytes"]["arguments"] + extra
 
 
@@ -141,7 +143,7 @@ cfg = config_lib.load_file({str(config_file)!r})
 out = {{}}
 for tensor in (1, 2, 4):
     changed = config_lib.validate(config_lib.apply_overrides(cfg, ["mesh.data=2", "mesh.fsdp=1", f"mesh.tensor={{tensor}}"]))
-    out[tensor] = memory.estimate(changed, jax.devices()[:2 * tensor]).per_device["activations"]
+    out[tensor] = memory.estimate(memory.trainer_for(changed, jax.devices()[:2 * tensor])).per_device["activations"]
 print(json.dumps(out))
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,

@@ -7,10 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt.train import optim
 from jaxgpt.config import ModelConfig, OptimConfig
 from jaxgpt.model.gpt import GPT
-from jaxgpt.train.trainer import TrainState, make_train_step
+from jaxgpt.train import optim
+from jaxgpt.train.step import TrainState, make_train_step
 
 PEAK, FLOOR, WARMUP, STEPS = 1e-3, 1e-4, 100, 2000
 

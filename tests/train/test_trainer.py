@@ -8,11 +8,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import REPO
 
 from jaxgpt import config as config_lib
 from jaxgpt.train import optim
-from conftest import REPO
-from jaxgpt.train.trainer import NonFiniteLoss, Trainer, train, truncate_metrics
+from jaxgpt.train.loop import NonFiniteLoss, train, truncate_metrics
+from jaxgpt.train.trainer import Trainer
 
 TIMING = ("tokens_per_s", "mfu", "train_s")  # the only fields allowed to differ between identical runs
 

@@ -1,0 +1,186 @@
+"""The decoder's layers as Flax modules: Norm, Dense, Attention, Mlp and the pre-norm Block.
+
+Each takes the config and the host's resolved Kernels (kernels/choice.py, chosen once when GPT is
+built) and runs its hot spots on those kernels. Every parameter carries logical axis names, which
+parallel/sharding.py maps onto the mesh; activations carry them too.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.config import ModelConfig
+from jaxgpt.model.cache import CACHE_AXES, attend_cache, write_cache
+from jaxgpt.model.kernels import attention, matmul, norm
+from jaxgpt.model.kernels.choice import Kernels
+from jaxgpt.model.rope import rope, rope_frequencies
+
+
+def logical(init, *names):
+    return nn.with_logical_partitioning(init, names)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm (cfg.norm) over the last axis, or with `qk` the RMSNorm of each head's
+    vector (QK-norm); computed in fp32."""
+    cfg: ModelConfig
+    kernels: Kernels
+    qk: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        D = x.shape[-1]
+        center = not self.qk and cfg.norm == "layernorm"
+        axis = "head_dim" if self.qk else "norm"
+        scale = self.param("scale", logical(nn.initializers.ones, axis), (D,))
+        if center and cfg.bias:
+            bias = self.param("bias", logical(nn.initializers.zeros, "norm"), (D,))
+        else:
+            bias = jnp.zeros((D,), jnp.float32)
+        y = norm.normalize(self.kernels.impl, x.astype(jnp.float32), scale, bias, cfg.norm_eps,
+                           center)
+        return y.astype(cfg.dtype)
+
+
+class Dense(nn.Module):
+    """x @ w (+ b) over the trailing len(shape_in) axes of x, fp32 params cast to the matmul dtype.
+    split: the first output axis holds weights used apart (SwiGLU's gate and up): one matmul per
+    entry, returned as a list. From one matmul and slices, the backward pass assembled their
+    gradients by padding and adding, a loop XLA:CPU ran far slower than the same arithmetic."""
+    shape_in: tuple[int, ...]
+    shape_out: tuple[int, ...]
+    names: tuple[str | None, ...]
+    cfg: ModelConfig
+    kernels: Kernels
+    std: float
+    split: bool = False
+    activation: str = ""  # matmul.ACTIVATIONS' name, applied to x @ w + b (not with split)
+    bias: bool | None = None  # None: cfg.bias
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", logical(nn.initializers.normal(self.std), *self.names),
+                       self.shape_in + self.shape_out)
+        has_bias = self.cfg.bias if self.bias is None else self.bias
+        b = (self.param("b", logical(nn.initializers.zeros, *self.names[len(self.shape_in):]),
+                        self.shape_out) if has_bias else None)
+        if not self.split:
+            return self._apply(x, w, b, self.shape_out)
+        axis = len(self.shape_in)  # w's first output axis
+        return [self._apply(x, jnp.take(w, i, axis), None if b is None else b[i],
+                            self.shape_out[1:]) for i in range(self.shape_out[0])]
+
+    def _apply(self, x, w, b, shape_out):
+        impl, dtype = self.kernels.impl, self.kernels.matmul_dtype
+        batch_shape = x.shape[:x.ndim - len(self.shape_in)]
+        # One 2-D matmul: XLA:CPU picks much better layouts for it than for the N-D einsum
+        # (the N-D form made it transpose the MLP's hidden gradient in the backward pass).
+        x_MxK = x.reshape(math.prod(batch_shape), math.prod(self.shape_in)).astype(dtype)
+        w_KxN = w.reshape(math.prod(self.shape_in), math.prod(shape_out)).astype(dtype)
+        y_MxN = matmul.matmul(impl, x_MxK, w_KxN, self.cfg.dtype)
+        # the bias added to the 2-D product, before any reshape: then cuBLAS adds it as it writes
+        # the product, where a bias over two axes (q's heads) took a kernel of its own
+        b_N = None if b is None else b.reshape(-1)
+        if self.activation:
+            y_MxN = matmul.activate(impl, self.activation, y_MxN, b_N)
+        elif b_N is not None:
+            y_MxN = y_MxN + b_N.astype(y_MxN.dtype)
+        return y_MxN.reshape(batch_shape + shape_out)
+
+
+def residual_std(cfg: ModelConfig) -> float:
+    """Init std of the projections that write into the residual stream: by default GPT-2's
+    init_std / sqrt(2N), so that the stream's variance at init does not grow with depth."""
+    return cfg.residual_init_std or cfg.init_std / (2 * cfg.n_layer) ** 0.5
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention, with RoPE and QK-norm as the config says; with a KV cache,
+    the new keys and values written into it and the queries attending over it."""
+    cfg: ModelConfig
+    kernels: Kernels
+
+    @nn.compact
+    def __call__(self, x_BxLxD, mask_BxLxS, positions_BxL, cache=None):
+        cfg, kernels = self.cfg, self.kernels
+        D, H, K, E = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        dense = functools.partial(Dense, cfg=cfg, kernels=kernels)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        q_BxLxHxE = dense((D,), (H, E), ("embed", "heads", "head_dim"), std=cfg.init_std,
+                          bias=qkv_bias, name="wq")(x_BxLxD)
+        kv_BxLx2xKxE = dense((D,), (2, K, E), ("embed", None, "kv_heads", "head_dim"),
+                             std=cfg.init_std, bias=qkv_bias, name="wkv")(x_BxLxD)
+        # to heads-first, once for q and once for k and v together
+        q_BxHxLxE = q_BxLxHxE.transpose(0, 2, 1, 3)
+        k_BxKxLxE, v_BxKxLxE = kv_BxLx2xKxE.transpose(2, 0, 3, 1, 4)
+        if cfg.qk_norm:
+            q_BxHxLxE = Norm(cfg, kernels, qk=True, name="q_norm")(q_BxHxLxE)
+            k_BxKxLxE = Norm(cfg, kernels, qk=True, name="k_norm")(k_BxKxLxE)
+        if cfg.position == "rope":  # positions lie below the context length and the keys' count
+            length = max(cfg.seq_len,
+                         x_BxLxD.shape[1] if mask_BxLxS is None else mask_BxLxS.shape[-1])
+            inv_freq_E2 = rope_frequencies(cfg)
+            q_BxHxLxE = rope(q_BxHxLxE, positions_BxL, inv_freq_E2, length)
+            k_BxKxLxE = rope(k_BxKxLxE, positions_BxL, inv_freq_E2, length)
+        if cache is not None:  # write the new keys at each row's position, attend over the cache
+            start_B = positions_BxL[:, 0]
+            cache = {"k": write_cache(cache["k"], k_BxKxLxE.astype(cfg.dtype), start_B),
+                     "v": write_cache(cache["v"], v_BxKxLxE.astype(cfg.dtype), start_B)}
+            cache = {name: nn.with_logical_constraint(x, CACHE_AXES) for name, x in cache.items()}
+            out_BxHxLxE = attend_cache(kernels.impl, q_BxHxLxE, cache["k"], cache["v"], mask_BxLxS,
+                                       positions_BxL, kernels.cache_window)
+        else:  # in the matmul dtype: scores and probabilities stay fp32 (kernels/attention.py)
+            q_BxHxLxE, k_BxKxLxE, v_BxKxLxE = (x.astype(kernels.matmul_dtype)
+                                               for x in (q_BxHxLxE, k_BxKxLxE, v_BxKxLxE))
+            # the mask is causal within each segment, a segment's tokens contiguous in its row
+            out_BxHxLxE = attention.attention(kernels.impl, q_BxHxLxE, k_BxKxLxE, v_BxKxLxE,
+                                              mask_BxLxS, causal=True).astype(cfg.dtype)
+        out_BxLxHxE = out_BxHxLxE.transpose(0, 2, 1, 3)
+        out_BxLxD = dense((H, E), (D,), ("heads", "head_dim", "embed"), std=residual_std(cfg),
+                          name="wo")(out_BxLxHxE)
+        return out_BxLxD, cache
+
+
+class Mlp(nn.Module):
+    """The feed-forward layer: gelu/relu2 between two matrices, or SwiGLU (cfg.mlp)."""
+    cfg: ModelConfig
+    kernels: Kernels
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.cfg
+        D, F = cfg.d_model, cfg.d_ff
+        dense = functools.partial(Dense, cfg=cfg, kernels=self.kernels)
+        if cfg.mlp == "swiglu":
+            gate_BxLxF, up_BxLxF = dense((D,), (2, F), ("embed", None, "mlp"), std=cfg.init_std,
+                                         split=True, name="w_up")(x_BxLxD)
+            h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
+        else:
+            h_BxLxF = dense((D,), (F,), ("embed", "mlp"), std=cfg.init_std, activation=cfg.mlp,
+                            name="w_up")(x_BxLxD)
+        h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
+        return dense((F,), (D,), ("mlp", "embed"), std=residual_std(cfg), name="w_down")(h_BxLxF)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    cfg: ModelConfig
+    kernels: Kernels
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxLxD, mask_BxLxS, positions_BxL, cache=None):
+        cfg, kernels = self.cfg, self.kernels
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        attn_BxLxD, cache = Attention(cfg, kernels, name="attn")(
+            Norm(cfg, kernels, name="norm_attn")(x_BxLxD), mask_BxLxS, positions_BxL, cache)
+        x_BxLxD = x_BxLxD + drop(attn_BxLxD)
+        mlp_BxLxD = Mlp(cfg, kernels, name="mlp")(Norm(cfg, kernels, name="norm_mlp")(x_BxLxD))
+        x_BxLxD = x_BxLxD + drop(mlp_BxLxD)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+        return x_BxLxD, cache  # (carry, output) so the same block also runs under nn.scan
