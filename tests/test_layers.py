@@ -132,6 +132,16 @@ def test_imports_go_down_the_layers():
     assert violations() == []
 
 
+def test_files_and_functions_are_small():
+    assert sizes() == []
+
+
+def test_the_size_check_sees_a_long_function(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text("def f():\n" + body)
+    assert sizes(tmp_path) == [f"jaxgpt/long.py:1: f is {MAX_FUNCTION_LINES + 1} lines (at most {MAX_FUNCTION_LINES})"]
+
+
 def test_config_does_not_import_jax():
     for path, parts in modules(PACKAGE):
         if parts[0] in ("config", "errors", "files"):
