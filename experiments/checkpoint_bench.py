@@ -41,9 +41,11 @@ def bench_save(cfg: config_lib.Config, fill_moments: bool) -> list[dict]:
     state = jax.block_until_ready(trainer.init_state())
     n_params = trainer.model.num_params(state.params)
     if fill_moments:  # a fresh optimizer's moments are zeros, which compress to nothing; trained ones do not
-        noise = lambda x: x + 1e-3 * jax.random.normal(jax.random.key(1), x.shape, x.dtype)
-        state = state.replace(opt_state=jax.tree.map(
-            lambda x: noise(x) if jnp.issubdtype(x.dtype, jnp.floating) else x, state.opt_state))
+        def noisy(x):
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                return x
+            return x + 1e-3 * jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+        state = state.replace(opt_state=jax.tree.map(noisy, state.opt_state))
     jax.block_until_ready(checkpoint.inspect(checkpoint.state_tree(state)))  # compile the checksums
     t = time.perf_counter()
     checkpoint.inspect(checkpoint.state_tree(state))

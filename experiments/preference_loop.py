@@ -36,13 +36,10 @@ import reply_quality  # noqa: E402
 
 from jaxgpt import hardware  # noqa: E402
 from jaxgpt.data import chat  # noqa: E402
+from jaxgpt.data import pairs as pair_data  # noqa: E402
 from jaxgpt.generate.sampling import SamplingParams  # noqa: E402
 from jaxgpt.store import runs  # noqa: E402
-from jaxgpt.data import pairs as pair_data  # noqa: E402
-from jaxgpt.train import (
-    evaluate,  # noqa: E402
-    loop,  # noqa: E402
-)
+from jaxgpt.train import evaluate, loop  # noqa: E402
 
 
 def asks_back(text: str) -> bool:
@@ -83,7 +80,7 @@ def sample_replies(model_dir: str, prompts: list[list[dict]], prompt_seeds: list
 
 def label(prompts, replies) -> tuple[list[dict], dict]:
     pairs, counts = [], {"both": 0, "neither": 0}
-    for messages, (a, b) in zip(prompts, replies):
+    for messages, (a, b) in zip(prompts, replies, strict=False):
         wins = asks_back(a), asks_back(b)
         if wins[0] == wins[1]:
             counts["both" if wins[0] else "neither"] += 1
@@ -153,7 +150,7 @@ def main(argv=None) -> None:
                           "val_prompts": len(val_prompts), "dropped_both": counts["both"] + val_counts["both"],
                           "dropped_neither": counts["neither"] + val_counts["neither"]},
                 "examples": [{"user": p[-1]["content"], "chosen": q["chosen"], "rejected": q["rejected"]}
-                             for p, q in zip([q["messages"] for q in pairs[:3]], pairs[:3])]}
+                             for p, q in zip([q["messages"] for q in pairs[:3]], pairs[:3], strict=False)]}
 
     sampled = stage(here, "1_sample_before", sampling, before)
     seconds["sample_before"] = sampled["seconds"]
@@ -182,7 +179,7 @@ def main(argv=None) -> None:
         val_prompts = json.loads((here / "val_prompts.json").read_text())
         replies = sample_replies(str(dpo_dir / "export"), val_prompts, seeds(args, len(val_prompts), True), args)
         return {"rate_after": rate(replies),
-                "examples": [{"user": p[-1]["content"], "replies": r} for p, r in zip(val_prompts[:4], replies[:4])]}
+                "examples": [{"user": p[-1]["content"], "replies": r} for p, r in zip(val_prompts[:4], replies[:4], strict=False)]}
 
     later = stage(here, "4_sample_after", {**sampling, "overrides": overrides}, after)
     seconds["sample_after"] = later["seconds"]

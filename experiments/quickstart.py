@@ -166,7 +166,7 @@ def split_data(out: Path, seed: int) -> dict:
     # plain text: each dialogue once (its first direction), one message per line, a blank line between
     for name, keep in (("train", lambda i: i not in held_ids), ("val", lambda i: i in held_ids)):
         seen, docs = set(), []
-        for i, conversation in zip(loaded.ids, loaded.conversations):
+        for i, conversation in zip(loaded.ids, loaded.conversations, strict=False):
             if keep(i) and i not in seen:
                 seen.add(i)
                 docs.append("\n".join(m["content"].replace("\n\n", "\n") for m in conversation))
@@ -240,13 +240,13 @@ def reply_measures(out: Path, source: Path, n: int, seed: int) -> dict:
     if not pairs:
         raise SystemExit(f"quickstart: no held-out user turn of {out / 'corpus/val.jsonl'} fits in "
                          f"{room} tokens (model.seq_len - the reply's tokens)")
-    prompts, people = zip(*pairs)
+    prompts, people = zip(*pairs, strict=False)
     replies = [r[0] for r in reply_quality.sample_replies(
         loaded, list(prompts), [seed * 1_000_003 + i for i in range(len(prompts))], params, screen=True)]
     measured, theirs = reply_quality.measures(replies), reply_quality.measures(list(people))
     return {**measured, "people": theirs, "distance_to_people": reply_quality.distance(measured, theirs),
             "sampling": dataclasses.asdict(params),
-            "examples": [{"user": p[-1]["content"], "assistant": r} for p, r in zip(prompts[:4], replies[:4])]}
+            "examples": [{"user": p[-1]["content"], "assistant": r} for p, r in zip(prompts[:4], replies[:4], strict=False)]}
 
 
 def main(argv=None) -> None:

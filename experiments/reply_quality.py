@@ -114,5 +114,5 @@ def sample_replies(loaded: runs.Loaded, prompts: list[list[dict]], prompt_seeds:
     engine = Engine(GPT(loaded.cfg.model), loaded.params, loaded.tokenizer, slots=slots)
     screener = Screen(loaded.cfg.screen if screen else ScreenConfig(enabled=False))
     with Service(engine, loaded.tokenizer, screener) as service:
-        streams = [service.chat(p, dataclasses.replace(params, seed=seed)) for p, seed in zip(prompts, prompt_seeds)]
+        streams = [service.chat(p, dataclasses.replace(params, seed=seed)) for p, seed in zip(prompts, prompt_seeds, strict=False)]
         return [[r.text for r in s.result()] for s in streams]

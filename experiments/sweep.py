@@ -277,7 +277,7 @@ def run_sampling(args) -> list[dict]:
     loaded, max_tokens = runs.load(args.model), 60
     cfg = loaded.cfg
     fits = lambda c: chat.render_prompt(c, loaded.tokenizer, cfg.model.seq_len - max_tokens) is not None  # noqa: E731
-    prompts, people = zip(*reply_quality.exchanges(cfg.data.chat, args.prompts, args.seed, fits))
+    prompts, people = zip(*reply_quality.exchanges(cfg.data.chat, args.prompts, args.seed, fits), strict=False)
     theirs = reply_quality.measures(list(people))
     seeds = [args.seed * 1_000_003 + i for i in range(len(prompts))]
     rows = []
@@ -302,7 +302,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     # variants at a fixed step count are compared step for step (their seconds depend on what else ran)
     by_step = all(r["budget_s"] is None for r in results)
     for r in sorted(results, key=lambda r: r["val_bpb"]):
-        seconds, ys = zip(*r["curve"])
+        seconds, ys = zip(*r["curve"], strict=False)
         ax.plot(eval_steps(r) if by_step else seconds, ys, marker="o", markersize=3,
                 label=f"{r['name']} ({r['val_bpb']:.4f})")
     ax.set_xlabel("step" if by_step else "seconds in training steps")

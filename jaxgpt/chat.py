@@ -24,7 +24,7 @@ def show(ids: np.ndarray, mask: np.ndarray, tokenizer: Tokenizer, marks: tuple[s
     special tokens, so decoding them run by run never splits a character)."""
     edges = [0, *(np.flatnonzero(np.diff(mask.astype(np.int8))) + 1).tolist(), len(ids)]
     return "".join(marks[0] + tokenizer.decode(ids[a:b]) + marks[1] if mask[a] else tokenizer.decode(ids[a:b])
-                   for a, b in zip(edges, edges[1:]) if b > a)
+                   for a, b in zip(edges, edges[1:], strict=False) if b > a)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ids, mask = rendered
         print(f"# {loaded.ids[cfg.index]}: {len(ids)} tokens, {int(mask.sum())} trained (between ⟦ and ⟧)")
         print(show(ids, mask, tokenizer))
-        for i, (token, trained) in enumerate(zip(ids.tolist(), mask.tolist()) if cfg.ids else ()):
+        for i, (token, trained) in enumerate(zip(ids.tolist(), mask.tolist(), strict=False) if cfg.ids else ()):
             print(f"{i}\t{token}\t{int(trained)}\t{tokenizer.decode([token])!r}")
 
     cli.run("python -m jaxgpt.chat", {

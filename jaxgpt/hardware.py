@@ -68,7 +68,7 @@ def cpu_ticks() -> dict[str, int]:
     except OSError:
         return {}
     kinds = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
-    return dict(zip(kinds, map(int, first[1:len(kinds) + 1])))
+    return dict(zip(kinds, map(int, first[1:len(kinds) + 1]), strict=False))
 
 
 def steal_share(before: dict[str, int], after: dict[str, int]) -> float | None:

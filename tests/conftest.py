@@ -197,7 +197,7 @@ def leaves_equal(a, b) -> bool:
     import jax
     import numpy as np
     a, b = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=False))
 
 
 # ---- servers ----

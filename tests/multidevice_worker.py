@@ -72,13 +72,13 @@ def decode(preset: str, mesh_shape) -> dict:
     out = {}
     for name, mesh in (("one", None), ("mesh", sharding.make_mesh(MeshConfig(*mesh_shape)))):
         engine = Engine(model, params, slots=4, keep_logits=True, mesh=mesh)
-        ids = [i for p, sp in zip(prompts, settings) for i in engine.submit(p, sp)]
+        ids = [i for p, sp in zip(prompts, settings, strict=False) for i in engine.submit(p, sp)]
         while engine.busy:
             engine.step()
         out[name] = [engine.requests[i] for i in ids]
         if mesh is not None:
             spec = engine.state["cache"][0]["k"].sharding.spec
-    diff = max(float(np.abs(np.stack(a.logits) - np.stack(b.logits)).max()) for a, b in zip(out["one"], out["mesh"]))
+    diff = max(float(np.abs(np.stack(a.logits) - np.stack(b.logits)).max()) for a, b in zip(out["one"], out["mesh"], strict=False))
     return {"kind": "decode", "preset": preset, "mesh": list(mesh_shape),
             "same_tokens": [r.tokens for r in out["one"]] == [r.tokens for r in out["mesh"]],
             "max_logit_diff": diff, "cache_spec": [list(a) if isinstance(a, tuple) else a for a in spec]}
@@ -107,7 +107,7 @@ def main():
         for mesh in MESHES:
             losses, params, trainer = run(tiny(text_file, preset, mesh), jax.devices(), steps)
             assert tuple(trainer.mesh.shape.values()) == mesh
-            diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+            diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=False))
             print(json.dumps({"kind": "run", "preset": preset, "mesh": list(mesh), "losses": losses,
                               "max_param_diff": diff}), flush=True)
 

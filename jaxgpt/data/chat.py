@@ -108,7 +108,7 @@ def _template(roles: Sequence[str], contents: Sequence[Sequence[int]], tokenizer
     """(ids, mask) of already-encoded messages; see the module docstring for the layout."""
     lay = layout(tokenizer)
     ids, mask = list(lay.bos), [False] * len(lay.bos)
-    for role, content in zip(roles, contents):
+    for role, content in zip(roles, contents, strict=False):
         content = list(content)
         ids += lay.start[role] + content + lay.end[role]
         trained = role == "assistant"  # the content and the end that closes it
@@ -171,7 +171,7 @@ def render_truncated(conversation: Conversation, tokenizer: Tokenizer, seq_len: 
     validate(conversation)
     roles, encoded = [m["role"] for m in conversation], [tokenizer.encode(m["content"]) for m in conversation]
     lay = layout(tokenizer)
-    keep = _kept(roles, [len(e) + lay.overhead(r) for r, e in zip(roles, encoded)], seq_len + 1 - len(lay.bos))
+    keep = _kept(roles, [len(e) + lay.overhead(r) for r, e in zip(roles, encoded, strict=False)], seq_len + 1 - len(lay.bos))
     return None if keep is None else _template([roles[i] for i in keep], [encoded[i] for i in keep], tokenizer)
 
 
@@ -183,7 +183,7 @@ def render_windows(conversation: Conversation, tokenizer: Tokenizer, seq_len: in
     validate(conversation)
     roles, encoded = [m["role"] for m in conversation], [tokenizer.encode(m["content"]) for m in conversation]
     lay = layout(tokenizer)
-    lengths, n_head = [len(e) + lay.overhead(r) for r, e in zip(roles, encoded)], int(roles[0] == "system")
+    lengths, n_head = [len(e) + lay.overhead(r) for r, e in zip(roles, encoded, strict=False)], int(roles[0] == "system")
     windows, end = [], len(roles) - (roles[-1] == "user")
     while end > n_head:
         keep = _kept(roles[:end], lengths[:end], seq_len + 1 - len(lay.bos))

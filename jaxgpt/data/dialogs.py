@@ -89,8 +89,8 @@ def split(conversations: Sequence[Conversation], val_fraction: float, seed: int,
     if val_fraction > 0:  # hold out at least one dialog, and keep at least one to train on
         n_val = max(min(max(n_val, 1), len(unique) - 1), 0)
     held = {unique[k] for k in np.random.default_rng(seed).permutation(len(unique))[:n_val]}
-    return ([c for c, g in zip(conversations, groups) if g not in held],
-            [c for c, g in zip(conversations, groups) if g in held])
+    return ([c for c, g in zip(conversations, groups, strict=False) if g not in held],
+            [c for c, g in zip(conversations, groups, strict=False) if g in held])
 
 
 # ---- readers and converters: each gives Loaded(conversations, ids, skipped) ----

@@ -82,7 +82,7 @@ def _encode_task(task) -> dict:
     is_val = doc_is_val(doc, seed, val_fraction)
     eot = np.array([tokenizer.eot_id], dtype)
     out = {}
-    for split, mask in zip(SPLITS, (~is_val, is_val)):
+    for split, mask in zip(SPLITS, (~is_val, is_val), strict=False):
         parts = []
         for i in np.flatnonzero(mask):
             parts += [tokenizer.encode_np(pieces[i][0]).astype(dtype)] + ([eot] if ends[i] else [])
@@ -343,7 +343,7 @@ def tokenize_text_file(path: str | Path, tokenizer_spec: str, val_fraction: floa
     dtype = np.dtype(token_dtype(tokenizer.n_vocab))
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
-    for name, part in zip(SPLITS, parts):
+    for name, part in zip(SPLITS, parts, strict=False):
         shard = _ShardWriter(out, name, dtype, 0, 0).write(tokenizer.encode_np(part))
         splits[name] = {"tokens": shard["tokens"] if shard else 0, "documents": 1, "bytes": len(part.encode("utf-8")),
                         "shards": [shard] if shard else []}

@@ -74,7 +74,7 @@ class ShardedTokens:
     def __getitem__(self, idx):
         if isinstance(idx, slice):
             start, stop, step = idx.indices(len(self))
-            parts = [a[max(start - s0, 0):max(stop - s0, 0)] for a, s0 in zip(self.arrays, self.starts)]
+            parts = [a[max(start - s0, 0):max(stop - s0, 0)] for a, s0 in zip(self.arrays, self.starts, strict=False)]
             return np.concatenate(parts or [np.zeros(0, self.dtype)])[::step]
         idx = np.asarray(idx)
         shard = np.searchsorted(self.starts, idx, side="right") - 1
@@ -137,7 +137,7 @@ def text_in_memory(path: str | Path, tokenizer: Tokenizer, val_fraction: float, 
     parts = split_text(read_text_file(path), path, val_fraction, errors)
     dtype = token_dtype(tokenizer.n_vocab)
     train, val = (tokenizer.encode_np(part).astype(dtype) for part in parts)
-    bpt = {name: len(part.encode("utf-8")) / max(len(ids), 1) for name, part, ids in zip(SPLITS, parts, (train, val))}
+    bpt = {name: len(part.encode("utf-8")) / max(len(ids), 1) for name, part, ids in zip(SPLITS, parts, (train, val), strict=False)}
     return TokenData(train, val, tokenizer, bpt, {"dir": str(path)})
 
 

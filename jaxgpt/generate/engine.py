@@ -343,7 +343,7 @@ class Engine:
         """The generated ids of each prompt's samples, in order (stop ids excluded), stepping until
         all are done."""
         params = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [i for p, sp in zip(prompts, params) for i in self.submit(p, sp)]
+        ids = [i for p, sp in zip(prompts, params, strict=False) for i in self.submit(p, sp)]
         while any(self.requests[i].finish_reason is None for i in ids):
             self.step()
         return [self.requests.pop(i).tokens for i in ids]
@@ -355,4 +355,4 @@ def _row(scores, b: int):
     if top is None:
         return float(chosen_B[b]), None
     ids_BxN, top_BxN = top
-    return float(chosen_B[b]), [(int(i), float(p)) for i, p in zip(ids_BxN[b], top_BxN[b])]
+    return float(chosen_B[b]), [(int(i), float(p)) for i, p in zip(ids_BxN[b], top_BxN[b], strict=False)]

@@ -351,7 +351,7 @@ class Service:
 
     def _fail_all(self, message: str) -> None:
         """A step failed: answer everyone in flight with the error and start the engine afresh."""
-        for rid, t in list(self._tracked.items()):
+        for t in list(self._tracked.values()):
             r = t.request
             t.stream._put(Delta(r.sample, "", [], [], [], "error"),
                           Reply(r.sample, t.text.text, "error", list(r.tokens), list(r.logprobs), [], None, False,

@@ -93,7 +93,7 @@ def check_batch(mesh: Mesh, batch_size: int, grad_accum: int = 1) -> None:
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     """Drop mesh axes from dimensions they do not divide, so odd sizes replicate instead of failing."""
     out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = math.prod(mesh.shape[a] for a in names)
         out.append(axes if size > 1 and dim % size == 0 else None)

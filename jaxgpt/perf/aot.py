@@ -244,7 +244,7 @@ def kernels(hlo_text: str) -> list[Kernel]:
                 branches = re.search(r"branch_computations=\{([^}]*)\}", attributes)
                 names = re.findall(r"%([\w.\-]+)", branches.group(1) if branches else attributes)
                 tables = [[] for _ in names]
-                for called, branch in zip(names, tables):
+                for called, branch in zip(names, tables, strict=False):
                     walk(called, launches, branch)
                 table.extend(max(tables, key=lambda branch: sum(k.bytes for k in branch), default=[]))
                 continue

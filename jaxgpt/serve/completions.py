@@ -101,7 +101,7 @@ async def respond(request: Request, state: AppState, ticket: Ticket, rid: str, a
         raise ApiError(500, f"generation failed: {failed.error}", type="server_error")
     choices = [{"index": r.index, "message": {"role": "assistant", "content": r.text}} if chat
                else {"index": r.index, "text": r.text} for r in replies]
-    for choice, r in zip(choices, replies):
+    for choice, r in zip(choices, replies, strict=False):
         choice.update(logprobs=logprobs and logprobs(r.token_ids, r.logprobs, r.top_logprobs),
                       finish_reason=r.finish_reason)
     return {**head, "choices": choices, "usage": openai_api.usage(stream.prompt_tokens, replies)}

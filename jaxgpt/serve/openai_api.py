@@ -224,7 +224,7 @@ class LogprobFormat:
                 text, raw = self.piece(token)
                 return {"token": text, "logprob": float(logprob), "bytes": list(raw)}
             return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
-                                for t, lp, top in zip(ids, logprobs, tops)], "refusal": None}
+                                for t, lp, top in zip(ids, logprobs, tops, strict=False)], "refusal": None}
         texts = [self.piece(t)[0] for t in ids]
         offsets = list(itertools.accumulate(map(len, texts[:-1]), initial=offset)) if texts else []
         return {"tokens": texts, "token_logprobs": [float(lp) for lp in logprobs],

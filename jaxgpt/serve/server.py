@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -38,6 +39,9 @@ from jaxgpt.serve.app import make_app
 from jaxgpt.serve.feedback import Feedback, default_path
 from jaxgpt.serve.state import ServeConfig
 from jaxgpt.store import runs
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 @dataclass(frozen=True)

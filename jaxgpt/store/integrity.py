@@ -53,7 +53,7 @@ def checksums_and_finite_jit(tree):
 def checksums_and_finite(tree) -> tuple[dict, bool]:
     """({leaf path: checksum}, whether every float is finite) on the host."""
     sums, finite = jax.device_get(checksums_and_finite_jit(tree))
-    return {leaf_path(p): int(s) for (p, _), s in zip(jax.tree_util.tree_leaves_with_path(tree), sums)}, bool(finite)
+    return {leaf_path(p): int(s) for (p, _), s in zip(jax.tree_util.tree_leaves_with_path(tree), sums, strict=False)}, bool(finite)
 
 
 def verify_checksums(tree, expected: dict, prefix: str = "") -> None:

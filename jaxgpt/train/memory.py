@@ -51,7 +51,7 @@ class Plan(NamedTuple):
 def _shard_bytes(abstract_tree, shardings) -> int:
     """Bytes of the largest shard of each leaf, summed: what one device holds of the tree."""
     return sum(_nbytes(s.shard_shape(x.shape), x.dtype)
-               for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)))
+               for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings), strict=False))
 
 
 def abstract_batch(cfg: config_lib.Config, mesh=None) -> dict:
@@ -103,7 +103,7 @@ def saved_for_backward(loss, params, batch, mesh=None) -> int:
     with sharding.activate(mesh):
         lowered = jax.jit(residuals).lower(params, batch)
         shardings = lowered.compile().output_shardings
-    return sum(_nbytes(s.shard_shape(x.shape), x.dtype) for x, s in zip(lowered.out_info, shardings))
+    return sum(_nbytes(s.shard_shape(x.shape), x.dtype) for x, s in zip(lowered.out_info, shardings, strict=False))
 
 
 def _nbytes(shape, dtype) -> int:

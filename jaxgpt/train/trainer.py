@@ -103,7 +103,7 @@ class Trainer:
         path ends with a param's key path, with that param's shape, takes that param's sharding."""
         rep = sharding.replicated(self.mesh)
         by_path = {tuple(path): (p.shape, s) for (path, p), s in zip(
-            jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(self.params_sharding))}
+            jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(self.params_sharding), strict=False)}
 
         def leaf_sharding(path, leaf):
             for start in range(len(path)):

@@ -38,7 +38,7 @@ def unpack(batch, b, end_id):
     tokens, segments = batch["inputs"][b].tolist(), batch["segment_ids"][b].tolist()
     if tokens[-1] != end_id and segments[-1]:  # the row's last token continues the last conversation
         tokens, segments = tokens + [int(batch["targets"][b][-1])], segments + [segments[-1]]
-    return [[t for t, s in zip(tokens, segments) if s == k] for k in sorted(set(segments) - {0})]
+    return [[t for t, s in zip(tokens, segments, strict=False) if s == k] for k in sorted(set(segments) - {0})]
 
 
 # ---- the chat template and the loss mask ----
@@ -154,7 +154,7 @@ def test_truncation_keeps_the_most_pairs_that_fit_in_every_format(chat_format):
     candidates = [long[:1] + long[1 + 2 * k:7] for k in range(3)]  # all pairs, the newest two, the newest one
     lengths = [len(render(c, tok)[0]) for c in candidates]
     for seq_len in range(lengths[-1] - 3, lengths[0] + 2):
-        fits = [c for c, n in zip(candidates, lengths) if n <= seq_len + 1]
+        fits = [c for c, n in zip(candidates, lengths, strict=False) if n <= seq_len + 1]
         got = render_truncated(long, tok, seq_len)
         if not fits:
             assert got is None

@@ -34,7 +34,7 @@ def documents(ids, tok) -> list[str]:
     """Decoded documents of a split: every one must end with the eot token."""
     assert len(ids) == 0 or ids[-1] == tok.eot_id
     ends = np.flatnonzero(ids == tok.eot_id)
-    return [tok.decode(ids[a:b]) for a, b in zip(np.concatenate([[0], ends[:-1] + 1]), ends)]
+    return [tok.decode(ids[a:b]) for a, b in zip(np.concatenate([[0], ends[:-1] + 1]), ends, strict=False)]
 
 
 # ---- prepare: sources ----
@@ -48,7 +48,7 @@ def test_text_folder_one_document_per_file_split_by_seeded_hash(tmp_path):
     tok = Tokenizer.from_spec("byte")
     order = sorted((tmp_path / "in").rglob("*.txt"))  # documents are numbered in sorted path order
     is_val = prepare.doc_is_val(np.arange(len(order)), 7, 0.3)
-    expected = {s: [p.read_text("utf-8") for p, v in zip(order, is_val) if v == (s == "val")] for s in prepare.SPLITS}
+    expected = {s: [p.read_text("utf-8") for p, v in zip(order, is_val, strict=False) if v == (s == "val")] for s in prepare.SPLITS}
     assert 0 < len(expected["val"]) < len(texts)
     for split in prepare.SPLITS:
         assert documents(split_ids(tmp_path / "out", split), tok) == expected[split]

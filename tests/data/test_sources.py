@@ -15,7 +15,7 @@ def test_a_file_read_in_small_pieces_joins_back_to_its_text_and_ends_once(tmp_pa
     assert "".join(t for t, _ in pieces) == text
     assert [e for _, e in pieces] == [False] * (len(pieces) - 1) + [True]
     # every cut is a newline followed by printable ASCII, never inside a pre-token
-    assert all(t.endswith("\n") and not nxt.startswith((" ", "/")) for (t, _), (nxt, _) in zip(pieces, pieces[1:]))
+    assert all(t.endswith("\n") and not nxt.startswith((" ", "/")) for (t, _), (nxt, _) in zip(pieces, pieces[1:], strict=False))
 
 
 def test_line_and_paragraph_documents(tmp_path):

@@ -44,12 +44,13 @@ def test_sharded_tokens_read_across_shard_ends(prepared):
 
 @pytest.mark.parametrize("sampling", ["random", "sequential"])
 def test_batches_are_a_pure_function_of_seed_and_step_and_resume_exactly(prepared, sampling):
-    make = lambda step: data.batch_at(prepared.train, 3, step, 8, 32, sampling, eot_id=prepared.tokenizer.eot_id,
-                                      segments=True)
+    def make(step):
+        return data.batch_at(prepared.train, 3, step, 8, 32, sampling, eot_id=prepared.tokenizer.eot_id,
+                             segments=True)
     straight = list(data.Prefetcher(make, 0, 12))
     resumed = list(data.Prefetcher(make, 5, 12))
     assert [s for s, _ in resumed] == list(range(5, 12))
-    for (_, a), (_, b) in zip(straight[5:], resumed):
+    for (_, a), (_, b) in zip(straight[5:], resumed, strict=False):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     assert not np.array_equal(straight[0][1]["inputs"], straight[1][1]["inputs"])

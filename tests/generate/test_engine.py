@@ -343,7 +343,7 @@ def test_logprobs_are_the_models_and_top_logprobs_are_sorted(tiny):
         engine.step()
     r = engine.requests[rid]
     assert len(r.logprobs) == len(r.top_logprobs) == 5 and engine.requests[other].top_logprobs == []
-    for token, logprob, top, logits in zip(r.tokens, r.logprobs, r.top_logprobs, r.logits):
+    for token, logprob, top, logits in zip(r.tokens, r.logprobs, r.top_logprobs, r.logits, strict=False):
         expected = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
         assert logprob == pytest.approx(float(expected[token]), abs=1e-5)
         assert [i for i, _ in top] == np.argsort(-expected)[:3].tolist()
@@ -420,7 +420,7 @@ def test_several_steps_per_call_make_the_same_replies(tiny):
         replies[steps] = [(engine.requests[i].tokens, engine.requests[i].finish_reason,
                            np.asarray(engine.requests[i].logprobs)) for i in ids]
     assert [(tokens, reason) for tokens, reason, _ in replies[8]] == [(tokens, reason) for tokens, reason, _ in replies[1]]
-    for (*_, by_8), (*_, by_1) in zip(replies[8], replies[1]):  # two programs: the last bits may differ (5e-7 seen)
+    for (*_, by_8), (*_, by_1) in zip(replies[8], replies[1], strict=False):  # two programs: the last bits may differ (5e-7 seen)
         np.testing.assert_allclose(by_8, by_1, rtol=0, atol=1e-5)
     assert [(len(tokens), reason) for tokens, reason, _ in replies[1]] == [
         (45, "length"), (13, "length"), (16, "stop"), (11, "length")]

@@ -91,9 +91,9 @@ def test_blocklist_word_boundaries_phrases_regexes_comments(tmp_path):
 def test_builtin_blocklist():
     screen = Screen(ScreenConfig())
     assert screen.active and BUILTIN_BLOCKLIST.is_file()
-    lines = [l.strip() for l in BUILTIN_BLOCKLIST.read_text().splitlines()]
-    words = [l for l in lines if l and not l.startswith(("#", "re:"))]
-    assert 15 <= len(words) <= 30 and any(l.startswith("re:") for l in lines)
+    lines = [line.strip() for line in BUILTIN_BLOCKLIST.read_text().splitlines()]
+    words = [line for line in lines if line and not line.startswith(("#", "re:"))]
+    assert 15 <= len(words) <= 30 and any(line.startswith("re:") for line in lines)
     assert "screen.blocklist=FILE" in BUILTIN_BLOCKLIST.read_text()
     assert screen.check("what the Ｆｕｃｋ") == "blocklist"
     assert screen.check("Scunthorpe is a town, a cocktail is a drink") is None
@@ -284,7 +284,7 @@ def test_nothing_released_is_ever_part_of_a_match(tmp_path, setup):
     for _ in range(400):
         text = "".join(rng.choice(vocab) for _ in range(rng.randint(1, 10)))
         cuts = sorted(rng.sample(range(1, len(text) + 1), rng.randint(0, min(len(text), 6))))
-        deltas = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        deltas = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)], strict=False)]
         outs, rest, stream = stream_all(screen, deltas)
         released = "".join(outs) + rest
         assert released == stream.released

@@ -113,7 +113,7 @@ def test_concurrent_callers_get_the_replies_they_would_alone(tiny):
     prompts = ["hello", "abc", "what is this", "ok", "z"]
     settings = [SamplingParams(temperature=0.9, seed=i, max_tokens=6 + i) for i in range(len(prompts))]
     alone = [tok.decode_bytes(Engine(model, params, tok, slots=1).generate([tok.encode(p)], sp)[0]).decode()
-             for p, sp in zip(prompts, settings)]
+             for p, sp in zip(prompts, settings, strict=False)]
     got = [None] * len(prompts)
     with Service(Engine(model, params, tok, slots=2), tok) as service:
         def call(i):
@@ -126,7 +126,7 @@ def test_concurrent_callers_get_the_replies_they_would_alone(tiny):
             t.join(120)
     assert [text for text, _ in got] == alone
     assert [reply.text for _, reply in got] == alone
-    assert all(r.finish_reason == "length" and len(r.token_ids) == sp.max_tokens for (_, r), sp in zip(got, settings))
+    assert all(r.finish_reason == "length" and len(r.token_ids) == sp.max_tokens for (_, r), sp in zip(got, settings, strict=False))
     assert service.load()["screen"]["passed"] == 0  # no screen given: nothing counted as screened
 
 

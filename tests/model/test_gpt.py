@@ -178,10 +178,11 @@ def test_logical_axes_cover_every_param(preset, variant):
     model = GPT(model_cfg(preset, **VARIANTS[variant]))
     params = jax.eval_shape(model.init, jax.random.key(0))
     axes = model.logical_axes
-    is_spec = lambda x: isinstance(x, P)
+    def is_spec(x):
+        return isinstance(x, P)
     assert jax.tree.structure(axes, is_leaf=is_spec) == jax.tree.structure(params)
     names = {name for name, _ in RULES}
-    for spec, x in zip(jax.tree.leaves(axes, is_leaf=is_spec), jax.tree.leaves(params)):
+    for spec, x in zip(jax.tree.leaves(axes, is_leaf=is_spec), jax.tree.leaves(params), strict=False):
         assert isinstance(spec, P) and len(spec) == x.ndim
         assert all(a is None or a in names for a in spec), spec
     if model.cfg.scan_layers:
@@ -207,7 +208,7 @@ def test_remat_changes_neither_loss_nor_grads():
     plain, remat = GPT(model_cfg("gpt2")), GPT(model_cfg("gpt2", remat=True))
     params = plain.init(jax.random.key(0))
     grad = lambda m: jax.jit(jax.grad(lambda p: m.loss(p, batch)[0]))(params)  # noqa: E731
-    for a, b in zip(jax.tree.leaves(grad(plain)), jax.tree.leaves(grad(remat))):
+    for a, b in zip(jax.tree.leaves(grad(plain)), jax.tree.leaves(grad(remat)), strict=False):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)  # fusion order differs
 
 
@@ -283,11 +284,11 @@ def test_bf16_matmuls_keep_fp32_activations_and_gradients(preset):
     for dtype in ("float32", "bfloat16"):
         model = GPT(model_cfg(preset, matmul_dtype=dtype))
         params = model.init(jax.random.key(0))
-        results[dtype] = jax.jit(jax.value_and_grad(lambda p: model.loss(p, batch)[0] / 30))(params)
+        results[dtype] = jax.jit(jax.value_and_grad(lambda p, model=model: model.loss(p, batch)[0] / 30))(params)
     (loss32, grads32), (loss16, grads16) = results["float32"], results["bfloat16"]
     assert float(loss32) == pytest.approx(GOLDEN_INIT_LOSS[preset], abs=1e-5)
     assert float(loss16) == pytest.approx(float(loss32), abs=2e-3) and float(loss16) != float(loss32)
-    for (path, g32), g16 in zip(jax.tree_util.tree_leaves_with_path(grads32), jax.tree.leaves(grads16)):
+    for (path, g32), g16 in zip(jax.tree_util.tree_leaves_with_path(grads32), jax.tree.leaves(grads16), strict=False):
         assert g16.dtype == jnp.float32, path
         assert float(jnp.linalg.norm(g16 - g32)) <= 0.05 * float(jnp.linalg.norm(g32)), path
 
@@ -303,9 +304,9 @@ def test_fused_head_loss_equals_the_logits_loss(preset, variant):
     for chunks in (0, 4):
         model = GPT(model_cfg(preset, loss_chunks=chunks, **VARIANTS[variant]))
         params = model.init(jax.random.key(0))
-        results.append(jax.jit(jax.value_and_grad(lambda p: model.loss(p, batch)[0] / 30))(params))
+        results.append(jax.jit(jax.value_and_grad(lambda p, model=model: model.loss(p, batch)[0] / 30))(params))
     tol = 1e-5 if variant in ("plain", "softcap") else 2e-3
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(results[1]), jax.tree.leaves(results[0])):
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(results[1]), jax.tree.leaves(results[0]), strict=False):
         assert got.dtype == want.dtype, path
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol, err_msg=str(path))
 
@@ -320,7 +321,7 @@ def test_rows_without_segments_attend_causally(preset, variant):
     batch = fixed_batch()
     grad = {flag: jax.jit(jax.value_and_grad(lambda p, f=flag: model.loss(p, batch, segments=f)[0]))(params)
             for flag in (True, False)}
-    for got, want in zip(jax.tree.leaves(grad[False]), jax.tree.leaves(grad[True])):
+    for got, want in zip(jax.tree.leaves(grad[False]), jax.tree.leaves(grad[True]), strict=False):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     jaxpr = str(jax.make_jaxpr(lambda p: model.loss(p, batch, segments=False))(params))
     assert "eq" not in re.findall(r"= (\w+)\b", jaxpr)  # attention_mask compares segment ids (==): nothing does
@@ -333,7 +334,7 @@ def test_fused_head_loss_never_holds_the_whole_logits():
     for chunks in (0, 3):
         model = GPT(model_cfg("gpt2", loss_chunks=chunks, seq_len=15))
         params = model.init(jax.random.key(0))
-        hlo = jax.jit(jax.grad(lambda p: model.loss(p, batch)[0])).lower(params).compile().as_text()
+        hlo = jax.jit(jax.grad(lambda p, model=model: model.loss(p, batch)[0])).lower(params).compile().as_text()
         sizes[chunks] = {math.prod(int(d) for d in dims.split(",") if d)
                          for dims in re.findall(r"f32\[([\d,]*)\]", hlo)}
     assert 2 * 15 * V in sizes[0] and 2 * 15 * V not in sizes[3] and 2 * 5 * V in sizes[3]
@@ -359,7 +360,7 @@ def test_init_scales(residual_init_std):
 def test_init_is_deterministic_per_key():
     init = GPT(model_cfg("gpt2")).init
     a, b, c = (init(jax.random.key(k)) for k in (0, 0, 1))
-    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False))
     assert not np.array_equal(a["wte"], c["wte"])
 
 

@@ -73,7 +73,7 @@ def test_attention_matches_reference_on_packed_rows_with_padding(impl, K):
     mask = packed_mask(SEGMENTS, POSITIONS)
     got = jax.jit(values_and_grads, static_argnums=0)(lambda *a: attention.attention(impl, *a), q, k, v, mask, dout)
     want = values_and_grads(reference_attention, q, k, v, mask, dout)
-    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want, strict=False):
         assert g.shape == w.shape and g.dtype == jnp.float32, name
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5, err_msg=name)
     out, dq, dk, dv = (np.asarray(x[PAD_ROW]) for x in got)
@@ -92,7 +92,7 @@ def test_causal_attention_without_a_mask_is_the_causal_mask(impl):
     tril = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (len(SEGMENTS), L, L))
     got = values_and_grads(lambda *a: attention.attention(impl, *a[:3], None, causal=True), q, k, v, None, dout)
     want = values_and_grads(lambda *a: attention.attention(impl, *a, causal=True), q, k, v, tril, dout)
-    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want, strict=False):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0 if impl == "cpu" else 1e-6,
                                    atol=0 if impl == "cpu" else 1e-6, err_msg=name)
     with pytest.raises(ValueError, match="causal"):
@@ -107,7 +107,7 @@ def test_attention_with_fewer_queries_than_keys(impl):
     mask = jnp.asarray(np.random.default_rng(2).random((2, L, S)) < 0.6).at[1, 2].set(False)
     got = jax.jit(values_and_grads, static_argnums=0)(lambda *a: attention.attention(impl, *a), q, k, v, mask, dout)
     want = values_and_grads(reference_attention, q, k, v, mask, dout)
-    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want, strict=False):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5, err_msg=name)
     assert np.all(np.asarray(got[0][1, :, 2]) == 0) and np.all(np.asarray(got[1][1, :, 2]) == 0)
 
@@ -130,7 +130,7 @@ def test_normalize_matches_plain_jnp(impl, center):
 
     got = with_grads(lambda *a: norm.normalize(impl, *a))
     want = with_grads(plain_normalize)
-    for name, g, w in zip(["y", "dx", "dscale", "dbias"], got, want):
+    for name, g, w in zip(["y", "dx", "dscale", "dbias"], got, want, strict=False):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5, err_msg=name)
 
 
@@ -213,7 +213,7 @@ def test_xla_half_matmul_backward_multiplies_half_precision_operands():
     tensor cores: gpt2_124m's step on an H200 went from 132 to 87 ms with this)."""
     x, w = jnp.ones((8, 16), jnp.bfloat16), jnp.ones((16, 32), jnp.bfloat16)
     for out_dtype in (jnp.float32, jnp.bfloat16):
-        grad = jax.grad(lambda x, w: matmul.matmul("xla", x, w, out_dtype).astype(jnp.float32).sum(), (0, 1))
+        grad = jax.grad(lambda x, w, out_dtype=out_dtype: matmul.matmul("xla", x, w, out_dtype).astype(jnp.float32).sum(), (0, 1))
         jaxpr = jax.make_jaxpr(grad)(x, w)
         dots = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]  # the backward's two
         operand_dtypes = {tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in dots}
@@ -240,7 +240,7 @@ def test_half_attention_is_close_to_fp32(impl):
     mask = packed_mask(SEGMENTS, POSITIONS)
     got = values_and_grads(lambda *a: attention.attention(impl, *a), *bf16_round(q, k, v), mask, dout.astype(jnp.bfloat16))
     want = values_and_grads(reference_attention, *(x.astype(jnp.float32) for x in bf16_round(q, k, v)), mask, dout)
-    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want, strict=False):
         assert g.dtype == jnp.bfloat16, name
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=3e-2, rtol=3e-2, err_msg=name)
 
@@ -304,7 +304,7 @@ def test_model_follows_the_switch():
         m = GPT(dataclasses.replace(model.cfg, attention=impl))
         jaxpr = str(jax.make_jaxpr(m.apply)(params, batch["inputs"], seg))
         assert [name in jaxpr for name in ["_attend_bwd", "_normalize_bwd", "_matmul_bwd"]] == [impl == "cpu"] * 3
-        results[impl] = jax.jit(jax.value_and_grad(lambda p: m.loss(p, batch)[0]))(params)
+        results[impl] = jax.jit(jax.value_and_grad(lambda p, m=m: m.loss(p, batch)[0]))(params)
     (loss_cpu, grads_cpu), (loss_xla, grads_xla) = results["cpu"], results["xla"]
     np.testing.assert_allclose(float(loss_xla), float(loss_cpu), rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5),
@@ -363,7 +363,7 @@ def test_head_loss_is_the_weighted_cross_entropy(impl, chunks, softcap):
     got = jax.value_and_grad(lambda x, w: 2.5 * head_loss.head_loss(impl, x, w, targets, weights, chunks, jnp.float32,
                                                                   softcap), (0, 1))(x, w)
     want = jax.value_and_grad(lambda x, w: 2.5 * reference_head_loss(x, w, targets, weights, softcap), (0, 1))(x, w)
-    for name, g, r in zip(["loss", "dx", "dw"], jax.tree.leaves(got), jax.tree.leaves(want)):
+    for name, g, r in zip(["loss", "dx", "dw"], jax.tree.leaves(got), jax.tree.leaves(want), strict=False):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5, err_msg=name)
     # without differentiation: the forward alone, the same value
     np.testing.assert_allclose(float(head_loss.head_loss(impl, x, w, targets, weights, chunks, jnp.float32, softcap)),
@@ -403,7 +403,7 @@ def test_head_loss_with_bf16_logits_is_the_cross_entropy_of_the_rounded_logits(i
                                                             logits_dtype=jnp.bfloat16), (0, 1))(x, w)
     want = jax.value_and_grad(rounded_reference, (0, 1))(x, w)
     unrounded = jax.value_and_grad(lambda x, w: reference_head_loss(x, w, targets, weights), (0, 1))(x, w)
-    for name, g, r, u in zip(["loss", "dx", "dw"], *map(jax.tree.leaves, (got, want, unrounded))):
+    for name, g, r, u in zip(["loss", "dx", "dw"], *map(jax.tree.leaves, (got, want, unrounded)), strict=False):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-4, err_msg=name)
         assert not np.allclose(np.asarray(g), np.asarray(u), rtol=1e-5, atol=1e-4), name  # the rounding is real
 
@@ -422,7 +422,7 @@ def test_activation_under_cublas_matmuls_adds_the_bias_first_and_keeps_the_sum(m
     kept = [x for x in jax.tree.leaves(vjp) if getattr(x, "shape", ()) == y_MxF.shape]
     assert len(kept) == 1 and np.array_equal(np.asarray(kept[0], np.float32), np.asarray(h_MxF, np.float32))
     want = jax.vjp(lambda y, b: matmul.ACTIVATIONS["gelu"](y + b.astype(y.dtype)), y_MxF, b_F)[1]
-    for got, expected in zip(vjp(jnp.ones_like(out)), want(jnp.ones_like(out))):
+    for got, expected in zip(vjp(jnp.ones_like(out)), want(jnp.ones_like(out)), strict=False):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=1e-2, atol=1e-2)
 
 
@@ -433,12 +433,12 @@ def test_activation_off_the_cpu_keeps_only_its_inputs_for_the_backward_pass(name
     b_F = jax.random.normal(jax.random.key(1), (96,), jnp.float32) if bias else None
     kept = {}
     for impl in ("cpu", "xla"):
-        out, vjp = jax.vjp(lambda y, b: matmul.activate(impl, name, y, b), y_MxF, b_F)
+        out, vjp = jax.vjp(lambda y, b, impl=impl: matmul.activate(impl, name, y, b), y_MxF, b_F)
         expected = matmul.ACTIVATIONS[name](y_MxF if b_F is None else y_MxF + b_F.astype(jnp.bfloat16))
         np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
         grads = vjp(jnp.ones_like(out))
         kept[impl] = grads, [x.shape for x in jax.tree.leaves(vjp) if getattr(x, "shape", ()) == y_MxF.shape]
-    for g_cpu, g_xla in zip(kept["cpu"][0], kept["xla"][0]):
+    for g_cpu, g_xla in zip(kept["cpu"][0], kept["xla"][0], strict=False):
         if g_cpu is not None:
             np.testing.assert_allclose(np.asarray(g_xla, np.float32), np.asarray(g_cpu, np.float32), rtol=1e-2, atol=1e-2)
     assert kept["xla"][1] == [y_MxF.shape]            # y itself, which the matmul wrote anyway

@@ -210,7 +210,7 @@ def test_two_processes_train_like_one(runs_1_and_2, mesh):
     one, two = rows(runs_1_and_2["one-" + mesh][0]), rows(runs_1_and_2["two-" + mesh][0])
     # process 0 alone writes the metrics: one row per step
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4, 5]
-    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(one, two)] + [abs(one[-1]["val_loss"] - two[-1]["val_loss"])]
+    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(one, two, strict=False)] + [abs(one[-1]["val_loss"] - two[-1]["val_loss"])]
     assert max(diffs) < 1e-5, (mesh, [r["loss"] for r in one], [r["loss"] for r in two])
     assert two[-1]["val_loss"] < two[0]["loss"]
     # and alone prints the summary (gloo prints lines of its own on stdout)
@@ -224,7 +224,7 @@ def test_two_processes_train_like_one(runs_1_and_2, mesh):
 def test_a_two_process_checkpoint_resumes_in_one_process(runs_1_and_2):
     one, resumed = rows(runs_1_and_2["one-fsdp"][0]), rows(runs_1_and_2["resumed"][0])
     assert [r["step"] for r in resumed] == [4, 5]
-    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one[3:], resumed)) < 1e-5
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one[3:], resumed, strict=False)) < 1e-5
 
 
 @pytest.mark.slow
@@ -234,5 +234,5 @@ def test_process_0_writes_the_export(runs_1_and_2):
     two, _, _ = runs.params(two_dir / "export", cfg)
     one, _, _ = runs.params(one_dir / "export", cfg)
     assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-               for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one))) < 1e-5
+               for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one), strict=False)) < 1e-5
     assert not (two_dir / "export.tmp").exists()

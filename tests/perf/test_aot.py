@@ -172,7 +172,7 @@ def test_bench_compile_plans_a_gpu_step_on_a_host_without_one():
     assert (report["target"], report["platform"], report["device_kind"]) == ("h100", "gpu", "NVIDIA H100 80GB HBM3")
     assert (report["limit_source"], report["limit_bytes"], report["fits"]) == ("h100 data sheet", 80 * 2 ** 30, True)
     # every product of forward and backward is a matmul kernel: 3x the forward's FLOPs, to the FLOP
-    B, L, D, V, layers, H = 4, 32, 64, 256, 2, 4
+    B, L, D, V, layers = 4, 32, 64, 256, 2
     forward = B * L * (2 * 12 * D * D * layers + 2 * D * V + 4 * L * D * layers)
     assert report["kernels"]["matmul_flops"] == 3 * forward
     assert "attention" not in report["kernels"]["by_kind"]  # fp32: attention as plain products

@@ -284,7 +284,7 @@ def test_chat_logprobs_are_the_reply_tokens_scores(api, service, tiny):
     assert [e["token"] for e in content] == [tok.decode([t]) for t in expected.token_ids]
     assert [e["logprob"] for e in content] == pytest.approx(expected.logprobs, abs=1e-6)
     assert all(e["bytes"] == list(e["token"].encode()) for e in content)
-    for e, top in zip(content, expected.top_logprobs):
+    for e, top in zip(content, expected.top_logprobs, strict=False):
         assert [a["token"] for a in e["top_logprobs"]] == [tok.decode([i]) for i, _ in top]
         assert [a["logprob"] for a in e["top_logprobs"]] == sorted((a["logprob"] for a in e["top_logprobs"]),
                                                                    reverse=True)

@@ -349,7 +349,7 @@ def test_keeps_the_last_k_and_optionally_the_best(env, keep_best):
     trainer = trainer_lib.Trainer(cfg, jax.devices()[:1])
     ck = checkpoint.Checkpointer(cfg)
     state = trainer.init_state()
-    for step, val in zip(range(1, 6), [3.0, 1.0, 2.0, None, None]):
+    for step, val in zip(range(1, 6), [3.0, 1.0, 2.0, None, None], strict=False):
         assert ck.maybe_save(step, state, {} if val is None else {"val_loss": val}) == (keep_best and val is not None)
         ck.save(step, state)
     ck.close()

@@ -16,12 +16,12 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.data import chat, dialogs
 from jaxgpt.data import pairs as pair_data
 from jaxgpt.data.dialogs import ChatDataError
+from jaxgpt.data.pairs import PairBatches
 from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.model.gpt import GPT, token_losses
 from jaxgpt.train import dpo as preference
 from jaxgpt.train import evaluate, loop
 from jaxgpt.train import trainer as trainer_lib
-from jaxgpt.data.pairs import PairBatches
 from jaxgpt.train.dpo import dpo_loss
 
 TIMING = ("tokens_per_s", "mfu", "train_s")

@@ -122,7 +122,7 @@ def test_muon_dimension_numbers():
     # every hidden matrix: each named axis is reduced or output, exactly once, and embed is one side
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
     for (path, spec), d in zip(jax.tree_util.tree_leaves_with_path(model.logical_axes, is_leaf=is_spec),
-                               jax.tree.leaves(dims, is_leaf=lambda x: x is None or hasattr(x, "reduction_axis"))):
+                               jax.tree.leaves(dims, is_leaf=lambda x: x is None or hasattr(x, "reduction_axis")), strict=False):
         if jax.tree_util.keystr(path).endswith("['w']"):
             named = sorted(i for i, a in enumerate(spec) if a not in (None, "layers"))
             assert sorted(d.reduction_axis + d.output_axis) == named, path
@@ -213,7 +213,7 @@ def test_grad_accumulation_matches_one_big_batch(preset):
             assert float(metrics["tokens"]) == mask.sum()
         results[accum] = (losses, jax.device_get(state.params))
     np.testing.assert_allclose(results[2][0], results[1][0], atol=1e-6)
-    for a, b in zip(jax.tree.leaves(results[2][1]), jax.tree.leaves(results[1][1])):
+    for a, b in zip(jax.tree.leaves(results[2][1]), jax.tree.leaves(results[1][1]), strict=False):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -248,7 +248,7 @@ def test_all_masked_micro_batch_adds_nothing_and_all_masked_batch_is_no_update()
     alone = jax.jit(make_train_step(model, optimizer, 1))(make_state(model, optimizer), first_half)
     assert np.isfinite(float(accum[1]["loss"]))
     np.testing.assert_allclose(float(accum[1]["loss"]), float(alone[1]["loss"]), atol=1e-6)
-    for a, b in zip(jax.tree.leaves(accum[0].params), jax.tree.leaves(alone[0].params)):
+    for a, b in zip(jax.tree.leaves(accum[0].params), jax.tree.leaves(alone[0].params), strict=False):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
     empty = random_batch(4, 8, 29, seed=1, mask=np.zeros((4, 8)))
@@ -256,7 +256,7 @@ def test_all_masked_micro_batch_adds_nothing_and_all_masked_batch_is_no_update()
     before = jax.device_get((state.params, state.opt_state))
     state, metrics = jax.jit(make_train_step(model, optimizer, 2))(state, empty)
     assert float(metrics["loss"]) == 0.0 and float(metrics["tokens"]) == 0.0 and int(metrics["skipped"]) == 0
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get((state.params, state.opt_state)))):
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get((state.params, state.opt_state))), strict=False):
         np.testing.assert_array_equal(a, b)
 
 

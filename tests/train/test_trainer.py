@@ -37,7 +37,7 @@ def test_tiny_run_writes_config_metrics_and_export(tiny_run, make_config):
         # the lr of the row's last step (0-based step - 1)
         assert r["lr"] == pytest.approx(float(optim.schedule(cfg.optim, cfg.train.steps)(r["step"] - 1)), rel=1e-6)
     # seconds in training steps so far: they grow row by row (the evaluations are not counted)
-    assert all(0 < a["train_s"] < b["train_s"] for a, b in zip(rows, rows[1:]))
+    assert all(0 < a["train_s"] < b["train_s"] for a, b in zip(rows, rows[1:], strict=False))
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3  # it learns
     assert rows[-1]["val_loss"] < rows[1]["val_loss"]
     assert rows[-1]["val_bpb"] == pytest.approx(rows[-1]["val_loss"] / np.log(2), rel=1e-6)  # ASCII: 1 byte/char
@@ -77,7 +77,7 @@ def test_nonfinite_steps_leave_the_state_untouched(make_config, tmp_path, skip_u
         before = jax.device_get((state.params, state.opt_state))
         state, metrics = trainer.step(state, trainer.batch(step))
         after = jax.device_get((state.params, state.opt_state))
-        unchanged = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+        unchanged = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=False))
         m = jax.device_get(metrics)
         history.append((unchanged, int(m["skipped"]), int(m["nonfinite_run"]), bool(np.isfinite(m["grad_norm"]))))
     assert history == [(False, 0, 0, True),   # a finite (if ruinous) update is applied
@@ -171,5 +171,5 @@ def test_init_state_compiled_for_speed_draws_the_default_compiles_values(make_co
     default = trainer._fresh_state_jit.lower(seed).compile(compiler_options={"xla_backend_optimization_level": 2})
     bits = lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x  # noqa: E731
     want, got = (jax.device_get(jax.tree.map(bits, s)) for s in (default(seed), trainer.init_state()))
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=False))
     assert len(jax.tree.leaves(got.params)) > 5

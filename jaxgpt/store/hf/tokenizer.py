@@ -124,7 +124,7 @@ def tiktoken_json(tok: Tokenizer) -> str:
     ranks, to_char = tok._ranks, {b: c for c, b in byte_level_chars().items()}  # noqa: SLF001
     piece = lambda bs: "".join(to_char[b] for b in bs)  # noqa: E731
     merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+    for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
         parts = [bytes([b]) for b in token]
         while len(parts) > 2:
             i = min(range(len(parts) - 1),

@@ -173,10 +173,10 @@ def params_from_hf(w: Weights, arch: str, m: ModelConfig) -> dict[str, np.ndarra
                 w_INxOUT = w(h + ".weight", (sum(sizes), fan_in)).T
             else:
                 w_INxOUT = w(h + ".weight", (fan_in, sum(sizes)))
-            parts.update(zip(held, np.split(w_INxOUT, splits, axis=1)))
+            parts.update(zip(held, np.split(w_INxOUT, splits, axis=1), strict=False))
             if held[0] in biased(m):
                 biases = np.split(w(h + ".bias", (sum(sizes),)), splits)
-                parts.update(zip([part + ".b" for part in held], biases))
+                parts.update(zip([part + ".b" for part in held], biases, strict=False))
         flat.update(pack(parts, f"block_{i}/", m))
     if not m.tie_embeddings:
         flat["lm_head"] = w("lm_head.weight", (V, D)).T  # HF's head is [V, D], jaxgpt's [D, V]
@@ -248,10 +248,10 @@ def write_safetensors(tensors: dict[str, np.ndarray], out: Path, max_shard_mb: f
         size += x.nbytes
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for file, shard in zip(names, shards):
+    for file, shard in zip(names, shards, strict=False):
         save_file({name: tensors[name] for name in shard}, out / file, metadata={"format": "pt"})
     if len(shards) > 1:
         files.write_json(out / "model.safetensors.index.json", {
             "metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))},
-            "weight_map": {name: file for file, shard in zip(names, shards) for name in shard}})
+            "weight_map": {name: file for file, shard in zip(names, shards, strict=False) for name in shard}})
     return names
