@@ -3,20 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import model_cfg, tokens
 
-from jaxgpt.config import ModelConfig
 from jaxgpt.model.gpt import GPT
-
-V = 37  # an odd vocabulary: nothing may assume a power of two
-
-
-def model_cfg(preset="gpt2", **kw) -> ModelConfig:
-    base = dict(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2 if preset == "llama" else 0, d_model=32, seq_len=16)
-    return ModelConfig(preset=preset, **{**base, **kw}).resolved()
-
-
-def tokens(B=2, L=16, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, V, (B, L)), jnp.int32)
 
 
 @pytest.mark.parametrize("window", ["chunks", "whole"])
@@ -28,7 +17,8 @@ def test_decoding_reads_the_cache_by_chunks_or_whole_with_the_same_logits(window
     params = model.init(jax.random.key(0))
     ids = tokens(B=2, L=200, seed=3)
     expected = np.asarray(jax.jit(model.apply)(params, ids))
-    cached = jax.jit(lambda params, ids, pos, cache: model.apply(params, ids, jnp.ones_like(ids), pos, cache=cache))
+    cached = jax.jit(lambda params, ids, pos, cache: model.apply(params, ids, jnp.ones_like(ids),
+                                                                 pos, cache=cache))
     cache = model.init_cache(2)
     pos = jnp.arange(100, dtype=jnp.int32)[None].repeat(2, 0)
     logits, cache = cached(params, ids[:, :100], pos, cache)

@@ -1,4 +1,5 @@
-"""Tests for jaxgpt.model through its public API: shapes, masking, presets, axes, counts, golden losses."""
+"""Tests for jaxgpt.model through its public API: shapes, masking, presets, axes, counts, golden
+losses."""
 import dataclasses
 import math
 import re
@@ -8,32 +9,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from tiny_models import V, model_cfg, tokens
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.model.gpt import GPT, attention_mask, positions_from_segments, token_losses
 from jaxgpt.parallel.sharding import RULES
-
-V = 37  # an odd vocabulary: nothing may assume a power of two
-
-
-def model_cfg(preset="gpt2", **kw) -> ModelConfig:
-    base = dict(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2 if preset == "llama" else 0, d_model=32, seq_len=16)
-    return ModelConfig(preset=preset, **{**base, **kw}).resolved()
-
-
-def tokens(B=2, L=16, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, V, (B, L)), jnp.int32)
 
 
 def fixed_batch():
     """The golden batch: 2 rows of 15 (inputs, targets) from a fixed arithmetic sequence."""
     seq = (np.arange(2 * 16).reshape(2, 16) * 7 + 3) % V
     return {"inputs": jnp.asarray(seq[:, :-1]), "targets": jnp.asarray(seq[:, 1:]),
-            "segment_ids": jnp.ones((2, 15), jnp.int32), "loss_mask": jnp.ones((2, 15), jnp.float32)}
+            "segment_ids": jnp.ones((2, 15), jnp.int32),
+            "loss_mask": jnp.ones((2, 15), jnp.float32)}
 
 
 def compiled(model: GPT):
-    """(init, apply): both compiled (one compile beats op-by-op dispatch; GPT.init is compiled already)."""
+    """(init, apply): both compiled (one compile beats op-by-op dispatch; GPT.init is compiled
+    already)."""
     return model.init, jax.jit(model.apply)
 
 
@@ -76,7 +69,8 @@ def sizes(tree) -> int:
 
 
 def test_preset_parameter_layout():
-    """What each preset means for the parameters (checked by sizes, not by how q, k, v are packed)."""
+    """What each preset means for the parameters (checked by sizes, not by how q, k, v are
+    packed)."""
     D, H, K, E, L, F = 32, 4, 2, 8, 16, 128
     gpt2 = jax.eval_shape(GPT(model_cfg("gpt2")).init, jax.random.key(0))
     llama = jax.eval_shape(GPT(model_cfg("llama")).init, jax.random.key(0))
@@ -89,7 +83,8 @@ def test_preset_parameter_layout():
     assert "wpe" not in llama and llama["lm_head"].shape == (D, V)
     assert set(llama["block_0"]["norm_attn"]) == {"scale"}
     assert sizes(llama["block_0"]["attn"]) == 2 * D * H * E + 2 * D * K * E
-    assert sizes(llama["block_0"]["mlp"]) == 3 * D * 128  # d_ff: 8/3*32 rounded up to a multiple of 64
+    # d_ff: 8/3*32 rounded up to a multiple of 64
+    assert sizes(llama["block_0"]["mlp"]) == 3 * D * 128
 
 
 def test_qk_norm_adds_per_head_scales():
@@ -114,7 +109,8 @@ def test_causal_exactly(preset):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_packed_segments_are_isolated(preset):
-    """Two documents packed in one row: doc 2 sees nothing of doc 1, with positions restarting at 0."""
+    """Two documents packed in one row: doc 2 sees nothing of doc 1, with positions restarting
+    at 0."""
     init, apply = compiled(GPT(model_cfg(preset)))
     params = init(jax.random.key(3))
     doc1, doc2 = tokens(1, 6, seed=4), tokens(1, 9, seed=5)
@@ -124,7 +120,8 @@ def test_packed_segments_are_isolated(preset):
     alone = apply(params, doc2)
     np.testing.assert_allclose(np.asarray(logits[:, 6:]), np.asarray(alone), atol=1e-5, rtol=0)
     # doc 1 is a prefix-free document too
-    np.testing.assert_allclose(np.asarray(logits[:, :6]), np.asarray(apply(params, doc1)), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits[:, :6]), np.asarray(apply(params, doc1)),
+                               atol=1e-5, rtol=0)
     # and a different doc 1 leaves doc 2 untouched, exactly
     other = apply(params, jnp.concatenate([(doc1 + 1) % V, doc2], axis=1), segments)
     np.testing.assert_array_equal(np.asarray(other[:, 6:]), np.asarray(logits[:, 6:]))
@@ -153,7 +150,8 @@ def test_positions_from_segments():
 
 def test_attention_mask_values():
     seg = jnp.asarray([[1, 1, 2, 2, 0]], jnp.int32)
-    mask = np.asarray(attention_mask(seg, positions_from_segments(seg), seg, positions_from_segments(seg)))
+    mask = np.asarray(attention_mask(seg, positions_from_segments(seg), seg,
+                                     positions_from_segments(seg)))
     expected = [[1, 0, 0, 0, 0],
                 [1, 1, 0, 0, 0],
                 [0, 0, 1, 0, 0],
@@ -168,8 +166,8 @@ def test_token_losses_is_cross_entropy():
     targets = rng.integers(0, 7, (2, 3))
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     expected = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
-    np.testing.assert_allclose(np.asarray(token_losses(jnp.asarray(logits), jnp.asarray(targets))), expected,
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(token_losses(jnp.asarray(logits), jnp.asarray(targets))),
+                               expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -182,7 +180,8 @@ def test_logical_axes_cover_every_param(preset, variant):
         return isinstance(x, P)
     assert jax.tree.structure(axes, is_leaf=is_spec) == jax.tree.structure(params)
     names = {name for name, _ in RULES}
-    for spec, x in zip(jax.tree.leaves(axes, is_leaf=is_spec), jax.tree.leaves(params), strict=False):
+    for spec, x in zip(jax.tree.leaves(axes, is_leaf=is_spec), jax.tree.leaves(params),
+                       strict=False):
         assert isinstance(spec, P) and len(spec) == x.ndim
         assert all(a is None or a in names for a in spec), spec
     if model.cfg.scan_layers:
@@ -195,8 +194,10 @@ def test_scan_layers_computes_the_same_function():
     scanned = GPT(model_cfg("llama", scan_layers=True))
     params = unrolled.init(jax.random.key(0))
     stacked = {k: v for k, v in params.items() if not k.startswith("block_")}
-    stacked["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"block_{i}"] for i in range(2)])
-    assert jax.tree.structure(stacked) == jax.tree.structure(jax.eval_shape(scanned.init, jax.random.key(0)))
+    stacked["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                     *[params[f"block_{i}"] for i in range(2)])
+    assert jax.tree.structure(stacked) == jax.tree.structure(jax.eval_shape(scanned.init,
+                                                                            jax.random.key(0)))
     x = tokens(2, 16)
     np.testing.assert_allclose(np.asarray(jax.jit(scanned.apply)(stacked, x)),
                                np.asarray(jax.jit(unrolled.apply)(params, x)),
@@ -216,8 +217,8 @@ def test_bf16_logits_close_to_fp32():
     x = tokens(2, 16)
     fp32, bf16 = GPT(model_cfg("llama")), GPT(model_cfg("llama", dtype="bfloat16"))
     params = fp32.init(jax.random.key(0))
-    np.testing.assert_allclose(np.asarray(jax.jit(bf16.apply)(params, x)), np.asarray(jax.jit(fp32.apply)(params, x)),
-                               atol=0.05)
+    np.testing.assert_allclose(np.asarray(jax.jit(bf16.apply)(params, x)),
+                               np.asarray(jax.jit(fp32.apply)(params, x)), atol=0.05)
 
 
 def test_loss_is_masked_sum_and_count():
@@ -234,18 +235,22 @@ def test_loss_is_masked_sum_and_count():
 
 
 def test_param_count_of_shakespeare_char():
-    """experiments/configs/shakespeare_char.py: 4 layers, D=128, L=64, each preset's biases (gpt2: yes,
-    llama: no); 73 = 65 chars + 8 specials."""
+    """experiments/configs/shakespeare_char.py: 4 layers, D=128, L=64, each preset's biases (gpt2:
+    yes, llama: no); 73 = 65 chars + 8 specials."""
     def count(preset):
-        cfg = ModelConfig(preset=preset, vocab_size=73, n_layer=4, n_head=4, d_model=128, seq_len=64).resolved()
+        cfg = ModelConfig(preset=preset, vocab_size=73, n_layer=4, n_head=4, d_model=128,
+                          seq_len=64).resolved()
         return GPT(cfg).num_params(jax.eval_shape(GPT(cfg).init, jax.random.key(0)))
     D, N, V_, L, F_llama = 128, 4, 73, 64, 384
     gpt2_block = (4 * D * D + 4 * D                          # q, k, v, o and their biases
                   + 2 * D * 4 * D + 4 * D + D                # up, down and their biases
                   + 2 * 2 * D)                               # two LayerNorms: scale and bias
-    llama_block = 4 * D * D + 3 * D * F_llama + 2 * D        # swiglu: gate, up, down; two RMSNorm scales
-    assert count("gpt2") == N * gpt2_block + 2 * D + V_ * D + L * D == 810880   # + final norm, wte, wpe
-    assert count("llama") == N * llama_block + D + 2 * V_ * D == 871808         # + final norm, wte, lm_head
+    # swiglu: gate, up, down; two RMSNorm scales
+    llama_block = 4 * D * D + 3 * D * F_llama + 2 * D
+    # + final norm, wte, wpe
+    assert count("gpt2") == N * gpt2_block + 2 * D + V_ * D + L * D == 810880
+    # + final norm, wte, lm_head
+    assert count("llama") == N * llama_block + D + 2 * V_ * D == 871808
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -257,7 +262,8 @@ def test_flops_per_token(preset):
     # matmul weights only: drop the position table (gpt2) or the input embedding (untied llama)
     matmul = n - L * D if preset == "gpt2" else n - V * D
     assert model.flops_per_token(params) == 6 * matmul + 12 * N * D * L
-    assert (n, model.flops_per_token(params)) == {"gpt2": (27168, 172224), "llama": (33248, 204672)}[preset]
+    assert (n, model.flops_per_token(params)) == {"gpt2": (27168, 172224),
+                                                  "llama": (33248, 204672)}[preset]
 
 
 # Recorded from the current code: init with jax.random.key(0), the fixed batch above, CPU fp32.
@@ -284,11 +290,14 @@ def test_bf16_matmuls_keep_fp32_activations_and_gradients(preset):
     for dtype in ("float32", "bfloat16"):
         model = GPT(model_cfg(preset, matmul_dtype=dtype))
         params = model.init(jax.random.key(0))
-        results[dtype] = jax.jit(jax.value_and_grad(lambda p, model=model: model.loss(p, batch)[0] / 30))(params)
+        results[dtype] = jax.jit(jax.value_and_grad(
+            lambda p, model=model: model.loss(p, batch)[0] / 30))(params)
     (loss32, grads32), (loss16, grads16) = results["float32"], results["bfloat16"]
     assert float(loss32) == pytest.approx(GOLDEN_INIT_LOSS[preset], abs=1e-5)
-    assert float(loss16) == pytest.approx(float(loss32), abs=2e-3) and float(loss16) != float(loss32)
-    for (path, g32), g16 in zip(jax.tree_util.tree_leaves_with_path(grads32), jax.tree.leaves(grads16), strict=False):
+    assert (float(loss16) == pytest.approx(float(loss32), abs=2e-3)
+            and float(loss16) != float(loss32))
+    for (path, g32), g16 in zip(jax.tree_util.tree_leaves_with_path(grads32),
+                                jax.tree.leaves(grads16), strict=False):
         assert g16.dtype == jnp.float32, path
         assert float(jnp.linalg.norm(g16 - g32)) <= 0.05 * float(jnp.linalg.norm(g32)), path
 
@@ -299,16 +308,20 @@ def test_fused_head_loss_equals_the_logits_loss(preset, variant):
     """model.loss_chunks: the same loss and gradients as from the whole logits (gpt2: tied head,
     llama: untied), with padding's zero weights; in fp32 to 1e-5."""
     batch = {**fixed_batch(), "loss_mask": jnp.ones((2, 15), jnp.float32).at[1, 9:].set(0.0)}
-    batch = {k: jnp.pad(v, ((0, 0), (0, 1))) for k, v in batch.items()}  # 16 positions: 4 pieces of 4
+    # 16 positions: 4 pieces of 4
+    batch = {k: jnp.pad(v, ((0, 0), (0, 1))) for k, v in batch.items()}
     results = []
     for chunks in (0, 4):
         model = GPT(model_cfg(preset, loss_chunks=chunks, **VARIANTS[variant]))
         params = model.init(jax.random.key(0))
-        results.append(jax.jit(jax.value_and_grad(lambda p, model=model: model.loss(p, batch)[0] / 30))(params))
+        results.append(jax.jit(jax.value_and_grad(
+            lambda p, model=model: model.loss(p, batch)[0] / 30))(params))
     tol = 1e-5 if variant in ("plain", "softcap") else 2e-3
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(results[1]), jax.tree.leaves(results[0]), strict=False):
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(results[1]),
+                                 jax.tree.leaves(results[0]), strict=False):
         assert got.dtype == want.dtype, path
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol, err_msg=str(path))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol,
+                                   err_msg=str(path))
 
 
 @pytest.mark.parametrize("variant", ["plain", "scan_remat"])
@@ -319,12 +332,14 @@ def test_rows_without_segments_attend_causally(preset, variant):
     model = GPT(model_cfg(preset, **VARIANTS[variant]))
     params = model.init(jax.random.key(0))
     batch = fixed_batch()
-    grad = {flag: jax.jit(jax.value_and_grad(lambda p, f=flag: model.loss(p, batch, segments=f)[0]))(params)
+    grad = {flag: jax.jit(jax.value_and_grad(
+                lambda p, f=flag: model.loss(p, batch, segments=f)[0]))(params)
             for flag in (True, False)}
     for got, want in zip(jax.tree.leaves(grad[False]), jax.tree.leaves(grad[True]), strict=False):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     jaxpr = str(jax.make_jaxpr(lambda p: model.loss(p, batch, segments=False))(params))
-    assert "eq" not in re.findall(r"= (\w+)\b", jaxpr)  # attention_mask compares segment ids (==): nothing does
+    # attention_mask compares segment ids (==): nothing does
+    assert "eq" not in re.findall(r"= (\w+)\b", jaxpr)
 
 
 def test_fused_head_loss_never_holds_the_whole_logits():
@@ -334,7 +349,8 @@ def test_fused_head_loss_never_holds_the_whole_logits():
     for chunks in (0, 3):
         model = GPT(model_cfg("gpt2", loss_chunks=chunks, seq_len=15))
         params = model.init(jax.random.key(0))
-        hlo = jax.jit(jax.grad(lambda p, model=model: model.loss(p, batch)[0])).lower(params).compile().as_text()
+        loss_grad = jax.jit(jax.grad(lambda p, model=model: model.loss(p, batch)[0]))
+        hlo = loss_grad.lower(params).compile().as_text()
         sizes[chunks] = {math.prod(int(d) for d in dims.split(",") if d)
                          for dims in re.findall(r"f32\[([\d,]*)\]", hlo)}
     assert 2 * 15 * V in sizes[0] and 2 * 15 * V not in sizes[3] and 2 * 5 * V in sizes[3]
@@ -352,15 +368,18 @@ def test_init_scales(residual_init_std):
     stds = {k: float(np.std(np.asarray(v))) for k, v in stds.items()}
     residual = residual_init_std or 0.02 / math.sqrt(2 * 2)  # 2 layers
     expected = {"wte": 0.02, "wpe": 0.02, "w_up": 0.02, "w_down": residual, "wo": residual}
-    for name, std in stds.items():  # 2,368+ draws each: the sample std lands within 5% of the true one
+    # 2,368+ draws each: the sample std lands within 5% of the true one
+    for name, std in stds.items():
         assert std == pytest.approx(expected[name], rel=0.05), name
-    assert not np.any(np.asarray(block["mlp"]["w_up"]["b"])) and np.all(np.asarray(block["norm_attn"]["scale"]) == 1)
+    assert (not np.any(np.asarray(block["mlp"]["w_up"]["b"]))
+            and np.all(np.asarray(block["norm_attn"]["scale"]) == 1))
 
 
 def test_init_is_deterministic_per_key():
     init = GPT(model_cfg("gpt2")).init
     a, b, c = (init(jax.random.key(k)) for k in (0, 0, 1))
-    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False))
+    assert all(np.array_equal(x, y)
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False))
     assert not np.array_equal(a["wte"], c["wte"])
 
 

@@ -6,21 +6,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tiny_models import model_cfg, tokens
 
-from jaxgpt.config import ModelConfig
 from jaxgpt.model.gpt import GPT
 from jaxgpt.model.rope import rope, rope_frequencies
-
-V = 37  # an odd vocabulary: nothing may assume a power of two
-
-
-def model_cfg(preset="gpt2", **kw) -> ModelConfig:
-    base = dict(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2 if preset == "llama" else 0, d_model=32, seq_len=16)
-    return ModelConfig(preset=preset, **{**base, **kw}).resolved()
-
-
-def tokens(B=2, L=16, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, V, (B, L)), jnp.int32)
 
 
 def test_rope_from_its_table_equals_rope_per_position():
@@ -37,15 +26,17 @@ def test_rope_from_its_table_equals_rope_per_position():
 
 
 def test_rope_frequencies_scaled_linear_and_llama3():
-    """theta^(-2i/E) unscaled; linear: each divided by the factor; llama3, by each frequency's turns over
-    the original context: past high_freq_factor kept, below low_freq_factor divided, blended between."""
+    """theta^(-2i/E) unscaled; linear: each divided by the factor; llama3, by each frequency's turns
+    over the original context: past high_freq_factor kept, below low_freq_factor divided, blended
+    between."""
     cfg = model_cfg("llama", d_model=64, n_head=4, rope_theta=500.0)  # head dim 16: 8 frequencies
     plain = 500.0 ** -(np.arange(0, 16, 2) / 16)
     np.testing.assert_allclose(np.asarray(rope_frequencies(cfg)), plain, rtol=1e-6)
     linear = dataclasses.replace(cfg, rope_scaling="linear", rope_factor=4.0)
     np.testing.assert_allclose(np.asarray(rope_frequencies(linear)), plain / 4, rtol=1e-6)
-    llama3 = dataclasses.replace(cfg, rope_scaling="llama3", rope_factor=4.0, rope_low_freq_factor=1.0,
-                                 rope_high_freq_factor=4.0, rope_original_context=64)
+    llama3 = dataclasses.replace(cfg, rope_scaling="llama3", rope_factor=4.0,
+                                 rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                                 rope_original_context=64)
     turns = 64 * plain / (2 * math.pi)  # 10.2, 4.7, 2.2, 0.99, 0.46, ...
     assert (turns[:2] > 4).all() and 1 < turns[2] < 4 and (turns[3:] < 1).all()
     blend = (turns[2] - 1) / (4 - 1)
