@@ -1,7 +1,8 @@
 """Checkpoint costs, one JSON line per measurement (times, never asserts).
 
     python experiments/checkpoint_bench.py save CONFIG.py [key=value ...]
-    python experiments/checkpoint_bench.py loop CONFIG.py [key=value ...] [--steps 300 --every 100 --repeats 2]
+    python experiments/checkpoint_bench.py loop CONFIG.py [key=value ...] \
+        [--steps 300 --every 100 --repeats 2]
 
 `save`: a freshly initialised state (no training; --fill-moments puts noise in the optimizer
 moments, which are zeros in a fresh state and compress to nothing, to get a trained state's size)
@@ -40,7 +41,8 @@ def bench_save(cfg: config_lib.Config, fill_moments: bool) -> list[dict]:
     trainer = Trainer(cfg)
     state = jax.block_until_ready(trainer.init_state())
     n_params = trainer.model.num_params(state.params)
-    if fill_moments:  # a fresh optimizer's moments are zeros, which compress to nothing; trained ones do not
+    # a fresh optimizer's moments are zeros, which compress to nothing; trained ones do not
+    if fill_moments:
         def noisy(x):
             if not jnp.issubdtype(x.dtype, jnp.floating):
                 return x
@@ -61,14 +63,16 @@ def bench_save(cfg: config_lib.Config, fill_moments: bool) -> list[dict]:
             checkpointer.wait()
             total = time.perf_counter() - t
             t = time.perf_counter()
-            restored = jax.block_until_ready(checkpoint.restore_step(checkpointer.directory / str(step), trainer))
+            restored = jax.block_until_ready(
+                checkpoint.restore_step(checkpointer.directory / str(step), trainer))
             restore_s = time.perf_counter() - t
             del restored
             out.append({"bench": "checkpoint_save", "preset": cfg.model.preset, "params": n_params,
                         "filled_moments": fill_moments, "async": async_save, "attempt": step,
                         "checksum_s": round(inspect_s, 3), "blocking_s": round(blocking, 3),
                         "save_s": round(total, 3), "restore_s": round(restore_s, 3),
-                        "bytes": _du(checkpointer.directory / str(step)), "devices": len(trainer.mesh.devices.flat)})
+                        "bytes": _du(checkpointer.directory / str(step)),
+                        "devices": len(trainer.mesh.devices.flat)})
             print(json.dumps(out[-1]), flush=True)
         checkpointer.close()
         shutil.rmtree(checkpointer.directory)
@@ -79,12 +83,14 @@ def bench_loop(cfg: config_lib.Config, steps: int, every: int, repeats: int) -> 
     trainer = Trainer(cfg)
     out = []
     for repeat in range(repeats):
-        for with_checkpoints in ((False, True) if repeat % 2 == 0 else (True, False)):  # no order bias
+        # no order bias
+        for with_checkpoints in ((False, True) if repeat % 2 == 0 else (True, False)):
             cfg.checkpoint.every = every if with_checkpoints else 0
             shutil.rmtree(Path(cfg.train.out_dir) / "checkpoints", ignore_errors=True)
             checkpointer = checkpoint.Checkpointer(cfg)
             state = trainer.init_state()
-            for step, batch in data.Prefetcher(trainer.batch, 0, 20, cfg.data.prefetch):  # compile + warm up
+            # compile + warm up
+            for step, batch in data.Prefetcher(trainer.batch, 0, 20, cfg.data.prefetch):
                 state, metrics = trainer.step(state, batch)
                 checkpointer.maybe_save(step + 1, state)
             jax.block_until_ready(metrics)
@@ -102,7 +108,8 @@ def bench_loop(cfg: config_lib.Config, steps: int, every: int, repeats: int) -> 
             checkpointer.close()  # the last write, if one is still in flight
             out.append({"bench": "checkpoint_loop", "preset": cfg.model.preset, "repeat": repeat,
                         "checkpoint_every": cfg.checkpoint.every, "steps": steps,
-                        "saves": len(checkpoint.steps_in(checkpointer.directory)) if with_checkpoints else 0,
+                        "saves": (len(checkpoint.steps_in(checkpointer.directory))
+                                  if with_checkpoints else 0),
                         "ms_per_step": round(loop_s / steps * 1e3, 3),
                         "blocked_in_save_ms_per_step": round(in_save / steps * 1e3, 3),
                         "close_s": round(time.perf_counter() - t, 3)})
@@ -118,7 +125,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--fill-moments", action="store_true", help="save: non-zero optimizer moments")
+    parser.add_argument("--fill-moments", action="store_true",
+                        help="save: non-zero optimizer moments")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_lib.from_cli(args.config, [f"train.out_dir={tmp}/run", *args.overrides])

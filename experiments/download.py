@@ -2,7 +2,8 @@
 
     python experiments/download.py shakespeare                 # -> data/tinyshakespeare.txt
     python experiments/download.py shakespeare --out data/
-    python experiments/download.py shakespeare --from /path/to/tinyshakespeare.txt   # offline: copy a local file
+    # offline: copy a local file
+    python experiments/download.py shakespeare --from /path/to/tinyshakespeare.txt
 
 Only the standard library: it runs before anything else is set up. A file already in place with the
 right checksum is left alone.
@@ -20,9 +21,10 @@ from pathlib import Path
 
 DATASETS = {
     # name: (file name, url, sha256 of the file)
-    "shakespeare": ("tinyshakespeare.txt",
-                    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-                    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+    "shakespeare": (
+        "tinyshakespeare.txt",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
 }
 
 
@@ -80,10 +82,12 @@ def fetch(name: str, out_dir: Path, source: str | None = None, url: str | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python experiments/download.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python experiments/download.py",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("--out", default="data", help="directory to write into (default: data/)")
-    parser.add_argument("--from", dest="source", metavar="PATH", help="copy this local file instead of downloading")
+    parser.add_argument("--from", dest="source", metavar="PATH",
+                        help="copy this local file instead of downloading")
     parser.add_argument("--url", help="download from this mirror instead (same checksum)")
     args = parser.parse_args(argv)
     try:

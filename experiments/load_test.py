@@ -1,8 +1,10 @@
 """Load test of the OpenAI-compatible server (jaxgpt.serve), through the official `openai` client.
 
-    python experiments/load_test.py RUN_OR_EXPORT [--clients 8 --requests-per-client 1 --max-tokens 64
-                                                   --mode sequential|concurrent|both --slots S --out FILE]
-    python experiments/load_test.py --random-init gpt2_124m --tokenizer-from runs/quickstart/export [--clients 8 ...]
+    python experiments/load_test.py RUN_OR_EXPORT [--clients 8 --requests-per-client 1
+                                                   --max-tokens 64 --mode sequential|concurrent|both
+                                                   --slots S --out FILE]
+    python experiments/load_test.py --random-init gpt2_124m \
+        --tokenizer-from runs/quickstart/export [--clients 8 ...]
     python experiments/load_test.py --url http://127.0.0.1:8000 [--api-key KEY] [--clients 8 ...]
 
 The first two start `python -m jaxgpt.serve` on 127.0.0.1 and a free port (serve.slots=--slots, by
@@ -45,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]  # the config files are read from the
 
 # Short, and in plain lower-case words, so that even a char-level model with a 32-token context
 # (the tests' tiny run) can encode them and leave room for a reply.
-PROMPTS = ["hi! how are you?", "what do you like?", "good night", "tell me a story", "where are you from?",
-           "is it cold today?"]
+PROMPTS = ["hi! how are you?", "what do you like?", "good night", "tell me a story",
+           "where are you from?", "is it cold today?"]
 MAX_SLOTS = 32
 
 
@@ -71,9 +73,10 @@ def free_port() -> int:
 
 
 def random_init_export(preset: str, tokenizer_from: str, overrides: list[str], out: Path) -> Path:
-    """A random-init export of experiments/configs/PRESET.py with the tokenizer of `tokenizer_from`."""
-    # Only the server needs the accelerator: jax here stays on the CPU, so that it does not claim the
-    # GPU's memory the server will want.
+    """A random-init export of experiments/configs/PRESET.py with the tokenizer of
+    `tokenizer_from`."""
+    # Only the server needs the accelerator: jax here stays on the CPU, so that it does not claim
+    # the GPU's memory the server will want.
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
@@ -85,18 +88,22 @@ def random_init_export(preset: str, tokenizer_from: str, overrides: list[str], o
     path = ROOT / "experiments/configs" / f"{preset}.py"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in path.parent.glob("*.py")))
-        raise LoadTestError(f"--random-init {preset}: no {path.relative_to(ROOT)} (there are: {known})")
+        raise LoadTestError(f"--random-init {preset}: no {path.relative_to(ROOT)} "
+                            f"(there are: {known})")
     try:
         cfg = config_lib.from_cli(path, overrides)
         tokenizer = runs.tokenizer(tokenizer_from)
-        tokenizer.special_id("<|assistant_start|>")  # the chat template's tokens (a jaxgpt tokenizer has them)
+        # the chat template's tokens (a jaxgpt tokenizer has them)
+        tokenizer.special_id("<|assistant_start|>")
     except JaxgptError as e:
         raise LoadTestError(str(e)) from None
-    vocab = cfg.model.vocab_size or tokenizer.n_vocab  # 0: the tokenizer's size, as training resolves it
+    # 0: the tokenizer's size, as training resolves it
+    vocab = cfg.model.vocab_size or tokenizer.n_vocab
     if vocab < tokenizer.n_vocab:
         raise LoadTestError(f"--random-init {preset}: model.vocab_size={vocab} is smaller than the "
                             f"{tokenizer.n_vocab} tokens of {tokenizer_from}'s tokenizer")
-    cfg = config_lib.validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)))
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+    cfg = config_lib.validate(dataclasses.replace(cfg, model=model_cfg))
     params = GPT(cfg.model).init(jax.random.key(0))
     # OUT/PRESET/export: the server names the model after PRESET (serve.model_id_of)
     return export.export(out / preset / "export", cfg, jax.device_get(params), tokenizer)
@@ -109,16 +116,19 @@ def health(base: str, timeout: float = 5.0) -> dict:
 
 def start_server(source: Path, port: int, slots: int, settings: list[str], log, env: dict,
                  timeout: float) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-m", "jaxgpt.serve", str(source), "serve.host=127.0.0.1",
-                              f"serve.port={port}", f"serve.slots={slots}", *settings],
+    child = subprocess.Popen([sys.executable, "-m", "jaxgpt.serve", str(source),
+                              "serve.host=127.0.0.1", f"serve.port={port}", f"serve.slots={slots}",
+                              *settings],
                              stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     try:
         while True:
             if child.poll() is not None:  # its last line says why (a missing run, a bad key)
                 log.seek(0)
-                last = (log.read().decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
-                raise LoadTestError(f"the server exited with {child.returncode} before it answered /health: {last}")
+                lines = log.read().decode(errors="replace").strip().splitlines()
+                last = (lines or ["(no output)"])[-1]
+                raise LoadTestError(f"the server exited with {child.returncode} before it answered "
+                                    f"/health: {last}")
             if time.monotonic() > deadline:
                 raise LoadTestError(f"the server did not answer /health within {timeout:.0f} s")
             try:
@@ -143,7 +153,8 @@ def stop_server(child: subprocess.Popen) -> None:
 
 # ---- the clients ----
 
-def one_request(client: openai.OpenAI, model: str, prompt: str, seed: int, max_tokens: int, t0: float) -> Result:
+def one_request(client: openai.OpenAI, model: str, prompt: str, seed: int, max_tokens: int,
+                t0: float) -> Result:
     result, finished, usage = Result(), False, None
     start = time.perf_counter()
     try:
@@ -158,7 +169,8 @@ def one_request(client: openai.OpenAI, model: str, prompt: str, seed: int, max_t
                     result.ttft_s = time.perf_counter() - start
                 finished = finished or choice.finish_reason is not None
         if not finished or usage is None:
-            result.error = f"the stream ended without {'a finish_reason' if not finished else 'usage'}"
+            missing = "a finish_reason" if not finished else "usage"
+            result.error = f"the stream ended without {missing}"
         else:
             result.tokens = usage.completion_tokens
     except Exception as e:  # noqa: BLE001 - a load test counts failures, whatever they are
@@ -174,8 +186,8 @@ def new_client(base: str, api_key: str) -> openai.OpenAI:
 
 def run_mode(mode: str, base: str, api_key: str, model: str, clients: int, per_client: int,
              max_tokens: int) -> tuple[list[Result], float]:
-    """(results, wall seconds to the last reply's end) of clients x per_client requests; request i has
-    seed i and PROMPTS[i % n]."""
+    """(results, wall seconds to the last reply's end) of clients x per_client requests; request i
+    has seed i and PROMPTS[i % n]."""
     jobs = [[(c * per_client + i) for i in range(per_client)] for c in range(clients)]
     results: list[Result | None] = [None] * (clients * per_client)
     if mode == "sequential":
@@ -248,30 +260,36 @@ def load_test(base: str, api_key: str, args: argparse.Namespace, source: str) ->
     # now and not inside the first timed requests.
     warm = new_client(base, api_key)
     for i, prompt in enumerate(PROMPTS):
-        if (r := one_request(warm, model, prompt, i, min(args.max_tokens, 2), time.perf_counter())).error:
+        if (r := one_request(warm, model, prompt, i, min(args.max_tokens, 2),
+                             time.perf_counter())).error:
             print(f"load_test: warm-up request failed: {r.error}", file=sys.stderr)
             break
     out = []
     for mode in ("sequential", "concurrent") if args.mode == "both" else (args.mode,):
-        results, wall = run_mode(mode, base, api_key, model, args.clients, args.requests_per_client, args.max_tokens)
-        out.append(summarize(mode, results, wall, args.clients, args.max_tokens, model, slots, source))
+        results, wall = run_mode(mode, base, api_key, model, args.clients, args.requests_per_client,
+                                 args.max_tokens)
+        out.append(summarize(mode, results, wall, args.clients, args.max_tokens, model, slots,
+                             source))
         print(json.dumps(out[-1]), flush=True)
         if args.out:
             with open(args.out, "a", encoding="utf-8") as f:
                 f.write(json.dumps(out[-1]) + "\n")
     if len(out) == 2 and out[0]["tokens_per_s"]:
-        print(f"load_test: concurrent/sequential tokens/s = {out[1]['tokens_per_s'] / out[0]['tokens_per_s']:.2f}",
-              file=sys.stderr)
+        ratio = out[1]["tokens_per_s"] / out[0]["tokens_per_s"]
+        print(f"load_test: concurrent/sequential tokens/s = {ratio:.2f}", file=sys.stderr)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", nargs="?", help="a run directory or export to serve")
-    ap.add_argument("--url", help="test a running server (http://HOST:PORT) instead of starting one")
+    ap.add_argument("--url",
+                    help="test a running server (http://HOST:PORT) instead of starting one")
     ap.add_argument("--random-init", metavar="PRESET",
                     help="serve a random-init model of experiments/configs/PRESET.py")
-    ap.add_argument("--tokenizer-from", metavar="RUN_OR_EXPORT", help="--random-init: whose tokenizer")
+    ap.add_argument("--tokenizer-from", metavar="RUN_OR_EXPORT",
+                    help="--random-init: whose tokenizer")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="--random-init: a config override; else a setting for the server")
     ap.add_argument("--api-key", default=os.environ.get("JAXGPT_API_KEY") or "none",
@@ -280,8 +298,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests-per-client", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--mode", choices=("sequential", "concurrent", "both"), default="both")
-    ap.add_argument("--slots", type=int, help=f"serve.slots (default: --clients, at most {MAX_SLOTS})")
-    ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for /health")
+    ap.add_argument("--slots", type=int,
+                    help=f"serve.slots (default: --clients, at most {MAX_SLOTS})")
+    ap.add_argument("--startup-timeout", type=float, default=600.0,
+                    help="seconds to wait for /health")
     ap.add_argument("--out", help="also append the JSON lines to this file")
     args = ap.parse_args(argv)
     if sum(x is not None for x in (args.source, args.url, args.random_init)) != 1:
@@ -297,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         env = dict(os.environ)  # before random_init_export pins this process's jax to the CPU
         with tempfile.TemporaryDirectory(prefix="load_test_") as tmp:
             if args.random_init:
-                source = random_init_export(args.random_init, args.tokenizer_from, args.set, Path(tmp))
+                source = random_init_export(args.random_init, args.tokenizer_from, args.set,
+                                            Path(tmp))
                 settings, name = [], f"random-init {args.random_init}"
             else:
                 source, settings, name = Path(args.source), args.set, args.source
@@ -308,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
                     sys.stderr.write("--- the server's log, last lines ---\n"
                                      + log.read().decode(errors="replace")[-3000:] + "\n")
                 try:
-                    child = start_server(source, port, slots, settings, log, env, args.startup_timeout)
+                    child = start_server(source, port, slots, settings, log, env,
+                                         args.startup_timeout)
                 except LoadTestError:
                     show_log()
                     raise

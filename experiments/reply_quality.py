@@ -36,7 +36,7 @@ def words(text: str) -> list[str]:
 
 
 def distinct(replies: list[str], n: int) -> float:
-    """Distinct n-grams (within each reply) over all n-grams of all replies; 0 when there are none."""
+    """Distinct n-grams (within each reply) over all n-grams of all replies; 0 when none."""
     grams = [tuple(w[i:i + n]) for w in map(words, replies) for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
@@ -57,7 +57,8 @@ def same_opening(replies: list[str]) -> list[bool]:
 
 def measures(replies: list[str]) -> dict:
     n = max(len(replies), 1)
-    return {"replies": len(replies), "distinct_1": distinct(replies, 1), "distinct_2": distinct(replies, 2),
+    return {"replies": len(replies),
+            "distinct_1": distinct(replies, 1), "distinct_2": distinct(replies, 2),
             "repeats_a_line": sum(map(repeats_a_line, replies)) / n,
             "same_opening": sum(same_opening(replies)) / n,
             "empty": sum(not words(r) for r in replies) / n,
@@ -65,8 +66,9 @@ def measures(replies: list[str]) -> dict:
 
 
 def contexts(source: str, n: int, seed: int, fits) -> list[list[dict]]:
-    """n conversations of `source` in a seeded order, each cut after one of its user turns (chosen at
-    random); those that `fits` refuses (a user message longer than the context leaves) are skipped."""
+    """n conversations of `source` in a seeded order, each cut after one of its user turns (chosen
+    at random); those that `fits` refuses (a user message longer than the context leaves) are
+    skipped."""
     return [context for context, _ in _cut(source, n, seed, fits, answered=False)]
 
 
@@ -106,13 +108,15 @@ def distance(measured: dict, reference: dict) -> float:
     return sum(abs(measured[k] - reference[k]) for k in MATCHED)
 
 
-def sample_replies(loaded: runs.Loaded, prompts: list[list[dict]], prompt_seeds: list[int], params: SamplingParams,
-                   slots: int = 64, screen: bool = False) -> list[list[str]]:
-    """`params.n` replies of the model `loaded` (runs.load) to each prompt, prompt i sampled with seed
-    prompt_seeds[i] (one prefill per prompt, its n samples decoding together with the other prompts'
-    in the engine's slots)."""
+def sample_replies(loaded: runs.Loaded, prompts: list[list[dict]], prompt_seeds: list[int],
+                   params: SamplingParams, slots: int = 64,
+                   screen: bool = False) -> list[list[str]]:
+    """`params.n` replies of the model `loaded` (runs.load) to each prompt, prompt i sampled with
+    seed prompt_seeds[i] (one prefill per prompt, its n samples decoding together with the other
+    prompts' in the engine's slots)."""
     engine = Engine(GPT(loaded.cfg.model), loaded.params, loaded.tokenizer, slots=slots)
     screener = Screen(loaded.cfg.screen if screen else ScreenConfig(enabled=False))
     with Service(engine, loaded.tokenizer, screener) as service:
-        streams = [service.chat(p, dataclasses.replace(params, seed=seed)) for p, seed in zip(prompts, prompt_seeds, strict=False)]
+        streams = [service.chat(p, dataclasses.replace(params, seed=seed))
+                   for p, seed in zip(prompts, prompt_seeds, strict=False)]
         return [[r.text for r in s.result()] for s in streams]

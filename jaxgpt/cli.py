@@ -27,7 +27,7 @@ class Command:
     main: Callable[[list[str], list[str]], Any]  # main(operands, overrides)
     usage: str                                   # what follows `python -m jaxgpt.X [VERB] `
     root: type                                   # the config root whose keys it takes
-    sections: tuple[str, ...] = ()               # the sections --help lists (default: all of root's)
+    sections: tuple[str, ...] = ()               # the sections --help lists (default: all)
     operands: tuple[int, int] = (1, 1)           # how many operands: (at least, at most)
     tune_host: bool = True                       # hardware.tune_host() before main
 
@@ -49,8 +49,10 @@ def keys_help(root: type, sections: tuple[str, ...] = ()) -> str:
             default = getattr(section.default_factory(), f.name)
             # written as an override would be, so a line can be pasted back
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else \
-                "none" if default is None else str(default).lower() if isinstance(default, bool) else default
-            lines.append(f"  {section.name}.{f.name}={shown!s}  ({overrides.type_name(hints[f.name])})")
+                "none" if default is None else \
+                str(default).lower() if isinstance(default, bool) else default
+            lines.append(f"  {section.name}.{f.name}={shown!s}  "
+                         f"({overrides.type_name(hints[f.name])})")
     return "\n".join(lines)
 
 
@@ -71,7 +73,8 @@ def run(prog: str, commands: dict[str, Command] | Command, argv: list[str] | Non
         verb = argv.pop(0) if argv and argv[0] in commands else ""
         command = commands.get(verb)
     if command is None or (not argv and not wants_help and command.operands[0] > 0):
-        print(_usage(prog, commands) + ("\n(--help lists every key)" if command is not None else ""),
+        print(_usage(prog, commands)
+              + ("\n(--help lists every key)" if command is not None else ""),
               file=sys.stderr if not wants_help else sys.stdout)
         sys.exit(0 if wants_help else 2)
     if wants_help:
@@ -83,9 +86,10 @@ def run(prog: str, commands: dict[str, Command] | Command, argv: list[str] | Non
     with one_line_errors(prog):
         low, high = command.operands
         if not low <= len(operands) <= high:
-            raise ConfigError(f"expected {low if low == high else f'{low} to {high}'} operand(s) before the "
-                              f"key=value settings, got {len(operands)} ({' '.join(operands) or 'none'}); "
-                              f"usage: {prog} {verb + ' ' if verb else ''}{command.usage.splitlines()[0]}")
+            raise ConfigError(f"expected {low if low == high else f'{low} to {high}'} operand(s) "
+                              f"before the key=value settings, got {len(operands)} "
+                              f"({' '.join(operands) or 'none'}); usage: {prog} "
+                              f"{verb + ' ' if verb else ''}{command.usage.splitlines()[0]}")
         if command.tune_host:
             hardware.tune_host()
         command.main(operands, settings)
@@ -101,13 +105,15 @@ def one_line_errors(prog: str):
     except JaxgptError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C outside train's own handler (which saves and resumes): one line
+    # Ctrl-C outside train's own handler (which saves and resumes): one line
+    except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
 
 
 def tool_config(root: type, settings: list[str], required: tuple[str, ...] = ()):
-    """A tool's root built from its key=value settings, with the keys it cannot do without checked."""
+    """A tool's root built from its key=value settings, with the keys it cannot do without
+    checked."""
     cfg = overrides.apply_overrides(root(), settings)
     for key in required:
         section, name = key.split(".")

@@ -1,4 +1,5 @@
-"""`python -m jaxgpt.evaluate`: exact held-out loss of a run (the code: jaxgpt/train/evaluate.py)."""
+"""`python -m jaxgpt.evaluate`: exact held-out loss of a run (the code:
+jaxgpt/train/evaluate.py)."""
 from jaxgpt.train.evaluate import main
 
 if __name__ == "__main__":

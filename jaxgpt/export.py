@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> None:
         out, step = export_run(operands[0], operands[1])
         print(json.dumps({"export": str(out), "step": step}))
 
-    cli.run("python -m jaxgpt.export", cli.Command(run, usage="RUN_DIR OUT", root=config_lib.Config, sections=("mesh",),
-                                                   operands=(2, 2)), argv)
+    cli.run("python -m jaxgpt.export", cli.Command(run, usage="RUN_DIR OUT", root=config_lib.Config,
+                                                   sections=("mesh",), operands=(2, 2)), argv)
 
 
 if __name__ == "__main__":

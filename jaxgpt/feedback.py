@@ -1,7 +1,8 @@
 """`python -m jaxgpt.feedback`: what people said of the replies (the SQLite store of
 jaxgpt/serve/feedback.py) as SFT conversations and preference pairs, and its counts.
 
-    python -m jaxgpt.feedback export runs/NAME/feedback.db export.sft=liked.jsonl export.pairs=pairs.jsonl
+    python -m jaxgpt.feedback export runs/NAME/feedback.db export.sft=liked.jsonl \\
+        export.pairs=pairs.jsonl
     python -m jaxgpt.feedback stats runs/NAME/feedback.db        # counts, as JSON
 """
 from __future__ import annotations
@@ -17,8 +18,10 @@ from jaxgpt.serve.feedback_export import export, stats
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    sft: str = ""    # liked and edited replies as SFT conversations: JSONL that data.chat=jsonl:PATH reads
-    pairs: str = ""  # preference pairs: JSONL of {"messages": context, "chosen": str, "rejected": str}
+    # liked and edited replies as SFT conversations: JSONL that data.chat=jsonl:PATH reads
+    sft: str = ""
+    # preference pairs: JSONL of {"messages": context, "chosen": str, "rejected": str}
+    pairs: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +42,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(stats(operands[0]), indent=1))
 
     cli.run("python -m jaxgpt.feedback", {
-        "export": cli.Command(run_export, "DB [export.sft=SFT.jsonl] [export.pairs=PAIRS.jsonl]", FeedbackCommand,
-                              sections=("export",), tune_host=False),
-        "stats": cli.Command(run_stats, "DB", FeedbackCommand, sections=("stats",), tune_host=False),  # no keys
+        "export": cli.Command(run_export, "DB [export.sft=SFT.jsonl] [export.pairs=PAIRS.jsonl]",
+                              FeedbackCommand, sections=("export",), tune_host=False),
+        "stats": cli.Command(run_stats, "DB", FeedbackCommand, sections=("stats",),
+                             tune_host=False),  # no keys
     }, None if argv is None else list(argv))
 
 

@@ -28,7 +28,8 @@ def write_json(path: str | os.PathLike, obj) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> dict | None:
-    """The JSON in `path`, None when there is no such file; an unreadable one is a DataError naming it."""
+    """The JSON in `path`, None when there is no such file; an unreadable one is a DataError naming
+    it."""
     path = Path(path)
     if not path.is_file():
         return None

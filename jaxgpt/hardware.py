@@ -34,7 +34,8 @@ PEAK_BF16 = {  # dense, no sparsity; the first name found in a device's kind win
 
 
 def cpu_name() -> str:
-    """The CPU's model name as `lscpu` shows it (/proc/cpuinfo on Linux), for the host line beside a timing."""
+    """The CPU's model name as `lscpu` shows it (/proc/cpuinfo on Linux), for the host line beside a
+    timing."""
     try:
         if m := re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M):
             return m.group(1).strip()
@@ -61,8 +62,9 @@ def cpu_bf16_units(cpuinfo: str | None = None) -> bool:
 
 
 def cpu_ticks() -> dict[str, int]:
-    """This machine's CPU time so far by kind, in clock ticks (/proc/stat's first line; {} off Linux):
-    two readings give the share a hypervisor took ("steal"), which slows a VM's timings by as much."""
+    """This machine's CPU time so far by kind, in clock ticks (/proc/stat's first line; {} off
+    Linux): two readings give the share a hypervisor took ("steal"), which slows a VM's timings by
+    as much."""
     try:
         first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
     except OSError:
@@ -72,14 +74,16 @@ def cpu_ticks() -> dict[str, int]:
 
 
 def steal_share(before: dict[str, int], after: dict[str, int]) -> float | None:
-    """The share of CPU time between two cpu_ticks() readings that the hypervisor took (None if unknown)."""
+    """The share of CPU time between two cpu_ticks() readings that the hypervisor took (None if
+    unknown)."""
     spent = {k: after[k] - before[k] for k in before if k in after}
     total = sum(spent.values())
     return spent["steal"] / total if total and "steal" in spent else None
 
 
 def best_seconds(fn, x, repeats: int) -> float:
-    """The fastest of `repeats` timed calls of jax.jit(fn)(x), after one untimed call that compiles."""
+    """The fastest of `repeats` timed calls of jax.jit(fn)(x), after one untimed call that
+    compiles."""
     f = jax.jit(fn)
     f(x).block_until_ready()
     best = float("inf")
@@ -95,7 +99,8 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 10, dtype="float32") -> 
     """FLOP/s of an n x n matmul on the default device, best of `repeats`: inputs in `dtype`,
     summed in fp32 (how the model's bf16 matmuls run, model.matmul_dtype)."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-    return 2 * n ** 3 / best_seconds(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32), a, repeats)
+    return 2 * n ** 3 / best_seconds(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32),
+                                     a, repeats)
 
 
 def memory_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
@@ -116,8 +121,10 @@ def peak_flops(device=None, matmul_dtype="float32") -> tuple[float, str]:
             return flops, f"datasheet bf16 {name}"
     if device.platform == "cpu":
         name = jnp.dtype(matmul_dtype).name
-        flops = measured_matmul_flops(dtype=name) / len(jax.local_devices())  # this host's devices share it
-        return flops, f"measured {name.replace('bfloat16', 'bf16').replace('float32', 'fp32')} matmul"
+        # this host's devices share it
+        flops = measured_matmul_flops(dtype=name) / len(jax.local_devices())
+        return flops, (f"measured {name.replace('bfloat16', 'bf16').replace('float32', 'fp32')}"
+                       " matmul")
     return float("nan"), f"unknown device {device.device_kind}"
 
 
@@ -132,7 +139,8 @@ def compute_platform() -> str:
 
 @contextlib.contextmanager
 def target_platform(name: str):
-    """Inside, compute_platform() is `name`: code that picks kernels by platform picks them for that one."""
+    """Inside, compute_platform() is `name`: code that picks kernels by platform picks them for that
+    one."""
     _target_platform.append(name)
     try:
         yield

@@ -1,4 +1,5 @@
-"""`python -m jaxgpt.launch`: N local processes of one jax program (the code: jaxgpt/parallel/launch.py)."""
+"""`python -m jaxgpt.launch`: N local processes of one jax program (the code:
+jaxgpt/parallel/launch.py)."""
 from jaxgpt.parallel.launch import main
 
 if __name__ == "__main__":

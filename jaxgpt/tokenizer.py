@@ -18,12 +18,14 @@ from jaxgpt.errors import TokenizerError
 
 def _unreadable(path, e: Exception) -> TokenizerError:
     if isinstance(e, UnicodeDecodeError):
-        return TokenizerError(f"{path}: not UTF-8 text ({e.reason}); the tokenizer reads UTF-8 text files")
+        return TokenizerError(f"{path}: not UTF-8 text ({e.reason}); "
+                              "the tokenizer reads UTF-8 text files")
     return TokenizerError(f"{path}: cannot read it ({e.strerror or e})")
 
 
 def _read_chunks(paths: Sequence[str], chunk_chars: int = 1 << 20) -> Iterator[str]:
-    """Stream files in ~1 MB pieces that end at line ends, so training never holds a whole corpus."""
+    """Stream files in ~1 MB pieces that end at line ends, so training never holds a whole
+    corpus."""
     for path in paths:
         try:
             with open(path, encoding="utf-8") as f:
@@ -43,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             print(f"saved {tok.name} (n_vocab={tok.n_vocab}) to {tok.save(cfg.out)}")
         except OSError as e:
-            raise TokenizerError(f"bpe.out={cfg.out}: cannot write the tokenizer ({e.strerror or e})") from None
+            raise TokenizerError(f"bpe.out={cfg.out}: cannot write the tokenizer "
+                                 f"({e.strerror or e})") from None
 
     def encode(operands: list[str], settings: list[str]) -> None:
         cfg = cli.tool_config(TokenizerCommand, settings, ("encode.text",)).encode
@@ -54,8 +57,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(" ".join(map(str, Tokenizer.from_spec(cfg.tokenizer, corpus).encode(cfg.text))))
 
     cli.run("python -m jaxgpt.tokenizer", {
-        "train": cli.Command(train, "bpe.input=FILE[,FILE...] bpe.vocab_size=N bpe.out=DIR [bpe.name=NAME]",
-                             TokenizerCommand, sections=("bpe",), operands=(0, 0)),
+        "train": cli.Command(train, "bpe.input=FILE[,FILE...] bpe.vocab_size=N bpe.out=DIR "
+                             "[bpe.name=NAME]", TokenizerCommand, sections=("bpe",),
+                             operands=(0, 0)),
         "encode": cli.Command(encode, "encode.tokenizer=SPEC encode.text=TEXT [encode.corpus=FILE]",
                               TokenizerCommand, sections=("encode",), operands=(0, 0)),
     }, None if argv is None else list(argv))

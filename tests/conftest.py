@@ -21,23 +21,25 @@ import pytest
 # Tests run on the CPU (golden values are CPU numbers), with one device unless a test asks for more.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the whole run, its subprocesses and both xdist workers:
-# many tests compile the same tiny models, and compiling is most of their time. The first process to
-# read this file (xdist's controller, before it starts the workers, which inherit the variable) makes
-# an empty one and removes it when the run ends (pytest_sessionfinish below).
+# many tests compile the same tiny models, and compiling is most of their time. The first process
+# to read this file (xdist's controller, before it starts the workers, which inherit the variable)
+# makes an empty one and removes it when the run ends (pytest_sessionfinish below).
 _XLA_CACHE = None
-if os.environ.get("JAXGPT_TEST_XLA_CACHE", "1") == "1" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+if (os.environ.get("JAXGPT_TEST_XLA_CACHE", "1") == "1"
+        and "JAX_COMPILATION_CACHE_DIR" not in os.environ):
     _XLA_CACHE = tempfile.mkdtemp(prefix="jaxgpt-test-xla-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
-# Tests compile far more than they compute (tiny models, a few steps each), so XLA:CPU's backend runs at
-# optimization level 1 here, in this process and its subprocesses: tests/test_train.py took 82 s
-# against 118 at the default level 2, tests/test_optim.py 95 against 134. Level 1 keeps level 2's
-# fused multiply-adds, so the numbers are the same to the bit (tests/test_train.py checks a model's
-# init); level 0, faster still, changes the last bit of some. Benchmarks, experiments and users' runs
-# never see this flag.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=1" if os.environ.get("JAXGPT_TEST_FAST_COMPILE", "1") == "1" else ""
+# Tests compile far more than they compute (tiny models, a few steps each), so XLA:CPU's backend
+# runs at optimization level 1 here, in this process and its subprocesses: tests/test_train.py took
+# 82 s against 118 at the default level 2, tests/test_optim.py 95 against 134. Level 1 keeps level
+# 2's fused multiply-adds, so the numbers are the same to the bit (tests/test_train.py checks a
+# model's init); level 0, faster still, changes the last bit of some. Benchmarks, experiments and
+# users' runs never see this flag.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=1"
+                  if os.environ.get("JAXGPT_TEST_FAST_COMPILE", "1") == "1" else "")
 
 
 def xla_flags(*flags: str) -> str:
@@ -45,8 +47,10 @@ def xla_flags(*flags: str) -> str:
     return " ".join(f for f in (TEST_XLA_FLAGS, *flags) if f)
 
 
-if TEST_XLA_FLAGS and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit them
-    os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))  # the user's own flags last: they win
+# xdist workers inherit them
+if TEST_XLA_FLAGS and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    # the user's own flags last: they win
+    os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -57,17 +61,19 @@ def pytest_sessionfinish(session, exitstatus):
 REPO = Path(__file__).resolve().parents[1]
 
 SPEAKERS = ["ROMEO", "JULIET", "NURSE", "FRIAR", "MERCUTIO"]
-WORDS = ("the and to of my that in you is not with be your for his this but have me what so him will "
-         "love night day sweet death fair heart eyes lord good come speak thou thee art doth hath").split()
+WORDS = ("the and to of my that in you is not with be your for his this but have me what so "
+         "him will love night day sweet death fair heart eyes lord good come speak thou thee art "
+         "doth hath").split()
 
 
 def corpus(n_chars: int = 60_000, seed: int = 0) -> str:
-    """Shakespeare-shaped text (speaker lines, short verses): structure a tiny model learns quickly."""
+    """Shakespeare-shaped text (speaker lines, short verses): structure a tiny model learns
+    quickly."""
     rng = random.Random(seed)
     parts, size = [], 0
     while size < n_chars:
-        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize() + rng.choice(",.;!?")
-                 for _ in range(rng.randint(1, 3))]
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize()
+                 + rng.choice(",.;!?") for _ in range(rng.randint(1, 3))]
         part = f"{rng.choice(SPEAKERS)}:\n" + "\n".join(lines) + "\n\n"
         parts.append(part)
         size += len(part)
@@ -76,7 +82,8 @@ def corpus(n_chars: int = 60_000, seed: int = 0) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def token_cache(tmp_path_factory):
-    """Tokenized data goes to a per-session cache (also for subprocesses), never the user's ~/.cache."""
+    """Tokenized data goes to a per-session cache (also for subprocesses), never the user's
+    ~/.cache."""
     from jaxgpt.data import prepare
     path = tmp_path_factory.mktemp("jaxgpt_cache")
     with pytest.MonkeyPatch.context() as mp:
@@ -112,12 +119,12 @@ def tiny(text_file: Path, out_dir: Path | str = "", preset: str = "gpt2", **sect
     from jaxgpt import config as config_lib
     from jaxgpt.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
     cfg = Config(
-        model=ModelConfig(preset=preset, n_layer=2, n_head=4, n_kv_head=2 if preset == "llama" else 0,
-                          d_model=64, seq_len=32),
+        model=ModelConfig(preset=preset, n_layer=2, n_head=4,
+                          n_kv_head=2 if preset == "llama" else 0, d_model=64, seq_len=32),
         data=DataConfig(path=str(text_file), tokenizer="char", batch_size=8, prefetch=1),
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=5),
-        train=TrainConfig(steps=30, out_dir=str(out_dir), log_every=5, eval_every=10, eval_max_tokens=2048,
-                          samples=0, progress=False),
+        train=TrainConfig(steps=30, out_dir=str(out_dir), log_every=5, eval_every=10,
+                          eval_max_tokens=2048, samples=0, progress=False),
     )
     for name, values in sections.items():
         cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)})
@@ -126,13 +133,16 @@ def tiny(text_file: Path, out_dir: Path | str = "", preset: str = "gpt2", **sect
 
 @pytest.fixture
 def make_config(text_file):
-    """make_config(out_dir="", preset="gpt2", model={...}, optim={...}, ...) -> a validated tiny Config."""
-    return lambda out_dir="", preset="gpt2", **sections: tiny(text_file, out_dir, preset, **sections)
+    """make_config(out_dir="", preset="gpt2", model={...}, optim={...}, ...) -> a validated tiny
+    Config."""
+    return (lambda out_dir="", preset="gpt2", **sections:
+            tiny(text_file, out_dir, preset, **sections))
 
 
 @pytest.fixture(scope="session")
 def tiny_run(text_file, tmp_path_factory):
-    """One finished 30-step run (run directory, its metrics rows), shared by evaluate and sample tests."""
+    """One finished 30-step run (run directory, its metrics rows), shared by evaluate and sample
+    tests."""
     import json
 
     from jaxgpt.train.loop import train
@@ -143,8 +153,8 @@ def tiny_run(text_file, tmp_path_factory):
 
 
 def subprocess_env(**extra) -> dict:
-    """Environment for `python -m jaxgpt.X` children (jaxgpt as installed): no inherited device flags,
-    the tests' own XLA flags, and an XLA_FLAGS given here on top of those."""
+    """Environment for `python -m jaxgpt.X` children (jaxgpt as installed): no inherited device
+    flags, the tests' own XLA flags, and an XLA_FLAGS given here on top of those."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = xla_flags(extra.pop("XLA_FLAGS", ""))
@@ -175,7 +185,8 @@ def synthetic(n, seed=0):
     for _ in range(n):
         conversation = [{"role": "system", "content": say()}] if rng.random() < 0.3 else []
         for _ in range(rng.randint(1, 3)):
-            conversation += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]
+            conversation += [{"role": "user", "content": say()},
+                             {"role": "assistant", "content": say()}]
         out.append(conversation)
     return out
 
@@ -197,14 +208,16 @@ def leaves_equal(a, b) -> bool:
     import jax
     import numpy as np
     a, b = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=False))
+    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                    for x, y in zip(a, b, strict=False))
 
 
 # ---- servers ----
 
 @contextlib.contextmanager
 def serving(app):
-    """app served by uvicorn from a thread on 127.0.0.1, on a port the OS picks: the base URL; stopped at the end."""
+    """app served by uvicorn from a thread on 127.0.0.1, on a port the OS picks: the base URL;
+    stopped at the end."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -225,7 +238,8 @@ def serving(app):
 
 
 def slow_engine(monkeypatch, service, seconds: float) -> None:
-    """Each of the service's engine steps takes `seconds` longer: a reply still in flight when a test acts."""
+    """Each of the service's engine steps takes `seconds` longer: a reply still in flight when a
+    test acts."""
     real_step = service.engine.step
 
     def slow_step():

@@ -1,6 +1,6 @@
 """The package's shape, read from its source with `ast`: imports go one way, down the layers of
-DESIGN.md (top -> model/data/parallel -> store -> generate -> train -> serve -> perf -> commands); no
-jaxgpt import hides inside a function; no module imports another's private names; files and
+DESIGN.md (top -> model/data/parallel -> store -> generate -> train -> serve -> perf -> commands);
+no jaxgpt import hides inside a function; no module imports another's private names; files and
 functions stay small enough to read in one sitting."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxgpt"
 # The top-level modules: the foundation every folder may import.
 TOP = {"errors", "files", "cli", "hardware", "config"}
 # `python -m jaxgpt.NAME` entry points kept where a module moved into a folder: above everything.
-COMMANDS = {"bench", "chat", "convert", "evaluate", "export", "feedback", "launch", "sample", "talk",
-            "tokenizer"}
+COMMANDS = {"bench", "chat", "convert", "evaluate", "export", "feedback", "launch", "sample",
+            "talk", "tokenizer"}
 # Folders by layer; a folder imports its own modules and those of lower layers, never a sibling's.
 FOLDERS = {"model": 1, "data": 1, "parallel": 1, "store": 2, "generate": 3, "train": 4, "serve": 5,
            "perf": 6}
@@ -59,9 +59,9 @@ def imported(tree: ast.Module, parts: tuple[str, ...], is_package: bool):
                 continue
             names = [a.name for a in node.names]
             # `from jaxgpt.data import chat` imports the module jaxgpt.data.chat
+            is_module = (not target or target[0] in FOLDERS) and len(target) <= 1
             for name in names:
-                yield node, (*target, name) if (not target or target[0] in FOLDERS) and len(target) <= 1 \
-                    else target, [name]
+                yield node, (*target, name) if is_module else target, [name]
 
 
 def violations(root: Path = PACKAGE) -> list[str]:
@@ -89,17 +89,20 @@ def violations(root: Path = PACKAGE) -> list[str]:
                              f"({other}, layer {other_layer}): imports go down the layers only")
             private = [n for n in names if n.startswith("_")]
             if private:
-                found.append(f"{line}: imports private {', '.join(private)} of jaxgpt.{'.'.join(target)}")
+                found.append(f"{line}: imports private {', '.join(private)} "
+                             f"of jaxgpt.{'.'.join(target)}")
         found += [f"{where}:{n.lineno}: uses private {n.value.id}.{n.attr} of another module"
                   for n in private_uses(tree, module_aliases(tree))]
     return found
 
 
 def module_aliases(tree: ast.Module) -> set[str]:
-    """The local names this module binds to other jaxgpt modules (`from jaxgpt.data import chat`)."""
+    """The local names this module binds to other jaxgpt modules
+    (`from jaxgpt.data import chat`)."""
     names = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "jaxgpt" \
+        if isinstance(node, ast.ImportFrom) and node.module \
+                and node.module.split(".")[0] == "jaxgpt" \
                 and (node.module == "jaxgpt" or node.module.split(".")[1] in FOLDERS) \
                 and len(node.module.split(".")) <= 2:
             names.update(a.asname or a.name for a in node.names)
@@ -108,8 +111,9 @@ def module_aliases(tree: ast.Module) -> set[str]:
 
 def private_uses(tree: ast.Module, aliases: set[str]):
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
-                and node.attr.startswith("_") and not node.attr.startswith("__"):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id in aliases and node.attr.startswith("_") \
+                and not node.attr.startswith("__"):
             yield node
 
 
@@ -124,7 +128,8 @@ def sizes(root: Path = PACKAGE) -> list[str]:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
                 if n > MAX_FUNCTION_LINES:
-                    found.append(f"{where}:{node.lineno}: {node.name} is {n} lines (at most {MAX_FUNCTION_LINES})")
+                    found.append(f"{where}:{node.lineno}: {node.name} is {n} lines "
+                                 f"(at most {MAX_FUNCTION_LINES})")
     return found
 
 
@@ -139,7 +144,8 @@ def test_files_and_functions_are_small():
 def test_the_size_check_sees_a_long_function(tmp_path):
     body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
     (tmp_path / "long.py").write_text("def f():\n" + body)
-    assert sizes(tmp_path) == [f"jaxgpt/long.py:1: f is {MAX_FUNCTION_LINES + 1} lines (at most {MAX_FUNCTION_LINES})"]
+    assert sizes(tmp_path) == [f"jaxgpt/long.py:1: f is {MAX_FUNCTION_LINES + 1} lines "
+                               f"(at most {MAX_FUNCTION_LINES})"]
 
 
 def test_config_does_not_import_jax():
@@ -147,7 +153,8 @@ def test_config_does_not_import_jax():
         if parts[0] in ("config", "errors", "files"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
-                    names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                    names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                             else [node.module or ""])
                     assert not any(n.split(".")[0] in ("jax", "flax", "optax") for n in names), \
                         f"{path.name}:{node.lineno} imports jax"
 
@@ -157,7 +164,8 @@ def test_config_does_not_import_jax():
     ("def f():\n    from jaxgpt import errors\n", "imports jaxgpt.errors inside a function"),
     ("from jaxgpt.data import sources\n", "model (layer 1) imports jaxgpt.data.sources"),
     ("from jaxgpt.data.tokenizer import _load_hf\n", "imports private _load_hf"),
-    ("from jaxgpt.data import chat\nx = chat._assemble\n", "uses private chat._assemble of another module"),
+    ("from jaxgpt.data import chat\nx = chat._assemble\n",
+     "uses private chat._assemble of another module"),
 ])
 def test_the_checks_see_what_they_forbid(tmp_path, source, expected):
     (tmp_path / "model").mkdir()
@@ -168,4 +176,5 @@ def test_the_checks_see_what_they_forbid(tmp_path, source, expected):
 
 def test_a_module_outside_every_layer_is_named(tmp_path):
     (tmp_path / "stray.py").write_text("")
-    assert violations(tmp_path) == ["jaxgpt/stray.py: not in a layer (add it to a folder, or to TOP / COMMANDS here)"]
+    assert violations(tmp_path) == ["jaxgpt/stray.py: not in a layer (add it to a folder, or to "
+                                    "TOP / COMMANDS here)"]

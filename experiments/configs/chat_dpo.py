@@ -1,5 +1,5 @@
-"""Preference tuning (DPO) of a chat model: it learns to prefer the chosen reply of each pair over the
-rejected one, against a frozen copy of itself (the reference: the train.init_from model).
+"""Preference tuning (DPO) of a chat model: it learns to prefer the chosen reply of each pair over
+the rejected one, against a frozen copy of itself (the reference: the train.init_from model).
 
 The loss covers the two replies' tokens only; both sequences of a pair are packed into one row
 (several pairs per row), and none attends to another. The model's shape and tokenizer come from
@@ -8,9 +8,11 @@ train.init_from (an SFT run directory or export). metrics.jsonl logs the loss, t
 accuracy and the held-out conversations' assistant-token bits per byte (data.chat_val, else the SFT
 run's held-out chats): what the tuning costs in fit.
 
-    # pairs: JSONL lines of {"messages": [...context, ending with a user turn], "chosen": "...", "rejected": "..."}
+    # pairs: JSONL lines of {"messages": [...context, ending with a user turn],
+    #                        "chosen": "...", "rejected": "..."}
     python -m jaxgpt.train experiments/configs/chat_dpo.py train.init_from=runs/chat_sft \
-        data.preferences=jsonl:pairs.jsonl [data.preferences_val=jsonl:val_pairs.jsonl] [dpo.beta=0.1]
+        data.preferences=jsonl:pairs.jsonl [data.preferences_val=jsonl:val_pairs.jsonl] \
+        [dpo.beta=0.1]
 
     # the loop that makes pairs from the SFT model's own replies and measures what DPO changes
     python experiments/preference_loop.py --sft runs/quickstart/export
@@ -28,6 +30,7 @@ def get_config() -> Config:
         data=DataConfig(val_fraction=0.1, batch_size=16),
         optim=OptimConfig(lr=1e-4, min_lr=1e-5, schedule="cosine", warmup_steps=10, b1=0.9, b2=0.99,
                           weight_decay=0.0, clip_norm=1.0),
-        train=TrainConfig(steps=150, out_dir="runs/chat_dpo", log_every=10, eval_every=50, samples=0),
+        train=TrainConfig(steps=150, out_dir="runs/chat_dpo", log_every=10, eval_every=50,
+                          samples=0),
         dpo=DpoConfig(beta=0.1, label_smoothing=0.0, reference="precompute"),
     )

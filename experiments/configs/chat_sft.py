@@ -26,10 +26,13 @@ def get_config() -> Config:
         data=DataConfig(chat="chitchat", val_fraction=0.05, batch_size=16, chat_windows=True),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, schedule="cosine", warmup_steps=50, b1=0.9, b2=0.99,
                           weight_decay=0.0, clip_norm=1.0),
-        # 600 steps: about 115 s after the quickstart's bf16-matmul pretraining on the 2-core host measured
-        # (held-out assistant tokens at 100 s, 786 steps: 1.6047 bpb; at 150 s, 1131 steps: 1.5963)
-        train=TrainConfig(steps=600, out_dir="runs/chat_sft", log_every=50, eval_every=300, samples=0),
-        # the model's sampling defaults (talk, serve, sample): of experiments/sweep.py sampling's grid, the
-        # setting whose reply measures came nearest the people's own replies to the same contexts
+        # 600 steps: about 115 s after the quickstart's bf16-matmul pretraining on the 2-core host
+        # measured (held-out assistant tokens at 100 s, 786 steps: 1.6047 bpb; at 150 s, 1131
+        # steps: 1.5963)
+        train=TrainConfig(steps=600, out_dir="runs/chat_sft", log_every=50, eval_every=300,
+                          samples=0),
+        # the model's sampling defaults (talk, serve, sample): of experiments/sweep.py sampling's
+        # grid, the setting whose reply measures came nearest the people's own replies to the same
+        # contexts
         sample=SampleConfig(temperature=1.0, top_p=0.9, max_new_tokens=60),
     )

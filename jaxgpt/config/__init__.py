@@ -1,5 +1,5 @@
-"""Typed configuration: frozen dataclasses for a run (run.py) and for each tool (commands.py), config
-files, `key=value` overrides (overrides.py) and validation (loading.py).
+"""Typed configuration: frozen dataclasses for a run (run.py) and for each tool (commands.py),
+config files, `key=value` overrides (overrides.py) and validation (loading.py).
 
 A config file is a Python file under `experiments/configs/` that defines `get_config() -> Config`
 (or a run's `config.json`). Every command line takes such a file (or a run) and overrides like

@@ -11,19 +11,23 @@ from jaxgpt.config.run import Config
 @dataclass(frozen=True)
 class PrepareConfig:
     """`python -m jaxgpt.data prepare`: a source tokenized into a prepared directory."""
-    source: str = ""                 # text:PATH | jsonl:PATH[:field] | hf:NAME[:config] | chitchat | chatterbot
-    tokenizer: str = ""              # a tokenizer spec (tokenizer.parse_spec); char and bpe:N are trained on the source
+    # text:PATH | jsonl:PATH[:field] | hf:NAME[:config] | chitchat | chatterbot
+    source: str = ""
+    # a tokenizer spec (tokenizer.parse_spec); char and bpe:N are trained on the source
+    tokenizer: str = ""
     out: str = ""                    # the directory to write
     workers: int = 0                 # tokenizing processes; 0: one per CPU core but one
     val_fraction: float = 0.1        # fraction of documents for the val split
     seed: int = 0                    # seeds the train/val split
     errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8: stop, or substitute U+FFFD
     field: str = "text"              # the text field of jsonl rows and hf datasets
-    doc_split: Literal["file", "paragraph", "line"] = "file"  # text sources: one document per file / paragraph / line
+    # text sources: one document per file / paragraph / line
+    doc_split: Literal["file", "paragraph", "line"] = "file"
     limit: int = 0                   # only the first N documents (0: all)
     dtype: Literal["auto", "uint16", "uint32"] = "auto"
     hf_split: str = "train"          # the split of an hf source to read
-    shard_tokens: int = 1 << 27      # a shard closes once it holds this many tokens (256 MB of uint16)
+    # a shard closes once it holds this many tokens (256 MB of uint16)
+    shard_tokens: int = 1 << 27
     chunk_bytes: int = 1 << 20       # text handed to a worker at a time
     overwrite: bool = False          # replace a directory prepared from other inputs or settings
     progress: bool = True
@@ -45,11 +49,13 @@ class ChatConvertConfig:
 
 @dataclass(frozen=True)
 class RenderConfig:
-    """`python -m jaxgpt.chat render`: one conversation through the chat template, trained tokens marked."""
+    """`python -m jaxgpt.chat render`: one conversation through the chat template, trained tokens
+    marked."""
     file: str = ""                   # FILE.jsonl of {"messages": [...]}
     tokenizer: str = "gpt2"          # a tokenizer spec or a run / export
     index: int = 0                   # which conversation of the file
-    seq_len: int = 0                 # truncate to a context of seq_len + 1 tokens first (0: no truncation)
+    # truncate to a context of seq_len + 1 tokens first (0: no truncation)
+    seq_len: int = 0
     ids: bool = False                # also list each token: position, id, trained, text
 
 
@@ -84,19 +90,24 @@ class TokenizerCommand:
 
 @dataclass(frozen=True)
 class FromHfConfig:
-    """`python -m jaxgpt.convert from-hf`: a Hugging Face model (directory or hub name) -> an export."""
-    tokenizer: str = ""              # "": the tokenizer files beside config.json; else a HF tokenizer.json (or its
-                                     # directory) or a jaxgpt tokenizer spec (gpt2, a saved tokenizer...)
-    seq_len: int = 0                 # 0: max_position_embeddings; a rope model may take less (the KV cache's length)
+    """`python -m jaxgpt.convert from-hf`: a Hugging Face model (directory or hub name) -> an
+    export."""
+    # "": the tokenizer files beside config.json; else a HF tokenizer.json (or its directory) or a
+    # jaxgpt tokenizer spec (gpt2, a saved tokenizer...)
+    tokenizer: str = ""
+    # 0: max_position_embeddings; a rope model may take less (the KV cache's length)
+    seq_len: int = 0
     revision: str = ""               # a hub name's branch, tag or commit ("": the default branch)
 
 
 @dataclass(frozen=True)
 class ToHfConfig:
     """`python -m jaxgpt.convert to-hf`: a run or export -> a directory transformers loads."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the HF model's own, else float32
+    # auto: the HF model's own, else float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_shard_mb: float = 4096.0     # a bigger model.safetensors is split into shards + an index
-    overwrite: bool = False          # write into a DIR that is not empty (its model files are replaced)
+    # write into a DIR that is not empty (its model files are replaced)
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,21 +121,27 @@ class BenchConfig:
     """`python -m jaxgpt.bench`: how long to time (train) and what (data)."""
     steps: int = 200                 # timed train steps
     warmup: int = 20                 # untimed steps first
-    untuned_host: bool = False       # leave malloc and dispatch at their defaults (hardware.tune_host)
+    # leave malloc and dispatch at their defaults (hardware.tune_host)
+    untuned_host: bool = False
     workers: tuple[int, ...] = (1, 2)  # data: worker counts to time
     max_mb: float = 64.0             # data: tokenize at most this much text
     batch: tuple[int, ...] = (1, 8)  # generate: batch sizes (slots) to time
     new_tokens: int = 256            # generate: tokens generated per sequence
     prompt_tokens: int = 16          # generate: random prompt length
-    decode_steps: int = 0            # generate: decode steps per engine call; 0: the engine's default (8)
-    profile: str = ""                # train, generate: also trace profile_runs steps into this directory
-    profile_runs: int = 3            # (jax.profiler) and report the busiest XLA ops (profiling.py)
-    target: str = ""                 # compile: plan for this GPU (aot.CARDS: h100, h200) with XLA:GPU's own
-                                     # compiler, no GPU needed (jax's CUDA plugin and cuDNN installed)
+    # generate: decode steps per engine call; 0: the engine's default (8)
+    decode_steps: int = 0
+    # train, generate: also trace profile_runs steps into this directory (jax.profiler) and report
+    # the busiest XLA ops (profiling.py)
+    profile: str = ""
+    profile_runs: int = 3
+    # compile: plan for this GPU (aot.CARDS: h100, h200) with XLA:GPU's own compiler, no GPU needed
+    # (jax's CUDA plugin and cuDNN installed)
+    target: str = ""
 
 
 @dataclass(frozen=True)
 class BenchCommand(Config):
-    """bench train takes a whole Config; bench data reads the prepare section's source and tokenizer."""
+    """bench train takes a whole Config; bench data reads the prepare section's source and
+    tokenizer."""
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)

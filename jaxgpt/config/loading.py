@@ -45,24 +45,29 @@ def load_file(path: str | Path) -> Config:
         raise ConfigError(f"{path}:{e.lineno}: {e.msg}") from None
     except ConfigError:
         raise
-    except Exception as e:  # the file's own code failed: name its line (the deepest frame in the file)
+    # the file's own code failed: name its line (the deepest frame in the file)
+    except Exception as e:
         lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__)
                  if Path(frame.filename).resolve() == path.resolve()]
         where = f"{path}:{lines[-1]}" if lines else str(path)
         raise ConfigError(f"{where}: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, Config):
-        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not a jaxgpt.config.Config")
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, "
+                          "not a jaxgpt.config.Config")
     return cfg
 
 
 def validate(cfg: Config) -> Config:
     """Check every field's type and choices and the cross-field rules; returns the config with the
     preset's defaults filled in (ModelConfig.resolved)."""
-    cfg = from_dict(cfg.to_dict(), type(cfg))  # type and choice checks, for values set in Python too
+    # type and choice checks, for values set in Python too
+    cfg = from_dict(cfg.to_dict(), type(cfg))
     m = cfg.model.resolved()
     checks = [
-        (m.d_model % m.n_head == 0, f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}"),
-        (m.n_head % m.n_kv_head == 0, f"model.n_head={m.n_head} must be divisible by model.n_kv_head={m.n_kv_head}"),
+        (m.d_model % m.n_head == 0,
+         f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}"),
+        (m.n_head % m.n_kv_head == 0,
+         f"model.n_head={m.n_head} must be divisible by model.n_kv_head={m.n_kv_head}"),
         (m.loss_chunks >= 0 and m.seq_len % max(m.loss_chunks, 1) == 0,
          f"model.loss_chunks={m.loss_chunks} must be 0 (off) or divide model.seq_len={m.seq_len}"),
         (m.position != "rope" or m.head_dim % 2 == 0, "model: rope needs an even head dimension"),
@@ -74,16 +79,20 @@ def validate(cfg: Config) -> Config:
          f"model.rope_original_context={m.rope_original_context} must be positive"),
         (cfg.data.batch_size > 0, "data.batch_size must be positive"),
         (not (cfg.data.path and cfg.data.dir),
-         f"data.path={cfg.data.path} and data.dir={cfg.data.dir}: set one (a text file or a prepared directory)"),
+         f"data.path={cfg.data.path} and data.dir={cfg.data.dir}: set one (a text file or a "
+         "prepared directory)"),
         (cfg.data.batch_size % cfg.optim.grad_accum == 0,
-         f"data.batch_size={cfg.data.batch_size} must be divisible by optim.grad_accum={cfg.optim.grad_accum}"),
+         f"data.batch_size={cfg.data.batch_size} must be divisible by "
+         f"optim.grad_accum={cfg.optim.grad_accum}"),
         (cfg.train.steps > 0, "train.steps must be positive"),
-        (cfg.train.time_limit_s >= 0, f"train.time_limit_s={cfg.train.time_limit_s:g} must be >= 0 (0: no limit)"),
+        (cfg.train.time_limit_s >= 0,
+         f"train.time_limit_s={cfg.train.time_limit_s:g} must be >= 0 (0: no limit)"),
         (not (cfg.data.preferences and cfg.data.chat),
-         f"data.preferences={cfg.data.preferences} and data.chat={cfg.data.chat}: a run trains on one (held-out "
-         f"chats for a preference run go in data.chat_val)"),
+         f"data.preferences={cfg.data.preferences} and data.chat={cfg.data.chat}: a run trains on "
+         "one (held-out chats for a preference run go in data.chat_val)"),
         (cfg.dpo.beta > 0, f"dpo.beta={cfg.dpo.beta} must be positive"),
-        (0 <= cfg.dpo.label_smoothing < 0.5, f"dpo.label_smoothing={cfg.dpo.label_smoothing} must be in [0, 0.5)"),
+        (0 <= cfg.dpo.label_smoothing < 0.5,
+         f"dpo.label_smoothing={cfg.dpo.label_smoothing} must be in [0, 0.5)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -14,7 +14,8 @@ from jaxgpt.errors import ConfigError
 
 
 def all_keys(root) -> list[str]:
-    return [f"{s.name}.{f.name}" for s in dataclasses.fields(root) for f in dataclasses.fields(getattr(root, s.name))]
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(root)
+            for f in dataclasses.fields(getattr(root, s.name))]
 
 
 def type_hints(section) -> dict[str, Any]:
@@ -40,7 +41,8 @@ def type_name(annotation) -> str:
     if typing.get_origin(annotation) is tuple:
         return f"comma-separated {typing.get_args(annotation)[0].__name__}s"
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    base = args[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) else annotation
+    base = (args[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            else annotation)
     return getattr(base, "__name__", str(base)) + (" | none" if args else "")
 
 
@@ -48,9 +50,11 @@ def _parse(text: str, annotation: Any, key: str) -> Any:
     """Parse an override's text by the field's type annotation."""
     if (choices := _choices(annotation)) is not None:
         for choice in choices:
-            if text == ("none" if choice is None else str(choice)) or (choice is None and text.lower() == "null"):
+            if (text == ("none" if choice is None else str(choice))
+                    or (choice is None and text.lower() == "null")):
                 return choice
-        raise ConfigError(f"{key}={text}: expected one of {', '.join('none' if c is None else str(c) for c in choices)}")
+        raise ConfigError(f"{key}={text}: expected one of "
+                          f"{', '.join('none' if c is None else str(c) for c in choices)}")
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         if text.lower() in ("none", "null") and type(None) in args:
@@ -79,10 +83,12 @@ def _parse(text: str, annotation: Any, key: str) -> Any:
 
 
 def _check(value: Any, annotation: Any, key: str) -> Any:
-    """A value from a config file or JSON, checked (and normalised: int -> float, list -> tuple) by type."""
+    """A value from a config file or JSON, checked (and normalised: int -> float, list -> tuple) by
+    type."""
     if (choices := _choices(annotation)) is not None:
         if value not in choices:
-            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(repr(c) for c in choices)}")
+            raise ConfigError(f"{key}={value!r}: expected one of "
+                              f"{', '.join(repr(c) for c in choices)}")
         return value
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -101,7 +107,8 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
 
 def _unknown(key: str, keys: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
-    return ConfigError(f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return ConfigError(f"unknown config key {key!r}"
+                       + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
 def apply_overrides(root, overrides: list[str]):
@@ -117,8 +124,10 @@ def apply_overrides(root, overrides: list[str]):
         if key not in keys:
             raise _unknown(key, keys)
         section_name, name = key.split(".")
-        changes.setdefault(section_name, {})[name] = _parse(text.strip(), type_hints(getattr(root, section_name))[name], key)
-    return dataclasses.replace(root, **{s: dataclasses.replace(getattr(root, s), **c) for s, c in changes.items()})
+        changes.setdefault(section_name, {})[name] = _parse(
+            text.strip(), type_hints(getattr(root, section_name))[name], key)
+    return dataclasses.replace(root, **{s: dataclasses.replace(getattr(root, s), **c)
+                                        for s, c in changes.items()})
 
 
 def from_dict(d: dict, root_type: type):

@@ -27,17 +27,17 @@ class ModelConfig:
     d_ff: int = 0                    # F; 0: 4*D for gelu, about 8/3*D (a multiple of 64) for swiglu
     seq_len: int = 1024              # L: context length of training and the learned position table
     norm: Literal["layernorm", "rmsnorm"] | None = None
-    mlp: Literal["gelu", "gelu_exact", "swiglu", "relu2"] | None = None  # gelu: GPT-2's tanh form; gelu_exact:
-                                     # erf; relu2: relu(x)^2 (Primer), two matrices like gelu
+    # gelu: GPT-2's tanh form; gelu_exact: erf; relu2: relu(x)^2 (Primer), two matrices like gelu
+    mlp: Literal["gelu", "gelu_exact", "swiglu", "relu2"] | None = None
     position: Literal["learned", "rope"] | None = None
     bias: bool | None = None         # biases in projections and norms
     qkv_bias: bool = False           # biases on the query, key and value projections alone (Qwen2)
     tie_embeddings: bool | None = None
     rope_theta: float = 10000.0
-    # RoPE's frequencies stretched for a context longer than pretraining's (Hugging Face's rope types):
-    # linear divides every frequency by rope_factor; llama3 (Llama 3.1 on) divides those whose wavelength
-    # passes rope_original_context / rope_low_freq_factor, keeps those under rope_original_context /
-    # rope_high_freq_factor, and blends the ones between
+    # RoPE's frequencies stretched for a context longer than pretraining's (Hugging Face's rope
+    # types): linear divides every frequency by rope_factor; llama3 (Llama 3.1 on) divides those
+    # whose wavelength passes rope_original_context / rope_low_freq_factor, keeps those under
+    # rope_original_context / rope_high_freq_factor, and blends the ones between
     rope_scaling: Literal["none", "linear", "llama3"] = "none"
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
@@ -48,8 +48,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dropout: float = 0.0
     init_std: float = 0.02           # normal init of the matrices and embedding tables
-    residual_init_std: float = 0.0   # the blocks' output projections; 0: init_std / sqrt(2N) (GPT-2's scaling)
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (params, softmax, loss stay fp32)
+    # the blocks' output projections; 0: init_std / sqrt(2N) (GPT-2's scaling)
+    residual_init_std: float = 0.0
+    # compute dtype (params, softmax, loss stay fp32)
+    dtype: Literal["float32", "bfloat16"] = "float32"
     # the matmuls' inputs (products summed in fp32); auto: the compute dtype. bfloat16 under float32
     # activations is mixed precision: on a CPU with AMX, 4-6x the fp32 matmul speed (kernels/matmul)
     matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -57,12 +59,14 @@ class ModelConfig:
     # auto is cpu on a CPU, cudnn on a GPU in bf16/fp16, else xla
     attention: Literal["auto", "xla", "cudnn", "cpu"] = "auto"
     remat: bool = False              # recompute each block in the backward pass
-    # what the output head writes its logits in; the loss and sampling read them into fp32. bfloat16:
-    # torch autocast's numerics (its head's matmul writes bf16), half the bytes of the largest arrays
-    # (gpt2_124m at batch 32: 6.6 GB of fp32 logits, written once and read twice by the fused head)
+    # what the output head writes its logits in; the loss and sampling read them into fp32.
+    # bfloat16: torch autocast's numerics (its head's matmul writes bf16), half the bytes of the
+    # largest arrays (gpt2_124m at batch 32: 6.6 GB of fp32 logits, written once and read twice by
+    # the fused head)
     logits_dtype: Literal["float32", "bfloat16"] = "float32"
-    loss_chunks: int = 0             # >0: training's output head and cross-entropy fused (kernels.head_loss), over
-                                     # this many pieces of each row: the [B, L, V] logits are never stored whole
+    # >0: training's output head and cross-entropy fused (kernels.head_loss), over this many pieces
+    # of each row: the [B, L, V] logits are never stored whole
+    loss_chunks: int = 0
     scan_layers: bool = False        # lax.scan over blocks: fast compiles for deep models
     # what a decoding step reads of the KV cache: "chunks", the first multiple of 128 positions past
     # every row's (a lax.switch per layer), or "whole"; auto: whole on a GPU, where each switch
@@ -88,25 +92,37 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     # Where the batches come from: data.chat (conversations) if set, else data.dir, else data.path.
-    path: str = ""                   # a text file (tokenized on first use into a cache under ~/.cache/jaxgpt)
+    # a text file (tokenized on first use into a cache under ~/.cache/jaxgpt)
+    path: str = ""
     dir: str = ""                    # or a prepared data directory (python -m jaxgpt.data prepare)
-    tokenizer: str = "char"          # a tokenizer spec (tokenizer.parse_spec): char | byte | bpe:N | gpt2 |
-                                     # cl100k_base | o200k_base | FILE.tiktoken | a saved tokenizer or run
-    chat: str = ""                   # conversations for supervised fine-tuning (loss on assistant tokens):
-                                     # chitchat | chatterbot[:LANG] | jsonl:PATH | sharegpt:PATH
-    chat_val: str = ""               # held-out conversations (same forms); empty: data.val_fraction of data.chat
-    preferences: str = ""            # preference pairs for DPO (preference.py): jsonl:PATH of {"messages": context,
-                                     # "chosen": str, "rejected": str}; the held-out chats: data.chat_val, else init_from's
-    preferences_val: str = ""        # held-out pairs (same form); empty: data.val_fraction of data.preferences
-    val_dir: str = ""                # a prepared directory whose tokens are the validation set (its train split)
-    chat_windows: bool = True        # cut long conversations into windows of whole exchanges (else keep the end)
-    val_fraction: float = 0.1        # the last fraction of a text file (or of data.chat's dialogs) is held out
-    errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8 in data.path: stop, or substitute U+FFFD
+    # a tokenizer spec (tokenizer.parse_spec): char | byte | bpe:N | gpt2 | cl100k_base |
+    # o200k_base | FILE.tiktoken | a saved tokenizer or run
+    tokenizer: str = "char"
+    # conversations for supervised fine-tuning (loss on assistant tokens): chitchat |
+    # chatterbot[:LANG] | jsonl:PATH | sharegpt:PATH
+    chat: str = ""
+    # held-out conversations (same forms); empty: data.val_fraction of data.chat
+    chat_val: str = ""
+    # preference pairs for DPO (preference.py): jsonl:PATH of {"messages": context, "chosen": str,
+    # "rejected": str}; the held-out chats: data.chat_val, else init_from's
+    preferences: str = ""
+    # held-out pairs (same form); empty: data.val_fraction of data.preferences
+    preferences_val: str = ""
+    # a prepared directory whose tokens are the validation set (its train split)
+    val_dir: str = ""
+    # cut long conversations into windows of whole exchanges (else keep the end)
+    chat_windows: bool = True
+    # the last fraction of a text file (or of data.chat's dialogs) is held out
+    val_fraction: float = 0.1
+    # invalid UTF-8 in data.path: stop, or substitute U+FFFD
+    errors: Literal["strict", "replace"] = "strict"
     batch_size: int = 12             # B: global batch, in sequences
-    sampling: Literal["random", "sequential"] = "random"  # random windows, or consecutive ones in order
+    # random windows, or consecutive ones in order
+    sampling: Literal["random", "sequential"] = "random"
     prefetch: int = 2                # batches prepared ahead in a background thread
-    segments: bool = False           # segment ids restart after each end-of-text token: packed documents
-                                     # do not attend to each other (false: all ones, as nanoGPT)
+    # segment ids restart after each end-of-text token: packed documents do not attend to each other
+    # (false: all ones, as nanoGPT)
+    segments: bool = False
     verify: bool = True              # check shard sha256 checksums when loading data.dir
 
 
@@ -124,8 +140,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     decay_embeddings: bool = False   # weight decay on embedding tables too
-    embed_lr_scale: float = 1.0      # the embedding tables' learning rate, as a multiple of lr (their
-                                     # gradients are sparse: each row sees only its own tokens)
+    # the embedding tables' learning rate, as a multiple of lr (their gradients are sparse: each row
+    # sees only its own tokens)
+    embed_lr_scale: float = 1.0
     clip_norm: float = 1.0           # 0: no clipping
     grad_accum: int = 1              # micro-batches per step; data.batch_size is split among them
     muon_lr: float = 0.02
@@ -145,14 +162,17 @@ class TrainConfig:
     # lax.cond), "select" computes it and keeps the old values; auto: select on a GPU, where a cond
     # stops the host mid-step (hardware.branches_sync_host), cond elsewhere
     skip_update: Literal["auto", "cond", "select"] = "auto"
-    time_limit_s: float = 0.0        # >0: end the run (evaluate, save, export) at the first logged step past this
-                                     # many seconds of training steps; the schedule keeps its length
+    # >0: end the run (evaluate, save, export) at the first logged step past this many seconds of
+    # training steps; the schedule keeps its length
+    time_limit_s: float = 0.0
     samples: int = 2                 # samples printed at the end of the run
     sample_tokens: int = 200
     progress: bool = True            # tqdm progress bar
-    init_from: str = ""              # a run directory, checkpoint step or export to take params from (fine-tuning)
+    # a run directory, checkpoint step or export to take params from (fine-tuning)
+    init_from: str = ""
     resume: str = "auto"             # auto | none | PATH (checkpoints)
-    overwrite: bool = False          # with resume=none (or an older resume=PATH): replace existing checkpoints
+    # with resume=none (or an older resume=PATH): replace existing checkpoints
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,8 +180,10 @@ class MeshConfig:
     data: int = -1                   # -1: all devices not used by the other axes
     fsdp: int = 1
     tensor: int = 1
-    devices: int = 0                 # 0: every device there is; N: the first N (bench compile plans N on a CPU host)
-    device_memory_gb: float = 0.0    # one device's memory for the fit check (memory.py); 0: what the device reports
+    # 0: every device there is; N: the first N (bench compile plans N on a CPU host)
+    devices: int = 0
+    # one device's memory for the fit check (memory.py); 0: what the device reports
+    device_memory_gb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -169,23 +191,28 @@ class DistributedConfig:
     """Several processes (hosts) training one model with jax.distributed (see launch.py). Unset
     fields come from the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
     (what `python -m jaxgpt.launch` sets), else from jax's own detection of SLURM or a Cloud TPU."""
-    enabled: Literal["auto", "on", "off"] = "auto"  # auto: when launch.py, SLURM (> 1 task) or a TPU
-                                     # slice says so; on: always initialize; off: one process
+    # auto: when launch.py, SLURM (> 1 task) or a TPU slice says so; on: always initialize; off: one
+    # process
+    enabled: Literal["auto", "on", "off"] = "auto"
     coordinator_address: str = ""    # HOST:PORT of process 0
     num_processes: int = 0           # 0: from the environment
     process_id: int = -1             # -1: from the environment
-    local_device_ids: str = ""       # GPUs this process uses, e.g. 0,1; "": JAX_LOCAL_DEVICE_IDS, else jax's default
+    # GPUs this process uses, e.g. 0,1; "": JAX_LOCAL_DEVICE_IDS, else jax's default
+    local_device_ids: str = ""
     timeout_s: int = 300             # how long to wait for every process to join
 
 
 @dataclass(frozen=True)
 class DpoConfig:
-    """Preference tuning with data.preferences (preference.py); the reference model is the starting one
-    (train.init_from)."""
-    beta: float = 0.1                # how far from the reference the policy may move (the logit scale)
-    label_smoothing: float = 0.0     # the chance a pair's label is wrong (conservative DPO); 0: plain DPO
-    reference: Literal["precompute", "step"] = "precompute"  # its log-probs of every pair once before
-                                     # training, or of each batch in the step (its params kept beside the state)
+    """Preference tuning with data.preferences (preference.py); the reference model is the starting
+    one (train.init_from)."""
+    # how far from the reference the policy may move (the logit scale)
+    beta: float = 0.1
+    # the chance a pair's label is wrong (conservative DPO); 0: plain DPO
+    label_smoothing: float = 0.0
+    # its log-probs of every pair once before training, or of each batch in the step (its params
+    # kept beside the state)
+    reference: Literal["precompute", "step"] = "precompute"
 
 
 @dataclass(frozen=True)
@@ -199,7 +226,8 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     split: Literal["val", "train", "all"] = "val"  # all: every token of the data (a held-out file)
-    stride: int = 0                  # 0: seq_len (non-overlapping windows); less gives each token more context
+    # 0: seq_len (non-overlapping windows); less gives each token more context
+    stride: int = 0
     batch_size: int = 0              # 0: data.batch_size
     max_tokens: int = 0              # 0: every token of the split
 
@@ -217,26 +245,35 @@ class SampleConfig:
     presence_penalty: float = 0.0    # subtracted once from each generated token's logit; 0: off
     frequency_penalty: float = 0.0   # subtracted per occurrence in the reply; 0: off
     seed: int = 0
-    chat: bool = False               # the prompt is a user message: reply as the assistant (chat template)
-    system: str = ""                 # the system message that opens a chat (sample.chat, jaxgpt.talk); "": none
+    # the prompt is a user message: reply as the assistant (chat template)
+    chat: bool = False
+    # the system message that opens a chat (sample.chat, jaxgpt.talk); "": none
+    system: str = ""
 
 
 @dataclass(frozen=True)
 class ScreenConfig:
-    """What every reply (and, with `user`, every user message) is checked against before anyone reads it.
+    """What every reply (and, with `user`, every user message) is checked against before anyone
+    reads it.
 
     Matching is on normalised text: Unicode NFKC, case folded, zero-width and other format
     characters removed, runs of whitespace as one space; so look-alike letters and hidden
     characters don't slip a phrase through.
     """
     enabled: bool = True
-    blocklist: str | None = "builtin"  # a file: one word or phrase per line, `re:PATTERN` lines are regexes,
-                                       # `#` comments; builtin: the list shipped in jaxgpt/; none: no list
-    classifier: str | None = None    # "module:function", called with the text so far; truthy blocks it
-    refusal: str = "Sorry, I can't continue with that."  # the reply's end (or the whole reply) when blocked
-    user: bool = True                # screen user messages too: a blocked one is answered with the refusal
-    min_mean_logprob: float | None = None  # replies whose mean token log-probability is below: low confidence
-    low_confidence: Literal["flag", "refuse"] = "flag"  # refuse holds the reply back until it is scored
+    # a file: one word or phrase per line, `re:PATTERN` lines are regexes, `#` comments; builtin:
+    # the list shipped in jaxgpt/; none: no list
+    blocklist: str | None = "builtin"
+    # "module:function", called with the text so far; truthy blocks it
+    classifier: str | None = None
+    # the reply's end (or the whole reply) when blocked
+    refusal: str = "Sorry, I can't continue with that."
+    # screen user messages too: a blocked one is answered with the refusal
+    user: bool = True
+    # replies whose mean token log-probability is below: low confidence
+    min_mean_logprob: float | None = None
+    # refuse holds the reply back until it is scored
+    low_confidence: Literal["flag", "refuse"] = "flag"
 
 
 @dataclass(frozen=True)

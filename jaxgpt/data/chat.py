@@ -7,9 +7,9 @@ The chat template, the only place it is written down (`render`):
     <|bos|> <|system_start|>...<|system_end|> <|user_start|>...<|user_end|>
             <|assistant_start|>...<|assistant_end|> <|user_start|>... (and so on)
 
-A model imported from Hugging Face with its own chat template (ChatML, Llama 3's) keeps it: its tokenizer's
-`chat_format` picks the pieces each message is wrapped in (CHAT_FORMATS), and everything below, the mask,
-truncation, packing, the stop tokens of a reply, follows that layout.
+A model imported from Hugging Face with its own chat template (ChatML, Llama 3's) keeps it: its
+tokenizer's `chat_format` picks the pieces each message is wrapped in (CHAT_FORMATS), and everything
+below, the mask, truncation, packing, the stop tokens of a reply, follows that layout.
 
 The loss mask is over *targets*: mask[i] is True when token i is trained, i.e. the loss of
 predicting token i from tokens 0..i-1 counts. True for every assistant content token and the
@@ -17,10 +17,11 @@ predicting token i from tokens 0..i-1 counts. True for every assistant content t
 prompt supplies it), for <|bos|> and for all that the system or user wrote. A packed row of L+1
 tokens becomes inputs = ids[:-1], targets = ids[1:], loss_mask = mask[1:].
 
-    python -m jaxgpt.chat convert convert.source=chitchat|chatterbot[:LANG,...]|sharegpt:PATH|jsonl:PATH
-                                  convert.out=F.jsonl [convert.limit=N convert.skip_bad=true]
-    python -m jaxgpt.chat render render.file=F.jsonl render.tokenizer=SPEC [render.index=N render.seq_len=L
-                                 render.ids=true]
+    python -m jaxgpt.chat convert
+        convert.source=chitchat|chatterbot[:LANG,...]|sharegpt:PATH|jsonl:PATH
+        convert.out=F.jsonl [convert.limit=N convert.skip_bad=true]
+    python -m jaxgpt.chat render render.file=F.jsonl render.tokenizer=SPEC [render.index=N
+                                 render.seq_len=L render.ids=true]
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ class ChatFormat:
     end: tuple[str, ...]
 
     def tokens(self, bos: bool = True) -> set[str]:
-        """The special tokens a tokenizer needs for this format (with bos=False, those written around
-        each message: a template writes its bos as a variable)."""
+        """The special tokens a tokenizer needs for this format (with bos=False, those written
+        around each message: a template writes its bos as a variable)."""
         pieces = (*self.bos, *self.start, *self.end) if bos else (*self.start, *self.end)
         return {p for p in pieces if is_token(p) and "{role}" not in p}
 
@@ -66,15 +67,17 @@ def piece_ids(tokenizer: Tokenizer, pieces: tuple[str, ...], role: str = "") -> 
     return ids
 
 
-# jaxgpt's own (the module docstring), and the formats of imported chat models (Tokenizer.chat_format, set by
-# convert from the model's template): ChatML (SmolLM2, Qwen2.5: <|im_start|>user\n...<|im_end|>\n) and
-# Llama 3's (<|start_header_id|>user<|end_header_id|>\n\n...<|eot_id|>). Every <|...|> piece must be a
+# jaxgpt's own (the module docstring), and the formats of imported chat models
+# (Tokenizer.chat_format, set by convert from the model's template): ChatML (SmolLM2, Qwen2.5:
+# <|im_start|>user\n...<|im_end|>\n) and Llama 3's
+# (<|start_header_id|>user<|end_header_id|>\n\n...<|eot_id|>). Every <|...|> piece must be a
 # special token of the tokenizer.
 CHAT_FORMATS = {
     "jaxgpt": ChatFormat(bos=("<|bos|>",), start=("<|{role}_start|>",), end=("<|{role}_end|>",)),
     "chatml": ChatFormat(bos=(), start=("<|im_start|>", "{role}\n"), end=("<|im_end|>", "\n")),
-    "llama3": ChatFormat(bos=("<|begin_of_text|>",), start=("<|start_header_id|>", "{role}", "<|end_header_id|>",
-                                                          "\n\n"), end=("<|eot_id|>",)),
+    "llama3": ChatFormat(bos=("<|begin_of_text|>",),
+                         start=("<|start_header_id|>", "{role}", "<|end_header_id|>", "\n\n"),
+                         end=("<|eot_id|>",)),
 }
 
 
@@ -85,8 +88,8 @@ class Layout:
 
     def __init__(self, tokenizer: Tokenizer):
         if tokenizer.chat_format not in CHAT_FORMATS:  # a hand-edited tokenizer.json
-            raise TokenizerError(f"'{tokenizer.name}': chat_format {tokenizer.chat_format!r} is not one of "
-                                 f"{', '.join(CHAT_FORMATS)}")
+            raise TokenizerError(f"'{tokenizer.name}': chat_format {tokenizer.chat_format!r} "
+                                 f"is not one of {', '.join(CHAT_FORMATS)}")
         fmt = CHAT_FORMATS[tokenizer.chat_format]
         self.bos = piece_ids(tokenizer, fmt.bos)
         self.start = {role: piece_ids(tokenizer, fmt.start, role) for role in ROLES}
@@ -98,7 +101,8 @@ class Layout:
         return len(self.start[role]) + len(self.end[role])
 
 
-@functools.lru_cache(maxsize=8)  # per tokenizer object: a data run renders every conversation with one
+# per tokenizer object: a data run renders every conversation with one
+@functools.lru_cache(maxsize=8)
 def layout(tokenizer: Tokenizer) -> Layout:
     return Layout(tokenizer)
 
@@ -126,23 +130,27 @@ def render(conversation: Conversation, tokenizer: Tokenizer, for_generation: boo
     validate(conversation, trainable=False)
     if for_generation and conversation[-1]["role"] != "user":
         raise ChatDataError("conversation: to prompt a reply the last message must be the user's")
-    return _template([m["role"] for m in conversation], [tokenizer.encode(m["content"]) for m in conversation],
-                     tokenizer, for_generation)
+    return _template([m["role"] for m in conversation],
+                     [tokenizer.encode(m["content"]) for m in conversation], tokenizer,
+                     for_generation)
 
 
-def render_prompt(conversation: Conversation, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray | None:
+def render_prompt(conversation: Conversation, tokenizer: Tokenizer, max_tokens: int
+                  ) -> np.ndarray | None:
     """The ids that prompt the next reply (`render(..., for_generation=True)`) within max_tokens,
     dropping the oldest user/assistant pairs (the system message and the last user message stay);
     None when even those two do not fit. Each message is encoded once, however many are dropped."""
     validate(conversation, trainable=False)
     if conversation[-1]["role"] != "user":
         raise ChatDataError("conversation: to prompt a reply the last message must be the user's")
-    roles, encoded = [m["role"] for m in conversation], [tokenizer.encode(m["content"]) for m in conversation]
+    roles, encoded = ([m["role"] for m in conversation],
+                      [tokenizer.encode(m["content"]) for m in conversation])
     head = [0] if roles[0] == "system" else []
     first = len(head)
     while True:
         keep = head + list(range(min(first, len(roles) - 1), len(roles)))
-        ids, _ = _template([roles[i] for i in keep], [encoded[i] for i in keep], tokenizer, for_generation=True)
+        ids, _ = _template([roles[i] for i in keep], [encoded[i] for i in keep], tokenizer,
+                           for_generation=True)
         if len(ids) <= max_tokens or first >= len(roles) - 1:
             return ids if len(ids) <= max_tokens else None
         first += 2  # a (user, assistant) pair, oldest first
@@ -169,10 +177,13 @@ def render_truncated(conversation: Conversation, tokenizer: Tokenizer, seq_len: 
     """`render` within a context of seq_len + 1 tokens, dropping the oldest user/assistant pairs
     (the system message stays); None when even the system message and the last pair do not fit."""
     validate(conversation)
-    roles, encoded = [m["role"] for m in conversation], [tokenizer.encode(m["content"]) for m in conversation]
+    roles, encoded = ([m["role"] for m in conversation],
+                      [tokenizer.encode(m["content"]) for m in conversation])
     lay = layout(tokenizer)
-    keep = _kept(roles, [len(e) + lay.overhead(r) for r, e in zip(roles, encoded, strict=False)], seq_len + 1 - len(lay.bos))
-    return None if keep is None else _template([roles[i] for i in keep], [encoded[i] for i in keep], tokenizer)
+    keep = _kept(roles, [len(e) + lay.overhead(r) for r, e in zip(roles, encoded, strict=False)],
+                 seq_len + 1 - len(lay.bos))
+    return (None if keep is None
+            else _template([roles[i] for i in keep], [encoded[i] for i in keep], tokenizer))
 
 
 def render_windows(conversation: Conversation, tokenizer: Tokenizer, seq_len: int
@@ -181,15 +192,19 @@ def render_windows(conversation: Conversation, tokenizer: Tokenizer, seq_len: in
     (the system message in each), oldest first, so no reply is lost to truncation; a pair too long
     to fit even alone is dropped. The last window is `render_truncated`'s."""
     validate(conversation)
-    roles, encoded = [m["role"] for m in conversation], [tokenizer.encode(m["content"]) for m in conversation]
+    roles, encoded = ([m["role"] for m in conversation],
+                      [tokenizer.encode(m["content"]) for m in conversation])
     lay = layout(tokenizer)
-    lengths, n_head = [len(e) + lay.overhead(r) for r, e in zip(roles, encoded, strict=False)], int(roles[0] == "system")
+    lengths, n_head = ([len(e) + lay.overhead(r) for r, e in zip(roles, encoded, strict=False)],
+                       int(roles[0] == "system"))
     windows, end = [], len(roles) - (roles[-1] == "user")
     while end > n_head:
         keep = _kept(roles[:end], lengths[:end], seq_len + 1 - len(lay.bos))
         windows += [keep] if keep else []
-        end = keep[n_head] if keep else end - 2  # before this window, or before the pair that never fits
-    return [_template([roles[i] for i in keep], [encoded[i] for i in keep], tokenizer) for keep in windows[::-1]]
+        # before this window, or before the pair that never fits
+        end = keep[n_head] if keep else end - 2
+    return [_template([roles[i] for i in keep], [encoded[i] for i in keep], tokenizer)
+            for keep in windows[::-1]]
 
 
 # ---- packing ----
@@ -241,7 +256,8 @@ class Rendered:
         offsets = np.zeros(len(rendered) + 1, np.int64)
         np.cumsum([len(ids) for ids, _ in rendered], out=offsets[1:])
         cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
-        return cls(cat([i for i, _ in rendered], np.int32), cat([m for _, m in rendered], np.bool_), offsets, dropped)
+        return cls(cat([i for i, _ in rendered], np.int32), cat([m for _, m in rendered], np.bool_),
+                   offsets, dropped)
 
     @classmethod
     def build(cls, conversations: Sequence[Conversation], tokenizer: Tokenizer, seq_len: int,
@@ -254,15 +270,18 @@ class Rendered:
             if windows:
                 got = render_windows(conversation, tokenizer, seq_len)
             else:
-                got = [r] if (r := render_truncated(conversation, tokenizer, seq_len)) is not None else []
+                got = ([r] if (r := render_truncated(conversation, tokenizer, seq_len)) is not None
+                       else [])
             out += got
             dropped += not got
         return cls.of(out, dropped)
 
 
 def assemble(data: Rendered, rows: Sequence[Sequence[int]], seq_len: int) -> dict:
-    """A batch dict of [B, seq_len] arrays from rows of conversation indices (an empty row is padding)."""
-    tokens, segments, mask = (np.zeros((len(rows), seq_len + 1), dt) for dt in (np.int32, np.int32, np.bool_))
+    """A batch dict of [B, seq_len] arrays from rows of conversation indices (an empty row is
+    padding)."""
+    tokens, segments, mask = (np.zeros((len(rows), seq_len + 1), dt)
+                              for dt in (np.int32, np.int32, np.bool_))
     for b, row in enumerate(rows):
         pos = 0
         for segment, i in enumerate(row, 1):
@@ -277,17 +296,17 @@ def assemble(data: Rendered, rows: Sequence[Sequence[int]], seq_len: int) -> dic
 
 
 def pack(rendered: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, batch_size: int) -> dict:
-    """First-fit the (ids, mask) conversations, in order, into batch_size rows of seq_len + 1 tokens:
-    [B, seq_len] `inputs`, `targets`, `segment_ids` (1, 2, ... per conversation in a row, 0 = padding)
-    and `loss_mask` (float32, 0 on padding)."""
+    """First-fit the (ids, mask) conversations, in order, into batch_size rows of seq_len + 1
+    tokens: [B, seq_len] `inputs`, `targets`, `segment_ids` (1, 2, ... per conversation in a row,
+    0 = padding) and `loss_mask` (float32, 0 on padding)."""
     data = Rendered.of(rendered)
     if len(data) and (longest := int(data.lengths.max())) > seq_len + 1:
-        raise ChatDataError(f"a conversation has {longest} tokens, more than seq_len + 1 = {seq_len + 1} "
-                            f"(render_truncated fits it)")
+        raise ChatDataError(f"a conversation has {longest} tokens, more than seq_len + 1 = "
+                            f"{seq_len + 1} (render_truncated fits it)")
     rows = first_fit(data.lengths, seq_len + 1)
     if len(rows) > batch_size:
-        raise ChatDataError(f"{len(data)} conversations need {len(rows)} rows of {seq_len + 1} tokens, "
-                            f"more than batch_size={batch_size}")
+        raise ChatDataError(f"{len(data)} conversations need {len(rows)} rows of {seq_len + 1} "
+                            f"tokens, more than batch_size={batch_size}")
     return assemble(data, rows + [[]] * (batch_size - len(rows)), seq_len)
 
 
@@ -301,7 +320,8 @@ def shuffled_rows(rng: np.random.Generator, lengths: np.ndarray, capacity: int) 
 
 def step_rows(source, step: int, process_index: int = 0, process_count: int = 1) -> list[list[int]]:
     """Process p's rows [p*B/P, (p+1)*B/P) of step `step`'s batch, from the stream of rows that
-    source.epoch_rows(0), epoch_rows(1), ... make (source._epoch_starts caches where each starts)."""
+    source.epoch_rows(0), epoch_rows(1), ... make (source._epoch_starts caches where each
+    starts)."""
     starts, rows, row = source._epoch_starts, [], step * source.batch_size
     while len(rows) < source.batch_size:
         while starts[-1] <= row:  # pack epochs until the row's epoch is known
@@ -315,7 +335,8 @@ def step_rows(source, step: int, process_index: int = 0, process_count: int = 1)
 
 
 class ChatBatches:
-    """Packed SFT batches, a batch source (see data.py): `batch_at(step)` is a pure function of (seed, step).
+    """Packed SFT batches, a batch source (see data.py): `batch_at(step)` is a pure function of
+    (seed, step).
 
     Every conversation is rendered once. Each epoch shuffles the conversations (seeded by (seed,
     epoch)), first-fits them into rows of seq_len + 1 tokens, and shuffles the rows; the steps walk
@@ -326,15 +347,17 @@ class ChatBatches:
     `training=False` (evaluation only) accepts having no training conversations."""
 
     def __init__(self, conversations: Sequence[Conversation], tokenizer: Tokenizer, seq_len: int,
-                 batch_size: int, seed: int, *, val: Sequence[Conversation] = (), val_fraction: float = 0.0,
-                 ids: Sequence[str] | None = None, windows: bool = False, training: bool = True):
+                 batch_size: int, seed: int, *, val: Sequence[Conversation] = (),
+                 val_fraction: float = 0.0, ids: Sequence[str] | None = None, windows: bool = False,
+                 training: bool = True):
         if val_fraction and val:
             raise ChatDataError("give held-out conversations (val) or a val_fraction, not both")
         if val_fraction:
             conversations, val = split(conversations, val_fraction, seed, ids)
         self.tokenizer, self.token_bytes = tokenizer, tokenizer.token_byte_lengths()
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.train, self.val = (Rendered.build(c, tokenizer, seq_len, windows) for c in (conversations, val))
+        self.train, self.val = (Rendered.build(c, tokenizer, seq_len, windows)
+                                for c in (conversations, val))
         if training and not len(self.train):
             raise ChatDataError(f"none of the {len(conversations)} training conversations fits in "
                                 f"seq_len + 1 = {seq_len + 1} tokens")
@@ -343,22 +366,26 @@ class ChatBatches:
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         if epoch not in self._epochs:
-            rows = shuffled_rows(np.random.default_rng([self.seed, 1, epoch]), self.train.lengths, self.seq_len + 1)
+            rows = shuffled_rows(np.random.default_rng([self.seed, 1, epoch]), self.train.lengths,
+                                 self.seq_len + 1)
             self._epochs = {e: r for e, r in self._epochs.items() if e == epoch - 1}
             self._epochs[epoch] = rows
         return self._epochs[epoch]
 
     def batch_at(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
         """Process p's rows [p*B/P, (p+1)*B/P) of the global batch of `step`."""
-        return assemble(self.train, step_rows(self, step, process_index, process_count), self.seq_len)
+        return assemble(self.train, step_rows(self, step, process_index, process_count),
+                        self.seq_len)
 
-    def eval_batches(self, split: str = "val", batch_size: int = 0, stride: int = 0, max_tokens: int = 0
-                     ) -> Iterator[dict]:
+    def eval_batches(self, split: str = "val", batch_size: int = 0, stride: int = 0,
+                     max_tokens: int = 0) -> Iterator[dict]:
         """Every conversation of the split (`val`, `train` or `all`) that fits the context, exactly
-        once, packed in order; the last batch is padded. (stride and max_tokens are for token data.)"""
+        once, packed in order; the last batch is padded. (stride and max_tokens are for token
+        data.)"""
         batch_size = batch_size or self.batch_size
         parts = {"val": [self.val], "train": [self.train], "all": [self.train, self.val]}[split]
-        data = Rendered.of([(p.ids[p.offsets[i]:p.offsets[i + 1]], p.mask[p.offsets[i]:p.offsets[i + 1]])
+        data = Rendered.of([(p.ids[p.offsets[i]:p.offsets[i + 1]],
+                             p.mask[p.offsets[i]:p.offsets[i + 1]])
                             for p in parts for i in range(len(p))]) if len(parts) > 1 else parts[0]
         rows = first_fit(data.lengths, self.seq_len + 1)
         for b in range(0, len(rows), batch_size):

@@ -1,5 +1,6 @@
 """Conversations on disk: the message format and its checks, readers and converters of dialog
-datasets, and the train/val split by source dialog. (No tokens here: the chat template is chat.py's.)
+datasets, and the train/val split by source dialog. (No tokens here: the chat template is
+chat.py's.)
 
 A conversation is a list of messages `{"role": "system"|"user"|"assistant", "content": str}`: an
 optional system message first, then user and assistant alternating, the user first. On disk it is
@@ -7,7 +8,8 @@ JSONL, one `{"messages": [...]}` per line, optionally with an `"id"` naming the 
 conversations cut from one dialog (chitchat gives two, one per speaker) share it, and `split` keeps
 them on the same side so held-out numbers are not flattered by leaks.
 
-    load("chitchat") | load("chatterbot:chinese") | load("sharegpt:dump.json") | load("jsonl:convs.jsonl")
+    load("chitchat") | load("chatterbot:chinese") | load("sharegpt:dump.json")
+        | load("jsonl:convs.jsonl")
 """
 from __future__ import annotations
 
@@ -36,18 +38,21 @@ class ChatDataError(DataError):
 class Loaded(NamedTuple):
     conversations: list[Conversation]
     ids: list[str]   # the source dialog of each conversation (for `split`)
-    skipped: int     # source records that gave no conversation: malformed (with skip_bad) or nothing to train
+    # source records that gave no conversation: malformed (with skip_bad) or nothing to train
+    skipped: int
 
 
 # ---- the message format ----
 
 def check(conversation, *, trainable: bool = True) -> str | None:
-    """What is wrong with `conversation`, or None; `trainable` also asks for an assistant message."""
+    """What is wrong with `conversation`, or None; `trainable` also asks for an assistant
+    message."""
     if not isinstance(conversation, list) or not conversation:
         return "expected a non-empty list of messages"
     expected = "user"
     for i, m in enumerate(conversation):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
             return f'message {i} is not {{"role": str, "content": str}}'
         if m["role"] not in ROLES:
             return f"message {i} has role {m['role']!r}; expected system, user or assistant"
@@ -68,7 +73,8 @@ def validate(conversation, where: str = "conversation", *, trainable: bool = Tru
 
 
 def _trimmed(conversation: Conversation) -> Conversation | None:
-    """Without trailing user messages (nothing to learn from them); None if no assistant message is left."""
+    """Without trailing user messages (nothing to learn from them); None if no assistant message
+    is left."""
     end = len(conversation)
     while end and conversation[end - 1]["role"] != "assistant":
         end -= 1
@@ -79,8 +85,8 @@ def _trimmed(conversation: Conversation) -> Conversation | None:
 
 def split(conversations: Sequence[Conversation], val_fraction: float, seed: int,
           ids: Sequence[str] | None = None) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, val) by source dialog: a seeded `val_fraction` of the dialogs (each conversation its own
-    dialog when `ids` is None) is held out whole; both keep their input order."""
+    """(train, val) by source dialog: a seeded `val_fraction` of the dialogs (each conversation its
+    own dialog when `ids` is None) is held out whole; both keep their input order."""
     if not 0 <= val_fraction < 1:
         raise ChatDataError(f"val_fraction={val_fraction}: expected a fraction in [0, 1)")
     groups = list(ids) if ids is not None else list(range(len(conversations)))
@@ -128,7 +134,8 @@ def json_records(path: Path) -> Iterator[tuple[str, str | None, object]]:
 
 
 def _json_array(path: Path, data: bytes) -> Iterator[tuple[str, str | None, object]]:
-    """The elements of one JSON array (how ShareGPT dumps come), each placed at the line it starts on."""
+    """The elements of one JSON array (how ShareGPT dumps come), each placed at the line it starts
+    on."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -140,13 +147,15 @@ def _json_array(path: Path, data: bytes) -> Iterator[tuple[str, str | None, obje
         try:
             record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise ChatDataError(f"{path}:{e.lineno}: not JSON ({e.msg}); the rest cannot be read") from None
+            raise ChatDataError(f"{path}:{e.lineno}: not JSON ({e.msg}); "
+                                "the rest cannot be read") from None
         yield f"{path}:{line}", _json_id(record), record
         pos = _WHITESPACE.match(text, pos).end()
         if text[pos:pos + 1] == ",":
             pos = _WHITESPACE.match(text, pos + 1).end()
         elif text[pos:pos + 1] != "]":
-            raise ChatDataError(f"{path}:{line}: expected ',' or ']' after the record starting here")
+            raise ChatDataError(f"{path}:{line}: expected ',' or ']' after the record "
+                                "starting here")
 
 
 def _collect(records, convert, skip_bad: bool, limit: int | None = None) -> Loaded:
@@ -176,7 +185,8 @@ def _collect(records, convert, skip_bad: bool, limit: int | None = None) -> Load
 def _from_messages(record) -> list[Conversation]:
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         raise BadRecord('expected {"messages": [{"role": ..., "content": ...}, ...]}')
-    return [[{"role": m["role"], "content": m["content"]} if isinstance(m, dict) and {"role", "content"} <= m.keys()
+    return [[{"role": m["role"], "content": m["content"]}
+             if isinstance(m, dict) and {"role", "content"} <= m.keys()
              else m for m in record["messages"]]]  # other keys ("name", ...) are dropped
 
 
@@ -186,29 +196,35 @@ def _from_sharegpt(record) -> list[Conversation]:
     conversation = []
     for i, turn in enumerate(record["conversations"]):
         who = turn.get("from") if isinstance(turn, dict) else None
-        if not isinstance(who, str) or who not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
+        if (not isinstance(who, str) or who not in SHAREGPT_ROLES
+                or not isinstance(turn.get("value"), str)):
             raise BadRecord(f'turn {i} is not {{"from": {"|".join(SHAREGPT_ROLES)}, "value": str}}')
         conversation.append({"role": SHAREGPT_ROLES[who], "content": turn["value"]})
     return [conversation]
 
 
-def read_jsonl(path: str | os.PathLike, *, skip_bad: bool = False, limit: int | None = None) -> Loaded:
+def read_jsonl(path: str | os.PathLike, *, skip_bad: bool = False,
+               limit: int | None = None) -> Loaded:
     """Conversations from `{"messages": [...]}` JSONL (an "id" is kept, other keys are ignored)."""
     return _collect(json_records(Path(path)), _from_messages, skip_bad, limit)
 
 
-def read_sharegpt(path: str | os.PathLike, *, skip_bad: bool = False, limit: int | None = None) -> Loaded:
-    """Conversations from ShareGPT records, as JSONL or one JSON array; "from" is one of SHAREGPT_ROLES."""
+def read_sharegpt(path: str | os.PathLike, *, skip_bad: bool = False,
+                  limit: int | None = None) -> Loaded:
+    """Conversations from ShareGPT records, as JSONL or one JSON array; "from" is one of
+    SHAREGPT_ROLES."""
     return _collect(json_records(Path(path)), _from_sharegpt, skip_bad, limit)
 
 
 def _from_chitchat(dialog) -> list[Conversation]:
     """Both directions of a two-person dialog: the first speaker as the user, then the second (that
-    version starts at the second's first message). A speaker's consecutive chat lines join by newlines."""
+    version starts at the second's first message). A speaker's consecutive chat lines join by
+    newlines."""
     try:
         lines = [(u["sender"], u["text"]) for message in dialog["messages"] for u in message]
     except (KeyError, TypeError):
-        raise BadRecord('expected {"messages": [[{"sender": ..., "text": ...}, ...], ...]}') from None
+        raise BadRecord('expected '
+                        '{"messages": [[{"sender": ..., "text": ...}, ...], ...]}') from None
     turns: list[tuple[str, list[str]]] = []
     for sender, text in lines:
         if not isinstance(text, str) or not isinstance(sender, str):
@@ -224,7 +240,8 @@ def _from_chitchat(dialog) -> list[Conversation]:
         raise BadRecord(f"{len(speakers)} speakers; a dialog has two")
     out = []
     for user in speakers if len(speakers) == 2 else ():
-        conversation = [{"role": "user" if s == user else "assistant", "content": "\n".join(t)} for s, t in turns]
+        conversation = [{"role": "user" if s == user else "assistant", "content": "\n".join(t)}
+                        for s, t in turns]
         conversation = _trimmed(conversation[conversation[0]["role"] == "assistant":])
         out += [conversation] if conversation else []
     return out
@@ -233,7 +250,8 @@ def _from_chitchat(dialog) -> list[Conversation]:
 def read_chitchat(path: str | os.PathLike | None = None, *, skip_bad: bool = False,
                   limit: int | None = None) -> Loaded:
     """chitchat-dataset (the `chitchat_dataset` package's dataset.json unless `path` is given), each
-    dialog twice, once per speaker as the user; a dialog with one speaker gives nothing (counted)."""
+    dialog twice, once per speaker as the user; a dialog with one speaker gives nothing
+    (counted)."""
     if path is None:
         import chitchat_dataset  # only this converter needs the package
         path = Path(chitchat_dataset.__file__).with_name("dataset.json")
@@ -244,13 +262,15 @@ def read_chitchat(path: str | os.PathLike | None = None, *, skip_bad: bool = Fal
         raise ChatDataError(f"{path}: not JSON ({e})") from None
     if not isinstance(dialogs, dict):
         raise ChatDataError(f"{path}: expected the chitchat layout, an object of dialogs by id")
-    records = ((f"{path}: dialog {key}", f"chitchat:{key}", dialog) for key, dialog in dialogs.items())
+    records = ((f"{path}: dialog {key}", f"chitchat:{key}", dialog)
+               for key, dialog in dialogs.items())
     return _collect(records, _from_chitchat, skip_bad, limit)
 
 
 def _yaml_dialogs(path: Path, root: Path) -> Iterator[tuple[str, str, object]]:
-    """(where, id, lines) per entry of a chatterbot file's `conversations` list. Composed, not loaded,
-    so that every line stays a string (YAML would read `no` as False) and keeps its line number."""
+    """(where, id, lines) per entry of a chatterbot file's `conversations` list. Composed, not
+    loaded, so that every line stays a string (YAML would read `no` as False) and keeps its line
+    number."""
     import yaml  # PyYAML, which orbax already requires
     try:
         document = yaml.compose(_read_bytes(path).decode("utf-8"), Loader=yaml.BaseLoader)
@@ -264,29 +284,35 @@ def _yaml_dialogs(path: Path, root: Path) -> Iterator[tuple[str, str, object]]:
         raise ChatDataError(f"{path}: no 'conversations' list")
     for node in dialogs.value:
         line = node.start_mark.line + 1
-        ok = isinstance(node, yaml.SequenceNode) and all(isinstance(x, yaml.ScalarNode) for x in node.value)
+        ok = (isinstance(node, yaml.SequenceNode)
+              and all(isinstance(x, yaml.ScalarNode) for x in node.value))
         yield (f"{path}:{line}", f"chatterbot:{path.relative_to(root).as_posix()}:{line}",
-               [x.value for x in node.value] if ok else BadRecord("the dialog is not a list of lines (mis-indented?)"))
+               [x.value for x in node.value] if ok
+               else BadRecord("the dialog is not a list of lines (mis-indented?)"))
 
 
 def _from_chatterbot(lines: list[str]) -> list[Conversation]:
-    conversation = _trimmed([{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(lines)])
+    conversation = _trimmed([{"role": ("user", "assistant")[i % 2], "content": t}
+                             for i, t in enumerate(lines)])
     return [conversation] if conversation else []
 
 
-def read_chatterbot(languages: Sequence[str] | None = None, directory: str | os.PathLike | None = None, *,
-                    skip_bad: bool = False, limit: int | None = None) -> Loaded:
-    """chatterbot-corpus dialogs (all languages, or those named, e.g. ["chinese"]): alternating lines
-    become user and assistant messages; a one-line dialog gives nothing (counted)."""
+def read_chatterbot(languages: Sequence[str] | None = None,
+                    directory: str | os.PathLike | None = None, *, skip_bad: bool = False,
+                    limit: int | None = None) -> Loaded:
+    """chatterbot-corpus dialogs (all languages, or those named, e.g. ["chinese"]): alternating
+    lines become user and assistant messages; a one-line dialog gives nothing (counted)."""
     if directory is None:
         from chatterbot_corpus import corpus  # only this converter needs the package
         directory = corpus.DATA_DIRECTORY
     root = Path(directory)
     available = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if unknown := [lang for lang in languages or () if lang not in available]:
-        raise ChatDataError(f"{root}: no chatterbot language {unknown[0]!r}; there are {', '.join(available)}")
+        raise ChatDataError(f"{root}: no chatterbot language {unknown[0]!r}; there are "
+                            f"{', '.join(available)}")
     files = [f for lang in languages or available for f in sorted((root / lang).glob("*.yml"))]
-    return _collect((record for f in files for record in _yaml_dialogs(f, root)), _from_chatterbot, skip_bad, limit)
+    return _collect((record for f in files for record in _yaml_dialogs(f, root)), _from_chatterbot,
+                    skip_bad, limit)
 
 
 def load(source: str, *, skip_bad: bool = False, limit: int | None = None) -> Loaded:
@@ -297,9 +323,10 @@ def load(source: str, *, skip_bad: bool = False, limit: int | None = None) -> Lo
     if kind == "chatterbot":
         return read_chatterbot(arg.split(",") if arg else None, skip_bad=skip_bad, limit=limit)
     if kind in ("sharegpt", "jsonl") and arg:
-        return (read_sharegpt if kind == "sharegpt" else read_jsonl)(arg, skip_bad=skip_bad, limit=limit)
-    raise ChatDataError(f"unknown source {source!r}: expected chitchat, chatterbot[:LANG,...], sharegpt:PATH "
-                        f"or jsonl:PATH")
+        reader = read_sharegpt if kind == "sharegpt" else read_jsonl
+        return reader(arg, skip_bad=skip_bad, limit=limit)
+    raise ChatDataError(f"unknown source {source!r}: expected chitchat, chatterbot[:LANG,...], "
+                        "sharegpt:PATH or jsonl:PATH")
 
 
 def write_jsonl(path: str | os.PathLike, conversations: Sequence[Conversation],

@@ -1,5 +1,6 @@
-"""Document sources for `prepare`: text files, JSON lines, Hugging Face datasets and the packaged chat
-corpora, each streamed as (text, ends_document) pieces so that a corpus of any size reads in bounded memory.
+"""Document sources for `prepare`: text files, JSON lines, Hugging Face datasets and the packaged
+chat corpora, each streamed as (text, ends_document) pieces so that a corpus of any size reads in
+bounded memory.
 
     open_source("text:books/")           every .txt under books/, one document per file
     open_source("jsonl:rows.jsonl:body") the "body" field of each row
@@ -20,7 +21,8 @@ from typing import Callable, Iterator
 from jaxgpt.config import PrepareConfig
 from jaxgpt.errors import DataError
 
-CHUNK_BYTES = PrepareConfig.chunk_bytes  # text read, and work handed to a worker, in pieces of about this size
+# text read, and work handed to a worker, in pieces of about this size
+CHUNK_BYTES = PrepareConfig.chunk_bytes
 SOURCES = "text:PATH, jsonl:PATH[:field], hf:NAME[:config], chitchat or chatterbot"
 
 
@@ -33,8 +35,10 @@ class Source:
     pieces: Callable[[], Iterator[tuple[str, bool]]]  # a fresh stream on every call (one per pass)
 
 
-def decode(raw: bytes, path, offset: int, errors: str, warned: set, fix: str = "prepare.errors=replace") -> str:
-    """UTF-8 text; invalid bytes stop with an error that suggests the setting `fix` (strict), or become U+FFFD."""
+def decode(raw: bytes, path, offset: int, errors: str, warned: set,
+           fix: str = "prepare.errors=replace") -> str:
+    """UTF-8 text; invalid bytes stop with an error that suggests the setting `fix` (strict), or
+    become U+FFFD."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -51,7 +55,8 @@ def decode(raw: bytes, path, offset: int, errors: str, warned: set, fix: str = "
 # character other than "/", where no pre-token of the gpt2, cl100k or o200k patterns can span
 # (o200k's punctuation run may swallow newlines and slashes), so a document read in pieces gets
 # exactly the ids of the whole text. "line"/"paragraph": at document boundaries.
-_CUTS = {"file": re.compile(rb"\n(?=[!-.0-~])"), "line": re.compile(rb"\n"), "paragraph": re.compile(rb"\n\r?\n")}
+_CUTS = {"file": re.compile(rb"\n(?=[!-.0-~])"), "line": re.compile(rb"\n"),
+         "paragraph": re.compile(rb"\n\r?\n")}
 _DOC_SEPS = {"line": re.compile(r"\n"), "paragraph": re.compile(r"\n\s*\n")}
 
 
@@ -63,7 +68,8 @@ def _read_pieces(path: Path, errors: str, cut: re.Pattern, chunk_bytes: int) -> 
             while end is None and (i := data.rfind(b"\n", 0, i)) >= 0:
                 end = m.end() if (m := cut.match(data, i)) else None
             if end is None:
-                if len(data) < 16 * chunk_bytes:  # no cut point yet: read on, but never without bound
+                # no cut point yet: read on, but never without bound
+                if len(data) < 16 * chunk_bytes:
                     carry = data
                     continue
                 end = len(data) - 4  # forced: step back to the start of a UTF-8 character
@@ -86,7 +92,8 @@ def _text_pieces(files, errors, doc_split, chunk_bytes):
             yield previous, True
         else:
             for text in pieces:
-                yield from ((doc.strip("\r\n"), True) for doc in _DOC_SEPS[doc_split].split(text) if doc.strip())
+                yield from ((doc.strip("\r\n"), True)
+                            for doc in _DOC_SEPS[doc_split].split(text) if doc.strip())
 
 
 def _jsonl_pieces(files, field, errors):
@@ -102,10 +109,13 @@ def _jsonl_pieces(files, field, errors):
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
                 if not isinstance(row, dict) or field not in row:
-                    fields = f" (it has {', '.join(map(repr, row))})" if isinstance(row, dict) else ""
-                    raise DataError(f"{path}:{lineno}: no field {field!r}{fields}; choose one with prepare.field=NAME")
+                    fields = (f" (it has {', '.join(map(repr, row))})" if isinstance(row, dict)
+                              else "")
+                    raise DataError(f"{path}:{lineno}: no field {field!r}{fields}; "
+                                    "choose one with prepare.field=NAME")
                 if not isinstance(row[field], str):
-                    raise DataError(f"{path}:{lineno}: field {field!r} is a {type(row[field]).__name__}, not text")
+                    raise DataError(f"{path}:{lineno}: field {field!r} is a "
+                                    f"{type(row[field]).__name__}, not text")
                 if row[field]:
                     yield row[field], True
 
@@ -131,7 +141,8 @@ def _need(module: str, package: str, spec: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise DataError(f"prepare.source={spec} needs the {package} package: pip install {package}") from None
+        raise DataError(f"prepare.source={spec} needs the {package} package: "
+                        f"pip install {package}") from None
 
 
 def _hf_source(spec: str, rest: str, field: str, split: str) -> Source:
@@ -144,7 +155,8 @@ def _hf_source(spec: str, rest: str, field: str, split: str) -> Source:
             ds = datasets.load_from_disk(name) if local else \
                 datasets.load_dataset(name, config or None, split=split, streaming=True)
         except Exception as e:  # noqa: BLE001 - offline, unknown name, not a saved dataset: one remedy
-            raise DataError(f"prepare.source={spec}: cannot open the dataset ({type(e).__name__}: {e})") from None
+            raise DataError(f"prepare.source={spec}: cannot open the dataset "
+                            f"({type(e).__name__}: {e})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{name}: no split {split!r} (it has {', '.join(ds)}); "
@@ -155,8 +167,8 @@ def _hf_source(spec: str, rest: str, field: str, split: str) -> Source:
     def pieces():
         for i, row in enumerate(rows()):
             if not isinstance(row.get(field), str):
-                raise DataError(f"{spec} row {i}: no text field {field!r} (it has {', '.join(row)}); "
-                                f"use prepare.field=NAME")
+                raise DataError(f"{spec} row {i}: no text field {field!r} "
+                                f"(it has {', '.join(row)}); use prepare.field=NAME")
             if row[field]:
                 yield row[field], True
 
@@ -176,12 +188,14 @@ def _chitchat_source(spec: str) -> Source:
 
 
 def _chatterbot_source(spec: str) -> Source:
-    corpus, yaml = _need("chatterbot_corpus.corpus", "chatterbot-corpus", spec), _need("yaml", "pyyaml", spec)
+    corpus, yaml = (_need("chatterbot_corpus.corpus", "chatterbot-corpus", spec),
+                    _need("yaml", "pyyaml", spec))
     files = sorted(Path(corpus.DATA_DIRECTORY).glob("*/*.yml"))  # every language
 
     def pieces():  # one conversation per document, one statement per line
         for path in files:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            data = yaml.load(path.read_text(encoding="utf-8"),
+                             Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
             for conversation in (data or {}).get("conversations") or []:
                 lines = conversation if isinstance(conversation, list) else [conversation]
                 if text := "\n".join(map(str, lines)):
@@ -201,7 +215,8 @@ def open_source(spec: str, *, errors: str = "strict", field: str = "text", doc_s
         if path and re.fullmatch(r"[A-Za-z_][\w\-]*", named):  # jsonl:PATH:field
             rest, field = path, named
         files = _find_files(rest, ".jsonl", spec)
-        return Source(spec, files, f"jsonl:{field}", None, lambda: _jsonl_pieces(files, field, errors))
+        return Source(spec, files, f"jsonl:{field}", None,
+                      lambda: _jsonl_pieces(files, field, errors))
     if kind == "hf" and rest:
         return _hf_source(spec, rest, field, hf_split)
     if spec == "chitchat":

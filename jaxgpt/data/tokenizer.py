@@ -1,8 +1,9 @@
-"""Text <-> token ids: one `Tokenizer` over tiktoken (pretrained, byte, trained BPE), a char table or a
-Hugging Face `tokenizers` file (models converted by jaxgpt.convert).
+"""Text <-> token ids: one `Tokenizer` over tiktoken (pretrained, byte, trained BPE), a char table
+or a Hugging Face `tokenizers` file (models converted by jaxgpt.convert).
 
-    python -m jaxgpt.tokenizer train bpe.input=a.txt,b.txt bpe.vocab_size=4096 bpe.out=DIR [bpe.name=NAME]
-    python -m jaxgpt.tokenizer encode encode.tokenizer=gpt2 encode.text="hello" [encode.corpus=FILE.txt]
+    python -m jaxgpt.tokenizer train bpe.input=a.txt,b.txt bpe.vocab_size=4096 bpe.out=DIR \\
+        [bpe.name=NAME]
+    python -m jaxgpt.tokenizer encode encode.tokenizer=gpt2 encode.text="hello" [encode.corpus=FILE]
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _hf_token_bytes(hf, hf_json: str) -> list[bytes]:
     pieces (Llama 2: \u2581 is a space, <0xNN> one byte). A SentencePiece tokenizer adds a space
     before the first word, which these lengths count (one byte per encoded text)."""
     spec = json.loads(hf_json)
-    byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))  # alone or inside a Sequence decoder
+    byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))  # alone or inside a Sequence
     added, chars = {t["id"]: t for t in spec.get("added_tokens", [])}, byte_level_chars()
     out = []
     for i in range(hf.get_vocab_size(with_added_tokens=True)):
@@ -84,8 +85,9 @@ class Spec(NamedTuple):
 
 
 def parse_spec(spec: str) -> Spec:
-    """What a spec names: gpt2 | r50k_base | cl100k_base | o200k_base (any tiktoken name) | byte | char | bpe:N
-    (these two are built from a corpus) | FILE.tiktoken | a saved tokenizer (its directory or tokenizer.json)."""
+    """What a spec names: gpt2 | r50k_base | cl100k_base | o200k_base (any tiktoken name) | byte |
+    char | bpe:N (these two are built from a corpus) | FILE.tiktoken | a saved tokenizer (its
+    directory or tokenizer.json)."""
     if spec in openai_public.ENCODING_CONSTRUCTORS:
         return Spec("pretrained", spec)
     if spec in ("byte", "char"):
@@ -94,14 +96,15 @@ def parse_spec(spec: str) -> Spec:
         try:
             return Spec("bpe", spec, int(spec[4:]))
         except ValueError:
-            raise TokenizerError(f"bad tokenizer {spec!r}: expected bpe:VOCAB_SIZE, e.g. bpe:4096") from None
+            raise TokenizerError(f"bad tokenizer {spec!r}: expected bpe:VOCAB_SIZE, "
+                                 "e.g. bpe:4096") from None
     path = Path(spec)
     if path.is_dir() or path.suffix == ".json" or path.with_suffix(".json").is_file():
         return Spec("saved", spec, path=path)
     if path.suffix == ".tiktoken" and path.is_file():
         return Spec("file", spec, path=path)
-    raise TokenizerError(f"unknown tokenizer {spec!r}: expected one of {', '.join(PRETRAINED)}, byte, char, "
-                         f"bpe:N, a .tiktoken file or a saved tokenizer directory")
+    raise TokenizerError(f"unknown tokenizer {spec!r}: expected one of {', '.join(PRETRAINED)}, "
+                         "byte, char, bpe:N, a .tiktoken file or a saved tokenizer directory")
 
 
 # ---- the tokenizer ----
@@ -114,16 +117,17 @@ class Tokenizer:
                  chars: Sequence[str] | None = None, specials: dict[str, int] | None = None,
                  hf_json: str | None = None, chat_format: str = "jaxgpt"):
         self.name, self._pattern, self._ranks, self.hf_json = name, pattern, ranks, hf_json
-        # how chat.py lays conversations out in tokens: jaxgpt's own, or an imported chat model's (chat.CHAT_FORMATS)
+        # how chat.py lays conversations out: jaxgpt's, or an imported chat model's (CHAT_FORMATS)
         self.chat_format = chat_format
         self._lengths: np.ndarray | None = None
         if ranks is None and chars is None and hf_json is None:
-            raise TokenizerError(f"Tokenizer({name!r}) needs ranks or chars; to build a tokenizer by name "
-                                 f"use Tokenizer.from_spec({name!r})")
+            raise TokenizerError(f"Tokenizer({name!r}) needs ranks or chars; to build a tokenizer "
+                                 f"by name use Tokenizer.from_spec({name!r})")
         self._chars = list(chars) if chars is not None else None
         self._hf = load_hf_tokenizer(name, hf_json) if hf_json is not None else None
         n_base = (self._hf.get_vocab_size(with_added_tokens=True) if self._hf is not None else
-                  max(ranks.values(), default=-1) + 1 if ranks is not None else len(self._chars or ()))
+                  max(ranks.values(), default=-1) + 1 if ranks is not None else
+                  len(self._chars or ()))
         self._specials = _with_chat_specials(specials or {}, n_base)
         self._special_ids = frozenset(self._specials.values())
         self.eot_id, self.bos_id = self._specials["<|endoftext|>"], self._specials["<|bos|>"]
@@ -134,14 +138,15 @@ class Tokenizer:
             self._added_names = {i: t for t, i in self._specials.items() if i >= n_base}
             self._hf_bytes = _hf_token_bytes(self._hf, hf_json) + [b""] * (self.n_vocab - n_base)
         elif ranks is not None:
-            if len(set(ranks.values())) != len(ranks):  # tiktoken would panic, which no except catches
+            if len(set(ranks.values())) != len(ranks):  # tiktoken would panic: no except catches it
                 raise TokenizerError(f"'{name}': the ranks file gives two tokens the same rank")
             self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
                                           special_tokens=self._specials)
             self.n_vocab = self._enc.n_vocab
         else:
             if not all(len(c) == 1 for c in self._chars):
-                raise TokenizerError(f"'{name}': a char tokenizer's chars must be single characters")
+                raise TokenizerError(f"'{name}': a char tokenizer's chars must be single "
+                                     "characters")
             self.n_vocab = len(self._chars) + len(self._specials)
             # A table indexed by code point turns encoding into one numpy gather.
             codes = np.array([ord(c) for c in self._chars], dtype=np.int64)
@@ -156,19 +161,20 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         if self._hf is not None:
             return self._hf.encode(text, add_special_tokens=False).ids
-        return self._enc.encode_ordinary(text) if self._ranks is not None else self.encode_np(text).tolist()
+        return (self._enc.encode_ordinary(text) if self._ranks is not None
+                else self.encode_np(text).tolist())
 
     def encode_np(self, text: str) -> np.ndarray:
         if self._hf is not None:
             return np.asarray(self.encode(text), np.uint32)
-        if self._ranks is not None:  # disallowed_special=() encodes special-token strings as plain text
+        if self._ranks is not None:  # disallowed_special=() encodes special-token strings as text
             return self._enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
         ids = np.where(codes < len(self._lut), self._lut[np.minimum(codes, len(self._lut) - 1)], -1)
         if (bad := np.flatnonzero(ids < 0)).size:
             i = int(bad[0])
-            raise TokenizerError(f"character {text[i]!r} at position {i} is not in the '{self.name}' "
-                                 f"vocabulary ({len(self._chars)} characters)")
+            raise TokenizerError(f"character {text[i]!r} at position {i} is not in the "
+                                 f"'{self.name}' vocabulary ({len(self._chars)} characters)")
         return ids.astype(np.uint32)
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
@@ -181,17 +187,19 @@ class Tokenizer:
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).ravel()
         if (bad := np.flatnonzero((arr < 0) | (arr >= self.n_vocab))).size:
-            raise TokenizerError(f"token id {int(arr[bad[0]])} is outside the vocabulary of '{self.name}' "
-                                 f"(ids 0..{self.n_vocab - 1}, n_vocab={self.n_vocab})")
-        if self._hf is not None:  # runs of HF ids through HF's decoder, the ids jaxgpt added by name
+            raise TokenizerError(f"token id {int(arr[bad[0]])} is outside the vocabulary of "
+                                 f"'{self.name}' (ids 0..{self.n_vocab - 1}, "
+                                 f"n_vocab={self.n_vocab})")
+        if self._hf is not None:  # runs of HF ids through HF's decoder, ids jaxgpt added by name
             return "".join(self._hf.decode(list(run), skip_special_tokens=False) if inside else
                            "".join(self._added_names.get(i, "") for i in run)
-                           for inside, run in itertools.groupby(arr.tolist(), lambda i: i < self._hf_size))
+                           for inside, run in itertools.groupby(arr.tolist(),
+                                                                lambda i: i < self._hf_size))
         if self._ranks is None:
             return "".join(map(self._pieces.__getitem__, arr.tolist()))
         try:
             return self._enc.decode(arr.tolist())
-        except KeyError as e:  # an unused id inside the range, e.g. cl100k's gap before <|endofprompt|>
+        except KeyError as e:  # an unused id inside range, e.g. cl100k's gap before <|endofprompt|>
             raise TokenizerError(f"'{self.name}': {e.args[0]} (n_vocab={self.n_vocab})") from None
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -223,7 +231,8 @@ class Tokenizer:
     def special_id(self, token: str) -> int:
         if token not in self._specials:
             known = ", ".join(self._specials)
-            raise TokenizerError(f"{token!r} is not a special token of '{self.name}'; known: {known}")
+            raise TokenizerError(f"{token!r} is not a special token of '{self.name}'; "
+                                 f"known: {known}")
         return self._specials[token]
 
     def is_special(self, id: int) -> bool:  # noqa: A002 - the interface's name
@@ -237,8 +246,10 @@ class Tokenizer:
         if self._hf is not None:
             return {"kind": "hf", "special_tokens": self._specials, **fmt}
         if self._ranks is None:
-            return {"kind": "char", "chars": "".join(self._chars), "special_tokens": self._specials, **fmt}
-        return {"kind": "tiktoken", "pattern": self._pattern, "special_tokens": self._specials, **fmt}
+            return {"kind": "char", "chars": "".join(self._chars), "special_tokens": self._specials,
+                    **fmt}
+        return {"kind": "tiktoken", "pattern": self._pattern, "special_tokens": self._specials,
+                **fmt}
 
     def _ranks_bytes(self) -> bytes:  # the standard .tiktoken format: base64 token, space, rank
         items = sorted(self._ranks.items(), key=lambda kv: kv[1])
@@ -246,7 +257,8 @@ class Tokenizer:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps(self._definition(), sort_keys=True, ensure_ascii=True).encode())
+        h = hashlib.sha256(json.dumps(self._definition(), sort_keys=True,
+                                      ensure_ascii=True).encode())
         if self._ranks is not None:
             h.update(self._ranks_bytes())
         if self._hf is not None:
@@ -258,7 +270,8 @@ class Tokenizer:
         `directory`; returns the json's path."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "name": self.name, **self._definition(), "fingerprint": self.fingerprint}
+        meta = {"format": FORMAT, "name": self.name, **self._definition(),
+                "fingerprint": self.fingerprint}
         if self._hf is not None:
             files.atomic_write(directory / "hf_tokenizer.json", self.hf_json)
             meta["hf_file"] = "hf_tokenizer.json"
@@ -274,19 +287,24 @@ class Tokenizer:
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
             if meta.get("format") != FORMAT:
-                raise TokenizerError(f"{path} is not a jaxgpt tokenizer (format {meta.get('format')!r})")
-            common = dict(specials=meta["special_tokens"], chat_format=meta.get("chat_format", "jaxgpt"))
+                raise TokenizerError(f"{path} is not a jaxgpt tokenizer "
+                                     f"(format {meta.get('format')!r})")
+            common = dict(specials=meta["special_tokens"],
+                          chat_format=meta.get("chat_format", "jaxgpt"))
             if meta["kind"] == "char":
                 tok = cls(meta["name"], chars=meta["chars"], **common)
             elif meta["kind"] == "hf":
-                tok = cls(meta["name"], hf_json=(path.parent / meta["hf_file"]).read_text(encoding="utf-8"), **common)
+                hf_json = (path.parent / meta["hf_file"]).read_text(encoding="utf-8")
+                tok = cls(meta["name"], hf_json=hf_json, **common)
             else:
                 ranks = vocabularies.parse_ranks((path.parent / meta["ranks_file"]).read_bytes())
                 tok = cls(meta["name"], pattern=meta["pattern"], ranks=ranks, **common)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise TokenizerError(f"cannot load tokenizer from {path}: {type(e).__name__}: {e}") from None
+            raise TokenizerError(f"cannot load tokenizer from {path}: "
+                                 f"{type(e).__name__}: {e}") from None
         if tok.fingerprint != meta.get("fingerprint"):
-            raise TokenizerError(f"{path}: fingerprint mismatch, the tokenizer files were modified or mixed up")
+            raise TokenizerError(f"{path}: fingerprint mismatch, the tokenizer files were "
+                                 "modified or mixed up")
         return tok
 
     # -- constructors --
@@ -296,15 +314,18 @@ class Tokenizer:
         parsed = parse_spec(spec)
         if parsed.kind == "pretrained":
             official, (url, sha256) = vocabularies.tiktoken_definition(spec)
-            return cls(spec, pattern=official["pat_str"], ranks=vocabularies.pretrained_ranks(spec, url, sha256),
+            return cls(spec, pattern=official["pat_str"],
+                       ranks=vocabularies.pretrained_ranks(spec, url, sha256),
                        specials=official["special_tokens"])
         if parsed.kind == "byte":
             # No merges, so the split pattern cannot change the ids; gpt2's is as good as any.
-            return cls("byte", pattern=openai_public.r50k_pat_str, ranks={bytes([i]): i for i in range(256)})
+            return cls("byte", pattern=openai_public.r50k_pat_str,
+                       ranks={bytes([i]): i for i in range(256)})
         if parsed.kind in ("char", "bpe"):
             if not corpus:
-                raise TokenizerError(f"tokenizer '{spec}' is built from a training text, but none was given: name "
-                                     f"the run or prepared directory that holds it (or give encode.corpus=FILE)")
+                raise TokenizerError(f"tokenizer '{spec}' is built from a training text, but none "
+                                     "was given: name the run or prepared directory that holds it "
+                                     "(or give encode.corpus=FILE)")
             if parsed.kind == "char":
                 return cls("char", chars=sorted(set(corpus)))
             return cls.train_bpe([corpus], parsed.vocab_size)
@@ -312,7 +333,8 @@ class Tokenizer:
             return cls.load(parsed.path)
         path = parsed.path  # bare ranks: official rules if the name is known
         stem = path.name.removesuffix(".tiktoken")
-        official = vocabularies.tiktoken_definition(stem)[0] if stem in openai_public.ENCODING_CONSTRUCTORS else {}
+        official = (vocabularies.tiktoken_definition(stem)[0]
+                    if stem in openai_public.ENCODING_CONSTRUCTORS else {})
         try:
             ranks = vocabularies.read_ranks(path, None)
         except ValueError as e:
@@ -339,19 +361,21 @@ class Tokenizer:
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, name: str | None = None) -> Tokenizer:
-        """Byte-level BPE trained by rustbpe on GPT-4's split pattern; vocab_size counts bytes and specials."""
+        """Byte-level BPE trained on GPT-4's split pattern; vocab_size counts bytes and specials."""
         import rustbpe  # only training needs it
 
         n_merged = vocab_size - len(SPECIAL_TOKENS)
         if n_merged < 256:
             raise TokenizerError(f"vocab_size {vocab_size} is too small: BPE needs 256 byte tokens "
-                                 f"+ {len(SPECIAL_TOKENS)} special tokens = {256 + len(SPECIAL_TOKENS)} at least")
+                                 f"+ {len(SPECIAL_TOKENS)} special tokens = "
+                                 f"{256 + len(SPECIAL_TOKENS)} at least")
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(iter(texts), n_merged, pattern=gpt4_pattern())
         ranks = dict(bpe.get_mergeable_ranks())
         if len(ranks) < n_merged:
             warnings.warn(f"the corpus only supports {len(ranks)} merged tokens; n_vocab is "
-                          f"{len(ranks) + len(SPECIAL_TOKENS)} instead of {vocab_size}", stacklevel=2)
+                          f"{len(ranks) + len(SPECIAL_TOKENS)} instead of {vocab_size}",
+                          stacklevel=2)
         return cls(name or f"bpe:{vocab_size}", pattern=gpt4_pattern(), ranks=ranks)
 
 
@@ -364,8 +388,9 @@ def load_hf_tokenizer(name: str, hf_json: str):
     try:
         hf = tokenizers.Tokenizer.from_str(hf_json)
     except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions on a bad file
-        raise TokenizerError(f"'{name}': not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
-    hf.encode_special_tokens = True  # special-token text in the input is text, as with tiktoken here
+        raise TokenizerError(f"'{name}': not a tokenizers JSON file "
+                             f"({str(e).splitlines()[0]})") from None
+    hf.encode_special_tokens = True  # special-token text in the input is text, as with tiktoken
     return hf
 
 

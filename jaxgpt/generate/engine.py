@@ -1,7 +1,8 @@
 """Generation against a KV cache: a fixed set of slots decoding together (continuous batching).
 
     engine = Engine(model, params, tokenizer, slots=4)
-    [rid] = engine.submit(prompt_ids, SamplingParams(temperature=0.7, top_p=0.9, seed=1, max_tokens=64))
+    [rid] = engine.submit(prompt_ids, SamplingParams(temperature=0.7, top_p=0.9, seed=1,
+                                                     max_tokens=64))
     while engine.busy:
         for rid, new_ids in engine.step().items(): ...
     engine.generate([prompt_a, prompt_b], SamplingParams(temperature=0))  # -> [ids_a, ids_b]
@@ -13,9 +14,9 @@ each new token back, for up to DECODE_STEPS steps in one jitted loop, with the c
 Sampling runs inside the loop on per-slot arrays, so requests with different settings share the
 step; a request's i-th token is drawn with fold_in(key(seed), i), which makes its reply independent
 of what else is in the batch, and of how many steps a call takes. A finished request frees its slot
-when its call returns, and the next call admits a waiting one. The n samples of one request are admitted
-together: the prompt is prefilled once and its cache row copied to the other samples' slots.
-When a sequence fills the cache (S tokens) it is re-prefilled from its last S // 2 tokens (a
+when its call returns, and the next call admits a waiting one. The n samples of one request are
+admitted together: the prompt is prefilled once and its cache row copied to the other samples'
+slots. When a sequence fills the cache (S tokens) it is re-prefilled from its last S // 2 tokens (a
 context shift) and goes on.
 
 This class is single-threaded and knows ids only; `jaxgpt.replies` drives it from a thread for
@@ -52,8 +53,8 @@ MIN_BUCKET = 16
 # (experiments/RESULTS.md, "Decode speed").
 DECODE_STEPS = 8
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
-def _prefill(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], params, state, tokens_1xL, length, slot,
-             fresh, knobs, step_1):
+def _prefill(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], params, state,
+             tokens_1xL, length, slot, fresh, knobs, step_1):
     """Prompt tokens[:length] into cache row `slot` (from position 0); the first new token."""
     L = tokens_1xL.shape[1]
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)  # noqa: E731
@@ -73,23 +74,24 @@ def _prefill(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], par
     counts_1xV = jnp.where(fresh, 0, take(state["counts"]))
     token_1 = sample_tokens(logits_1xV, knobs, counts_1xV, seen_1xV, step_1, n_valid, paths)
     counts_1xV = counts_1xV + jax.nn.one_hot(token_1, V, dtype=jnp.int32)
-    write = lambda x, row_1xKxLxE: jax.lax.dynamic_update_slice(x, row_1xKxLxE, (slot, 0, 0, 0))  # noqa: E731
-    state = {"cache": jax.tree.map(write, state["cache"], cache_1), "counts": put(state["counts"], counts_1xV),
-             "seen": put(state["seen"], seen_1xV)}
+    write = lambda x, row_1xKxLxE: jax.lax.dynamic_update_slice(  # noqa: E731
+        x, row_1xKxLxE, (slot, 0, 0, 0))
+    state = {"cache": jax.tree.map(write, state["cache"], cache_1),
+             "counts": put(state["counts"], counts_1xV), "seen": put(state["seen"], seen_1xV)}
     return token_1, logits_1xV, sampling.scores(logits_1xV, token_1, top_n, n_valid), state
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
-def _fork(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], state, logits_1xV, src, dsts_F, knobs,
-          step_F):
+def _fork(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], state, logits_1xV,
+          src, dsts_F, knobs, step_F):
     """Copy slot src's freshly prefilled cache row to slots dsts and draw their first tokens from
     the same prompt logits: the n samples of one request share one prefill."""
     F = dsts_F.shape[0]
     copy = lambda x: x.at[dsts_F].set(jnp.broadcast_to(x[src], (F, *x.shape[1:])))  # noqa: E731
     seen_FxV = jnp.broadcast_to(state["seen"][src], (F, logits_1xV.shape[-1]))
     logits_FxV = jnp.broadcast_to(logits_1xV, seen_FxV.shape)
-    token_F = sample_tokens(logits_FxV, knobs, jnp.zeros(seen_FxV.shape, jnp.int32), seen_FxV, step_F, n_valid,
-                            paths)
+    token_F = sample_tokens(logits_FxV, knobs, jnp.zeros(seen_FxV.shape, jnp.int32), seen_FxV,
+                            step_F, n_valid, paths)
     counts_FxV = jax.nn.one_hot(token_F, seen_FxV.shape[-1], dtype=jnp.int32)
     state = {"cache": jax.tree.map(copy, state["cache"]), "seen": copy(state["seen"]),
              "counts": state["counts"].at[dsts_F].set(counts_FxV)}
@@ -97,18 +99,21 @@ def _fork(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], state,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(7,))
-def _decode(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], steps: int, keep_logits: bool, params,
-            state, tokens_B, positions_B, active_B, knobs, step_B):
+def _decode(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], steps: int,
+            keep_logits: bool, params, state, tokens_B, positions_B, active_B, knobs, step_B):
     """`steps` decode steps in one call: every slot's last token at its position, each new token
     fed back at the next. Per step (stacked on a leading K axis): the tokens, the logits when kept,
     the scores."""
     def one(carry, j):
         state, tokens_B = carry
-        logits_Bx1xV, cache = model.apply(params, tokens_B[:, None], jnp.ones_like(tokens_B)[:, None],
+        logits_Bx1xV, cache = model.apply(params, tokens_B[:, None],
+                                          jnp.ones_like(tokens_B)[:, None],
                                           (positions_B + j)[:, None], cache=state["cache"])
         logits_BxV = logits_Bx1xV[:, 0]
-        token_B = sample_tokens(logits_BxV, knobs, state["counts"], state["seen"], step_B + j, n_valid, paths)
-        counts_BxV = state["counts"] + jax.nn.one_hot(token_B, logits_BxV.shape[-1], dtype=jnp.int32) * active_B[:, None]
+        token_B = sample_tokens(logits_BxV, knobs, state["counts"], state["seen"], step_B + j,
+                                n_valid, paths)
+        counts_BxV = state["counts"] + jax.nn.one_hot(token_B, logits_BxV.shape[-1],
+                                                      dtype=jnp.int32) * active_B[:, None]
         state = {"cache": cache, "counts": counts_BxV, "seen": state["seen"]}
         return (state, token_B), (token_B, logits_BxV if keep_logits else None,
                                   sampling.scores(logits_BxV, token_B, top_n, n_valid))
@@ -116,7 +121,8 @@ def _decode(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], step
     if steps == 1:  # no loop around a single step
         (state, _), out = one((state, tokens_B), 0)
         return (*jax.tree.map(lambda x: x[None], out), state)
-    (state, _), (token_KxB, logits_KxBxV, scores) = jax.lax.scan(one, (state, tokens_B), jnp.arange(steps))
+    (state, _), (token_KxB, logits_KxBxV, scores) = jax.lax.scan(one, (state, tokens_B),
+                                                                 jnp.arange(steps))
     return token_KxB, logits_KxBxV, scores, state
 
 
@@ -127,10 +133,13 @@ class Request:
     params: SamplingParams
     sample: int = 0                                              # which of the request's n samples
     tokens: list[int] = dataclasses.field(default_factory=list)  # generated, stop id excluded
-    logprobs: list[float] = dataclasses.field(default_factory=list)  # the model's, of each token in tokens
-    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # with params.top_logprobs
+    # the model's, of each token in tokens
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    # with params.top_logprobs
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length", or what cancel() was given
-    logits: list[np.ndarray] = dataclasses.field(default_factory=list)  # with keep_logits: one per token
+    # with keep_logits: one per token
+    logits: list[np.ndarray] = dataclasses.field(default_factory=list)
     slot: int | None = None
     position: int = 0    # where the last sampled token will be written in the cache
     last: int = 0        # the last sampled token, fed at the next decode step
@@ -140,20 +149,25 @@ class Engine:
     """mesh: decode on a device mesh, params and cache placed by the logical-axis rules (slots over
     data x fsdp, heads over tensor); None: one device."""
 
-    def __init__(self, model: GPT, params, tokenizer=None, slots: int = 4, keep_logits: bool = False,
-                 mesh: jax.sharding.Mesh | None = None, decode_steps: int = DECODE_STEPS):
+    def __init__(self, model: GPT, params, tokenizer=None, slots: int = 4,
+                 keep_logits: bool = False, mesh: jax.sharding.Mesh | None = None,
+                 decode_steps: int = DECODE_STEPS):
         model, params = model.for_decoding(params)  # a scan_layers model decodes layer by layer
         # The matrices in the compute dtype once, not in every step (in bf16 a step otherwise
         # converts 500 MB of fp32 weights); the model casts them to it anyway, so nothing changes.
         compute = jnp.dtype(model.cfg.dtype)
-        params = jax.tree.map(lambda x: x.astype(compute) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+        params = jax.tree.map(lambda x: x.astype(compute)
+                              if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
                               else x, params)
         if mesh is not None:
-            params = jax.device_put(params, sharding.logical_to_mesh(model.logical_axes, params, mesh))
-        self.model, self.params, self.slots, self.keep_logits, self.mesh = model, params, slots, keep_logits, mesh
+            params = jax.device_put(params,
+                                    sharding.logical_to_mesh(model.logical_axes, params, mesh))
+        self.model, self.params, self.slots = model, params, slots
+        self.keep_logits, self.mesh = keep_logits, mesh
         self.decode_steps = max(1, decode_steps)
         V = model.cfg.vocab_size
-        self.n_valid = min(V, tokenizer.n_vocab) if tokenizer is not None else V  # never sample padding ids
+        # never sample padding ids
+        self.n_valid = min(V, tokenizer.n_vocab) if tokenizer is not None else V
         self.requests: dict[int, Request] = {}
         self._next_id = 0
         self.reset()
@@ -165,20 +179,25 @@ class Engine:
             request.finish_reason = request.finish_reason or "error"
             request.slot = None
         V = self.model.cfg.vocab_size
-        self.state = {"cache": self.model.init_cache(self.slots), "counts": jnp.zeros((self.slots, V), jnp.int32),
+        self.state = {"cache": self.model.init_cache(self.slots),
+                      "counts": jnp.zeros((self.slots, V), jnp.int32),
                       "seen": jnp.zeros((self.slots, V), bool)}
         if self.mesh is None:  # committed, as the jitted steps' outputs are: else the first prefill
-            # after a decode step sees a differently placed state and compiles again (2 s at 1.8M params)
+            # after a decode step sees a differently placed state and compiles again (2 s at 1.8M
+            # params)
             self.state = jax.device_put(self.state, jax.devices()[0])
         else:
             axes = {"cache": [{"k": CACHE_AXES, "v": CACHE_AXES}] * self.model.cfg.n_layer,
                     "counts": ("batch", "vocab"), "seen": ("batch", "vocab")}
             specs = jax.tree.map(lambda names: jax.sharding.PartitionSpec(*names), axes,
                                  is_leaf=lambda x: isinstance(x, tuple))
-            self.state = jax.device_put(self.state, sharding.logical_to_mesh(specs, self.state, self.mesh))
+            self.state = jax.device_put(self.state,
+                                        sharding.logical_to_mesh(specs, self.state, self.mesh))
         self.slot_request: list[Request | None] = [None] * self.slots
-        self.knobs = {name: np.full(self.slots, IDLE_KNOBS[name], dtype) for name, dtype in KNOBS.items()}
-        self.waiting: collections.deque[list[Request]] = collections.deque()  # the n samples of a request
+        self.knobs = {name: np.full(self.slots, IDLE_KNOBS[name], dtype)
+                      for name, dtype in KNOBS.items()}
+        # the n samples of a request
+        self.waiting: collections.deque[list[Request]] = collections.deque()
 
     @property
     def busy(self) -> bool:
@@ -205,7 +224,8 @@ class Engine:
         return [r.id for r in group]
 
     def cancel(self, request_id: int, reason: str = "cancelled") -> None:
-        """End a request now (waiting or decoding), freeing its slot; a finished one is left as it is."""
+        """End a request now (waiting or decoding), freeing its slot; a finished one is left as it
+        is."""
         request = self.requests.get(request_id)
         if request is None or request.finish_reason is not None:
             return
@@ -217,7 +237,8 @@ class Engine:
         self.waiting = collections.deque(g for g in self.waiting if g)
 
     def step(self) -> dict[int, list[int]]:
-        """Admit waiting requests into free slots, then one decode step: {request id: new tokens}."""
+        """Admit waiting requests into free slots, then one decode step: {request id: new
+        tokens}."""
         out: dict[int, list[int]] = {}
         S = self.model.cfg.seq_len
         free = [s for s in range(self.slots) if self.slot_request[s] is None]
@@ -229,28 +250,33 @@ class Engine:
                 self.slot_request[request.slot] = request
                 for name in KNOBS:
                     self.knobs[name][request.slot] = getattr(request.params, name)
-            src = group[0].slot  # kept: the first sample may finish (and free it) at its first token
+            # kept: the first sample may finish (and free it) at its first token
+            src = group[0].slot
             logits_1xV = self._prefill(group[0], group[0].prompt[-S:], fresh=True, out=out)
             if len(group) > 1:
                 self._fork(src, group, logits_1xV, out)
         for request in self.slot_request:
-            if request is not None and request.position >= S:  # the cache is full: shift the context
+            # the cache is full: shift the context
+            if request is not None and request.position >= S:
                 context = (request.prompt + request.tokens)[-(S // 2):]
                 self._prefill(request, context, fresh=False, out=out)
         busy = [r for r in self.slot_request if r is not None]
         if busy:
             tokens, positions, active, steps = (np.zeros(self.slots, np.int32) for _ in range(4))
             for r in busy:
-                tokens[r.slot], positions[r.slot], active[r.slot], steps[r.slot] = r.last, r.position, 1, len(r.tokens)
+                tokens[r.slot], positions[r.slot] = r.last, r.position
+                active[r.slot], steps[r.slot] = 1, len(r.tokens)
             K = 1 if admitted else self._steps(busy)  # a new reply's first tokens out at once
             with self._on_mesh():
                 token_KxB, logits_KxBxV, scores, self.state = _decode(
-                    self.model, self.n_valid, self._top_n(busy), self._paths(self.knobs), K, self.keep_logits,
-                    self.params, self.state, tokens, positions, active, self.knobs, steps)
+                    self.model, self.n_valid, self._top_n(busy), self._paths(self.knobs), K,
+                    self.keep_logits, self.params, self.state, tokens, positions, active,
+                    self.knobs, steps)
             token_KxB, scores = np.asarray(token_KxB), jax.tree.map(np.asarray, scores)
             logits_KxBxV = np.asarray(logits_KxBxV) if self.keep_logits else None
             slots = [(r, r.slot) for r in busy]
-            for k in range(K):  # in order; a request that ends (stop id, max_tokens) drops its later tokens
+            # in order; a request that ends (stop id, max_tokens) drops its later tokens
+            for k in range(K):
                 scores_k = jax.tree.map(lambda x: x[k], scores)  # noqa: B023 (used at once)
                 for r, slot in slots:
                     if r.finish_reason is None:
@@ -279,7 +305,8 @@ class Engine:
         return sampling_paths(knobs, self.model.cfg.vocab_size)
 
     def _top_n(self, requests) -> int:
-        """Top log-probabilities are computed (a second compile) only while someone asks for them."""
+        """Top log-probabilities are computed (a second compile) only while someone asks for
+        them."""
         return MAX_TOP_LOGPROBS if any(r.params.top_logprobs for r in requests) else 0
 
     def _prefill(self, request: Request, context: list[int], fresh: bool, out) -> jax.Array:
@@ -291,8 +318,9 @@ class Engine:
         knobs = {name: arr[slot:slot + 1] for name, arr in self.knobs.items()}
         with self._on_mesh():
             token_1, logits_1xV, scores, self.state = _prefill(
-                self.model, self.n_valid, self._top_n([request]), self._paths(knobs), self.params, self.state,
-                tokens, np.int32(n), np.int32(slot), np.bool_(fresh), knobs, np.array([len(request.tokens)], np.int32))
+                self.model, self.n_valid, self._top_n([request]), self._paths(knobs), self.params,
+                self.state, tokens, np.int32(n), np.int32(slot), np.bool_(fresh), knobs,
+                np.array([len(request.tokens)], np.int32))
         request.position = n
         self._emit(request, int(token_1[0]), _row(jax.tree.map(np.asarray, scores), 0),
                    np.asarray(logits_1xV[0]) if self.keep_logits else None, out)
@@ -303,9 +331,9 @@ class Engine:
         dsts = np.array([r.slot for r in rest], np.int32)
         knobs = {name: arr[dsts] for name, arr in self.knobs.items()}
         with self._on_mesh():
-            token_F, scores, self.state = _fork(self.model, self.n_valid, self._top_n(group), self._paths(knobs),
-                                                self.state, logits_1xV, np.int32(src), dsts, knobs,
-                                                np.zeros(len(rest), np.int32))
+            token_F, scores, self.state = _fork(
+                self.model, self.n_valid, self._top_n(group), self._paths(knobs), self.state,
+                logits_1xV, np.int32(src), dsts, knobs, np.zeros(len(rest), np.int32))
         token_F, scores = np.asarray(token_F), jax.tree.map(np.asarray, scores)
         logits_V = np.asarray(logits_1xV[0]) if self.keep_logits else None
         for i, r in enumerate(rest):
@@ -338,7 +366,8 @@ class Engine:
             self.knobs[name][request.slot] = value
         self.slot_request[request.slot], request.slot = None, None
 
-    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] = SamplingParams()
+    def generate(self, prompts: list,
+                 params: SamplingParams | list[SamplingParams] = SamplingParams()
                  ) -> list[list[int]]:
         """The generated ids of each prompt's samples, in order (stop ids excluded), stepping until
         all are done."""
@@ -355,4 +384,5 @@ def _row(scores, b: int):
     if top is None:
         return float(chosen_B[b]), None
     ids_BxN, top_BxN = top
-    return float(chosen_B[b]), [(int(i), float(p)) for i, p in zip(ids_BxN[b], top_BxN[b], strict=False)]
+    return float(chosen_B[b]), [(int(i), float(p))
+                                for i, p in zip(ids_BxN[b], top_BxN[b], strict=False)]

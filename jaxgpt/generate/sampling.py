@@ -26,22 +26,27 @@ class SamplingParams:
     n: int = 1                       # samples of the prompt, sharing its prefill
     stop_ids: tuple[int, ...] = ()   # end the request (the stop id itself is not returned)
     stop: tuple[str, ...] = ()       # stop strings, matched on the text by jaxgpt.replies
-    repetition_penalty: float = 1.0  # > 1 discourages every prompt or generated token (CTRL / HF style)
-    presence_penalty: float = 0.0    # subtracted once from each generated token's logit (OpenAI style)
+    # > 1 discourages every prompt or generated token (CTRL / HF style)
+    repetition_penalty: float = 1.0
+    # subtracted once from each generated token's logit (OpenAI style)
+    presence_penalty: float = 0.0
     frequency_penalty: float = 0.0   # subtracted per occurrence among the generated tokens
-    top_logprobs: int = 0            # also keep the k most likely tokens and their log-probabilities
+    # also keep the k most likely tokens and their log-probabilities
+    top_logprobs: int = 0
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "SamplingParams":
         """From a SampleConfig (max_tokens from max_new_tokens, n from num_samples)."""
         fields = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                       top_p=cfg.top_p, min_p=cfg.min_p, seed=cfg.seed, n=cfg.num_samples,
-                      repetition_penalty=cfg.repetition_penalty, presence_penalty=cfg.presence_penalty,
+                      repetition_penalty=cfg.repetition_penalty,
+                      presence_penalty=cfg.presence_penalty,
                       frequency_penalty=cfg.frequency_penalty)
         return cls(**{**fields, **overrides})
 
     def problem(self, slots: int) -> tuple[str, str] | None:
-        """(field, why) for the first out-of-range setting, else None; a server answers it with a 400."""
+        """(field, why) for the first out-of-range setting, else None; a server answers it with a
+        400."""
         checks = [
             ("max_tokens", self.max_tokens >= 0, "must be >= 0"),
             ("temperature", self.temperature >= 0, "must be >= 0"),
@@ -53,7 +58,8 @@ class SamplingParams:
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1: off)"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
-            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"must be in [0, {MAX_TOP_LOGPROBS}]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
         ]
         for name, ok, why in checks:
@@ -64,7 +70,8 @@ class SamplingParams:
 
 def seed_of(seed: int, sample: int) -> int:
     """The seed of sample i of n: sample 0 keeps the request's seed, so n=1 is the plain case."""
-    return seed if sample == 0 else hash((seed, sample)) & 0x7FFFFFFF  # ints hash the same in every process
+    # ints hash the same in every process
+    return seed if sample == 0 else hash((seed, sample)) & 0x7FFFFFFF
 
 
 KNOBS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32,
@@ -74,8 +81,8 @@ KNOBS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min
 
 # An idle slot's knobs: greedy with every filter and penalty off, so that it never makes a step do
 # more (a top_p below 1 in any row, even an unused one, sorts the whole vocabulary every step).
-IDLE_KNOBS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 0, "repetition_penalty": 1.0,
-              "presence_penalty": 0.0, "frequency_penalty": 0.0}
+IDLE_KNOBS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 0,
+              "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 TOP_K_MAX = 64  # a row with 1 <= top_k <= this finds its cutoff among its TOP_K_MAX largest logits
 
@@ -96,9 +103,10 @@ def _cutoff(sorted_BxN, k_Bx1, top_p_Bx1, min_p_Bx1) -> jax.Array:
     sorted_BxN = jnp.where(jnp.arange(N) < k_Bx1, sorted_BxN, -jnp.inf)
     probs_BxN = jax.nn.softmax(sorted_BxN, axis=-1)
     before_BxN = jnp.cumsum(probs_BxN, axis=-1) - probs_BxN  # keep while the mass before is < top_p
-    nucleus_Bx1 = jnp.min(jnp.where((before_BxN < top_p_Bx1) | (top_p_Bx1 >= 1.0), sorted_BxN, jnp.inf),
-                          axis=-1, keepdims=True)
-    min_p_cut_Bx1 = sorted_BxN[:, :1] + jnp.log(min_p_Bx1)  # p >= min_p * p_max, in logits; log 0 = -inf
+    in_nucleus_BxN = (before_BxN < top_p_Bx1) | (top_p_Bx1 >= 1.0)
+    nucleus_Bx1 = jnp.min(jnp.where(in_nucleus_BxN, sorted_BxN, jnp.inf), axis=-1, keepdims=True)
+    # p >= min_p * p_max, in logits; log 0 = -inf
+    min_p_cut_Bx1 = sorted_BxN[:, :1] + jnp.log(min_p_Bx1)
     return jnp.maximum(jnp.maximum(kth_Bx1, nucleus_Bx1), min_p_cut_Bx1)
 
 
@@ -134,14 +142,16 @@ def filter_logits(logits_BxV: jax.Array, knobs: dict, full_sort: bool = True) ->
     top_k_Bx1, top_p_Bx1, min_p_Bx1 = col("top_k"), col("top_p"), col("min_p")
     k_Bx1 = jnp.where(top_k_Bx1 > 0, jnp.minimum(top_k_Bx1, V), V)
     N = min(TOP_K_MAX, V)
-    small_Bx1, sort_Bx1 = _cutoff_source(top_k_Bx1, top_p_Bx1, V)  # the rows' ways, as sampling_paths sees them
+    # the rows' ways, as sampling_paths sees them
+    small_Bx1, sort_Bx1 = _cutoff_source(top_k_Bx1, top_p_Bx1, V)
     # the barrier keeps XLA from folding the slices below into lax.top_k's sort, which then would
     # no longer be rewritten into XLA:CPU's TopK kernel (a full sort: 66 vs 8 ms at 8x50304)
     top_BxN = jax.lax.optimization_barrier(jax.lax.top_k(scaled_BxV, N)[0])
     small_cut_Bx1 = _cutoff(top_BxN, jnp.minimum(k_Bx1, N), top_p_Bx1, min_p_Bx1)
-    max_cut_Bx1 = top_BxN[:, :1] + jnp.log(min_p_Bx1)  # neither top-k nor top-p: min-p needs the max alone
-    sort_cut_Bx1 = (_cutoff(-jnp.sort(-scaled_BxV, axis=-1), k_Bx1, top_p_Bx1, min_p_Bx1) if full_sort
-                    else jnp.full((B, 1), -jnp.inf))
+    # neither top-k nor top-p: min-p needs the max alone
+    max_cut_Bx1 = top_BxN[:, :1] + jnp.log(min_p_Bx1)
+    sort_cut_Bx1 = (_cutoff(-jnp.sort(-scaled_BxV, axis=-1), k_Bx1, top_p_Bx1, min_p_Bx1)
+                    if full_sort else jnp.full((B, 1), -jnp.inf))
     cutoff_Bx1 = jnp.where(small_Bx1, small_cut_Bx1, jnp.where(sort_Bx1, sort_cut_Bx1, max_cut_Bx1))
     return jnp.where(scaled_BxV < cutoff_Bx1, -jnp.inf, scaled_BxV)
 
@@ -170,7 +180,8 @@ def sample_tokens(logits_BxV, knobs, counts_BxV, seen_BxV, step_B, n_valid: int,
         return greedy_B.astype(jnp.int32)
     # jax.random.categorical's draw (argmax of logits + Gumbel noise)
     keys_B = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(knobs["seed"], step_B)
-    gumbel_BxV = jax.vmap(lambda key: jax.random.gumbel(key, logits_BxV.shape[-1:], jnp.float32))(keys_B)
+    gumbel_BxV = jax.vmap(lambda key: jax.random.gumbel(key, logits_BxV.shape[-1:],
+                                                         jnp.float32))(keys_B)
     sampled_B = first_argmax(filter_logits(logits_BxV, knobs, full_sort) + gumbel_BxV)
     return jnp.where(knobs["temperature"] == 0, greedy_B, sampled_B).astype(jnp.int32)
 
@@ -179,7 +190,8 @@ def scores(logits_BxV, token_B, top_n: int, n_valid: int):
     """The model's log-probability of each chosen token (raw logits: no temperature, penalties or
     filtering, as OpenAI reports them) and, with top_n, the top_n most likely (ids, logprobs)."""
     V = logits_BxV.shape[-1]
-    logprobs_BxV = jax.nn.log_softmax(jnp.where(jnp.arange(V) < n_valid, logits_BxV.astype(jnp.float32), -jnp.inf))
+    logprobs_BxV = jax.nn.log_softmax(jnp.where(jnp.arange(V) < n_valid,
+                                                logits_BxV.astype(jnp.float32), -jnp.inf))
     chosen_B = jnp.take_along_axis(logprobs_BxV, token_B[:, None], axis=-1)[:, 0]
     if not top_n:
         return chosen_B, None

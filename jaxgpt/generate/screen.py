@@ -1,23 +1,25 @@
 """Screening of a chat model's replies (and of user messages): nothing blocked reaches a reader.
 
 A model streams its reply as text deltas, and a reader sees each delta as it comes. A blocked phrase
-can be split across deltas ("fu" + "ck"), written with look-alike letters ("ｆｕｃｋ", "𝐟𝐮𝐜𝐤"),
-or carry invisible characters ("f\u200buck"). So the rules match a *normalised* text (see
-`normalize`), and `ScreenStream` holds back every piece of raw text that could still become part of
-a match, releasing it only once no continuation of the reply can make it one.
+can be split across deltas ("fu" + "ck"), written with look-alike letters
+("ｆｕｃｋ", "𝐟𝐮𝐜𝐤"), or carry invisible characters ("f\u200buck"). So the rules match a
+*normalised* text (see `normalize`), and `ScreenStream` holds back every piece of raw text that
+could still become part of a match, releasing it only once no continuation of the reply can make
+it one.
 
 What could still become a match comes from the `regex` module's partial matching: a search with
-`partial=True` also reports a match cut off by the end of the text. A full match that ends exactly at
-the end is held too: "bad" may yet turn into "badminton", which the word boundary lets through.
+`partial=True` also reports a match cut off by the end of the text. A full match that ends exactly
+at the end is held too: "bad" may yet turn into "badminton", which the word boundary lets through.
 Normalisation is per character, so the normalised text only ever grows at its end (a whitespace run
 merges into one space) and a position in it maps back to the raw character it came from.
 
 Rules, in the order they are checked (the first match is the reason given):
   blocklist  words and phrases of `screen.blocklist`, on word boundaries ("ass" passes "class");
-  re:LINES   regular expressions of the same file, on the normalised text (so written in lower case);
-  classifier `screen.classifier="module:function"`, called with raw text; truthy blocks (a str is the
-             reason). A stream calls it once per release, with the text released so far plus the new
-             part, and never twice on the same text.
+  re:LINES   regular expressions of the same file, on the normalised text (so written in lower
+             case);
+  classifier `screen.classifier="module:function"`, called with raw text; truthy blocks (a str is
+             the reason). A stream calls it once per release, with the text released so far plus
+             the new part, and never twice on the same text.
 This module must not import jax: it is used by servers and tools that never touch a device.
 """
 from __future__ import annotations
@@ -34,7 +36,8 @@ from jaxgpt.config import ScreenConfig
 from jaxgpt.errors import ConfigError
 
 BUILTIN_BLOCKLIST = Path(__file__).with_name("blocklist.txt")
-COUNT_KEYS = ("passed", "blocked_reply", "blocked_user", "low_confidence_flagged", "low_confidence_refused")
+COUNT_KEYS = ("passed", "blocked_reply", "blocked_user", "low_confidence_flagged",
+              "low_confidence_refused")
 
 
 def normalize(text: str) -> tuple[str, list[int]]:
@@ -51,7 +54,8 @@ def normalize(text: str) -> tuple[str, list[int]]:
 
 
 def _normalize_into(text: str, offset: int, chars: list[str], index: list[int]) -> None:
-    """Append the normalisation of `text` (starting at raw index `offset`) to `chars` and `index`."""
+    """Append the normalisation of `text` (starting at raw index `offset`) to `chars` and
+    `index`."""
     for i, ch in enumerate(text, offset):
         for c in unicodedata.normalize("NFKC", ch).casefold():
             if unicodedata.category(c) == "Cf":
@@ -65,7 +69,8 @@ def _normalize_into(text: str, offset: int, chars: list[str], index: list[int]) 
 
 
 def load_rules(spec: str | None) -> list[tuple[regex.Pattern, str]]:
-    """The blocklist `spec` (a path, "builtin" or None/"none") as (compiled pattern, reason) pairs."""
+    """The blocklist `spec` (a path, "builtin" or None/"none") as (compiled pattern, reason)
+    pairs."""
     if spec is None or spec.strip().lower() == "none":
         return []
     path = BUILTIN_BLOCKLIST if spec == "builtin" else Path(spec).expanduser()
@@ -98,8 +103,10 @@ def load_rules(spec: str | None) -> list[tuple[regex.Pattern, str]]:
             phrases.add(phrase)
     rules = patterns
     if phrases:
-        # Longest first, so a phrase is tried before a shorter one it starts with ("bad word", "bad").
-        alternatives = "|".join(regex.escape(p) for p in sorted(phrases, key=lambda p: (-len(p), p)))
+        # Longest first, so a phrase is tried before a shorter one it starts with
+        # ("bad word", "bad").
+        alternatives = "|".join(regex.escape(p)
+                                for p in sorted(phrases, key=lambda p: (-len(p), p)))
         rules = [(regex.compile(rf"(?<!\w)(?:{alternatives})(?!\w)"), "blocklist")] + patterns
     return rules
 
@@ -114,7 +121,8 @@ def load_classifier(spec: str | None) -> Callable[[str], object] | None:
     try:
         obj = importlib.import_module(module_name)
     except Exception as e:  # an error inside the user's module is still theirs to fix: one line
-        raise ConfigError(f"screen.classifier={spec}: cannot import {module_name} ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"screen.classifier={spec}: cannot import {module_name} "
+                          f"({type(e).__name__}: {e})") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"screen.classifier={spec}: {module_name} has no attribute {attr}")
@@ -158,8 +166,9 @@ class Screen:
             return dict(self._counts)
 
     def confidence(self, mean_logprob: float | None) -> str | None:
-        """cfg.low_confidence ("flag" or "refuse") if the reply's mean token log-probability is below
-        cfg.min_mean_logprob (a NaN mean counts as below: it means the scores are broken), else None."""
+        """cfg.low_confidence ("flag" or "refuse") if the reply's mean token log-probability is
+        below cfg.min_mean_logprob (a NaN mean counts as below: it means the scores are broken),
+        else None."""
         threshold = self.cfg.min_mean_logprob
         if not self.cfg.enabled or threshold is None or mean_logprob is None:
             return None

@@ -37,15 +37,18 @@ from jaxgpt.generate.screen import Screen, ScreenStream
 
 
 class TextStream:
-    """One sample's ids -> released text; `finish_reason` is set once a stop string or the screen ends it.
+    """One sample's ids -> released text; `finish_reason` is set once a stop string or the screen
+    ends it.
 
     hold_all keeps everything back until finish(), for replies that are scored before anyone sees
     them (screen.low_confidence=refuse)."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), screen: ScreenStream | None = None,
-                 refusal: str = "", hold_all: bool = False):
-        self.tokenizer, self.stop, self.screen, self.refusal, self.hold_all = tokenizer, stop, screen, refusal, hold_all
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a split character's bytes
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (),
+                 screen: ScreenStream | None = None, refusal: str = "", hold_all: bool = False):
+        self.tokenizer, self.stop, self.screen = tokenizer, stop, screen
+        self.refusal, self.hold_all = refusal, hold_all
+        # keeps a split character's bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""       # decoded, not yet past the stop-string check
         self._held = ""          # past every check, kept back by hold_all
         self._ended = False      # a stop string, the screen or finish() ended the input
@@ -80,7 +83,8 @@ class TextStream:
             self.finish_reason = "stop"
         else:
             keep = 0 if final else self._stop_prefix_length(self._pending)
-            ready, self._pending = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+            ready, self._pending = (self._pending[:len(self._pending) - keep],
+                                    self._pending[len(self._pending) - keep:])
         self._ended = final
         if self.screen is not None:
             ready = self.screen.feed(ready) + (self.screen.finish() if final else "")
@@ -145,7 +149,8 @@ class Stream:
         finished = 0
         while finished < self.n:
             try:
-                delta = self._deltas.get(timeout=0.2)  # a timeout, so that Ctrl-C reaches the caller
+                # a timeout, so that Ctrl-C reaches the caller
+                delta = self._deltas.get(timeout=0.2)
             except queue.Empty:
                 continue
             finished += delta.finish_reason is not None
@@ -165,7 +170,8 @@ class Stream:
         return self._done.is_set()
 
     def add_done_callback(self, fn: Callable[[Stream], None]) -> None:
-        """fn(stream) once every reply is in (at once if they are): on the engine's thread, so keep it short."""
+        """fn(stream) once every reply is in (at once if they are): on the engine's thread, so keep
+        it short."""
         with self._lock:
             if not self._done.is_set():
                 self._callbacks.append(fn)
@@ -241,34 +247,40 @@ class Service:
         chat.validate(messages, trainable=False)
         if messages[-1]["role"] != "user":
             raise ValueError("messages: the last message must be the user's")
-        if self.screen.active and self.screen.cfg.user and (why := self.screen.check(messages[-1]["content"])):
+        if (self.screen.active and self.screen.cfg.user
+                and (why := self.screen.check(messages[-1]["content"]))):
             return self._refused(params.n, 0, why)  # before tokenizing: nothing of it is processed
         seq_len = self.engine.model.cfg.seq_len
         full = None  # the whole conversation rendered, where it is needed
         if drop_old_turns:
-            ids = chat.render_prompt(messages, self.tokenizer, seq_len - min(params.max_tokens, seq_len // 2))
+            ids = chat.render_prompt(messages, self.tokenizer,
+                                     seq_len - min(params.max_tokens, seq_len // 2))
         else:
             full = chat.render(messages, self.tokenizer, for_generation=True)[0]
             if shrink_max_tokens and len(full) < seq_len:
-                params = dataclasses.replace(params, max_tokens=min(params.max_tokens, seq_len - len(full)))
+                params = dataclasses.replace(params,
+                                             max_tokens=min(params.max_tokens, seq_len - len(full)))
             ids = full if len(full) + params.max_tokens <= seq_len else None
         if ids is None:
-            n = len(full if full is not None else chat.render(messages, self.tokenizer, for_generation=True)[0])
-            raise ValueError(f"messages: {n} prompt tokens plus max_tokens={params.max_tokens} exceed the "
-                             f"model's context of {seq_len} tokens")
+            n = len(full if full is not None
+                    else chat.render(messages, self.tokenizer, for_generation=True)[0])
+            raise ValueError(f"messages: {n} prompt tokens plus max_tokens={params.max_tokens} "
+                             f"exceed the model's context of {seq_len} tokens")
         stop_ids = params.stop_ids + chat.layout(self.tokenizer).stop_ids
         return self.complete(ids.tolist(), dataclasses.replace(params, stop_ids=stop_ids))
 
     def load(self) -> dict:
         """What a metrics endpoint shows: busy slots, queue depth, screening decisions."""
         engine = self.engine
-        while True:  # read beside the engine's thread, which may change its queue while it is counted
+        # read beside the engine's thread, which may change its queue while it is counted
+        while True:
             try:
                 queued = sum(map(len, engine.waiting))
                 break
             except RuntimeError:  # "deque mutated during iteration": count again
                 continue
-        return {"slots": engine.slots, "busy_slots": sum(r is not None for r in engine.slot_request),
+        return {"slots": engine.slots,
+                "busy_slots": sum(r is not None for r in engine.slot_request),
                 "queued": queued + self._inbox.qsize(), "screen": self.screen.counts()}
 
     def _refused(self, n: int, prompt_tokens: int, why: str) -> Stream:
@@ -276,7 +288,8 @@ class Service:
         stream = Stream(self, n, prompt_tokens)
         for i in range(n):
             stream._put(Delta(i, self.screen.cfg.refusal, [], [], [], "content_filter"),
-                        Reply(i, self.screen.cfg.refusal, "content_filter", [], [], [], None, False, why, prompt_tokens))
+                        Reply(i, self.screen.cfg.refusal, "content_filter", [], [], [], None,
+                              False, why, prompt_tokens))
         return stream
 
     # -- the engine's thread --
@@ -312,12 +325,15 @@ class Service:
             except Exception as e:  # noqa: BLE001
                 for i in range(stream.n):
                     stream._put(Delta(i, "", [], [], [], "error"),
-                                Reply(i, "", "error", [], [], [], None, False, None, stream.prompt_tokens, str(e)))
+                                Reply(i, "", "error", [], [], [], None, False, None,
+                                      stream.prompt_tokens, str(e)))
                 continue
             stream.request_ids = ids
-            hold = self.screen.cfg.min_mean_logprob is not None and self.screen.cfg.low_confidence == "refuse"
+            hold = (self.screen.cfg.min_mean_logprob is not None
+                    and self.screen.cfg.low_confidence == "refuse")
             for rid in ids:
-                text = TextStream(self.tokenizer, params.stop, self.screen.stream() if self.screen.active else None,
+                text = TextStream(self.tokenizer, params.stop,
+                                  self.screen.stream() if self.screen.active else None,
                                   self.screen.cfg.refusal, hold_all=hold)
                 self._tracked[rid] = _Tracked(stream, self.engine.requests[rid], text)
 
@@ -325,10 +341,12 @@ class Service:
         for rid, t in list(self._tracked.items()):
             r = t.request
             new = r.tokens[t.seen:]
-            delta = Delta(r.sample, t.text.add(new) if new else "", new, r.logprobs[t.seen:], r.top_logprobs[t.seen:])
+            delta = Delta(r.sample, t.text.add(new) if new else "", new, r.logprobs[t.seen:],
+                          r.top_logprobs[t.seen:])
             t.seen = len(r.tokens)
             if t.text.finish_reason is not None and r.finish_reason is None:
-                self.engine.cancel(rid, t.text.finish_reason)  # stop string or screened: decode no further
+                # stop string or screened: decode no further
+                self.engine.cancel(rid, t.text.finish_reason)
             if r.finish_reason is None:
                 if delta.text or new:
                     t.stream._put(delta)
@@ -340,11 +358,13 @@ class Service:
             if self.screen.active:
                 self.screen.record("blocked_reply" if screened else "passed")
             if verdict:
-                self.screen.record("low_confidence_refused" if verdict == "refuse" else "low_confidence_flagged")
+                self.screen.record("low_confidence_refused" if verdict == "refuse"
+                                   else "low_confidence_flagged")
             delta.finish_reason = t.text.finish_reason or r.finish_reason
-            reply = Reply(r.sample, t.text.text, delta.finish_reason, list(r.tokens), list(r.logprobs),
-                          list(r.top_logprobs), mean, verdict is not None,
-                          screened or ("low confidence" if verdict == "refuse" else None), len(r.prompt))
+            reply = Reply(r.sample, t.text.text, delta.finish_reason, list(r.tokens),
+                          list(r.logprobs), list(r.top_logprobs), mean, verdict is not None,
+                          screened or ("low confidence" if verdict == "refuse" else None),
+                          len(r.prompt))
             t.stream._put(delta, reply)
             del self._tracked[rid]
             self.engine.requests.pop(rid, None)
@@ -354,7 +374,7 @@ class Service:
         for t in list(self._tracked.values()):
             r = t.request
             t.stream._put(Delta(r.sample, "", [], [], [], "error"),
-                          Reply(r.sample, t.text.text, "error", list(r.tokens), list(r.logprobs), [], None, False,
-                                None, len(r.prompt), message))
+                          Reply(r.sample, t.text.text, "error", list(r.tokens), list(r.logprobs),
+                                [], None, False, None, len(r.prompt), message))
         self._tracked.clear()
         self.engine.reset()

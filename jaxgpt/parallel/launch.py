@@ -1,14 +1,16 @@
 """Several processes training one model on JAX's own runtime (jax.distributed), and a launcher of
 N local processes.
 
-    python -m jaxgpt.launch --nproc 2 --devices-per-proc 4 -- python -m jaxgpt.train CONFIG.py [key=value ...]
+    python -m jaxgpt.launch --nproc 2 --devices-per-proc 4 -- \\
+        python -m jaxgpt.train CONFIG.py [key=value ...]
 
 The launcher gives each child JAX_COORDINATOR_ADDRESS (127.0.0.1 and a free port), JAX_NUM_PROCESSES
-and JAX_PROCESS_ID; with --devices-per-proc K also XLA_FLAGS=--xla_force_host_platform_device_count=K
-(K simulated CPU devices) and JAX_LOCAL_DEVICE_IDS (its own K GPUs). Children's lines come prefixed
-with their rank ("[1] ..."), or with --rank0-only only rank 0's are shown (another rank's last lines
-when it fails). Ctrl-C / SIGTERM go to every child once; when a child fails on its own the others are
-stopped and the launcher exits with that child's status.
+and JAX_PROCESS_ID; with --devices-per-proc K also
+XLA_FLAGS=--xla_force_host_platform_device_count=K (K simulated CPU devices) and
+JAX_LOCAL_DEVICE_IDS (its own K GPUs). Children's lines come prefixed with their rank ("[1] ..."),
+or with --rank0-only only rank 0's are shown (another rank's last lines when it fails).
+Ctrl-C / SIGTERM go to every child once; when a child fails on its own the others are stopped and
+the launcher exits with that child's status.
 
 `initialize(cfg.distributed)` is what each process runs first (train's command line does). On a
 cluster start one process per host with the cluster's own tool (srun, a TPU slice's workers):
@@ -35,7 +37,8 @@ from jaxgpt.errors import ConfigError, JaxgptError
 
 # What launch() sets for each child and initialize() reads (jax reads JAX_COORDINATOR_ADDRESS and
 # JAX_LOCAL_DEVICE_IDS itself too; it has no variables for the count and the id).
-ADDRESS, COUNT, RANK, DEVICES = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS"
+ADDRESS, COUNT, RANK, DEVICES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                                 "JAX_LOCAL_DEVICE_IDS")
 
 
 # ---- each process: joining the others ----
@@ -48,13 +51,16 @@ def _env_int(env, name: str, default: int) -> int:
 
 
 def cluster(env, tpu_vm: bool | None = None) -> str:
-    """The cluster that runs several processes here and that jax.distributed detects by itself, or ""."""
-    if "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env and _env_int(env, "SLURM_NTASKS", 1) > 1:
+    """The cluster that runs several processes here and that jax.distributed detects by itself, or
+    ""."""
+    if ("SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env
+            and _env_int(env, "SLURM_NTASKS", 1) > 1):
         return "slurm"  # inside an srun step of more than one task
     workers = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
     if "," in workers or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return "tpu"  # a multi-host slice (GKE, Ray) or several slices
-    if tpu_vm is None:  # a Cloud TPU VM: its hosts are known only to the metadata server, which jax asks
+    # a Cloud TPU VM: its hosts are known only to the metadata server, which jax asks
+    if tpu_vm is None:
         tpu_vm = importlib.util.find_spec("libtpu") is not None and bool(glob.glob("/dev/accel*") or
                                                                           glob.glob("/dev/vfio/[0-9]*"))
     return "tpu" if tpu_vm else ""
@@ -81,16 +87,19 @@ def settings(cfg: DistributedConfig, env=None, tpu_vm: bool | None = None) -> di
         try:
             given["local_device_ids"] = [int(i) for i in cfg.local_device_ids.split(",")]
         except ValueError:
-            raise ConfigError(f"distributed.local_device_ids={cfg.local_device_ids!r}: expected ids like 0,1") from None
+            raise ConfigError(f"distributed.local_device_ids={cfg.local_device_ids!r}: "
+                              "expected ids like 0,1") from None
     found = cluster(env, tpu_vm)
     if count == 1 or (not given and not found and cfg.enabled == "auto"):
         return None
     missing = [k for k in ("coordinator_address", "num_processes", "process_id") if k not in given]
     if missing and not found and (given or cfg.enabled == "on"):
-        raise ConfigError(f"distributed: set {', '.join('distributed.' + k for k in missing)} (or {ADDRESS}, "
-                          f"{COUNT}, {RANK}); outside SLURM and Cloud TPU jax cannot find them")
+        raise ConfigError(f"distributed: set {', '.join('distributed.' + k for k in missing)} "
+                          f"(or {ADDRESS}, {COUNT}, {RANK}); outside SLURM and Cloud TPU "
+                          "jax cannot find them")
     if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
-        given["coordinator_bind_address"] = address  # processes of one machine: listen on loopback only
+        # processes of one machine: listen on loopback only
+        given["coordinator_bind_address"] = address
     return given
 
 
@@ -104,7 +113,8 @@ def initialize(cfg: DistributedConfig, env=None) -> bool:
     if jax.distributed.is_initialized():
         return True
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
-        # CPU processes exchange data through gloo over TCP (jax's default now; said so in case it changes)
+        # CPU processes exchange data through gloo over TCP (jax's default now; said so in case it
+        # changes)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**kwargs, initialization_timeout=cfg.timeout_s)
@@ -139,7 +149,8 @@ def barrier(name: str) -> None:
 
 
 def largest(value: int) -> int:
-    """The largest `value` over all processes, which every process must call: a decision they share."""
+    """The largest `value` over all processes, which every process must call: a decision they
+    share."""
     import jax
     if jax.process_count() == 1:
         return value
@@ -150,7 +161,8 @@ def largest(value: int) -> int:
 
 # ---- the launcher ----
 
-USAGE = "usage: python -m jaxgpt.launch --nproc N [--devices-per-proc K] [--rank0-only] -- COMMAND [ARG ...]"
+USAGE = ("usage: python -m jaxgpt.launch --nproc N [--devices-per-proc K] [--rank0-only] -- "
+         "COMMAND [ARG ...]")
 
 
 def parse(argv: list[str]) -> tuple[int, int, bool, list[str]]:
@@ -202,18 +214,21 @@ def child_env(rank: int, nproc: int, devices: int, port: int, base=None) -> dict
     return env
 
 
-_WRITE = threading.Lock()  # one whole line at a time on the launcher's stdout/stderr, whatever rank it is from
+# one whole line at a time on the launcher's stdout/stderr, whatever rank it is from
+_WRITE = threading.Lock()
 
 
 def _pump(pipe, out, prefix: bytes, tail) -> None:
     """Copy a child's output with `prefix` at the start of each line (a \\r ends one too: progress
     bars), or keep its last lines in `tail` when `out` is None. A piece of a line waits for its end
-    (or the pipe's, which ends it), so two ranks' lines never mix when a child writes one in pieces."""
+    (or the pipe's, which ends it), so two ranks' lines never mix when a child writes one in
+    pieces."""
     pending = b""
     for chunk in iter(lambda: pipe.read1(65536), b""):
         *lines, pending = re.split(rb"(?<=[\r\n])", pending + chunk)  # each line keeps its end
         _emit(out, prefix, lines, tail)
-    _emit(out, prefix, [pending + b"\n"] if pending else [], tail)  # an unended last line: ended here
+    # an unended last line: ended here
+    _emit(out, prefix, [pending + b"\n"] if pending else [], tail)
     pipe.close()
 
 
@@ -229,10 +244,12 @@ def _emit(out, prefix: bytes, lines: list[bytes], tail) -> None:
 
 
 def _status(returncode: int) -> int:
-    return returncode if returncode > 0 else 128 - returncode  # killed by signal N: 128 + N, as a shell says
+    # killed by signal N: 128 + N, as a shell says
+    return returncode if returncode > 0 else 128 - returncode
 
 
-def launch(nproc: int, devices: int, command: list[str], rank0_only: bool = False, grace_s: float = 10.0) -> int:
+def launch(nproc: int, devices: int, command: list[str], rank0_only: bool = False,
+           grace_s: float = 10.0) -> int:
     """Run `command` as ranks 0..nproc-1; the exit status: 0, or the first failed rank's."""
     port = free_port()
     children, pumps, tails = [], [], []
@@ -247,9 +264,12 @@ def launch(nproc: int, devices: int, command: list[str], rank0_only: bool = Fals
     failed = None
     try:
         for rank in range(nproc):
-            try:  # each in its own session: a terminal's Ctrl-C reaches the launcher alone, which forwards it once
-                child = subprocess.Popen(command, env=child_env(rank, nproc, devices, port), start_new_session=True,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            # each in its own session: a terminal's Ctrl-C reaches the launcher alone, which
+            # forwards it once
+            try:
+                child = subprocess.Popen(command, env=child_env(rank, nproc, devices, port),
+                                         start_new_session=True, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE)
             except OSError as e:
                 _stop(children, 0)
                 raise ConfigError(f"cannot start {command[0]!r}: {e.strerror or e}") from None
@@ -259,7 +279,8 @@ def launch(nproc: int, devices: int, command: list[str], rank0_only: bool = Fals
             prefix = b"" if rank0_only else f"[{rank}] ".encode()
             for pipe, out in ((child.stdout, sys.stdout.buffer), (child.stderr, sys.stderr.buffer)):
                 pumps.append(threading.Thread(target=_pump, daemon=True,
-                                              args=(pipe, out if shown else None, prefix, tails[-1])))
+                                              args=(pipe, out if shown else None, prefix,
+                                                    tails[-1])))
                 pumps[-1].start()
         while failed is None and None in [c.poll() for c in children]:  # a list: poll every child
             failed = next((r for r, c in enumerate(children) if c.returncode), None)
@@ -268,7 +289,8 @@ def launch(nproc: int, devices: int, command: list[str], rank0_only: bool = Fals
             _stop(children, grace_s)  # it failed on its own: the others would wait for it forever
         for c in children:
             c.wait()
-        failed = next((r for r, c in enumerate(children) if c.returncode), None) if failed is None else failed
+        failed = (next((r for r, c in enumerate(children) if c.returncode), None)
+                  if failed is None else failed)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -279,8 +301,8 @@ def launch(nproc: int, devices: int, command: list[str], rank0_only: bool = Fals
     status = _status(children[failed].returncode)
     if rank0_only and failed:
         sys.stderr.write("".join(f"[{failed}] {line}\n" for line in tails[failed]))
-    print(f"launch: rank {failed} exited with status {status}" + ("" if stopping else "; stopped the others"),
-          file=sys.stderr)
+    print(f"launch: rank {failed} exited with status {status}"
+          + ("" if stopping else "; stopped the others"), file=sys.stderr)
     return status
 
 

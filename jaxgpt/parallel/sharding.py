@@ -43,10 +43,12 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
-            raise ConfigError(f"mesh: {n_devices} devices are not divisible by the fixed axes' product {known}")
+            raise ConfigError(f"mesh: {n_devices} devices are not divisible by the fixed axes' "
+                              f"product {known}")
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {n_devices} devices")
+        raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are "
+                          f"{n_devices} devices")
     return tuple(sizes)
 
 
@@ -54,12 +56,14 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     if cfg.devices:
         if cfg.devices > len(devices):
-            raise ConfigError(f"mesh.devices={cfg.devices} but there are {len(devices)} {devices[0].platform} "
-                              f"devices (to plan for more on a CPU host: python -m jaxgpt.bench compile)")
+            raise ConfigError(f"mesh.devices={cfg.devices} but there are {len(devices)} "
+                              f"{devices[0].platform} devices (to plan for more on a CPU host: "
+                              "python -m jaxgpt.bench compile)")
         devices = devices[:cfg.devices]
     shape = mesh_shape(cfg, len(devices))
     # Auto axes: XLA propagates shardings from the params, batch and the logical constraints.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def data_shards(mesh: Mesh) -> int:
@@ -76,22 +80,24 @@ def padded(batch: dict, mesh: Mesh) -> dict:
 
 
 def check_batch(mesh: Mesh, batch_size: int, grad_accum: int = 1) -> None:
-    """The global batch, and each micro-batch of it, must split evenly over the data-parallel devices
-    (data x fsdp): every device computes its share of every micro-batch."""
+    """The global batch, and each micro-batch of it, must split evenly over the data-parallel
+    devices (data x fsdp): every device computes its share of every micro-batch."""
     shards = data_shards(mesh)
     if batch_size % shards:
-        raise ConfigError(f"data.batch_size={batch_size} does not split over the mesh's {shards} data-parallel "
-                          f"devices (mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']}); use a "
-                          f"multiple of {shards}")
+        raise ConfigError(f"data.batch_size={batch_size} does not split over the mesh's {shards} "
+                          f"data-parallel devices (mesh.data={mesh.shape['data']} x "
+                          f"mesh.fsdp={mesh.shape['fsdp']}); use a multiple of {shards}")
     if (batch_size // grad_accum) % shards:
         fits = [a for a in range(1, batch_size // shards + 1) if batch_size % (a * shards) == 0]
-        raise ConfigError(f"data.batch_size={batch_size} / optim.grad_accum={grad_accum} = {batch_size // grad_accum} "
-                          f"rows per micro-batch do not split over the mesh's {shards} data-parallel devices; "
-                          f"optim.grad_accum that do: {', '.join(map(str, fits))}")
+        raise ConfigError(f"data.batch_size={batch_size} / optim.grad_accum={grad_accum} = "
+                          f"{batch_size // grad_accum} rows per micro-batch do not split over the "
+                          f"mesh's {shards} data-parallel devices; optim.grad_accum that do: "
+                          f"{', '.join(map(str, fits))}")
 
 
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """Drop mesh axes from dimensions they do not divide, so odd sizes replicate instead of failing."""
+    """Drop mesh axes from dimensions they do not divide, so odd sizes replicate instead of
+    failing."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
@@ -108,9 +114,10 @@ def logical_to_mesh(logical_specs, shapes, mesh: Mesh):
 
 
 def placed(shapes, shardings):
-    """A tree of shapes and dtypes, each leaf with the sharding to place it by: what jit lowers for a
-    mesh ahead of time, and what a checkpoint is restored onto."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    """A tree of shapes and dtypes, each leaf with the sharding to place it by: what jit lowers for
+    a mesh ahead of time, and what a checkpoint is restored onto."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, shardings)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -153,9 +160,11 @@ def put_batch(batch: dict, mesh: Mesh, local_rows: bool = False) -> dict:
         return jax.device_put(batch, sharding)
     if local_rows:
         blocks, n = batch_blocks(mesh)
-        return {k: jax.make_array_from_process_local_data(sharding, v, (n * len(v) // len(blocks), *v.shape[1:]))
+        return {k: jax.make_array_from_process_local_data(sharding, v,
+                                                          (n * len(v) // len(blocks), *v.shape[1:]))
                 for k, v in batch.items()}
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}
 
 
 def to_host(tree):
@@ -164,4 +173,5 @@ def to_host(tree):
     if jax.process_count() == 1:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree, tiled=True)  # tiled: each array whole, not stacked
+    # tiled: each array whole, not stacked
+    return multihost_utils.process_allgather(tree, tiled=True)

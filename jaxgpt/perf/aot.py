@@ -1,16 +1,16 @@
 """Compiling for a GPU this host does not have, and reading what its compiler made.
 
-    with aot.compiling_for("h100"):                        # the model picks its GPU kernels
-        devices = aot.devices("h100", 8)                   # 8 GPUs of one host, described, not present
-        compiled = jax.jit(step).lower(...).compile()     # XLA:GPU's own passes, from a CPU host
-    table = aot.kernels(compiled.as_text())               # one row per kernel launch of a step
+    with aot.compiling_for("h100"):                    # the model picks its GPU kernels
+        devices = aot.devices("h100", 8)               # 8 GPUs of one host, described, not present
+        compiled = jax.jit(step).lower(...).compile()  # XLA:GPU's own passes, from a CPU host
+    table = aot.kernels(compiled.as_text())            # one row per kernel launch of a step
 
 XLA:GPU compiles without a device when it is handed the card's description (a TargetConfig: SM
 count, memory, bandwidth, compute capability); jax takes it through jax.experimental.topologies.
 This needs jax's CUDA plugin and cuDNN's library installed (`pip install jax-cuda12-plugin==<jax's
-version> nvidia-cudnn-cu12`: no GPU, driver or CUDA toolkit), and it stays an optional extra. Without
-a device there is no autotuning: each matmul gets XLA's default kernel, where a GPU may time others
-and pick a faster one. The memory plan and the kernels, their fusions and their bytes are the
+version> nvidia-cudnn-cu12`: no GPU, driver or CUDA toolkit), and it stays an optional extra.
+Without a device there is no autotuning: each matmul gets XLA's default kernel, where a GPU may time
+others and pick a faster one. The memory plan and the kernels, their fusions and their bytes are the
 compiler's own; times are not measured here, only bounded (kernel bytes over the card's bandwidth).
 """
 from __future__ import annotations
@@ -42,9 +42,11 @@ class Card:
         """The card as XLA's stream_executor.GpuTargetConfigProto (text format), Hopper's limits."""
         return f"""gpu_device_info {{
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: {self.sms} fpus_per_core: 128
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: {self.sms}
+  fpus_per_core: 128
   block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
-  memory_bandwidth: {int(self.bandwidth)} l2_cache_size: {self.l2_bytes} clock_rate_ghz: {self.clock_ghz}
+  memory_bandwidth: {int(self.bandwidth)} l2_cache_size: {self.l2_bytes}
+  clock_rate_ghz: {self.clock_ghz}
   device_memory_size: {self.memory_bytes} shared_memory_per_block_optin: 232448
   cuda_compute_capability {{ major: 9 minor: 0 }}
   registers_per_core_limit: 65536 registers_per_block_limit: 65536
@@ -75,7 +77,8 @@ def card_of(device_kind: str) -> str:
 
 
 def devices(name: str, count: int = 1) -> list:
-    """`count` GPUs of one host, of the card `name`, as jax devices to build a mesh of and compile for."""
+    """`count` GPUs of one host, of the card `name`, as jax devices to build a mesh of and compile
+    for."""
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # it would look for a driver
     import jax
     from jax.experimental import topologies
@@ -84,38 +87,43 @@ def devices(name: str, count: int = 1) -> list:
     except RuntimeError:
         pass  # a backend already started: it is what it is
     try:
-        topology = topologies.get_topology_desc(platform="cuda", target_config=card(name).target_config(),
+        topology = topologies.get_topology_desc(platform="cuda",
+                                                target_config=card(name).target_config(),
                                                 topology=f"1x1x{max(count, 1)}")
     except (NotImplementedError, RuntimeError) as e:
-        raise ConfigError(f"bench.target={name}: jax's CUDA plugin is not installed or cannot compile here "
-                          f"(pip install jax-cuda12-plugin=={jax.__version__} nvidia-cudnn-cu12): "
-                          f"{str(e).splitlines()[0]}") from None
+        raise ConfigError(f"bench.target={name}: jax's CUDA plugin is not installed or cannot "
+                          f"compile here (pip install jax-cuda12-plugin=={jax.__version__} "
+                          f"nvidia-cudnn-cu12): {str(e).splitlines()[0]}") from None
     return list(topology.devices)
 
 
 @contextlib.contextmanager
 def compiling_for(name: str):
-    """While inside, the model chooses its kernels for a GPU (hardware.compute_platform() is "gpu")."""
+    """While inside, the model chooses its kernels for a GPU (hardware.compute_platform() is
+    "gpu")."""
     card(name)
     with hardware.target_platform("gpu"):
         yield
 
 
 # HLO element types and their sizes in bytes
-_SIZES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_SIZES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2,
+          "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 _ARRAY = re.compile(r"\b(" + "|".join(_SIZES) + r")\[([0-9,]*)\]")
 _INSTRUCTION = re.compile(r"^(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9\-]*)\((.*?)\)(, .*)?$")
-_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
-         "replica-id", "opt-barrier"}  # no kernel: names and views of buffers
+# no kernel: names and views of buffers
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+         "partition-id", "replica-id", "opt-barrier"}
 
 
 def _bytes(hlo_type: str) -> int:
-    return sum(_SIZES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _ARRAY.findall(hlo_type))
+    return sum(_SIZES[t] * math.prod(int(d) for d in dims.split(",") if d)
+               for t, dims in _ARRAY.findall(hlo_type))
 
 
 def _computations(hlo_text: str) -> tuple[dict[str, list[tuple]], str]:
-    """{name: [(result, type, opcode, operand names, attributes)]} of every computation, and the entry's name."""
+    """{name: [(result, type, opcode, operand names, attributes)]} of every computation, and the
+    entry's name."""
     computations, entry, current = {}, "", None
     for line in hlo_text.splitlines():
         if not line.startswith(" "):
@@ -129,7 +137,8 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[tuple]], str]:
             if opcode == "parameter":  # parameter(N): keep N where the attributes go
                 current.append((result, hlo_type, opcode, [], operands))
             else:
-                current.append((result, hlo_type, opcode, re.findall(r"%([\w.\-]+)", operands), attributes or ""))
+                current.append((result, hlo_type, opcode, re.findall(r"%([\w.\-]+)", operands),
+                                attributes or ""))
     return computations, entry
 
 
@@ -139,7 +148,8 @@ def _dims(hlo_type: str) -> list[int]:
 
 
 def _matmul_flops(result_type: str, lhs_type: str, contracted: str) -> int:
-    """2 x output elements x contracted size; contracted: the lhs's contracting dimensions, "1" or "0,2"."""
+    """2 x output elements x contracted size; contracted: the lhs's contracting dimensions, "1" or
+    "0,2"."""
     lhs = _dims(lhs_type)
     return 2 * math.prod(lhs[int(i.strip('" '))] for i in contracted.split(",") if i.strip('" ')) \
         * math.prod(_dims(result_type))
@@ -165,16 +175,18 @@ def _library_matmul_flops(result_type: str, lhs_type: str, attributes: str) -> i
 
 
 _SLICING = {"slice", "dynamic-slice", "gather"}
-_PER_ELEMENT = {"convert", "bitcast", "reshape", "copy", "negate", "abs"}  # one input, element for element
+# one input, element for element
+_PER_ELEMENT = {"convert", "bitcast", "reshape", "copy", "negate", "abs"}
 
 
 def _fusion_bytes(computations: dict, name: str, result_type: str, operand_types: list[str]) -> int:
-    """Bytes a fusion reads and writes: an operand that is only sliced or gathered inside (directly or
-    after a convert or reshape) counts the pieces taken, and a buffer updated in place
+    """Bytes a fusion reads and writes: an operand that is only sliced or gathered inside (directly
+    or after a convert or reshape) counts the pieces taken, and a buffer updated in place
     (dynamic-update-slice of an operand) the update."""
     instructions = computations[name]
     types = {result: hlo_type for result, hlo_type, *_ in instructions}
-    uses = collections.defaultdict(list)  # value -> [(operand position, opcode, its result, result type)]
+    # value -> [(operand position, opcode, its result, result type)]
+    uses = collections.defaultdict(list)
     params, in_place, updates = {}, set(), 0
     for result, hlo_type, opcode, operands, attributes in instructions:
         if opcode == "parameter":
@@ -186,7 +198,8 @@ def _fusion_bytes(computations: dict, name: str, result_type: str, operand_types
             updates += _bytes(types.get(operands[1], ""))
 
     def pieces(value: str) -> int | None:
-        """Bytes taken from `value` if every use of it ends in a slice of it, else None (read whole)."""
+        """Bytes taken from `value` if every use of it ends in a slice of it, else None (read
+        whole)."""
         taken, users = 0, uses.get(value, [])
         for position, opcode, result, hlo_type in users:
             if position == 0 and opcode in _SLICING:
@@ -210,9 +223,11 @@ def _fusion_bytes(computations: dict, name: str, result_type: str, operand_types
 
 @dataclasses.dataclass
 class Kernel:
-    kind: str        # matmul, attention (cuDNN), fusion (XLA's elementwise/reduction kernels), conditional
-                     # (a branch: on a GPU the host waits for the device there), or the opcode
-    bytes: int       # its operands' and results' bytes, times its launches (a sliced operand counts whole)
+    # matmul, attention (cuDNN), fusion (XLA's elementwise/reduction kernels), conditional (a
+    # branch: on a GPU the host waits for the device there), or the opcode
+    kind: str
+    # its operands' and results' bytes, times its launches (a sliced operand counts whole)
+    bytes: int
     flops: int       # matmul FLOPs, times its launches
     launches: int    # 1, or a loop's trip count
     op_name: str     # the jax operation it came from
@@ -220,8 +235,8 @@ class Kernel:
 
 
 def kernels(hlo_text: str) -> list[Kernel]:
-    """The kernels one run of a compiled XLA:GPU module launches (its text: Compiled.as_text()), a
-    loop's body counted its trip count of times, of a conditional's branches the one that moves most."""
+    """The kernels one run of a compiled XLA:GPU module launches (Compiled.as_text()), a loop's body
+    counted its trip count of times, of a conditional's branches the one that moves most."""
     computations, entry = _computations(hlo_text)
 
     def walk(name: str, launches: int, table: list[Kernel]) -> None:
@@ -238,15 +253,18 @@ def kernels(hlo_text: str) -> list[Kernel]:
             if opcode == "call":
                 walk(re.search(r"to_apply=%([\w.\-]+)", attributes).group(1), launches, table)
                 continue
-            if opcode == "conditional":  # listed itself (on a GPU the host waits there), then one branch
+            # listed itself (on a GPU the host waits there), then one branch
+            if opcode == "conditional":
                 op_name = re.search(r'op_name="([^"]*)"', attributes)
-                table.append(Kernel("conditional", 0, 0, launches, op_name.group(1) if op_name else "", hlo_type[:60]))
+                table.append(Kernel("conditional", 0, 0, launches,
+                                    op_name.group(1) if op_name else "", hlo_type[:60]))
                 branches = re.search(r"branch_computations=\{([^}]*)\}", attributes)
                 names = re.findall(r"%([\w.\-]+)", branches.group(1) if branches else attributes)
                 tables = [[] for _ in names]
                 for called, branch in zip(names, tables, strict=False):
                     walk(called, launches, branch)
-                table.extend(max(tables, key=lambda branch: sum(k.bytes for k in branch), default=[]))
+                table.extend(max(tables, key=lambda branch: sum(k.bytes for k in branch),
+                                 default=[]))
                 continue
             flops, kind = 0, opcode
             operand_types = [types.get(o, "") for o in operands]
@@ -254,7 +272,8 @@ def kernels(hlo_text: str) -> list[Kernel]:
             if opcode == "custom-call":
                 target = re.search(r'custom_call_target="([^"]*)"', attributes).group(1)
                 kind = "attention" if "fmha" in target else target
-                if "cublas" in target or "gemm" in target.lower():  # a library matmul (Triton's are fusions)
+                # a library matmul (Triton's are fusions)
+                if "cublas" in target or "gemm" in target.lower():
                     # its outputs: the product, any epilogue's auxiliary output (GELU_AUX: the value
                     # before the activation), then a scratch workspace, which is not data
                     outputs = [f"{t}[{dims}]" for t, dims in _ARRAY.findall(hlo_type)]

@@ -7,27 +7,31 @@ of the real loop (batches drawn and placed by the prefetcher, as in training). R
 tokens/s, model FLOPs per token (6N + attention), MFU against the peak table (on CPU: a matmul
 rate measured in the same run), compile seconds and the memory XLA planned for the step.
 
-    python -m jaxgpt.bench data prepare.source=chitchat prepare.tokenizer=bpe:4096 [bench.workers=1,2 bench.max_mb=64]
+    python -m jaxgpt.bench data prepare.source=chitchat prepare.tokenizer=bpe:4096 \\
+        [bench.workers=1,2 bench.max_mb=64]
 
-    python -m jaxgpt.bench generate CONFIG.py|RUN [section.key=value ...] [bench.batch=1,8 bench.new_tokens=256]
+    python -m jaxgpt.bench generate CONFIG.py|RUN [section.key=value ...] \\
+        [bench.batch=1,8 bench.new_tokens=256]
 
 `generate`: the KV-cache engine's decode tokens/s per batch size, time to first token, prefill
 tokens/s, and the memory-bandwidth bound (weights plus cache read once per step, over a bandwidth
 measured in the same run) with the ratio to it.
 
-    python -m jaxgpt.bench compile CONFIG.py [mesh.devices=8 mesh.fsdp=8 mesh.device_memory_gb=80 ...]
+    python -m jaxgpt.bench compile CONFIG.py \\
+        [mesh.devices=8 mesh.fsdp=8 mesh.device_memory_gb=80 ...]
 
 `compile`: the train step compiled ahead of time from shapes alone (no params made, no data read)
 for the config's mesh (a DPO config's too): memory.py's per-device estimate (params, optimizer
-state, gradients, activations, batch, DPO's reference) beside XLA's memory analysis (arguments, outputs, temporaries), XLA's FLOPs per
-device and the model's FLOPs per step, and whether it fits mesh.device_memory_gb. mesh.devices=N
-plans N devices on a host with fewer (as N XLA:CPU devices: the shardings and the estimate are
-those of N accelerators; XLA:CPU's temporaries are its own compiler's, not a GPU's). bench.target=h100
-(or h200) compiles it with XLA:GPU itself for that card, on a host without one (aot.py), and adds the
-compiled step's kernels: launches, matmul FLOPs, memory-bound bytes and the least time they take.
+state, gradients, activations, batch, DPO's reference) beside XLA's memory analysis (arguments,
+outputs, temporaries), XLA's FLOPs per device and the model's FLOPs per step, and whether it fits
+mesh.device_memory_gb. mesh.devices=N plans N devices on a host with fewer (as N XLA:CPU devices:
+the shardings and the estimate are those of N accelerators; XLA:CPU's temporaries are its own
+compiler's, not a GPU's). bench.target=h100 (or h200) compiles it with XLA:GPU itself for that card,
+on a host without one (aot.py), and adds the compiled step's kernels: launches, matmul FLOPs,
+memory-bound bytes and the least time they take.
 
-`data`: tokenizer throughput (MB/s of UTF-8 text) of `prepare`'s worker pool, one line per worker count;
-it reads the source as prepare does (prepare.field, prepare.doc_split, ...).
+`data`: tokenizer throughput (MB/s of UTF-8 text) of `prepare`'s worker pool, one line per worker
+count; it reads the source as prepare does (prepare.field, prepare.doc_split, ...).
 Both tune the host first (hardware.tune_host) unless bench.untuned_host=true.
 """
 from __future__ import annotations
@@ -104,7 +108,8 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, p
         "device_kind": jax.devices()[0].device_kind, "mesh": dict(trainer.mesh.shape),
         "batch": cfg.data.batch_size, "seq_len": cfg.model.seq_len, "steps": steps,
         "ms_per_iter": round(seconds / steps * 1e3, 3), "tokens_per_s": round(tokens_per_s, 1),
-        "flops_per_token": flops_per_token, "step_gflop": round(flops_per_token * tokens_per_step / 1e9, 3),
+        "flops_per_token": flops_per_token,
+        "step_gflop": round(flops_per_token * tokens_per_step / 1e9, 3),
         "peak_flops_per_device": peak, "peak_source": peak_source,
         "mfu": round(tokens_per_s * flops_per_token / (peak * n_devices), 4),
         "compile_s": round(compile_s, 2), "page_faults_per_step": round(faults / steps, 1),
@@ -137,7 +142,8 @@ def _run_steps(trainer, compiled, start: int, n: int, state):
 
 
 def _step_memory(compiled) -> dict:
-    """XLA's temporaries and arguments of the compiled step, and the device's peak use where it says."""
+    """XLA's temporaries and arguments of the compiled step, and the device's peak use where it
+    says."""
     out = {}
     if (analysis := compiled.memory_analysis()) is not None:
         out["step_temp_bytes"] = analysis.temp_size_in_bytes
@@ -149,21 +155,25 @@ def _step_memory(compiled) -> dict:
 
 
 def bench_data(prep: PrepareConfig, bench: BenchConfig = BenchConfig()) -> list[dict]:
-    """Tokenizer throughput of `prepare`'s worker pool over prep.source, one result per bench.workers count.
+    """Tokenizer throughput of `prepare`'s worker pool over prep.source, one result per
+    bench.workers count.
 
-    The first bench.max_mb of the source is read into memory first, and the pool is started and warmed
-    before the clock starts, so what is timed is tokenizing plus moving text to workers and ids back."""
+    The first bench.max_mb of the source is read into memory first, and the pool is started and
+    warmed before the clock starts, so what is timed is tokenizing plus moving text to workers and
+    ids back."""
     import tempfile
 
-    src = sources.open_source(prep.source, errors=prep.errors, field=prep.field, doc_split=prep.doc_split,
-                              hf_split=prep.hf_split, chunk_bytes=prep.chunk_bytes)
+    src = sources.open_source(prep.source, errors=prep.errors, field=prep.field,
+                              doc_split=prep.doc_split, hf_split=prep.hf_split,
+                              chunk_bytes=prep.chunk_bytes)
     pieces, n_bytes = [], 0
     for text, ends in sources.limited(src.pieces(), prep.limit):
         pieces.append((text, ends))
         n_bytes += len(text.encode("utf-8"))
         if n_bytes >= bench.max_mb * 1e6:
             break
-    tok = prepare.build_tokenizer(prep.tokenizer, src, limit=sum(ends for _, ends in pieces))  # as prepare does
+    # as prepare does
+    tok = prepare.build_tokenizer(prep.tokenizer, src, limit=sum(ends for _, ends in pieces))
     indexed = list(enumerate(prepare.tasks(pieces, prep.chunk_bytes)))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,13 +184,15 @@ def bench_data(prep: PrepareConfig, bench: BenchConfig = BenchConfig()) -> list[
                 list(encoder.map((i, (0, [("warm up", True)])) for i in range(2 * n)))
                 start_s = time.perf_counter() - t
                 t = time.perf_counter()
-                n_tokens = sum(r["train"][0].size + r["val"][0].size for _, r in encoder.map(iter(indexed)))
+                n_tokens = sum(r["train"][0].size + r["val"][0].size
+                               for _, r in encoder.map(iter(indexed)))
                 seconds = time.perf_counter() - t
-            results.append({"bench": "data", "source": prep.source, "tokenizer": tok.name, "n_vocab": tok.n_vocab,
-                            "workers": n, "mb": round(n_bytes / 1e6, 3), "tokens": int(n_tokens),
-                            "seconds": round(seconds, 3), "mb_per_s": round(n_bytes / 1e6 / seconds, 3),
-                            "tokens_per_s": round(n_tokens / seconds, 1), "pool_start_s": round(start_s, 2),
-                            "cpu_count": os.cpu_count()})
+            results.append({"bench": "data", "source": prep.source, "tokenizer": tok.name,
+                            "n_vocab": tok.n_vocab, "workers": n, "mb": round(n_bytes / 1e6, 3),
+                            "tokens": int(n_tokens), "seconds": round(seconds, 3),
+                            "mb_per_s": round(n_bytes / 1e6 / seconds, 3),
+                            "tokens_per_s": round(n_tokens / seconds, 1),
+                            "pool_start_s": round(start_s, 2), "cpu_count": os.cpu_count()})
     return results
 
 
@@ -204,30 +216,35 @@ def bench_compile(cfg: config_lib.Config, target: str = "") -> dict:
     if n and len(devices) < n:  # an accelerator host planning for more of them than it has
         devices = jax.devices("cpu")
         if len(devices) < n:
-            raise ConfigError(f"mesh.devices={n}: only {len(devices)} CPU devices could be made here (jax started "
-                              f"before bench compile; set XLA_FLAGS=--xla_force_host_platform_device_count={n})")
+            raise ConfigError(f"mesh.devices={n}: only {len(devices)} CPU devices could be made "
+                              "here (jax started before bench compile; set "
+                              f"XLA_FLAGS=--xla_force_host_platform_device_count={n})")
     return _compile_report(cfg, devices)
 
 
 def _compile_report(cfg: config_lib.Config, devices: list, target: str = "") -> dict:
     cfg = memory.with_pretrained_vocab(cfg)
     trainer = memory.trainer_for(cfg, devices)
-    out = {"bench": "compile", "target": target or None, "preset": cfg.model.preset, "dtype": cfg.model.dtype,
-           "remat": cfg.model.remat,
-           "batch": cfg.data.batch_size, "grad_accum": cfg.optim.grad_accum, "seq_len": cfg.model.seq_len,
-           "devices": trainer.mesh.devices.size, "platform": devices[0].platform, "device_kind": devices[0].device_kind,
-           # on a GPU of CARDS, its own compiled step's kernels too (autotuned, unlike a planned one's)
-           **aot.analyze(trainer, target or (aot.card_of(devices[0].device_kind) if devices[0].platform == "gpu"
-                                                else ""))}
+    out = {"bench": "compile", "target": target or None, "preset": cfg.model.preset,
+           "dtype": cfg.model.dtype, "remat": cfg.model.remat, "batch": cfg.data.batch_size,
+           "grad_accum": cfg.optim.grad_accum, "seq_len": cfg.model.seq_len,
+           "devices": trainer.mesh.devices.size, "platform": devices[0].platform,
+           "device_kind": devices[0].device_kind,
+           # on a GPU of CARDS, its own compiled step's kernels too (autotuned, unlike a planned
+           # one's)
+           **aot.analyze(trainer, target or (aot.card_of(devices[0].device_kind)
+                                             if devices[0].platform == "gpu" else ""))}
     out["estimate_gb"] = {k: round(v / memory.GB, 3) for k, v in out["estimate_bytes"].items()}
     model = trainer.model
     params = jax.eval_shape(model.init, jax.random.key(0))
     out["params"] = model.num_params(params)
-    out["model_flops_per_step"] = model.flops_per_token(params) * cfg.data.batch_size * cfg.model.seq_len
-    limit, source = memory.device_limit(cfg, devices) if not target or cfg.mesh.device_memory_gb else (
-        aot.card(target).memory_bytes, f"{target} data sheet")
+    out["model_flops_per_step"] = (model.flops_per_token(params) * cfg.data.batch_size
+                                   * cfg.model.seq_len)
+    limit, source = (memory.device_limit(cfg, devices) if not target or cfg.mesh.device_memory_gb
+                     else (aot.card(target).memory_bytes, f"{target} data sheet"))
     out["limit_bytes"], out["limit_source"] = limit, source
-    if limit is not None:  # the estimate decides train's check; XLA's figure is for this platform's compiler
+    # the estimate decides train's check; XLA's figure is for this platform's compiler
+    if limit is not None:
         out["fits"] = out["estimate_bytes"]["total"] <= limit
         if "xla_bytes" in out:
             out["fits_xla"] = out["xla_bytes"]["total"] <= limit
@@ -242,8 +259,10 @@ def _section(setting: str) -> str:
     return setting.partition("=")[0].strip().lstrip("-").split(".")[0]
 
 
-def _bench_settings(verb: str, settings: list[str], allowed: tuple[str, ...], required=()) -> BenchCommand:
-    """The bench root from the settings (`allowed` sections only); the host tuned unless bench.untuned_host."""
+def _bench_settings(verb: str, settings: list[str], allowed: tuple[str, ...],
+                    required=()) -> BenchCommand:
+    """The bench root from the settings (`allowed` sections only); the host tuned unless
+    bench.untuned_host."""
     cmd = cli.tool_config(BenchCommand, settings, required)
     if stray := [_section(s) for s in settings if _section(s) not in allowed]:
         takes = "prepare.* and bench.*" if verb == "data" else "the config's keys and bench.*"
@@ -282,53 +301,59 @@ def main(argv: list[str] | None = None) -> None:
             argv = _generate_flags(argv)
         except ConfigError as e:
             sys.exit(f"python -m jaxgpt.bench: {e}")
-
     def train(operands: list[str], settings: list[str]) -> None:
         config_overrides = [s for s in settings if _section(s) in CONFIG_SECTIONS]
-        cmd = _bench_settings("train", [s for s in settings if s not in config_overrides], ("bench",))
+        cmd = _bench_settings("train", [s for s in settings if s not in config_overrides],
+                              ("bench",))
         cfg = config_lib.from_cli(operands[0], config_overrides)
-        print(json.dumps(bench_train(cfg, cmd.bench.steps, cmd.bench.warmup, profile=cmd.bench.profile,
+        print(json.dumps(bench_train(cfg, cmd.bench.steps, cmd.bench.warmup,
+                                     profile=cmd.bench.profile,
                                      profile_runs=cmd.bench.profile_runs)))
 
     def compile_(operands: list[str], settings: list[str]) -> None:
         config_overrides = [s for s in settings if _section(s) in CONFIG_SECTIONS]
-        cmd = _bench_settings("compile", [s for s in settings if s not in config_overrides], ("bench",))
-        print(json.dumps(bench_compile(config_lib.from_cli(operands[0], config_overrides), cmd.bench.target)))
+        cmd = _bench_settings("compile", [s for s in settings if s not in config_overrides],
+                              ("bench",))
+        print(json.dumps(bench_compile(config_lib.from_cli(operands[0], config_overrides),
+                                       cmd.bench.target)))
 
     def data_(operands: list[str], settings: list[str]) -> None:
-        cmd = _bench_settings("data", settings, ("prepare", "bench"), ("prepare.source", "prepare.tokenizer"))
+        cmd = _bench_settings("data", settings, ("prepare", "bench"),
+                              ("prepare.source", "prepare.tokenizer"))
         for result in bench_data(cmd.prepare, cmd.bench):
             print(json.dumps(result), flush=True)
 
     def generate_(operands: list[str], settings: list[str]) -> None:
         config_overrides = [s for s in settings if _section(s) in CONFIG_SECTIONS]
-        cmd = _bench_settings("generate", [s for s in settings if s not in config_overrides], ("bench",))
+        cmd = _bench_settings("generate", [s for s in settings if s not in config_overrides],
+                              ("bench",))
         if Path(operands[0]).is_dir():  # a trained run or export
             loaded = runs.load(operands[0], config_overrides)
             model, params, vocab = GPT(loaded.cfg.model), loaded.params, loaded.tokenizer.n_vocab
         else:  # a config file: random init, as the reference times it
             cfg = config_lib.from_cli(operands[0], config_overrides)
             if not cfg.model.vocab_size:
-                raise ConfigError(f"{operands[0]}: set model.vocab_size to time a config without data")
+                raise ConfigError(f"{operands[0]}: set model.vocab_size to time a config "
+                                  "without data")
             model = GPT(cfg.model)
             params, vocab = model.init(jax.random.key(0)), cfg.model.vocab_size
         for result in decode.bench_generate(model, params, cmd.bench, vocab):
             print(json.dumps(result), flush=True)
-
-    cli.run("python -m jaxgpt.bench", {  # tune_host=False: the commands tune it unless bench.untuned_host=true
-        "train": cli.Command(train, "CONFIG.py [section.key=value ...] [bench.steps=200 bench.warmup=20 "
-                             "bench.untuned_host=true]", BenchCommand, sections=(*CONFIG_SECTIONS, "bench"),
-                             tune_host=False),
+    cli.run("python -m jaxgpt.bench", {
+        "train": cli.Command(train, "CONFIG.py [section.key=value ...] [bench.steps=200 "
+                             "bench.warmup=20 bench.untuned_host=true]", BenchCommand,
+                             sections=(*CONFIG_SECTIONS, "bench"), tune_host=False),
         "generate": cli.Command(generate_, "CONFIG.py|RUN [section.key=value ...] [bench.batch=1,8 "
                                 "bench.new_tokens=256 bench.prompt_tokens=16]", BenchCommand,
                                 sections=(*CONFIG_SECTIONS, "bench"), tune_host=False),
-        "compile": cli.Command(compile_, "CONFIG.py [section.key=value ...] [mesh.devices=8 mesh.fsdp=8 "
-                               "mesh.device_memory_gb=80]", BenchCommand, sections=(*CONFIG_SECTIONS, "bench"),
-                               tune_host=False),
-        "data": cli.Command(data_, "prepare.source=SOURCE prepare.tokenizer=SPEC [prepare.field=... "
-                            "prepare.doc_split=...] [bench.workers=1,2 bench.max_mb=64]",
-                            BenchCommand, sections=("prepare", "bench"), operands=(0, 0), tune_host=False),
-    }, argv)
+        "compile": cli.Command(compile_, "CONFIG.py [section.key=value ...] [mesh.devices=8 "
+                               "mesh.fsdp=8 mesh.device_memory_gb=80]", BenchCommand,
+                               sections=(*CONFIG_SECTIONS, "bench"), tune_host=False),
+        "data": cli.Command(data_, "prepare.source=SOURCE prepare.tokenizer=SPEC "
+                            "[prepare.field=... prepare.doc_split=...] [bench.workers=1,2 "
+                            "bench.max_mb=64]", BenchCommand, sections=("prepare", "bench"),
+                            operands=(0, 0), tune_host=False),
+    }, argv)  # tune_host=False: the commands tune it unless bench.untuned_host=true
 
 
 if __name__ == "__main__":

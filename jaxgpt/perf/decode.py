@@ -21,14 +21,16 @@ from jaxgpt.perf import profiling
 
 def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[dict]:
     """Decode speed of the engine, one result per batch size: random prompts, temperature 1 and
-    top-k 50 (as the Hugging Face reference samples), no stop token, so every row makes new_tokens."""
+    top-k 50 (as the Hugging Face reference samples), no stop token, so every row makes
+    new_tokens."""
     bandwidth = hardware.memory_bandwidth()
     weight_bytes = sum(x.size * jnp.dtype(model.cfg.dtype).itemsize if x.ndim > 1 else x.nbytes
                        for x in jax.tree.leaves(params))
     sp = SamplingParams(max_tokens=bench.new_tokens, temperature=1.0, top_k=50)
     rng, results = np.random.default_rng(0), []
     if bench.decode_steps < 0:
-        raise ConfigError(f"bench.decode_steps={bench.decode_steps}: must be >= 0 (0: the engine's default)")
+        raise ConfigError(f"bench.decode_steps={bench.decode_steps}: must be >= 0 "
+                          "(0: the engine's default)")
     steps = bench.decode_steps or generate.DECODE_STEPS
     for batch in bench.batch:
         engine = generate.Engine(model, params, slots=batch, decode_steps=steps)
@@ -37,11 +39,14 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
         # the context, past its first shift too (the shift's re-prefill compiles another prompt
         # length: 1.4 of the 1.7 s the quickstart's model took for 256 new tokens at context 128)
         S = model.cfg.seq_len
-        warm = steps + 3 if bench.prompt_tokens + bench.new_tokens <= S else S - bench.prompt_tokens + steps + 2
-        for max_tokens in (warm, 3):  # the second: one-step calls only (fewer tokens left than `steps`)
+        warm = (steps + 3 if bench.prompt_tokens + bench.new_tokens <= S
+                else S - bench.prompt_tokens + steps + 2)
+        # the second: one-step calls only (fewer tokens left than `steps`)
+        for max_tokens in (warm, 3):
             engine.generate(prompts, dataclasses.replace(sp, max_tokens=max_tokens))
         t0 = time.perf_counter()
-        ids = [i for s, p in enumerate(prompts) for i in engine.submit(p, dataclasses.replace(sp, seed=s))]
+        ids = [i for s, p in enumerate(prompts)
+               for i in engine.submit(p, dataclasses.replace(sp, seed=s))]
         engine.step()
         ttft = time.perf_counter() - t0
         while engine.busy:
@@ -51,22 +56,26 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
         # a decode step reads every weight once and each row's cache up to its length (on average
         # prompt + new/2 positions): the memory-bandwidth bound on tokens/s
         cache_bytes = (2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim *
-                       jnp.dtype(model.cfg.dtype).itemsize * (bench.prompt_tokens + bench.new_tokens / 2))
+                       jnp.dtype(model.cfg.dtype).itemsize *
+                       (bench.prompt_tokens + bench.new_tokens / 2))
         bound = batch * bandwidth / (weight_bytes + batch * cache_bytes)
         tok_per_s = n_new / seconds
-        results.append({"bench": "generate", "batch": batch, "dtype": model.cfg.dtype, "decode_steps": steps,
-                        "cache_window": model.kernels.cache_window,
-                        "new_tokens": n_new,
-                        "seconds": round(seconds, 6), "tok_per_s": round(tok_per_s, 2),
-                        "ttft_s": round(ttft, 4), "prefill_tok_per_s": round(batch * bench.prompt_tokens / ttft, 1),
-                        "memory_gb_per_s": round(bandwidth / 1e9, 2), "bound_tok_per_s": round(bound, 2),
-                        "ratio_to_bound": round(tok_per_s / bound, 3), "params": model.num_params(params),
-                        "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__})
-        if bench.profile:  # decode steps alone: the prompts are prefilled by the untraced first step
+        results.append({
+            "bench": "generate", "batch": batch, "dtype": model.cfg.dtype, "decode_steps": steps,
+            "cache_window": model.kernels.cache_window, "new_tokens": n_new,
+            "seconds": round(seconds, 6), "tok_per_s": round(tok_per_s, 2),
+            "ttft_s": round(ttft, 4),
+            "prefill_tok_per_s": round(batch * bench.prompt_tokens / ttft, 1),
+            "memory_gb_per_s": round(bandwidth / 1e9, 2), "bound_tok_per_s": round(bound, 2),
+            "ratio_to_bound": round(tok_per_s / bound, 3), "params": model.num_params(params),
+            "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__})
+        # decode steps alone: the prompts are prefilled by the untraced first step
+        if bench.profile:
             for s, p in enumerate(prompts):
                 engine.submit(p, dataclasses.replace(sp, seed=s, max_tokens=bench.profile_runs + 2))
             engine.step()
-            results[-1].update(profiling.profiled(f"{bench.profile}/batch{batch}", bench.profile_runs, engine.step))
+            results[-1].update(profiling.profiled(f"{bench.profile}/batch{batch}",
+                                                  bench.profile_runs, engine.step))
             while engine.busy:
                 engine.step()
     return results

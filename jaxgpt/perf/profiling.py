@@ -34,23 +34,28 @@ def trace_file(directory: str | Path) -> Path:
     """The newest Perfetto trace under `directory` (jax.profiler writes one per trace)."""
     found = sorted(Path(directory).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"{directory}: no perfetto_trace.json.gz (was it traced with profiling.trace?)")
+        raise FileNotFoundError(f"{directory}: no perfetto_trace.json.gz (was it traced with "
+                                "profiling.trace?)")
     return found[-1]
 
 
 def op_events(directory: str | Path) -> list[tuple[str, str, float]]:
     """(XLA op, kernel name, microseconds) of every op execution in the newest trace. Where the
-    trace has a device process (GPU, TPU), only its kernels count: the host side only launched them."""
+    trace has a device process (GPU, TPU), only its kernels count: the host side only launched
+    them."""
     events = json.loads(gzip.decompress(trace_file(directory).read_bytes()))["traceEvents"]
-    process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    process = {e["pid"]: e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
     ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in (e.get("args") or {})]
     on_device = [e for e in ops if process.get(e["pid"], "").startswith("/device:")]
     if on_device:
         # a device process can show each op twice: on its "XLA Ops" line and as the kernels of a
-        # stream. The kernels carry the names that say what ran; keep the streams where there are any.
+        # stream. The kernels carry the names that say what ran; keep the streams where there
+        # are any.
         thread = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
                   if e.get("ph") == "M" and e.get("name") == "thread_name"}
-        streams = [e for e in on_device if "stream" in thread.get((e["pid"], e.get("tid")), "").lower()]
+        streams = [e for e in on_device
+                   if "stream" in thread.get((e["pid"], e.get("tid")), "").lower()]
         ops = streams or on_device
     return [(e["args"]["hlo_op"], e["name"], float(e.get("dur", 0.0))) for e in ops]
 

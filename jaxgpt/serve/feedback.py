@@ -1,12 +1,15 @@
 """Served conversations and what people said about them, in one SQLite file; exported as SFT
 conversations and preference pairs.
 
-    python -m jaxgpt.feedback export runs/NAME/feedback.db export.sft=liked.jsonl export.pairs=pairs.jsonl
+    python -m jaxgpt.feedback export runs/NAME/feedback.db export.sft=liked.jsonl \\
+        export.pairs=pairs.jsonl
     python -m jaxgpt.feedback stats runs/NAME/feedback.db        # counts, as JSON
 
     fb = Feedback("runs/NAME/feedback.db")       # created if new; WAL mode; one writer thread
-    fb.start(completion_id, messages, model="m", source="api", sampling=params, n=1)  # enqueue, return
-    fb.finish(completion_id, replies)            # replies.Reply-like: index, text, finish_reason, screened...
+    # enqueue, return
+    fb.start(completion_id, messages, model="m", source="api", sampling=params, n=1)
+    fb.finish(completion_id, replies)            # replies.Reply-like: index, text, finish_reason,
+                                                 # screened...
     fb.judge(completion_id, rating="up")         # waits for its write; the judgement's id
     fb.judge(chosen_id, better_than=rejected_id) # two replies to the same context
     fb.judge(completion_id, edit="what the person wanted")
@@ -20,15 +23,17 @@ a torn file. A reply with n choices is one row per choice (`index`; 0 unless n >
 
 What export makes of the judgements (the latest one counts where a person changed their mind):
   - SFT conversations ({"id", "messages"} JSONL, what `data.chat=jsonl:PATH` trains on): the context
-    plus the reply, for a reply rated up whose finish_reason is "stop" (a reply cut at the token limit,
-    stopped or screened is no answer to imitate: SFT would teach ending there); the context plus the
-    edit, for an edited reply (whatever the original's finish_reason; the edit wins over a rating).
+    plus the reply, for a reply rated up whose finish_reason is "stop" (a reply cut at the token
+    limit, stopped or screened is no answer to imitate: SFT would teach ending there); the context
+    plus the edit, for an edited reply (whatever the original's finish_reason; the edit wins over a
+    rating).
   - Preference pairs ({"messages": context, "chosen", "rejected"} JSONL): each "this one is better"
     (chosen, rejected) between two replies to the same context, as they were shown; each edit (the
-    edit chosen, the original rejected); and each reply rated up against each reply rated down to the
-    same context (same messages, exactly). Not pairs: a lone rating, a reply whose generation failed
-    (finish_reason "error") or never finished, a pair whose two texts are equal, and an up / down pair of
-    two replies someone also compared with "better" (that judgement counts); a pair is written once.
+    edit chosen, the original rejected); and each reply rated up against each reply rated down to
+    the same context (same messages, exactly). Not pairs: a lone rating, a reply whose generation
+    failed (finish_reason "error") or never finished, a pair whose two texts are equal, and an up /
+    down pair of two replies someone also compared with "better" (that judgement counts); a pair is
+    written once.
 """
 from __future__ import annotations
 
@@ -46,7 +51,8 @@ from jaxgpt.data import dialogs
 from jaxgpt.errors import DataError
 
 SCHEMA_VERSION = 1           # PRAGMA user_version
-APPLICATION_ID = 0x6A786662  # PRAGMA application_id: "jxfb", tells our files from other SQLite files
+# PRAGMA application_id: "jxfb", tells our files from other SQLite files
+APPLICATION_ID = 0x6A786662
 SOURCES = ("page", "api", "talk")
 RATINGS = ("up", "down")
 SCHEMA = """
@@ -59,7 +65,8 @@ CREATE TABLE replies (
   messages TEXT NOT NULL,         -- the context, JSON [{"role", "content"}, ...]
   sampling TEXT NOT NULL,         -- the sampling settings, JSON
   replaces TEXT,                  -- a regenerated reply: the completion id of the one it replaced
-  finished REAL,                  -- unix time the reply finished, NULL while generating (or if the server died)
+  finished REAL,                  -- unix time the reply finished, NULL while generating (or if the
+                                  -- server died)
   reply TEXT,                     -- the text shown
   finish_reason TEXT,             -- stop | length | content_filter | cancelled | error
   screened TEXT,                  -- why the screen blocked it (or "low confidence"), if it did
@@ -92,7 +99,8 @@ class FeedbackError(DataError):
 
 def default_path(source: str | Path) -> Path:
     """Where a server of `source` keeps its feedback: RUN/feedback.db for RUN, RUN/export and
-    RUN/checkpoints[/STEP]; beside an export directory not in a run (a converted model: DIR/../feedback.db)."""
+    RUN/checkpoints[/STEP]; beside an export directory not in a run (a converted model:
+    DIR/../feedback.db)."""
     path = Path(source).absolute()
     if path.parent.name == "checkpoints":
         path = path.parent.parent
@@ -117,12 +125,14 @@ def open_database(path: Path, create: bool) -> sqlite3.Connection:
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
         conn = _connect(path)
-        app, version = (conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("application_id", "user_version"))
+        app, version = (conn.execute(f"PRAGMA {p}").fetchone()[0]
+                        for p in ("application_id", "user_version"))
         tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if app == 0 and tables == 0 and create:  # new (or an empty file): ours now
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("BEGIN IMMEDIATE")
-            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:  # nobody was faster
+            # nobody was faster
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
                 for statement in f"{SCHEMA}; PRAGMA application_id={APPLICATION_ID}; " \
                                  f"PRAGMA user_version={SCHEMA_VERSION}".split(";"):
                     conn.execute(statement) if statement.strip() else None
@@ -131,14 +141,16 @@ def open_database(path: Path, create: bool) -> sqlite3.Connection:
     except (sqlite3.Error, OSError) as e:
         if conn is not None:
             conn.close()
-        raise FeedbackError(f"{path}: not a usable SQLite database ({type(e).__name__}: {e})") from None
+        raise FeedbackError(f"{path}: not a usable SQLite database "
+                            f"({type(e).__name__}: {e})") from None
     if app != APPLICATION_ID:
         conn.close()
         raise FeedbackError(f"{path}: not a jaxgpt feedback database (SQLite application_id {app})")
     if version != SCHEMA_VERSION:
         conn.close()
-        raise FeedbackError(f"{path}: feedback schema version {version}, this jaxgpt reads version {SCHEMA_VERSION} "
-                            f"({'older' if version < SCHEMA_VERSION else 'newer'}: use the jaxgpt that wrote it)")
+        raise FeedbackError(f"{path}: feedback schema version {version}, this jaxgpt reads version "
+                            f"{SCHEMA_VERSION} ({'older' if version < SCHEMA_VERSION else 'newer'}:"
+                            " use the jaxgpt that wrote it)")
     if create and conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
         conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -153,7 +165,8 @@ def _string(value, field: str, required: bool = True) -> str | None:
     if value is None and not required:
         return None
     if not isinstance(value, str) or not value:
-        raise FeedbackError(f"{field}: expected a non-empty string, got {json.dumps(value)[:80]}", field)
+        raise FeedbackError(f"{field}: expected a non-empty string, got {json.dumps(value)[:80]}",
+                            field)
     return value
 
 
@@ -161,7 +174,8 @@ def _index(value, field: str) -> int:
     if value is None:
         return 0
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise FeedbackError(f"{field}: expected a choice index >= 0, got {json.dumps(value)[:80]}", field)
+        raise FeedbackError(f"{field}: expected a choice index >= 0, got {json.dumps(value)[:80]}",
+                            field)
     return value
 
 
@@ -172,27 +186,32 @@ def stored(body: dict) -> dict | None:
     store, metadata = body.get("store"), body.get("metadata")
     if store is not None and not isinstance(store, bool):
         raise FeedbackError(f"store: expected a boolean, got {json.dumps(store)[:80]}", "store")
-    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
         raise FeedbackError("metadata: expected an object of strings", "metadata")
     if not store:
         return None
     metadata = metadata or {}
-    return {"source": "page" if metadata.get("source") == "page" else "api", "replaces": metadata.get("replaces") or None}
+    return {"source": "page" if metadata.get("source") == "page" else "api",
+            "replaces": metadata.get("replaces") or None}
 
 
 class _Job:
     __slots__ = ("fn", "done", "result", "error")
 
     def __init__(self, fn: Callable[[sqlite3.Connection], Any], wait: bool):
-        self.fn, self.done, self.result, self.error = fn, threading.Event() if wait else None, None, None
+        self.fn, self.done, self.result, self.error = (fn, threading.Event() if wait else None,
+                                                       None, None)
 
 
 class Feedback:
-    """The feedback database of one server (or chat session): thread-safe, writes on its own thread."""
+    """The feedback database of one server (or chat session): thread-safe, writes on its own
+    thread."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._conn = open_database(self.path, create=True)  # checked (or made) here: a bad file stops the start
+        # checked (or made) here: a bad file stops the start
+        self._conn = open_database(self.path, create=True)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed, self._lock = False, threading.Lock()  # nothing is queued behind the last job
         self._thread = threading.Thread(target=self._write, name="jaxgpt-feedback", daemon=True)
@@ -219,82 +238,106 @@ class Feedback:
 
     # ---- records ----
     def start(self, completion_id: str, messages: Sequence[dict], *, model: str, source: str,
-              sampling: Any = None, n: int = 1, replaces: str | None = None, created: float | None = None) -> None:
-        """A reply is being generated for `messages` (its context): n rows, their replies to come."""
+              sampling: Any = None, n: int = 1, replaces: str | None = None,
+              created: float | None = None) -> None:
+        """A reply is being generated for `messages` (its context): n rows, their replies to
+        come."""
         _string(completion_id, "completion_id")
         if source not in SOURCES:
-            raise FeedbackError(f"source: expected one of {', '.join(SOURCES)}, got {source!r}", "source")
-        context = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m for m in messages]
-        if (problem := dialogs.check(context, trainable=False)) is not None or context[-1]["role"] != "user":
-            raise FeedbackError(f"messages: {problem or 'the last message must be a user message'}", "messages")
+            raise FeedbackError(f"source: expected one of {', '.join(SOURCES)}, got {source!r}",
+                                "source")
+        context = [{"role": m.get("role"), "content": m.get("content")}
+                   if isinstance(m, dict) else m for m in messages]
+        if ((problem := dialogs.check(context, trainable=False)) is not None
+                or context[-1]["role"] != "user"):
+            raise FeedbackError(f"messages: {problem or 'the last message must be a user message'}",
+                                "messages")
         if dataclasses.is_dataclass(sampling):
             sampling = dataclasses.asdict(sampling)
-        row = (completion_id, time.time() if created is None else created, model, source, compact_json(context),
-               compact_json(sampling or {}), _string(replaces, "replaces", required=False))
+        row = (completion_id, time.time() if created is None else created, model, source,
+               compact_json(context), compact_json(sampling or {}),
+               _string(replaces, "replaces", required=False))
         self._submit(lambda conn: conn.executemany(
-            "INSERT INTO replies (id, choice, created, model, source, messages, sampling, replaces) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(row[0], i, *row[1:]) for i in range(n)]))
+            "INSERT INTO replies (id, choice, created, model, source, messages, sampling, replaces)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(row[0], i, *row[1:]) for i in range(n)]))
 
     def finish(self, completion_id: str, replies: Sequence[Any]) -> None:
         """The replies of a started completion are in (replies.Reply-like objects: index, text,
         finish_reason, screened, flagged, mean_logprob); from any thread, the engine's included."""
         now = time.time()
-        rows = [(now, r.text, r.finish_reason, getattr(r, "screened", None), int(bool(getattr(r, "flagged", False))),
-                 getattr(r, "mean_logprob", None), completion_id, r.index) for r in replies if r is not None]
+        rows = [(now, r.text, r.finish_reason, getattr(r, "screened", None),
+                 int(bool(getattr(r, "flagged", False))), getattr(r, "mean_logprob", None),
+                 completion_id, r.index) for r in replies if r is not None]
         self._submit(lambda conn: conn.executemany(
-            "UPDATE replies SET finished=?, reply=?, finish_reason=?, screened=?, flagged=?, mean_logprob=? "
-            "WHERE id=? AND choice=?", rows))
+            "UPDATE replies SET finished=?, reply=?, finish_reason=?, screened=?, flagged=?, "
+            "mean_logprob=? WHERE id=? AND choice=?", rows))
 
-    def record(self, completion_id: str, messages: Sequence[dict], replies: Sequence[Any], **start) -> None:
+    def record(self, completion_id: str, messages: Sequence[dict], replies: Sequence[Any],
+               **start) -> None:
         """start() and finish() at once, for a reply already finished."""
-        self.start(completion_id, messages, n=max((r.index for r in replies), default=0) + 1, **start)
+        self.start(completion_id, messages, n=max((r.index for r in replies), default=0) + 1,
+                   **start)
         self.finish(completion_id, replies)
 
     # ---- judgements ----
-    def judge(self, completion_id: str, *, rating: str | None = None, better_than: str | None = None,
-              edit: str | None = None, index: int = 0, better_than_index: int = 0) -> int:
+    def judge(self, completion_id: str, *, rating: str | None = None,
+              better_than: str | None = None, edit: str | None = None, index: int = 0,
+              better_than_index: int = 0) -> int:
         """Store one judgement of reply (completion_id, index) once the write has landed: its id.
         FeedbackError naming the field for bad input, with status 404 for an unknown id."""
         _string(completion_id, "completion_id")
-        index, better_than_index = _index(index, "index"), _index(better_than_index, "better_than_index")
-        given = [name for name, v in (("rating", rating), ("better_than", better_than), ("edit", edit)) if v is not None]
+        index, better_than_index = (_index(index, "index"),
+                                    _index(better_than_index, "better_than_index"))
+        given = [name for name, v in (("rating", rating), ("better_than", better_than),
+                                      ("edit", edit)) if v is not None]
         if len(given) != 1:
             name = given[1] if given else "rating"
             raise FeedbackError(f"{name}: give exactly one of rating, better_than or edit", name)
         if rating is not None and rating not in RATINGS:
-            raise FeedbackError(f"rating: expected \"up\" or \"down\", got {json.dumps(rating)[:80]}", "rating")
-        if better_than is not None and (_string(better_than, "better_than"), better_than_index) == (completion_id, index):
+            raise FeedbackError(f"rating: expected \"up\" or \"down\", got "
+                                f"{json.dumps(rating)[:80]}", "rating")
+        if better_than is not None and ((_string(better_than, "better_than"), better_than_index)
+                                        == (completion_id, index)):
             raise FeedbackError("better_than: a reply cannot be better than itself", "better_than")
         if edit is not None and (not isinstance(edit, str) or not edit.strip()):
-            raise FeedbackError(f"edit: expected the reply's new text, got {json.dumps(edit)[:80]}", "edit")
+            raise FeedbackError(f"edit: expected the reply's new text, got {json.dumps(edit)[:80]}",
+                                "edit")
         kind = rating or ("better" if better_than is not None else "edit")
 
         def write(conn: sqlite3.Connection) -> int:
             def context(cid: str, choice: int, field: str) -> str:
-                row = conn.execute("SELECT messages FROM replies WHERE id=? AND choice=?", (cid, choice)).fetchone()
+                row = conn.execute("SELECT messages FROM replies WHERE id=? AND choice=?",
+                                   (cid, choice)).fetchone()
                 if row is None:
-                    raise FeedbackError(f"{field}: no recorded reply {cid!r}" + (f" (choice {choice})" if choice else ""),
+                    raise FeedbackError(f"{field}: no recorded reply {cid!r}"
+                                        + (f" (choice {choice})" if choice else ""),
                                         field, status=404)
                 return row[0]
             mine = context(completion_id, index, "completion_id")
-            if better_than is not None and context(better_than, better_than_index, "better_than") != mine:
-                raise FeedbackError("better_than: that reply answers a different conversation; \"better\" compares "
-                                    "two replies to the same context", "better_than")
+            if (better_than is not None
+                    and context(better_than, better_than_index, "better_than") != mine):
+                raise FeedbackError("better_than: that reply answers a different conversation; "
+                                    "\"better\" compares two replies to the same context",
+                                    "better_than")
             return conn.execute(
-                "INSERT INTO judgements (created, completion_id, choice, kind, other_id, other_choice, edit) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", (time.time(), completion_id, index, kind, better_than,
-                                                 better_than_index if better_than is not None else None, edit)).lastrowid
+                "INSERT INTO judgements (created, completion_id, choice, kind, other_id, "
+                "other_choice, edit) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), completion_id, index, kind, better_than,
+                 better_than_index if better_than is not None else None, edit)).lastrowid
         return self._submit(write, wait=True)
 
     def judge_request(self, body: dict) -> dict:
-        """judge() from the JSON body of POST /v1/feedback: the stored judgement, as the API answers it."""
+        """judge() from the JSON body of POST /v1/feedback: the stored judgement, as the API
+        answers it."""
         cid = body.get("completion_id")
         if cid is None:
             raise FeedbackError("completion_id: required", "completion_id")
-        fields = {name: body.get(name) for name in ("rating", "better_than", "edit", "index", "better_than_index")}
+        fields = {name: body.get(name)
+                  for name in ("rating", "better_than", "edit", "index", "better_than_index")}
         for name in ("rating", "edit"):
             if fields[name] is not None and not isinstance(fields[name], str):
-                raise FeedbackError(f"{name}: expected a string, got {json.dumps(fields[name])[:80]}", name)
+                raise FeedbackError(f"{name}: expected a string, got "
+                                    f"{json.dumps(fields[name])[:80]}", name)
         judgement_id = self.judge(cid, **fields)
         kind = fields["rating"] or ("better" if fields["better_than"] is not None else "edit")
         return {"id": judgement_id, "object": "feedback", "completion_id": cid, "kind": kind}
@@ -342,8 +385,10 @@ class Feedback:
             except sqlite3.Error as e:  # the disk: this batch is lost, what was committed stays
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                error = FeedbackError(f"{self.path}: writing failed ({type(e).__name__}: {e})", status=500)
-                print(f"jaxgpt feedback: {error} ({len(jobs)} records lost)", file=sys.stderr, flush=True)
+                error = FeedbackError(f"{self.path}: writing failed ({type(e).__name__}: {e})",
+                                      status=500)
+                print(f"jaxgpt feedback: {error} ({len(jobs)} records lost)", file=sys.stderr,
+                      flush=True)
                 for job in jobs:
                     job.error = error
             for job in jobs:

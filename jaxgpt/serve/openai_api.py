@@ -19,18 +19,21 @@ from jaxgpt.generate.service import Reply
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None,  # noqa: A002 - OpenAI's name
-                 headers: dict[str, str] | None = None):
+                 type: str = "invalid_request_error",  # noqa: A002 - OpenAI's name
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.status, self.message, self.param = status, message, param
+        self.type, self.code = type, code
         self.headers = headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
 
 
 def field_of(message: str, fallback: str) -> str:
-    """The field a ValueError names: replies and SamplingParams.problem start their messages with it."""
+    """The field a ValueError names: replies and SamplingParams.problem start their messages with
+    it."""
     m = re.match(r"(\w+)[=:]", message)
     return m.group(1) if m else fallback
 
@@ -39,8 +42,9 @@ def field_of(message: str, fallback: str) -> str:
 
 INT, NUMBER = "an integer", "a number"
 # the sampling fields a request may set (SamplingParams' names, OpenAI's where it has them)
-FIELDS = {"temperature": NUMBER, "top_p": NUMBER, "top_k": INT, "min_p": NUMBER, "presence_penalty": NUMBER,
-          "frequency_penalty": NUMBER, "repetition_penalty": NUMBER, "n": INT}
+FIELDS = {"temperature": NUMBER, "top_p": NUMBER, "top_k": INT, "min_p": NUMBER,
+          "presence_penalty": NUMBER, "frequency_penalty": NUMBER, "repetition_penalty": NUMBER,
+          "n": INT}
 
 
 def typed_field(body: dict, name: str, kind: str, default: Any = None) -> Any:
@@ -54,7 +58,8 @@ def typed_field(body: dict, name: str, kind: str, default: Any = None) -> Any:
           "a string": lambda v: isinstance(v, str),
           "an object": lambda v: isinstance(v, dict)}[kind]
     if not ok(value):
-        raise ApiError(400, f"{name}: expected {kind}, got {json.dumps(value)[:80]}", name, code="invalid_type")
+        raise ApiError(400, f"{name}: expected {kind}, got {json.dumps(value)[:80]}", name,
+                       code="invalid_type")
     return value
 
 
@@ -76,30 +81,36 @@ def chat_messages(body: dict) -> list[dict]:
     if messages is None:
         raise ApiError(400, "messages: required", "messages", code="missing_required_parameter")
     if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages: expected a non-empty list of messages", "messages", code="invalid_type")
+        raise ApiError(400, "messages: expected a non-empty list of messages", "messages",
+                       code="invalid_type")
     out = []
     for m in messages:
         if isinstance(m, dict) and isinstance(m.get("content"), list):
             parts = m["content"]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in parts):
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in parts):
                 raise ApiError(400, "messages: only text content parts are supported", "messages")
             m = {**m, "content": "".join(p["text"] for p in parts)}
         if isinstance(m, dict) and m.get("role") == "developer":
             m = {**m, "role": "system"}
-        out.append({"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m)
+        out.append({"role": m.get("role"), "content": m.get("content")}
+                   if isinstance(m, dict) else m)
     return out
 
 
-def sampling_params(body: dict, defaults: SamplingParams, max_tokens: int, top_logprobs: int) -> SamplingParams:
-    knobs = {name: typed_field(body, name, kind, getattr(defaults, name)) for name, kind in FIELDS.items()}
+def sampling_params(body: dict, defaults: SamplingParams, max_tokens: int,
+                    top_logprobs: int) -> SamplingParams:
+    knobs = {name: typed_field(body, name, kind, getattr(defaults, name))
+             for name, kind in FIELDS.items()}
     seed = typed_field(body, "seed", INT)
     return dataclasses.replace(defaults, **knobs, max_tokens=max_tokens, stop=stop_strings(body),
-                               top_logprobs=top_logprobs, seed=secrets.randbelow(2 ** 31) if seed is None else seed)
+                               top_logprobs=top_logprobs,
+                               seed=secrets.randbelow(2 ** 31) if seed is None else seed)
 
 
 def requested_max_tokens(body: dict) -> tuple[int | None, str]:
-    """The requested reply length and the field it came in (max_completion_tokens is the newer name)."""
+    """The requested reply length and the field it came in (max_completion_tokens is the newer
+    name)."""
     for name in ("max_completion_tokens", "max_tokens"):
         if (value := typed_field(body, name, INT)) is not None:
             return value, name
@@ -176,7 +187,8 @@ def as_400(call, param: str):
 
 def usage(prompt_tokens: int, replies: list[Reply]) -> dict:
     completion = sum(len(r.token_ids) for r in replies)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
 
 
 def sse(obj: dict | str) -> str:
@@ -187,7 +199,8 @@ def sse(obj: dict | str) -> str:
 
 def logprob_request(body: dict, kind: str) -> int | None:
     """How many top alternatives per token a request asks for (0: only the chosen token's), or
-    None for no logprobs. Chat: logprobs (a boolean) and top_logprobs; completions: logprobs (a count)."""
+    None for no logprobs. Chat: logprobs (a boolean) and top_logprobs; completions: logprobs (a
+    count)."""
     if kind == "chat":
         wanted = typed_field(body, "logprobs", "a boolean", False)
         top = typed_field(body, "top_logprobs", INT)
@@ -209,7 +222,8 @@ class LogprobFormat:
         self.tokenizer, self.kind = tokenizer, kind
 
     def piece(self, token: int) -> tuple[str, bytes]:
-        """A token's text and bytes; a piece of a character decodes with U+FFFD, its bytes are exact."""
+        """A token's text and bytes; a piece of a character decodes with U+FFFD, its bytes are
+        exact."""
         if self.tokenizer.is_special(token):
             text = self.tokenizer.decode([token])
             return text, text.encode("utf-8")
@@ -224,7 +238,8 @@ class LogprobFormat:
                 text, raw = self.piece(token)
                 return {"token": text, "logprob": float(logprob), "bytes": list(raw)}
             return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
-                                for t, lp, top in zip(ids, logprobs, tops, strict=False)], "refusal": None}
+                                for t, lp, top in zip(ids, logprobs, tops, strict=False)],
+                    "refusal": None}
         texts = [self.piece(t)[0] for t in ids]
         offsets = list(itertools.accumulate(map(len, texts[:-1]), initial=offset)) if texts else []
         return {"tokens": texts, "token_logprobs": [float(lp) for lp in logprobs],

@@ -36,14 +36,16 @@ from jaxgpt.serve.feedback import Feedback
 from jaxgpt.store import runs
 
 HELP = ("/reset: a new conversation   /temperature N: sampling temperature (0: greedy)   "
-        "/system TEXT: the system message (and a new conversation)   /up, /down: judge the last reply   "
-        "/quit (or Ctrl-D)")
-NOTES = {"length": "[cut at the reply's token limit]", "content_filter": "[screened]", "cancelled": "[stopped]"}
+        "/system TEXT: the system message (and a new conversation)   "
+        "/up, /down: judge the last reply   /quit (or Ctrl-D)")
+NOTES = {"length": "[cut at the reply's token limit]", "content_filter": "[screened]",
+         "cancelled": "[stopped]"}
 
 
 @dataclass(frozen=True)
 class TalkConfig:
-    feedback_db: str = ""  # record every reply in this SQLite file (jaxgpt.feedback); /up, /down judge it
+    # record every reply in this SQLite file (jaxgpt.feedback); /up, /down judge it
+    feedback_db: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,11 +104,12 @@ class Talk:
         elif word == "/system":
             self.system = rest.strip()
             self.reset()
-            self.say(f"[system message {'set' if self.system else 'cleared'}; a new conversation]\n")
+            self.say(f"[system message {'set' if self.system else 'cleared'}; "
+                     "a new conversation]\n")
         elif word in ("/up", "/down"):
             if self.feedback is None or self.last_id is None:
-                self.say("[nothing to judge: start with talk.feedback_db=PATH]\n" if self.feedback is None
-                         else "[no reply to judge yet]\n")
+                self.say("[nothing to judge: start with talk.feedback_db=PATH]\n"
+                         if self.feedback is None else "[no reply to judge yet]\n")
             else:
                 try:
                     self.feedback.judge(self.last_id, rating=word[1:])
@@ -124,9 +127,11 @@ class Talk:
         try:
             # each reply its own seed (sample.seed, +1, +2, ...): the same seed every turn draws the
             # same random numbers, and a small model then answers every turn alike
-            params = dataclasses.replace(self.params, seed=(self.sample.seed + self.turns) % 2 ** 32)
+            params = dataclasses.replace(self.params,
+                                         seed=(self.sample.seed + self.turns) % 2 ** 32)
             stream = self.service.chat(conversation, params)
-        except (ValueError, JaxgptError) as e:  # too long even alone, or characters the tokenizer lacks
+        # too long even alone, or characters the tokenizer lacks
+        except (ValueError, JaxgptError) as e:
             self.say(f"[not sent: {e}]\n")
             return
         self.say("jaxgpt> ")
@@ -136,7 +141,8 @@ class Talk:
         except KeyboardInterrupt:  # stop this reply, keep the session
             stream.cancel()
         [reply] = stream.result()
-        note = f"[the reply failed: {reply.error}]" if reply.error else NOTES.get(reply.finish_reason, "")
+        note = (f"[the reply failed: {reply.error}]" if reply.error
+                else NOTES.get(reply.finish_reason, ""))
         if reply.flagged:
             note += f" [low confidence: mean log-probability {reply.mean_logprob:.2f}]"
         self.say(("\n" + note.strip() if note else "") + "\n")
@@ -144,8 +150,8 @@ class Talk:
         self.turns += 1
         if self.feedback is not None and not reply.error:  # the whole conversation, as typed
             self.last_id = f"talk-{secrets.token_hex(12)}"
-            self.feedback.record(self.last_id, conversation, [reply], model=self.model_id, source="talk",
-                                 sampling=params)
+            self.feedback.record(self.last_id, conversation, [reply], model=self.model_id,
+                                 source="talk", sampling=params)
 
     def say(self, text: str) -> None:
         self.out.write(text)
@@ -159,17 +165,21 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         cfg = cli.tool_config(TalkCommand, settings).talk  # every key checked, talk.* included
-        loaded = runs.load(operands[0], [s for s in settings if not s.lstrip("-").startswith("talk.")])
+        loaded = runs.load(operands[0],
+                           [s for s in settings if not s.lstrip("-").startswith("talk.")])
         try:  # line editing and history for input(), where the platform has readline
             importlib.import_module("readline")
         except ImportError:
             pass
         engine = Engine(GPT(loaded.cfg.model), loaded.params, loaded.tokenizer, slots=1)
         source = Path(operands[0]).absolute()
-        with (Feedback(cfg.feedback_db) if cfg.feedback_db else contextlib.nullcontext()) as feedback, \
+        with (Feedback(cfg.feedback_db) if cfg.feedback_db
+              else contextlib.nullcontext()) as feedback, \
                 Service(engine, loaded.tokenizer, Screen(loaded.cfg.screen)) as service:
-            service.complete([loaded.tokenizer.eot_id], SamplingParams(max_tokens=2)).result()  # compile first
-            print(f"jaxgpt talk: {loaded.where} (step {loaded.step}, context {loaded.cfg.model.seq_len} tokens)"
+            # compile first
+            service.complete([loaded.tokenizer.eot_id], SamplingParams(max_tokens=2)).result()
+            print(f"jaxgpt talk: {loaded.where} (step {loaded.step}, "
+                  f"context {loaded.cfg.model.seq_len} tokens)"
                   + (f"; recording in {cfg.feedback_db}" if feedback else ""))
             Talk(service, loaded.cfg.sample, feedback=feedback,
                  model_id=source.parent.name if source.name == "export" else source.name).run()

@@ -1,4 +1,5 @@
-"""Checkpoints with orbax: exact resume and restore onto any mesh (the params-only exports are export.py's).
+"""Checkpoints with orbax: exact resume and restore onto any mesh (the params-only exports are
+export.py's).
 
 A run keeps `checkpoints/<step>/` under `train.out_dir`, each with two orbax items: `state` (params,
 optimizer state, step, rng key data, the non-finite counter) and `meta` (JSON: the resolved config,
@@ -31,8 +32,8 @@ from jaxgpt.store import integrity
 
 FORMAT = 1
 # Model fields that decide parameter shapes (seq_len too, when positions are a learned table).
-SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "norm", "mlp", "position",
-                "bias", "tie_embeddings", "qk_norm", "scan_layers")
+SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "norm", "mlp",
+                "position", "bias", "tie_embeddings", "qk_norm", "scan_layers")
 
 
 def warn(message: str) -> None:
@@ -50,7 +51,8 @@ def state_tree(state) -> dict:
 def params_target(model: GPT, shardings=None):
     abstract = jax.eval_shape(model.init, jax.random.key(0))
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return sharding.placed(abstract, shardings if shardings is not None else jax.tree.map(lambda _: one, abstract))
+    return sharding.placed(abstract, shardings if shardings is not None
+                           else jax.tree.map(lambda _: one, abstract))
 
 
 # ---- compatibility checks: run before any array is read --------------------------------------
@@ -61,27 +63,30 @@ def check_model(saved: dict, cfg: config_lib.Config, where: Path, hint: str) -> 
     for name in fields:
         mine, theirs = getattr(cfg.model, name), saved["model"].get(name)
         if mine != theirs:
-            raise CheckpointError(f"{where}: model.{name}={theirs!r} in the checkpoint but model.{name}={mine!r} "
-                                  f"in the config; {hint}")
+            raise CheckpointError(f"{where}: model.{name}={theirs!r} in the checkpoint but "
+                                  f"model.{name}={mine!r} in the config; {hint}")
 
 
-def _check_tree(stored: dict, target: dict, saved: dict, cfg: config_lib.Config, where: Path) -> None:
+def _check_tree(stored: dict, target: dict, saved: dict, cfg: config_lib.Config,
+                where: Path) -> None:
     have, want = integrity.leaf_shapes(stored), integrity.leaf_shapes(target)
     for key in sorted(have.keys() | want.keys()):
         if have.get(key) != want.get(key):
             if key.startswith("opt_state"):
                 raise CheckpointError(
-                    f"{where}: the optimizer state does not match (optim.name={saved['optim']['name']} in the "
-                    f"checkpoint, {cfg.optim.name} in the config; {key} is {have.get(key)} vs {want.get(key)}); "
-                    f"to change the optimizer start a new run with train.init_from={where.parent.parent}")
-            raise CheckpointError(f"{where}: {key} is {have.get(key)} in the checkpoint but {want.get(key)} "
-                                  f"for the config")
+                    f"{where}: the optimizer state does not match "
+                    f"(optim.name={saved['optim']['name']} in the checkpoint, {cfg.optim.name} in "
+                    f"the config; {key} is {have.get(key)} vs {want.get(key)}); to change the "
+                    f"optimizer start a new run with train.init_from={where.parent.parent}")
+            raise CheckpointError(f"{where}: {key} is {have.get(key)} in the checkpoint but "
+                                  f"{want.get(key)} for the config")
 
 
 # ---- reading step directories ----------------------------------------------------------------
 
 def read_meta(step_dir: Path) -> dict:
-    return integrity.guarded_read("meta", lambda: ocp.JsonCheckpointHandler().restore(step_dir / "meta"))
+    return integrity.guarded_read("meta",
+                                  lambda: ocp.JsonCheckpointHandler().restore(step_dir / "meta"))
 
 
 def restore_step(step_dir: Path, trainer):
@@ -90,35 +95,42 @@ def restore_step(step_dir: Path, trainer):
     check_model(meta["config"], trainer.cfg, step_dir,
                 "use the checkpoint's value, or a new train.out_dir for a different model")
     abstract, s = trainer.abstract_state(), trainer.state_sharding
-    target = sharding.placed(jax.eval_shape(state_tree, abstract), {"params": s.params, "opt_state": s.opt_state,
-                     "step": s.step, "rng": s.rng, "nonfinite_run": s.nonfinite_run})
-    stored = integrity.guarded_read("state metadata", lambda: ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree)
+    target = sharding.placed(jax.eval_shape(state_tree, abstract),
+                             {"params": s.params, "opt_state": s.opt_state, "step": s.step,
+                              "rng": s.rng, "nonfinite_run": s.nonfinite_run})
+    stored = integrity.guarded_read(
+        "state metadata", lambda: ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree)
     _check_tree(stored, target, meta["config"], trainer.cfg, step_dir)
-    tree = integrity.guarded_read("state", lambda: ocp.StandardCheckpointer().restore(step_dir / "state", target))
+    tree = integrity.guarded_read(
+        "state", lambda: ocp.StandardCheckpointer().restore(step_dir / "state", target))
     integrity.verify_checksums(tree, meta["checksums"])
     return abstract.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"],
                             rng=jax.random.wrap_key_data(tree["rng"], impl=meta["rng_impl"]),
                             nonfinite_run=tree["nonfinite_run"])
 
 
-def restore_params(step_dir: Path, cfg: config_lib.Config, model: GPT, shardings=None) -> tuple[dict, dict]:
+def restore_params(step_dir: Path, cfg: config_lib.Config, model: GPT,
+                   shardings=None) -> tuple[dict, dict]:
     """Only the params of a checkpoint (the optimizer state is never read), on one device unless
     `shardings` are given: (params, meta)."""
     meta = read_meta(step_dir)
-    check_model(meta["config"], cfg, step_dir, "params can only be loaded into the same model shape")
+    check_model(meta["config"], cfg, step_dir,
+                "params can only be loaded into the same model shape")
     target = {"params": params_target(model, shardings)}
-    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+    args = ocp.args.PyTreeRestore(item=target,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
-    tree = integrity.guarded_read("params", lambda: ocp.PyTreeCheckpointer().restore(step_dir / "state", args=args))
+    tree = integrity.guarded_read(
+        "params", lambda: ocp.PyTreeCheckpointer().restore(step_dir / "state", args=args))
     integrity.verify_checksums(tree["params"], meta["checksums"], prefix="params/")
     return tree["params"], meta
 
 
 def remove_temporaries(directory: Path, tries: int = 50) -> None:
-    """Remove the temporaries (`*.orbax-checkpoint-tmp*`) of saves cut short. A save that just failed
-    in this process may still have a writer thread finishing a file inside one, which makes a single
-    rmtree fail with "directory not empty" (orbax's own cleanup raised that from the next manager):
-    so retry until the writers are done."""
+    """Remove the temporaries (`*.orbax-checkpoint-tmp*`) of saves cut short. A save that just
+    failed in this process may still have a writer thread finishing a file inside one, which makes a
+    single rmtree fail with "directory not empty" (orbax's own cleanup raised that from the next
+    manager): so retry until the writers are done."""
     for tmp in list(directory.glob("*.orbax-checkpoint-tmp*")) if directory.is_dir() else []:
         for attempt in range(tries):
             try:
@@ -136,11 +148,13 @@ def steps_in(directory: Path) -> list[int]:
     """Step directories (finished saves) in a checkpoints directory, newest first."""
     if not directory.is_dir():
         return []
-    return sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
+    return sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()),
+                  reverse=True)
 
 
 def locate(source: str | Path) -> tuple[Path, int | None] | None:
-    """(checkpoints directory, step or None for the newest) for a run, checkpoints or step directory."""
+    """(checkpoints directory, step or None for the newest) for a run, checkpoints or step
+    directory."""
     source = Path(source).absolute()
     if steps_in(source / "checkpoints"):
         return source / "checkpoints", None
@@ -153,7 +167,8 @@ def locate(source: str | Path) -> tuple[Path, int | None] | None:
 
 def newest(directory: Path, step: int | None, load, quarantine: bool = False):
     """load(step_dir) for the newest step that reads back intact; damaged ones are skipped with a
-    warning and, in the run's own directory, moved aside (never deleted) so new saves can reuse the step."""
+    warning and, in the run's own directory, moved aside (never deleted) so new saves can reuse the
+    step."""
     for s in ([step] if step is not None else steps_in(directory)):
         step_dir = directory / str(s)
         try:
@@ -177,7 +192,8 @@ def _handlers() -> ocp.DefaultCheckpointHandlerRegistry:
     CheckpointManager's deprecated item_names)."""
     registry = ocp.DefaultCheckpointHandlerRegistry()
     for item, handler, save, restore in (
-            ("state", ocp.StandardCheckpointHandler, ocp.args.StandardSave, ocp.args.StandardRestore),
+            ("state", ocp.StandardCheckpointHandler, ocp.args.StandardSave,
+             ocp.args.StandardRestore),
             ("meta", ocp.JsonCheckpointHandler, ocp.args.JsonSave, ocp.args.JsonRestore)):
         registry.add(item, save, handler)
         registry.add(item, restore, handler)
@@ -207,10 +223,12 @@ class Checkpointer:
         launch.barrier("checkpoints-listed")  # all processes decide on the same listing
         if cfg.train.resume == "none" and existing:
             if not cfg.train.overwrite:
-                raise CheckpointError(f"{self.directory} holds checkpoints (newest step {existing[0]}) and "
-                                      f"train.resume=none: use train.resume=auto to continue, or "
-                                      f"train.overwrite=true to replace them")
-            if jax.process_index() == 0:  # one process changes the (shared) directory, the others wait
+                raise CheckpointError(f"{self.directory} holds checkpoints (newest step "
+                                      f"{existing[0]}) and train.resume=none: use "
+                                      "train.resume=auto to continue, or train.overwrite=true to "
+                                      "replace them")
+            # one process changes the (shared) directory, the others wait
+            if jax.process_index() == 0:
                 shutil.rmtree(self.directory)
                 warn(f"train.overwrite=true: removed {self.directory}")
             launch.barrier("checkpoints-removed")
@@ -219,15 +237,18 @@ class Checkpointer:
             keep.append(policies.BestN(get_metric_fn=_val_loss, reverse=True, n=1,
                                        keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policies.AnyPreservationPolicy(keep), enable_async_checkpointing=ck.async_save,
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=ck.async_save,
             best_fn=_val_loss if ck.keep_best else None, best_mode="min",
             cleanup_tmp_directories=True)  # temporaries of saves cut short by a kill
         if jax.process_index() == 0:
             remove_temporaries(self.directory)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handlers())
-        # orbax starts removing those temporaries in a thread when the manager is made, and waits for
-        # it only before a save; wait now, or a run that stops early (a config error, say) leaves the
-        # thread running into interpreter shutdown: a traceback after the user's one-line error.
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             handler_registry=_handlers())
+        # orbax starts removing those temporaries in a thread when the manager is made, and waits
+        # for it only before a save; wait now, or a run that stops early (a config error, say)
+        # leaves the thread running into interpreter shutdown: a traceback after the user's one-line
+        # error.
         getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self.pending: int | None = None  # the step of the save in flight
         self.failed = False
@@ -258,18 +279,21 @@ class Checkpointer:
     def _drop_after(self, step: int) -> None:
         later = [s for s in steps_in(self.directory) if s > step]
         if later and not self.cfg.train.overwrite:
-            raise CheckpointError(f"train.resume={self.cfg.train.resume} restores step {step} but {self.directory} "
-                                  f"has later checkpoints {sorted(later)}: set train.overwrite=true to replace them")
+            raise CheckpointError(f"train.resume={self.cfg.train.resume} restores step {step} but "
+                                  f"{self.directory} has later checkpoints {sorted(later)}: set "
+                                  "train.overwrite=true to replace them")
         for s in later:
             self.manager.delete(s)
 
     def maybe_save(self, step: int, state, metrics: dict | None = None) -> bool:
         ck = self.cfg.checkpoint
-        due = (ck.every and step % ck.every == 0) or (ck.keep_best and "val_loss" in (metrics or {}))
+        due = ((ck.every and step % ck.every == 0)
+               or (ck.keep_best and "val_loss" in (metrics or {})))
         return bool(due) and self.save(step, state, metrics)
 
     def save(self, step: int, state, metrics: dict | None = None, wait: bool = False) -> bool:
-        """Start saving `state` as `step` (the arrays are copied before this returns); False if skipped."""
+        """Start saving `state` as `step` (the arrays are copied before this returns); False if
+        skipped."""
         if self.failed:
             raise CheckpointError(f"{self.directory}: no more saves after a failed one")
         self.wait()  # a failed write surfaces here, before anything else touches the directory
@@ -279,8 +303,9 @@ class Checkpointer:
         sums, finite = integrity.checksums_and_finite(tree)
         nonfinite_run = int(jax.device_get(state.nonfinite_run))
         if nonfinite_run or not finite:
-            warn(f"step {step}: not saving a non-finite state ({nonfinite_run} skipped steps in a row, "
-                  f"finite={finite}); the newest checkpoint stays step {self.manager.latest_step()}")
+            warn(f"step {step}: not saving a non-finite state ({nonfinite_run} skipped steps in a "
+                 f"row, finite={finite}); the newest checkpoint stays step "
+                 f"{self.manager.latest_step()}")
             return False
         cfg = self.cfg
         meta = {"format": FORMAT, "step": step, "config": cfg.to_dict(),
@@ -291,7 +316,8 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
         val = {"val_loss": float(metrics["val_loss"])} if metrics and "val_loss" in metrics else {}
         try:
-            self.manager.save(step, args=args, metrics=val if cfg.checkpoint.keep_best else None, force=True)
+            self.manager.save(step, args=args, metrics=val if cfg.checkpoint.keep_best else None,
+                              force=True)
         except Exception as e:
             raise self._failed(step, e) from e
         self.pending = step
@@ -310,14 +336,16 @@ class Checkpointer:
 
     def _failed(self, step, e: Exception) -> CheckpointError:
         """The error to raise for a failed save; first stop the manager, which waits for the rest of
-        that save's writes to end (they may fail too), so nothing changes on disk after the error."""
+        that save's writes to end (they may fail too), so nothing changes on disk after the
+        error."""
         self.failed = True
         with contextlib.suppress(Exception):
             self.manager.close()
         good = steps_in(self.directory)
-        return CheckpointError(f"{self.directory / str(step)}: saving failed ({integrity.first_line(e)}); the checkpoints "
-                               f"before it are intact (newest: {good[0] if good else 'none'}); fix the disk and "
-                               f"rerun the same command to resume")
+        return CheckpointError(f"{self.directory / str(step)}: saving failed "
+                               f"({integrity.first_line(e)}); the checkpoints before it are intact "
+                               f"(newest: {good[0] if good else 'none'}); fix the disk and rerun "
+                               "the same command to resume")
 
     def close(self) -> None:
         if not self.failed:  # a failed save closed the manager already

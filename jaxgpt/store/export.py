@@ -2,8 +2,8 @@
 sample, chat and serve, and for fine-tuning (`train.init_from`): written, found and read back here
 (runs.py loads a whole model from one; `python -m jaxgpt.export RUN_DIR OUT` writes one from a run).
 
-An export directory holds `config.json`, `params/` (orbax), `checksums.json` (one per param, checked as
-they are read back) and the tokenizer files; a run writes one to `export/` when it finishes.
+An export directory holds `config.json`, `params/` (orbax), `checksums.json` (one per param, checked
+as they are read back) and the tokenizer files; a run writes one to `export/` when it finishes.
 """
 from __future__ import annotations
 
@@ -33,15 +33,19 @@ def export(out_dir: str | Path, cfg: config_lib.Config, params, tokenizer: Token
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     options = {}
-    if jax.process_count() > 1:  # one process exports host params alone: orbax must not wait for the others
+    # one process exports host params alone: orbax must not wait for the others
+    if jax.process_count() > 1:
         me = jax.process_index()
-        options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me})
     checkpointer = ocp.StandardCheckpointer(**options)
     checkpointer.save(tmp / "params", params)
     checkpointer.wait_until_finished()
     files.atomic_write(tmp / "config.json", cfg.to_json())
-    # read back against these (runs.load): a damaged export is refused, not loaded with wrong weights
-    files.atomic_write(tmp / EXPORT_CHECKSUMS, json.dumps(integrity.checksums_and_finite(params)[0]))
+    # read back against these (runs.load): a damaged export is refused, not loaded with
+    # wrong weights
+    files.atomic_write(tmp / EXPORT_CHECKSUMS,
+                       json.dumps(integrity.checksums_and_finite(params)[0]))
     if tokenizer is not None:
         tokenizer.save(tmp)
     for name, content in (extra or {}).items():
@@ -65,17 +69,19 @@ def read_params(export_dir: Path, model: GPT, shardings=None) -> dict:
     against the model's before any is read, each leaf's checksum after (an export written before
     exports carried checksums is read unchecked). A damaged export raises integrity.Damaged."""
     target = checkpoint.params_target(model, shardings)
-    stored = integrity.guarded_read("params metadata",
-                                    lambda: ocp.StandardCheckpointer().metadata(export_dir / "params"))
-    have, want = integrity.leaf_shapes(getattr(stored, "item_metadata", stored)), integrity.leaf_shapes(target)
+    stored = integrity.guarded_read(
+        "params metadata", lambda: ocp.StandardCheckpointer().metadata(export_dir / "params"))
+    have, want = (integrity.leaf_shapes(getattr(stored, "item_metadata", stored)),
+                  integrity.leaf_shapes(target))
     for key in sorted(have.keys() | want.keys()):  # the paths the checksums name too
         if have.get(key) != want.get(key):
-            raise CheckpointError(f"{export_dir}: param {key} is {have.get(key)} in the checkpoint but "
-                                  f"{want.get(key)} in the model config")
-    tree = integrity.guarded_read("params",
-                                  lambda: ocp.StandardCheckpointer().restore(export_dir / "params", target))
+            raise CheckpointError(f"{export_dir}: param {key} is {have.get(key)} in the checkpoint "
+                                  f"but {want.get(key)} in the model config")
+    tree = integrity.guarded_read(
+        "params", lambda: ocp.StandardCheckpointer().restore(export_dir / "params", target))
     sums_file = export_dir / EXPORT_CHECKSUMS
     if sums_file.is_file():
-        expected = integrity.guarded_read(EXPORT_CHECKSUMS, lambda: json.loads(sums_file.read_text()))
+        expected = integrity.guarded_read(EXPORT_CHECKSUMS,
+                                          lambda: json.loads(sums_file.read_text()))
         integrity.verify_checksums(tree, expected)
     return tree

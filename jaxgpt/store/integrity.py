@@ -26,7 +26,8 @@ def leaf_path(keys) -> str:
 
 
 def leaf_shapes(tree) -> dict:
-    return {leaf_path(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {leaf_path(p): tuple(leaf.shape)
+            for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def checksum(x: jax.Array) -> jax.Array:
@@ -38,7 +39,8 @@ def checksum(x: jax.Array) -> jax.Array:
         bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
     index = jnp.zeros(bits.shape, jnp.uint32)
     for d in range(bits.ndim):  # the flat index, without reshaping (and so resharding) the array
-        index = index * jnp.uint32(bits.shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d)
+        index = (index * jnp.uint32(bits.shape[d])
+                 + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d))
     return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
 
 
@@ -53,7 +55,9 @@ def checksums_and_finite_jit(tree):
 def checksums_and_finite(tree) -> tuple[dict, bool]:
     """({leaf path: checksum}, whether every float is finite) on the host."""
     sums, finite = jax.device_get(checksums_and_finite_jit(tree))
-    return {leaf_path(p): int(s) for (p, _), s in zip(jax.tree_util.tree_leaves_with_path(tree), sums, strict=False)}, bool(finite)
+    return ({leaf_path(p): int(s)
+             for (p, _), s in zip(jax.tree_util.tree_leaves_with_path(tree), sums, strict=False)},
+            bool(finite))
 
 
 def verify_checksums(tree, expected: dict, prefix: str = "") -> None:
@@ -73,20 +77,21 @@ def guarded_read(what, fn):
 
 
 def quiet_abandoned_reads() -> None:
-    """When one array of a restore fails, orbax abandons its sibling reads and closes its event loop,
-    and Python reports what is left, later (often at exit) and after the one-line error that already
-    said the directory is damaged: each suspended read, closed, as "Exception ignored in: <coroutine
-    _read_array_index_and_device_put>" (orbax's `except BaseException` turns the close into an
-    Exception), and each of tensorstore's finished reads as "RuntimeError: Event loop is closed" from
-    its callback. From the first failed read on, those two are dropped; anything else goes on to the
-    hook before."""
+    """When one array of a restore fails, orbax abandons its sibling reads and closes its event
+    loop, and Python reports what is left, later (often at exit) and after the one-line error that
+    already said the directory is damaged: each suspended read, closed, as "Exception ignored in:
+    <coroutine _read_array_index_and_device_put>" (orbax's `except BaseException` turns the close
+    into an Exception), and each of tensorstore's finished reads as "RuntimeError: Event loop is
+    closed" from its callback. From the first failed read on, those two are dropped; anything else
+    goes on to the hook before."""
     if getattr(sys.unraisablehook, "quiets_abandoned_reads", False):
         return
     previous = sys.unraisablehook
 
     def hook(unraisable):
         error = unraisable.exc_value
-        closed_read = (getattr(unraisable.object, "__name__", "") == "_read_array_index_and_device_put"
+        closed_read = (getattr(unraisable.object, "__name__", "")
+                       == "_read_array_index_and_device_put"
                        and isinstance(getattr(error, "__cause__", None), GeneratorExit))
         closed_loop = unraisable.object is None and isinstance(error, RuntimeError) and \
             str(error) == "Event loop is closed"

@@ -1,14 +1,14 @@
 """One loader for any trained model: a run directory, a checkpoint step in it, or an export.
 
-    loaded = runs.load("runs/shakespeare_char")                 # newest intact checkpoint, else export/
+    loaded = runs.load("runs/shakespeare_char")  # newest intact checkpoint, else export/
     loaded = runs.load("runs/shakespeare_char/checkpoints/2000")
     loaded = runs.load("runs/quickstart/export", ["sample.temperature=0.7"])
     loaded.cfg, loaded.params, loaded.tokenizer, loaded.where, loaded.step
 
 A run directory (`train.out_dir`) holds `config.json`, the tokenizer files, `checkpoints/<step>/`
 (checkpoint.py) and, once finished, `export/` (export.py): params, config and tokenizer alone. The
-params of a run are those of its newest checkpoint that reads back intact (so a run still in progress,
-or stopped, is loaded where it is), else of its export. `evaluate`, `sample`, `export`,
+params of a run are those of its newest checkpoint that reads back intact (so a run still in
+progress, or stopped, is loaded where it is), else of its export. `evaluate`, `sample`, `export`,
 `train.init_from` and the quickstart all come through here.
 """
 from __future__ import annotations
@@ -31,15 +31,16 @@ NO_TOKENIZER = "NO_TOKENIZER"  # in an export converted without tokenizer files 
 class Loaded(NamedTuple):
     cfg: config_lib.Config   # the saved config with the caller's overrides (model shape unchanged)
     params: dict             # on one device, or placed on `mesh`
-    tokenizer: Tokenizer | None  # None only with load(..., need_tokenizer=False) and a model without one
+    # None only with load(..., need_tokenizer=False) and a model without one
+    tokenizer: Tokenizer | None
     where: str               # the checkpoint step or export directory the params came from
     step: int | None         # the checkpoint's step (None for an export)
     mesh: jax.sharding.Mesh | None = None
 
 
 def _candidates(source: str | Path) -> Iterator[tuple[str, Path]]:
-    """(kind, directory) of what may hold the params, best first: checkpoint steps newest first (only
-    the named one for a step directory), then the export."""
+    """(kind, directory) of what may hold the params, best first: checkpoint steps newest first
+    (only the named one for a step directory), then the export."""
     found = checkpoint.locate(source)
     if found is not None:
         directory, step = found
@@ -52,14 +53,15 @@ def _candidates(source: str | Path) -> Iterator[tuple[str, Path]]:
 
 
 def _nothing_there(source) -> CheckpointError:
-    return CheckpointError(f"{source}: not a run directory (with checkpoints/ or export/), a checkpoint step "
-                           f"or an export")
+    return CheckpointError(f"{source}: not a run directory (with checkpoints/ or export/), a "
+                           "checkpoint step or an export")
 
 
 def _saved_dict(kind: str, directory: Path) -> dict:
     if kind == "checkpoint":
         return checkpoint.read_meta(directory)["config"]
-    return config_lib.load_file(directory / "config.json").to_dict()  # a bad file is named in one line
+    # a bad file is named in one line
+    return config_lib.load_file(directory / "config.json").to_dict()
 
 
 def saved_config(source: str | Path) -> config_lib.Config:
@@ -73,24 +75,30 @@ def saved_config(source: str | Path) -> config_lib.Config:
 
 
 def tokenizer(source: str | Path) -> Tokenizer:
-    """The tokenizer of the model in `source`: tokenizer.json in the export, step's run or run directory."""
+    """The tokenizer of the model in `source`: tokenizer.json in the export, step's run or run
+    directory."""
     source = Path(source).absolute()
     found = checkpoint.locate(source)
     places = [source, source / "export"] + ([found[0].parent] if found else [])
     for place in places:
         if (place / "tokenizer.json").is_file():
             return Tokenizer.load(place)
-    for place in places:  # jaxgpt.convert's marker of a Hugging Face model that came without tokenizer files
+    # jaxgpt.convert's marker of a Hugging Face model that came without tokenizer files
+    for place in places:
         if (place / NO_TOKENIZER).is_file():
-            raise CheckpointError(f"{place}: converted from Hugging Face without tokenizer files, so it has no "
-                                  f"tokenizer.json; convert it again with its tokenizer.json beside config.json, or "
-                                  f"with from_hf.tokenizer=PATH_OR_SPEC (python -m jaxgpt.convert from-hf --help)")
-    raise CheckpointError(f"{source}: no tokenizer.json (a run writes one into its directory and its export)")
+            raise CheckpointError(
+                f"{place}: converted from Hugging Face without tokenizer files, so it has no "
+                "tokenizer.json; convert it again with its tokenizer.json beside config.json, or "
+                "with from_hf.tokenizer=PATH_OR_SPEC (python -m jaxgpt.convert from-hf --help)")
+    raise CheckpointError(f"{source}: no tokenizer.json (a run writes one into its directory and "
+                          "its export)")
 
 
-def params(source: str | Path, cfg: config_lib.Config, shardings=None) -> tuple[dict, str, int | None]:
+def params(source: str | Path, cfg: config_lib.Config,
+           shardings=None) -> tuple[dict, str, int | None]:
     """(params, where they came from, checkpoint step or None) of `source`, checked against cfg's
-    model shape and placed by `shardings` (one device when None). Damaged checkpoints are skipped."""
+    model shape and placed by `shardings` (one device when None). Damaged checkpoints are
+    skipped."""
     model = GPT(cfg.model)
     for kind, directory in _candidates(source):
         try:
@@ -114,12 +122,14 @@ def load(source: str | Path, overrides: list[str] = (), *, on_mesh: bool = False
     need_tokenizer=False: a model without tokenizer files loads too (tokenizer None)."""
     saved = saved_config(source)
     cfg = config_lib.validate(config_lib.apply_overrides(saved, list(overrides)))
-    checkpoint.check_model(saved.to_dict(), cfg, Path(source), "the model's shape comes from the saved model")
+    checkpoint.check_model(saved.to_dict(), cfg, Path(source),
+                           "the model's shape comes from the saved model")
     mesh = sharding.make_mesh(cfg.mesh) if on_mesh else None
     shardings = None
     if mesh is not None:
         model = GPT(cfg.model)
-        shardings = sharding.logical_to_mesh(model.logical_axes, jax.eval_shape(model.init, jax.random.key(0)), mesh)
+        shardings = sharding.logical_to_mesh(model.logical_axes,
+                                             jax.eval_shape(model.init, jax.random.key(0)), mesh)
     tree, where, step = params(source, cfg, shardings)
     try:
         tok = tokenizer(source)

@@ -36,7 +36,8 @@ from jaxgpt.parallel import sharding
 from jaxgpt.store import runs
 from jaxgpt.train import evaluate
 
-EVAL_METRICS = ("margin", "accuracy", "chosen_reward", "rejected_reward", "pairs", "chat_loss")  # as val_*
+# as val_*
+EVAL_METRICS = ("margin", "accuracy", "chosen_reward", "rejected_reward", "pairs", "chat_loss")
 
 
 # ---- the loss ----
@@ -48,10 +49,12 @@ def segment_sums(x_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
 
 
 def sequence_logps(model: GPT, params, batch: dict, dropout_rng=None) -> jax.Array:
-    """[B, L] float32: column s of row b is the summed log-probability of segment s's trained tokens."""
-    logits_BxLxV = model.apply(params, batch["inputs"], batch["segment_ids"], batch.get("positions"),
-                               dropout_rng=dropout_rng)
-    logp_BxL = -token_losses(logits_BxLxV, batch["targets"]) * batch["loss_mask"].astype(jnp.float32)
+    """[B, L] float32: column s of row b is the summed log-probability of segment s's trained
+    tokens."""
+    logits_BxLxV = model.apply(params, batch["inputs"], batch["segment_ids"],
+                               batch.get("positions"), dropout_rng=dropout_rng)
+    logp_BxL = (-token_losses(logits_BxLxV, batch["targets"])
+                * batch["loss_mask"].astype(jnp.float32))
     return segment_sums(logp_BxL, batch["segment_ids"])
 
 
@@ -65,9 +68,11 @@ def dpo_loss(policy_BxL, reference_BxL, present_BxL, beta: float, label_smoothin
     chosen_BxK, rejected_BxK = beta * ratio[:, chosen], beta * ratio[:, rejected]
     h_BxK = chosen_BxK - rejected_BxK
     valid_BxK = present_BxL[:, chosen].astype(jnp.float32)
-    losses_BxK = -(1 - label_smoothing) * jax.nn.log_sigmoid(h_BxK) - label_smoothing * jax.nn.log_sigmoid(-h_BxK)
+    losses_BxK = (-(1 - label_smoothing) * jax.nn.log_sigmoid(h_BxK)
+                  - label_smoothing * jax.nn.log_sigmoid(-h_BxK))
     sums = {"margin": (h_BxK * valid_BxK).sum(), "accuracy": ((h_BxK > 0) * valid_BxK).sum(),
-            "chosen_reward": (chosen_BxK * valid_BxK).sum(), "rejected_reward": (rejected_BxK * valid_BxK).sum()}
+            "chosen_reward": (chosen_BxK * valid_BxK).sum(),
+            "rejected_reward": (rejected_BxK * valid_BxK).sum()}
     return (losses_BxK * valid_BxK).sum(), (valid_BxK.sum(), sums)
 
 
@@ -81,7 +86,8 @@ def held_out_chats(cfg: Config) -> list:
         return dialogs.load(source.data.chat_val).conversations
     if source.data.chat and source.data.val_fraction:
         loaded = dialogs.load(source.data.chat)
-        return dialogs.split(loaded.conversations, source.data.val_fraction, source.train.seed, loaded.ids)[1]
+        return dialogs.split(loaded.conversations, source.data.val_fraction, source.train.seed,
+                             loaded.ids)[1]
     return []
 
 
@@ -89,8 +95,9 @@ def held_out_chats(cfg: Config) -> list:
 
 class DPO:
     """A run's DPO objective (the trainer builds it with data.preferences): the loss its train step
-    minimizes, the reference log-probabilities of its pairs, and its held-out metrics. It is given what
-    it works on (the model, the mesh, the params' sharding, the pair batches), not the trainer."""
+    minimizes, the reference log-probabilities of its pairs, and its held-out metrics. It is given
+    what it works on (the model, the mesh, the params' sharding, the pair batches), not the
+    trainer."""
 
     def __init__(self, cfg: Config, model: GPT, *, mesh=None, params_sharding=None, batches=None):
         self.cfg, self.model = cfg, model
@@ -107,11 +114,12 @@ class DPO:
         else:
             reference_BxL = batch["ref_logps"]
         present_BxL = segment_sums(batch["loss_mask"].astype(jnp.float32), batch["segment_ids"]) > 0
-        return dpo_loss(policy_BxL, reference_BxL, present_BxL, self.cfg.dpo.beta, self.cfg.dpo.label_smoothing)
+        return dpo_loss(policy_BxL, reference_BxL, present_BxL, self.cfg.dpo.beta,
+                        self.cfg.dpo.label_smoothing)
 
     def reference_logps(self, params) -> dict[str, np.ndarray]:
-        """Per split, every pair's [N, 2] (chosen, rejected) log-probabilities under `params`, scored
-        in the split's fixed packing (so each value depends on its pair alone)."""
+        """Per split, every pair's [N, 2] (chosen, rejected) log-probabilities under `params`,
+        scored in the split's fixed packing (so each value depends on its pair alone)."""
         mesh, batches = self.mesh, self.batches
         with sharding.activate(mesh):
             score = jax.jit(functools.partial(sequence_logps, self.model),
@@ -122,7 +130,8 @@ class DPO:
             ref = np.zeros((len(batches.split_data(split)) // 2, 2), np.float32)
             for rows, batch in batches.ordered(split, self.cfg.eval_batch_size):
                 with sharding.activate(mesh):
-                    out_BxL = np.asarray(score(params, sharding.put_batch(sharding.padded(batch, mesh), mesh)))
+                    batch = sharding.put_batch(sharding.padded(batch, mesh), mesh)
+                    out_BxL = np.asarray(score(params, batch))
                 for b, row in enumerate(rows):
                     for k, i in enumerate(row):
                         ref[i] = out_BxL[b, 2 * k + 1], out_BxL[b, 2 * k + 2]
@@ -138,7 +147,8 @@ class DPO:
             if self._eval is None:
                 with sharding.activate(mesh):
                     self._eval = jax.jit(lambda p, b, *f: self.loss(p, b, None, *f),
-                                         in_shardings=(self.params_sharding, sharding.batch_sharding(mesh),
+                                         in_shardings=(self.params_sharding,
+                                                       sharding.batch_sharding(mesh),
                                                        *(self.params_sharding,) * len(frozen)),
                                          out_shardings=sharding.replicated(mesh))
             total, count, sums = 0.0, 0.0, {}
@@ -151,6 +161,7 @@ class DPO:
             out = {"loss": total / max(count, 1), "pairs": int(count),
                    **{k: v / max(count, 1) for k, v in sums.items()}}
         if batches.chats is not None and split == "val":
-            got = evaluate.evaluate_source(batches.chats, self.cfg, eval_step, params, mesh, "val", 0)
+            got = evaluate.evaluate_source(batches.chats, self.cfg, eval_step, params, mesh,
+                                           "val", 0)
             out.update(chat_loss=got["loss"], bits_per_byte=got["bits_per_byte"])
         return out

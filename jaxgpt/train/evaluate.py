@@ -7,7 +7,8 @@ bits) by the UTF-8 bytes of the scored targets.
     python -m jaxgpt.evaluate RUN_OR_EXPORT [key=value ...]             # the run's own val split
     python -m jaxgpt.evaluate RUN data.path=heldout.txt eval.split=all  # every token of a text file
     python -m jaxgpt.evaluate RUN data.chat_val=jsonl:val.jsonl         # held-out conversations
-    python -m jaxgpt.evaluate RUN data.dir=data/other                   # a prepared directory's val split
+    python -m jaxgpt.evaluate RUN data.dir=data/other                   # a prepared directory's
+                                                                        # val split
 """
 from __future__ import annotations
 
@@ -31,12 +32,14 @@ def make_eval_step(model: GPT, mesh, params_sharding):
                    out_shardings=sharding.replicated(mesh))
 
 
-def evaluate_batches(eval_step, params, batches, mesh, token_bytes: np.ndarray | None = None) -> dict:
+def evaluate_batches(eval_step, params, batches, mesh, token_bytes: np.ndarray | None = None
+                     ) -> dict:
     """Exact mean loss over every masked target of `batches` (an iterable of [B, L] host dicts);
     `token_bytes[id]` (UTF-8 bytes per token id) gives bits per byte of the masked targets."""
     total, count, n_bytes = 0.0, 0.0, 0
     for batch in batches:
-        batch = sharding.padded(batch, mesh)  # the global batch must split over the data-parallel devices
+        # the global batch must split over the data-parallel devices
+        batch = sharding.padded(batch, mesh)
         loss_sum, n = eval_step(params, sharding.put_batch(batch, mesh))
         total, count = total + float(loss_sum), count + float(n)
         if token_bytes is not None:
@@ -49,7 +52,8 @@ def evaluate_batches(eval_step, params, batches, mesh, token_bytes: np.ndarray |
     return out
 
 
-def evaluate_source(batches, cfg: Config, eval_step, params, mesh, split: str, max_tokens: int) -> dict:
+def evaluate_source(batches, cfg: Config, eval_step, params, mesh, split: str,
+                    max_tokens: int) -> dict:
     """Score a split of a batch source (data.TokenBatches or chat.ChatBatches) as cfg.eval says."""
     with sharding.activate(mesh):
         return evaluate_batches(eval_step, params,
@@ -64,9 +68,9 @@ DATA_SOURCES = ("data.path", "data.dir", "data.val_dir", "data.chat", "data.chat
 
 def evaluate(source: str, overrides: list[str] = ()) -> dict:
     """What the command line prints: a trained model (runs.load) scored on the data its config
-    names, the model's own tokenizer tokenizing it. Data named in `overrides` (data.path=heldout.txt,
-    data.chat_val=...) replaces the run's data whole: a run trained on data.dir with a data.val_dir
-    is then scored on that file alone."""
+    names, the model's own tokenizer tokenizing it. Data named in `overrides`
+    (data.path=heldout.txt, data.chat_val=...) replaces the run's data whole: a run trained on
+    data.dir with a data.val_dir is then scored on that file alone."""
     if any(o.split("=", 1)[0].lstrip("-") in DATA_SOURCES for o in overrides):
         overrides = [f"{key}=" for key in DATA_SOURCES] + list(overrides)
     loaded = runs.load(source, overrides, on_mesh=True)
@@ -76,14 +80,16 @@ def evaluate(source: str, overrides: list[str] = ()) -> dict:
     params_sharding = jax.tree.map(lambda x: x.sharding, loaded.params)
     with sharding.activate(mesh):
         step = make_eval_step(model, mesh, params_sharding)
-    result = evaluate_source(batches, cfg, step, loaded.params, mesh, cfg.eval.split, cfg.eval.max_tokens)
+    result = evaluate_source(batches, cfg, step, loaded.params, mesh, cfg.eval.split,
+                             cfg.eval.max_tokens)
     return {"split": cfg.eval.split, **result}
 
 
 def main(argv: list[str] | None = None) -> None:
     cli.run("python -m jaxgpt.evaluate", cli.Command(
         lambda operands, settings: print(json.dumps(evaluate(operands[0], settings))),
-        usage="RUN_OR_EXPORT [key=value ...]", root=Config, sections=("data", "eval", "mesh", "model")), argv)
+        usage="RUN_OR_EXPORT [key=value ...]", root=Config,
+        sections=("data", "eval", "mesh", "model")), argv)
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ class StopSignals:
         self._previous = {}
 
 
-# How many train steps the host may dispatch ahead of the oldest one still running. XLA:CPU queues at
-# most 32 computations per device, and a program over several CPU devices whose queue filled up
+# How many train steps the host may dispatch ahead of the oldest one still running. XLA:CPU queues
+# at most 32 computations per device, and a program over several CPU devices whose queue filled up
 # deadlocked in its all-reduce (jax 0.10.2: `jaxgpt.train` on 2 simulated devices with
 # train.log_every=500 hung and was aborted by XLA; a jitted psum in a loop never hung with a sync
 # every 32 calls or fewer, always with one every 40 or 64). Eight ahead keeps any accelerator fed.
@@ -98,13 +98,15 @@ class DispatchWindow:
 
 
 def train_config(path, overrides: list[str]) -> config_lib.Config:
-    """The config of `python -m jaxgpt.train PATH overrides`: the file with the overrides, except that
-    with train.init_from the model section is the source model's (model.* overrides still apply)."""
+    """The config of `python -m jaxgpt.train PATH overrides`: the file with the overrides, except
+    that with train.init_from the model section is the source model's (model.* overrides still
+    apply)."""
     cfg = config_lib.apply_overrides(config_lib.load_file(path), overrides)
     if cfg.train.init_from:
         source_model = runs.saved_config(cfg.train.init_from).model
         model_overrides = [o for o in overrides if o.lstrip("-").startswith("model.")]
-        cfg = config_lib.apply_overrides(dataclasses.replace(cfg, model=source_model), model_overrides)
+        cfg = config_lib.apply_overrides(dataclasses.replace(cfg, model=source_model),
+                                         model_overrides)
     return config_lib.validate(cfg)
 
 
@@ -149,7 +151,8 @@ class MetricsLog:
 
 class Tally:
     """The loop's bookkeeping at each logged step: throughput and MFU over the interval, the metrics
-    row (with the evaluation at eval steps), metrics.jsonl, the progress bar, the non-finite guard."""
+    row (with the evaluation at eval steps), metrics.jsonl, the progress bar, the non-finite
+    guard."""
 
     def __init__(self, trainer: Trainer, state, start: int, lead: bool):
         cfg = self.cfg = trainer.cfg
@@ -158,21 +161,24 @@ class Tally:
         self.flops_per_token = trainer.model.flops_per_token(state.params)
         self.peak, _ = hardware.peak_flops(matmul_dtype=matmul_dtype(cfg.model))
         if lead:
-            print(f"model: {cfg.model.preset}, {trainer.model.num_params(state.params) / 1e6:.2f}M params; mesh "
-                  f"{dict(trainer.mesh.shape)}{f' over {jax.process_count()} processes' if jax.process_count() > 1 else ''}; "
+            print(f"model: {cfg.model.preset}, {trainer.model.num_params(state.params) / 1e6:.2f}M "
+                  f"params; mesh {dict(trainer.mesh.shape)}"
+                  f"{f' over {jax.process_count()} processes' if jax.process_count() > 1 else ''}; "
                   f"{self.tokens_per_step} tokens/step", file=sys.stderr)
         self.log = MetricsLog(Path(cfg.train.out_dir)) if lead else None
         self.progress = _progress(cfg, start, enabled=lead)
         self.lead, self.pending, self.last, self.steps_since = lead, [], {}, 0
-        self.train_s = 0.0  # seconds in training steps since this process started them (evaluations not counted)
+        # seconds in training steps since this process started them (evaluations not counted)
+        self.train_s = 0.0
         self.t_log = time.perf_counter()
 
     def last_at(self, step: int) -> dict:
         return self.last if self.last.get("step") == step else {}
 
     def logged(self, step: int, is_eval: bool, state) -> bool:
-        """Log the interval that ends after `step` (evaluating when is_eval); True when the run is out
-        of time (train.time_limit_s), which ends it here with an evaluation, as at its last step."""
+        """Log the interval that ends after `step` (evaluating when is_eval); True when the run is
+        out of time (train.time_limit_s), which ends it here with an evaluation, as at its last
+        step."""
         cfg, done = self.cfg, step + 1
         fetched = jax.device_get(self.pending)  # one host sync per logged step, not per step
         self.pending = []
@@ -186,33 +192,38 @@ class Tally:
         last = {"step": done, "loss": float(fetched[-1]["loss"]), "train_s": round(self.train_s, 3),
                 "lr": float(optim.schedule(cfg.optim, cfg.train.steps)(step)),
                 "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tps,
-                "mfu": tps * self.flops_per_token / (self.peak * len(self.trainer.mesh.devices.flat)),
+                "mfu": (tps * self.flops_per_token
+                        / (self.peak * len(self.trainer.mesh.devices.flat))),
                 "skipped": int(sum(m["skipped"] for m in fetched)),
-                **{k: float(v) for k, v in fetched[-1].items() if k not in STEP_METRICS}}  # DPO's margin...
+                # DPO's margin...
+                **{k: float(v) for k, v in fetched[-1].items() if k not in STEP_METRICS}}
         if last["skipped"] and self.lead:
-            print(f"step {done}: {last['skipped']} update(s) skipped for a non-finite loss", file=sys.stderr)
+            print(f"step {done}: {last['skipped']} update(s) skipped for a non-finite loss",
+                  file=sys.stderr)
         if is_eval or out_of_time:
             result = self.trainer.evaluate(state.params)
             last.update(val_loss=result["loss"], val_bpb=result.get("bits_per_byte"),
                         **{f"val_{k}": v for k, v in result.items() if k in dpo.EVAL_METRICS})
-        self.t_log = time.perf_counter()  # after the evaluation: the next interval times steps alone
+        self.t_log = time.perf_counter()  # after evaluation: the next interval times steps alone
         if self.log:
             self.log.write(last)
         self.show(n_steps, last, tps)
         self.last = last
         if int(fetched[-1]["nonfinite_run"]) >= cfg.train.max_nonfinite:
-            raise NonFiniteLoss(f"step {done}: {int(fetched[-1]['nonfinite_run'])} non-finite losses or gradients "
-                                f"in a row (train.max_nonfinite={cfg.train.max_nonfinite}); lower optim.lr or "
-                                f"check the data")
+            raise NonFiniteLoss(f"step {done}: {int(fetched[-1]['nonfinite_run'])} non-finite "
+                                "losses or gradients in a row "
+                                f"(train.max_nonfinite={cfg.train.max_nonfinite}); lower optim.lr "
+                                "or check the data")
         return out_of_time
 
     def show(self, n_steps: int, last: dict, tps: float) -> None:
         self.progress.update(n_steps)
-        self.progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tps:.0f}",
-                                  mfu=f"{100 * last['mfu']:.1f}%",
-                                  **({"margin": f"{last['margin']:.3f}"} if "margin" in last else {}),
-                                  **({"val": f"{last['val_loss']:.4f}"} if "val_loss" in last else {}),
-                                  **({"val_acc": f"{last['val_accuracy']:.3f}"} if "val_accuracy" in last else {}))
+        self.progress.set_postfix(
+            loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tps:.0f}",
+            mfu=f"{100 * last['mfu']:.1f}%",
+            **({"margin": f"{last['margin']:.3f}"} if "margin" in last else {}),
+            **({"val": f"{last['val_loss']:.4f}"} if "val_loss" in last else {}),
+            **({"val_acc": f"{last['val_accuracy']:.3f}"} if "val_accuracy" in last else {}))
 
     def close(self) -> None:
         self.progress.close()
@@ -222,7 +233,8 @@ class Tally:
 
 def first_state(trainer: Trainer, checkpointer):
     """The state the run starts from: its last checkpoint, else init_from's params with a fresh
-    optimizer (fine-tuning), else step 0 of train.seed. The lead process writes the run's files first."""
+    optimizer (fine-tuning), else step 0 of train.seed. The lead process writes the run's files
+    first."""
     cfg, lead = trainer.cfg, jax.process_index() == 0
     if lead:
         out_dir = Path(cfg.train.out_dir)
@@ -230,7 +242,8 @@ def first_state(trainer: Trainer, checkpointer):
         files.atomic_write(out_dir / "config.json", cfg.to_json())
         trainer.tokenizer.save(out_dir)  # for exports made from checkpoints
     state = checkpointer.restore(trainer)
-    if state is None and cfg.train.init_from:  # fine-tuning: another run's params, a fresh optimizer
+    # fine-tuning: another run's params, a fresh optimizer
+    if state is None and cfg.train.init_from:
         params, where, _ = runs.params(cfg.train.init_from, cfg, trainer.params_sharding)
         if lead:
             print(f"params from {where}; fresh optimizer state, step 0", file=sys.stderr)
@@ -248,21 +261,24 @@ def run_steps(trainer: Trainer, state, start: int, tally: Tally, checkpointer, s
         window(metrics)
         tally.steps_since += 1
         done = step + 1
-        is_eval = done == cfg.train.steps or bool(cfg.train.eval_every and done % cfg.train.eval_every == 0)
+        is_eval = (done == cfg.train.steps
+                   or bool(cfg.train.eval_every and done % cfg.train.eval_every == 0))
         out_of_time = False
         if done % cfg.train.log_every == 0 or is_eval:
             out_of_time = tally.logged(step, is_eval, state)
         checkpointer.maybe_save(done, state, tally.last_at(done))
         # every process must stop after the same step (the save is collective): with several
         # they agree at the logged steps, where they wait for each other anyway
-        stopping = stop.signum if jax.process_count() == 1 else \
-            launch.largest(stop.signum) if done % cfg.train.log_every == 0 or is_eval or out_of_time else 0
+        stopping = (stop.signum if jax.process_count() == 1
+                    else launch.largest(stop.signum)
+                    if done % cfg.train.log_every == 0 or is_eval or out_of_time else 0)
         if stopping:
             break
         if out_of_time:
             if jax.process_index() == 0:
-                print(f"step {done} of {cfg.train.steps}: {tally.train_s:.0f} s of training steps reached "
-                      f"train.time_limit_s={cfg.train.time_limit_s:g}; ending the run here", file=sys.stderr)
+                print(f"step {done} of {cfg.train.steps}: {tally.train_s:.0f} s of training steps "
+                      f"reached train.time_limit_s={cfg.train.time_limit_s:g}; ending the run here",
+                      file=sys.stderr)
             break
     return state, done, stopping
 
@@ -274,13 +290,15 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None, batches=None)
     `restore(trainer) -> state | None`, `maybe_save(step, state, metrics)`, `save(step, state,
     metrics, wait)` and `close()`. A SIGTERM / SIGINT finishes the current step, saves and raises
     Interrupted; the same command then resumes, with the same losses as an unbroken run.
-    `batches`: the batch source of open_run_batches(cfg) when the caller opened it already (and cfg is
-    the config it returned beside it).
+    `batches`: the batch source of open_run_batches(cfg) when the caller opened it already (and cfg
+    is the config it returned beside it).
     """
     out_dir = Path(cfg.train.out_dir)
     if batches is None:
-        cfg, batches = open_run_batches(cfg)  # bad data fails here, before a checkpointer thread exists
-    checkpointer = checkpointer or checkpoint.Checkpointer(cfg)  # checks the resume rules before any work
+        # bad data fails here, before a checkpointer thread exists
+        cfg, batches = open_run_batches(cfg)
+    # checks the resume rules before any work
+    checkpointer = checkpointer or checkpoint.Checkpointer(cfg)
     try:
         trainer = Trainer(cfg, devices, batches)
         memory.check(trainer)  # refuse what will not fit before compiling it
@@ -288,17 +306,19 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None, batches=None)
     except BaseException:
         checkpointer.close()
         raise
-    lead = jax.process_index() == 0  # one process writes the run's files, metrics, progress and export
+    lead = jax.process_index() == 0  # one process writes files, metrics, progress and export
     start = int(state.step)
     if lead:
         truncate_metrics(out_dir / "metrics.jsonl", start)  # rows past the restored step are redone
     tally, stop = Tally(trainer, state, start, lead), StopSignals()
     try:
         state, done, stopping = run_steps(trainer, state, start, tally, checkpointer, stop)
-        # the end of the run, or a signal: save (a non-finite state is never saved), and wait for the disk
+        # the end of the run, or a signal: save (a non-finite state is never saved), and wait for
+        # the disk
         saved = checkpointer.save(done, state, tally.last_at(done), wait=True)
     except BaseException:
-        with contextlib.suppress(Exception):  # finish an earlier save; the first error is the one to report
+        # finish an earlier save; the first error is the one to report
+        with contextlib.suppress(Exception):
             checkpointer.close()
         raise
     finally:
@@ -306,28 +326,33 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None, batches=None)
         tally.close()
     checkpointer.close()
     if stopping:
-        where = f"saved step {done}" if saved or done == start else "no checkpoint saved (non-finite state)"
+        where = (f"saved step {done}" if saved or done == start
+                 else "no checkpoint saved (non-finite state)")
         raise Interrupted(f"stopped by {signal.Signals(stopping).name} after step {done}; {where} "
-                          f"in {out_dir / 'checkpoints'}; rerun the same command to resume", stopping)
-    params = sharding.to_host(state.params)  # once, for the export and the samples (every process gathers)
+                          f"in {out_dir / 'checkpoints'}; rerun the same command to resume",
+                          stopping)
+    params = sharding.to_host(state.params)  # once, for export and samples (every process gathers)
     if lead:
         export.export(out_dir / "export", cfg, params, trainer.tokenizer)
         if cfg.train.samples:
             for text in sample.sample_texts(trainer.model, params, trainer.tokenizer, cfg.sample,
-                                            n=cfg.train.samples, max_new_tokens=cfg.train.sample_tokens):
+                                            n=cfg.train.samples,
+                                            max_new_tokens=cfg.train.sample_tokens):
                 print(f"--- sample ---\n{text}", file=sys.stderr)
     return tally.last
 
 
 def _progress(cfg, start, enabled=True):
-    return tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.train.progress and enabled), unit="step",
-                     dynamic_ncols=True, file=sys.stderr)
+    return tqdm.tqdm(total=cfg.train.steps, initial=start,
+                     disable=not (cfg.train.progress and enabled), unit="step", dynamic_ncols=True,
+                     file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
     def run(operands, settings):
         cfg = train_config(operands[0], settings)
-        joined = launch.initialize(cfg.distributed)  # several processes: join the others before jax starts a backend
+        # several processes: join the others before jax starts a backend
+        joined = launch.initialize(cfg.distributed)
         try:
             last = train(cfg)
         except Interrupted as e:  # every process stopped after the same step
@@ -340,8 +365,8 @@ def main(argv: list[str] | None = None) -> None:
         if jax.process_index() == 0:
             print(json.dumps(last))
 
-    cli.run("python -m jaxgpt.train", cli.Command(run, usage="CONFIG.py [key=value ...]", root=config_lib.Config),
-            argv)
+    cli.run("python -m jaxgpt.train",
+            cli.Command(run, usage="CONFIG.py [key=value ...]", root=config_lib.Config), argv)
 
 
 if __name__ == "__main__":

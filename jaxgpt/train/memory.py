@@ -1,10 +1,10 @@
 """Memory planning: what one train step needs on each device, known before the step is compiled.
 
     plan = memory.estimate(trainer)         # by tracing: seconds even for GPT-2 small
-    plan.per_device                         # bytes: params, optimizer, gradients, activations, batch,
-                                            # reference (DPO's, in the step), total
+    plan.per_device                         # bytes: params, optimizer, gradients, activations,
+                                            # batch, reference (DPO's, in the step), total
     memory.check(trainer)                   # raises OutOfMemory naming the knobs that would fit
-    trainer = memory.trainer_for(cfg, devices)  # a config's trainer with no data opened: shapes only
+    trainer = memory.trainer_for(cfg, devices)  # a config's trainer with no data: shapes only
 
 (perf/aot.py's `analyze` sets the estimate beside XLA's analysis of the compiled step.)
 
@@ -35,7 +35,8 @@ from jaxgpt.parallel import sharding
 from jaxgpt.train.trainer import Trainer
 
 GB = 1e9
-BATCH_KEYS = (("inputs", jnp.int32), ("targets", jnp.int32), ("segment_ids", jnp.int32), ("loss_mask", jnp.float32))
+BATCH_KEYS = (("inputs", jnp.int32), ("targets", jnp.int32), ("segment_ids", jnp.int32),
+              ("loss_mask", jnp.float32))
 
 
 class OutOfMemory(JaxgptError):
@@ -45,26 +46,31 @@ class OutOfMemory(JaxgptError):
 class Plan(NamedTuple):
     cfg: config_lib.Config
     mesh: dict              # axis -> size
-    per_device: dict        # bytes per device: params, optimizer, gradients, activations, batch, reference, total
+    # bytes per device: params, optimizer, gradients, activations, batch, reference, total
+    per_device: dict
 
 
 def _shard_bytes(abstract_tree, shardings) -> int:
     """Bytes of the largest shard of each leaf, summed: what one device holds of the tree."""
     return sum(_nbytes(s.shard_shape(x.shape), x.dtype)
-               for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings), strict=False))
+               for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings),
+                               strict=False))
 
 
 def abstract_batch(cfg: config_lib.Config, mesh=None) -> dict:
-    """The shapes of a global batch ([B, L] arrays), placed batch-sharded on `mesh` when given; a DPO
-    run's scored beforehand (dpo.reference=precompute) also carry the reference's log-probabilities."""
+    """The shapes of a global batch ([B, L] arrays), placed batch-sharded on `mesh` when given; a
+    DPO run's scored beforehand (dpo.reference=precompute) also carry the reference's
+    log-probabilities."""
     shape = (cfg.data.batch_size, cfg.model.seq_len)
     where = sharding.batch_sharding(mesh) if mesh is not None else None
-    keys = BATCH_KEYS + ((("ref_logps", jnp.float32),) if _dpo_reference(cfg) == "precompute" else ())
+    keys = BATCH_KEYS + ((("ref_logps", jnp.float32),) if _dpo_reference(cfg) == "precompute"
+                         else ())
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=where) for k, dtype in keys}
 
 
 def _dpo_reference(cfg: config_lib.Config) -> str | None:
-    """Where a DPO run's reference log-probabilities come from (dpo.reference), None for other runs."""
+    """Where a DPO run's reference log-probabilities come from (dpo.reference), None for other
+    runs."""
     return cfg.dpo.reference if cfg.data.preferences else None
 
 
@@ -99,11 +105,13 @@ def saved_for_backward(loss, params, batch, mesh=None) -> int:
 
     if mesh is None or mesh.shape["tensor"] == 1:
         shards = 1 if mesh is None else sharding.data_shards(mesh)
-        return sum(_nbytes(x.shape, x.dtype) for x in jax.eval_shape(residuals, params, batch)) // shards
+        return sum(_nbytes(x.shape, x.dtype)
+                   for x in jax.eval_shape(residuals, params, batch)) // shards
     with sharding.activate(mesh):
         lowered = jax.jit(residuals).lower(params, batch)
         shardings = lowered.compile().output_shardings
-    return sum(_nbytes(s.shard_shape(x.shape), x.dtype) for x, s in zip(lowered.out_info, shardings, strict=False))
+    return sum(_nbytes(s.shard_shape(x.shape), x.dtype)
+               for x, s in zip(lowered.out_info, shardings, strict=False))
 
 
 def _nbytes(shape, dtype) -> int:
@@ -111,12 +119,13 @@ def _nbytes(shape, dtype) -> int:
 
 
 def with_pretrained_vocab(cfg: config_lib.Config) -> config_lib.Config:
-    """cfg with model.vocab_size known without opening the data: as set, or a pretrained tokenizer's size."""
+    """cfg with model.vocab_size known without opening the data: as set, or a pretrained
+    tokenizer's size."""
     if cfg.model.vocab_size:
         return cfg
     if tokenizer.parse_spec(cfg.data.tokenizer).kind != "pretrained":
-        raise ConfigError(f"model.vocab_size=0 and data.tokenizer={cfg.data.tokenizer} is built from the data: "
-                          f"set model.vocab_size to plan without the data")
+        raise ConfigError(f"model.vocab_size=0 and data.tokenizer={cfg.data.tokenizer} is built "
+                          "from the data: set model.vocab_size to plan without the data")
     n_vocab = tokenizer.Tokenizer.from_spec(cfg.data.tokenizer).n_vocab
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=n_vocab))
 
@@ -136,19 +145,23 @@ def estimate(trainer: Trainer) -> Plan:
     micro = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // cfg.optim.grad_accum)
     micro_batch = abstract_batch(dataclasses.replace(cfg, data=micro), mesh)
     if trainer.dpo:  # the policy's residuals; the reference's forward (in the step) keeps none
-        residuals = saved_for_backward(lambda p, b: trainer.dpo.loss(p, b[0], None, *b[1])[0], placed_params,
+        residuals = saved_for_backward(lambda p, b: trainer.dpo.loss(p, b[0], None, *b[1])[0],
+                                       placed_params,
                                        (micro_batch, frozen_params(trainer, placed=True)), mesh)
     else:
-        residuals = saved_for_backward(lambda p, b: trainer.model_loss(p, b)[0], placed_params, micro_batch, mesh)
+        residuals = saved_for_backward(lambda p, b: trainer.model_loss(p, b)[0], placed_params,
+                                       micro_batch, mesh)
     params = _shard_bytes(state.params, trainer.params_sharding)
     grads_f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), state.params)
     per_device = {
         "params": params,
         "optimizer": _shard_bytes(state.opt_state, trainer.state_sharding.opt_state),
-        "gradients": _shard_bytes(grads_f32, trainer.params_sharding) * (2 if cfg.optim.grad_accum > 1 else 1),
+        "gradients": (_shard_bytes(grads_f32, trainer.params_sharding)
+                      * (2 if cfg.optim.grad_accum > 1 else 1)),
         "activations": residuals,
         "batch": sum(_nbytes(x.shape, x.dtype) for x in abstract_batch(cfg).values()) // shards,
-        "reference": params if frozen_params(trainer) else 0,  # DPO's reference params, kept beside the state
+        # DPO's reference params, kept beside the state
+        "reference": params if frozen_params(trainer) else 0,
     }
     per_device["total"] = sum(per_device.values())
     return Plan(cfg, dict(mesh.shape), per_device)
@@ -159,7 +172,8 @@ def device_limit(cfg: config_lib.Config, devices=None) -> tuple[float | None, st
     if cfg.mesh.device_memory_gb > 0:
         return cfg.mesh.device_memory_gb * GB, "mesh.device_memory_gb"
     # one of this process's own devices: another host's cannot report its memory here
-    device = next((d for d in devices or () if d.process_index == jax.process_index()), jax.local_devices()[0])
+    device = next((d for d in devices or () if d.process_index == jax.process_index()),
+                  jax.local_devices()[0])
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         return float(stats["bytes_limit"]), f"{device.device_kind} memory"
@@ -173,7 +187,8 @@ def _mesh_overrides(cfg: config_lib.Config, fsdp: int, n_devices: int) -> list[s
 
 def alternatives(trainer: Trainer) -> list[tuple[str, float]]:
     """The knobs that lower a step's memory, each on its own, with the per-device bytes each gives:
-    remat, the smallest grad_accum (and the largest fsdp) that fits the limit (else the largest tried)."""
+    remat, the smallest grad_accum (and the largest fsdp) that fits the limit (else the largest
+    tried)."""
     cfg, mesh = trainer.cfg, trainer.mesh
     devices, n = list(mesh.devices.flat), mesh.devices.size
     limit, _ = device_limit(cfg, devices)
@@ -193,9 +208,11 @@ def alternatives(trainer: Trainer) -> list[tuple[str, float]]:
         return [tried] if tried else []
 
     out = [] if cfg.model.remat else [("model.remat=true", total(["model.remat=true"]))]
-    accum = [a for a in (2, 4, 8, 16, 32, 64) if a > cfg.optim.grad_accum and cfg.data.batch_size % (a * shards) == 0]
+    accum = [a for a in (2, 4, 8, 16, 32, 64)
+             if a > cfg.optim.grad_accum and cfg.data.batch_size % (a * shards) == 0]
     out += first_fit([[f"optim.grad_accum={a}"] for a in accum])
-    fsdp_max = n // mesh.shape["tensor"]  # data x fsdp keeps its size: the batch still splits the same way
+    # data x fsdp keeps its size: the batch still splits the same way
+    fsdp_max = n // mesh.shape["tensor"]
     fsdp = [f for f in range(mesh.shape["fsdp"] + 1, fsdp_max + 1) if fsdp_max % f == 0]
     out += first_fit([_mesh_overrides(cfg, f, n) for f in fsdp])
     return out
@@ -225,5 +242,5 @@ def check(trainer: Trainer) -> Plan | None:
     advice = f"fits with: {'; '.join(fitting)}" if fitting else "no one knob fits alone"
     if others:
         advice += f"; not enough alone: {'; '.join(others)}"
-    raise OutOfMemory(f"the train step needs about {readable(need)} per device ({parts}) but {readable(limit)} "
-                      f"is available ({source}); {advice}")
+    raise OutOfMemory(f"the train step needs about {readable(need)} per device ({parts}) but "
+                      f"{readable(limit)} is available ({source}); {advice}")

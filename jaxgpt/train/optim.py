@@ -73,16 +73,20 @@ def muon_dims(params, logical_axes):
 
 def scale_embeddings(params, factor: float) -> optax.GradientTransformation:
     """Multiplies the embedding tables' updates by `factor`: their learning rate is `factor` x lr
-    (they do not decay unless optim.decay_embeddings, where the decay scales with it, as a rate would)."""
+    (they do not decay unless optim.decay_embeddings, where the decay scales with it, as a rate
+    would)."""
     if factor == 1.0:
         return optax.identity()
-    factors = jax.tree_util.tree_map_with_path(lambda path, _: factor if _name(path) in EMBEDDINGS else 1.0, params)
+    factors = jax.tree_util.tree_map_with_path(
+        lambda path, _: factor if _name(path) in EMBEDDINGS else 1.0, params)
     return optax.GradientTransformation(
         lambda _: optax.EmptyState(),
-        lambda updates, state, _=None: (jax.tree.map(lambda u, f: u * f if f != 1.0 else u, updates, factors), state))
+        lambda updates, state, _=None: (jax.tree.map(lambda u, f: u * f if f != 1.0 else u,
+                                                     updates, factors), state))
 
 
-def build(cfg: OptimConfig, total_steps: int, params, logical_axes=None) -> optax.GradientTransformation:
+def build(cfg: OptimConfig, total_steps: int, params, logical_axes=None
+          ) -> optax.GradientTransformation:
     """The optimizer for this config; `logical_axes` is needed for Muon only."""
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
     adam_lr = schedule(cfg, total_steps)
@@ -90,9 +94,10 @@ def build(cfg: OptimConfig, total_steps: int, params, logical_axes=None) -> opta
     if cfg.name == "muon":
         main = optax.contrib.muon(
             learning_rate=schedule(cfg, total_steps, peak=cfg.muon_lr), beta=cfg.muon_momentum,
-            weight_decay=cfg.weight_decay, weight_decay_mask=mask,
-            adam_b1=cfg.b1, adam_b2=cfg.b2, adam_weight_decay=cfg.weight_decay, adam_learning_rate=adam_lr,
+            weight_decay=cfg.weight_decay, weight_decay_mask=mask, adam_b1=cfg.b1, adam_b2=cfg.b2,
+            adam_weight_decay=cfg.weight_decay, adam_learning_rate=adam_lr,
             muon_weight_dimension_numbers=muon_dims(params, logical_axes))
     else:
-        main = optax.adamw(adam_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+        main = optax.adamw(adam_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=mask)
     return optax.chain(clip, main, scale_embeddings(params, cfg.embed_lr_scale))

@@ -26,18 +26,20 @@ class TrainState:
     nonfinite_run: jax.Array  # consecutive steps skipped for a non-finite loss
 
 
-STEP_METRICS = ("loss", "grad_norm", "tokens", "skipped", "nonfinite_run")  # a step's own; the loss's sums besides
+# a step's own; the loss's sums besides
+STEP_METRICS = ("loss", "grad_norm", "tokens", "skipped", "nonfinite_run")
 
 
 def resolve_skip_update(choice: str) -> str:
-    """What train.skip_update names: auto is select on a GPU (hardware.branches_sync_host), else cond."""
+    """What train.skip_update names: auto is select on a GPU (hardware.branches_sync_host), else
+    cond."""
     if choice == "auto":
         return "select" if hardware.branches_sync_host() else "cond"
     return choice
 
 
-def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_accum: int, loss_fn=None,
-                    skip_update: str = "auto"):
+def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_accum: int,
+                    loss_fn=None, skip_update: str = "auto"):
     """train_step(state, batch, *frozen) -> (state, metrics), pure and ready for jit.
 
     loss_fn(params, batch, dropout_rng, *frozen) -> (loss sum, count), or (loss sum, (count, {name:
@@ -48,15 +50,16 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_ac
     skip_update = resolve_skip_update(skip_update)
 
     def micro_grads(params, micro_batch, rng, frozen):
-        (loss_sum, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch, rng, *frozen)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss_sum, aux), grads = grad_fn(params, micro_batch, rng, *frozen)
         count, sums = aux if isinstance(aux, tuple) else (aux, {})
         return loss_sum, count, sums, grads
 
     def train_step(state: TrainState, batch: dict, *frozen):
         rng, step_rng = jax.random.split(state.rng)
         dropout_rng = step_rng if model.cfg.dropout > 0 else None
-        loss_sum, count, sums, grads = summed_grads(micro_grads, state.params, batch, dropout_rng, frozen,
-                                                    grad_accum)
+        loss_sum, count, sums, grads = summed_grads(micro_grads, state.params, batch, dropout_rng,
+                                                    frozen, grad_accum)
         # Sums over micro-batches divided once by the global count: exact for any masking.
         denom = jnp.maximum(count, 1.0)
         loss = loss_sum / denom
@@ -70,11 +73,13 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation, grad_ac
         # no update without a finite loss, nor from a batch with no trained token (an SFT batch
         # of prompts only): momentum and weight decay would still move the params
         apply = finite & (count > 0)
-        if skip_update == "cond":  # the skipped branch costs nothing (a select costs a pass on a CPU)
-            params, opt_state = jax.lax.cond(apply, update, lambda p, o: (p, o), state.params, state.opt_state)
+        if skip_update == "cond":  # skipped branch costs nothing (a select costs a pass on a CPU)
+            params, opt_state = jax.lax.cond(apply, update, lambda p, o: (p, o), state.params,
+                                             state.opt_state)
         else:  # the old values kept by a select that XLA fuses into the update's own passes
             params, opt_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old),
-                                             update(state.params, state.opt_state), (state.params, state.opt_state))
+                                             update(state.params, state.opt_state),
+                                             (state.params, state.opt_state))
         new_state = TrainState(params=params, opt_state=opt_state,
                                step=state.step + 1, rng=rng,
                                nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
@@ -101,6 +106,7 @@ def summed_grads(micro_grads, params, batch: dict, dropout_rng, frozen: tuple, g
         r = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
         return jax.tree.map(jnp.add, carry, micro_grads(params, micro_batch, r, frozen)), None
 
-    shapes = jax.eval_shape(micro_grads, params, jax.tree.map(lambda x: x[0], micro), dropout_rng, frozen)
+    shapes = jax.eval_shape(micro_grads, params, jax.tree.map(lambda x: x[0], micro), dropout_rng,
+                            frozen)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum)))[0]

@@ -20,9 +20,11 @@ from jaxgpt.train.step import TrainState, make_train_step
 
 
 def with_tokenizer_vocab(cfg: config_lib.Config, tokenizer: Tokenizer) -> config_lib.Config:
-    """The config with model.vocab_size resolved (0: the tokenizer's size) and checked against it."""
+    """The config with model.vocab_size resolved (0: the tokenizer's size) and checked against
+    it."""
     if cfg.model.vocab_size == 0:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.n_vocab))
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                 vocab_size=tokenizer.n_vocab))
     data.check_vocab(tokenizer, cfg.model.vocab_size)
     return cfg
 
@@ -34,7 +36,8 @@ def open_run_batches(cfg: config_lib.Config):
     # process 0 first: it may tokenize data.path into the (shared) cache the others then only read
     if jax.process_index() != 0:
         launch.barrier("data")
-    chats = dpo.held_out_chats(cfg) if cfg.data.preferences else ()  # scored beside DPO's held-out pairs
+    # scored beside DPO's held-out pairs
+    chats = dpo.held_out_chats(cfg) if cfg.data.preferences else ()
     batches = data.open_batches(cfg, tokenizer, held_out_chats=chats)
     if jax.process_index() == 0:
         launch.barrier("data")
@@ -42,10 +45,12 @@ def open_run_batches(cfg: config_lib.Config):
 
 
 class Trainer:
-    """Builds everything a run needs from a config: batches, model, mesh, state and compiled steps."""
+    """Builds everything a run needs from a config: batches, model, mesh, state and compiled
+    steps."""
 
     def __init__(self, cfg: config_lib.Config, devices=None, batches=None, open_data: bool = True):
-        if batches is None and open_data:  # open_data=False: shapes only (memory.py), model.vocab_size set
+        # open_data=False: shapes only (memory.py), model.vocab_size set
+        if batches is None and open_data:
             cfg, batches = open_run_batches(cfg)
         self.cfg, self.batches = cfg, batches
         self.tokenizer = batches.tokenizer if batches is not None else None
@@ -53,36 +58,43 @@ class Trainer:
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
         sharding.check_batch(self.mesh, cfg.data.batch_size, cfg.optim.grad_accum)
         abstract_params = jax.eval_shape(self.model.init, jax.random.key(0))
-        self.optimizer = optim.build(cfg.optim, cfg.train.steps, abstract_params, self.model.logical_axes)
-        self.params_sharding = sharding.logical_to_mesh(self.model.logical_axes, abstract_params, self.mesh)
+        self.optimizer = optim.build(cfg.optim, cfg.train.steps, abstract_params,
+                                     self.model.logical_axes)
+        self.params_sharding = sharding.logical_to_mesh(self.model.logical_axes, abstract_params,
+                                                        self.mesh)
         self.state_sharding = self._state_sharding(abstract_params)
-        # data.preferences: the step minimizes the DPO loss, which may read the reference params beside the state
+        # data.preferences: the step minimizes the DPO loss, which may read the reference params
+        # beside the state
         self.dpo = dpo.DPO(cfg, self.model, mesh=self.mesh, params_sharding=self.params_sharding,
                            batches=batches) if cfg.data.preferences else None
         # the model's loss on this run's batches: plain packed text's rows need no attention mask
-        self.model_loss = functools.partial(self.model.loss, segments=data.rows_have_segments(cfg.data))
+        self.model_loss = functools.partial(self.model.loss,
+                                            segments=data.rows_have_segments(cfg.data))
         frozen_shardings = (self.params_sharding,) if self.dpo and self.dpo.in_step else ()
         with sharding.activate(self.mesh):
             self._fresh_state_jit = jax.jit(self._fresh_state, out_shardings=self.state_sharding)
-            self.train_step = jax.jit(make_train_step(self.model, self.optimizer, cfg.optim.grad_accum,
-                                                      self.dpo.loss if self.dpo else self.model_loss,
-                                                      cfg.train.skip_update),
-                                      in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh),
-                                                    *frozen_shardings),
-                                      out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
-                                      donate_argnums=0)
+            self.train_step = jax.jit(
+                make_train_step(self.model, self.optimizer, cfg.optim.grad_accum,
+                                self.dpo.loss if self.dpo else self.model_loss,
+                                cfg.train.skip_update),
+                in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh),
+                              *frozen_shardings),
+                out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+                donate_argnums=0)
             self.eval_step = evaluate.make_eval_step(self.model, self.mesh, self.params_sharding)
-        self.frozen = self._dpo_reference() if self.dpo and batches is not None else ()  # the step's extra arrays
+        # the step's extra arrays
+        self.frozen = self._dpo_reference() if self.dpo and batches is not None else ()
 
     def reference_params(self):
-        """DPO's frozen reference: the params the run starts from (init_from's, else the seed's), loaded anew."""
+        """DPO's frozen reference: the params the run starts from (init_from's, else the seed's),
+        loaded anew."""
         if self.cfg.train.init_from:
             return runs.params(self.cfg.train.init_from, self.cfg, self.params_sharding)[0]
         return self.init_state().params
 
     def _dpo_reference(self) -> tuple:
-        """What the DPO step reads beside the state: (reference params,) with dpo.reference=step; else
-        () once every pair's reference log-probabilities are in the batches."""
+        """What the DPO step reads beside the state: (reference params,) with dpo.reference=step;
+        else () once every pair's reference log-probabilities are in the batches."""
         params = self.reference_params()
         if self.dpo.in_step:
             return (params,)
@@ -103,7 +115,8 @@ class Trainer:
         path ends with a param's key path, with that param's shape, takes that param's sharding."""
         rep = sharding.replicated(self.mesh)
         by_path = {tuple(path): (p.shape, s) for (path, p), s in zip(
-            jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(self.params_sharding), strict=False)}
+            jax.tree_util.tree_leaves_with_path(abstract_params),
+            jax.tree.leaves(self.params_sharding), strict=False)}
 
         def leaf_sharding(path, leaf):
             for start in range(len(path)):
@@ -119,11 +132,12 @@ class Trainer:
     def init_state(self) -> TrainState:
         """The state at step 0 for train.seed (compiled once, placed on the mesh).
 
-        On a CPU it is compiled at XLA's backend optimization level 1: it runs once, and its random draws
-        (a threefry kernel per parameter) are most of a small model's compile time (the quickstart's model
-        on the 2-core host with two sweeps running beside it: 7.9 s against 12.4 at the default level 2),
-        with the same values to the bit (tests/test_train.py). Level 0 compiles faster still but drops
-        the fused multiply-adds, so about 4% of the draws differ in their last bit."""
+        On a CPU it is compiled at XLA's backend optimization level 1: it runs once, and its random
+        draws (a threefry kernel per parameter) are most of a small model's compile time (the
+        quickstart's model on the 2-core host with two sweeps running beside it: 7.9 s against 12.4
+        at the default level 2), with the same values to the bit (tests/test_train.py). Level 0
+        compiles faster still but drops the fused multiply-adds, so about 4% of the draws differ in
+        their last bit."""
         seed = self.cfg.train.seed
         cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
         with sharding.activate(self.mesh):
@@ -137,25 +151,29 @@ class Trainer:
         train step: 9 s for a 2-layer model on the 2-core CPU)."""
         s = self.state_sharding
         opt_state = jax.jit(self.optimizer.init, out_shardings=s.opt_state)(params)
-        step, rng, run = jax.jit(lambda seed: (jnp.zeros((), jnp.int32), jax.random.split(jax.random.key(seed))[1],
+        fresh_counters = jax.jit(lambda seed: (jnp.zeros((), jnp.int32),
+                                               jax.random.split(jax.random.key(seed))[1],
                                                jnp.zeros((), jnp.int32)),
-                                 out_shardings=(s.step, s.rng, s.nonfinite_run))(self.cfg.train.seed)
+                                 out_shardings=(s.step, s.rng, s.nonfinite_run))
+        step, rng, run = fresh_counters(self.cfg.train.seed)
         return TrainState(params, opt_state, step, rng, run)
 
     def batch(self, step: int) -> dict:
-        """The global batch of a step on the mesh (each process draws only the rows its devices hold)."""
+        """The global batch of a step on the mesh (each process draws only the rows its devices
+        hold)."""
         blocks, n = sharding.batch_blocks(self.mesh)
         parts = [self.batches.batch_at(step, i, n) for i in blocks]
-        rows = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        rows = (parts[0] if len(parts) == 1
+                else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
         return sharding.put_batch(rows, self.mesh, local_rows=True)
 
     def evaluate(self, params, split: str = "val") -> dict:
-        """Exact loss and bits per byte on held-out data (for SFT: assistant tokens only; for DPO the
-        held-out pairs' loss, margin and accuracy, and the held-out chats' bits per byte)."""
+        """Exact loss and bits per byte on held-out data (for SFT: assistant tokens only; for DPO
+        the held-out pairs' loss, margin and accuracy, and the held-out chats' bits per byte)."""
         if self.dpo:
             return self.dpo.evaluate(params, self.frozen, self.eval_step, split)
-        return evaluate.evaluate_source(self.batches, self.cfg, self.eval_step, params, self.mesh, split,
-                                        self.cfg.train.eval_max_tokens)
+        return evaluate.evaluate_source(self.batches, self.cfg, self.eval_step, params, self.mesh,
+                                        split, self.cfg.train.eval_max_tokens)
 
     def step(self, state: TrainState, batch: dict):
         with sharding.activate(self.mesh):

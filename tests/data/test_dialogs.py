@@ -15,10 +15,14 @@ from jaxgpt.errors import DataError
     ([], "non-empty list"),
     ([{"role": "user"}], "message 0 is not"),
     ([{"role": "bot", "content": "x"}], "role 'bot'; expected system, user or assistant"),
-    ([{"role": "assistant", "content": "x"}], "message 0 has role 'assistant' where 'user' belongs"),
-    ([{"role": "user", "content": "x"}, {"role": "system", "content": "x"}], "message 1 has role 'system'"),
-    ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], "message 1 has role 'user'"),
-    ([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}], "no assistant message"),
+    ([{"role": "assistant", "content": "x"}],
+     "message 0 has role 'assistant' where 'user' belongs"),
+    ([{"role": "user", "content": "x"}, {"role": "system", "content": "x"}],
+     "message 1 has role 'system'"),
+    ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}],
+     "message 1 has role 'user'"),
+    ([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}],
+     "no assistant message"),
 ])
 def test_check_names_the_problem(conversation, problem):
     assert problem in dialogs.check(conversation)
@@ -35,9 +39,11 @@ def test_check_accepts_well_formed():
 def test_read_jsonl_and_malformed_lines(tmp_path):
     good = json.dumps({"messages": CONVERSATION})
     named = json.dumps({"id": "d7", "messages": [{"role": "user", "content": "你好", "name": "x"},
-                                                 {"role": "assistant", "content": "您好"}]}, ensure_ascii=False)
+                                                 {"role": "assistant", "content": "您好"}]},
+                       ensure_ascii=False)
     no_reply = json.dumps({"messages": CONVERSATION[1:2]})
-    path = write_lines(tmp_path / "chats.jsonl", [good, "", named, "{not json", no_reply, json.dumps({"turns": []})])
+    path = write_lines(tmp_path / "chats.jsonl",
+                       [good, "", named, "{not json", no_reply, json.dumps({"turns": []})])
     with pytest.raises(ChatDataError, match=r"chats\.jsonl:4: not JSON") as e:
         dialogs.read_jsonl(path)
     assert isinstance(e.value, DataError)
@@ -56,7 +62,8 @@ def test_read_jsonl_and_malformed_lines(tmp_path):
 
 
 def test_read_sharegpt_jsonl_and_json_array(tmp_path):
-    record = {"id": "s1", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+    record = {"id": "s1", "conversations": [{"from": "system", "value": "Be brief."},
+                                             {"from": "human", "value": "Hi"},
                                              {"from": "gpt", "value": "Hello!"}]}
     bad = {"conversations": [{"from": "gpt", "value": "I start"}, {"from": "human", "value": "no"}]}
     expected = [CONVERSATION[0], CONVERSATION[1], CONVERSATION[2]]
@@ -66,7 +73,8 @@ def test_read_sharegpt_jsonl_and_json_array(tmp_path):
     loaded = dialogs.read_sharegpt(path, skip_bad=True)
     assert loaded.conversations == [expected] and loaded.ids == ["s1"] and loaded.skipped == 1
     array = tmp_path / "sg.json"  # ShareGPT dumps are one JSON array; records are placed by line
-    array.write_text(json.dumps([record, record, {"conversations": [{"from": "bot", "value": "?"}]}], indent=1))
+    array.write_text(json.dumps([record, record,
+                                 {"conversations": [{"from": "bot", "value": "?"}]}], indent=1))
     third = [i for i, line in enumerate(array.read_text().splitlines(), 1) if line == " {"][2]
     with pytest.raises(ChatDataError, match=rf"sg\.json:{third}: turn 0 is not") as e:
         dialogs.read_sharegpt(array)
@@ -99,12 +107,14 @@ def test_chitchat_gives_both_directions_of_the_first_dialog():
 
 def test_chatterbot_malformed_dialogs_name_file_and_line(tmp_path):
     (tmp_path / "xx").mkdir()
-    (tmp_path / "xx" / "a.yml").write_text("categories:\n- a\nconversations:\n- - no\n  - yes\n  - 3\n"
-                                           "- - only one line\n- not a list - of lines\n", encoding="utf-8")
+    (tmp_path / "xx" / "a.yml").write_text(
+        "categories:\n- a\nconversations:\n- - no\n  - yes\n  - 3\n"
+        "- - only one line\n- not a list - of lines\n", encoding="utf-8")
     with pytest.raises(ChatDataError, match=r"a\.yml:8: the dialog is not a list of lines"):
         dialogs.read_chatterbot(directory=tmp_path)
     loaded = dialogs.read_chatterbot(["xx"], directory=tmp_path, skip_bad=True)
-    assert loaded.conversations == [[{"role": "user", "content": "no"}, {"role": "assistant", "content": "yes"}]]
+    assert loaded.conversations == [[{"role": "user", "content": "no"},
+                                     {"role": "assistant", "content": "yes"}]]
     assert loaded.ids == ["chatterbot:xx/a.yml:4"] and loaded.skipped == 2
     with pytest.raises(ChatDataError, match="no chatterbot language 'zz'"):
         dialogs.read_chatterbot(["zz"], directory=tmp_path)
@@ -113,7 +123,8 @@ def test_chatterbot_malformed_dialogs_name_file_and_line(tmp_path):
 def test_split_by_dialog_is_seeded():
     conversations = synthetic(10)
     train, val = dialogs.split(conversations, 0.3, seed=1)
-    assert len(val) == 3 and len(train) == 7 and (train, val) == dialogs.split(conversations, 0.3, seed=1)
+    assert (len(val) == 3 and len(train) == 7
+            and (train, val) == dialogs.split(conversations, 0.3, seed=1))
     assert [c for c in conversations if any(c is t for t in train)] == train  # input order kept
     assert dialogs.split(conversations, 0.0, 1) == (conversations, [])
     with pytest.raises(ChatDataError, match="val_fraction=1"):

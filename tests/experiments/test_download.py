@@ -1,4 +1,5 @@
-"""Tests for experiments/download.py: checksums, --from, the offline error, an existing file left alone."""
+"""Tests for experiments/download.py: checksums, --from, the offline error, an existing file left
+alone."""
 import hashlib
 import importlib.util
 import subprocess
@@ -36,7 +37,8 @@ def test_downloads_and_verifies(tiny_dataset, tmp_path):
 def test_from_copies_a_local_file(tiny_dataset, tmp_path):
     copy = tmp_path / "elsewhere.txt"
     copy.write_bytes(tiny_dataset.read_bytes())
-    out = download.fetch("tiny", tmp_path / "data", source=str(copy), url="http://127.0.0.1:9/never-used")
+    out = download.fetch("tiny", tmp_path / "data", source=str(copy),
+                         url="http://127.0.0.1:9/never-used")
     assert out.read_bytes() == tiny_dataset.read_bytes()
 
 
@@ -50,14 +52,16 @@ def test_wrong_checksum_is_refused(tiny_dataset, tmp_path):
 
 def test_an_existing_good_file_is_kept(tiny_dataset, tmp_path, capsys):
     download.fetch("tiny", tmp_path)
-    download.fetch("tiny", tmp_path, url="http://127.0.0.1:9/unreachable")  # no network needed the second time
+    # no network needed the second time
+    download.fetch("tiny", tmp_path, url="http://127.0.0.1:9/unreachable")
     assert "already there" in capsys.readouterr().out
 
 
 def test_offline_error_names_the_alternatives(tmp_path):
     # port 9 on localhost: a real connection that is refused, as on a machine without network
     proc = subprocess.run([sys.executable, str(SCRIPT), "shakespeare", "--out", str(tmp_path),
-                           "--url", "http://127.0.0.1:9/input.txt"], capture_output=True, text=True, timeout=120)
+                           "--url", "http://127.0.0.1:9/input.txt"],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: cannot download http://127.0.0.1:9/input.txt")
@@ -67,7 +71,7 @@ def test_offline_error_names_the_alternatives(tmp_path):
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="no local copy of Tiny Shakespeare")
 def test_real_shakespeare_checksum(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "shakespeare", "--out", str(tmp_path), "--from",
-                           str(SHAKESPEARE)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "shakespeare", "--out", str(tmp_path),
+                           "--from", str(SHAKESPEARE)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "tinyshakespeare.txt").stat().st_size == 1115394

@@ -14,15 +14,16 @@ SCRIPT = REPO / "experiments/load_test.py"
 
 
 def load_test(args, run_env, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=run_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=run_env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
 def test_both_modes_against_a_trained_run(tiny_run, run_env, tmp_path):
-    run_dir, _ = tiny_run  # a char tokenizer: the prompts are in its letters and fit its 32-token context
-    proc = load_test([run_dir, "--clients", 2, "--max-tokens", 8, "--mode", "both", "--out", tmp_path / "r.jsonl"],
-                     run_env)
+    # a char tokenizer: the prompts are in its letters and fit its 32-token context
+    run_dir, _ = tiny_run
+    proc = load_test([run_dir, "--clients", 2, "--max-tokens", 8, "--mode", "both",
+                      "--out", tmp_path / "r.jsonl"], run_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["mode"] for r in reports] == ["sequential", "concurrent"]
@@ -42,5 +43,5 @@ def test_random_init_refuses_a_vocabulary_smaller_than_the_tokenizer(tiny_run, r
                       "--set", "model.vocab_size=8"], run_env)
     n_vocab = Tokenizer.load(run_dir).n_vocab
     assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr == (f"load_test: --random-init shakespeare_char: model.vocab_size=8 is smaller than the "
-                           f"{n_vocab} tokens of {run_dir}'s tokenizer\n")
+    assert proc.stderr == ("load_test: --random-init shakespeare_char: model.vocab_size=8 is "
+                           f"smaller than the {n_vocab} tokens of {run_dir}'s tokenizer\n")

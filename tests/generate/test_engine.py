@@ -29,7 +29,8 @@ CFGS = {
 
 @pytest.fixture(scope="module", params=list(CFGS))
 def tiny(request):
-    cfg = ModelConfig(**CFGS[request.param], vocab_size=V, n_layer=2, n_head=4, d_model=32, seq_len=S).resolved()
+    cfg = ModelConfig(**CFGS[request.param], vocab_size=V, n_layer=2, n_head=4, d_model=32,
+                      seq_len=S).resolved()
     model = GPT(cfg)
     return model, model.init(jax.random.key(1))
 
@@ -79,11 +80,15 @@ def test_rows_at_different_positions(tiny):
     tokens[0, :3], tokens[1] = a, b
     seg = np.array([[1] * 3 + [0] * 6, [1] * 9])
     pos = np.arange(9)[None].repeat(2, 0)
-    _, cache = model.apply(params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos), cache=cache)
+    _, cache = model.apply(params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos),
+                           cache=cache)
     nxt = jnp.asarray([[5], [7]], jnp.int32)
-    logits, _ = model.apply(params, nxt, jnp.ones_like(nxt), jnp.asarray([[3], [9]], jnp.int32), cache=cache)
-    np.testing.assert_allclose(np.asarray(logits[0, 0]), full_logits(model, params, a + [5]), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(logits[1, 0]), full_logits(model, params, b + [7]), atol=1e-5)
+    logits, _ = model.apply(params, nxt, jnp.ones_like(nxt), jnp.asarray([[3], [9]], jnp.int32),
+                            cache=cache)
+    np.testing.assert_allclose(np.asarray(logits[0, 0]), full_logits(model, params, a + [5]),
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits[1, 0]), full_logits(model, params, b + [7]),
+                               atol=1e-5)
 
 
 def greedy_by_hand(model, params, prompt_ids, n):
@@ -96,7 +101,8 @@ def greedy_by_hand(model, params, prompt_ids, n):
 def test_greedy_equals_argmax_of_full_passes_for_mixed_lengths(tiny):
     model, params = tiny
     prompts = [prompt(3, 3), prompt(17, 4), prompt(1, 5)]  # three buckets' worth of lengths
-    out = Engine(model, params, slots=3).generate(prompts, SamplingParams(temperature=0, max_tokens=8))
+    out = Engine(model, params, slots=3).generate(prompts,
+                                                  SamplingParams(temperature=0, max_tokens=8))
     assert out == [greedy_by_hand(model, params, p, 8) for p in prompts]
 
 
@@ -122,7 +128,8 @@ def test_logits_alone_and_joining_a_busy_batch(tiny):
     np.testing.assert_allclose(np.stack(got.logits), np.stack(ref.logits), atol=1e-5)
     # and against full forward passes
     for i, logits in enumerate(got.logits):
-        np.testing.assert_allclose(logits, full_logits(model, params, late + got.tokens[:i]), atol=1e-5)
+        np.testing.assert_allclose(logits, full_logits(model, params, late + got.tokens[:i]),
+                                   atol=1e-5)
 
 
 def test_same_seed_same_reply_alone_and_in_a_busy_batch(tiny):
@@ -133,10 +140,12 @@ def test_same_seed_same_reply_alone_and_in_a_busy_batch(tiny):
     engine = Engine(model, params, slots=2)
     others = [prompt(7, 12), prompt(2, 13), prompt(9, 14)]
     out = engine.generate(others[:2] + [p] + others[2:],
-                          [SamplingParams(temperature=0.8, seed=s, max_tokens=5 + s) for s in range(2)]
+                          [SamplingParams(temperature=0.8, seed=s, max_tokens=5 + s)
+                           for s in range(2)]
                           + [sp] + [SamplingParams(temperature=1.0, seed=9, max_tokens=3)])
     assert out[2] == alone and len(alone) == 10
-    other_seed = Engine(model, params, slots=1).generate([p], SamplingParams(**{**sp.__dict__, "seed": 12}))[0]
+    other_seed = Engine(model, params, slots=1).generate(
+        [p], SamplingParams(**{**sp.__dict__, "seed": 12}))[0]
     assert other_seed != alone
 
 
@@ -148,7 +157,8 @@ def test_an_idle_slot_carries_neutral_knobs(tiny):
     engine = Engine(model, params, slots=3)
     idle = lambda slot: {name: engine.knobs[name][slot].item() for name in IDLE_KNOBS}  # noqa: E731
     assert all(idle(slot) == pytest.approx(IDLE_KNOBS) for slot in range(3))
-    engine.submit(prompt(3, 4), SamplingParams(temperature=0.7, top_p=0.5, repetition_penalty=1.3, max_tokens=3))
+    engine.submit(prompt(3, 4), SamplingParams(temperature=0.7, top_p=0.5, repetition_penalty=1.3,
+                                               max_tokens=3))
     [long] = engine.submit(prompt(3, 5), SamplingParams(temperature=0.7, top_k=5, max_tokens=6))
     engine.step()
     assert idle(0)["top_p"] == pytest.approx(0.5) and idle(1)["top_k"] == 5
@@ -176,13 +186,15 @@ def test_stop_ids_end_a_request_and_free_its_slot(tiny):
     assert new[b] == expected[:2] and engine.requests[b].slot == 0  # prefill + one decode
     while engine.busy:
         engine.step()
-    assert engine.requests[b].tokens == expected[:3] and engine.requests[b].finish_reason == "length"
+    assert (engine.requests[b].tokens == expected[:3]
+            and engine.requests[b].finish_reason == "length")
 
 
 def test_max_tokens_and_context_shift(tiny):
     model, params = tiny
     engine = Engine(model, params, slots=2)
-    out = engine.generate([prompt(3, 16), prompt(30, 17), prompt(40, 18)],  # the last is longer than S
+    # the last is longer than S
+    out = engine.generate([prompt(3, 16), prompt(30, 17), prompt(40, 18)],
                           [SamplingParams(temperature=0, max_tokens=n) for n in (1, 40, 5)])
     assert [len(o) for o in out] == [1, 40, 5]
     assert all(0 <= t < V for o in out for t in o)
@@ -199,8 +211,9 @@ def test_max_tokens_and_context_shift(tiny):
 def test_sampling_filters():
     logits = jnp.log(jnp.asarray([[0.15, 0.5, 0.05, 0.3]] * 4))
     knobs = {k: jnp.asarray(v) for k, v in dict(
-        temperature=np.float32([1, 1, 1, 0]), top_k=np.int32([1, 0, 0, 0]), top_p=np.float32([1, 0.3, 1, 1]),
-        min_p=np.float32([0, 0, 0.9, 0]), seed=np.uint32([0, 1, 2, 3]), repetition_penalty=np.float32([1] * 4),
+        temperature=np.float32([1, 1, 1, 0]), top_k=np.int32([1, 0, 0, 0]),
+        top_p=np.float32([1, 0.3, 1, 1]), min_p=np.float32([0, 0, 0.9, 0]),
+        seed=np.uint32([0, 1, 2, 3]), repetition_penalty=np.float32([1] * 4),
         presence_penalty=np.float32([0] * 4), frequency_penalty=np.float32([0] * 4)).items()}
     zeros = jnp.zeros((4, 4), jnp.int32)
     for step in range(20):  # every filter leaves only token 1 (0.5): always drawn
@@ -216,34 +229,44 @@ def test_sampling_filters():
 
 
 def test_sampling_paths_leave_out_only_what_no_row_uses():
-    """The host decides which paths a step computes (no device branch): sampling when some row samples,
-    the full sort when a sampling row's top-k is past TOP_K_MAX or its top-p works without top-k."""
+    """The host decides which paths a step computes (no device branch): sampling when some row
+    samples, the full sort when a sampling row's top-k is past TOP_K_MAX or its top-p works without
+    top-k."""
     def paths(**columns):
         knobs = {name: np.full(3, value, dtype) for name, (value, dtype) in
-                 {"temperature": (0.0, np.float32), "top_k": (0, np.int32), "top_p": (1.0, np.float32)}.items()}
+                 {"temperature": (0.0, np.float32), "top_k": (0, np.int32),
+                  "top_p": (1.0, np.float32)}.items()}
         knobs.update({name: np.asarray(values) for name, values in columns.items()})
         return sampling_paths(knobs, 100)
-    assert paths() == (False, False)                                        # every row greedy (idle slots)
+    # every row greedy (idle slots)
+    assert paths() == (False, False)
     assert paths(temperature=[0, 0.7, 0]) == (True, False)                  # plain sampling
     assert paths(temperature=[0, 0.7, 0], top_k=[0, 40, 0]) == (True, False)  # top-k from lax.top_k
-    assert paths(temperature=[0, 0.7, 0], top_k=[0, 80, 0]) == (True, True)   # past TOP_K_MAX: sorted
+    # past TOP_K_MAX: sorted
+    assert paths(temperature=[0, 0.7, 0], top_k=[0, 80, 0]) == (True, True)
     assert paths(temperature=[0, 0.7, 0], top_p=[1, 0.9, 1]) == (True, True)
     assert paths(temperature=[0, 0.7, 0], top_k=[0, 40, 0], top_p=[1, 0.9, 1]) == (True, False)
-    assert paths(top_p=[0.9, 0.9, 0.9]) == (False, False)                   # greedy rows never filter
-    # the paths a step leaves out change no row that uses them: a row that samples, beside one that sorts
+    # greedy rows never filter
+    assert paths(top_p=[0.9, 0.9, 0.9]) == (False, False)
+    # the paths a step leaves out change no row that uses them:
+    # a row that samples, beside one that sorts
     logits = jnp.log(jnp.asarray([PROBS, PROBS]))
     knobs = {name: np.full(2, IDLE_KNOBS[name], dtype) for name, dtype in KNOBS.items()}
-    knobs.update(temperature=np.float32([0.0, 1.0]), top_k=np.int32([0, 2]), top_p=np.float32([0.5, 1.0]))
+    knobs.update(temperature=np.float32([0.0, 1.0]), top_k=np.int32([0, 2]),
+                 top_p=np.float32([0.5, 1.0]))
     assert sampling_paths(knobs, 4) == (True, False)
     assert np.array_equal(np.asarray(filter_logits(logits, knobs, full_sort=False))[1],
                           np.asarray(filter_logits(logits, knobs))[1])
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8),
-                                    SamplingParams(temperature=0.8, top_p=0.9)], ids=["greedy", "sampled", "sorted"])
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0),
+                                    SamplingParams(temperature=0.8),
+                                    SamplingParams(temperature=0.8, top_p=0.9)],
+                         ids=["greedy", "sampled", "sorted"])
 def test_a_gpu_decode_step_holds_no_branch(params):
-    """With the GPU's cache window, the decode step has no lax.cond / lax.switch, which on a GPU would
-    stop the host at every token (hardware.branches_sync_host); what to compute is decided on the host."""
+    """With the GPU's cache window, the decode step has no lax.cond / lax.switch, which on a GPU
+    would stop the host at every token (hardware.branches_sync_host); what to compute is decided on
+    the host."""
     from jaxgpt.generate import engine as generate
     cfg = ModelConfig(preset="gpt2", vocab_size=V, n_layer=2, n_head=4, d_model=32, seq_len=256,
                       cache_window="whole").resolved()
@@ -252,14 +275,17 @@ def test_a_gpu_decode_step_holds_no_branch(params):
     engine.submit(prompt(5, 1), params)
     engine.step()  # the prefill (and its first token); the next decode step is traced below
     steps = np.zeros(2, np.int32)
-    traced = generate._decode.trace(model, engine.n_valid, 0, engine._paths(engine.knobs), 8, False, engine.params,
-                                    engine.state, steps, steps, steps, engine.knobs, steps)
+    traced = generate._decode.trace(model, engine.n_valid, 0, engine._paths(engine.knobs), 8,
+                                    False, engine.params, engine.state, steps, steps, steps,
+                                    engine.knobs, steps)
     text = str(traced.jaxpr)
     assert " cond[" not in text and "switch" not in text
-    assert ("sort[" in text) == (params.top_p < 1) and ("random_bits" in text) == (params.temperature > 0)
+    assert (("sort[" in text) == (params.top_p < 1)
+            and ("random_bits" in text) == (params.temperature > 0))
 
 
-# ---- filter_logits: a hand-made distribution, shuffled: token 1 (0.5), token 3 (0.3), token 0 (0.15), token 2 (0.05)
+# ---- filter_logits: a hand-made distribution, shuffled:
+# token 1 (0.5), token 3 (0.3), token 0 (0.15), token 2 (0.05)
 PROBS = np.array([0.15, 0.5, 0.05, 0.3])
 LOGITS = jnp.asarray(np.log(PROBS)[None], jnp.float32)
 
@@ -274,7 +300,8 @@ def kept(logits_1xV) -> set[int]:
     return set(np.flatnonzero(np.isfinite(np.asarray(logits_1xV)[0])).tolist())
 
 
-@pytest.mark.parametrize("k, expected", [(1, {1}), (2, {1, 3}), (3, {0, 1, 3}), (4, {0, 1, 2, 3}), (10, {0, 1, 2, 3})])
+@pytest.mark.parametrize("k, expected", [(1, {1}), (2, {1, 3}), (3, {0, 1, 3}), (4, {0, 1, 2, 3}),
+                                         (10, {0, 1, 2, 3})])
 def test_top_k_keeps_exactly_k(k, expected):
     assert kept(filter_logits(LOGITS, knobs(top_k=k))) == expected
 
@@ -290,7 +317,8 @@ def test_top_p_keeps_the_smallest_nucleus(p, expected):
     assert kept(filter_logits(LOGITS, knobs(top_p=p))) == expected
 
 
-@pytest.mark.parametrize("min_p, expected", [(0.0, {0, 1, 2, 3}), (0.25, {0, 1, 3}), (0.5, {1, 3}), (0.7, {1})])
+@pytest.mark.parametrize("min_p, expected", [(0.0, {0, 1, 2, 3}), (0.25, {0, 1, 3}),
+                                             (0.5, {1, 3}), (0.7, {1})])
 def test_min_p_keeps_tokens_within_a_fraction_of_the_top(min_p, expected):
     assert kept(filter_logits(LOGITS, knobs(min_p=min_p))) == expected
 
@@ -300,8 +328,8 @@ def test_filters_combine_per_row_and_keep_values():
     assert kept(out) == {1, 3}
     np.testing.assert_allclose(out[0, [1, 3]], np.log([0.5, 0.3]), rtol=1e-6)
     # temperature divides the logits, before any filtering
-    np.testing.assert_allclose(np.asarray(filter_logits(LOGITS, knobs(temperature=2.0))), np.asarray(LOGITS) / 2,
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(filter_logits(LOGITS, knobs(temperature=2.0))),
+                               np.asarray(LOGITS) / 2, rtol=1e-6)
     # each row its own distribution and its own settings
     two = jnp.concatenate([LOGITS, LOGITS[:, ::-1]])
     rows = knobs(2, top_k=1)
@@ -326,8 +354,8 @@ def test_n_samples_share_one_prefill_and_equal_single_requests(tiny):
         engine.step()
     together = [engine.requests[i].tokens for i in ids]
     # sample i of n is the request with seed seed_of(seed, i), decoded alone
-    alone = [Engine(model, params, slots=1).generate([p], dataclasses.replace(sp, seed=seed_of(5, i)))[0]
-             for i in range(3)]
+    alone = [Engine(model, params, slots=1).generate(
+        [p], dataclasses.replace(sp, seed=seed_of(5, i)))[0] for i in range(3)]
     assert together == alone and len({tuple(t) for t in together}) > 1
     with pytest.raises(ValueError, match=r"n=4 must be in \[1, 3\]"):
         engine.submit(p, dataclasses.replace(sp, n=4))
@@ -343,7 +371,8 @@ def test_logprobs_are_the_models_and_top_logprobs_are_sorted(tiny):
         engine.step()
     r = engine.requests[rid]
     assert len(r.logprobs) == len(r.top_logprobs) == 5 and engine.requests[other].top_logprobs == []
-    for token, logprob, top, logits in zip(r.tokens, r.logprobs, r.top_logprobs, r.logits, strict=False):
+    for token, logprob, top, logits in zip(r.tokens, r.logprobs, r.top_logprobs, r.logits,
+                                           strict=False):
         expected = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
         assert logprob == pytest.approx(float(expected[token]), abs=1e-5)
         assert [i for i, _ in top] == np.argsort(-expected)[:3].tolist()
@@ -361,16 +390,18 @@ def test_cancel_frees_the_slot_and_keeps_what_was_made(tiny):
     engine.cancel(a, "content_filter")
     engine.cancel(b)  # still waiting: it never runs
     assert engine.slot_request == [None] and engine.requests[a].finish_reason == "content_filter"
-    # the step that admits it: the prompt's token and one more (its first tokens out at once); the next,
-    # a call of decode_steps
-    assert len(engine.requests[a].tokens) == 2 + engine.decode_steps and engine.requests[b].finish_reason == "cancelled"
+    # the step that admits it: the prompt's token and one more (its first tokens out at once);
+    # the next, a call of decode_steps
+    assert (len(engine.requests[a].tokens) == 2 + engine.decode_steps
+            and engine.requests[b].finish_reason == "cancelled")
     while engine.busy:
         engine.step()
     assert engine.requests[b].tokens == [] and len(engine.requests[c].tokens) == 2
 
 
-@pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_p", 0.0), ("min_p", 1.5), ("top_k", -1),
-                                          ("top_logprobs", 21), ("presence_penalty", 3.0), ("max_tokens", -1)])
+@pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_p", 0.0), ("min_p", 1.5),
+                                          ("top_k", -1), ("top_logprobs", 21),
+                                          ("presence_penalty", 3.0), ("max_tokens", -1)])
 def test_out_of_range_settings_name_their_field(tiny, field, value):
     model, params = tiny
     with pytest.raises(ValueError, match=f"^{field}={value}"):
@@ -378,8 +409,8 @@ def test_out_of_range_settings_name_their_field(tiny, field, value):
 
 
 def test_a_scan_layers_model_decodes_as_its_unscanned_twin():
-    cfg = ModelConfig(preset="llama", n_kv_head=2, vocab_size=V, n_layer=3, n_head=4, d_model=32, seq_len=S,
-                      scan_layers=True).resolved()
+    cfg = ModelConfig(preset="llama", n_kv_head=2, vocab_size=V, n_layer=3, n_head=4, d_model=32,
+                      seq_len=S, scan_layers=True).resolved()
     scanned = GPT(cfg)
     params = scanned.init(jax.random.key(2))
     assert "blocks" in params
@@ -387,7 +418,8 @@ def test_a_scan_layers_model_decodes_as_its_unscanned_twin():
     p = prompt(6, 30)
     expected = greedy_by_hand(scanned, params, p, 5)  # full forward passes of the scanned model
     assert greedy_by_hand(model, unscanned, p, 5) == expected
-    assert Engine(scanned, params, slots=1).generate([p], SamplingParams(temperature=0, max_tokens=5)) == [expected]
+    assert Engine(scanned, params, slots=1).generate(
+        [p], SamplingParams(temperature=0, max_tokens=5)) == [expected]
 
 
 def test_the_steps_compile_once_per_bucket(tiny):
@@ -395,10 +427,12 @@ def test_the_steps_compile_once_per_bucket(tiny):
     starts with is placed as the jitted steps' outputs are, or the next prefill would recompile)."""
     from jaxgpt.generate import engine as generate
     model, params = tiny
-    engine = Engine(model, jax.device_put(params, jax.devices()[0]), slots=2)  # committed, as runs.load gives them
+    # committed, as runs.load gives them
+    engine = Engine(model, jax.device_put(params, jax.devices()[0]), slots=2)
     engine.generate([prompt(5, 40)], SamplingParams(temperature=1.0, max_tokens=3))
     sizes = generate._prefill._cache_size(), generate._decode._cache_size()
-    engine.generate([prompt(7, 41), prompt(3, 42)], SamplingParams(temperature=1.0, seed=3, max_tokens=4))
+    engine.generate([prompt(7, 41), prompt(3, 42)],
+                    SamplingParams(temperature=1.0, seed=3, max_tokens=4))
     assert (generate._prefill._cache_size(), generate._decode._cache_size()) == sizes
 
 
@@ -406,21 +440,27 @@ def test_several_steps_per_call_make_the_same_replies(tiny):
     """decode_steps=8 against one step per call: the same tokens and log-probabilities for requests
     that sample, penalize, stop on an id, end at max_tokens mid-call and shift their context."""
     model, params = tiny
-    requests = [(prompt(5, 60), SamplingParams(temperature=1.0, top_k=10, seed=4, max_tokens=45)),  # shifts (S = 32)
+    # shifts (S = 32)
+    requests = [(prompt(5, 60), SamplingParams(temperature=1.0, top_k=10, seed=4, max_tokens=45)),
                 (prompt(3, 61), SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=13,
                                                repetition_penalty=1.3, frequency_penalty=0.5)),
-                (prompt(9, 62), SamplingParams(temperature=1.0, seed=14, max_tokens=30, stop_ids=(3,))),  # mid-call
+                # mid-call
+                (prompt(9, 62), SamplingParams(temperature=1.0, seed=14, max_tokens=30,
+                                               stop_ids=(3,))),
                 (prompt(2, 63), SamplingParams(temperature=0, max_tokens=11))]
     replies = {}
     for steps in (1, 8):
-        engine = Engine(model, params, slots=3, decode_steps=steps)  # 4 requests in 3 slots: one waits
+        # 4 requests in 3 slots: one waits
+        engine = Engine(model, params, slots=3, decode_steps=steps)
         ids = [i for p, sp in requests for i in engine.submit(p, sp)]
         while engine.busy:
             engine.step()
         replies[steps] = [(engine.requests[i].tokens, engine.requests[i].finish_reason,
                            np.asarray(engine.requests[i].logprobs)) for i in ids]
-    assert [(tokens, reason) for tokens, reason, _ in replies[8]] == [(tokens, reason) for tokens, reason, _ in replies[1]]
-    for (*_, by_8), (*_, by_1) in zip(replies[8], replies[1], strict=False):  # two programs: the last bits may differ (5e-7 seen)
+    assert ([(tokens, reason) for tokens, reason, _ in replies[8]]
+            == [(tokens, reason) for tokens, reason, _ in replies[1]])
+    # two programs: the last bits may differ (5e-7 seen)
+    for (*_, by_8), (*_, by_1) in zip(replies[8], replies[1], strict=False):
         np.testing.assert_allclose(by_8, by_1, rtol=0, atol=1e-5)
     assert [(len(tokens), reason) for tokens, reason, _ in replies[1]] == [
         (45, "length"), (13, "length"), (16, "stop"), (11, "length")]

@@ -1,4 +1,5 @@
-"""Tests for jaxgpt.sample: greedy and seeded generation, the CLI (the filters are test_generate's)."""
+"""Tests for jaxgpt.sample: greedy and seeded generation, the CLI (the filters are
+test_generate's)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = ModelConfig(preset="gpt2", vocab_size=19, n_layer=2, n_head=2, d_model=16, seq_len=8).resolved()
+    cfg = ModelConfig(preset="gpt2", vocab_size=19, n_layer=2, n_head=2, d_model=16,
+                      seq_len=8).resolved()
     model = GPT(cfg)
     return model, model.init(jax.random.key(0))
 
@@ -62,15 +64,17 @@ def test_sample_texts_start_with_the_prompt(tiny):
     model, params = tiny
     tok = Tokenizer.from_spec("char", corpus="abcdefghij ")  # 11 chars + 8 specials = 19 ids
     assert tok.n_vocab == 19
-    texts = sample_texts(model, params, tok, SampleConfig(prompt="abc", temperature=0.0), n=2, max_new_tokens=5)
+    texts = sample_texts(model, params, tok, SampleConfig(prompt="abc", temperature=0.0), n=2,
+                         max_new_tokens=5)
     assert len(texts) == 2 and all(t.startswith("abc") for t in texts)
 
 
 @pytest.mark.slow
 def test_cli_prints_the_prompt_and_a_continuation(tiny_run, run_env):
     run_dir, _ = tiny_run
-    proc = subprocess.run([sys.executable, "-m", "jaxgpt.sample", str(run_dir), "sample.prompt=ROMEO:",
-                           "sample.max_new_tokens=40", "sample.num_samples=2", "sample.seed=1"],
+    proc = subprocess.run([sys.executable, "-m", "jaxgpt.sample", str(run_dir),
+                           "sample.prompt=ROMEO:", "sample.max_new_tokens=40",
+                           "sample.num_samples=2", "sample.seed=1"],
                           capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("--- sample 0 ---\nROMEO:")

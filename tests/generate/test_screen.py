@@ -1,5 +1,6 @@
-"""Tests for jaxgpt.screen: normalisation, blocklist rules and their errors, the classifier, streaming
-that never releases a blocked phrase (however it is split or disguised), confidence, counts."""
+"""Tests for jaxgpt.screen: normalisation, blocklist rules and their errors, the classifier,
+streaming that never releases a blocked phrase (however it is split or disguised), confidence,
+counts."""
 import math
 import random
 import sys
@@ -39,16 +40,23 @@ def assert_never_released(screen: Screen, text: str, released: str):
 # ---- normalisation ----
 
 @pytest.mark.parametrize("raw, norm, index", [
-    ("ＡＢＣ ｆｕｌｌ", "abc full", [0, 1, 2, 3, 4, 5, 6, 7]),       # full-width letters and space
-    ("𝐛𝐚𝐝 𝒘𝒐𝒓𝒅", "bad word", [0, 1, 2, 3, 4, 5, 6, 7]),          # mathematical bold (one code point each)
+    # full-width letters and space
+    ("ＡＢＣ ｆｕｌｌ", "abc full", [0, 1, 2, 3, 4, 5, 6, 7]),
+    # mathematical bold (one code point each)
+    ("𝐛𝐚𝐝 𝒘𝒐𝒓𝒅", "bad word", [0, 1, 2, 3, 4, 5, 6, 7]),
     ("HeLLo", "hello", [0, 1, 2, 3, 4]),
-    ("Straße", "strasse", [0, 1, 2, 3, 4, 4, 5]),                     # casefold: one character, two out
+    # casefold: one character, two out
+    ("Straße", "strasse", [0, 1, 2, 3, 4, 4, 5]),
     ("ﬁne", "fine", [0, 0, 1, 2]),                                    # NFKC ligature
-    ("a\u200bb\u200cc\u200dd\u2060e\ufeff", "abcde", [0, 2, 4, 6, 8]),  # zero-width characters dropped
+    # zero-width characters dropped
+    ("a\u200bb\u200cc\u200dd\u2060e\ufeff", "abcde", [0, 2, 4, 6, 8]),
     ("soft\u00adware", "software", [0, 1, 2, 3, 5, 6, 7, 8]),        # soft hyphen dropped
-    ("a  \t\n b", "a b", [0, 1, 6]),                                  # a whitespace run is one space
-    ("a \u200b\u00a0\u3000b", "a b", [0, 1, 5]),                      # through hidden and exotic spaces
-    (" x ", " x ", [0, 1, 2]),                                        # not stripped: a prefix stays a prefix
+    # a whitespace run is one space
+    ("a  \t\n b", "a b", [0, 1, 6]),
+    # through hidden and exotic spaces
+    ("a \u200b\u00a0\u3000b", "a b", [0, 1, 5]),
+    # not stripped: a prefix stays a prefix
+    (" x ", " x ", [0, 1, 2]),
     ("", "", []),
 ])
 def test_normalize(raw, norm, index):
@@ -69,21 +77,24 @@ def test_normalize_of_a_prefix_is_a_prefix():
 # ---- rules and their errors ----
 
 def test_blocklist_word_boundaries_phrases_regexes_comments(tmp_path):
-    screen = screen_with(tmp_path, "# a comment: class", "", "ass", "  Naughty   Phrase  ", "bad word",
-                         r"re:code-\d{4}")
+    screen = screen_with(tmp_path, "# a comment: class", "", "ass", "  Naughty   Phrase  ",
+                         "bad word", r"re:code-\d{4}")
     assert screen.active
     assert screen.check("a class act") is None            # "ass" inside a word passes
     assert screen.check("assess the bass") is None
     assert screen.check("you ass") == "blocklist"
     assert screen.check("ASS!") == "blocklist"
-    assert screen.check("a ｎａｕｇｈｔｙ\nphrase.") == "blocklist"  # phrase normalised at load and in text
+    # phrase normalised at load and in text
+    assert screen.check("a ｎａｕｇｈｔｙ\nphrase.") == "blocklist"
     assert screen.check("BAD   word") == "blocklist"
     assert screen.check("bad\u200b word") == "blocklist"
-    assert screen.check("bad\u200bword") is None           # zero-width removed: "badword", another word
+    # zero-width removed: "badword", another word
+    assert screen.check("bad\u200bword") is None
     assert screen.check("bad words") is None
     assert screen.check("a comment") is None               # comment lines are no phrases
     assert screen.check("the code-1234 here") == r"pattern 're:code-\d{4}'"
-    assert screen.check("the CODE-１２３４") == r"pattern 're:code-\d{4}'"  # regexes see normalised text
+    # regexes see normalised text
+    assert screen.check("the CODE-１２３４") == r"pattern 're:code-\d{4}'"
     assert screen.check("code-12") is None
     assert screen.check("ass code-1234") == "blocklist"   # the blocklist is checked first
 
@@ -110,7 +121,8 @@ def test_no_list(blocklist):
 
 
 def test_disabled_reads_nothing_and_passes_everything(tmp_path):
-    screen = Screen(ScreenConfig(enabled=False, blocklist=str(tmp_path / "missing.txt"), classifier="no:such"))
+    screen = Screen(ScreenConfig(enabled=False, blocklist=str(tmp_path / "missing.txt"),
+                                 classifier="no:such"))
     assert not screen.active and screen.check("fuck") is None
     outs, rest, _ = stream_all(screen, ["fu", "ck"])
     assert "".join(outs) + rest == "fuck"
@@ -165,7 +177,8 @@ def test_classifier_from_a_module(tmp_path, monkeypatch):
     assert screen.check("the secret is out") == "classifier: mentions a secret"
     assert screen.check("bad secret") == "blocklist"        # rules before the classifier
     assert screen.check("all fine") is None
-    assert Screen(ScreenConfig(blocklist=None, classifier="screen_test_clf:yes")).check("x") == "classifier"
+    assert Screen(ScreenConfig(blocklist=None,
+                               classifier="screen_test_clf:yes")).check("x") == "classifier"
 
     # In a stream it is called once per release, with the released text plus the new part.
     module.calls.clear()
@@ -185,7 +198,8 @@ def test_classifier_from_a_module(tmp_path, monkeypatch):
 
 # ---- streaming ----
 
-VARIANTS = ["fuck", "FuCk", "ｆｕｃｋ", "𝐟𝐮𝐜𝐤", "f\u200bu\u200dck", "f\u00aduc\ufeffk", "Ｆ\u2060𝐮ck"]
+VARIANTS = ["fuck", "FuCk", "ｆｕｃｋ", "𝐟𝐮𝐜𝐤", "f\u200bu\u200dck", "f\u00aduc\ufeffk",
+            "Ｆ\u2060𝐮ck"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -194,14 +208,15 @@ def test_blocked_phrase_never_released_however_split(tmp_path, variant, tail):
     screen = screen_with(tmp_path, "fuck")
     text = f"well {variant}{tail}"
     splits = [[text[:i], text[i:]] for i in range(len(text) + 1)]
-    splits += [[text[:i], text[i:j], text[j:]] for i in range(len(text)) for j in range(i, len(text))]
+    splits += [[text[:i], text[i:j], text[j:]]
+               for i in range(len(text)) for j in range(i, len(text))]
     splits.append(list(text))                              # character by character
     for deltas in splits:
         outs, rest, stream = stream_all(screen, deltas)
         released = "".join(outs) + rest
         assert stream.blocked == "blocklist", deltas
-        # Released: all that came before the phrase, up to the last delta that ended before the match
-        # was decided (the character after the phrase, or finish), and nothing of the phrase.
+        # Released: all that came before the phrase, up to the last delta that ended before the
+        # match was decided (the character after the phrase, or finish), and nothing of the phrase.
         ends = [sum(map(len, deltas[:k])) for k in range(len(deltas) + 1)]
         last = max(e for e in ends if e <= len("well ") + len(variant))
         assert released == stream.released == text[:min(last, len("well "))], deltas
@@ -250,7 +265,8 @@ def test_clean_reply_released_in_full_and_as_it_streams(tmp_path):
     screen = screen_with(tmp_path, "bad", "bad word")
     outs, rest, stream = stream_all(screen, ["hello ", "there ", "friend"])
     assert outs == ["hello ", "there ", "friend"] and rest == ""
-    text = "Ｂａ\u200bdminton, ﬁne  \u00a0class\u200d\n badish? no: bads. émigré 𝐛𝐚𝐝𝐠𝐞"
+    text = ("Ｂａ\u200bdminton, ﬁne  \u00a0class\u200d\n badish? no: bads. "
+            "émigré 𝐛𝐚𝐝𝐠𝐞")
     assert screen.check(text) is None
     outs, rest, stream = stream_all(screen, list(text))
     assert "".join(outs) + rest == text and stream.released == text and stream.blocked is None
@@ -267,11 +283,11 @@ def test_feed_after_finish_is_an_error(tmp_path):
 
 SETUPS = {
     "test list": (("bad", "bad word", "ass", r"re:code-\d{4}", r"re:x+y"),
-                  ["bad", "badminton", "ba", "d", "b\u200bad", "ＢＡＤ", "𝐛𝐚𝐝", "bad word", "bad  word", "wor",
-                   "class", "ass", "code-12", "34", "code-1234", "x", "xx", "y", " ", "  ", "\n", "\u200b",
-                   "\u00ad", ",", "é", "ﬁ", "z"]),
-    "builtin": (None, ["fu", "ck", "ing", "shit", "ty", "Ｆｕｃｋ", "piss", " off", "class", "4111", " ",
-                       "1111", "-", "99", "hello", ".", "\u200b", "\n"]),
+                  ["bad", "badminton", "ba", "d", "b\u200bad", "ＢＡＤ", "𝐛𝐚𝐝", "bad word",
+                   "bad  word", "wor", "class", "ass", "code-12", "34", "code-1234", "x", "xx",
+                   "y", " ", "  ", "\n", "\u200b", "\u00ad", ",", "é", "ﬁ", "z"]),
+    "builtin": (None, ["fu", "ck", "ing", "shit", "ty", "Ｆｕｃｋ", "piss", " off", "class",
+                       "4111", " ", "1111", "-", "99", "hello", ".", "\u200b", "\n"]),
 }
 
 
@@ -306,7 +322,8 @@ def test_confidence():
     assert flag.confidence(-3.0) == "flag"
     assert flag.confidence(-2.0) is None and flag.confidence(-0.5) is None
     assert flag.confidence(None) is None
-    assert flag.confidence(math.nan) == "flag"                                        # broken scores
+    # broken scores
+    assert flag.confidence(math.nan) == "flag"
     refuse = Screen(ScreenConfig(blocklist=None, min_mean_logprob=-2.0, low_confidence="refuse"))
     assert refuse.confidence(-3.0) == "refuse" and refuse.confidence(-1.0) is None
     off = Screen(ScreenConfig(enabled=False, min_mean_logprob=-2.0))
@@ -325,7 +342,8 @@ def test_counts_are_thread_safe():
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)                             # switch threads often: an unlocked count loses updates
+    # switch threads often: an unlocked count loses updates
+    sys.setswitchinterval(1e-6)
     try:
         for t in threads:
             t.start()
@@ -334,6 +352,8 @@ def test_counts_are_thread_safe():
     finally:
         sys.setswitchinterval(interval)
     counts = screen.counts()
-    assert counts["passed"] == 16000 and counts["blocked_user"] == 16000 and counts["blocked_reply"] == 0
-    counts["passed"] = 0                                    # a copy: the screen's counts are untouched
+    assert (counts["passed"] == 16000 and counts["blocked_user"] == 16000
+            and counts["blocked_reply"] == 0)
+    # a copy: the screen's counts are untouched
+    counts["passed"] = 0
     assert screen.counts()["passed"] == 16000

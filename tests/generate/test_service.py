@@ -1,4 +1,5 @@
-"""Tests for jaxgpt.replies: ids to screened text (UTF-8, stop strings, the screen) and the threaded Service."""
+"""Tests for jaxgpt.replies: ids to screened text (UTF-8, stop strings, the screen) and the threaded
+Service."""
 import threading
 
 import jax
@@ -76,11 +77,12 @@ def test_a_text_without_stop_strings_is_released_as_it_comes():
     tok = char_tokenizer()
     stream = TextStream(tok, stop=("zz",))
     assert stream.add(tok.encode("hello z")) == "hello "  # "z" could begin "zz": held
-    assert stream.add(tok.encode("a")) == "za" and stream.finish() == "" and stream.finish_reason is None
+    assert (stream.add(tok.encode("a")) == "za" and stream.finish() == ""
+            and stream.finish_reason is None)
 
 
-@pytest.mark.parametrize("text", ["so fuck this", "so FUCK this", "so ｆｕｃｋ this", "so 𝐟uck this",
-                                  "so f\u200bu\u200bck this"])
+@pytest.mark.parametrize("text", ["so fuck this", "so FUCK this", "so ｆｕｃｋ this",
+                                  "so 𝐟uck this", "so f\u200bu\u200bck this"])
 @pytest.mark.parametrize("sizes", [[1], [2], [3, 1]])
 def test_a_screened_phrase_never_reaches_the_stream(tmp_path, text, sizes):
     tok = Tokenizer.from_spec("char", corpus=text)
@@ -97,23 +99,26 @@ def test_a_screened_phrase_never_reaches_the_stream(tmp_path, text, sizes):
 @pytest.fixture(scope="module")
 def tiny():
     tok = char_tokenizer()
-    cfg = ModelConfig(preset="gpt2", vocab_size=tok.n_vocab, n_layer=2, n_head=2, d_model=32, seq_len=64).resolved()
+    cfg = ModelConfig(preset="gpt2", vocab_size=tok.n_vocab, n_layer=2, n_head=2, d_model=32,
+                      seq_len=64).resolved()
     model = GPT(cfg)
     return model, model.init(jax.random.key(3)), tok
 
 
 def greedy_text(tiny, prompt, n):
     model, params, tok = tiny
-    [ids] = Engine(model, params, tok, slots=1).generate([tok.encode(prompt)], SamplingParams(temperature=0, max_tokens=n))
+    [ids] = Engine(model, params, tok, slots=1).generate(
+        [tok.encode(prompt)], SamplingParams(temperature=0, max_tokens=n))
     return tok.decode_bytes(ids).decode()
 
 
 def test_concurrent_callers_get_the_replies_they_would_alone(tiny):
     model, params, tok = tiny
     prompts = ["hello", "abc", "what is this", "ok", "z"]
-    settings = [SamplingParams(temperature=0.9, seed=i, max_tokens=6 + i) for i in range(len(prompts))]
-    alone = [tok.decode_bytes(Engine(model, params, tok, slots=1).generate([tok.encode(p)], sp)[0]).decode()
-             for p, sp in zip(prompts, settings, strict=False)]
+    settings = [SamplingParams(temperature=0.9, seed=i, max_tokens=6 + i)
+                for i in range(len(prompts))]
+    alone = [tok.decode_bytes(Engine(model, params, tok, slots=1).generate([tok.encode(p)], sp)[0])
+             .decode() for p, sp in zip(prompts, settings, strict=False)]
     got = [None] * len(prompts)
     with Service(Engine(model, params, tok, slots=2), tok) as service:
         def call(i):
@@ -126,7 +131,8 @@ def test_concurrent_callers_get_the_replies_they_would_alone(tiny):
             t.join(120)
     assert [text for text, _ in got] == alone
     assert [reply.text for _, reply in got] == alone
-    assert all(r.finish_reason == "length" and len(r.token_ids) == sp.max_tokens for (_, r), sp in zip(got, settings, strict=False))
+    assert all(r.finish_reason == "length" and len(r.token_ids) == sp.max_tokens
+               for (_, r), sp in zip(got, settings, strict=False))
     assert service.load()["screen"]["passed"] == 0  # no screen given: nothing counted as screened
 
 
@@ -134,11 +140,14 @@ def test_a_phrase_the_model_says_is_screened_end_to_end(tiny, tmp_path):
     model, params, tok = tiny
     sp = SamplingParams(temperature=1.0, seed=0, max_tokens=30)
     [ids] = Engine(model, params, tok, slots=1).generate([tok.encode("hello")], sp)
-    plain = tok.decode_bytes(ids).decode()  # what the model says unscreened, look-alike letters and all
+    # what the model says unscreened, look-alike letters and all
+    plain = tok.decode_bytes(ids).decode()
     words = regex.findall(r"\w+", normalize(plain)[0])
-    assert len(words) >= 2 and any(c not in normalize(c)[0] for c in plain)  # it writes some look-alikes
+    # it writes some look-alikes
+    assert len(words) >= 2 and any(c not in normalize(c)[0] for c in plain)
     phrase = words[1]
-    # the list writes the word in full-width letters with a zero-width space: the same once normalised
+    # the list writes the word in full-width letters with a zero-width space:
+    # the same once normalised
     disguised = "".join(chr(ord(c) + 0xFEE0) if "a" <= c <= "z" else c for c in phrase)
     s = screen(tmp_path, disguised[:1] + "\u200b" + disguised[1:])
     with Service(Engine(model, params, tok, slots=1), tok, s) as service:
@@ -147,7 +156,8 @@ def test_a_phrase_the_model_says_is_screened_end_to_end(tiny, tmp_path):
         [reply] = stream.result()
     said = shown.removesuffix(REFUSAL).rstrip(" ")
     assert shown.endswith(REFUSAL) and phrase not in normalize(said)[0]
-    assert plain.startswith(said) and len(normalize(said)[0]) == normalize(plain)[0].index(phrase)  # all before it
+    # all before it
+    assert plain.startswith(said) and len(normalize(said)[0]) == normalize(plain)[0].index(phrase)
     assert reply.finish_reason == "content_filter" and reply.screened == "blocklist"
     assert len(reply.token_ids) < 30  # decoding stopped at the match
     assert s.counts()["blocked_reply"] == 1
@@ -158,22 +168,26 @@ def test_a_blocked_user_message_gets_the_refusal_without_generating(tiny, tmp_pa
     s = screen(tmp_path, "bad word")
     engine = Engine(model, params, tok, slots=1)
     with Service(engine, tok, s) as service:
-        stream = service.chat([{"role": "user", "content": "say a BAD  word"}], SamplingParams(max_tokens=5))
+        stream = service.chat([{"role": "user", "content": "say a BAD  word"}],
+                              SamplingParams(max_tokens=5))
         [reply] = stream.result(5)
         assert [d.text for d in stream] == [REFUSAL]
-    assert reply.finish_reason == "content_filter" and reply.token_ids == [] and engine._next_id == 0
+    assert (reply.finish_reason == "content_filter" and reply.token_ids == []
+            and engine._next_id == 0)
     assert s.counts()["blocked_user"] == 1
 
 
 @pytest.mark.parametrize("mode", ["flag", "refuse"])
 def test_low_confidence_replies_are_flagged_or_refused(tiny, mode):
     model, params, tok = tiny
-    s = Screen(ScreenConfig(blocklist=None, min_mean_logprob=0.0, low_confidence=mode, refusal=REFUSAL))
+    s = Screen(ScreenConfig(blocklist=None, min_mean_logprob=0.0, low_confidence=mode,
+                            refusal=REFUSAL))
     with Service(Engine(model, params, tok, slots=1), tok, s) as service:
         stream = service.complete(tok.encode("hello"), SamplingParams(temperature=0, max_tokens=8))
         deltas = list(stream)
         [reply] = stream.result()
-    assert reply.flagged and reply.mean_logprob == pytest.approx(np.mean(reply.logprobs)) and reply.mean_logprob < 0
+    assert (reply.flagged and reply.mean_logprob == pytest.approx(np.mean(reply.logprobs))
+            and reply.mean_logprob < 0)
     if mode == "flag":
         assert reply.text == greedy_text(tiny, "hello", 8) and reply.finish_reason == "length"
         assert s.counts()["low_confidence_flagged"] == 1
@@ -212,7 +226,8 @@ def test_a_failing_step_answers_everyone_and_the_service_goes_on(tiny, monkeypat
         a = service.complete(tok.encode("a"), SamplingParams(temperature=0, max_tokens=20))
         b = service.complete(tok.encode("b"), SamplingParams(temperature=0, max_tokens=20))
         failed = [a.result(30)[0], b.result(30)[0]]
-        after = service.complete(tok.encode("hello"), SamplingParams(temperature=0, max_tokens=5)).result(30)[0]
+        after = service.complete(tok.encode("hello"),
+                                 SamplingParams(temperature=0, max_tokens=5)).result(30)[0]
     assert [r.finish_reason for r in failed] == ["error", "error"]
     assert failed[0].error == "RuntimeError: the device went away"
     assert after.finish_reason == "length" and after.text == greedy_text(tiny, "hello", 5)
@@ -222,12 +237,14 @@ def test_chat_drops_old_turns_to_fit_or_says_which_field(tiny):
     model, params, tok = tiny
     turns = [{"role": "system", "content": "be nice"}]
     for i in range(8):
-        turns += [{"role": "user", "content": f"question {'abc'[i % 3]}"}, {"role": "assistant", "content": "answer ok"}]
+        turns += [{"role": "user", "content": f"question {'abc'[i % 3]}"},
+                  {"role": "assistant", "content": "answer ok"}]
     turns.append({"role": "user", "content": "last one"})
     with Service(Engine(model, params, tok, slots=1), tok) as service:
         [reply] = service.chat(turns, SamplingParams(temperature=0, max_tokens=10)).result(30)
         assert reply.prompt_tokens <= 64 - 10 and reply.finish_reason in ("length", "stop")
-        with pytest.raises(ValueError, match=r"^messages: \d+ prompt tokens plus max_tokens=10 exceed"):
+        with pytest.raises(ValueError,
+                           match=r"^messages: \d+ prompt tokens plus max_tokens=10 exceed"):
             service.chat(turns, SamplingParams(max_tokens=10), drop_old_turns=False)
         with pytest.raises(ValueError, match=r"^top_p=1.5 must be in"):
             service.complete([1], SamplingParams(top_p=1.5))

@@ -1,4 +1,5 @@
-"""Tests for jaxgpt.sharding: mesh shapes, the rules table, and the same training on 1 and 8 devices."""
+"""Tests for jaxgpt.sharding: mesh shapes, the rules table, and the same training on 1 and 8
+devices."""
 import json
 import subprocess
 import sys
@@ -43,14 +44,16 @@ def test_mesh_shape_errors(mesh, n, message):
 def test_one_device_mesh_replicates_everything():
     mesh = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
-    specs = sharding.logical_to_mesh({"w": P("embed", "mlp")}, {"w": jax.ShapeDtypeStruct((4, 6), "float32")}, mesh)
+    specs = sharding.logical_to_mesh({"w": P("embed", "mlp")},
+                                     {"w": jax.ShapeDtypeStruct((4, 6), "float32")}, mesh)
     assert specs["w"].spec == P(None, None)  # size-1 axes are dropped: nothing to split
 
 
 def test_rules_cover_every_logical_name():
     names = [name for name, _ in sharding.RULES]
     assert len(names) == len(set(names))
-    assert set(names) >= {"batch", "length", "embed", "vocab", "mlp", "heads", "kv_heads", "head_dim", "norm", "layers"}
+    assert set(names) >= {"batch", "length", "embed", "vocab", "mlp", "heads", "kv_heads",
+                          "head_dim", "norm", "layers"}
     for _, axes in sharding.RULES:
         for axis in (axes,) if isinstance(axes, str) else (axes or ()):
             assert axis in sharding.MESH_AXES
@@ -60,15 +63,17 @@ def test_rules_cover_every_logical_name():
 def eight_devices(text_file, token_cache):
     """Run tests/multidevice_worker.py once with 8 simulated CPU devices; its JSON lines, parsed."""
     env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, str(REPO / "tests/multidevice_worker.py"), str(text_file), "5"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    proc = subprocess.run([sys.executable, str(REPO / "tests/multidevice_worker.py"),
+                           str(text_file), "5"], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.mark.slow
 def test_shakespeare_model_rules_on_2x2x2(eight_devices):
-    """Where the Tiny Shakespeare model's params live: matrices over fsdp x tensor, norms replicated."""
+    """Where the Tiny Shakespeare model's params live: matrices over fsdp x tensor, norms
+    replicated."""
     (rules,) = [r for r in eight_devices if r["kind"] == "rules"]
     specs = rules["specs"]
     assert specs["['wte']"] == [None, "fsdp"]  # 73 rows do not split over tensor=2: replicated
@@ -82,14 +87,16 @@ def test_shakespeare_model_rules_on_2x2x2(eight_devices):
         assert specs[f"{block}['mlp']['w_down']['w']"] == ["tensor", "fsdp"]
         assert specs[f"{block}['norm_attn']['scale']"] == [None]
     # the key/value projections (however packed) split embed over fsdp and kv heads over tensor
-    kv = [v for k, v in specs.items() if "['attn']" in k and not any(n in k for n in ("['wq']", "['wo']"))]
+    kv = [v for k, v in specs.items()
+          if "['attn']" in k and not any(n in k for n in ("['wq']", "['wo']"))]
     assert kv and all(v[0] == "fsdp" and "tensor" in v for v in kv)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["gpt2", "llama"])
 def test_same_training_on_1_and_8_devices(eight_devices, preset):
-    """5 fp32 train steps: data, fsdp and tensor parallel meshes give the one-device losses and params."""
+    """5 fp32 train steps: data, fsdp and tensor parallel meshes give the one-device losses and
+    params."""
     runs = {None if r["mesh"] is None else tuple(r["mesh"]): r for r in eight_devices
             if r["kind"] == "run" and r["preset"] == preset}
     assert set(runs) == {None, (2, 4, 1), (2, 2, 2)}

@@ -20,7 +20,8 @@ def test_busiest_ops_sum_each_ops_time_per_run(tmp_path):
     # every op of the program ran once per run, and the shares cover all op time
     assert {r["calls_per_run"] for r in rows} == {1.0}
     assert sum(r["share"] for r in rows) == pytest.approx(1.0, abs=1e-3)
-    assert profiling.total_ms(tmp_path, 4) == pytest.approx(sum(r["ms_per_run"] for r in rows), abs=0.01)
+    assert profiling.total_ms(tmp_path, 4) == pytest.approx(sum(r["ms_per_run"] for r in rows),
+                                                            abs=0.01)
     assert profiling.busiest_ops(tmp_path, runs=4, top=1) == rows[:1]
 
 

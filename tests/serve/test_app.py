@@ -55,7 +55,8 @@ def url(service, tiny):
 
 @pytest.fixture
 def api(url):
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as client:
         yield client
 
 
@@ -77,17 +78,21 @@ def events(response) -> list:
 
 
 def test_a_chat_completion_in_openai_shape(api, service, tiny):
-    r = api.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 12,
-                                               "seed": 1, "temperature": 0.8, "user": "ignored"})
+    r = api.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES,
+                                               "max_tokens": 12, "seed": 1, "temperature": 0.8,
+                                               "user": "ignored"})
     assert r.status_code == 200, r.text
     body = r.json()
     [expected] = direct(service, MESSAGES, max_tokens=12, seed=1, temperature=0.8)
-    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion" and body["model"] == "tiny"
+    assert (body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+            and body["model"] == "tiny")
     [choice] = body["choices"]
-    assert choice["index"] == 0 and choice["message"] == {"role": "assistant", "content": expected.text}
+    assert choice["index"] == 0 and choice["message"] == {"role": "assistant",
+                                                          "content": expected.text}
     assert choice["finish_reason"] == expected.finish_reason in ("stop", "length")
     prompt_tokens = len(chat.render(MESSAGES, tiny[2], for_generation=True)[0])
-    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(expected.token_ids),
+    assert body["usage"] == {"prompt_tokens": prompt_tokens,
+                             "completion_tokens": len(expected.token_ids),
                              "total_tokens": prompt_tokens + len(expected.token_ids)}
 
 
@@ -95,22 +100,25 @@ def test_a_streamed_chat_completion_is_the_same_reply_in_chunks(api):
     request = {"messages": MESSAGES, "max_completion_tokens": 20, "seed": 7, "temperature": 1.0}
     plain = api.post("/v1/chat/completions", json=request).json()
     with api.stream("POST", "/v1/chat/completions",
-                    json={**request, "stream": True, "stream_options": {"include_usage": True}}) as r:
+                    json={**request, "stream": True,
+                          "stream_options": {"include_usage": True}}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         got = events(r)
     assert got[-1] == "[DONE]"
     chunks, usage = got[:-2], got[-2]
-    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] and c["usage"] is None
-               for c in chunks)
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"]
+               and c["usage"] is None for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text == plain["choices"][0]["message"]["content"]
-    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == plain["choices"][0]["finish_reason"]
+    assert ([c["choices"][0]["finish_reason"] for c in chunks][-1]
+            == plain["choices"][0]["finish_reason"])
     assert usage["choices"] == [] and usage["usage"] == plain["usage"]
 
 
 def test_n_gives_that_many_choices(api, service):
-    body = api.post("/v1/chat/completions", json={"messages": MESSAGES, "n": 2, "max_tokens": 6, "seed": 3}).json()
+    body = api.post("/v1/chat/completions", json={"messages": MESSAGES, "n": 2, "max_tokens": 6,
+                                                  "seed": 3}).json()
     expected = direct(service, MESSAGES, n=2, max_tokens=6, seed=3)
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert [c["message"]["content"] for c in body["choices"]] == [r.text for r in expected]
@@ -121,15 +129,17 @@ def test_a_text_completion(api, service, tiny):
     tok = tiny[2]
     body = api.post("/v1/completions", json={"prompt": "once upon", "max_tokens": 9, "seed": 2,
                                              "stop": ["zz", "q"]}).json()
-    [expected] = service.complete(tok.encode("once upon"), SamplingParams(max_tokens=9, seed=2, stop=("zz", "q"))
-                                  ).result(60)
+    [expected] = service.complete(tok.encode("once upon"),
+                                  SamplingParams(max_tokens=9, seed=2, stop=("zz", "q"))).result(60)
     assert body["object"] == "text_completion" and body["choices"][0]["text"] == expected.text
     assert body["choices"][0]["finish_reason"] == expected.finish_reason
     assert body["usage"]["prompt_tokens"] == len(tok.encode("once upon"))
-    with api.stream("POST", "/v1/completions", json={"prompt": "once upon", "max_tokens": 9, "seed": 2,
-                                                     "stop": ["zz", "q"], "stream": True}) as r:
+    with api.stream("POST", "/v1/completions", json={"prompt": "once upon", "max_tokens": 9,
+                                                     "seed": 2, "stop": ["zz", "q"],
+                                                     "stream": True}) as r:
         got = events(r)
-    assert got[-1] == "[DONE]" and "".join(c["choices"][0]["text"] for c in got[:-1]) == expected.text
+    assert (got[-1] == "[DONE]"
+            and "".join(c["choices"][0]["text"] for c in got[:-1]) == expected.text)
 
 
 def test_models_and_health(api, url):
@@ -139,7 +149,8 @@ def test_models_and_health(api, url):
     health = httpx.get(f"{url}/health").json()  # no key needed
     assert health["status"] == "ok" and health["slots"] == 2 and health["model"] == "tiny"
     assert health["feedback"] is False  # this app records none: the chat page offers no saving
-    assert model_id_of("/x/runs/shakespeare/export") == "shakespeare" and model_id_of("/x/runs/tiny") == "tiny"
+    assert (model_id_of("/x/runs/shakespeare/export") == "shakespeare"
+            and model_id_of("/x/runs/tiny") == "tiny")
 
 
 TOO_LONG = [{"role": "user", "content": "a" * 50}]
@@ -150,15 +161,18 @@ TOO_LONG = [{"role": "user", "content": "a" * 50}]
     ("/v1/chat/completions", b"[1, 2]", 400, None),
     ("/v1/chat/completions", {"max_tokens": 5}, 400, "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ÿ not in the vocabulary"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 400,
+     "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ÿ not in the vocabulary"}]},
+     400, "messages"),
     ("/v1/chat/completions", {"messages": TOO_LONG, "max_tokens": 30}, 400, "messages"),
     ("/v1/chat/completions", {"messages": MESSAGES, "temperature": "hot"}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": MESSAGES, "n": 1.5}, 400, "n"),
     ("/v1/chat/completions", {"messages": MESSAGES, "top_p": 1.5}, 400, "top_p"),
     ("/v1/chat/completions", {"messages": MESSAGES, "temperature": -1}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": MESSAGES, "n": 3}, 400, "n"),  # more than the 2 slots
-    ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": -1}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": -1}, 400,
+     "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": MESSAGES, "stop": 5}, 400, "stop"),
     ("/v1/chat/completions", {"messages": MESSAGES, "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {"messages": MESSAGES, "model": "gpt-5"}, 404, "model"),
@@ -171,7 +185,8 @@ def test_bad_requests_get_openai_errors_naming_the_field(api, path, body, status
     r = api.post(path, content=body) if isinstance(body, bytes) else api.post(path, json=body)
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert error["param"] == param and error["message"] and set(error) == {"message", "type", "param", "code"}
+    assert (error["param"] == param and error["message"]
+            and set(error) == {"message", "type", "param", "code"})
     if param and status == 400:
         assert error["message"].startswith(param)
 
@@ -183,7 +198,8 @@ def test_an_unknown_path_is_a_404_in_the_same_shape(api):
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
 def test_the_api_key_is_required(url, headers):
-    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2}, headers=headers)
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2},
+                   headers=headers)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{url}/v1/models", headers=headers).status_code == 401
 
@@ -199,20 +215,23 @@ def test_a_failure_inside_a_stream_is_an_error_event_then_done(api, service, mon
     def broken_step():
         raise RuntimeError("the device went away")
     monkeypatch.setattr(service.engine, "step", broken_step)
-    with api.stream("POST", "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 5, "stream": True}) as r:
+    with api.stream("POST", "/v1/chat/completions",
+                    json={"messages": MESSAGES, "max_tokens": 5, "stream": True}) as r:
         got = events(r)
     assert got[-1] == "[DONE]" and "the device went away" in got[-2]["error"]["message"]
     r = api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 5})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     monkeypatch.undo()
-    assert api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3}).status_code == 200
+    assert api.post("/v1/chat/completions",
+                    json={"messages": MESSAGES, "max_tokens": 3}).status_code == 200
 
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_hangs_up_frees_its_slot(url, service, monkeypatch, stream):
     slow_engine(monkeypatch, service, 0.2)  # about 10 s for the whole reply, unless it is cancelled
     request = {"prompt": "a", "max_tokens": 50, "stream": stream, "temperature": 0}
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30 if stream else 1) as client:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=30 if stream else 1) as client:
         if stream:
             with client.stream("POST", "/v1/completions", json=request) as r:
                 next(r.iter_lines())
@@ -231,8 +250,9 @@ def test_the_command_line_serves_a_trained_run(tiny_run, run_env):
     with socket.socket() as s:  # a free port (for the moment it takes the child to bind it)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    child = subprocess.Popen([sys.executable, "-m", "jaxgpt.serve", str(run_dir), f"serve.port={port}",
-                              "sample.temperature=0"], env=run_env(JAXGPT_API_KEY=KEY),
+    child = subprocess.Popen([sys.executable, "-m", "jaxgpt.serve", str(run_dir),
+                              f"serve.port={port}", "sample.temperature=0"],
+                             env=run_env(JAXGPT_API_KEY=KEY),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -247,12 +267,16 @@ def test_the_command_line_serves_a_trained_run(tiny_run, run_env):
                 time.sleep(0.2)
         auth = {"Authorization": f"Bearer {KEY}"}  # the key came from JAXGPT_API_KEY
         assert httpx.get(f"{base}/v1/models").status_code == 401
-        request = {"model": "tiny", "messages": [{"role": "user", "content": "Good night"}], "max_tokens": 5}
-        first, second = (httpx.post(f"{base}/v1/chat/completions", json={**request, **extra}, headers=auth,
-                                    timeout=60).json() for extra in ({}, {"store": True}))
+        request = {"model": "tiny", "messages": [{"role": "user", "content": "Good night"}],
+                   "max_tokens": 5}
+        first, second = (httpx.post(f"{base}/v1/chat/completions", json={**request, **extra},
+                                    headers=auth, timeout=60).json()
+                         for extra in ({}, {"store": True}))
         assert first["model"] == "tiny" and first["usage"]["completion_tokens"] <= 5
-        assert first["choices"] == second["choices"]  # sample.temperature=0 from the command line: greedy
-        judged = httpx.post(f"{base}/v1/feedback", json={"completion_id": second["id"], "rating": "up"}, headers=auth)
+        # sample.temperature=0 from the command line: greedy
+        assert first["choices"] == second["choices"]
+        judged = httpx.post(f"{base}/v1/feedback",
+                            json={"completion_id": second["id"], "rating": "up"}, headers=auth)
         assert judged.status_code == 200, judged.text
         child.terminate()  # SIGTERM: nothing in flight, so it drains at once and exits cleanly
         assert child.wait(30) == 0
@@ -260,11 +284,13 @@ def test_the_command_line_serves_a_trained_run(tiny_run, run_env):
     finally:
         child.kill()
         child.wait(30)
-    import sqlite3  # serve.feedback is on by default: the stored one is in RUN/feedback.db, the other not
+    # serve.feedback is on by default: the stored one is in RUN/feedback.db, the other not
+    import sqlite3
     with sqlite3.connect(run_dir / "feedback.db") as conn:
         assert conn.execute("SELECT id, reply FROM replies").fetchall() == [
             (second["id"], second["choices"][0]["message"]["content"])]
-        assert conn.execute("SELECT completion_id, kind FROM judgements").fetchall() == [(second["id"], "up")]
+        assert conn.execute("SELECT completion_id, kind FROM judgements").fetchall() == [
+            (second["id"], "up")]
 
 
 def test_the_chat_page_is_served_without_a_key(url):
@@ -286,40 +312,52 @@ def test_chat_logprobs_are_the_reply_tokens_scores(api, service, tiny):
     assert all(e["bytes"] == list(e["token"].encode()) for e in content)
     for e, top in zip(content, expected.top_logprobs, strict=False):
         assert [a["token"] for a in e["top_logprobs"]] == [tok.decode([i]) for i, _ in top]
-        assert [a["logprob"] for a in e["top_logprobs"]] == sorted((a["logprob"] for a in e["top_logprobs"]),
-                                                                   reverse=True)
-    plain = api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 6, "seed": 4}).json()
+        assert [a["logprob"] for a in e["top_logprobs"]] == sorted(
+            (a["logprob"] for a in e["top_logprobs"]), reverse=True)
+    plain = api.post("/v1/chat/completions",
+                     json={"messages": MESSAGES, "max_tokens": 6, "seed": 4}).json()
     assert plain["choices"][0]["logprobs"] is None
-    assert plain["choices"][0]["message"] == body["choices"][0]["message"]  # asking for scores changes no token
+    # asking for scores changes no token
+    assert plain["choices"][0]["message"] == body["choices"][0]["message"]
 
 
 def test_streamed_logprobs_add_up_to_the_plain_ones(api, service):
-    seed = next(s for s in range(100) if len(direct(service, MESSAGES, max_tokens=10, seed=s)[0].token_ids) > 3)
-    request = {"messages": MESSAGES, "max_tokens": 10, "seed": seed, "logprobs": True, "top_logprobs": 2}
-    plain = api.post("/v1/chat/completions", json=request).json()["choices"][0]["logprobs"]["content"]
+    seed = next(s for s in range(100)
+                if len(direct(service, MESSAGES, max_tokens=10, seed=s)[0].token_ids) > 3)
+    request = {"messages": MESSAGES, "max_tokens": 10, "seed": seed, "logprobs": True,
+               "top_logprobs": 2}
+    plain = api.post("/v1/chat/completions",
+                     json=request).json()["choices"][0]["logprobs"]["content"]
     with api.stream("POST", "/v1/chat/completions", json={**request, "stream": True}) as r:
         chunks = events(r)[:-1]
-    streamed = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
+    streamed = [e for c in chunks if c["choices"][0]["logprobs"]
+                for e in c["choices"][0]["logprobs"]["content"]]
     assert streamed == plain and plain
 
 
 def test_completion_logprobs_in_the_legacy_shape(api, tiny):
-    body = api.post("/v1/completions", json={"prompt": "once", "max_tokens": 5, "seed": 6, "logprobs": 2}).json()
+    body = api.post("/v1/completions", json={"prompt": "once", "max_tokens": 5, "seed": 6,
+                                             "logprobs": 2}).json()
     choice = body["choices"][0]
     scores = choice["logprobs"]
     specials = {tiny[2].decode([i]) for i in range(tiny[2].n_vocab) if tiny[2].is_special(i)}
     # special tokens have their names among the tokens, and no text
     assert "".join(t for t in scores["tokens"] if t not in specials) == choice["text"]
-    assert len(scores["tokens"]) == len(scores["token_logprobs"]) == len(scores["top_logprobs"]) == \
-        body["usage"]["completion_tokens"]
-    assert all(lp <= 0 for lp in scores["token_logprobs"]) and all(len(t) == 2 for t in scores["top_logprobs"])
-    assert scores["text_offset"] == [sum(map(len, scores["tokens"][:i])) for i in range(len(scores["tokens"]))]
+    assert (len(scores["tokens"]) == len(scores["token_logprobs"]) == len(scores["top_logprobs"])
+            == body["usage"]["completion_tokens"])
+    assert (all(lp <= 0 for lp in scores["token_logprobs"])
+            and all(len(t) == 2 for t in scores["top_logprobs"]))
+    assert scores["text_offset"] == [sum(map(len, scores["tokens"][:i]))
+                                     for i in range(len(scores["tokens"]))]
 
 
 @pytest.mark.parametrize("path,body,param", [
-    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),  # without logprobs
-    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": 3}, "logprobs"),  # chat takes a boolean
+    # without logprobs
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21},
+     "top_logprobs"),
+    # chat takes a boolean
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": 3}, "logprobs"),
     ("/v1/completions", {"prompt": "a", "logprobs": -1}, "logprobs"),
 ])
 def test_bad_logprob_requests(api, path, body, param):
@@ -340,16 +378,20 @@ def metric(text: str, name: str, **labels) -> float:
 
 def test_metrics_count_requests_tokens_and_first_token_times(api, url):
     before = httpx.get(f"{url}/metrics").text
-    body = api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 7, "seed": 8}).json()
-    assert api.post("/v1/chat/completions", json={"messages": MESSAGES, "top_p": 9}).status_code == 400
+    body = api.post("/v1/chat/completions",
+                    json={"messages": MESSAGES, "max_tokens": 7, "seed": 8}).json()
+    assert api.post("/v1/chat/completions",
+                    json={"messages": MESSAGES, "top_p": 9}).status_code == 400
     assert api.get("/v1/made-up").status_code == 404
     time.sleep(0.1)  # the token counts are added on the engine's thread as the reply finishes
     r = httpx.get(f"{url}/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     after = r.text
     chat_ok = dict(endpoint="/v1/chat/completions", status="200")
-    assert metric(after, "jaxgpt_requests_total", **chat_ok) == metric(before, "jaxgpt_requests_total", **chat_ok) + 1
-    assert metric(after, "jaxgpt_requests_total", endpoint="/v1/chat/completions", status="400") >= 1
+    assert (metric(after, "jaxgpt_requests_total", **chat_ok)
+            == metric(before, "jaxgpt_requests_total", **chat_ok) + 1)
+    assert metric(after, "jaxgpt_requests_total", endpoint="/v1/chat/completions",
+                  status="400") >= 1
     assert metric(after, "jaxgpt_requests_total", endpoint="other", status="404") >= 1
     for name, key in (("jaxgpt_prompt_tokens_total", "prompt_tokens"),
                       ("jaxgpt_completion_tokens_total", "completion_tokens")):
@@ -359,7 +401,8 @@ def test_metrics_count_requests_tokens_and_first_token_times(api, url):
     reason = body["choices"][0]["finish_reason"]
     assert metric(after, "jaxgpt_replies_total", finish_reason=reason) >= 1
     assert metric(after, "jaxgpt_slots") == 2 and metric(after, "jaxgpt_busy_slots") == 0
-    assert metric(after, "jaxgpt_queue_depth") == 0 and metric(after, "jaxgpt_requests_in_flight") == 0
+    assert (metric(after, "jaxgpt_queue_depth") == 0
+            and metric(after, "jaxgpt_requests_in_flight") == 0)
     assert "jaxgpt_screen_decisions_total" in after
 
 
@@ -374,8 +417,10 @@ def test_a_full_queue_answers_429_with_retry_after(service, tiny, monkeypatch):
             busy = httpx.post(f"{base}/v1/completions", json=request)
             assert busy.status_code == 429 and busy.headers["retry-after"] == "3"
             assert busy.json()["error"]["code"] == "server_busy"
-            assert [line for line in lines if line][-1] == "data: [DONE]"  # the first one is unaffected
-        assert httpx.post(f"{base}/v1/completions", json={"prompt": "a", "max_tokens": 3}).status_code == 200
+            # the first one is unaffected
+            assert [line for line in lines if line][-1] == "data: [DONE]"
+        assert httpx.post(f"{base}/v1/completions",
+                          json={"prompt": "a", "max_tokens": 3}).status_code == 200
 
 
 def test_clients_gone_before_reading_a_byte_give_their_places_back(service, tiny, monkeypatch):
@@ -386,20 +431,26 @@ def test_clients_gone_before_reading_a_byte_give_their_places_back(service, tiny
     app = make_app(service, tiny[2], ServeConfig(slots=1, max_queue=2), "tiny")
     with serving(app) as base:
         port = int(base.rsplit(":", 1)[1])
-        body = json.dumps({"prompt": "a", "max_tokens": 50, "temperature": 0, "stream": True}).encode()
+        body = json.dumps({"prompt": "a", "max_tokens": 50, "temperature": 0,
+                           "stream": True}).encode()
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", port)) as s:
-                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Type: application/json\r\n"
                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        answered = lambda: sum(metric(httpx.get(f"{base}/metrics").text, "jaxgpt_requests_total",  # noqa: E731
-                                      endpoint="/v1/completions", status="200") for _ in [0])
+        answered = lambda: sum(metric(httpx.get(f"{base}/metrics").text,  # noqa: E731
+                                      "jaxgpt_requests_total", endpoint="/v1/completions",
+                                      status="200") for _ in [0])
         deadline = time.monotonic() + 5
         while answered() < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        while (app.state.admission.count or service.load()["busy_slots"]) and time.monotonic() < deadline:
+        while ((app.state.admission.count or service.load()["busy_slots"])
+               and time.monotonic() < deadline):
             time.sleep(0.05)
-        assert answered() == 3 and app.state.admission.count == 0 and service.load()["busy_slots"] == 0
-        assert httpx.post(f"{base}/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+        assert (answered() == 3 and app.state.admission.count == 0
+                and service.load()["busy_slots"] == 0)
+        assert httpx.post(f"{base}/v1/completions",
+                          json={"prompt": "a", "max_tokens": 2}).status_code == 200
 
 
 def test_sigterm_drains_then_exits(service, tiny, monkeypatch):
@@ -412,7 +463,8 @@ def test_sigterm_drains_then_exits(service, tiny, monkeypatch):
     app = make_app(service, tiny[2], ServeConfig(slots=2, retry_after_s=2), "tiny")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = draining_server(app, uvicorn.Config(app, log_level="warning", lifespan="off"), drain_timeout_s=30)
+    server = draining_server(app, uvicorn.Config(app, log_level="warning", lifespan="off"),
+                             drain_timeout_s=30)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -451,37 +503,43 @@ def client(url):
 
 
 def test_openai_client_plain_streaming_and_n(client, service):
-    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, seed=11, temperature=0.9)
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, seed=11,
+                                           temperature=0.9)
     [expected] = direct(service, MESSAGES, max_tokens=10, seed=11, temperature=0.9)
-    assert reply.choices[0].message.content == expected.text and reply.choices[0].finish_reason in ("stop", "length")
+    assert (reply.choices[0].message.content == expected.text
+            and reply.choices[0].finish_reason in ("stop", "length"))
     assert reply.usage.completion_tokens == len(expected.token_ids)
-    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, seed=11,
-                                                 temperature=0.9, stream=True,
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10,
+                                                 seed=11, temperature=0.9, stream=True,
                                                  stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
     assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
-    two = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, seed=12, n=2)
-    assert [c.message.content for c in two.choices] == [r.text for r in direct(service, MESSAGES, max_tokens=6,
-                                                                               seed=12, n=2)]
+    two = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, seed=12,
+                                         n=2)
+    assert [c.message.content for c in two.choices] == [
+        r.text for r in direct(service, MESSAGES, max_tokens=6, seed=12, n=2)]
 
 
 def test_openai_client_stop_seed_and_logprobs(client, service):
-    tok_texts = [client.completions.create(model="tiny", prompt="the", max_tokens=12, seed=s, temperature=1.0)
-                 .choices[0].text for s in range(3)]
+    tok_texts = [client.completions.create(model="tiny", prompt="the", max_tokens=12, seed=s,
+                                           temperature=1.0).choices[0].text for s in range(3)]
     assert len(set(tok_texts)) > 1  # the seed matters...
-    again = [client.completions.create(model="tiny", prompt="the", max_tokens=12, seed=s, temperature=1.0)
-             .choices[0].text for s in range(3)]
+    again = [client.completions.create(model="tiny", prompt="the", max_tokens=12, seed=s,
+                                       temperature=1.0).choices[0].text for s in range(3)]
     assert again == tok_texts  # ...and the same seed gives the same reply
     text = next(t for t in tok_texts if len(t) > 4)
     stop = text[3]
     seed = tok_texts.index(text)
-    cut = client.completions.create(model="tiny", prompt="the", max_tokens=12, seed=seed, temperature=1.0, stop=[stop])
+    cut = client.completions.create(model="tiny", prompt="the", max_tokens=12, seed=seed,
+                                    temperature=1.0, stop=[stop])
     assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
-    scored = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, seed=13, logprobs=True,
-                                            top_logprobs=2)
+    scored = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, seed=13,
+                                            logprobs=True, top_logprobs=2)
     content = scored.choices[0].logprobs.content
-    assert len(content) == scored.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in content)
-    assert all(e.top_logprobs[0].logprob >= e.logprob for e in content)  # the first alternative is the likeliest
+    assert (len(content) == scored.usage.completion_tokens
+            and all(len(e.top_logprobs) == 2 for e in content))
+    # the first alternative is the likeliest
+    assert all(e.top_logprobs[0].logprob >= e.logprob for e in content)
 
 
 def test_openai_client_errors(client, url):
@@ -497,7 +555,8 @@ def test_openai_client_errors(client, url):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.APIStatusError) as e:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * 30_000}])
+        client.chat.completions.create(model="tiny",
+                                       messages=[{"role": "user", "content": "x" * 30_000}])
     assert e.value.status_code == 413
     assert [m.id for m in client.models.list()] == ["tiny"]
 
@@ -510,19 +569,24 @@ def test_32_concurrent_openai_clients_get_the_replies_they_get_alone(tiny):
             serving(make_app(service, tok, ServeConfig(slots=8, max_queue=32), "tiny")) as base:
         def ask(i: int) -> tuple[str, str, int]:
             c = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
-            request = dict(model="tiny", messages=[{"role": "user", "content": ["hi", "hello there", "good day"][i % 3]}],
+            content = ["hi", "hello there", "good day"][i % 3]
+            request = dict(model="tiny", messages=[{"role": "user", "content": content}],
                            max_tokens=8 + i % 9, seed=100 + i, temperature=1.0)
             if i % 2:  # half of them streamed
-                chunks = list(c.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+                chunks = list(c.chat.completions.create(**request, stream=True,
+                                                        stream_options={"include_usage": True}))
                 text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-                finish = next(ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason)
+                finish = next(ch.choices[0].finish_reason for ch in chunks
+                              if ch.choices and ch.choices[0].finish_reason)
                 return text, finish, chunks[-1].usage.completion_tokens
             r = c.chat.completions.create(**request)
-            return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+            return (r.choices[0].message.content, r.choices[0].finish_reason,
+                    r.usage.completion_tokens)
         alone = [ask(i) for i in range(32)]
         busy_before = service.load()
         results: list = [None] * 32
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(i))) for i in range(32)]
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(i)))
+                   for i in range(32)]
         for t in threads:
             t.start()
         for t in threads:
@@ -536,15 +600,16 @@ def test_32_concurrent_openai_clients_get_the_replies_they_get_alone(tiny):
 CLIENT = """
 import sys, openai
 c = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
-for chunk in c.completions.create(model="tiny", prompt="a", max_tokens=50, temperature=0, stream=True):
+for chunk in c.completions.create(model="tiny", prompt="a", max_tokens=50, temperature=0,
+                                  stream=True):
     print("chunk", flush=True)
 """
 
 
 def test_a_killed_streaming_client_frees_its_slot(url, service, monkeypatch, run_env):
     slow_engine(monkeypatch, service, 0.2)  # 10 s for the whole reply
-    child = subprocess.Popen([sys.executable, "-c", CLIENT, f"{url}/v1", KEY], stdout=subprocess.PIPE, text=True,
-                             env=run_env())
+    child = subprocess.Popen([sys.executable, "-c", CLIENT, f"{url}/v1", KEY],
+                             stdout=subprocess.PIPE, text=True, env=run_env())
     try:
         assert child.stdout.readline() == "chunk\n"
         assert service.load()["busy_slots"] == 1
@@ -566,22 +631,24 @@ def stored(service, tiny, tmp_path_factory):
     """(base URL, database path, Feedback) of a server that records (serve.feedback=true)."""
     from jaxgpt.serve.feedback import Feedback
     db = tmp_path_factory.mktemp("feedback") / "feedback.db"
-    with Feedback(db) as fb, serving(make_app(service, tiny[2], ServeConfig(slots=2, api_key=KEY), "tiny",
-                                              feedback=fb)) as url:
+    with Feedback(db) as fb, serving(make_app(service, tiny[2], ServeConfig(slots=2, api_key=KEY),
+                                              "tiny", feedback=fb)) as url:
         yield url, db, fb
 
 
 def stored_rows(db, *ids, timeout=10.0):
-    """The replies rows of these completion ids, once each has its reply (finish() is queued from the
-    engine's thread as the reply ends, so it may land just after the response)."""
+    """The replies rows of these completion ids, once each has its reply (finish() is queued from
+    the engine's thread as the reply ends, so it may land just after the response)."""
     import sqlite3
     deadline = time.monotonic() + timeout
     while True:
         with sqlite3.connect(db) as conn:
             conn.row_factory = sqlite3.Row
             rows = [dict(r) for r in conn.execute(
-                f"SELECT * FROM replies WHERE id IN ({','.join('?' * len(ids))}) ORDER BY rowid", ids)]
-        if (len(rows) >= len(ids) and all(r["reply"] is not None for r in rows)) or time.monotonic() > deadline:
+                f"SELECT * FROM replies WHERE id IN ({','.join('?' * len(ids))}) ORDER BY rowid",
+                ids)]
+        if ((len(rows) >= len(ids) and all(r["reply"] is not None for r in rows))
+                or time.monotonic() > deadline):
             return rows
         time.sleep(0.02)
 
@@ -589,23 +656,26 @@ def stored_rows(db, *ids, timeout=10.0):
 def test_a_stored_chat_completion_is_recorded_and_one_without_store_is_not(stored):
     url, db, fb = stored
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as api:
-        plain = api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 6, "seed": 5,
-                                                       "store": True}).json()
+        plain = api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 6,
+                                                       "seed": 5, "store": True}).json()
         with api.stream("POST", "/v1/chat/completions", json={
                 "messages": MESSAGES, "max_tokens": 6, "seed": 6, "stream": True, "store": True,
                 "metadata": {"source": "page", "replaces": plain["id"]}}) as r:
             chunks = events(r)[:-1]
         streamed_id = chunks[0]["id"]
         assert {c["id"] for c in chunks} == {streamed_id}  # every chunk carries the completion id
-        others = [api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3, **extra}).json()["id"]
+        others = [api.post("/v1/chat/completions",
+                           json={"messages": MESSAGES, "max_tokens": 3, **extra}).json()["id"]
                   for extra in ({}, {"store": False}, {"metadata": {"source": "page"}})]
         bad = api.post("/v1/chat/completions", json={"messages": MESSAGES, "store": "yes"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "store"
     first, second = stored_rows(db, plain["id"], streamed_id)
     assert first["source"] == "api" and first["model"] == "tiny" and first["replaces"] is None
-    assert json.loads(first["messages"]) == MESSAGES and first["reply"] == plain["choices"][0]["message"]["content"]
+    assert (json.loads(first["messages"]) == MESSAGES
+            and first["reply"] == plain["choices"][0]["message"]["content"])
     assert first["finish_reason"] == plain["choices"][0]["finish_reason"] and first["choice"] == 0
-    assert json.loads(first["sampling"])["seed"] == 5 and json.loads(first["sampling"])["max_tokens"] == 6
+    assert (json.loads(first["sampling"])["seed"] == 5
+            and json.loads(first["sampling"])["max_tokens"] == 6)
     assert first["screened"] is None and first["flagged"] == 0
     assert second["source"] == "page" and second["replaces"] == plain["id"]
     assert second["reply"] == "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
@@ -620,8 +690,9 @@ def test_feedback_on_a_stored_reply_and_its_errors(stored, url, tmp_path):
         # replies with different texts to one context: temperature 1, seeds apart, lengths apart
         ids, texts = [], []
         for seed, max_tokens in ((11, 4), (12, 7)):
-            body = api.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": max_tokens,
-                                                          "seed": seed, "temperature": 1.0, "store": True}).json()
+            body = api.post("/v1/chat/completions", json={"messages": MESSAGES,
+                                                          "max_tokens": max_tokens, "seed": seed,
+                                                          "temperature": 1.0, "store": True}).json()
             ids.append(body["id"])
             texts.append(body["choices"][0]["message"]["content"])
         assert texts[0] != texts[1]
@@ -631,22 +702,27 @@ def test_feedback_on_a_stored_reply_and_its_errors(stored, url, tmp_path):
             {"completion_id": ids[0], "edit": "well, hello"})]
         assert [r.status_code for r in judged] == [200, 200, 200], [r.text for r in judged]
         assert [r.json()["kind"] for r in judged] == ["up", "better", "edit"]
-        assert len({r.json()["id"] for r in judged}) == 3 and all(isinstance(r.json()["id"], int) for r in judged)
-        for body, status, param in (({"completion_id": "chatcmpl-nope", "rating": "up"}, 404, "completion_id"),
-                                    ({"completion_id": ids[0], "better_than": "chatcmpl-nope"}, 404, "better_than"),
-                                    ({"completion_id": ids[0], "rating": "sideways"}, 400, "rating"),
-                                    ({"completion_id": ids[0], "edit": ""}, 400, "edit"),
-                                    ({"completion_id": ids[0], "rating": "up", "edit": "x"}, 400, "edit"),
-                                    ({"rating": "up"}, 400, "completion_id")):
+        assert (len({r.json()["id"] for r in judged}) == 3
+                and all(isinstance(r.json()["id"], int) for r in judged))
+        for body, status, param in (
+                ({"completion_id": "chatcmpl-nope", "rating": "up"}, 404, "completion_id"),
+                ({"completion_id": ids[0], "better_than": "chatcmpl-nope"}, 404, "better_than"),
+                ({"completion_id": ids[0], "rating": "sideways"}, 400, "rating"),
+                ({"completion_id": ids[0], "edit": ""}, 400, "edit"),
+                ({"completion_id": ids[0], "rating": "up", "edit": "x"}, 400, "edit"),
+                ({"rating": "up"}, 400, "completion_id")):
             r = api.post("/v1/feedback", json=body)
             error = r.json()["error"]
             assert (r.status_code, error["param"]) == (status, param), r.text
-            assert error["message"].startswith(f"{param}: ") and error["type"] == "invalid_request_error"
+            assert (error["message"].startswith(f"{param}: ")
+                    and error["type"] == "invalid_request_error")
             assert error["code"] == ("not_found" if status == 404 else None)
         assert api.post("/v1/feedback", content=b"{").status_code == 400
-    assert httpx.post(f"{base}/v1/feedback", json={"completion_id": ids[0], "rating": "up"}).status_code == 401
+    assert httpx.post(f"{base}/v1/feedback",
+                      json={"completion_id": ids[0], "rating": "up"}).status_code == 401
+    # a server with serve.feedback=false
     off = httpx.post(f"{url}/v1/feedback", json={"completion_id": ids[0], "rating": "up"},
-                     headers={"Authorization": f"Bearer {KEY}"})  # a server with serve.feedback=false
+                     headers={"Authorization": f"Bearer {KEY}"})
     assert off.status_code == 404 and off.json()["error"]["code"] == "feedback_off"
 
     stored_rows(db, *ids)

@@ -1,5 +1,5 @@
-"""Tests for jaxgpt.feedback: the SQLite store (concurrent writers, a kill mid-write, bad files), its
-judgements and what export makes of them (golden SFT conversations and pairs)."""
+"""Tests for jaxgpt.feedback: the SQLite store (concurrent writers, a kill mid-write, bad files),
+its judgements and what export makes of them (golden SFT conversations and pairs)."""
 import dataclasses
 import json
 import signal
@@ -59,12 +59,14 @@ def test_16_threads_writing_at_once_lose_no_row_and_the_file_is_in_wal_mode(tmp_
         for thread in threads:
             thread.join()
     assert not errors
-    assert count(db) == count(db, "SELECT count(*) FROM replies WHERE reply IS NOT NULL") == 16 * per_thread
+    assert (count(db) == count(db, "SELECT count(*) FROM replies WHERE reply IS NOT NULL")
+            == 16 * per_thread)
     assert count(db, "SELECT count(*) FROM judgements") == 16 * per_thread == len(set(ids))
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert feedback_export.stats(db)["judgements"] == {"up": 320, "down": 320, "better": 0, "edit": 0}
+    assert feedback_export.stats(db)["judgements"] == {"up": 320, "down": 320, "better": 0,
+                                                       "edit": 0}
 
 
 def golden_database(db):
@@ -81,7 +83,8 @@ def golden_database(db):
         fb.start("r9", A, model="tiny", source="talk")         # never finished
         fb.judge("r1", rating="up")
         fb.judge("r2", rating="down")
-        fb.judge("r1", better_than="r2")                       # the same pair as up x down: written once
+        # the same pair as up x down: written once
+        fb.judge("r1", better_than="r2")
         fb.judge("r3", rating="up")
         fb.judge("r4", edit="4")
         fb.judge("r5", rating="up")
@@ -106,17 +109,21 @@ def test_export_gives_the_expected_conversations_and_pairs(tmp_path):
     counts = feedback_export.export(db, tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl")
     assert counts == {"sft": 2, "pairs": 4}
     assert [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()] == SFT
-    assert [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()] == PAIRS
+    assert [json.loads(line)
+            for line in (tmp_path / "pairs.jsonl").read_text().splitlines()] == PAIRS
     loaded = dialogs.load(f"jsonl:{tmp_path / 'sft.jsonl'}")  # what data.chat=jsonl:PATH reads
     assert loaded.conversations == [c["messages"] for c in SFT] and loaded.ids == ["r1", "r4"]
     stats = feedback_export.stats(db)
     assert stats["replies"] == 10 and stats["unfinished"] == 1
-    assert stats["by_source"] == {"api": 7, "page": 2, "talk": 1}  # r8: two rows and stats["export"] == counts
+    # r8: two rows and stats["export"] == counts
+    assert stats["by_source"] == {"api": 7, "page": 2, "talk": 1}
     assert stats["judgements"] == {"up": 5, "down": 3, "better": 2, "edit": 1}
     with sqlite3.connect(db) as conn:
-        row = conn.execute("SELECT source, replaces, finish_reason, screened FROM replies WHERE id='r2'").fetchone()
+        row = conn.execute("SELECT source, replaces, finish_reason, screened FROM replies "
+                           "WHERE id='r2'").fetchone()
         assert row == ("page", "r1", "stop", None)
-        assert conn.execute("SELECT screened FROM replies WHERE id='r6'").fetchone()[0] == "blocked: 'bye'"
+        assert (conn.execute("SELECT screened FROM replies WHERE id='r6'").fetchone()[0]
+                == "blocked: 'bye'")
 
 
 def test_the_sft_export_trains_as_data_chat(tmp_path):
@@ -128,10 +135,12 @@ def test_the_sft_export_trains_as_data_chat(tmp_path):
     golden_database(db)
     feedback_export.export(db, sft=tmp_path / "sft.jsonl")
     cfg = Config()
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, chat=f"jsonl:{tmp_path / 'sft.jsonl'}",
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                            chat=f"jsonl:{tmp_path / 'sft.jsonl'}",
                                                             batch_size=2, val_fraction=0.0),
                               model=dataclasses.replace(cfg.model, seq_len=64))
-    batches = data.open_batches(cfg, Tokenizer.from_spec("char", corpus="abcdefghijklmnopqrstuvwxyz 2+?!45"))
+    batches = data.open_batches(
+        cfg, Tokenizer.from_spec("char", corpus="abcdefghijklmnopqrstuvwxyz 2+?!45"))
     batch = batches.batch_at(0)
     assert batch["inputs"].shape == (2, 64) and batch["loss_mask"].sum() > 0
 
@@ -139,9 +148,9 @@ def test_the_sft_export_trains_as_data_chat(tmp_path):
 def test_the_command_line_exports_and_counts(tmp_path, run_env):
     db = tmp_path / "feedback.db"
     golden_database(db)
-    out = subprocess.run([sys.executable, "-m", "jaxgpt.feedback", "export", str(db), f"export.sft={tmp_path}/s.jsonl",
-                          f"export.pairs={tmp_path}/p.jsonl"], cwd=REPO, env=run_env(), capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "jaxgpt.feedback", "export", str(db),
+                          f"export.sft={tmp_path}/s.jsonl", f"export.pairs={tmp_path}/p.jsonl"],
+                         cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"sft": 2, "pairs": 4, "sft_file": f"{tmp_path}/s.jsonl",
                                       "pairs_file": f"{tmp_path}/p.jsonl"}
@@ -173,7 +182,8 @@ def test_judgements_are_checked_and_an_unknown_id_is_refused(tmp_path):
         cases = [(dict(completion_id="nope", rating="up"), "completion_id", 404),
                  (dict(completion_id="x", better_than="nope"), "better_than", 404),
                  (dict(completion_id="x", index=1, rating="up"), "completion_id", 404),
-                 (dict(completion_id="x", better_than="y"), "better_than", 400),   # another conversation
+                 # another conversation
+                 (dict(completion_id="x", better_than="y"), "better_than", 400),
                  (dict(completion_id="x", better_than="x"), "better_than", 400),
                  (dict(completion_id="x", rating="meh"), "rating", 400),
                  (dict(completion_id="x"), "rating", 400),
@@ -194,12 +204,14 @@ def test_judgements_are_checked_and_an_unknown_id_is_refused(tmp_path):
             fb.start("z", A, model="tiny", source="elsewhere")
         with pytest.raises(FeedbackError, match="messages: "):
             fb.start("z", [{"role": "bot", "content": "?"}], model="tiny", source="api")
-    assert count(tmp_path / "feedback.db", "SELECT count(*) FROM judgements") == 1  # nothing refused was written
+    # nothing refused was written
+    assert count(tmp_path / "feedback.db", "SELECT count(*) FROM judgements") == 1
 
 
 def test_an_older_schema_another_database_or_a_text_file_is_one_line_naming_the_file(tmp_path):
     old = tmp_path / "old.db"
-    with sqlite3.connect(old) as conn:  # as a version 0 would have been: our application id, user_version 0
+    # as a version 0 would have been: our application id, user_version 0
+    with sqlite3.connect(old) as conn:
         conn.execute(f"PRAGMA application_id={feedback.APPLICATION_ID}")
         conn.execute("CREATE TABLE conversations (id TEXT, body TEXT)")
     other = tmp_path / "other.db"
@@ -212,18 +224,21 @@ def test_an_older_schema_another_database_or_a_text_file_is_one_line_naming_the_
         for open_it in (Feedback, feedback_export.stats):
             with pytest.raises(FeedbackError) as e:
                 open_it(path)
-            assert str(e.value).startswith(f"{path}: ") and words in str(e.value) and "\n" not in str(e.value)
+            assert (str(e.value).startswith(f"{path}: ") and words in str(e.value)
+                    and "\n" not in str(e.value))
     assert text.read_text().startswith("SQLite format 2?")  # left as it was
 
 
 def test_a_writer_killed_mid_write_loses_nothing_it_committed(tmp_path, run_env):
     db = tmp_path / "feedback.db"
-    script = ("import sys\nfrom types import SimpleNamespace as R\nfrom jaxgpt.serve.feedback import Feedback\n"
+    script = ("import sys\nfrom types import SimpleNamespace as R\n"
+              "from jaxgpt.serve.feedback import Feedback\n"
               "fb, i = Feedback(sys.argv[1]), 0\n"
               "while True:\n"
               "    for _ in range(25):\n"
               "        fb.record(f'c{i}', [{'role': 'user', 'content': 'x' * 300}],\n"
-              "                  [R(index=0, text='y' * 3000, finish_reason='stop')], model='m', source='api')\n"
+              "                  [R(index=0, text='y' * 3000, finish_reason='stop')], "
+              "model='m', source='api')\n"
               "        i += 1\n"
               "    fb.flush()\n"
               "    print(i, flush=True)\n"

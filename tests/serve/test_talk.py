@@ -21,9 +21,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def spawn(run_dir, run_env, *settings):
-    child = pexpect.spawn(sys.executable, ["-m", "jaxgpt.talk", str(run_dir), "sample.temperature=0",
-                                           "sample.max_new_tokens=6", *settings],
-                          cwd=str(REPO), env=run_env(), encoding="utf-8", timeout=240, dimensions=(40, 200))
+    child = pexpect.spawn(sys.executable, ["-m", "jaxgpt.talk", str(run_dir),
+                                           "sample.temperature=0", "sample.max_new_tokens=6",
+                                           *settings],
+                          cwd=str(REPO), env=run_env(), encoding="utf-8", timeout=240,
+                          dimensions=(40, 200))
     child.expect("you> ")
     return child
 
@@ -70,28 +72,35 @@ def test_ctrl_c_at_the_prompt_ends_cleanly(tiny_run, run_env, tmp_path):
     time.sleep(0.2)
     child.kill(signal.SIGINT)
     status = Path(f"/proc/{child.pid}/status")
-    signals = [line for line in status.read_text().splitlines() if line.startswith("Sig")] if status.exists() else []
-    assert child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=60) == 0, f"no exit after SIGINT: {signals}"
+    signals = ([line for line in status.read_text().splitlines() if line.startswith("Sig")]
+               if status.exists() else [])
+    assert child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=60) == 0, (
+        f"no exit after SIGINT: {signals}")
     child.close()
     assert child.exitstatus == 0 and "Traceback" not in child.before
 
 
 def test_history_keeps_what_was_shown_and_reset_keeps_the_system_message():
     tok = Tokenizer.from_spec("char", corpus="abcdefghijklmnopqrstuvwxyz ")
-    cfg = ModelConfig(preset="gpt2", vocab_size=tok.n_vocab, n_layer=1, n_head=2, d_model=16, seq_len=48).resolved()
+    cfg = ModelConfig(preset="gpt2", vocab_size=tok.n_vocab, n_layer=1, n_head=2, d_model=16,
+                      seq_len=48).resolved()
     model = GPT(cfg)
     out = io.StringIO()
     with Service(Engine(model, model.init(jax.random.key(0)), tok, slots=1), tok) as service:
-        talk = Talk(service, SampleConfig(system="be brief", temperature=0.0, max_new_tokens=6), out)
+        talk = Talk(service, SampleConfig(system="be brief", temperature=0.0, max_new_tokens=6),
+                    out)
         talk.command("hello")
         talk.command("/temperature 0.5")
         talk.command("again")
         history = list(talk.messages)
         talk.command("/reset")
-    shown = [line.removeprefix("jaxgpt> ") for line in out.getvalue().splitlines() if line.startswith("jaxgpt> ")]
+    shown = [line.removeprefix("jaxgpt> ") for line in out.getvalue().splitlines()
+             if line.startswith("jaxgpt> ")]
     assert [m["role"] for m in history] == ["system", "user", "assistant", "user", "assistant"]
-    assert [history[2]["content"], history[4]["content"]] == shown and history[1]["content"] == "hello"
-    assert talk.params.temperature == 0.5 and talk.messages == [{"role": "system", "content": "be brief"}]
+    assert ([history[2]["content"], history[4]["content"]] == shown
+            and history[1]["content"] == "hello")
+    assert (talk.params.temperature == 0.5
+            and talk.messages == [{"role": "system", "content": "be brief"}])
 
 
 def test_replies_are_recorded_with_talk_feedback_db_and_up_down_judge_the_last(tmp_path):
@@ -100,15 +109,17 @@ def test_replies_are_recorded_with_talk_feedback_db_and_up_down_judge_the_last(t
     from jaxgpt.serve.feedback import Feedback
 
     tok = Tokenizer.from_spec("char", corpus="abcdefghijklmnopqrstuvwxyz ")
-    cfg = ModelConfig(preset="gpt2", vocab_size=tok.n_vocab, n_layer=1, n_head=2, d_model=16, seq_len=48).resolved()
+    cfg = ModelConfig(preset="gpt2", vocab_size=tok.n_vocab, n_layer=1, n_head=2, d_model=16,
+                      seq_len=48).resolved()
     model = GPT(cfg)
     out = io.StringIO()
     with Service(Engine(model, model.init(jax.random.key(0)), tok, slots=1), tok) as service:
-        Talk(service, SampleConfig(temperature=0.0, max_new_tokens=4), out).command("/up")  # not recording
+        # not recording
+        Talk(service, SampleConfig(temperature=0.0, max_new_tokens=4), out).command("/up")
         assert out.getvalue() == "[nothing to judge: start with talk.feedback_db=PATH]\n"
         with Feedback(tmp_path / "talk.db") as fb:
-            talk = Talk(service, SampleConfig(system="be brief", temperature=0.0, max_new_tokens=4), out,
-                        feedback=fb, model_id="tiny")
+            talk = Talk(service, SampleConfig(system="be brief", temperature=0.0,
+                                              max_new_tokens=4), out, feedback=fb, model_id="tiny")
             talk.command("/down")
             talk.command("hello")
             first = talk.last_id
@@ -116,10 +127,13 @@ def test_replies_are_recorded_with_talk_feedback_db_and_up_down_judge_the_last(t
             talk.command("again")
             talk.command("/up")
     assert out.getvalue().splitlines()[1] == "[no reply to judge yet]"
-    assert out.getvalue().count("[recorded: down]\n") == 1 and out.getvalue().count("[recorded: up]\n") == 1
+    assert (out.getvalue().count("[recorded: down]\n") == 1
+            and out.getvalue().count("[recorded: up]\n") == 1)
     with sqlite3.connect(tmp_path / "talk.db") as conn:
-        replies = conn.execute("SELECT id, source, model, messages, reply FROM replies ORDER BY rowid").fetchall()
+        replies = conn.execute("SELECT id, source, model, messages, reply FROM replies "
+                               "ORDER BY rowid").fetchall()
         judged = conn.execute("SELECT completion_id, kind FROM judgements ORDER BY id").fetchall()
     assert [r[:3] for r in replies] == [(first, "talk", "tiny"), (talk.last_id, "talk", "tiny")]
     assert [m["role"] for m in json.loads(replies[1][3])] == ["system", "user", "assistant", "user"]
-    assert replies[1][4] == talk.messages[-1]["content"] and judged == [(first, "down"), (talk.last_id, "up")]
+    assert (replies[1][4] == talk.messages[-1]["content"]
+            and judged == [(first, "down"), (talk.last_id, "up")])

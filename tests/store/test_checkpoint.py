@@ -37,8 +37,8 @@ def _config_dict(text_path: Path, out_dir: Path) -> dict:
     return {"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 16},
             "data": {"path": str(text_path), "batch_size": 4},
             "optim": {"warmup_steps": 2},
-            "train": {"steps": STEPS, "out_dir": str(out_dir), "log_every": 1, "eval_every": 0, "samples": 0,
-                      "progress": False},
+            "train": {"steps": STEPS, "out_dir": str(out_dir), "log_every": 1, "eval_every": 0,
+                      "samples": 0, "progress": False},
             "checkpoint": {"every": 2, "keep": 3}}
 
 
@@ -73,7 +73,8 @@ def _copy(env, name: str) -> Path:
 
 
 def _files(directory: Path) -> dict:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def _restore(cfg):
@@ -96,12 +97,14 @@ def test_signal_saves_and_the_rerun_continues_bitwise(env, monkeypatch, sig):
 
     def step_then_signal(self, state, batch):
         out = step(self, state, batch)
-        if int(out[0].step) == 5:  # arrives mid-run; the loop must finish step 5, save it and stop
+        # arrives mid-run; the loop must finish step 5, save it and stop
+        if int(out[0].step) == 5:
             os.kill(os.getpid(), sig)
         return out
 
     monkeypatch.setattr(trainer_lib.Trainer, "step", step_then_signal)
-    with pytest.raises(loop.Interrupted, match=f"stopped by {sig.name} after step 5; saved step 5") as e:
+    with pytest.raises(loop.Interrupted,
+                       match=f"stopped by {sig.name} after step 5; saved step 5") as e:
         loop.train(cfg, devices=jax.devices()[:1])
     assert e.value.signum == sig
     assert checkpoint.steps_in(run / "checkpoints") == [5, 4, 2]
@@ -114,12 +117,14 @@ def test_signal_saves_and_the_rerun_continues_bitwise(env, monkeypatch, sig):
 def _subprocess_env(root: Path) -> dict:
     # one executable for every run, compiled once: fast, and the same code before and after a kill
     return subprocess_env(JAX_COMPILATION_CACHE_DIR=str(root / "xla-cache"),
-                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                          JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 @pytest.fixture(scope="module")
 def cli_run(text_file, tmp_path_factory):
-    """How to run `python -m jaxgpt.train` (30 steps, a checkpoint every 2), and an unbroken run's losses."""
+    """How to run `python -m jaxgpt.train` (30 steps, a checkpoint every 2), and an unbroken run's
+    losses."""
     root = tmp_path_factory.mktemp("kill")
     config = root / "kill.json"
     d = _config_dict(text_file, root / "unused")
@@ -145,14 +150,17 @@ def test_kill9_at_a_random_moment_then_rerun_is_bitwise_identical(cli_run, trial
     wait_rows, extra_s = rng.randrange(0, len(reference) - 1), rng.uniform(0, 0.3)
     proc = cli_run["run"](out_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out_dir / "metrics.jsonl"
-    while proc.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") < wait_rows):
+    while proc.poll() is None and (not metrics.exists()
+                                   or metrics.read_text().count("\n") < wait_rows):
         time.sleep(0.005)
     time.sleep(extra_s)
     proc.kill()  # SIGKILL: no handler runs; a step or an async save may be half done
     proc.wait()
     killed_at = metrics.read_text().count("\n") if metrics.exists() else 0
-    left = sorted(p.name for p in (out_dir / "checkpoints").iterdir()) if (out_dir / "checkpoints").exists() else []
-    print(f"seed {seed}: killed after {killed_at} rows, {extra_s:.3f}s past row {wait_rows}; checkpoints: {left}")
+    ckpts = out_dir / "checkpoints"
+    left = sorted(p.name for p in ckpts.iterdir()) if ckpts.exists() else []
+    print(f"seed {seed}: killed after {killed_at} rows, {extra_s:.3f}s past row {wait_rows}; "
+          f"checkpoints: {left}")
     rerun = cli_run["run"](out_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert rerun.wait() == 0, f"seed {seed}: {rerun.stderr.read()[-2000:]}"
     assert _losses(out_dir) == reference, f"seed {seed}: killed after {killed_at} rows"
@@ -162,12 +170,14 @@ def test_kill9_at_a_random_moment_then_rerun_is_bitwise_identical(cli_run, trial
 # ---- damaged checkpoints, mismatched configs, full disks, non-finite states --------------------
 
 def _damage_truncate(step_dir: Path):
-    big = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    big = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+              key=lambda p: p.stat().st_size)
     big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
 
 
 def _damage_garbage(step_dir: Path):
-    big = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    big = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+              key=lambda p: p.stat().st_size)
     raw = bytearray(big.read_bytes())
     middle = len(raw) // 2
     raw[middle:middle + 64] = bytes(range(64))
@@ -184,11 +194,14 @@ def _damage_mixed_up(step_dir: Path):
     shutil.copytree(step_dir.parent / "4" / "state", step_dir / "state")
 
 
-# orbax reads a checkpoint's arrays with asyncio.gather: when the truncated one fails, the other reads'
-# failures are never retrieved and Python reports them at garbage collection (orbax's, not ours)
-@pytest.mark.filterwarnings("ignore:Exception ignored in. <coroutine object _read_array_index_and_device_put"
+# orbax reads a checkpoint's arrays with asyncio.gather: when the truncated one fails, the other
+# reads' failures are never retrieved and Python reports them at garbage collection
+# (orbax's, not ours)
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <coroutine object "
+                            "_read_array_index_and_device_put"
                             ":pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", [_damage_truncate, _damage_garbage, _damage_missing_meta, _damage_mixed_up])
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_garbage, _damage_missing_meta,
+                                    _damage_mixed_up])
 def test_damaged_checkpoint_is_skipped_with_a_warning_and_kept(env, capfd, damage):
     run = _copy(env, damage.__name__)
     damage(run / "checkpoints" / "6")
@@ -197,25 +210,29 @@ def test_damaged_checkpoint_is_skipped_with_a_warning_and_kept(env, capfd, damag
     trainer, ck, state = _restore(cfg)
     ck.close()
     assert int(state.step) == 4
-    reason = {_damage_truncate: "cannot read state", _damage_garbage: "(cannot read state|checksum mismatch in)",
-              _damage_missing_meta: "cannot read meta", _damage_mixed_up: "checksum mismatch in"}[damage]
-    assert re.search(f"skipping {re.escape(str(run / 'checkpoints' / '6'))}: incomplete or damaged \\({reason}",
-                     capfd.readouterr().err)
+    reason = {_damage_truncate: "cannot read state",
+              _damage_garbage: "(cannot read state|checksum mismatch in)",
+              _damage_missing_meta: "cannot read meta",
+              _damage_mixed_up: "checksum mismatch in"}[damage]
+    assert re.search(f"skipping {re.escape(str(run / 'checkpoints' / '6'))}: "
+                     f"incomplete or damaged \\({reason}", capfd.readouterr().err)
     (aside,) = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("6.damaged-")]
     assert _files(aside) == before  # nothing deleted or changed
-    loop.train(_cfg(env["text"], run), devices=jax.devices()[:1])  # redoes steps 5 and 6, saves 6 again
+    # redoes steps 5 and 6, saves 6 again
+    loop.train(_cfg(env["text"], run), devices=jax.devices()[:1])
     assert _losses(run) == env["losses"]
     assert checkpoint.steps_in(run / "checkpoints") == [6, 4, 2]
 
 
 def test_after_a_failed_read_only_the_abandoned_reads_leftovers_go_unreported(monkeypatch):
-    """What orbax and tensorstore leave behind a failed restore (closed suspended reads, callbacks into
-    a closed event loop) is not printed after the one-line error; anything else still reaches the hook
-    (the command line's own output: tests/test_runs.py's cut export)."""
+    """What orbax and tensorstore leave behind a failed restore (closed suspended reads, callbacks
+    into a closed event loop) is not printed after the one-line error; anything else still reaches
+    the hook (the command line's own output: tests/test_runs.py's cut export)."""
     import gc
     import types
     seen = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append((u.exc_type, str(u.exc_value))))
+    monkeypatch.setattr(sys, "unraisablehook",
+                        lambda u: seen.append((u.exc_type, str(u.exc_value))))
 
     class Suspend:
         def __await__(self):
@@ -234,11 +251,12 @@ def test_after_a_failed_read_only_the_abandoned_reads_leftovers_go_unreported(mo
         gc.collect()
 
     def report(error, obj=None):
-        sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
-                                                 err_msg=None, object=obj))
+        sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error,
+                                                 exc_traceback=None, err_msg=None, object=obj))
 
     abandon(_read_array_index_and_device_put)
-    assert seen == [(Exception, "Encountered error while reading array index")]  # before: reported
+    # before: reported
+    assert seen == [(Exception, "Encountered error while reading array index")]
     with pytest.raises(integrity.Damaged, match="^cannot read params: OSError: gone$"):
         integrity.guarded_read("params", lambda: (_ for _ in ()).throw(OSError("gone")))
     seen.clear()
@@ -254,7 +272,8 @@ def test_after_a_failed_read_only_the_abandoned_reads_leftovers_go_unreported(mo
         except BaseException as e:
             raise Exception("elsewhere") from e
     abandon(another_read)
-    assert seen == [(RuntimeError, "Event loop is closed"), (ValueError, "another"), (Exception, "elsewhere")]
+    assert seen == [(RuntimeError, "Event loop is closed"), (ValueError, "another"),
+                    (Exception, "elsewhere")]
 
 
 def test_model_shape_mismatch_fails_before_any_compute(env, monkeypatch):
@@ -265,10 +284,11 @@ def test_model_shape_mismatch_fails_before_any_compute(env, monkeypatch):
 
     monkeypatch.setattr(trainer_lib.Trainer, "init_state", no_compute)
     monkeypatch.setattr(trainer_lib.Trainer, "step", no_compute)
-    with pytest.raises(CheckpointError, match=r"checkpoints/6: model.d_model=32 in the checkpoint but "
-                                              r"model.d_model=48 in the config"):
+    with pytest.raises(CheckpointError, match=r"checkpoints/6: model.d_model=32 in the checkpoint "
+                                              r"but model.d_model=48 in the config"):
         loop.train(_cfg(env["text"], run, "model.d_model=48"), devices=jax.devices()[:1])
-    with pytest.raises(CheckpointError, match=r"model.n_layer=2 in the checkpoint but model.n_layer=3"):
+    with pytest.raises(CheckpointError,
+                       match=r"model.n_layer=2 in the checkpoint but model.n_layer=3"):
         loop.train(_cfg(env["text"], run, "model.n_layer=3"), devices=jax.devices()[:1])
 
 
@@ -276,10 +296,11 @@ def test_optimizer_mismatch_points_to_init_from(env):
     run = _copy(env, "optim")
     try:
         trainer_lib.Trainer(_cfg(env["text"], run, "optim.name=muon"), jax.devices()[:1])
-    except ValueError as e:  # Trainer._state_sharding and optax's muon state: not this module's to fix
+    # Trainer._state_sharding and optax's muon state: not this module's to fix
+    except ValueError as e:
         pytest.skip(f"the Trainer cannot build optim.name=muon yet: {str(e).splitlines()[0]}")
-    with pytest.raises(CheckpointError, match=r"optim.name=adamw in the checkpoint, muon in the config.*"
-                                              r"train.init_from="):
+    with pytest.raises(CheckpointError, match=r"optim.name=adamw in the checkpoint, muon in the "
+                                              r"config.*train.init_from="):
         _restore(_cfg(env["text"], run, "optim.name=muon"))
 
 
@@ -300,12 +321,14 @@ def test_disk_full_during_a_save_is_a_clear_error_and_loses_nothing(env, monkeyp
         return write_text(self, *args, **kwargs)
 
     monkeypatch.setattr(epath_cls, "write_text", full_disk)
-    with pytest.raises(CheckpointError, match=r"checkpoints/8: saving failed \(OSError: \[Errno 28\] No space left "
-                                              r"on device.*intact \(newest: 6\)"):
+    with pytest.raises(CheckpointError, match=r"checkpoints/8: saving failed \(OSError: "
+                                              r"\[Errno 28\] No space left on device.*intact "
+                                              r"\(newest: 6\)"):
         ck.save(8, state, wait=True)
     monkeypatch.undo()
     ck.close()
-    assert leaves_equal(jax.device_get(checkpoint.state_tree(state)), host_state)  # the state is untouched
+    # the state is untouched
+    assert leaves_equal(jax.device_get(checkpoint.state_tree(state)), host_state)
     assert checkpoint.steps_in(run / "checkpoints") == [6, 4, 2]
     assert {s: _files(run / "checkpoints" / str(s)) for s in (2, 4, 6)} == old
     _, ck, restored = _restore(_cfg(env["text"], run, "train.steps=8"))
@@ -317,7 +340,8 @@ def test_non_finite_state_is_never_saved(env, capfd):
     run = _copy(env, "nonfinite")
     trainer, ck, state = _restore(_cfg(env["text"], run, "train.steps=9"))
     skipped = state.replace(nonfinite_run=jnp.ones((), jnp.int32))
-    nan_params = state.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), state.params))
+    nan_params = state.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan),
+                                                   state.params))
     assert not ck.save(7, skipped, wait=True)
     assert not ck.save(8, nan_params, wait=True)
     assert ck.save(9, state, wait=True)
@@ -345,12 +369,14 @@ def test_keeps_the_last_k_and_optionally_the_best(env, keep_best):
     run = env["root"] / f"keep-{keep_best}"
     shutil.copytree(env["base"], run)
     shutil.rmtree(run / "checkpoints")
-    cfg = _cfg(env["text"], run, "checkpoint.every=0", "checkpoint.keep=2", f"checkpoint.keep_best={keep_best}")
+    cfg = _cfg(env["text"], run, "checkpoint.every=0", "checkpoint.keep=2",
+               f"checkpoint.keep_best={keep_best}")
     trainer = trainer_lib.Trainer(cfg, jax.devices()[:1])
     ck = checkpoint.Checkpointer(cfg)
     state = trainer.init_state()
     for step, val in zip(range(1, 6), [3.0, 1.0, 2.0, None, None], strict=False):
-        assert ck.maybe_save(step, state, {} if val is None else {"val_loss": val}) == (keep_best and val is not None)
+        metrics = {} if val is None else {"val_loss": val}
+        assert ck.maybe_save(step, state, metrics) == (keep_best and val is not None)
         ck.save(step, state)
     ck.close()
     assert checkpoint.steps_in(run / "checkpoints") == ([5, 4, 2] if keep_best else [5, 4])
@@ -358,8 +384,8 @@ def test_keeps_the_last_k_and_optionally_the_best(env, keep_best):
 
 def test_resume_none_refuses_to_overwrite_unless_told(env):
     run = _copy(env, "none")
-    with pytest.raises(CheckpointError, match=r"holds checkpoints \(newest step 6\) and train.resume=none.*"
-                                              r"train.overwrite=true"):
+    with pytest.raises(CheckpointError, match=r"holds checkpoints \(newest step 6\) and "
+                                              r"train.resume=none.*train.overwrite=true"):
         checkpoint.Checkpointer(_cfg(env["text"], run, "train.resume=none"))
     assert checkpoint.steps_in(run / "checkpoints") == [6, 4, 2]
     _, ck, state = _restore(_cfg(env["text"], run, "train.resume=none", "train.overwrite=true"))
@@ -369,15 +395,18 @@ def test_resume_none_refuses_to_overwrite_unless_told(env):
 
 def test_resume_from_a_path(env):
     run = env["root"] / "from-path"
-    _, ck, state = _restore(_cfg(env["text"], run, f"train.resume={env['base'] / 'checkpoints' / '4'}"))
+    _, ck, state = _restore(_cfg(env["text"], run,
+                                 f"train.resume={env['base'] / 'checkpoints' / '4'}"))
     assert int(state.step) == 4
     ck.save(5, state, wait=True)
     ck.close()
     assert checkpoint.steps_in(run / "checkpoints") == [5]
-    own = _copy(env, "rollback")  # rolling back within a run replaces the later checkpoints only when told
+    # rolling back within a run replaces the later checkpoints only when told
+    own = _copy(env, "rollback")
     with pytest.raises(CheckpointError, match=r"later checkpoints \[6\]: set train.overwrite=true"):
         _restore(_cfg(env["text"], own, f"train.resume={own / 'checkpoints' / '4'}"))
-    _, ck, state = _restore(_cfg(env["text"], own, f"train.resume={own}/checkpoints/4", "train.overwrite=true"))
+    _, ck, state = _restore(_cfg(env["text"], own, f"train.resume={own}/checkpoints/4",
+                                 "train.overwrite=true"))
     ck.close()
     assert int(state.step) == 4 and checkpoint.steps_in(own / "checkpoints") == [4, 2]
 
@@ -393,12 +422,13 @@ from jaxgpt.train import loop
 from jaxgpt.train import trainer as trainer_lib
 cfg_dict, run = json.loads(sys.argv[1]), sys.argv[2]
 def cfg(*overrides):
-    return config_lib.validate(config_lib.apply_overrides(config_lib.from_dict(cfg_dict), list(overrides)))
+    return config_lib.validate(config_lib.apply_overrides(config_lib.from_dict(cfg_dict),
+                                                          list(overrides)))
 base = ["train.steps=2", "checkpoint.every=2", "data.batch_size=8", "train.out_dir=" + run]
 loop.train(cfg(*base, "mesh.data=2", "mesh.fsdp=4"))
 saved = None
-for devices, mesh in [(8, ("mesh.data=1", "mesh.fsdp=8")), (4, ("mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2")),
-                      (1, ("mesh.data=1",))]:
+for devices, mesh in [(8, ("mesh.data=1", "mesh.fsdp=8")),
+                      (4, ("mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2")), (1, ("mesh.data=1",))]:
     c = cfg(*base, *mesh)
     trainer = trainer_lib.Trainer(c, jax.devices()[:devices])
     ck = checkpoint.Checkpointer(c)
@@ -410,7 +440,8 @@ for devices, mesh in [(8, ("mesh.data=1", "mesh.fsdp=8")), (4, ("mesh.data=1", "
     host = jax.device_get(checkpoint.state_tree(state))
     saved = saved or host
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(saved)))
-    if c.mesh.tensor == 2:  # and training goes on on a new mesh (one compile of ~20 s here, not three)
+    # and training goes on on a new mesh (one compile of ~20 s here, not three)
+    if c.mesh.tensor == 2:
         trainer.step(state, trainer.batch(2))
     print("restored on", dict(trainer.mesh.shape), "params sharded like",
           state.params["block_0"]["mlp"]["w_up"]["w"].sharding.spec)
@@ -422,9 +453,11 @@ def test_checkpoint_from_8_devices_restores_on_other_meshes(env):
     run = env["root"] / "mesh8"
     proc_env = _subprocess_env(env["root"])
     proc_env["XLA_FLAGS"] = xla_flags("--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, json.dumps(_config_dict(env["text"], run)), str(run)],
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT,
+                           json.dumps(_config_dict(env["text"], run)), str(run)],
                           env=proc_env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("restored on") == 3, proc.stdout
     meta = checkpoint.read_meta(run / "checkpoints" / "2")
-    assert {k: meta["config"]["mesh"][k] for k in ("data", "fsdp", "tensor")} == {"data": 2, "fsdp": 4, "tensor": 1} and meta["data"]["next_step"] == 2
+    mesh = {k: meta["config"]["mesh"][k] for k in ("data", "fsdp", "tensor")}
+    assert mesh == {"data": 2, "fsdp": 4, "tensor": 1} and meta["data"]["next_step"] == 2

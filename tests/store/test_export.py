@@ -18,18 +18,22 @@ def test_export_cli_writes_what_the_run_holds(tiny_run, tmp_path, capsys):
     export_command.main([str(run), str(out)])
     assert json.loads(capsys.readouterr().out) == {"export": str(out), "step": rows[-1]["step"]}
     exported, final = runs.load(out), runs.load(run / "export")
-    assert leaves_equal(exported.params, final.params) and exported.tokenizer.fingerprint == final.tokenizer.fingerprint
+    assert (leaves_equal(exported.params, final.params)
+            and exported.tokenizer.fingerprint == final.tokenizer.fingerprint)
     assert exported.cfg.to_dict() == json.loads((run / "config.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == ["checksums.json", "config.json", "params", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checksums.json", "config.json", "params",
+                                                     "tokenizer.json"]
 
 
 def test_state_around_params_has_a_fresh_optimizer(tiny_run, make_config, tmp_path):
     run, _ = tiny_run
-    trainer = trainer_lib.Trainer(make_config(tmp_path / "ft", optim={"lr": 1e-4}), jax.devices()[:1])
+    trainer = trainer_lib.Trainer(make_config(tmp_path / "ft", optim={"lr": 1e-4}),
+                                  jax.devices()[:1])
     params, _, _ = runs.params(run, trainer.cfg, trainer.params_sharding)
     state = trainer.state_around(params)
     assert int(state.step) == 0 and leaves_equal(state.params, runs.load(run).params)
-    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state.opt_state))  # zero moments and counts
+    # zero moments and counts
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state.opt_state))
 
 
 def test_training_with_init_from_starts_from_those_params(tiny_run, make_config, tmp_path):
@@ -42,4 +46,5 @@ def test_training_with_init_from_starts_from_those_params(tiny_run, make_config,
     _, metrics = trainer.step(trainer.state_around(params), trainer.batch(0))
     assert logged["step"] == 1 and logged["loss"] == float(metrics["loss"])
     fresh = trainer.step(trainer.init_state(), trainer.batch(0))[1]
-    assert float(metrics["loss"]) < float(fresh["loss"]) - 0.5  # the trained params, not a fresh init
+    # the trained params, not a fresh init
+    assert float(metrics["loss"]) < float(fresh["loss"]) - 0.5

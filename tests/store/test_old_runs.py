@@ -39,13 +39,15 @@ def test_the_old_export_gives_the_logits_it_gave_then(old_run):
     want = expected()
     assert loaded.tokenizer.encode(want["text"]) == want["ids"]
     logits = GPT(loaded.cfg.model).apply(loaded.params, jnp.asarray([want["ids"]], jnp.int32))
-    np.testing.assert_allclose(np.asarray(logits[0, -1], np.float64), want["logits_last"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(logits[0, -1], np.float64), want["logits_last"], rtol=0,
+                               atol=1e-6)
 
 
 def test_the_old_checkpoint_holds_the_exported_params(old_run):
     from_checkpoint, from_export = runs.load("run"), runs.load("run/export")
     assert from_checkpoint.step == 4 and from_export.step is None
-    for a, b in zip(jax.tree.leaves(from_checkpoint.params), jax.tree.leaves(from_export.params), strict=False):
+    for a, b in zip(jax.tree.leaves(from_checkpoint.params), jax.tree.leaves(from_export.params),
+                    strict=False):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -53,8 +55,8 @@ def test_evaluating_the_old_run_reproduces_its_logged_val_loss(old_run):
     """To the last digit, so with XLA's default flags, as the run had (the tests' faster compile
     changes the last bits)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    out = subprocess.run([sys.executable, "-m", "jaxgpt.evaluate", "run", "eval.max_tokens=256"], env=env,
-                         capture_output=True, text=True, timeout=300, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "jaxgpt.evaluate", "run", "eval.max_tokens=256"],
+                         env=env, capture_output=True, text=True, timeout=300, check=True).stdout
     assert json.loads(out.splitlines()[-1])["loss"] == expected()["metrics_last"]["val_loss"]
 
 
@@ -62,7 +64,9 @@ def test_the_old_run_resumes_from_its_checkpoint(old_run):
     cfg = config_lib.validate(config_lib.apply_overrides(
         config_lib.load_file("run/config.json"), ["train.steps=6", "train.log_every=1"]))
     last = loop.train(cfg)
-    rows = [json.loads(line) for line in (old_run / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line)
+            for line in (old_run / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 5, 6]  # resumed after step 4, the old rows kept
-    assert rows[:2] == [json.loads(line) for line in (FIXTURE / "run" / "metrics.jsonl").read_text().splitlines()]
+    old_rows = (FIXTURE / "run" / "metrics.jsonl").read_text().splitlines()
+    assert rows[:2] == [json.loads(line) for line in old_rows]
     assert last["step"] == 6 and np.isfinite(last["loss"])

@@ -20,11 +20,15 @@ def test_run_step_and_export_give_the_same_model(tiny_run):
     from_run = runs.load(run)
     from_step = runs.load(run / "checkpoints" / str(final))
     from_export = runs.load(run / "export")
-    assert from_run.where == str((run / "checkpoints" / str(final)).absolute()) and from_run.step == final
-    assert from_step.step == final and from_export.step is None and from_export.where == str((run / "export").absolute())
-    assert leaves_equal(from_run.params, from_export.params) and leaves_equal(from_step.params, from_export.params)
+    assert (from_run.where == str((run / "checkpoints" / str(final)).absolute())
+            and from_run.step == final)
+    assert (from_step.step == final and from_export.step is None
+            and from_export.where == str((run / "export").absolute()))
+    assert (leaves_equal(from_run.params, from_export.params)
+            and leaves_equal(from_step.params, from_export.params))
     saved = json.loads((run / "config.json").read_text())
-    assert from_run.cfg.to_dict() == saved == from_export.cfg.to_dict() == runs.saved_config(run).to_dict()
+    assert (from_run.cfg.to_dict() == saved == from_export.cfg.to_dict()
+            == runs.saved_config(run).to_dict())
     fingerprints = {x.tokenizer.fingerprint for x in (from_run, from_step, from_export)}
     assert fingerprints == {runs.tokenizer(run).fingerprint}
 
@@ -33,7 +37,8 @@ def test_a_run_without_export_loads_its_newest_checkpoint(tiny_run, tmp_path):
     run, _ = tiny_run
     copy = tmp_path / "no-export"
     shutil.copytree(run, copy)
-    shutil.rmtree(copy / "export")  # e.g. killed before the end: the newest checkpoint serves instead
+    # e.g. killed before the end: the newest checkpoint serves instead
+    shutil.rmtree(copy / "export")
     loaded = runs.load(copy, ["sample.temperature=0", "eval.stride=8"])
     assert leaves_equal(loaded.params, runs.load(run / "export").params)
     assert loaded.cfg.sample.temperature == 0 and loaded.cfg.eval.stride == 8
@@ -48,13 +53,16 @@ def test_an_export_alone_loads_without_its_run(tiny_run, tmp_path):
 
 def test_the_model_shape_cannot_be_overridden(tiny_run):
     run, _ = tiny_run
-    with pytest.raises(CheckpointError, match=r"model.n_layer=2 in the checkpoint but model.n_layer=3 in the config"):
+    with pytest.raises(CheckpointError, match=r"model.n_layer=2 in the checkpoint but "
+                                              r"model.n_layer=3 in the config"):
         runs.load(run, ["model.n_layer=3"])
-    assert runs.load(run, ["model.dtype=bfloat16"]).cfg.model.dtype == "bfloat16"  # compute settings may change
+    # compute settings may change
+    assert runs.load(run, ["model.dtype=bfloat16"]).cfg.model.dtype == "bfloat16"
 
 
 def test_nothing_to_load_is_one_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match=r"^.*nothing: not a run directory \(with checkpoints/ or export/\), "
+    with pytest.raises(CheckpointError, match=r"^.*nothing: not a run directory "
+                                              r"\(with checkpoints/ or export/\), "
                                               r"a checkpoint step or an export$"):
         runs.load(tmp_path / "nothing")
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
@@ -71,11 +79,13 @@ def test_params_on_a_mesh(tiny_run):
 def test_train_config_takes_the_model_of_init_from(tiny_run, tmp_path):
     run, _ = tiny_run
     config_file = tmp_path / "ft.json"
-    config_file.write_text(json.dumps({"model": {"n_layer": 7, "d_model": 32}, "data": {"path": "x.txt"}}))
-    cfg = loop.train_config(config_file, [f"train.init_from={run}", "model.dropout=0.1", "optim.lr=1e-4"])
+    config_file.write_text(json.dumps({"model": {"n_layer": 7, "d_model": 32},
+                                       "data": {"path": "x.txt"}}))
+    cfg = loop.train_config(config_file, [f"train.init_from={run}", "model.dropout=0.1",
+                                          "optim.lr=1e-4"])
     source = runs.saved_config(run).model
-    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.vocab_size) == (source.n_layer, source.d_model,
-                                                                            source.vocab_size)
+    assert ((cfg.model.n_layer, cfg.model.d_model, cfg.model.vocab_size)
+            == (source.n_layer, source.d_model, source.vocab_size))
     assert cfg.model.dropout == 0.1 and cfg.optim.lr == 1e-4 and cfg.data.path == "x.txt"
 
 
@@ -83,33 +93,40 @@ def _largest_file(directory):
     return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-def test_a_damaged_export_is_refused_and_one_without_checksums_still_loads(tiny_run, tmp_path, capsys):
+def test_a_damaged_export_is_refused_and_one_without_checksums_still_loads(
+        tiny_run, tmp_path, capsys):
     run, _ = tiny_run
     good = runs.load(run / "export").params
     sums = json.loads((run / "export" / "checksums.json").read_text())
-    assert sorted(sums) == sorted("/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(good))
+    assert sorted(sums) == sorted("/".join(str(k.key) for k in p)
+                                  for p, _ in jax.tree_util.tree_leaves_with_path(good))
     # bytes changed inside a params data file (its size unchanged): the checksums catch it
     flipped = tmp_path / "flipped"
     shutil.copytree(run / "export", flipped)
     data = _largest_file(flipped / "params")
     raw = bytearray(data.read_bytes())
-    raw[len(raw) // 2: len(raw) // 2 + 4] = bytes(255 - b for b in raw[len(raw) // 2: len(raw) // 2 + 4])
+    middle = slice(len(raw) // 2, len(raw) // 2 + 4)
+    raw[middle] = bytes(255 - b for b in raw[middle])
     data.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match=r"flipped: no checkpoint or export that reads back intact$"):
+    with pytest.raises(CheckpointError,
+                       match=r"flipped: no checkpoint or export that reads back intact$"):
         runs.load(flipped)
     err = capsys.readouterr().err
-    assert f"skipping {flipped.absolute()}: incomplete or damaged (checksum mismatch in " in err, err
-    # a params file cut short: orbax cannot read it, the same refusal, from the command line (in a process of
-    # its own: what orbax leaves of the failed reads, Python reports at exit; integrity.guarded_read quiets it)
+    assert (f"skipping {flipped.absolute()}: incomplete or damaged (checksum mismatch in "
+            in err), err
+    # a params file cut short: orbax cannot read it, the same refusal, from the command line (in a
+    # process of its own: what orbax leaves of the failed reads, Python reports at exit;
+    # integrity.guarded_read quiets it)
     cut = tmp_path / "cut"
     shutil.copytree(run / "export", cut)
     data = _largest_file(cut / "params")
     data.write_bytes(data.read_bytes()[:100])
-    out = subprocess.run([sys.executable, "-m", "jaxgpt.evaluate", str(cut)], capture_output=True, text=True,
-                         env=subprocess_env(), timeout=300)
+    out = subprocess.run([sys.executable, "-m", "jaxgpt.evaluate", str(cut)], capture_output=True,
+                         text=True, env=subprocess_env(), timeout=300)
     assert out.returncode != 0 and out.stdout == ""
     warning, error = out.stderr.splitlines()  # and nothing of orbax's abandoned reads after them
-    assert warning.startswith(f"checkpoint: skipping {cut.absolute()}: incomplete or damaged (cannot read params: ")
+    assert warning.startswith(f"checkpoint: skipping {cut.absolute()}: incomplete or damaged "
+                              "(cannot read params: ")
     assert error == f"error: {cut}: no checkpoint or export that reads back intact", out.stderr
     # an export written before exports carried checksums loads, unchecked
     older = tmp_path / "older"
@@ -140,7 +157,8 @@ def test_an_export_whose_params_differ_from_its_config_names_the_param(tiny_run,
     config["model"]["qk_norm"] = not had_qk_norm  # a change of params the shape fields do not cover
     (export_dir / "config.json").write_text(json.dumps(config))
     stored, wanted = ("(16,)", "None") if had_qk_norm else ("None", "(16,)")
-    with pytest.raises(CheckpointError, match=rf"^{export_dir.absolute()}: param block_0/attn/k_norm/scale is "
-                                              rf"{re.escape(stored)} in the checkpoint but {re.escape(wanted)} in "
+    with pytest.raises(CheckpointError, match=rf"^{export_dir.absolute()}: param "
+                                              rf"block_0/attn/k_norm/scale is {re.escape(stored)} "
+                                              rf"in the checkpoint but {re.escape(wanted)} in "
                                               rf"the model config$"):
         runs.load(export_dir)

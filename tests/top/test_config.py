@@ -1,4 +1,5 @@
-"""Tests for jaxgpt.config: override parsing, helpful errors, presets, validation, files, round trips, CLI."""
+"""Tests for jaxgpt.config: override parsing, helpful errors, presets, validation, files, round
+trips, CLI."""
 import dataclasses
 import json
 import subprocess
@@ -112,12 +113,14 @@ def test_presets_resolve_their_defaults():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match=r"^model.preset=mistral: expected one of gpt2, llama$"):
         override("model.preset=mistral")
-    with pytest.raises(ConfigError, match=r"^model.preset='mistral': expected one of 'gpt2', 'llama'$"):
+    with pytest.raises(ConfigError,
+                       match=r"^model.preset='mistral': expected one of 'gpt2', 'llama'$"):
         validate(Config(model=ModelConfig(preset="mistral")))  # set in Python: caught by validate
 
 
 @pytest.mark.parametrize("section, values, message", [
-    ("model", {"norm": "batchnorm"}, "model.norm='batchnorm': expected one of 'layernorm', 'rmsnorm', None"),
+    ("model", {"norm": "batchnorm"},
+     "model.norm='batchnorm': expected one of 'layernorm', 'rmsnorm', None"),
     ("optim", {"name": "sgd"}, "optim.name='sgd': expected one of 'adamw', 'muon'"),
     ("model", {"n_layer": 2.5}, "model.n_layer=2.5: expected int"),
     ("model", {"bias": 1}, "model.bias=1: expected bool"),
@@ -125,7 +128,8 @@ def test_unknown_preset():
 ])
 def test_validate_checks_values_set_in_python(section, values, message):
     cfg = Config()
-    cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+    changed = dataclasses.replace(getattr(cfg, section), **values)
+    cfg = dataclasses.replace(cfg, **{section: changed})
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert str(e.value) == message
@@ -135,18 +139,24 @@ def test_configs_are_frozen():
     cfg = validate(Config())
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model.vocab_size = 3
-    assert validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layer=2))).model.n_layer == 2
+    changed = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layer=2))
+    assert validate(changed).model.n_layer == 2
 
 
 @pytest.mark.parametrize("items, message", [
-    (["model.d_model=100", "model.n_head=3"], "model.d_model=100 must be divisible by model.n_head=3"),
-    (["model.n_head=6", "model.n_kv_head=4", "model.d_model=96"], "model.n_head=6 must be divisible by model.n_kv_head=4"),
-    (["model.preset=llama", "model.d_model=36", "model.n_head=4"], "model: rope needs an even head dimension"),
+    (["model.d_model=100", "model.n_head=3"],
+     "model.d_model=100 must be divisible by model.n_head=3"),
+    (["model.n_head=6", "model.n_kv_head=4", "model.d_model=96"],
+     "model.n_head=6 must be divisible by model.n_kv_head=4"),
+    (["model.preset=llama", "model.d_model=36", "model.n_head=4"],
+     "model: rope needs an even head dimension"),
     (["model.rope_scaling=linear", "model.rope_factor=0"], "model.rope_factor=0 must be positive"),
     (["model.rope_scaling=llama3", "model.rope_low_freq_factor=4"],
      "model.rope_low_freq_factor=4 must be positive and below model.rope_high_freq_factor=4"),
-    (["model.rope_scaling=llama3", "model.rope_original_context=0"], "model.rope_original_context=0 must be positive"),
-    (["data.batch_size=12", "optim.grad_accum=5"], "data.batch_size=12 must be divisible by optim.grad_accum=5"),
+    (["model.rope_scaling=llama3", "model.rope_original_context=0"],
+     "model.rope_original_context=0 must be positive"),
+    (["data.batch_size=12", "optim.grad_accum=5"],
+     "data.batch_size=12 must be divisible by optim.grad_accum=5"),
     (["train.steps=0"], "train.steps must be positive"),
     (["train.time_limit_s=-5"], "train.time_limit_s=-5 must be >= 0 (0: no limit)"),
 ])
@@ -166,12 +176,16 @@ def test_validate_returns_a_resolved_copy():
 def test_shakespeare_config_file():
     cfg = load_file(SHAKESPEARE)
     m = cfg.model
-    assert (m.preset, m.n_layer, m.n_head, m.d_model, m.seq_len, m.bias) == ("gpt2", 4, 4, 128, 64, None)
+    assert ((m.preset, m.n_layer, m.n_head, m.d_model, m.seq_len, m.bias)
+            == ("gpt2", 4, 4, 128, 64, None))
     assert (m.init_std, m.residual_init_std) == (0.02, 0.02)
-    assert (cfg.data.path, cfg.data.tokenizer, cfg.data.batch_size) == ("data/tinyshakespeare.txt", "char", 12)
-    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.steps) == (1e-3, 1e-4, 100, 2000)
+    assert ((cfg.data.path, cfg.data.tokenizer, cfg.data.batch_size)
+            == ("data/tinyshakespeare.txt", "char", 12))
+    assert ((cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.steps)
+            == (1e-3, 1e-4, 100, 2000))
     resolved = validate(cfg)
-    assert (resolved.model.d_ff, resolved.model.bias, resolved.model.tie_embeddings) == (512, True, True)
+    assert ((resolved.model.d_ff, resolved.model.bias, resolved.model.tie_embeddings)
+            == (512, True, True))
     llama = config_lib.from_cli(SHAKESPEARE, ["model.preset=llama"]).model
     assert (llama.norm, llama.position, llama.bias, llama.d_ff) == ("rmsnorm", "rope", False, 384)
 
@@ -179,8 +193,10 @@ def test_shakespeare_config_file():
 def test_gpt2_124m_config_file():
     cfg = config_lib.from_cli(GPT2_124M, [])
     m = cfg.model
-    assert (m.n_layer, m.n_head, m.d_model, m.seq_len, m.vocab_size, m.dtype) == (12, 12, 768, 1024, 50304, "bfloat16")
-    assert (m.loss_chunks, m.logits_dtype) == (8, "bfloat16")  # the head fused with its loss, bf16 logits
+    assert ((m.n_layer, m.n_head, m.d_model, m.seq_len, m.vocab_size, m.dtype)
+            == (12, 12, 768, 1024, 50304, "bfloat16"))
+    # the head fused with its loss, bf16 logits
+    assert (m.loss_chunks, m.logits_dtype) == (8, "bfloat16")
     assert (cfg.data.tokenizer, cfg.data.batch_size, cfg.optim.grad_accum) == ("gpt2", 480, 8)
     assert cfg.data.batch_size * m.seq_len == 491520  # ~0.5M tokens per step
 
@@ -190,16 +206,19 @@ def test_config_file_errors(tmp_path):
         load_file(tmp_path / "nope.py")
     bad = tmp_path / "bad.py"
     bad.write_text("x = 1\n")
-    with pytest.raises(ConfigError, match=r"bad.py: a config file must define get_config\(\) -> Config"):
+    with pytest.raises(ConfigError,
+                       match=r"bad.py: a config file must define get_config\(\) -> Config"):
         load_file(bad)
     # the file's own mistakes: one line naming the file and the line
     cases = {
         "def get_config(:\n": r"bad.py:1: invalid syntax$",
-        "import os\nimport no_such_module_here\n": r"bad.py:2: ModuleNotFoundError: No module named 'no_such_module_here'$",
+        "import os\nimport no_such_module_here\n":
+            r"bad.py:2: ModuleNotFoundError: No module named 'no_such_module_here'$",
         ("from jaxgpt.config import Config, ModelConfig\n\ndef get_config():\n"
          "    return Config(model=ModelConfig(n_layers=3))\n"):
             r"bad.py:4: TypeError: .*unexpected keyword argument 'n_layers'$",
-        "def get_config():\n    return 3\n": r"bad.py: get_config\(\) returned int, not a jaxgpt.config.Config$",
+        "def get_config():\n    return 3\n":
+            r"bad.py: get_config\(\) returned int, not a jaxgpt.config.Config$",
     }
     for text, message in cases.items():
         bad.write_text(text)
@@ -208,7 +227,8 @@ def test_config_file_errors(tmp_path):
     # a config.json: the file named before what is wrong in it
     bad_json = tmp_path / "config.json"
     bad_json.write_text("[1]")
-    with pytest.raises(ConfigError, match=r"config.json: a config is an object of sections, not list$"):
+    with pytest.raises(ConfigError,
+                       match=r"config.json: a config is an object of sections, not list$"):
         load_file(bad_json)
     bad_json.write_text('{"model": {"n_layer": "x"}}')
     with pytest.raises(ConfigError, match=r"config.json: model.n_layer='x': expected int$"):
@@ -216,7 +236,8 @@ def test_config_file_errors(tmp_path):
 
 
 def test_json_round_trip(tmp_path):
-    cfg = config_lib.from_cli(SHAKESPEARE, ["model.preset=llama", "optim.lr=2e-3", "model.qk_norm=true"])
+    cfg = config_lib.from_cli(SHAKESPEARE, ["model.preset=llama", "optim.lr=2e-3",
+                                            "model.qk_norm=true"])
     again = from_dict(json.loads(cfg.to_json()))
     assert again == cfg
     path = tmp_path / "config.json"
@@ -240,20 +261,22 @@ def test_all_keys_lists_every_field():
 
 @pytest.mark.slow
 def test_cli_unknown_key_is_one_line_without_traceback(run_env):
-    proc = subprocess.run([sys.executable, "-m", "jaxgpt.train", str(SHAKESPEARE), "model.n_layers=3"],
-                          capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=120)
+    command = [sys.executable, "-m", "jaxgpt.train", str(SHAKESPEARE), "model.n_layers=3"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=run_env(), cwd=REPO,
+                          timeout=120)
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: unknown config key 'model.n_layers'; did you mean model.n_layer")
+    assert lines[0].startswith("error: unknown config key 'model.n_layers'; "
+                               "did you mean model.n_layer")
     assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
 def test_cli_help_lists_keys(run_env):
-    proc = subprocess.run([sys.executable, "-m", "jaxgpt.train", "--help"], capture_output=True, text=True,
-                          env=run_env(), cwd=REPO, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "jaxgpt.train", "--help"], capture_output=True,
+                          text=True, env=run_env(), cwd=REPO, timeout=120)
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: python -m jaxgpt.train CONFIG.py [key=value ...]")
     assert "  model.n_layer=12  (int)" in proc.stdout

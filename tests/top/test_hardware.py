@@ -41,8 +41,8 @@ print(json.dumps({"faults_per_call": sorted(faults)[2], "faults": faults,
 
 
 def faults_per_call(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", FAULTS_PER_CALL, mode], capture_output=True, text=True,
-                         check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+    out = subprocess.run([sys.executable, "-c", FAULTS_PER_CALL, mode], capture_output=True,
+                         text=True, check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -51,8 +51,10 @@ def test_tune_host_keeps_scratch_memory_mapped_between_calls():
     default, tuned = faults_per_call("default"), faults_per_call("tuned")
     # Untuned, glibc maps fresh pages for the scratch at every call; tuned, the pages stay
     # mapped from call to call.
-    assert default["faults_per_call"] > 0.9 * 8192  # each of the intermediate's 8,192 pages: 8,449 measured here
-    assert tuned["faults_per_call"] < default["faults_per_call"] / 20 and tuned["async"] is False  # 0-1 measured (the median call)
+    # each of the intermediate's 8,192 pages: 8,449 measured here
+    assert default["faults_per_call"] > 0.9 * 8192
+    # 0-1 measured (the median call)
+    assert tuned["faults_per_call"] < default["faults_per_call"] / 20 and tuned["async"] is False
 
 
 def test_peak_flops_from_the_table_or_measured_on_cpu():
@@ -65,7 +67,8 @@ def test_peak_flops_from_the_table_or_measured_on_cpu():
     cpu = SimpleNamespace(device_kind="cpu", platform="cpu")
     flops, source = hardware.peak_flops(cpu)
     assert source == "measured fp32 matmul" and flops > 1e9
-    bf16_flops, source = hardware.peak_flops(cpu, "bfloat16")  # a bf16 run's MFU is against the bf16 rate
+    # a bf16 run's MFU is against the bf16 rate
+    bf16_flops, source = hardware.peak_flops(cpu, "bfloat16")
     assert source == "measured bf16 matmul" and bf16_flops > 1e9
     assert hardware.peak_flops(h100, "float32") == (989e12, "datasheet bf16 H100")
 
@@ -82,7 +85,8 @@ def test_a_target_platform_picks_the_kernels_of_that_platform():
     assert hardware.compute_platform() == "cpu" and choice.resolve("auto", jnp.bfloat16) == "cpu"
     with hardware.target_platform("gpu"):  # compiling ahead of time for a GPU (aot.py)
         assert hardware.compute_platform() == "gpu" and hardware.branches_sync_host()
-        assert choice.resolve("auto", jnp.bfloat16) == "cudnn" and choice.resolve("auto", jnp.float32) == "xla"
+        assert (choice.resolve("auto", jnp.bfloat16) == "cudnn"
+                and choice.resolve("auto", jnp.float32) == "xla")
         assert choice.resolve_cache_window("auto") == "whole"
     assert hardware.compute_platform() == "cpu" and choice.resolve_cache_window("auto") == "chunks"
 
@@ -93,12 +97,15 @@ def test_cpu_name_is_the_model_name_lscpu_shows():
         pytest.skip("no /proc/cpuinfo (not Linux)")
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")]
-    assert hardware.cpu_name() == (names[0] if names else hardware.platform.processor() or hardware.platform.machine())
+    assert hardware.cpu_name() == (names[0] if names else hardware.platform.processor()
+                                   or hardware.platform.machine())
 
 
 def test_steal_share_is_the_hypervisors_part_of_the_cpu_time_between_two_readings():
-    before = {"user": 100, "nice": 0, "system": 10, "idle": 50, "iowait": 0, "irq": 0, "softirq": 0, "steal": 40}
-    after = {"user": 160, "nice": 0, "system": 20, "idle": 80, "iowait": 0, "irq": 0, "softirq": 0, "steal": 70}
+    before = {"user": 100, "nice": 0, "system": 10, "idle": 50, "iowait": 0, "irq": 0, "softirq": 0,
+              "steal": 40}
+    after = {"user": 160, "nice": 0, "system": 20, "idle": 80, "iowait": 0, "irq": 0, "softirq": 0,
+             "steal": 70}
     assert hardware.steal_share(before, after) == 30 / 130
     assert hardware.steal_share({}, {}) is None
     if Path("/proc/stat").is_file():  # the real reading: every kind, counting up
@@ -107,19 +114,22 @@ def test_steal_share_is_the_hypervisors_part_of_the_cpu_time_between_two_reading
 
 
 def test_cpu_bf16_units_from_the_flags():
-    assert hardware.cpu_bf16_units("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert hardware.cpu_bf16_units("processor\t: 0\n"
+                                   "flags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
     assert hardware.cpu_bf16_units("Features\t: fp asimd bf16 i8mm\n")  # Arm
     assert not hardware.cpu_bf16_units("flags\t\t: fpu sse avx2 avx512f avx512bw\n")
     assert not hardware.cpu_bf16_units("model name\t: something\n")  # no flags line at all
     if Path("/proc/cpuinfo").is_file():
-        flags = set(re.search(r"^(?:flags|Features)\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+        line = re.search(r"^(?:flags|Features)\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+        flags = set(line.group(1).split())
         assert hardware.cpu_bf16_units() == bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
 
 
 def test_library_matmuls_reads_the_last_triton_setting_in_xla_flags():
     off, on = "--xla_gpu_enable_triton_gemm=false", "--xla_gpu_enable_triton_gemm=true"
     with hardware.target_platform("gpu"):
-        assert [hardware.library_matmuls(flags) for flags in ("", off, f"--xla_dump_to=x {off}", f"{off} {on}",
-                                                              f"{on} {off}", "--xla_gpu_enable_triton_gemm=0")] == [
+        settings = ("", off, f"--xla_dump_to=x {off}", f"{off} {on}", f"{on} {off}",
+                    "--xla_gpu_enable_triton_gemm=0")
+        assert [hardware.library_matmuls(flags) for flags in settings] == [
             False, True, True, False, True, True]
     assert not hardware.library_matmuls(off)  # a CPU has no cuBLAS, whatever the flags say

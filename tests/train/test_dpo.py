@@ -1,5 +1,6 @@
-"""Tests for jaxgpt.train.dpo (and the pairs of jaxgpt.data.pairs): the DPO loss by hand, its start at log 2, the reply-only mask of a
-packed pair, pairs that never see each other, and DPO through jaxgpt.train (margin up, exact resume)."""
+"""Tests for jaxgpt.train.dpo (and the pairs of jaxgpt.data.pairs): the DPO loss by hand, its start
+at log 2, the reply-only mask of a packed pair, pairs that never see each other, and DPO through
+jaxgpt.train (margin up, exact resume)."""
 import json
 import math
 import random
@@ -39,7 +40,8 @@ def tiny_model(tok, seq_len=64):
                             seq_len=seq_len).resolved())
     rng = np.random.default_rng(0)
     shapes = jax.eval_shape(model.init, jax.random.key(0))
-    return model, jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32), shapes)
+    return model, jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32),
+                               shapes)
 
 
 CONTEXT = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"},
@@ -48,7 +50,8 @@ CONTEXT = [{"role": "system", "content": "Be kind."}, {"role": "user", "content"
 
 def test_dpo_loss_equals_the_formula_by_hand():
     """Two pairs in one row (segments 1,2 and 3,4; column 5 holds nothing), beta 0.5, smoothing 0.1:
-    pair 0: h = 0.5 * ((-10 - -11) - (-12 - -11)) = 1.0;  pair 1: h = 0.5 * ((-5 - -6) - (-4 - -6)) = -0.5
+    pair 0: h = 0.5 * ((-10 - -11) - (-12 - -11)) = 1.0;
+    pair 1: h = 0.5 * ((-5 - -6) - (-4 - -6)) = -0.5
     loss(h) = -0.9 log sigmoid(h) - 0.1 log sigmoid(-h): 0.41326169 and 0.92407698."""
     policy = jnp.array([[0.0, -10.0, -12.0, -5.0, -4.0, 0.0]])
     ref = jnp.array([[0.0, -11.0, -11.0, -6.0, -6.0, 0.0]])
@@ -61,7 +64,8 @@ def test_dpo_loss_equals_the_formula_by_hand():
     assert float(sums["chosen_reward"]) == pytest.approx(0.5 * 1 + 0.5 * 1, abs=1e-6)
     assert float(sums["rejected_reward"]) == pytest.approx(0.5 * -1 + 0.5 * 2, abs=1e-6)
     plain, _ = dpo_loss(policy, ref, present, beta=0.5)  # no smoothing: -log sigmoid(h)
-    assert float(plain) == pytest.approx(math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5)), abs=1e-6)
+    assert float(plain) == pytest.approx(math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5)),
+                                         abs=1e-6)
 
 
 def test_the_loss_starts_at_log_2_with_zero_margin(byte):
@@ -72,7 +76,8 @@ def test_the_loss_starts_at_log_2_with_zero_margin(byte):
     model, params = tiny_model(byte, 96)
     dpo = preference.DPO(config_lib.Config(), model)
     batch = {k: jnp.asarray(v) for k, v in batches.batch_at(0).items()}
-    loss_sum, (count, sums) = jax.jit(dpo.loss)(params, batch, None, params)  # the reference is the policy
+    # the reference is the policy
+    loss_sum, (count, sums) = jax.jit(dpo.loss)(params, batch, None, params)
     assert float(count) >= 3
     np.testing.assert_allclose(float(loss_sum) / float(count), math.log(2), rtol=1e-7)
     assert float(sums["margin"]) == 0 and float(sums["accuracy"]) == 0
@@ -85,28 +90,34 @@ def test_the_mask_covers_the_reply_tokens_only(byte):
     for reply, segment in (("fine, you?", 1), ("meh", 2)):
         ids, mask = chat.render(CONTEXT + [{"role": "assistant", "content": reply}], byte)
         reply_mask = mask.copy()
-        reply_mask[:len(ids) - len(reply) - 1] = False  # the context's assistant turn is not trained
+        # the context's assistant turn is not trained
+        reply_mask[:len(ids) - len(reply) - 1] = False
         assert mask.sum() > reply_mask.sum()
         at = np.flatnonzero(batch["segment_ids"][0] == segment)
-        # the chat template exactly; the last position's target starts the next sequence (or padding), untrained
+        # the chat template exactly; the last position's target starts the next sequence
+        # (or padding), untrained
         assert batch["inputs"][0][at].tolist() == ids.tolist()
         assert batch["targets"][0][at][:-1].tolist() == ids[1:].tolist()
         assert batch["loss_mask"][0][at].tolist() == reply_mask[1:].astype(float).tolist() + [0.0]
-        assert byte.decode(batch["targets"][0][at][batch["loss_mask"][0][at] == 1]) == reply + "<|assistant_end|>"
+        trained = batch["targets"][0][at][batch["loss_mask"][0][at] == 1]
+        assert byte.decode(trained) == reply + "<|assistant_end|>"
         assert batch["targets"][0][at][-2] == end
     assert batch["loss_mask"][0][batch["segment_ids"][0] == 0].sum() == 0
 
 
 def test_pairs_in_one_row_never_see_each_other(byte):
     a = {"messages": CONTEXT[1:2], "chosen": "hey, you?", "rejected": "bye"}
-    b = {"messages": [{"role": "user", "content": "what is up"}], "chosen": "not much, you?", "rejected": "no"}
-    b_changed = {"messages": [{"role": "user", "content": "WHAT IS UP"}], "chosen": "zzz?", "rejected": "NO NO"}
+    b = {"messages": [{"role": "user", "content": "what is up"}], "chosen": "not much, you?",
+         "rejected": "no"}
+    b_changed = {"messages": [{"role": "user", "content": "WHAT IS UP"}], "chosen": "zzz?",
+                 "rejected": "NO NO"}
     model, params = tiny_model(byte, 128)
 
     def logps_of_a(other):
         batch = PairBatches([a, other], byte, 128, 1, seed=0, val=[a]).assemble("train", [[0, 1]])
         assert batch["segment_ids"][0].max() == 4  # both pairs in the row
-        logits = jax.jit(model.apply)(params, jnp.asarray(batch["inputs"]), jnp.asarray(batch["segment_ids"]))
+        logits = jax.jit(model.apply)(params, jnp.asarray(batch["inputs"]),
+                                      jnp.asarray(batch["segment_ids"]))
         logps = -np.asarray(token_losses(logits, jnp.asarray(batch["targets"])))[0]
         return logps[np.isin(batch["segment_ids"][0], (1, 2))]
 
@@ -116,11 +127,12 @@ def test_pairs_in_one_row_never_see_each_other(byte):
 def test_a_bad_row_is_a_one_line_error_naming_file_and_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     good = {"messages": [{"role": "user", "content": "hi"}], "chosen": "hey?", "rejected": "no"}
+    answered = good["messages"] + [{"role": "assistant", "content": "x"}]
     for bad, why in ((dict(good, rejected=3), '"rejected" is missing or not a string'),
-                     (dict(good, messages=good["messages"] + [{"role": "assistant", "content": "x"}]),
-                      "must end with a user turn"),
+                     (dict(good, messages=answered), "must end with a user turn"),
                      ("not json", "not JSON")):
-        path.write_text(json.dumps(good) + "\n" + (bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
+        row = bad if isinstance(bad, str) else json.dumps(bad)
+        path.write_text(json.dumps(good) + "\n" + row + "\n")
         with pytest.raises(ChatDataError, match=f"^{path}:2: .*{why}") as e:
             pair_data.read_pairs(f"jsonl:{path}")
         assert "\n" not in str(e.value)
@@ -138,30 +150,34 @@ def strip(rows):
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
-    """A tiny SFT run (byte tokens, 2 layers) on synthetic chats, and pairs whose chosen reply asks back."""
+    """A tiny SFT run (byte tokens, 2 layers) on synthetic chats, and pairs whose chosen reply asks
+    back."""
     root = tmp_path_factory.mktemp("dpo")
     chats = synthetic(120, seed=3)
     dialogs.write_jsonl(root / "chats.jsonl", chats)
     cfg = config_lib.from_cli(REPO / "experiments/configs/chat_sft.py", [
-        f"data.chat=jsonl:{root / 'chats.jsonl'}", "data.tokenizer=byte", "data.batch_size=4", "data.prefetch=1",
-        "model.preset=llama", "model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.seq_len=256",
-        "train.steps=4", "train.eval_every=0", "train.log_every=2", "train.progress=false", "optim.warmup_steps=2",
+        f"data.chat=jsonl:{root / 'chats.jsonl'}", "data.tokenizer=byte", "data.batch_size=4",
+        "data.prefetch=1", "model.preset=llama", "model.n_layer=1", "model.n_head=2",
+        "model.d_model=32", "model.seq_len=256", "train.steps=4", "train.eval_every=0",
+        "train.log_every=2", "train.progress=false", "optim.warmup_steps=2",
         f"train.out_dir={root / 'sft'}"])
     loop.train(cfg)
     rng = random.Random(0)
     words = "hi hello how are you fine thanks what why yes no maybe today".split()
     say = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
-    pairs = [{"messages": c[:1] if c[0]["role"] == "user" else c[:2], "chosen": say(rng.randint(1, 4)) + "?",
-              "rejected": say(rng.randint(1, 4)) + "."} for c in chats]
+    pairs = [{"messages": c[:1] if c[0]["role"] == "user" else c[:2],
+              "chosen": say(rng.randint(1, 4)) + "?", "rejected": say(rng.randint(1, 4)) + "."}
+             for c in chats]
     pair_data.write_pairs(root / "pairs.jsonl", pairs)
     return root
 
 
 def dpo_config(root, out, *extra):
     return loop.train_config(REPO / "experiments/configs/chat_dpo.py", [
-        f"train.init_from={root / 'sft'}", f"data.preferences=jsonl:{root / 'pairs.jsonl'}", f"train.out_dir={out}",
-        "data.batch_size=4", "data.prefetch=1", "train.steps=10", "train.log_every=1", "train.eval_every=5",
-        "train.progress=false", "checkpoint.every=5", "optim.lr=3e-3", "optim.warmup_steps=2", "dpo.beta=0.5", *extra])
+        f"train.init_from={root / 'sft'}", f"data.preferences=jsonl:{root / 'pairs.jsonl'}",
+        f"train.out_dir={out}", "data.batch_size=4", "data.prefetch=1", "train.steps=10",
+        "train.log_every=1", "train.eval_every=5", "train.progress=false", "checkpoint.every=5",
+        "optim.lr=3e-3", "optim.warmup_steps=2", "dpo.beta=0.5", *extra])
 
 
 @pytest.mark.slow
@@ -174,7 +190,8 @@ def test_dpo_through_train_raises_the_margin_and_resumes_exactly(sft_run, tmp_pa
     assert [r["step"] for r in rows] == list(range(1, 11))
     # step 0: the policy is the reference (precomputed in another packing: equal to float rounding)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and abs(rows[0]["margin"]) < 1e-5
-    assert np.mean([r["margin"] for r in rows[-3:]]) > 0.5 > np.mean([r["margin"] for r in rows[:3]])
+    assert (np.mean([r["margin"] for r in rows[-3:]]) > 0.5
+            > np.mean([r["margin"] for r in rows[:3]]))
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.1
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [5, 10]
@@ -196,9 +213,11 @@ def test_dpo_through_train_raises_the_margin_and_resumes_exactly(sft_run, tmp_pa
     trainer = trainer_lib.Trainer(dpo_config(sft_run, tmp_path / "step", "dpo.reference=step"))
     assert len(trainer.frozen) == 1 and "ref_logps" not in trainer.batch(0)
     state = trainer.state_around(trainer.reference_params())
-    # the held-out chats are scored as jaxgpt.evaluate scores the SFT run (its val split, same windows)
+    # the held-out chats are scored as jaxgpt.evaluate scores the SFT run
+    # (its val split, same windows)
     before = evaluate.evaluate(str(sft_run / "sft"))
-    assert trainer.evaluate(state.params)["bits_per_byte"] == pytest.approx(before["bits_per_byte"], rel=1e-6)
+    assert (trainer.evaluate(state.params)["bits_per_byte"]
+            == pytest.approx(before["bits_per_byte"], rel=1e-6))
     for step in range(2):
         state, metrics = trainer.step(state, trainer.batch(step))
         assert float(metrics["loss"]) == pytest.approx(rows[step]["loss"], abs=1e-5)

@@ -1,4 +1,5 @@
-"""Tests for jaxgpt.evaluate: the exact loss, bits per byte, and scoring any data (text file, conversations), the CLI."""
+"""Tests for jaxgpt.evaluate: the exact loss, bits per byte, and scoring any data (text file,
+conversations), the CLI."""
 import json
 import math
 import shutil
@@ -23,15 +24,18 @@ from jaxgpt.train.evaluate import evaluate, evaluate_batches, make_eval_step
 REPO = Path(__file__).resolve().parents[2]
 
 
-def evaluate_tokens(step, params, tokens, seq_len, stride, batch_size, mesh, token_bytes=None, max_tokens=0):
+def evaluate_tokens(step, params, tokens, seq_len, stride, batch_size, mesh, token_bytes=None,
+                    max_tokens=0):
     """Score a token sequence exactly, as a TokenBatches source does."""
     tokens = tokens[:max_tokens + 1] if max_tokens else tokens
-    return evaluate_batches(step, params, eval_batches(tokens, seq_len, stride, batch_size), mesh, token_bytes)
+    return evaluate_batches(step, params, eval_batches(tokens, seq_len, stride, batch_size), mesh,
+                            token_bytes)
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    cfg = ModelConfig(preset="llama", vocab_size=23, n_layer=2, n_head=2, d_model=16, seq_len=8).resolved()
+    cfg = ModelConfig(preset="llama", vocab_size=23, n_layer=2, n_head=2, d_model=16,
+                      seq_len=8).resolved()
     model = GPT(cfg)
     params = model.init(jax.random.key(0))
     mesh = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
@@ -41,7 +45,8 @@ def tiny_model():
 
 def test_evaluate_equals_the_loss_by_hand(tiny_model):
     model, params, mesh, step = tiny_model
-    tokens = np.random.default_rng(0).integers(0, 23, 3 * 8 + 6)  # 3 full windows and a tail of 5 targets
+    # 3 full windows and a tail of 5 targets
+    tokens = np.random.default_rng(0).integers(0, 23, 3 * 8 + 6)
     result = evaluate_tokens(step, params, tokens, 8, 0, 2, mesh)
     apply = jax.jit(model.apply)
     losses = []
@@ -53,8 +58,8 @@ def test_evaluate_equals_the_loss_by_hand(tiny_model):
     assert result["loss"] == pytest.approx(float(by_hand.mean()), rel=1e-6)
     assert result["perplexity"] == pytest.approx(math.exp(by_hand.mean()), rel=1e-6)
     # max_tokens scores a prefix only
-    assert evaluate_tokens(step, params, tokens, 8, 0, 2, mesh, max_tokens=8)["loss"] == pytest.approx(
-        float(losses[0].mean()), rel=1e-6)
+    prefix = evaluate_tokens(step, params, tokens, 8, 0, 2, mesh, max_tokens=8)
+    assert prefix["loss"] == pytest.approx(float(losses[0].mean()), rel=1e-6)
 
 
 def test_smaller_stride_changes_context_not_count(tiny_model):
@@ -74,15 +79,16 @@ def test_bits_per_byte_counts_utf8_bytes(tiny_model):
     result = evaluate_tokens(step, params, tokens, 8, 0, 2, mesh, tok.token_byte_lengths())
     n_bytes = len(text[1:].encode("utf-8"))  # the bytes of the scored (target) characters
     assert result["bytes"] == n_bytes > result["tokens"]
-    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / n_bytes,
-                                                    rel=1e-9)
+    assert result["bits_per_byte"] == pytest.approx(
+        result["loss"] * result["tokens"] / math.log(2) / n_bytes, rel=1e-9)
 
 
 @pytest.mark.slow
 def test_cli_matches_the_runs_final_val_loss(tiny_run, text_file, run_env):
     run_dir, rows = tiny_run
     cfg = json.loads((run_dir / "config.json").read_text())
-    proc = subprocess.run([sys.executable, "-m", "jaxgpt.evaluate", str(run_dir), f"data.path={text_file}",
+    proc = subprocess.run([sys.executable, "-m", "jaxgpt.evaluate", str(run_dir),
+                           f"data.path={text_file}",
                            f"eval.max_tokens={cfg['train']['eval_max_tokens']}"],
                           capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -111,22 +117,28 @@ def test_a_plain_text_file_every_token_scored_nothing_written(tiny_run, tmp_path
     tokenizer = runs.tokenizer(run)
     assert result["split"] == "all" and result["tokens"] == len(tokenizer.encode(text)) - 1
     assert result["bytes"] == len(text[1:].encode("utf-8"))
-    assert [p.name for p in held_out.iterdir()] == ["heldout.txt"]  # no cache or shard beside the user's file
+    # no cache or shard beside the user's file
+    assert [p.name for p in held_out.iterdir()] == ["heldout.txt"]
     half = evaluate(run, [f"data.path={held_out / 'heldout.txt'}", "data.val_fraction=0.5"])
     assert half["tokens"] < result["tokens"]  # eval.split=val: only the file's last half
 
 
 def test_held_out_conversations_score_assistant_tokens_only(tiny_run, tmp_path):
     run, _ = tiny_run
-    conversations = [[{"role": "user", "content": "good night"}, {"role": "assistant", "content": "sweet lord"}],
-                     [{"role": "user", "content": "my love"}, {"role": "assistant", "content": "thou art fair"},
-                      {"role": "user", "content": "come"}, {"role": "assistant", "content": "so be it"}]]
+    conversations = [[{"role": "user", "content": "good night"},
+                      {"role": "assistant", "content": "sweet lord"}],
+                     [{"role": "user", "content": "my love"},
+                      {"role": "assistant", "content": "thou art fair"},
+                      {"role": "user", "content": "come"},
+                      {"role": "assistant", "content": "so be it"}]]
     path = write_lines(tmp_path / "val.jsonl", [json.dumps({"messages": c}) for c in conversations])
     result = evaluate(run, [f"data.chat_val=jsonl:{path}"])
     replies = [m["content"] for c in conversations for m in c if m["role"] == "assistant"]
-    assert result["tokens"] == sum(len(r) + 1 for r in replies)  # each reply and its <|assistant_end|>
-    assert result["bytes"] == sum(len(r) for r in replies)      # the end token stands for no text
-    assert evaluate(run, [f"data.chat=jsonl:{path}", "eval.split=all"])["loss"] == pytest.approx(result["loss"])
+    # each reply and its <|assistant_end|>
+    assert result["tokens"] == sum(len(r) + 1 for r in replies)
+    assert result["bytes"] == sum(len(r) for r in replies)  # the end token stands for no text
+    assert (evaluate(run, [f"data.chat=jsonl:{path}", "eval.split=all"])["loss"]
+            == pytest.approx(result["loss"]))
 
 
 def test_data_named_on_the_command_line_replaces_the_runs_data(tiny_run, tmp_path):
@@ -140,7 +152,8 @@ def test_data_named_on_the_command_line_replaces_the_runs_data(tiny_run, tmp_pat
     (export / "config.json").write_text(json.dumps(saved))
     (tmp_path / "heldout.txt").write_text("Good night, sweet lord.\n" * 8)
     result = evaluate(export, [f"data.path={tmp_path / 'heldout.txt'}", "eval.split=all"])
-    assert result["tokens"] == len("Good night, sweet lord.\n" * 8) - 1  # the char tokenizer: one token a character
+    # the char tokenizer: one token a character
+    assert result["tokens"] == len("Good night, sweet lord.\n" * 8) - 1
 
 
 def test_a_prepared_directory_in_the_models_tokenizer(tiny_run, tmp_path):
@@ -149,7 +162,8 @@ def test_a_prepared_directory_in_the_models_tokenizer(tiny_run, tmp_path):
     run, _ = tiny_run
     text = tmp_path / "more.txt"
     text.write_text("".join(f"ROMEO:\nGood night, sweet lord {'!' * i}\n\n" for i in range(40)))
-    meta = prepare.prepare(PrepareConfig(source=f"text:{text}", tokenizer=str(run), out=str(tmp_path / "prepared"),
-                                         val_fraction=0.5, doc_split="paragraph", workers=1, progress=False))
+    meta = prepare.prepare(PrepareConfig(source=f"text:{text}", tokenizer=str(run),
+                                         out=str(tmp_path / "prepared"), val_fraction=0.5,
+                                         doc_split="paragraph", workers=1, progress=False))
     result = evaluate(run, [f"data.dir={tmp_path / 'prepared'}"])
     assert result["split"] == "val" and result["tokens"] == meta["splits"]["val"]["tokens"] - 1 > 0

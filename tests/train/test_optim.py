@@ -1,4 +1,5 @@
-"""Tests for jaxgpt.optim: schedules by hand, the weight-decay mask, clipping, Muon, grad accumulation."""
+"""Tests for jaxgpt.optim: schedules by hand, the weight-decay mask, clipping, Muon, grad
+accumulation."""
 import math
 
 import jax
@@ -30,10 +31,12 @@ def test_linear_warmup(name):
 
 
 def test_cosine_values():
-    assert lr_at("cosine", 1050) == pytest.approx(FLOOR + 0.5 * (PEAK - FLOOR), rel=1e-6)  # halfway: 5.5e-4
-    assert lr_at("cosine", 575) == pytest.approx(FLOOR + 0.5 * (1 + math.cos(math.pi / 4)) * (PEAK - FLOOR), rel=1e-6)
-    assert lr_at("cosine", 1999) == pytest.approx(FLOOR + 0.5 * (1 + math.cos(math.pi * 1899 / 1900)) * (PEAK - FLOOR),
-                                                  rel=1e-6)
+    # halfway: 5.5e-4
+    assert lr_at("cosine", 1050) == pytest.approx(FLOOR + 0.5 * (PEAK - FLOOR), rel=1e-6)
+    assert lr_at("cosine", 575) == pytest.approx(
+        FLOOR + 0.5 * (1 + math.cos(math.pi / 4)) * (PEAK - FLOOR), rel=1e-6)
+    assert lr_at("cosine", 1999) == pytest.approx(
+        FLOOR + 0.5 * (1 + math.cos(math.pi * 1899 / 1900)) * (PEAK - FLOOR), rel=1e-6)
     assert lr_at("cosine", 2000) == pytest.approx(FLOOR, rel=1e-6)
     assert lr_at("cosine", 5000) == pytest.approx(FLOOR, rel=1e-6)  # past the end: the floor
     # decay_steps ends the decay early
@@ -42,7 +45,8 @@ def test_cosine_values():
 
 
 def test_constant_values():
-    assert [lr_at("constant", s) for s in (100, 1000, 1999, 3000)] == pytest.approx([PEAK] * 4, rel=1e-6)
+    assert [lr_at("constant", s) for s in (100, 1000, 1999, 3000)] == pytest.approx(
+        [PEAK] * 4, rel=1e-6)
 
 
 def test_wsd_values():
@@ -50,9 +54,11 @@ def test_wsd_values():
     assert lr_at("wsd", 1000) == pytest.approx(PEAK, rel=1e-6)
     assert lr_at("wsd", 1620) == pytest.approx(PEAK, rel=1e-6)
     assert lr_at("wsd", 1810) == pytest.approx(5.5e-4, rel=1e-6)
-    assert lr_at("wsd", 1999) == pytest.approx(PEAK - 379 / 380 * (PEAK - FLOOR), rel=1e-5)  # fp32 cancellation
+    # fp32 cancellation
+    assert lr_at("wsd", 1999) == pytest.approx(PEAK - 379 / 380 * (PEAK - FLOOR), rel=1e-5)
     assert lr_at("wsd", 2000) == pytest.approx(FLOOR, rel=1e-6)
-    assert lr_at("wsd", 1810, wsd_decay_fraction=0.5) == pytest.approx(PEAK - 760 / 950 * (PEAK - FLOOR), rel=1e-6)
+    assert lr_at("wsd", 1810, wsd_decay_fraction=0.5) == pytest.approx(
+        PEAK - 760 / 950 * (PEAK - FLOOR), rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["constant", "cosine", "wsd"])
@@ -67,7 +73,8 @@ def test_schedule_stays_between_floor_and_peak(name):
 def test_floor_never_exceeds_peak():
     # a peak below min_lr (Muon's own peak, or a tiny lr) decays to the peak itself, never up
     cfg = OptimConfig(lr=1e-5, min_lr=1e-4, warmup_steps=0, schedule="cosine")
-    assert [float(optim.schedule(cfg, 100)(s)) for s in (0, 50, 99)] == pytest.approx([1e-5] * 3, rel=1e-6)
+    assert [float(optim.schedule(cfg, 100)(s)) for s in (0, 50, 99)] == pytest.approx(
+        [1e-5] * 3, rel=1e-6)
     cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0, muon_lr=0.02)
     assert float(optim.schedule(cfg, 100, peak=0.02)(0)) == pytest.approx(0.02, rel=1e-6)
     assert float(optim.schedule(cfg, 100, peak=0.02)(100)) == pytest.approx(1e-4, rel=1e-6)
@@ -104,7 +111,8 @@ def test_decay_mask_llama_head():
     mask = mask_by_path(params, OptimConfig())
     assert mask["['lm_head']"] and not mask["['wte']"]
     assert not mask["['block_1']['attn']['q_norm']['scale']"]
-    assert {k for k, v in mask.items() if v} == {k for k in mask if k.endswith("['w']")} | {"['lm_head']"}
+    assert ({k for k, v in mask.items() if v}
+            == {k for k in mask if k.endswith("['w']")} | {"['lm_head']"})
 
 
 def test_muon_dimension_numbers():
@@ -113,7 +121,8 @@ def test_muon_dimension_numbers():
     dims = optim.muon_dims(params, model.logical_axes)
     attn, mlp = dims["blocks"]["attn"], dims["blocks"]["mlp"]
     as_tuple = lambda d: (tuple(d.reduction_axis), tuple(d.output_axis))  # noqa: E731
-    # axis 0 is "layers" (a batch axis); w_up's unnamed axis 2 is the gate-up pair, another batch axis
+    # axis 0 is "layers" (a batch axis);
+    # w_up's unnamed axis 2 is the gate-up pair, another batch axis
     assert as_tuple(attn["wq"]["w"]) == ((1,), (2, 3))
     assert as_tuple(attn["wo"]["w"]) == ((1, 2), (3,))
     assert as_tuple(mlp["w_up"]["w"]) == ((1,), (3,))
@@ -121,8 +130,9 @@ def test_muon_dimension_numbers():
     assert dims["wte"] is None and dims["lm_head"] is None and dims["norm_out"]["scale"] is None
     # every hidden matrix: each named axis is reduced or output, exactly once, and embed is one side
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
-    for (path, spec), d in zip(jax.tree_util.tree_leaves_with_path(model.logical_axes, is_leaf=is_spec),
-                               jax.tree.leaves(dims, is_leaf=lambda x: x is None or hasattr(x, "reduction_axis")), strict=False):
+    is_dims = lambda x: x is None or hasattr(x, "reduction_axis")  # noqa: E731
+    axes = jax.tree_util.tree_leaves_with_path(model.logical_axes, is_leaf=is_spec)
+    for (path, spec), d in zip(axes, jax.tree.leaves(dims, is_leaf=is_dims), strict=False):
         if jax.tree_util.keystr(path).endswith("['w']"):
             named = sorted(i for i, a in enumerate(spec) if a not in (None, "layers"))
             assert sorted(d.reduction_axis + d.output_axis) == named, path
@@ -133,7 +143,8 @@ def test_muon_dimension_numbers():
 
 
 def adam_updates(clip_norm, grads_seq):
-    cfg = OptimConfig(lr=0.1, schedule="constant", warmup_steps=0, weight_decay=0.0, clip_norm=clip_norm)
+    cfg = OptimConfig(lr=0.1, schedule="constant", warmup_steps=0, weight_decay=0.0,
+                      clip_norm=clip_norm)
     params = {"w": jnp.zeros((3, 2))}
     opt = optim.build(cfg, 10, params)
     state, out = opt.init(params), []
@@ -165,9 +176,11 @@ def make_state(model, optimizer, seed=0):
 
 def random_batch(B, L, V, seed=0, mask=None):
     seq = np.random.default_rng(seed).integers(0, V, (B, L + 1))
-    return {"inputs": jnp.asarray(seq[:, :-1], jnp.int32), "targets": jnp.asarray(seq[:, 1:], jnp.int32),
+    return {"inputs": jnp.asarray(seq[:, :-1], jnp.int32),
+            "targets": jnp.asarray(seq[:, 1:], jnp.int32),
             "segment_ids": jnp.ones((B, L), jnp.int32),
-            "loss_mask": jnp.ones((B, L), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)}
+            "loss_mask": (jnp.ones((B, L), jnp.float32) if mask is None
+                          else jnp.asarray(mask, jnp.float32))}
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "llama"])
@@ -186,15 +199,18 @@ def test_muon_trains_a_tiny_model(preset):
     # Muon keeps momentum for exactly the hidden matrices ("w"); AdamW has the rest
     is_muon = lambda x: isinstance(x, optax.contrib.MuonState)  # noqa: E731
     (muon_state,) = [s for s in jax.tree.leaves(state.opt_state, is_leaf=is_muon) if is_muon(s)]
-    momentum = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(muon_state.mu)}
-    assert momentum == {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params)
+    momentum = {jax.tree_util.keystr(p)
+                for p, _ in jax.tree_util.tree_leaves_with_path(muon_state.mu)}
+    assert momentum == {jax.tree_util.keystr(p)
+                        for p, _ in jax.tree_util.tree_leaves_with_path(state.params)
                         if jax.tree_util.keystr(p).endswith("['w']")}
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "llama"])
 def test_grad_accumulation_matches_one_big_batch(preset):
     """grad_accum=2 over the same global batch: same loss and params as grad_accum=1 (sums over the
-    whole batch divided once by its token count, so uneven masks between micro-batches are exact too)."""
+    whole batch divided once by its token count, so uneven masks between micro-batches are exact
+    too)."""
     # No biases: the key bias has an exactly zero gradient (softmax ignores a per-row constant), so
     # its gradient is rounding noise that Adam would scale up to the size of the tolerance.
     model = tiny_model(preset, bias=False)
@@ -218,9 +234,11 @@ def test_grad_accumulation_matches_one_big_batch(preset):
 
 
 def test_train_step_without_clipping_applies_adamw_exactly():
-    """One step by hand: AdamW's first update is -lr * g / (|g| + eps) plus decoupled decay on matrices."""
+    """One step by hand: AdamW's first update is -lr * g / (|g| + eps) plus decoupled decay on
+    matrices."""
     model = tiny_model("gpt2")
-    cfg = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", clip_norm=0.0, weight_decay=0.1, eps=1e-8)
+    cfg = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", clip_norm=0.0, weight_decay=0.1,
+                      eps=1e-8)
     optimizer = optim.build(cfg, 10, jax.eval_shape(model.init, jax.random.key(0)))
     state, batch = make_state(model, optimizer), random_batch(2, 8, 29)
     before = jax.device_get(state.params)
@@ -230,13 +248,15 @@ def test_train_step_without_clipping_applies_adamw_exactly():
     expected = w - 1e-2 * (g / (np.abs(g) + 1e-8) + 0.1 * w)
     np.testing.assert_allclose(state.params["block_0"]["attn"]["wq"]["w"], expected, atol=1e-6)
     g, w = np.asarray(grads["wte"]), before["wte"]
-    np.testing.assert_allclose(state.params["wte"], w - 1e-2 * g / (np.abs(g) + 1e-8), atol=1e-6)  # no decay
+    # no decay
+    np.testing.assert_allclose(state.params["wte"], w - 1e-2 * g / (np.abs(g) + 1e-8), atol=1e-6)
     assert optax.tree.norm(grads) > 0
 
 
 def test_all_masked_micro_batch_adds_nothing_and_all_masked_batch_is_no_update():
     """SFT batches can hold prompts only: a micro-batch without a trained token contributes zero
-    (finite, never NaN), and a whole batch without one leaves params and optimizer state as they were."""
+    (finite, never NaN), and a whole batch without one leaves params and optimizer state as they
+    were."""
     model = tiny_model("gpt2", bias=False)
     cfg = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant")
     optimizer = optim.build(cfg, 10, jax.eval_shape(model.init, jax.random.key(0)))
@@ -248,15 +268,18 @@ def test_all_masked_micro_batch_adds_nothing_and_all_masked_batch_is_no_update()
     alone = jax.jit(make_train_step(model, optimizer, 1))(make_state(model, optimizer), first_half)
     assert np.isfinite(float(accum[1]["loss"]))
     np.testing.assert_allclose(float(accum[1]["loss"]), float(alone[1]["loss"]), atol=1e-6)
-    for a, b in zip(jax.tree.leaves(accum[0].params), jax.tree.leaves(alone[0].params), strict=False):
+    for a, b in zip(jax.tree.leaves(accum[0].params), jax.tree.leaves(alone[0].params),
+                    strict=False):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
     empty = random_batch(4, 8, 29, seed=1, mask=np.zeros((4, 8)))
     state = make_state(model, optimizer)
     before = jax.device_get((state.params, state.opt_state))
     state, metrics = jax.jit(make_train_step(model, optimizer, 2))(state, empty)
-    assert float(metrics["loss"]) == 0.0 and float(metrics["tokens"]) == 0.0 and int(metrics["skipped"]) == 0
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get((state.params, state.opt_state))), strict=False):
+    assert (float(metrics["loss"]) == 0.0 and float(metrics["tokens"]) == 0.0
+            and int(metrics["skipped"]) == 0)
+    after = jax.device_get((state.params, state.opt_state))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=False):
         np.testing.assert_array_equal(a, b)
 
 

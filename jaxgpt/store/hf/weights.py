@@ -253,5 +253,6 @@ def write_safetensors(tensors: dict[str, np.ndarray], out: Path, max_shard_mb: f
     if len(shards) > 1:
         files.write_json(out / "model.safetensors.index.json", {
             "metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))},
-            "weight_map": {name: file for file, shard in zip(names, shards, strict=False) for name in shard}})
+            "weight_map": {name: file for file, shard in zip(names, shards, strict=False)
+                           for name in shard}})
     return names
