@@ -128,7 +128,7 @@ def peak_flops(device=None, matmul_dtype="float32") -> tuple[float, str]:
     return float("nan"), f"unknown device {device.device_kind}"
 
 
-_target_platform: list[str] = []  # set while compiling for a device this host lacks (aot.py)
+_target_platform: list[str] = []  # set while compiling for a device this host lacks (perf/aot.py)
 
 
 def compute_platform() -> str:
@@ -173,16 +173,14 @@ def tune_host() -> None:
     """Keep XLA:CPU's scratch memory mapped from one step to the next. Call it before the first
     computation (every `python -m jaxgpt.*` command does).
 
-    Every execution of a compiled step allocates its scratch buffers (47 MB for the Tiny
-    Shakespeare step, 217 MB for the quickstart's) and frees them at the end. glibc serves blocks
-    that large with a fresh mmap and unmaps them on free, so each step touched every page anew:
-    11,500 page faults and about 14 ms of a 50 ms step on a 2-core VM. Telling malloc never to
-    mmap and never to give memory back keeps the pages, and the process's memory stays at its
-    high-water mark, as a training process's does anyway. CPU computations run on the calling
-    thread (no async dispatch): a worker thread's malloc heap holds at most 64 MB, so larger
-    scratch would still be mapped per step there (quickstart step: 55,000 faults, 257 ms async;
-    1 fault, 188 ms sync). Accelerators are unaffected; a C library without mallopt (macOS,
-    musl) keeps its defaults.
+    Every execution of a compiled step allocates its scratch buffers (tens to hundreds of MB) and
+    frees them at the end. glibc serves blocks that large with a fresh mmap and unmaps them on free,
+    so each step touched every page anew, a page fault per 4 KB. Telling malloc never to mmap and
+    never to give memory back keeps the pages, and the process's memory stays at its high-water
+    mark, as a training process's does anyway. CPU computations run on the calling thread (no
+    async dispatch): a worker thread's malloc heap holds at most 64 MB, so larger scratch would
+    still be mapped per step there. The steps it speeds up: the README's "Training on a CPU".
+    Accelerators are unaffected; a C library without mallopt (macOS, musl) keeps its defaults.
     """
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     try:

@@ -33,11 +33,10 @@ if (os.environ.get("JAXGPT_TEST_XLA_CACHE", "1") == "1"
 
 
 # Tests compile far more than they compute (tiny models, a few steps each), so XLA:CPU's backend
-# runs at optimization level 1 here, in this process and its subprocesses: tests/test_train.py took
-# 82 s against 118 at the default level 2, tests/test_optim.py 95 against 134. Level 1 keeps level
-# 2's fused multiply-adds, so the numbers are the same to the bit (tests/test_train.py checks a
-# model's init); level 0, faster still, changes the last bit of some. Benchmarks, experiments and
-# users' runs never see this flag.
+# runs at optimization level 1 here, in this process and its subprocesses (a third less test time).
+# Level 1 keeps level 2's fused multiply-adds, so most numbers are the same to the bit
+# (tests/train/test_trainer.py checks a model's init); level 0 changes the last bit of more.
+# Benchmarks, experiments and users' runs never see this flag.
 TEST_XLA_FLAGS = ("--xla_backend_optimization_level=1"
                   if os.environ.get("JAXGPT_TEST_FAST_COMPILE", "1") == "1" else "")
 

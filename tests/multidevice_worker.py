@@ -1,5 +1,5 @@
-"""Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices (XLA_FLAGS set by the
-caller, before jax is imported). Prints one JSON object per line:
+"""Run by tests/parallel/test_sharding.py in a subprocess with 8 simulated CPU devices (XLA_FLAGS
+set by the caller, before jax is imported). Prints one JSON object per line:
 
     {"kind": "rules", "mesh": [2, 2, 2], "specs": {param path: mesh axis per dimension}}
     {"kind": "run", "preset": ..., "mesh": [data, fsdp, tensor] or null (one device),
@@ -31,7 +31,7 @@ from jaxgpt.parallel import sharding
 from jaxgpt.train.trainer import Trainer
 
 # data x fsdp, and all three axes (pure data parallelism is what each of these does on its data
-# axis; tests/test_launch.py trains over processes on both).
+# axis; tests/parallel/test_launch.py trains over processes on both).
 # Each mesh costs a compile of ~20 s on 2 cores.
 MESHES = [(2, 4, 1), (2, 2, 2)]
 

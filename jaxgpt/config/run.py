@@ -61,8 +61,7 @@ class ModelConfig:
     remat: bool = False              # recompute each block in the backward pass
     # what the output head writes its logits in; the loss and sampling read them into fp32.
     # bfloat16: torch autocast's numerics (its head's matmul writes bf16), half the bytes of the
-    # largest arrays (gpt2_124m at batch 32: 6.6 GB of fp32 logits, written once and read twice by
-    # the fused head)
+    # largest arrays, which the fused head writes once and reads twice
     logits_dtype: Literal["float32", "bfloat16"] = "float32"
     # >0: training's output head and cross-entropy fused (kernels.head_loss), over this many pieces
     # of each row: the [B, L, V] logits are never stored whole
@@ -103,7 +102,7 @@ class DataConfig:
     chat: str = ""
     # held-out conversations (same forms); empty: data.val_fraction of data.chat
     chat_val: str = ""
-    # preference pairs for DPO (preference.py): jsonl:PATH of {"messages": context, "chosen": str,
+    # preference pairs for DPO (data/pairs.py): jsonl:PATH of {"messages": context, "chosen": str,
     # "rejected": str}; the held-out chats: data.chat_val, else init_from's
     preferences: str = ""
     # held-out pairs (same form); empty: data.val_fraction of data.preferences
@@ -182,7 +181,7 @@ class MeshConfig:
     tensor: int = 1
     # 0: every device there is; N: the first N (bench compile plans N on a CPU host)
     devices: int = 0
-    # one device's memory for the fit check (memory.py); 0: what the device reports
+    # one device's memory for the fit check (train/memory.py); 0: what the device reports
     device_memory_gb: float = 0.0
 
 
@@ -204,7 +203,7 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class DpoConfig:
-    """Preference tuning with data.preferences (preference.py); the reference model is the starting
+    """Preference tuning with data.preferences (train/dpo.py); the reference model is the starting
     one (train.init_from)."""
     # how far from the reference the policy may move (the logit scale)
     beta: float = 0.1

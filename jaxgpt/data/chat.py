@@ -335,7 +335,7 @@ def step_rows(source, step: int, process_index: int = 0, process_count: int = 1)
 
 
 class ChatBatches:
-    """Packed SFT batches, a batch source (see data.py): `batch_at(step)` is a pure function of
+    """Packed SFT batches, a batch source (see tokens.py): `batch_at(step)` is a pure function of
     (seed, step).
 
     Every conversation is rendered once. Each epoch shuffles the conversations (seeded by (seed,

@@ -63,7 +63,7 @@ def _prefill(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], par
     positions_1xL = jnp.arange(L, dtype=jnp.int32)[None]
     # The prompt starts at position 0, so it attends over a fresh L-long cache, written into the
     # slot's first L positions afterwards. (Taking the slot's S-long row out of the donated cache
-    # and putting it back made XLA copy the whole cache twice: 160 instead of 50 ms with 8 slots.)
+    # and putting it back made XLA copy the whole cache twice.)
     logits_1xLxV, cache_1 = model.apply(params, tokens_1xL, segments_1xL, positions_1xL,
                                         cache=model.init_cache(1, L))
     logits_1xV = jax.lax.dynamic_index_in_dim(logits_1xLxV, length - 1, axis=1, keepdims=False)
@@ -183,8 +183,7 @@ class Engine:
                       "counts": jnp.zeros((self.slots, V), jnp.int32),
                       "seen": jnp.zeros((self.slots, V), bool)}
         if self.mesh is None:  # committed, as the jitted steps' outputs are: else the first prefill
-            # after a decode step sees a differently placed state and compiles again (2 s at 1.8M
-            # params)
+            # after a decode step sees a differently placed state and compiles again
             self.state = jax.device_put(self.state, jax.devices()[0])
         else:
             axes = {"cache": [{"k": CACHE_AXES, "v": CACHE_AXES}] * self.model.cfg.n_layer,

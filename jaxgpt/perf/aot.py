@@ -331,8 +331,8 @@ def compile_step(trainer):
 
 def analyze(trainer, card: str = "") -> dict:
     """The estimate beside XLA's memory and cost analysis of the compiled step (compiled ahead of
-    time from shapes: no params are made). card: the step is compiled for that GPU (aot.py), and
-    its kernels' bytes and FLOPs are summed too."""
+    time from shapes: no params are made). card: the step is compiled for that GPU
+    (compiling_for), and its kernels' bytes and FLOPs are summed too."""
     mesh = trainer.mesh
     t = time.perf_counter()
     compiled = compile_step(trainer)

@@ -37,7 +37,7 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
         prompts = [rng.integers(0, vocab, bench.prompt_tokens).tolist() for _ in range(batch)]
         # compile prefill and both decode calls (one step, and `steps`); when the rows will outgrow
         # the context, past its first shift too (the shift's re-prefill compiles another prompt
-        # length: 1.4 of the 1.7 s the quickstart's model took for 256 new tokens at context 128)
+        # length, which would otherwise be timed as decoding)
         S = model.cfg.seq_len
         warm = (steps + 3 if bench.prompt_tokens + bench.new_tokens <= S
                 else S - bench.prompt_tokens + steps + 2)

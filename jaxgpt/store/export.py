@@ -26,8 +26,9 @@ EXPORT_CHECKSUMS = "checksums.json"  # beside an export's params/: {leaf path: c
 
 def export(out_dir: str | Path, cfg: config_lib.Config, params, tokenizer: Tokenizer | None,
            extra: dict[str, str | bytes] | None = None) -> Path:
-    """Write params + config + tokenizer (None: a converted model without one, see convert.py) and
-    the `extra` files (relative path -> content); a finished export replaces an older one whole."""
+    """Write params + config + tokenizer (None: a converted model without one, see hf/convert.py)
+    and the `extra` files (relative path -> content); a finished export replaces an older one
+    whole."""
     out_dir = Path(out_dir).absolute()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -74,11 +74,9 @@ class StopSignals:
         self._previous = {}
 
 
-# How many train steps the host may dispatch ahead of the oldest one still running. XLA:CPU queues
-# at most 32 computations per device, and a program over several CPU devices whose queue filled up
-# deadlocked in its all-reduce (jax 0.10.2: `jaxgpt.train` on 2 simulated devices with
-# train.log_every=500 hung and was aborted by XLA; a jitted psum in a loop never hung with a sync
-# every 32 calls or fewer, always with one every 40 or 64). Eight ahead keeps any accelerator fed.
+# How many train steps the host may dispatch ahead of the oldest one still running: XLA:CPU queues
+# at most 32 computations per device, and a multi-device program whose queue fills up can deadlock
+# in its all-reduce. Eight ahead stays well inside that and still keeps any accelerator fed.
 STEPS_AHEAD = 8
 
 

@@ -95,9 +95,9 @@ def saved_for_backward(loss, params, batch, mesh=None) -> int:
     `params` and `batch` are shapes placed on `mesh` (None: one device). Without tensor parallelism
     every residual splits over the batch's devices, so tracing alone gives the answer. With it, the
     heads' and the MLP's values split over `tensor` too while the residual stream does not, so the
-    residuals are compiled for the mesh (the forward pass alone: 2 s for GPT-2 small on a CPU) and
-    each counted at its shard's size: GPT-2 small on 8 devices, tensor=4, is 3.85 GB a device where
-    dividing by data x fsdp gave 12.08."""
+    residuals are compiled for the mesh (the forward pass alone) and each counted at its shard's
+    size, where dividing by data x fsdp would overcount them about tensor-fold
+    (experiments/RESULTS.md, "Memory plans")."""
     def residuals(params, batch):
         inputs = {id(x) for x in jax.tree.leaves((params, batch))}
         saved = jax.tree.leaves(jax.vjp(lambda p: loss(p, batch), params)[1])

@@ -133,11 +133,9 @@ class Trainer:
         """The state at step 0 for train.seed (compiled once, placed on the mesh).
 
         On a CPU it is compiled at XLA's backend optimization level 1: it runs once, and its random
-        draws (a threefry kernel per parameter) are most of a small model's compile time (the
-        quickstart's model on the 2-core host with two sweeps running beside it: 7.9 s against 12.4
-        at the default level 2), with the same values to the bit (tests/test_train.py). Level 0
-        compiles faster still but drops the fused multiply-adds, so about 4% of the draws differ in
-        their last bit."""
+        draws (a threefry kernel per parameter) are most of a small model's compile time, which
+        level 1 cuts by a third with the same values to the bit (tests/train/test_trainer.py).
+        Level 0 drops the fused multiply-adds, so some draws would differ in their last bit."""
         seed = self.cfg.train.seed
         cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
         with sharding.activate(self.mesh):
@@ -147,8 +145,8 @@ class Trainer:
 
     def state_around(self, params) -> TrainState:
         """Step 0 around given params (fine-tuning): a fresh optimizer state and the rng init_state
-        would give, computed alone (compiling the whole init, its random draws, costs more than a
-        train step: 9 s for a 2-layer model on the 2-core CPU)."""
+        would give, computed alone (compiling the whole init, its random draws, costs more than
+        compiling a train step)."""
         s = self.state_sharding
         opt_state = jax.jit(self.optimizer.init, out_shardings=s.opt_state)(params)
         fresh_counters = jax.jit(lambda seed: (jnp.zeros((), jnp.int32),

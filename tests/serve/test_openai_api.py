@@ -1,5 +1,5 @@
 """Tests for jaxgpt.openai_api: OpenAI's request fields and response shapes, without a server
-(tests/test_serve.py sends the same through a real one)."""
+(tests/serve/test_app.py sends the same through a real one)."""
 import pytest
 
 from jaxgpt.data.tokenizer import Tokenizer

@@ -227,7 +227,7 @@ def test_damaged_checkpoint_is_skipped_with_a_warning_and_kept(env, capfd, damag
 def test_after_a_failed_read_only_the_abandoned_reads_leftovers_go_unreported(monkeypatch):
     """What orbax and tensorstore leave behind a failed restore (closed suspended reads, callbacks
     into a closed event loop) is not printed after the one-line error; anything else still reaches
-    the hook (the command line's own output: tests/test_runs.py's cut export)."""
+    the hook (the command line's own output: tests/store/test_runs.py's cut export)."""
     import gc
     import types
     seen = []
