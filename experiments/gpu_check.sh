@@ -77,11 +77,11 @@ prof=$work/profile
 for impl in "${attention[@]}"; do
     traced=()
     [ "$impl" = "${attention[0]}" ] && traced=(bench.profile="$prof/train_$impl")
-    bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" "${traced[@]}" \
+    bench train "$config" "${common[@]}" model.kernels="$impl" "${steps[@]}" "${traced[@]}" \
         || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"failed\": true}" >> "$rows"
 done
 # the variants with the first implementation that ran
-impl=$($PY -c 'import json, sys; ok = [r["attention"] for r in (json.loads(l) for l in open(sys.argv[1]) if l.startswith("{"))
+impl=$($PY -c 'import json, sys; ok = [r["kernels"] for r in (json.loads(l) for l in open(sys.argv[1]) if l.startswith("{"))
                   if r.get("bench") == "train" and not r.get("failed")]; print(ok[0] if ok else "xla")' "$rows" || echo xla)
 # the last (twice the batch, the loss fused) is traced too: where the time goes in the likeliest best step
 variants=("data.segments=true" "train.skip_update=cond" "${unfused[*]}" "${fp32_logits[*]}" "${larger[*]}")
@@ -89,12 +89,12 @@ for variant in "${variants[@]}"; do
     traced=()
     [ "$variant" = "${variants[-1]}" ] && traced=(bench.profile="$prof/train_${impl}_larger")
     # shellcheck disable=SC2086  # a variant is one or two key=value words
-    bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" $variant "${traced[@]}" \
+    bench train "$config" "${common[@]}" model.kernels="$impl" "${steps[@]}" $variant "${traced[@]}" \
         || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"variant\": \"$variant\", \"failed\": true}" >> "$rows"
 done
-XLA_FLAGS="${XLA_FLAGS:-} $flags" bench train "$config" "${common[@]}" model.attention="$impl" "${steps[@]}" "${larger[@]}" \
+XLA_FLAGS="${XLA_FLAGS:-} $flags" bench train "$config" "${common[@]}" model.kernels="$impl" "${steps[@]}" "${larger[@]}" \
     || echo "{\"bench\": \"train\", \"attention\": \"$impl\", \"variant\": \"$flags\", \"failed\": true}" >> "$rows"
-bench compile "$config" "${common[@]}" model.attention="${attention[0]}" \
+bench compile "$config" "${common[@]}" model.kernels="${attention[0]}" \
     || echo '{"bench": "compile", "failed": true}' >> "$rows"
 bench generate "$config" model.vocab_size=50304 "${decode[@]}" bench.profile="$prof/generate" \
     || echo '{"bench": "generate", "failed": true}' >> "$rows"
@@ -115,7 +115,7 @@ $PY - "$rows" "${OUT:-}" <<'EOF'
 import json, platform, sys
 import jax
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
-keep = {"train": ("attention", "batch", "segments", "loss_chunks", "logits_dtype", "skip_update", "xla_flags", "variant", "ms_per_iter", "tokens_per_s", "mfu", "peak_flops_per_device", "peak_source",
+keep = {"train": ("kernels", "batch", "segments", "loss_chunks", "logits_dtype", "skip_update", "xla_flags", "variant", "ms_per_iter", "tokens_per_s", "mfu", "peak_flops_per_device", "peak_source",
                   "compile_s", "peak_bytes_in_use", "step_temp_bytes", "final_loss", "op_ms_per_run", "failed"),
         "compile": ("mesh", "estimate_gb", "xla_bytes", "xla_flops_per_device", "model_flops_per_step", "compile_s", "kernels",
                     "failed"),

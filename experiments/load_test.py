@@ -92,7 +92,7 @@ def random_init_export(preset: str, tokenizer_from: str, overrides: list[str], o
                             f"(there are: {known})")
     try:
         cfg = config_lib.from_cli(path, overrides)
-        tokenizer = runs.tokenizer(tokenizer_from)
+        tokenizer = runs.load_tokenizer(tokenizer_from)
         # the chat template's tokens (a jaxgpt tokenizer has them)
         tokenizer.special_id("<|assistant_start|>")
     except JaxgptError as e:

@@ -151,7 +151,7 @@ def main(argv=None) -> None:
                 "max_tokens": args.max_tokens}
 
     def before():
-        tokenizer, room = runs.tokenizer(sft), sft_cfg.model.seq_len - args.max_tokens
+        tokenizer, room = runs.load_tokenizer(sft), sft_cfg.model.seq_len - args.max_tokens
         fits = lambda context: chat.render_prompt(context, tokenizer, room) is not None  # noqa: E731
         prompts = reply_quality.contexts(sft_cfg.data.chat, args.prompts, args.seed, fits)
         val_prompts = reply_quality.contexts(held_out, args.val_prompts, args.seed + 1, fits)

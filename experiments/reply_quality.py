@@ -108,7 +108,7 @@ def distance(measured: dict, reference: dict) -> float:
     return sum(abs(measured[k] - reference[k]) for k in MATCHED)
 
 
-def sample_replies(loaded: runs.Loaded, prompts: list[list[dict]], prompt_seeds: list[int],
+def sample_replies(loaded: runs.LoadedModel, prompts: list[list[dict]], prompt_seeds: list[int],
                    params: SamplingParams, slots: int = 64,
                    screen: bool = False) -> list[list[str]]:
     """`params.n` replies of the model `loaded` (runs.load) to each prompt, prompt i sampled with

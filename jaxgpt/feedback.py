@@ -13,7 +13,7 @@ from typing import Sequence
 
 from jaxgpt import cli
 from jaxgpt.errors import ConfigError
-from jaxgpt.serve.feedback_export import export, stats
+from jaxgpt.serve.feedback_export import stats, write_datasets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = cli.tool_config(FeedbackCommand, settings).export
         if not cfg.sft and not cfg.pairs:
             raise ConfigError("set export.sft=FILE.jsonl and / or export.pairs=FILE.jsonl")
-        counts = export(operands[0], cfg.sft or None, cfg.pairs or None)
+        counts = write_datasets(operands[0], cfg.sft or None, cfg.pairs or None)
         print(json.dumps({**counts, "sft_file": cfg.sft or None, "pairs_file": cfg.pairs or None}))
 
     def run_stats(operands: list[str], settings: list[str]) -> None:

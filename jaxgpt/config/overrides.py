@@ -111,6 +111,11 @@ def _unknown(key: str, keys: list[str]) -> ConfigError:
                        + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
+# Keys that were renamed, as configs, runs and command lines written before them still say them:
+# the old key sets the new one (model.attention picked the norm, matmul and head kernels too).
+RENAMED = {"model.attention": "model.kernels"}
+
+
 def apply_overrides(root, overrides: list[str]):
     """A copy of `root` (a Config or a tool's root) with `section.key=value` overrides applied;
     an unknown key or a value of the wrong type fails at once."""
@@ -118,7 +123,7 @@ def apply_overrides(root, overrides: list[str]):
     changes: dict[str, dict[str, Any]] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
-        key = key.strip().lstrip("-")
+        key = RENAMED.get(key.strip().lstrip("-"), key.strip().lstrip("-"))
         if not sep:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. model.n_layer=6")
         if key not in keys:
@@ -141,6 +146,8 @@ def from_dict(d: dict, root_type: type):
             raise ConfigError(f"unknown config section {section_name!r}")
         section = getattr(root, section_name)
         hints = type_hints(section)
+        values = {RENAMED.get(f"{section_name}.{k}", f"{section_name}.{k}").split(".", 1)[1]: v
+                  for k, v in values.items()}
         for name in values:
             if name not in hints:
                 raise _unknown(f"{section_name}.{name}", all_keys(root))

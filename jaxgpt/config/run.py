@@ -53,11 +53,11 @@ class ModelConfig:
     # compute dtype (params, softmax, loss stay fp32)
     dtype: Literal["float32", "bfloat16"] = "float32"
     # the matmuls' inputs (products summed in fp32); auto: the compute dtype. bfloat16 under float32
-    # activations is mixed precision: on a CPU with AMX, 4-6x the fp32 matmul speed (kernels/matmul)
+    # activations is mixed precision: on a CPU with AMX, several times fp32's speed (kernels/matmul)
     matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # the kernels of attention, the norms, the matmuls and the fused head (model/kernels/choice.py):
     # auto is cpu on a CPU, cudnn on a GPU in bf16/fp16, else xla
-    attention: Literal["auto", "xla", "cudnn", "cpu"] = "auto"
+    kernels: Literal["auto", "xla", "cudnn", "cpu"] = "auto"
     remat: bool = False              # recompute each block in the backward pass
     # what the output head writes its logits in; the loss and sampling read them into fp32.
     # bfloat16: torch autocast's numerics (its head's matmul writes bf16), half the bytes of the

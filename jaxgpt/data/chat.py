@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jaxgpt.data.dialogs import ROLES, ChatDataError, Conversation, split, validate
+from jaxgpt.data.dialogs import ROLES, ChatDataError, Conversation, require_valid, split
 from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.errors import TokenizerError
 
@@ -127,7 +127,7 @@ def render(conversation: Conversation, tokenizer: Tokenizer, for_generation: boo
            ) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32, loss mask bool) of a conversation; `for_generation` appends the assistant's start
     after the user's last message, so the model writes the reply (no mask is trained there)."""
-    validate(conversation, trainable=False)
+    require_valid(conversation, trainable=False)
     if for_generation and conversation[-1]["role"] != "user":
         raise ChatDataError("conversation: to prompt a reply the last message must be the user's")
     return _template([m["role"] for m in conversation],
@@ -140,7 +140,7 @@ def render_prompt(conversation: Conversation, tokenizer: Tokenizer, max_tokens: 
     """The ids that prompt the next reply (`render(..., for_generation=True)`) within max_tokens,
     dropping the oldest user/assistant pairs (the system message and the last user message stay);
     None when even those two do not fit. Each message is encoded once, however many are dropped."""
-    validate(conversation, trainable=False)
+    require_valid(conversation, trainable=False)
     if conversation[-1]["role"] != "user":
         raise ChatDataError("conversation: to prompt a reply the last message must be the user's")
     roles, encoded = ([m["role"] for m in conversation],
@@ -176,7 +176,7 @@ def render_truncated(conversation: Conversation, tokenizer: Tokenizer, seq_len: 
                      ) -> tuple[np.ndarray, np.ndarray] | None:
     """`render` within a context of seq_len + 1 tokens, dropping the oldest user/assistant pairs
     (the system message stays); None when even the system message and the last pair do not fit."""
-    validate(conversation)
+    require_valid(conversation)
     roles, encoded = ([m["role"] for m in conversation],
                       [tokenizer.encode(m["content"]) for m in conversation])
     lay = layout(tokenizer)
@@ -191,7 +191,7 @@ def render_windows(conversation: Conversation, tokenizer: Tokenizer, seq_len: in
     """A long conversation as consecutive windows of whole pairs that each fit seq_len + 1 tokens
     (the system message in each), oldest first, so no reply is lost to truncation; a pair too long
     to fit even alone is dropped. The last window is `render_truncated`'s."""
-    validate(conversation)
+    require_valid(conversation)
     roles, encoded = ([m["role"] for m in conversation],
                       [tokenizer.encode(m["content"]) for m in conversation])
     lay = layout(tokenizer)
@@ -266,7 +266,7 @@ class Rendered:
         `render_windows` when `windows`; `dropped` counts the conversations that gave nothing."""
         out, dropped = [], 0
         for i, conversation in enumerate(conversations):
-            validate(conversation, f"conversation {i}")
+            require_valid(conversation, f"conversation {i}")
             if windows:
                 got = render_windows(conversation, tokenizer, seq_len)
             else:

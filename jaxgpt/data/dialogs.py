@@ -35,7 +35,7 @@ class ChatDataError(DataError):
     """A malformed conversation or conversations file; the message names the file and line."""
 
 
-class Loaded(NamedTuple):
+class LoadedDialogs(NamedTuple):
     conversations: list[Conversation]
     ids: list[str]   # the source dialog of each conversation (for `split`)
     # source records that gave no conversation: malformed (with skip_bad) or nothing to train
@@ -44,7 +44,7 @@ class Loaded(NamedTuple):
 
 # ---- the message format ----
 
-def check(conversation, *, trainable: bool = True) -> str | None:
+def problem_with(conversation, *, trainable: bool = True) -> str | None:
     """What is wrong with `conversation`, or None; `trainable` also asks for an assistant
     message."""
     if not isinstance(conversation, list) or not conversation:
@@ -67,8 +67,8 @@ def check(conversation, *, trainable: bool = True) -> str | None:
     return None
 
 
-def validate(conversation, where: str = "conversation", *, trainable: bool = True) -> None:
-    if (problem := check(conversation, trainable=trainable)) is not None:
+def require_valid(conversation, where: str = "conversation", *, trainable: bool = True) -> None:
+    if (problem := problem_with(conversation, trainable=trainable)) is not None:
         raise ChatDataError(f"{where}: {problem}")
 
 
@@ -99,7 +99,7 @@ def split(conversations: Sequence[Conversation], val_fraction: float, seed: int,
             [c for c, g in zip(conversations, groups, strict=False) if g in held])
 
 
-# ---- readers and converters: each gives Loaded(conversations, ids, skipped) ----
+# ---- readers and converters: each gives LoadedDialogs(conversations, ids, skipped) ----
 
 class BadRecord(Exception):
     """Why a record is malformed; the reader adds where it is."""
@@ -158,7 +158,7 @@ def _json_array(path: Path, data: bytes) -> Iterator[tuple[str, str | None, obje
                                 "starting here")
 
 
-def _collect(records, convert, skip_bad: bool, limit: int | None = None) -> Loaded:
+def _collect(records, convert, skip_bad: bool, limit: int | None = None) -> LoadedDialogs:
     """`convert` (record -> conversations) over (where, dialog id or None, record) triples."""
     conversations, ids, skipped = [], [], 0
     for where, dialog_id, record in records:
@@ -167,7 +167,7 @@ def _collect(records, convert, skip_bad: bool, limit: int | None = None) -> Load
                 raise record
             got = convert(record)
             for conversation in got:
-                if (problem := check(conversation)) is not None:
+                if (problem := problem_with(conversation)) is not None:
                     raise BadRecord(problem)
         except BadRecord as e:
             if not skip_bad:
@@ -179,7 +179,7 @@ def _collect(records, convert, skip_bad: bool, limit: int | None = None) -> Load
         ids += [dialog_id or where] * len(got)
         if limit and len(conversations) >= limit:
             break
-    return Loaded(conversations[:limit or None], ids[:limit or None], skipped)
+    return LoadedDialogs(conversations[:limit or None], ids[:limit or None], skipped)
 
 
 def _from_messages(record) -> list[Conversation]:
@@ -204,13 +204,13 @@ def _from_sharegpt(record) -> list[Conversation]:
 
 
 def read_jsonl(path: str | os.PathLike, *, skip_bad: bool = False,
-               limit: int | None = None) -> Loaded:
+               limit: int | None = None) -> LoadedDialogs:
     """Conversations from `{"messages": [...]}` JSONL (an "id" is kept, other keys are ignored)."""
     return _collect(json_records(Path(path)), _from_messages, skip_bad, limit)
 
 
 def read_sharegpt(path: str | os.PathLike, *, skip_bad: bool = False,
-                  limit: int | None = None) -> Loaded:
+                  limit: int | None = None) -> LoadedDialogs:
     """Conversations from ShareGPT records, as JSONL or one JSON array; "from" is one of
     SHAREGPT_ROLES."""
     return _collect(json_records(Path(path)), _from_sharegpt, skip_bad, limit)
@@ -248,7 +248,7 @@ def _from_chitchat(dialog) -> list[Conversation]:
 
 
 def read_chitchat(path: str | os.PathLike | None = None, *, skip_bad: bool = False,
-                  limit: int | None = None) -> Loaded:
+                  limit: int | None = None) -> LoadedDialogs:
     """chitchat-dataset (the `chitchat_dataset` package's dataset.json unless `path` is given), each
     dialog twice, once per speaker as the user; a dialog with one speaker gives nothing
     (counted)."""
@@ -299,7 +299,7 @@ def _from_chatterbot(lines: list[str]) -> list[Conversation]:
 
 def read_chatterbot(languages: Sequence[str] | None = None,
                     directory: str | os.PathLike | None = None, *, skip_bad: bool = False,
-                    limit: int | None = None) -> Loaded:
+                    limit: int | None = None) -> LoadedDialogs:
     """chatterbot-corpus dialogs (all languages, or those named, e.g. ["chinese"]): alternating
     lines become user and assistant messages; a one-line dialog gives nothing (counted)."""
     if directory is None:
@@ -315,7 +315,7 @@ def read_chatterbot(languages: Sequence[str] | None = None,
                     skip_bad, limit)
 
 
-def load(source: str, *, skip_bad: bool = False, limit: int | None = None) -> Loaded:
+def load(source: str, *, skip_bad: bool = False, limit: int | None = None) -> LoadedDialogs:
     """chitchat[:PATH] | chatterbot[:LANG,LANG...] | sharegpt:PATH | jsonl:PATH."""
     kind, _, arg = source.partition(":")
     if kind == "chitchat":

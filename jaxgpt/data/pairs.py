@@ -31,7 +31,7 @@ def check_pair(record) -> str | None:
     """What is wrong with a pairs row, or None."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         return f"expected {PAIR_FORM}"
-    if (problem := dialogs.check(record["messages"], trainable=False)) is not None:
+    if (problem := dialogs.problem_with(record["messages"], trainable=False)) is not None:
         return f"messages: {problem}"
     if record["messages"][-1]["role"] != "user":
         return "messages: the context must end with a user turn (the two replies answer it)"

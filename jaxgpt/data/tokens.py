@@ -312,7 +312,7 @@ def open_batches(cfg, tokenizer: Tokenizer | None = None, training: bool = True,
                                   held_out_chats)
     if d.chat or (d.chat_val and not training):
         tokenizer = tokenizer or Tokenizer.from_spec(d.tokenizer)
-        loaded = dialogs.load(d.chat) if d.chat else dialogs.Loaded([], [], 0)
+        loaded = dialogs.load(d.chat) if d.chat else dialogs.LoadedDialogs([], [], 0)
         held_out = dialogs.load(d.chat_val).conversations if d.chat_val else ()
         return chat.ChatBatches(loaded.conversations, tokenizer, cfg.model.seq_len, d.batch_size,
                                 cfg.train.seed, val=held_out,

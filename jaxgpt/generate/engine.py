@@ -298,7 +298,7 @@ class Engine:
 
     def _on_mesh(self):
         """Trace under the mesh and the rules, so the model's logical constraints take effect."""
-        return sharding.activate(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        return sharding.on_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def _paths(self, knobs: dict[str, np.ndarray]) -> tuple[bool, bool]:
         return sampling_paths(knobs, self.model.cfg.vocab_size)

@@ -40,7 +40,7 @@ COUNT_KEYS = ("passed", "blocked_reply", "blocked_user", "low_confidence_flagged
               "low_confidence_refused")
 
 
-def normalize(text: str) -> tuple[str, list[int]]:
+def normalize_text(text: str) -> tuple[str, list[int]]:
     """(normalised text, for each of its characters the index of the raw character it came from).
 
     Per raw character: NFKC (full-width and mathematical letters become plain ones), then casefold;
@@ -97,7 +97,7 @@ def load_rules(spec: str | None) -> list[tuple[regex.Pattern, str]]:
                 raise ConfigError(f"{where}: regular expression '{line}' matches the empty text")
             patterns.append((pattern, f"pattern '{line}'"))
         else:
-            phrase = normalize(line)[0].strip()
+            phrase = normalize_text(line)[0].strip()
             if not phrase:
                 raise ConfigError(f"{where}: phrase {line!r} is empty once normalised")
             phrases.add(phrase)
@@ -151,7 +151,7 @@ class Screen:
         """Why the whole `text` is blocked, or None if it passes."""
         if not self.active:
             return None
-        reason, _ = self._scan(normalize(text)[0], 0, final=True)
+        reason, _ = self._scan(normalize_text(text)[0], 0, final=True)
         return reason or self._classify(text)
 
     def stream(self) -> ScreenStream:

@@ -29,7 +29,7 @@ import time
 from typing import Callable, Iterator
 
 from jaxgpt.config import ScreenConfig
-from jaxgpt.data import chat
+from jaxgpt.data import chat, dialogs
 from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.generate.engine import Engine, Request
 from jaxgpt.generate.sampling import SamplingParams
@@ -244,7 +244,7 @@ class Service:
         drop_old_turns=False, which raises ValueError("messages: ...") instead, or, with
         shrink_max_tokens, lowers max_tokens to what the context leaves. A user message the
         screen blocks gets the refusal at once, with no generation."""
-        chat.validate(messages, trainable=False)
+        dialogs.require_valid(messages, trainable=False)
         if messages[-1]["role"] != "user":
             raise ValueError("messages: the last message must be the user's")
         if (self.screen.active and self.screen.cfg.user

@@ -10,7 +10,7 @@ Shapes in names: B batch, L query length, S key length, D width, H heads, K kv h
 E head dim, F MLP width, V vocab, N layers. Every parameter carries logical axis names
 (`GPT.logical_axes`), which parallel/sharding.py maps onto the mesh. The layers (layers.py) run
 attention, the norms and the matmuls on the kernels (kernels/) that GPT picks once for this host
-(kernels/choice.py: `model.attention=auto` is the XLA:CPU forms on a CPU, cuDNN on a GPU). The KV
+(kernels/choice.py: `model.kernels=auto` is the XLA:CPU forms on a CPU, cuDNN on a GPU). The KV
 cache is cache.py's; rotary positions rope.py's.
 """
 from __future__ import annotations

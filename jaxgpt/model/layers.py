@@ -87,7 +87,7 @@ class Dense(nn.Module):
         # the product, where a bias over two axes (q's heads) took a kernel of its own
         b_N = None if b is None else b.reshape(-1)
         if self.activation:
-            y_MxN = matmul.activate(impl, self.activation, y_MxN, b_N)
+            y_MxN = matmul.activation(impl, self.activation, y_MxN, b_N)
         elif b_N is not None:
             y_MxN = y_MxN + b_N.astype(y_MxN.dtype)
         return y_MxN.reshape(batch_shape + shape_out)

@@ -130,7 +130,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh):
+def on_mesh(mesh: Mesh):
     """Trace and compile under this mesh and these rules, so logical constraints take effect."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
         yield

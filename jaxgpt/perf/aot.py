@@ -324,7 +324,7 @@ def summary(table: list[Kernel], card_name: str, top: int = 12) -> dict:
 def compile_step(trainer):
     """The trainer's train step compiled ahead of time from shapes alone (no params are made)."""
     state = sharding.placed(trainer.abstract_state(), trainer.state_sharding)
-    with sharding.activate(trainer.mesh):
+    with sharding.on_mesh(trainer.mesh):
         return trainer.train_step.lower(state, memory.abstract_batch(trainer.cfg, trainer.mesh),
                                         *memory.frozen_params(trainer, True)).compile()
 

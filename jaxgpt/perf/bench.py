@@ -80,7 +80,7 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, p
     state = trainer.init_state()
     batch = trainer.batch(0)
     t = time.perf_counter()
-    with sharding.activate(trainer.mesh):
+    with sharding.on_mesh(trainer.mesh):
         compiled = trainer.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
 
@@ -101,7 +101,7 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, batches=None, p
     out = {
         "bench": "train", "preset": cfg.model.preset, "dtype": cfg.model.dtype,
         "matmul_dtype": matmul_dtype(cfg.model), "logits_dtype": cfg.model.logits_dtype,
-        "attention": trainer.model.kernels.impl, "remat": cfg.model.remat,
+        "kernels": trainer.model.kernels.impl, "remat": cfg.model.remat,
         "loss_chunks": cfg.model.loss_chunks, "segments": data.rows_have_segments(cfg.data),
         "skip_update": resolve_skip_update(cfg.train.skip_update),
         "params": trainer.model.num_params(state.params), "devices": n_devices,

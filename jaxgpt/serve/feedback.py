@@ -248,7 +248,7 @@ class Feedback:
                                 "source")
         context = [{"role": m.get("role"), "content": m.get("content")}
                    if isinstance(m, dict) else m for m in messages]
-        if ((problem := dialogs.check(context, trainable=False)) is not None
+        if ((problem := dialogs.problem_with(context, trainable=False)) is not None
                 or context[-1]["role"] != "user"):
             raise FeedbackError(f"messages: {problem or 'the last message must be a user message'}",
                                 "messages")

@@ -38,7 +38,7 @@ def _collect(conn: sqlite3.Connection) -> tuple[list[dict], list[dict]]:
     usable = {key: r for key, r in rows.items() if r[4] != "error"}
     for key, r in rows.items():
         text = edits.get(key) or (r[3] if ratings.get(key) == "up" and r[4] == "stop" else None)
-        if text is not None and dialogs.check(json.loads(r[2])
+        if text is not None and dialogs.problem_with(json.loads(r[2])
                                               + [{"role": "assistant", "content": text}]) is None:
             sft.append({"id": key[0] if key[1] == 0 else f"{key[0]}#{key[1]}",
                         "messages": json.loads(r[2]) + [{"role": "assistant", "content": text}]})
@@ -58,7 +58,7 @@ def _collect(conn: sqlite3.Connection) -> tuple[list[dict], list[dict]]:
     return sft, pairs
 
 
-def export(path: str | Path, sft: str | Path | None = None,
+def write_datasets(path: str | Path, sft: str | Path | None = None,
            pairs: str | Path | None = None) -> dict:
     """Write the SFT conversations and / or the preference pairs of the database at `path`; the
     counts."""

@@ -28,7 +28,7 @@ from jaxgpt.store import checkpoint, export, integrity
 NO_TOKENIZER = "NO_TOKENIZER"  # in an export converted without tokenizer files (jaxgpt.convert)
 
 
-class Loaded(NamedTuple):
+class LoadedModel(NamedTuple):
     cfg: config_lib.Config   # the saved config with the caller's overrides (model shape unchanged)
     params: dict             # on one device, or placed on `mesh`
     # None only with load(..., need_tokenizer=False) and a model without one
@@ -74,7 +74,7 @@ def saved_config(source: str | Path) -> config_lib.Config:
     raise _nothing_there(source)
 
 
-def tokenizer(source: str | Path) -> Tokenizer:
+def load_tokenizer(source: str | Path) -> Tokenizer:
     """The tokenizer of the model in `source`: tokenizer.json in the export, step's run or run
     directory."""
     source = Path(source).absolute()
@@ -94,8 +94,8 @@ def tokenizer(source: str | Path) -> Tokenizer:
                           "its export)")
 
 
-def params(source: str | Path, cfg: config_lib.Config,
-           shardings=None) -> tuple[dict, str, int | None]:
+def load_params(source: str | Path, cfg: config_lib.Config,
+                shardings=None) -> tuple[dict, str, int | None]:
     """(params, where they came from, checkpoint step or None) of `source`, checked against cfg's
     model shape and placed by `shardings` (one device when None). Damaged checkpoints are
     skipped."""
@@ -115,9 +115,9 @@ def params(source: str | Path, cfg: config_lib.Config,
 
 
 def load(source: str | Path, overrides: list[str] = (), *, on_mesh: bool = False,
-         need_tokenizer: bool = True) -> Loaded:
+         need_tokenizer: bool = True) -> LoadedModel:
     """Config, params and tokenizer of a trained model. `overrides` may change anything but the
-    model's shape (data, eval, sample, mesh settings, model.dtype, model.attention...); with
+    model's shape (data, eval, sample, mesh settings, model.dtype, model.kernels...); with
     `on_mesh` the params are placed on the mesh that `mesh.*` describes, else on one device.
     need_tokenizer=False: a model without tokenizer files loads too (tokenizer None)."""
     saved = saved_config(source)
@@ -130,11 +130,11 @@ def load(source: str | Path, overrides: list[str] = (), *, on_mesh: bool = False
         model = GPT(cfg.model)
         shardings = sharding.logical_to_mesh(model.logical_axes,
                                              jax.eval_shape(model.init, jax.random.key(0)), mesh)
-    tree, where, step = params(source, cfg, shardings)
+    tree, where, step = load_params(source, cfg, shardings)
     try:
-        tok = tokenizer(source)
+        tok = load_tokenizer(source)
     except CheckpointError:
         if need_tokenizer:
             raise
         tok = None
-    return Loaded(cfg, tree, tok, where, step, mesh)
+    return LoadedModel(cfg, tree, tok, where, step, mesh)

@@ -121,7 +121,7 @@ class DPO:
         """Per split, every pair's [N, 2] (chosen, rejected) log-probabilities under `params`,
         scored in the split's fixed packing (so each value depends on its pair alone)."""
         mesh, batches = self.mesh, self.batches
-        with sharding.activate(mesh):
+        with sharding.on_mesh(mesh):
             score = jax.jit(functools.partial(sequence_logps, self.model),
                             in_shardings=(self.params_sharding, sharding.batch_sharding(mesh)),
                             out_shardings=sharding.replicated(mesh))
@@ -129,7 +129,7 @@ class DPO:
         for split in ("train", "val"):
             ref = np.zeros((len(batches.split_data(split)) // 2, 2), np.float32)
             for rows, batch in batches.ordered(split, self.cfg.eval_batch_size):
-                with sharding.activate(mesh):
+                with sharding.on_mesh(mesh):
                     batch = sharding.put_batch(sharding.padded(batch, mesh), mesh)
                     out_BxL = np.asarray(score(params, batch))
                 for b, row in enumerate(rows):
@@ -145,7 +145,7 @@ class DPO:
         out = {}
         if len(batches.split_data(split)):
             if self._eval is None:
-                with sharding.activate(mesh):
+                with sharding.on_mesh(mesh):
                     self._eval = jax.jit(lambda p, b, *f: self.loss(p, b, None, *f),
                                          in_shardings=(self.params_sharding,
                                                        sharding.batch_sharding(mesh),
@@ -153,7 +153,7 @@ class DPO:
                                          out_shardings=sharding.replicated(mesh))
             total, count, sums = 0.0, 0.0, {}
             for batch in batches.eval_batches(split, self.cfg.eval_batch_size):
-                with sharding.activate(mesh):
+                with sharding.on_mesh(mesh):
                     batch = sharding.put_batch(sharding.padded(batch, mesh), mesh)
                     loss_sum, (n, got) = jax.device_get(self._eval(params, batch, *frozen))
                 total, count = total + float(loss_sum), count + float(n)

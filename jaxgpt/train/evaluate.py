@@ -55,7 +55,7 @@ def evaluate_batches(eval_step, params, batches, mesh, token_bytes: np.ndarray |
 def evaluate_source(batches, cfg: Config, eval_step, params, mesh, split: str,
                     max_tokens: int) -> dict:
     """Score a split of a batch source (data.TokenBatches or chat.ChatBatches) as cfg.eval says."""
-    with sharding.activate(mesh):
+    with sharding.on_mesh(mesh):
         return evaluate_batches(eval_step, params,
                                 batches.eval_batches(split, cfg.eval_batch_size,
                                                      cfg.eval.stride, max_tokens),
@@ -78,7 +78,7 @@ def evaluate(source: str, overrides: list[str] = ()) -> dict:
     batches = data.open_batches(cfg, loaded.tokenizer, training=False)
     model = GPT(cfg.model)
     params_sharding = jax.tree.map(lambda x: x.sharding, loaded.params)
-    with sharding.activate(mesh):
+    with sharding.on_mesh(mesh):
         step = make_eval_step(model, mesh, params_sharding)
     result = evaluate_source(batches, cfg, step, loaded.params, mesh, cfg.eval.split,
                              cfg.eval.max_tokens)

@@ -242,7 +242,7 @@ def first_state(trainer: Trainer, checkpointer):
     state = checkpointer.restore(trainer)
     # fine-tuning: another run's params, a fresh optimizer
     if state is None and cfg.train.init_from:
-        params, where, _ = runs.params(cfg.train.init_from, cfg, trainer.params_sharding)
+        params, where, _ = runs.load_params(cfg.train.init_from, cfg, trainer.params_sharding)
         if lead:
             print(f"params from {where}; fresh optimizer state, step 0", file=sys.stderr)
         state = trainer.state_around(params)
@@ -299,7 +299,7 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None, batches=None)
     checkpointer = checkpointer or checkpoint.Checkpointer(cfg)
     try:
         trainer = Trainer(cfg, devices, batches)
-        memory.check(trainer)  # refuse what will not fit before compiling it
+        memory.check_fits(trainer)  # refuse what will not fit before compiling it
         state = first_state(trainer, checkpointer)
     except BaseException:
         checkpointer.close()

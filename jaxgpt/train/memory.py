@@ -3,7 +3,7 @@
     plan = memory.estimate(trainer)         # by tracing: seconds even for GPT-2 small
     plan.per_device                         # bytes: params, optimizer, gradients, activations,
                                             # batch, reference (DPO's, in the step), total
-    memory.check(trainer)                   # raises OutOfMemory naming the knobs that would fit
+    memory.check_fits(trainer)              # raises OutOfMemory naming the knobs that would fit
     trainer = memory.trainer_for(cfg, devices)  # a config's trainer with no data: shapes only
 
 (perf/aot.py's `analyze` sets the estimate beside XLA's analysis of the compiled step.)
@@ -107,7 +107,7 @@ def saved_for_backward(loss, params, batch, mesh=None) -> int:
         shards = 1 if mesh is None else sharding.data_shards(mesh)
         return sum(_nbytes(x.shape, x.dtype)
                    for x in jax.eval_shape(residuals, params, batch)) // shards
-    with sharding.activate(mesh):
+    with sharding.on_mesh(mesh):
         lowered = jax.jit(residuals).lower(params, batch)
         shardings = lowered.compile().output_shardings
     return sum(_nbytes(s.shard_shape(x.shape), x.dtype)
@@ -225,7 +225,7 @@ def readable(n_bytes: float) -> str:
     return f"{int(n_bytes)} B"
 
 
-def check(trainer: Trainer) -> Plan | None:
+def check_fits(trainer: Trainer) -> Plan | None:
     """Refuse (OutOfMemory) a trainer whose step would not fit in one device's memory, naming what
     would make it fit; the plan when a limit is known, else None (nothing is traced)."""
     limit, source = device_limit(trainer.cfg, list(trainer.mesh.devices.flat))

@@ -32,7 +32,7 @@ def with_tokenizer_vocab(cfg: config_lib.Config, tokenizer: Tokenizer) -> config
 def open_run_batches(cfg: config_lib.Config):
     """(config with the vocabulary resolved, batch source): the data of a run, checked before any
     other work starts. Fine-tuning (train.init_from) uses the source model's tokenizer."""
-    tokenizer = runs.tokenizer(cfg.train.init_from) if cfg.train.init_from else None
+    tokenizer = runs.load_tokenizer(cfg.train.init_from) if cfg.train.init_from else None
     # process 0 first: it may tokenize data.path into the (shared) cache the others then only read
     if jax.process_index() != 0:
         launch.barrier("data")
@@ -71,7 +71,7 @@ class Trainer:
         self.model_loss = functools.partial(self.model.loss,
                                             segments=data.rows_have_segments(cfg.data))
         frozen_shardings = (self.params_sharding,) if self.dpo and self.dpo.in_step else ()
-        with sharding.activate(self.mesh):
+        with sharding.on_mesh(self.mesh):
             self._fresh_state_jit = jax.jit(self._fresh_state, out_shardings=self.state_sharding)
             self.train_step = jax.jit(
                 make_train_step(self.model, self.optimizer, cfg.optim.grad_accum,
@@ -89,7 +89,7 @@ class Trainer:
         """DPO's frozen reference: the params the run starts from (init_from's, else the seed's),
         loaded anew."""
         if self.cfg.train.init_from:
-            return runs.params(self.cfg.train.init_from, self.cfg, self.params_sharding)[0]
+            return runs.load_params(self.cfg.train.init_from, self.cfg, self.params_sharding)[0]
         return self.init_state().params
 
     def _dpo_reference(self) -> tuple:
@@ -138,7 +138,7 @@ class Trainer:
         Level 0 drops the fused multiply-adds, so some draws would differ in their last bit."""
         seed = self.cfg.train.seed
         cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
-        with sharding.activate(self.mesh):
+        with sharding.on_mesh(self.mesh):
             compiled = self._fresh_state_jit.lower(seed).compile(
                 compiler_options={"xla_backend_optimization_level": 1} if cpu else None)
             return compiled(seed)
@@ -174,10 +174,10 @@ class Trainer:
                                         split, self.cfg.train.eval_max_tokens)
 
     def step(self, state: TrainState, batch: dict):
-        with sharding.activate(self.mesh):
+        with sharding.on_mesh(self.mesh):
             return self.train_step(state, batch, *self.frozen)
 
     def abstract_state(self) -> TrainState:
         """The state's shapes and dtypes, computing nothing (checkpoint restore targets)."""
-        with sharding.activate(self.mesh):
+        with sharding.on_mesh(self.mesh):
             return jax.eval_shape(self._fresh_state_jit, self.cfg.train.seed)

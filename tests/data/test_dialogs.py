@@ -25,13 +25,13 @@ from jaxgpt.errors import DataError
      "no assistant message"),
 ])
 def test_check_names_the_problem(conversation, problem):
-    assert problem in dialogs.check(conversation)
+    assert problem in dialogs.problem_with(conversation)
 
 
 def test_check_accepts_well_formed():
-    assert dialogs.check(CONVERSATION) is None
-    assert dialogs.check(CONVERSATION[:4]) is None  # a trailing user message is fine
-    assert dialogs.check(CONVERSATION[:2], trainable=False) is None
+    assert dialogs.problem_with(CONVERSATION) is None
+    assert dialogs.problem_with(CONVERSATION[:4]) is None  # a trailing user message is fine
+    assert dialogs.problem_with(CONVERSATION[:2], trainable=False) is None
 
 
 # ---- converters ----
@@ -102,7 +102,7 @@ def test_chitchat_gives_both_directions_of_the_first_dialog():
     assert loaded.conversations == [a_user, b_user] and loaded.ids == [f"chitchat:{key}"] * 2
     assert loaded.conversations[0][0]["content"] == "Hello\nHow are you doing today?"
     assert loaded.conversations[1][0]["content"] == loaded.conversations[0][1]["content"]
-    assert len(a_user) >= 30 and all(dialogs.check(c) is None for c in loaded.conversations)
+    assert len(a_user) >= 30 and all(dialogs.problem_with(c) is None for c in loaded.conversations)
 
 
 def test_chatterbot_malformed_dialogs_name_file_and_line(tmp_path):

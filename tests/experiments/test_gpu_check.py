@@ -23,7 +23,7 @@ def test_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
     # each implementation, then the variants beside the first: packed documents, the whole logits,
     # fp32 logits, twice the batch (on a CPU the update is skipped by a cond in every row; the
     # variant names it, a GPU's default selects)
-    assert [(row["attention"], row["batch"], row["segments"], row["loss_chunks"],
+    assert [(row["kernels"], row["batch"], row["segments"], row["loss_chunks"],
              row["logits_dtype"], row["skip_update"]) for row in table["train"]] == [
         ("xla", 4, False, 8, "bfloat16", "cond"), ("xla", 4, True, 8, "bfloat16", "cond"),
         ("xla", 4, False, 8, "bfloat16", "cond"), ("xla", 4, False, 0, "bfloat16", "cond"),

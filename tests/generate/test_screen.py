@@ -10,7 +10,7 @@ import pytest
 
 from jaxgpt.config import ScreenConfig
 from jaxgpt.errors import ConfigError
-from jaxgpt.generate.screen import BUILTIN_BLOCKLIST, Screen, normalize
+from jaxgpt.generate.screen import BUILTIN_BLOCKLIST, Screen, normalize_text
 
 ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
 
@@ -31,7 +31,7 @@ def stream_all(screen: Screen, deltas):
 def assert_never_released(screen: Screen, text: str, released: str):
     """No match of any rule in the whole `text` starts inside what was `released`."""
     assert text.startswith(released)
-    norm, index = normalize(text)
+    norm, index = normalize_text(text)
     for pattern, _ in screen._rules:
         for m in pattern.finditer(norm, overlapped=True):
             assert index[m.start()] >= len(released), (text, released, m)
@@ -60,7 +60,7 @@ def assert_never_released(screen: Screen, text: str, released: str):
     ("", "", []),
 ])
 def test_normalize(raw, norm, index):
-    assert normalize(raw) == (norm, index)
+    assert normalize_text(raw) == (norm, index)
 
 
 def test_normalize_of_a_prefix_is_a_prefix():
@@ -70,7 +70,7 @@ def test_normalize_of_a_prefix_is_a_prefix():
     for _ in range(300):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
         cut = rng.randint(0, len(text))
-        head, whole = normalize(text[:cut]), normalize(text)
+        head, whole = normalize_text(text[:cut]), normalize_text(text)
         assert whole[0].startswith(head[0]) and whole[1][:len(head[1])] == head[1]
 
 
@@ -220,7 +220,7 @@ def test_blocked_phrase_never_released_however_split(tmp_path, variant, tail):
         ends = [sum(map(len, deltas[:k])) for k in range(len(deltas) + 1)]
         last = max(e for e in ends if e <= len("well ") + len(variant))
         assert released == stream.released == text[:min(last, len("well "))], deltas
-        assert "fuck" not in normalize(released)[0]
+        assert "fuck" not in normalize_text(released)[0]
         assert_never_released(screen, text, released)
 
 

@@ -11,7 +11,7 @@ from jaxgpt.config import ModelConfig, ScreenConfig
 from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.generate.engine import Engine
 from jaxgpt.generate.sampling import SamplingParams
-from jaxgpt.generate.screen import Screen, normalize
+from jaxgpt.generate.screen import Screen, normalize_text
 from jaxgpt.generate.service import Service, TextStream
 from jaxgpt.model.gpt import GPT
 
@@ -90,7 +90,7 @@ def test_a_screened_phrase_never_reaches_the_stream(tmp_path, text, sizes):
     stream = TextStream(tok, screen=s.stream(), refusal=REFUSAL)
     deltas = feed_ids(stream, tok.encode(text), sizes)
     shown = "".join(deltas)
-    assert "fuck" not in normalize(shown)[0] and shown.endswith(REFUSAL)
+    assert "fuck" not in normalize_text(shown)[0] and shown.endswith(REFUSAL)
     assert shown.removesuffix(REFUSAL).strip() == "so" and stream.finish_reason == "content_filter"
 
 
@@ -142,9 +142,9 @@ def test_a_phrase_the_model_says_is_screened_end_to_end(tiny, tmp_path):
     [ids] = Engine(model, params, tok, slots=1).generate([tok.encode("hello")], sp)
     # what the model says unscreened, look-alike letters and all
     plain = tok.decode_bytes(ids).decode()
-    words = regex.findall(r"\w+", normalize(plain)[0])
+    words = regex.findall(r"\w+", normalize_text(plain)[0])
     # it writes some look-alikes
-    assert len(words) >= 2 and any(c not in normalize(c)[0] for c in plain)
+    assert len(words) >= 2 and any(c not in normalize_text(c)[0] for c in plain)
     phrase = words[1]
     # the list writes the word in full-width letters with a zero-width space:
     # the same once normalised
@@ -155,9 +155,10 @@ def test_a_phrase_the_model_says_is_screened_end_to_end(tiny, tmp_path):
         shown = "".join(d.text for d in stream)
         [reply] = stream.result()
     said = shown.removesuffix(REFUSAL).rstrip(" ")
-    assert shown.endswith(REFUSAL) and phrase not in normalize(said)[0]
+    assert shown.endswith(REFUSAL) and phrase not in normalize_text(said)[0]
     # all before it
-    assert plain.startswith(said) and len(normalize(said)[0]) == normalize(plain)[0].index(phrase)
+    assert (plain.startswith(said)
+            and len(normalize_text(said)[0]) == normalize_text(plain)[0].index(phrase))
     assert reply.finish_reason == "content_filter" and reply.screened == "blocklist"
     assert len(reply.token_ids) < 30  # decoding stopped at the match
     assert s.counts()["blocked_reply"] == 1

@@ -284,9 +284,9 @@ def test_resolve_on_cpu():
         assert choice.resolve("auto", dtype) == "cpu"
         assert choice.resolve("cpu", dtype) == "cpu"
         assert choice.resolve("xla", dtype) == "xla"
-        with pytest.raises(ConfigError, match=r"^model\.attention=cudnn needs a GPU"):
+        with pytest.raises(ConfigError, match=r"^model\.kernels=cudnn needs a GPU"):
             choice.resolve("cudnn", dtype)
-    with pytest.raises(ConfigError, match="model.attention='flash'"):
+    with pytest.raises(ConfigError, match="model.kernels='flash'"):
         choice.resolve("flash", "float32")
 
 
@@ -300,17 +300,17 @@ def test_resolve_auto_elsewhere(monkeypatch, backend, dtype, expected):
     if expected == "cudnn":
         assert choice.resolve("cudnn", dtype) == "cudnn"
     else:
-        with pytest.raises(ConfigError, match="model.attention=cudnn"):
+        with pytest.raises(ConfigError, match="model.kernels=cudnn"):
             choice.resolve("cudnn", dtype)
 
 
 def tiny_llama(attention: str) -> ModelConfig:
     return ModelConfig(preset="llama", vocab_size=37, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
-                       seq_len=7, qk_norm=True, bias=True, attention=attention).resolved()
+                       seq_len=7, qk_norm=True, bias=True, kernels=attention).resolved()
 
 
 def test_model_follows_the_switch():
-    """attention=xla: no hand-written backward anywhere in the model, and the same loss and
+    """kernels=xla: no hand-written backward anywhere in the model, and the same loss and
     gradients."""
     model = GPT(tiny_llama("cpu"))
     rng = np.random.default_rng(5)
@@ -323,7 +323,7 @@ def test_model_follows_the_switch():
              "loss_mask": (seg != 0) * 1.0}
     results = {}
     for impl in IMPLS:
-        m = GPT(dataclasses.replace(model.cfg, attention=impl))
+        m = GPT(dataclasses.replace(model.cfg, kernels=impl))
         jaxpr = str(jax.make_jaxpr(m.apply)(params, batch["inputs"], seg))
         assert ([name in jaxpr for name in ["_attend_bwd", "_normalize_bwd", "_matmul_bwd"]]
                 == [impl == "cpu"] * 3)
@@ -336,7 +336,7 @@ def test_model_follows_the_switch():
 
 
 def test_cudnn_on_cpu_is_a_config_error():
-    with pytest.raises(ConfigError, match="model.attention=cudnn"):
+    with pytest.raises(ConfigError, match="model.kernels=cudnn"):
         GPT(tiny_llama("cudnn")).init(jax.random.key(0))
 
 
@@ -456,7 +456,7 @@ def test_activation_under_cublas_matmuls_adds_the_bias_first_and_keeps_the_sum(m
     b_F = jax.random.normal(jax.random.key(1), (96,), jnp.float32)
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")
     with hardware.target_platform("gpu"):  # traced for a GPU, run here
-        out, vjp = jax.vjp(lambda y, b: matmul.activate("xla", "gelu", y, b), y_MxF, b_F)
+        out, vjp = jax.vjp(lambda y, b: matmul.activation("xla", "gelu", y, b), y_MxF, b_F)
     h_MxF = y_MxF + b_F.astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(out, np.float32),
                                   np.asarray(matmul.ACTIVATIONS["gelu"](h_MxF), np.float32))
@@ -476,7 +476,7 @@ def test_activation_off_the_cpu_keeps_only_its_inputs_for_the_backward_pass(name
     b_F = jax.random.normal(jax.random.key(1), (96,), jnp.float32) if bias else None
     kept = {}
     for impl in ("cpu", "xla"):
-        out, vjp = jax.vjp(lambda y, b, impl=impl: matmul.activate(impl, name, y, b), y_MxF, b_F)
+        out, vjp = jax.vjp(lambda y, b, impl=impl: matmul.activation(impl, name, y, b), y_MxF, b_F)
         expected = matmul.ACTIVATIONS[name](y_MxF if b_F is None
                                             else y_MxF + b_F.astype(jnp.bfloat16))
         np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))

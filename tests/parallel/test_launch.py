@@ -260,8 +260,8 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs_1_and_2):
 def test_process_0_writes_the_export(runs_1_and_2):
     two_dir, one_dir = runs_1_and_2["two-fsdp"][0], runs_1_and_2["one-fsdp"][0]
     cfg = runs.saved_config(two_dir / "export")
-    two, _, _ = runs.params(two_dir / "export", cfg)
-    one, _, _ = runs.params(one_dir / "export", cfg)
+    two, _, _ = runs.load_params(two_dir / "export", cfg)
+    one, _, _ = runs.load_params(one_dir / "export", cfg)
     assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one), strict=False)) < 1e-5
     assert not (two_dir / "export.tmp").exists()

@@ -726,7 +726,7 @@ def test_feedback_on_a_stored_reply_and_its_errors(stored, url, tmp_path):
     assert off.status_code == 404 and off.json()["error"]["code"] == "feedback_off"
 
     stored_rows(db, *ids)
-    feedback_export.export(db, pairs=tmp_path / "pairs.jsonl")
+    feedback_export.write_datasets(db, pairs=tmp_path / "pairs.jsonl")
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert {"messages": MESSAGES, "chosen": texts[1], "rejected": texts[0]} in pairs
     assert {"messages": MESSAGES, "chosen": "well, hello", "rejected": texts[0]} in pairs

@@ -106,7 +106,7 @@ PAIRS = [{"messages": A, "chosen": "hello", "rejected": "hey"},     # better
 def test_export_gives_the_expected_conversations_and_pairs(tmp_path):
     db = tmp_path / "feedback.db"
     golden_database(db)
-    counts = feedback_export.export(db, tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl")
+    counts = feedback_export.write_datasets(db, tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl")
     assert counts == {"sft": 2, "pairs": 4}
     assert [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()] == SFT
     assert [json.loads(line)
@@ -133,7 +133,7 @@ def test_the_sft_export_trains_as_data_chat(tmp_path):
 
     db = tmp_path / "feedback.db"
     golden_database(db)
-    feedback_export.export(db, sft=tmp_path / "sft.jsonl")
+    feedback_export.write_datasets(db, sft=tmp_path / "sft.jsonl")
     cfg = Config()
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
                                                             chat=f"jsonl:{tmp_path / 'sft.jsonl'}",

@@ -377,7 +377,8 @@ def test_regenerate_then_this_one_is_better_is_a_pair_in_the_export(page, servic
     assert page.locator("#error").text_content() == ""
 
     recorder.flush()
-    counts = feedback_export.export(feedback_db, tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl")
+    counts = feedback_export.write_datasets(feedback_db, tmp_path / "sft.jsonl",
+                                            tmp_path / "pairs.jsonl")
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert pairs[0] == {"messages": LESSON[:1], "chosen": PAYLOAD[:5], "rejected": PAYLOAD[:12]}
     assert {"messages": LESSON[:1], "chosen": "hello there", "rejected": PAYLOAD[:5]} in pairs

@@ -29,7 +29,7 @@ def test_state_around_params_has_a_fresh_optimizer(tiny_run, make_config, tmp_pa
     run, _ = tiny_run
     trainer = trainer_lib.Trainer(make_config(tmp_path / "ft", optim={"lr": 1e-4}),
                                   jax.devices()[:1])
-    params, _, _ = runs.params(run, trainer.cfg, trainer.params_sharding)
+    params, _, _ = runs.load_params(run, trainer.cfg, trainer.params_sharding)
     state = trainer.state_around(params)
     assert int(state.step) == 0 and leaves_equal(state.params, runs.load(run).params)
     # zero moments and counts
@@ -42,7 +42,7 @@ def test_training_with_init_from_starts_from_those_params(tiny_run, make_config,
     cfg = config_lib.apply_overrides(cfg, [f"train.init_from={run}"])
     logged = loop.train(cfg, devices=jax.devices()[:1])
     trainer = trainer_lib.Trainer(cfg, jax.devices()[:1])
-    params, _, _ = runs.params(run, trainer.cfg, trainer.params_sharding)
+    params, _, _ = runs.load_params(run, trainer.cfg, trainer.params_sharding)
     _, metrics = trainer.step(trainer.state_around(params), trainer.batch(0))
     assert logged["step"] == 1 and logged["loss"] == float(metrics["loss"])
     fresh = trainer.step(trainer.init_state(), trainer.batch(0))[1]

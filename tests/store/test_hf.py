@@ -35,7 +35,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 TEXTS = ["Hello world, this is a test.", "ROMEO:\nThe night is sweet, my lord!",
          "  spaces\tand\nnewlines  ", "numbers 12345 and ünïcödé ☃", ""]
-XLA = ["model.attention=xla"]  # plain XLA fp32 math (the default cpu kernels agree as closely)
+XLA = ["model.kernels=xla"]  # plain XLA fp32 math (the default cpu kernels agree as closely)
 
 
 def hf_tokenizer_json(vocab_size: int = 300, specials: tuple[str, ...] = ("<s>", "</s>")) -> str:
@@ -172,7 +172,7 @@ def test_config_and_tokenizer_mapping(exports):
 
 def test_hf_tokenizer_matches_tokenizers(hf_dirs, exports, tmp_path):
     hf = tokenizers.Tokenizer.from_file(str(hf_dirs["gqa"] / "tokenizer.json"))
-    tok = runs.tokenizer(exports["gqa"][0])
+    tok = runs.load_tokenizer(exports["gqa"][0])
     n = hf.get_vocab_size()
     assert (tok.eot_id, tok.bos_id) == (hf.token_to_id("</s>"), hf.token_to_id("<s>"))
     assert (sorted(tok.special_id(t) for t in SPECIAL_TOKENS[2:]) == list(range(n, n + 6))
@@ -258,7 +258,7 @@ def test_to_hf_gives_back_the_same_tensors(hf_dirs, exports, name, tmp_path):
     if name != "tied":
         fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
         assert (fast(TEXTS[1], add_special_tokens=False)["input_ids"]
-                == runs.tokenizer(exports[name][0]).encode(TEXTS[1]))
+                == runs.load_tokenizer(exports[name][0]).encode(TEXTS[1]))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gqa", "llama3", "qwen2"])
@@ -328,7 +328,7 @@ def test_an_imported_model_fine_tunes_and_goes_back(exports, make_config, tmp_pa
     logged = loop.train(cfg, devices=jax.devices()[:1])
     assert logged["step"] == 3 and np.isfinite(logged["loss"])
     tuned = runs.load(tmp_path / "ft" / "export")
-    assert tuned.tokenizer.fingerprint == runs.tokenizer(out).fingerprint
+    assert tuned.tokenizer.fingerprint == runs.load_tokenizer(out).fingerprint
     assert not leaves_equal(tuned.params, runs.load(out).params)
     summary = convert.to_hf(str(tmp_path / "ft" / "export"), tmp_path / "hf")
     V = tuned.cfg.model.vocab_size
@@ -424,7 +424,7 @@ def test_an_imported_chat_model_talks_in_its_own_template(chat_models, name):
     directory, summary = chat_models[name]
     assert summary["chat_format"] == name
     export_dir = Path(summary["export"])
-    tok = runs.tokenizer(export_dir)
+    tok = runs.load_tokenizer(export_dir)
     assert (tok.chat_format == name
             and Tokenizer.load(tok.save(export_dir / "again")).chat_format == name)
     for conversation in CHATS:
@@ -468,7 +468,7 @@ def test_an_imported_chat_model_fine_tunes_in_its_own_template(chat_models, make
                       train={"steps": 3, "log_every": 1, "eval_every": 0,
                              "init_from": str(export_dir)})
     cfg = config_lib.validate(dataclasses.replace(cfg, model=runs.saved_config(export_dir).model))
-    tok = runs.tokenizer(export_dir)
+    tok = runs.load_tokenizer(export_dir)
     batch = data.open_batches(cfg).batch_at(0)
     inputs, targets, mask = (np.asarray(batch[k]) for k in ("inputs", "targets", "loss_mask"))
     mask = mask.astype(bool)
@@ -479,7 +479,7 @@ def test_an_imported_chat_model_fine_tunes_in_its_own_template(chat_models, make
     assert not (targets[mask] == tok.special_id("<|im_start|>")).any()
     logged = loop.train(cfg, devices=jax.devices()[:1])
     assert logged["step"] == 3 and np.isfinite(logged["loss"])
-    assert runs.tokenizer(tmp_path / "ft" / "export").chat_format == "chatml"
+    assert runs.load_tokenizer(tmp_path / "ft" / "export").chat_format == "chatml"
 
 
 def edit_config(directory, tmp_path, **changes):

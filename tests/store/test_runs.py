@@ -30,7 +30,7 @@ def test_run_step_and_export_give_the_same_model(tiny_run):
     assert (from_run.cfg.to_dict() == saved == from_export.cfg.to_dict()
             == runs.saved_config(run).to_dict())
     fingerprints = {x.tokenizer.fingerprint for x in (from_run, from_step, from_export)}
-    assert fingerprints == {runs.tokenizer(run).fingerprint}
+    assert fingerprints == {runs.load_tokenizer(run).fingerprint}
 
 
 def test_a_run_without_export_loads_its_newest_checkpoint(tiny_run, tmp_path):
@@ -66,7 +66,7 @@ def test_nothing_to_load_is_one_clear_error(tmp_path):
                                               r"a checkpoint step or an export$"):
         runs.load(tmp_path / "nothing")
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
-        runs.tokenizer(tmp_path)
+        runs.load_tokenizer(tmp_path)
 
 
 def test_params_on_a_mesh(tiny_run):

@@ -64,7 +64,7 @@ def test_overrides_do_not_mutate_the_input():
     ("model.mlp=relu", "model.mlp=relu: expected one of gelu, gelu_exact, swiglu, relu2, none"),
     ("model.position=alibi", "model.position=alibi: expected one of learned, rope, none"),
     ("model.dtype=float16", "model.dtype=float16: expected one of float32, bfloat16"),
-    ("model.attention=flash", "model.attention=flash: expected one of auto, xla, cudnn, cpu"),
+    ("model.kernels=flash", "model.kernels=flash: expected one of auto, xla, cudnn, cpu"),
     ("optim.schedule=linear", "optim.schedule=linear: expected one of constant, cosine, wsd"),
     ("optim.name=sgd", "optim.name=sgd: expected one of adamw, muon"),
     ("data.sampling=shuffled", "data.sampling=shuffled: expected one of random, sequential"),
@@ -251,6 +251,16 @@ def test_from_dict_rejects_unknown_names():
         from_dict({"modle": {}})
     with pytest.raises(ConfigError, match="unknown config key 'model.layers'"):
         from_dict({"model": {"layers": 2}})
+
+
+def test_a_renamed_key_still_reads_in_old_configs_and_command_lines():
+    """model.attention picked every kernel, so it is model.kernels now; what was written with the
+    old name (a run's config.json, a command line) sets the new one."""
+    old = Config().to_dict()
+    old["model"]["attention"] = old["model"].pop("kernels") and "xla"
+    assert from_dict(old).model.kernels == "xla"
+    assert apply_overrides(Config(), ["model.attention=cpu"]).model.kernels == "cpu"
+    assert "model.attention" not in config_lib.all_keys(Config())
 
 
 def test_all_keys_lists_every_field():

@@ -114,7 +114,7 @@ def test_a_plain_text_file_every_token_scored_nothing_written(tiny_run, tmp_path
     text = "ROMEO:\nLove is the night, sweet lord.\n\nJULIET:\nGood night, good night!\n" * 4
     (held_out / "heldout.txt").write_text(text)
     result = evaluate(run, [f"data.path={held_out / 'heldout.txt'}", "eval.split=all"])
-    tokenizer = runs.tokenizer(run)
+    tokenizer = runs.load_tokenizer(run)
     assert result["split"] == "all" and result["tokens"] == len(tokenizer.encode(text)) - 1
     assert result["bytes"] == len(text[1:].encode("utf-8"))
     # no cache or shard beside the user's file

@@ -53,7 +53,7 @@ def test_the_estimate_adds_up_shards_gradients_and_residuals(text_file):
 
 def test_no_limit_on_a_cpu_means_no_check(text_file):
     assert memory.device_limit(tiny(text_file))[0] is None
-    assert memory.check(memory.trainer_for(tiny(text_file, model={"vocab_size": 64}))) is None
+    assert memory.check_fits(memory.trainer_for(tiny(text_file, model={"vocab_size": 64}))) is None
 
 
 def test_a_config_over_the_limit_is_refused_with_the_knobs_that_fit(text_file, tmp_path):
@@ -62,7 +62,7 @@ def test_a_config_over_the_limit_is_refused_with_the_knobs_that_fit(text_file, t
     cfg = resolved(text_file, tmp_path / "run", train={"steps": 2, "log_every": 1, "eval_every": 0})
     with pytest.raises(memory.OutOfMemory, match=r"^the train step needs about .* per device "
                                                  r".*fits with: model\.remat=true \("):
-        memory.check(memory.trainer_for(dataclasses.replace(
+        memory.check_fits(memory.trainer_for(dataclasses.replace(
             cfg, mesh=dataclasses.replace(cfg.mesh, device_memory_gb=limit_gb))))
 
     config_file = tmp_path / "tiny.json"

@@ -26,23 +26,23 @@ class Kernels:
 def choose(cfg: ModelConfig) -> Kernels:
     """cfg's kernels on this host, or on the platform being compiled for (hardware.target_platform).
     An explicit cudnn where it cannot run is a ConfigError here, not a crash inside XLA."""
-    return Kernels(impl=resolve(cfg.attention, cfg.dtype),
+    return Kernels(impl=resolve(cfg.kernels, cfg.dtype),
                    cache_window=resolve_cache_window(cfg.cache_window),
                    matmul_dtype=matmul_dtype(cfg), platform=hardware.compute_platform())
 
 
 def resolve(choice: str, dtype) -> str:
-    """The implementation `model.attention` names: auto is cpu on CPU, cudnn on a GPU in bf16/fp16,
+    """The implementation `model.kernels` names: auto is cpu on CPU, cudnn on a GPU in bf16/fp16,
     else xla."""
     if choice not in ("auto", "cpu", "xla", "cudnn"):
-        raise ConfigError(f"model.attention={choice!r}: expected one of auto, xla, cudnn, cpu")
+        raise ConfigError(f"model.kernels={choice!r}: expected one of auto, xla, cudnn, cpu")
     backend = hardware.compute_platform()
     cudnn_ok = backend == "gpu" and jnp.dtype(dtype) in HALF_DTYPES
     if choice == "auto":
         return "cpu" if backend == "cpu" else "cudnn" if cudnn_ok else "xla"
     if choice == "cudnn" and not cudnn_ok:
-        raise ConfigError(f"model.attention=cudnn needs a GPU and model.dtype=bfloat16 (here: "
-                          f"{backend}, {jnp.dtype(dtype).name}); use model.attention=auto or xla")
+        raise ConfigError(f"model.kernels=cudnn needs a GPU and model.dtype=bfloat16 (here: "
+                          f"{backend}, {jnp.dtype(dtype).name}); use model.kernels=auto or xla")
     return choice
 
 

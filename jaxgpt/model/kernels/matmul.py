@@ -32,7 +32,7 @@ def matmul(impl: str, x_MxK, w_KxN, out_dtype=None) -> jax.Array:
     return jnp.dot(x_MxK, w_KxN).astype(out_dtype)
 
 
-def activate(impl: str, name: str, y, b=None) -> jax.Array:
+def activation(impl: str, name: str, y, b=None) -> jax.Array:
     """The MLP's activation of its first product plus bias, `name` one of ACTIVATIONS.
 
     Off the CPU the backward pass recomputes it from y and b, which are kept anyway (y is what the

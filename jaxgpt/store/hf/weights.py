@@ -105,7 +105,7 @@ def part_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
             "up": (D, F), "down": (F, D)}
 
 
-def unpack(p: dict[str, np.ndarray], b: str, m: ModelConfig) -> dict[str, np.ndarray]:
+def unpack_layer(p: dict[str, np.ndarray], b: str, m: ModelConfig) -> dict[str, np.ndarray]:
     """Block `b`'s params as parts."""
     D, (K, E) = m.d_model, (m.n_kv_head, m.head_dim)
     kv_Dx2xKE, up = p[b + "attn/wkv/w"].reshape(D, 2, K * E), p[b + "mlp/w_up/w"]
@@ -129,7 +129,7 @@ def unpack(p: dict[str, np.ndarray], b: str, m: ModelConfig) -> dict[str, np.nda
     return parts
 
 
-def pack(parts: dict[str, np.ndarray], b: str, m: ModelConfig) -> dict[str, np.ndarray]:
+def pack_layer(parts: dict[str, np.ndarray], b: str, m: ModelConfig) -> dict[str, np.ndarray]:
     """unpack's inverse: parts as block `b`'s params."""
     D, H, K, E = m.d_model, m.n_head, m.n_kv_head, m.head_dim
     glu = m.mlp == "swiglu"
@@ -177,7 +177,7 @@ def params_from_hf(w: Weights, arch: str, m: ModelConfig) -> dict[str, np.ndarra
             if held[0] in biased(m):
                 biases = np.split(w(h + ".bias", (sum(sizes),)), splits)
                 parts.update(zip([part + ".b" for part in held], biases, strict=False))
-        flat.update(pack(parts, f"block_{i}/", m))
+        flat.update(pack_layer(parts, f"block_{i}/", m))
     if not m.tie_embeddings:
         flat["lm_head"] = w("lm_head.weight", (V, D)).T  # HF's head is [V, D], jaxgpt's [D, V]
     return flat
@@ -188,7 +188,7 @@ def params_to_hf(flat: dict[str, np.ndarray], arch: str, m: ModelConfig) -> dict
     out = {theirs: flat[ours] for ours, theirs in TOP[arch].items()}
     prefix, out_in, table = LAYERS[arch]
     for i in range(m.n_layer):
-        parts = unpack(flat, f"block_{i}/", m)
+        parts = unpack_layer(flat, f"block_{i}/", m)
         for name, held in table.items():
             h = prefix.format(i=i) + name
             w_INxOUT = np.concatenate([parts[part] for part in held], axis=-1)
