@@ -80,13 +80,18 @@ def test_ctrl_c_at_the_prompt_ends_cleanly(tiny_run, run_env, tmp_path):
     assert child.exitstatus == 0 and "Traceback" not in child.before
 
 
-def test_history_keeps_what_was_shown_and_reset_keeps_the_system_message():
+def tiny_service() -> Service:
+    """One slot over a 1-layer char model at random init (its replies are noise, exactly)."""
     tok = Tokenizer.from_spec("char", corpus="abcdefghijklmnopqrstuvwxyz ")
     cfg = ModelConfig(preset="gpt2", vocab_size=tok.n_vocab, n_layer=1, n_head=2, d_model=16,
                       seq_len=48).resolved()
     model = GPT(cfg)
+    return Service(Engine(model, model.init(jax.random.key(0)), tok, slots=1), tok)
+
+
+def test_history_keeps_what_was_shown_and_reset_keeps_the_system_message():
     out = io.StringIO()
-    with Service(Engine(model, model.init(jax.random.key(0)), tok, slots=1), tok) as service:
+    with tiny_service() as service:
         talk = Talk(service, SampleConfig(system="be brief", temperature=0.0, max_new_tokens=6),
                     out)
         talk.command("hello")
@@ -108,12 +113,8 @@ def test_replies_are_recorded_with_talk_feedback_db_and_up_down_judge_the_last(t
 
     from jaxgpt.serve.feedback import Feedback
 
-    tok = Tokenizer.from_spec("char", corpus="abcdefghijklmnopqrstuvwxyz ")
-    cfg = ModelConfig(preset="gpt2", vocab_size=tok.n_vocab, n_layer=1, n_head=2, d_model=16,
-                      seq_len=48).resolved()
-    model = GPT(cfg)
     out = io.StringIO()
-    with Service(Engine(model, model.init(jax.random.key(0)), tok, slots=1), tok) as service:
+    with tiny_service() as service:
         # not recording
         Talk(service, SampleConfig(temperature=0.0, max_new_tokens=4), out).command("/up")
         assert out.getvalue() == "[nothing to judge: start with talk.feedback_db=PATH]\n"
