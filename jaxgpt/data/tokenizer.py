@@ -116,7 +116,7 @@ class Tokenizer:
     def __init__(self, name: str, *, pattern: str = "", ranks: dict[bytes, int] | None = None,
                  chars: Sequence[str] | None = None, specials: dict[str, int] | None = None,
                  hf_json: str | None = None, chat_format: str = "jaxgpt"):
-        self.name, self._pattern, self._ranks, self.hf_json = name, pattern, ranks, hf_json
+        self.name, self.pattern, self.ranks, self.hf_json = name, pattern, ranks, hf_json
         # how chat.py lays conversations out: jaxgpt's, or an imported chat model's (CHAT_FORMATS)
         self.chat_format = chat_format
         self._lengths: np.ndarray | None = None
@@ -128,31 +128,31 @@ class Tokenizer:
         n_base = (self._hf.get_vocab_size(with_added_tokens=True) if self._hf is not None else
                   max(ranks.values(), default=-1) + 1 if ranks is not None else
                   len(self._chars or ()))
-        self._specials = _with_chat_specials(specials or {}, n_base)
-        self._special_ids = frozenset(self._specials.values())
-        self.eot_id, self.bos_id = self._specials["<|endoftext|>"], self._specials["<|bos|>"]
+        self.specials = _with_chat_specials(specials or {}, n_base)
+        self._special_ids = frozenset(self.specials.values())
+        self.eot_id, self.bos_id = self.specials["<|endoftext|>"], self.specials["<|bos|>"]
         if self._hf is not None:
             self.n_vocab = max(n_base, max(self._special_ids) + 1)
             self._hf_size = n_base
             # ids past the HF vocabulary are chat specials jaxgpt added: decoded by name
-            self._added_names = {i: t for t, i in self._specials.items() if i >= n_base}
+            self._added_names = {i: t for t, i in self.specials.items() if i >= n_base}
             self._hf_bytes = _hf_token_bytes(self._hf, hf_json) + [b""] * (self.n_vocab - n_base)
         elif ranks is not None:
             if len(set(ranks.values())) != len(ranks):  # tiktoken would panic: no except catches it
                 raise TokenizerError(f"'{name}': the ranks file gives two tokens the same rank")
             self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
-                                          special_tokens=self._specials)
+                                          special_tokens=self.specials)
             self.n_vocab = self._enc.n_vocab
         else:
             if not all(len(c) == 1 for c in self._chars):
                 raise TokenizerError(f"'{name}': a char tokenizer's chars must be single "
                                      "characters")
-            self.n_vocab = len(self._chars) + len(self._specials)
+            self.n_vocab = len(self._chars) + len(self.specials)
             # A table indexed by code point turns encoding into one numpy gather.
             codes = np.array([ord(c) for c in self._chars], dtype=np.int64)
             self._lut = np.full(int(codes.max(initial=-1)) + 1, -1, dtype=np.int64)
             self._lut[codes] = np.arange(len(codes))
-            self._pieces = self._chars + sorted(self._specials, key=self._specials.__getitem__)
+            self._pieces = self._chars + sorted(self.specials, key=self.specials.__getitem__)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, n_vocab={self.n_vocab})"
@@ -161,13 +161,13 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         if self._hf is not None:
             return self._hf.encode(text, add_special_tokens=False).ids
-        return (self._enc.encode_ordinary(text) if self._ranks is not None
+        return (self._enc.encode_ordinary(text) if self.ranks is not None
                 else self.encode_np(text).tolist())
 
     def encode_np(self, text: str) -> np.ndarray:
         if self._hf is not None:
             return np.asarray(self.encode(text), np.uint32)
-        if self._ranks is not None:  # disallowed_special=() encodes special-token strings as text
+        if self.ranks is not None:  # disallowed_special=() encodes special-token strings as text
             return self._enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
         ids = np.where(codes < len(self._lut), self._lut[np.minimum(codes, len(self._lut) - 1)], -1)
@@ -180,7 +180,7 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
         if self._hf is not None:  # threads: the tokenizers library's own (RAYON_NUM_THREADS)
             return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
-        if self._ranks is not None:
+        if self.ranks is not None:
             return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
         return [self.encode(t) for t in texts]
 
@@ -195,7 +195,7 @@ class Tokenizer:
                            "".join(self._added_names.get(i, "") for i in run)
                            for inside, run in itertools.groupby(arr.tolist(),
                                                                 lambda i: i < self._hf_size))
-        if self._ranks is None:
+        if self.ranks is None:
             return "".join(map(self._pieces.__getitem__, arr.tolist()))
         try:
             return self._enc.decode(arr.tolist())
@@ -208,7 +208,7 @@ class Tokenizer:
         ids = [int(i) for i in ids if not self.is_special(i)]
         if self._hf is not None:
             return b"".join(map(self._hf_bytes.__getitem__, ids))
-        if self._ranks is None:
+        if self.ranks is None:
             return self.decode(ids).encode("utf-8")
         return self._enc.decode_bytes(ids)
 
@@ -219,21 +219,21 @@ class Tokenizer:
             if self._hf is not None:
                 lengths[:] = [len(b) for b in self._hf_bytes]
                 lengths[list(self._special_ids)] = 0
-            elif self._ranks is None:
+            elif self.ranks is None:
                 lengths[:len(self._chars)] = [len(c.encode("utf-8")) for c in self._chars]
             else:
-                for token, rank in self._ranks.items():
+                for token, rank in self.ranks.items():
                     lengths[rank] = len(token)
             self._lengths = lengths
         return self._lengths
 
     # -- special tokens --
     def special_id(self, token: str) -> int:
-        if token not in self._specials:
-            known = ", ".join(self._specials)
+        if token not in self.specials:
+            known = ", ".join(self.specials)
             raise TokenizerError(f"{token!r} is not a special token of '{self.name}'; "
                                  f"known: {known}")
-        return self._specials[token]
+        return self.specials[token]
 
     def is_special(self, id: int) -> bool:  # noqa: A002 - the interface's name
         return int(id) in self._special_ids
@@ -244,22 +244,22 @@ class Tokenizer:
         a chat format other than jaxgpt's (it changes the ids of every conversation)."""
         fmt = {} if self.chat_format == "jaxgpt" else {"chat_format": self.chat_format}
         if self._hf is not None:
-            return {"kind": "hf", "special_tokens": self._specials, **fmt}
-        if self._ranks is None:
-            return {"kind": "char", "chars": "".join(self._chars), "special_tokens": self._specials,
+            return {"kind": "hf", "special_tokens": self.specials, **fmt}
+        if self.ranks is None:
+            return {"kind": "char", "chars": "".join(self._chars), "special_tokens": self.specials,
                     **fmt}
-        return {"kind": "tiktoken", "pattern": self._pattern, "special_tokens": self._specials,
+        return {"kind": "tiktoken", "pattern": self.pattern, "special_tokens": self.specials,
                 **fmt}
 
     def _ranks_bytes(self) -> bytes:  # the standard .tiktoken format: base64 token, space, rank
-        items = sorted(self._ranks.items(), key=lambda kv: kv[1])
+        items = sorted(self.ranks.items(), key=lambda kv: kv[1])
         return b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in items)
 
     @functools.cached_property
     def fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps(self._definition(), sort_keys=True,
                                       ensure_ascii=True).encode())
-        if self._ranks is not None:
+        if self.ranks is not None:
             h.update(self._ranks_bytes())
         if self._hf is not None:
             h.update(self.hf_json.encode("utf-8"))
@@ -275,7 +275,7 @@ class Tokenizer:
         if self._hf is not None:
             files.atomic_write(directory / "hf_tokenizer.json", self.hf_json)
             meta["hf_file"] = "hf_tokenizer.json"
-        if self._ranks is not None:
+        if self.ranks is not None:
             files.atomic_write(directory / "tokenizer.tiktoken", self._ranks_bytes())
             meta["ranks_file"] = "tokenizer.tiktoken"
         return files.write_json(directory / "tokenizer.json", meta)  # last: it names the ranks file

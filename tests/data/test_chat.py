@@ -158,7 +158,7 @@ def byte_with_format(chat_format):
     them)."""
     names = sorted(chat.CHAT_FORMATS[chat_format].tokens()
                    - set(chat.CHAT_FORMATS["jaxgpt"].tokens()))
-    return Tokenizer(f"byte-{chat_format}", pattern=Tokenizer.from_spec("byte")._pattern,
+    return Tokenizer(f"byte-{chat_format}", pattern=Tokenizer.from_spec("byte").pattern,
                      ranks={bytes([i]): i for i in range(256)},
                      specials={name: 256 + i for i, name in enumerate(names)},
                      chat_format=chat_format)
@@ -192,13 +192,13 @@ def test_truncation_keeps_the_most_pairs_that_fit_in_every_format(chat_format):
 
 def test_a_format_the_tokenizer_cannot_write_is_one_line():
     from jaxgpt.errors import TokenizerError
-    unknown = Tokenizer("byte-x", pattern=Tokenizer.from_spec("byte")._pattern,
+    unknown = Tokenizer("byte-x", pattern=Tokenizer.from_spec("byte").pattern,
                         ranks={bytes([i]): i for i in range(256)}, chat_format="zephyr")
     with pytest.raises(TokenizerError, match="^'byte-x': chat_format 'zephyr' is not one of "
                                              "jaxgpt, chatml, llama3$"):
         render(CONVERSATION, unknown)
     # no <|im_start|>
-    no_tokens = Tokenizer("byte-y", pattern=Tokenizer.from_spec("byte")._pattern,
+    no_tokens = Tokenizer("byte-y", pattern=Tokenizer.from_spec("byte").pattern,
                           ranks={bytes([i]): i for i in range(256)}, chat_format="chatml")
     with pytest.raises(TokenizerError,
                        match="'<\\|im_start\\|>' is not a special token of 'byte-y'"):

@@ -121,7 +121,7 @@ def tiktoken_json(tok: Tokenizer) -> str:
     split pattern, byte-level pieces and the merges that rebuild its ranks (a token is the merge of
     the two parts that BPE over its own bytes ends in), whole pieces looked up first as tiktoken
     does."""
-    ranks, to_char = tok._ranks, {b: c for c, b in byte_level_chars().items()}  # noqa: SLF001
+    ranks, to_char = tok.ranks, {b: c for c, b in byte_level_chars().items()}
     piece = lambda bs: "".join(to_char[b] for b in bs)  # noqa: E731
     merges = []
     for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
@@ -132,8 +132,8 @@ def tiktoken_json(tok: Tokenizer) -> str:
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
         if len(parts) == 2:
             merges.append([piece(parts[0]), piece(parts[1])])
-    specials = sorted({i: t for t, i in tok._specials.items()}.items())  # noqa: SLF001
-    split = {"type": "Split", "pattern": {"Regex": tok._pattern},  # noqa: SLF001
+    specials = sorted({i: t for t, i in tok.specials.items()}.items())
+    split = {"type": "Split", "pattern": {"Regex": tok.pattern},
              "behavior": "Isolated", "invert": False}
     return json.dumps({
         "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
@@ -162,7 +162,7 @@ def write_tokenizer(out: Path, tok: Tokenizer | None, kept: dict[str, Path], V: 
         hf_json = tok.hf_json
     elif tok is not None and "tokenizer.json" in kept:  # GPT-2's, read as tiktoken's gpt2
         hf_json = kept["tokenizer.json"].read_text(encoding="utf-8")
-    elif tok is not None and tok._ranks is not None:  # noqa: SLF001
+    elif tok is not None and tok.ranks is not None:
         hf_json = tiktoken_json(tok)
     else:
         return None
