@@ -261,15 +261,13 @@ def run_steps(trainer: Trainer, state, start: int, tally: Tally, checkpointer, s
         done = step + 1
         is_eval = (done == cfg.train.steps
                    or bool(cfg.train.eval_every and done % cfg.train.eval_every == 0))
-        out_of_time = False
-        if done % cfg.train.log_every == 0 or is_eval:
-            out_of_time = tally.logged(step, is_eval, state)
+        at_log = done % cfg.train.log_every == 0 or is_eval
+        out_of_time = tally.logged(step, is_eval, state) if at_log else False
         checkpointer.maybe_save(done, state, tally.last_at(done))
         # every process must stop after the same step (the save is collective): with several
         # they agree at the logged steps, where they wait for each other anyway
         stopping = (stop.signum if jax.process_count() == 1
-                    else launch.largest(stop.signum)
-                    if done % cfg.train.log_every == 0 or is_eval or out_of_time else 0)
+                    else launch.largest(stop.signum) if at_log else 0)
         if stopping:
             break
         if out_of_time:
