@@ -95,6 +95,8 @@ class Layout:
         self.start = {role: piece_ids(tokenizer, fmt.start, role) for role in ROLES}
         self.end = {role: piece_ids(tokenizer, fmt.end, role) for role in ROLES}
         self.stop_ids = (self.end["assistant"][0], self.start["user"][0], tokenizer.eot_id)
+        # encoded once: a data run renders it into every conversation without a system message
+        self.default_system = tokenizer.encode(tokenizer.default_system)
 
     def overhead(self, role: str) -> int:
         """The ids a message adds around its content."""
@@ -105,6 +107,16 @@ class Layout:
 @functools.lru_cache(maxsize=8)
 def layout(tokenizer: Tokenizer) -> Layout:
     return Layout(tokenizer)
+
+
+def _encoded(conversation: Conversation, tokenizer: Tokenizer) -> tuple[list, list]:
+    """Each message's role and encoded content, led by the tokenizer's default system message (its
+    template's) when there is none: every rendering and truncation keeps it as a system message."""
+    roles, encoded = ([m["role"] for m in conversation],
+                      [tokenizer.encode(m["content"]) for m in conversation])
+    if tokenizer.default_system and roles[0] != "system":
+        roles, encoded = ["system", *roles], [layout(tokenizer).default_system, *encoded]
+    return roles, encoded
 
 
 def _template(roles: Sequence[str], contents: Sequence[Sequence[int]], tokenizer: Tokenizer,
@@ -130,9 +142,7 @@ def render(conversation: Conversation, tokenizer: Tokenizer, for_generation: boo
     require_valid(conversation, trainable=False)
     if for_generation and conversation[-1]["role"] != "user":
         raise ChatDataError("conversation: to prompt a reply the last message must be the user's")
-    return _template([m["role"] for m in conversation],
-                     [tokenizer.encode(m["content"]) for m in conversation], tokenizer,
-                     for_generation)
+    return _template(*_encoded(conversation, tokenizer), tokenizer, for_generation)
 
 
 def render_prompt(conversation: Conversation, tokenizer: Tokenizer, max_tokens: int
@@ -143,8 +153,7 @@ def render_prompt(conversation: Conversation, tokenizer: Tokenizer, max_tokens: 
     require_valid(conversation, trainable=False)
     if conversation[-1]["role"] != "user":
         raise ChatDataError("conversation: to prompt a reply the last message must be the user's")
-    roles, encoded = ([m["role"] for m in conversation],
-                      [tokenizer.encode(m["content"]) for m in conversation])
+    roles, encoded = _encoded(conversation, tokenizer)
     head = [0] if roles[0] == "system" else []
     first = len(head)
     while True:
@@ -177,8 +186,7 @@ def render_truncated(conversation: Conversation, tokenizer: Tokenizer, seq_len: 
     """`render` within a context of seq_len + 1 tokens, dropping the oldest user/assistant pairs
     (the system message stays); None when even the system message and the last pair do not fit."""
     require_valid(conversation)
-    roles, encoded = ([m["role"] for m in conversation],
-                      [tokenizer.encode(m["content"]) for m in conversation])
+    roles, encoded = _encoded(conversation, tokenizer)
     lay = layout(tokenizer)
     keep = _kept(roles, [len(e) + lay.overhead(r) for r, e in zip(roles, encoded, strict=False)],
                  seq_len + 1 - len(lay.bos))
@@ -192,8 +200,7 @@ def render_windows(conversation: Conversation, tokenizer: Tokenizer, seq_len: in
     (the system message in each), oldest first, so no reply is lost to truncation; a pair too long
     to fit even alone is dropped. The last window is `render_truncated`'s."""
     require_valid(conversation)
-    roles, encoded = ([m["role"] for m in conversation],
-                      [tokenizer.encode(m["content"]) for m in conversation])
+    roles, encoded = _encoded(conversation, tokenizer)
     lay = layout(tokenizer)
     lengths, n_head = ([len(e) + lay.overhead(r) for r, e in zip(roles, encoded, strict=False)],
                        int(roles[0] == "system"))

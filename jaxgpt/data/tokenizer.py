@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Iterable, Literal, NamedTuple, Sequence
@@ -25,6 +24,7 @@ from tiktoken_ext import openai_public
 
 from jaxgpt import files
 from jaxgpt.data import vocabularies
+from jaxgpt.data.hf_tokenizer import hf_token_bytes, load_hf_tokenizer
 from jaxgpt.errors import TokenizerError
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|bos|>", "<|system_start|>", "<|system_end|>",
@@ -39,39 +39,6 @@ def _with_chat_specials(specials: dict[str, int], n_base: int) -> dict[str, int]
     for token in SPECIAL_TOKENS:
         if token not in out:
             out[token], next_id = next_id, next_id + 1
-    return out
-
-
-@functools.cache
-def byte_level_chars() -> dict[str, int]:
-    """GPT-2's byte-level alphabet (HF's bytes_to_unicode) as character -> byte: a byte-level BPE
-    vocabulary writes each byte of a token as one printable character."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
-
-
-def _hf_token_bytes(hf, hf_json: str) -> list[bytes]:
-    """The UTF-8 bytes each id of a HF tokenizer stands for (b"" for its specials), read off the
-    vocabulary: byte-level pieces (GPT-2, Llama 3) through the byte alphabet, else SentencePiece
-    pieces (Llama 2: \u2581 is a space, <0xNN> one byte). A SentencePiece tokenizer adds a space
-    before the first word, which these lengths count (one byte per encoded text)."""
-    spec = json.loads(hf_json)
-    byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))  # alone or inside a Sequence
-    added, chars = {t["id"]: t for t in spec.get("added_tokens", [])}, byte_level_chars()
-    out = []
-    for i in range(hf.get_vocab_size(with_added_tokens=True)):
-        piece = hf.id_to_token(i)
-        if i in added:
-            out.append(b"" if added[i].get("special") else added[i]["content"].encode())
-        elif piece is None:  # an unused id
-            out.append(b"")
-        elif byte_level and all(c in chars for c in piece):
-            out.append(bytes(chars[c] for c in piece))
-        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
-            out.append(bytes([int(piece[3:5], 16)]))
-        else:
-            out.append(piece.replace("\u2581", " ").encode())
     return out
 
 
@@ -115,10 +82,11 @@ class Tokenizer:
 
     def __init__(self, name: str, *, pattern: str = "", ranks: dict[bytes, int] | None = None,
                  chars: Sequence[str] | None = None, specials: dict[str, int] | None = None,
-                 hf_json: str | None = None, chat_format: str = "jaxgpt"):
+                 hf_json: str | None = None, chat_format: str = "jaxgpt", default_system: str = ""):
         self.name, self.pattern, self.ranks, self.hf_json = name, pattern, ranks, hf_json
-        # how chat.py lays conversations out: jaxgpt's, or an imported chat model's (CHAT_FORMATS)
-        self.chat_format = chat_format
+        # how chat.py lays conversations out: jaxgpt's, or an imported chat model's (CHAT_FORMATS),
+        # and the system message that model's template writes when a conversation has none
+        self.chat_format, self.default_system = chat_format, default_system
         self._lengths: np.ndarray | None = None
         if ranks is None and chars is None and hf_json is None:
             raise TokenizerError(f"Tokenizer({name!r}) needs ranks or chars; to build a tokenizer "
@@ -136,7 +104,7 @@ class Tokenizer:
             self._hf_size = n_base
             # ids past the HF vocabulary are chat specials jaxgpt added: decoded by name
             self._added_names = {i: t for t, i in self.specials.items() if i >= n_base}
-            self._hf_bytes = _hf_token_bytes(self._hf, hf_json) + [b""] * (self.n_vocab - n_base)
+            self._hf_bytes = hf_token_bytes(self._hf, hf_json) + [b""] * (self.n_vocab - n_base)
         elif ranks is not None:
             if len(set(ranks.values())) != len(ranks):  # tiktoken would panic: no except catches it
                 raise TokenizerError(f"'{name}': the ranks file gives two tokens the same rank")
@@ -241,8 +209,10 @@ class Tokenizer:
     # -- identity and persistence --
     def _definition(self) -> dict:
         """Everything that fixes the ids except the ranks themselves (and the name, which doesn't);
-        a chat format other than jaxgpt's (it changes the ids of every conversation)."""
+        a chat format other than jaxgpt's and a default system message (they change the ids of
+        conversations); left out when unset, so older files keep their fingerprints."""
         fmt = {} if self.chat_format == "jaxgpt" else {"chat_format": self.chat_format}
+        fmt |= {"default_system": self.default_system} if self.default_system else {}
         if self._hf is not None:
             return {"kind": "hf", "special_tokens": self.specials, **fmt}
         if self.ranks is None:
@@ -290,7 +260,8 @@ class Tokenizer:
                 raise TokenizerError(f"{path} is not a jaxgpt tokenizer "
                                      f"(format {meta.get('format')!r})")
             common = dict(specials=meta["special_tokens"],
-                          chat_format=meta.get("chat_format", "jaxgpt"))
+                          chat_format=meta.get("chat_format", "jaxgpt"),
+                          default_system=meta.get("default_system", ""))
             if meta["kind"] == "char":
                 tok = cls(meta["name"], chars=meta["chars"], **common)
             elif meta["kind"] == "hf":
@@ -344,11 +315,12 @@ class Tokenizer:
 
     @classmethod
     def from_hf(cls, hf_json: str, name: str, eos_id: int | None = None, bos_id: int | None = None,
-                chat_format: str = "jaxgpt") -> Tokenizer:
+                chat_format: str = "jaxgpt", default_system: str = "") -> Tokenizer:
         """A Hugging Face `tokenizers` file (its JSON text), encoding as HF does without
         add_special_tokens. Its special added tokens stay special; <|endoftext|> and <|bos|> are the
         model's own eos and bos ids where it has them, each other chat special the added token of
-        the same name where there is one; the rest get new ids after the vocabulary."""
+        the same name where there is one; the rest get new ids after the vocabulary. chat_format
+        and default_system: how the model's chat template lays conversations out (Tokenizer)."""
         try:
             added = [t for t in json.loads(hf_json).get("added_tokens", []) if t.get("special")]
         except ValueError as e:
@@ -357,7 +329,8 @@ class Tokenizer:
         for ours, theirs in (("<|endoftext|>", eos_id), ("<|bos|>", bos_id)):
             if theirs is not None:
                 specials.setdefault(ours, theirs)
-        return cls(name, hf_json=hf_json, specials=specials, chat_format=chat_format)
+        return cls(name, hf_json=hf_json, specials=specials, chat_format=chat_format,
+                   default_system=default_system)
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, name: str | None = None) -> Tokenizer:
@@ -377,21 +350,6 @@ class Tokenizer:
                           f"{len(ranks) + len(SPECIAL_TOKENS)} instead of {vocab_size}",
                           stacklevel=2)
         return cls(name or f"bpe:{vocab_size}", pattern=gpt4_pattern(), ranks=ranks)
-
-
-def load_hf_tokenizer(name: str, hf_json: str):
-    try:
-        import tokenizers
-    except ImportError:
-        raise TokenizerError(f"'{name}' is a Hugging Face tokenizer: pip install 'jaxgpt[hf]' "
-                             f"(the tokenizers package)") from None
-    try:
-        hf = tokenizers.Tokenizer.from_str(hf_json)
-    except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions on a bad file
-        raise TokenizerError(f"'{name}': not a tokenizers JSON file "
-                             f"({str(e).splitlines()[0]})") from None
-    hf.encode_special_tokens = True  # special-token text in the input is text, as with tiktoken
-    return hf
 
 
 @functools.cache

@@ -153,15 +153,15 @@ def test_windows_keep_every_reply_that_fits(byte):
     assert len(batches.train) == 3 and batches.train.dropped == 0
 
 
-def byte_with_format(chat_format):
+def byte_with_format(chat_format, default_system=""):
     """Bytes plus the special tokens a chat format writes (as an imported model's tokenizer has
-    them)."""
+    them), and the system message its template writes when there is none."""
     names = sorted(chat.CHAT_FORMATS[chat_format].tokens()
                    - set(chat.CHAT_FORMATS["jaxgpt"].tokens()))
     return Tokenizer(f"byte-{chat_format}", pattern=Tokenizer.from_spec("byte").pattern,
                      ranks={bytes([i]): i for i in range(256)},
                      specials={name: 256 + i for i, name in enumerate(names)},
-                     chat_format=chat_format)
+                     chat_format=chat_format, default_system=default_system)
 
 
 @pytest.mark.parametrize("chat_format", ["jaxgpt", "chatml", "llama3"])
@@ -188,6 +188,43 @@ def test_truncation_keeps_the_most_pairs_that_fit_in_every_format(chat_format):
         assert render_windows(long, tok, seq_len)[-1][0].tolist() == ids.tolist()
     prompt = chat.render_prompt(long, tok, 10_000)
     assert prompt.tolist() == render(long, tok, for_generation=True)[0].tolist()
+
+
+@pytest.mark.parametrize("chat_format", ["jaxgpt", "chatml", "llama3"])
+def test_a_default_system_message_is_laid_out_as_the_system_message(chat_format):
+    """A tokenizer's default system message leads every rendering of a conversation without one,
+    untrained, exactly as that message written out would, and truncation keeps it; a conversation
+    with its own system message keeps that one alone."""
+    tok, plain = byte_with_format(chat_format, "Be brief."), byte_with_format(chat_format)
+    long = CONVERSATION + [{"role": "user", "content": "And 3+3?"},
+                           {"role": "assistant", "content": "Six!"},
+                           {"role": "user", "content": "unanswered"}]
+    without, written = long[1:], long  # CONVERSATION's system message is "Be brief."
+    ids, mask = render(without[:4], tok)
+    assert (ids.tolist() == render(written[:5], plain)[0].tolist()
+            and mask.tolist() == render(written[:5], plain)[1].tolist())
+    lay = chat.layout(tok)
+    n_system = len(lay.bos) + lay.overhead("system") + len(b"Be brief.")
+    assert ids[len(lay.bos):n_system].tolist() == (lay.start["system"] + list(b"Be brief.")
+                                                    + lay.end["system"])
+    assert (not mask[:n_system].any()
+            and mask.sum() == len(b"Hello!4") + 2 * len(lay.end["assistant"]))
+    assert (render(without, tok, for_generation=True)[0].tolist()
+            == render(written, plain, for_generation=True)[0].tolist())
+    for n in range(len(render(written, plain)[0]) + 2):
+        got, want = chat.render_prompt(without, tok, n), chat.render_prompt(written, plain, n)
+        assert (got is None and want is None) or got.tolist() == want.tolist()
+        got, want = render_truncated(without, tok, n), render_truncated(written, plain, n)
+        assert (got is None and want is None) or (got[0].tolist() == want[0].tolist()
+                                                  and got[1].tolist() == want[1].tolist())
+        assert ([w[0].tolist() for w in render_windows(without, tok, n)]
+                == [w[0].tolist() for w in render_windows(written, plain, n)])
+    # the smallest prompt still holds it: the default system message and the last user message
+    smallest = render([long[0], long[-1]], plain, for_generation=True)[0]
+    assert chat.render_prompt(without, tok, len(smallest)).tolist() == smallest.tolist()
+    assert chat.render_prompt(without, tok, len(smallest) - 1) is None
+    own = [{"role": "system", "content": "Be long."}, *without]
+    assert render(own, tok)[0].tolist() == render(own, plain)[0].tolist()
 
 
 def test_a_format_the_tokenizer_cannot_write_is_one_line():

@@ -1,6 +1,7 @@
 """Tests for jaxgpt.tokenizer: offline pretrained encodings, byte/char/BPE kinds, specials,
 persistence, CLI."""
 import gzip
+import json
 import os
 import random
 import subprocess
@@ -200,6 +201,46 @@ def test_save_load_round_trip(kind, bpe, char, tmp_path):
                 == (tok.name, tok.n_vocab, tok.fingerprint))
         assert [back.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
     assert Tokenizer.from_spec(str(path.parent)).fingerprint == tok.fingerprint
+
+
+def test_default_system_is_saved_loaded_and_fingerprinted(tmp_path):
+    """A tokenizer's default system message round-trips through tokenizer.json and changes the
+    fingerprint; one without it writes no key."""
+    byte = Tokenizer.from_spec("byte")
+    tok = Tokenizer("byte", pattern=byte.pattern, ranks=byte.ranks, chat_format="chatml",
+                    default_system="You are SmolLM.")
+    path = tok.save(tmp_path / "with")
+    meta = json.loads(path.read_text())
+    back = Tokenizer.load(path)
+    assert (meta["default_system"], back.default_system, back.chat_format, back.fingerprint) == (
+        "You are SmolLM.", "You are SmolLM.", "chatml", tok.fingerprint)
+    plain = Tokenizer("byte", pattern=byte.pattern, ranks=byte.ranks, chat_format="chatml")
+    assert plain.default_system == "" and plain.fingerprint != tok.fingerprint
+    assert "default_system" not in json.loads(plain.save(tmp_path / "without").read_text())
+    del meta["default_system"]  # it is part of the fingerprint: dropped, the file is refused
+    path.write_text(json.dumps(meta))
+    with pytest.raises(TokenizerError, match="fingerprint mismatch"):
+        Tokenizer.load(path)
+
+
+# tokenizer.json as jaxgpt wrote it before default_system existed (fingerprint and all)
+OLD_TOKENIZER_JSON = {
+    "format": "jaxgpt-tokenizer/1", "name": "chars", "kind": "char", "chars": "ab\n",
+    "special_tokens": {"<|endoftext|>": 3, "<|bos|>": 4, "<|system_start|>": 5,
+                       "<|system_end|>": 6, "<|user_start|>": 7, "<|user_end|>": 8,
+                       "<|assistant_start|>": 9, "<|assistant_end|>": 10},
+    "chat_format": "chatml",
+    "fingerprint": "e95cc50fe2f8366f035225f263f47bf83ef2e78391f4ee460c0e8b8b60b25446"}
+
+
+def test_an_old_tokenizer_json_loads_unchanged(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(json.dumps(OLD_TOKENIZER_JSON))
+    tok = Tokenizer.load(tmp_path)
+    assert (tok.default_system, tok.chat_format, tok.fingerprint) == (
+        "", "chatml", OLD_TOKENIZER_JSON["fingerprint"])
+    assert tok.fingerprint == Tokenizer("chars", chars="ab\n", chat_format="chatml").fingerprint
+    resaved = json.loads(tok.save(tmp_path / "again").read_text())
+    assert resaved == OLD_TOKENIZER_JSON
 
 
 def test_saved_ranks_are_standard_tiktoken(bpe, tmp_path):

@@ -15,13 +15,8 @@ from pathlib import Path
 
 from jaxgpt import files
 from jaxgpt.data import chat
-from jaxgpt.data.tokenizer import (
-    FORMAT,
-    SPECIAL_TOKENS,
-    Tokenizer,
-    byte_level_chars,
-    load_hf_tokenizer,
-)
+from jaxgpt.data.hf_tokenizer import byte_level_chars, load_hf_tokenizer
+from jaxgpt.data.tokenizer import FORMAT, SPECIAL_TOKENS, Tokenizer
 from jaxgpt.data.vocabularies import tiktoken_definition
 from jaxgpt.store.hf.config import ConvertError, require
 
@@ -92,26 +87,68 @@ def tokenizer_for(directory: Path, hf: dict, spec: str, name: str) -> Tokenizer 
     tok_cfg = {}
     for extra in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
         tok_cfg.update(files.read_json(directory / extra) if (directory / extra).is_file() else {})
+    chat_format, default_system = chat_format_of(directory, tok_cfg, parsed)
     return Tokenizer.from_hf(hf_json, name, _role_id("eos", hf, tok_cfg, hf_tok),
-                             _role_id("bos", hf, tok_cfg, hf_tok),
-                             chat_format_of(directory, tok_cfg, parsed))
+                             _role_id("bos", hf, tok_cfg, hf_tok), chat_format, default_system)
 
 
-def chat_format_of(directory: Path, tok_cfg: dict, hf_json: dict) -> str:
-    """The chat format of the model's own template (tokenizer_config.json's chat_template, or the
-    chat_template.jinja transformers 5 writes): one of chat.CHAT_FORMATS whose special tokens the
-    template writes and the tokenizer has; jaxgpt's own when it has no template or another one."""
+def chat_format_of(directory: Path, tok_cfg: dict, hf_json: dict) -> tuple[str, str]:
+    """template_chat_format of the model's own template (tokenizer_config.json's chat_template, or
+    the chat_template.jinja transformers 5 writes) and the tokenizer's special tokens."""
     template = tok_cfg.get("chat_template")
     if not template and (directory / "chat_template.jinja").is_file():
         template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    if not isinstance(template, str):  # absent, or a list of named templates (tool use): not read
-        return "jaxgpt"
     specials = {t.get("content") for t in hf_json.get("added_tokens", []) if t.get("special")}
+    return template_chat_format(template, specials)
+
+
+def template_chat_format(template: str | None, specials: set[str]) -> tuple[str, str]:
+    """(chat format, default system message) of a jinja chat template, for any converter: the
+    format is one of chat.CHAT_FORMATS whose special tokens the template writes and `specials`
+    holds, jaxgpt's own when there is no template or another one; the default system message is
+    what the template writes as one when a conversation has none ("" if it writes nothing)."""
+    if not isinstance(template, str):  # absent, or a list of named templates (tool use): not read
+        return "jaxgpt", ""
     for name in ("chatml", "llama3"):
         fmt = chat.CHAT_FORMATS[name]
         if all(t in template for t in fmt.tokens(bos=False)) and fmt.tokens() <= specials:
-            return name
-    return "jaxgpt"
+            return name, default_system_of(template)
+    return "jaxgpt", ""  # the template is not followed, so neither is its default
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # transformers' own: jinja's tojson escapes HTML characters, which chat templates never want
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _raise_exception(message: str):
+    raise require("jinja2").TemplateError(message)
+
+
+def default_system_of(template: str) -> str:
+    """The system message a chat template writes when a conversation has none: the text that a
+    user's message alone renders with where a system message's content goes (the same text before
+    and after it); "" when there is none, or the template fails or has another shape. Rendered as
+    transformers renders (a sandbox, blocks trimmed), bos and eos as "", no generation prompt."""
+    env = require("jinja2.sandbox").ImmutableSandboxedEnvironment(  # a missing jinja2 is an error
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"], env.globals["raise_exception"] = _tojson, _raise_exception
+    user = {"role": "user", "content": "PROBE"}
+    try:
+        alone, with_system = (
+            env.from_string(template).render(messages=messages, bos_token="", eos_token="",
+                                             add_generation_prompt=False)
+            for messages in ([user], [{"role": "system", "content": "SYSPROBE"}, user]))
+    except Exception:  # noqa: BLE001 - a template is arbitrary code; failing, it gives no default
+        return ""
+    if with_system.count("SYSPROBE") != 1:
+        return ""
+    before, after = with_system.split("SYSPROBE")
+    if (len(alone) < len(before) + len(after) or not alone.startswith(before)
+            or not alone.endswith(after)):
+        return ""
+    return alone[len(before):len(alone) - len(after)]
 
 
 # ---- writing ----
