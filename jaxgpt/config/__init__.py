@@ -13,11 +13,13 @@ from jaxgpt.config.commands import (
     ChatCommand,
     ChatConvertConfig,
     EncodeConfig,
+    FromGgufConfig,
     FromHfConfig,
     HfCommand,
     PrepareCommand,
     PrepareConfig,
     RenderConfig,
+    ToGgufConfig,
     ToHfConfig,
     TokenizerCommand,
 )
@@ -48,8 +50,8 @@ from jaxgpt.config.run import (
 __all__ = [
     "BenchCommand", "BenchConfig", "BpeConfig", "ChatCommand", "ChatConvertConfig",
     "CheckpointConfig", "Config", "DataConfig", "DistributedConfig", "DpoConfig", "EncodeConfig",
-    "EvalConfig", "FromHfConfig", "HfCommand", "MeshConfig", "ModelConfig", "OptimConfig",
-    "PRESETS", "PrepareCommand", "PrepareConfig", "RenderConfig", "SampleConfig", "ScreenConfig",
-    "ToHfConfig", "TokenizerCommand", "TrainConfig", "all_keys", "apply_overrides", "from_cli",
-    "from_dict", "load_file", "validate",
+    "EvalConfig", "FromGgufConfig", "FromHfConfig", "HfCommand", "MeshConfig", "ModelConfig",
+    "OptimConfig", "PRESETS", "PrepareCommand", "PrepareConfig", "RenderConfig", "SampleConfig",
+    "ScreenConfig", "ToGgufConfig", "ToHfConfig", "TokenizerCommand", "TrainConfig", "all_keys",
+    "apply_overrides", "from_cli", "from_dict", "load_file", "validate",
 ]

@@ -111,9 +111,28 @@ class ToHfConfig:
 
 
 @dataclass(frozen=True)
+class FromGgufConfig:
+    """`python -m jaxgpt.convert from-gguf`: a GGUF file (or a known model's name) -> an export."""
+    # 0: the GGUF's context_length; a rope model may take less (the KV cache's length)
+    seq_len: int = 0
+
+
+@dataclass(frozen=True)
+class ToGgufConfig:
+    """`python -m jaxgpt.convert to-gguf`: a run or export -> a GGUF file llama.cpp runs."""
+    # the matrices' type (norms and biases stay f32, as llama.cpp keeps them); q8_0 falls back to
+    # f16 for a matrix whose rows are not a multiple of 32 wide
+    dtype: Literal["f32", "f16", "bf16", "q8_0"] = "f32"
+    overwrite: bool = False          # replace an existing OUT.gguf
+
+
+@dataclass(frozen=True)
 class HfCommand:
+    """`python -m jaxgpt.convert`: Hugging Face directories and GGUF files in and out."""
     from_hf: FromHfConfig = field(default_factory=FromHfConfig)
     to_hf: ToHfConfig = field(default_factory=ToHfConfig)
+    from_gguf: FromGgufConfig = field(default_factory=FromGgufConfig)
+    to_gguf: ToGgufConfig = field(default_factory=ToGgufConfig)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,11 @@ import pytest
 from conftest import corpus, leaves_equal, synthetic
 
 from jaxgpt import config as config_lib
+from jaxgpt import convert as convert_cli
 from jaxgpt.data import chat, dialogs
 from jaxgpt.data import tokens as data
-from jaxgpt.data.tokenizer import SPECIAL_TOKENS, Tokenizer, byte_level_chars
+from jaxgpt.data.hf_tokenizer import byte_level_chars
+from jaxgpt.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from jaxgpt.errors import CheckpointError
 from jaxgpt.generate import sample
 from jaxgpt.generate.engine import Engine
@@ -311,7 +313,7 @@ def test_without_tokenizer_params_load_but_sampling_says_why(hf_dirs, exports, c
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "from_hf.tokenizer=" in err
     # the remedy it names: a tokenizer from elsewhere (here GQA's tokenizer.json)
-    convert.main(["from-hf", str(hf_dirs["tied"]), str(tmp_path / "with"),
+    convert_cli.main(["from-hf", str(hf_dirs["tied"]), str(tmp_path / "with"),
                   f"from_hf.tokenizer={hf_dirs['gqa'] / 'tokenizer.json'}"])
     summary = json.loads(capsys.readouterr().out)
     assert (summary["tokenizer"]
@@ -497,7 +499,7 @@ def edit_config(directory, tmp_path, **changes):
 
 def one_line_error(capsys, argv) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        convert.main(argv)
+        convert_cli.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     return err
@@ -561,5 +563,5 @@ def test_bad_inputs_fail_in_one_line(hf_dirs, tmp_path, capsys, monkeypatch):
 
 def test_help_lists_the_keys(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        convert.main(["from-hf", "--help"])
+        convert_cli.main(["from-hf", "--help"])
     assert exit_info.value.code == 0 and "from_hf.tokenizer=" in capsys.readouterr().out

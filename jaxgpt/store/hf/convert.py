@@ -25,9 +25,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxgpt import cli, files
 from jaxgpt import config as config_lib
-from jaxgpt.config import Config, FromHfConfig, HfCommand, ToHfConfig
+from jaxgpt import files
+from jaxgpt.config import Config, FromHfConfig, ToHfConfig
 from jaxgpt.store import export, runs
 from jaxgpt.store.hf.config import (
     ConvertError,
@@ -128,7 +128,7 @@ def to_hf(source: str, out: str | Path, cfg: ToHfConfig = ToHfConfig()) -> dict:
     flat = flatten(jax.device_get(loaded.params))
     # An export from-hf wrote holds the padding rows it added, untrained: they go, and the tensors
     # come back as they were. A model trained since (no converted.json) keeps every row.
-    V = converted.get("hf_vocab_size", m.vocab_size)
+    V = converted.get("hf_vocab_size", converted.get("source_vocab_size", m.vocab_size))
     flat["wte"] = flat["wte"][:V]
     if "lm_head" in flat:
         flat["lm_head"] = flat["lm_head"][:, :V]
@@ -145,24 +145,3 @@ def to_hf(source: str, out: str | Path, cfg: ToHfConfig = ToHfConfig()) -> dict:
             files.atomic_write(out / name, path.read_bytes())
     return {"dir": str(out.absolute()), "architecture": arch, "vocab_size": V, "dtype": dtype,
             "files": written, "tokenizer": tokenizer}
-
-
-def main(argv: list[str] | None = None) -> None:
-    def run_from(operands, settings):
-        cfg = cli.tool_config(HfCommand, settings).from_hf
-        print(json.dumps(from_hf(operands[0], operands[1], cfg)))
-
-    def run_to(operands, settings):
-        cfg = cli.tool_config(HfCommand, settings).to_hf
-        print(json.dumps(to_hf(operands[0], operands[1], cfg)))
-
-    cli.run("python -m jaxgpt.convert", {
-        "from-hf": cli.Command(run_from, "DIR_OR_HUB_NAME OUT [from_hf.KEY=VALUE ...]", HfCommand,
-                               sections=("from_hf",), operands=(2, 2)),
-        "to-hf": cli.Command(run_to, "RUN_OR_EXPORT DIR [to_hf.KEY=VALUE ...]", HfCommand,
-                             sections=("to_hf",), operands=(2, 2)),
-    }, argv)
-
-
-if __name__ == "__main__":
-    main()
