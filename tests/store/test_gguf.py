@@ -37,9 +37,8 @@ def _text_ids(tok: Tokenizer, n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smol") / "export"
-    summary = convert.from_gguf(str(smollm2_gguf), out, FromGgufConfig(seq_len=512))
+def smol(smollm2_export):
+    summary, out = smollm2_export
     return summary, runs.load(out)
 
 
@@ -123,6 +122,7 @@ ARCHS = {
                                rope_original_context=32, rope_theta=500000.0, **TINY),
     "linear-rope": ModelConfig(preset="llama", rope_scaling="linear", rope_factor=2.0, **TINY),
     "qwen2": ModelConfig(preset="llama", qkv_bias=True, n_kv_head=2, **TINY),
+    "qwen3": ModelConfig(preset="llama", qk_norm=True, n_kv_head=2, tie_embeddings=False, **TINY),
     "gpt2": ModelConfig(preset="gpt2", **TINY),
 }
 
@@ -299,3 +299,16 @@ def test_command_line(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["dtype"] == "f16"
     convert_cli.main(["from-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "back")])
     assert json.loads(capsys.readouterr().out)["architecture"] == "gpt2"
+
+
+def test_written_chat_template_lays_conversations_out_as_jaxgpt(tmp_path, smollm2_export):
+    """to-gguf's template for a model without one of its own renders jaxgpt's layout (for
+    llama.cpp's chat), a template's default system message included."""
+    jinja2 = pytest.importorskip("jinja2")
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "How are you?"}]
+    for tok in (_bpe(), runs.load_tokenizer(smollm2_export[1])):
+        template = jinja2.Environment().from_string(convert.chat_template_of(tok))
+        text = template.render(messages=conv, add_generation_prompt=True)
+        assert text == tok.decode(chat.render(conv, tok, for_generation=True)[0].tolist())
+        assert ("You are a helpful AI assistant" in text) == (tok.chat_format == "chatml")

@@ -1,5 +1,5 @@
-"""GGUF metadata <-> jaxgpt's ModelConfig: the architectures read and written (llama, qwen2 and
-gpt2, as llama.cpp names them), and what of a GGUF jaxgpt cannot express, refused by its key.
+"""GGUF metadata <-> jaxgpt's ModelConfig: the architectures read and written (llama, qwen2, qwen3
+and gpt2, as llama.cpp names them), and what of a GGUF jaxgpt cannot express, refused by its key.
 
 Keys are "{arch}.name" (llama.embedding_length, ...). RoPE scaling comes as metadata (linear) or,
 in Llama 3.1's files, as a rope_freqs tensor of per-frequency divisors: weights.py reads that one
@@ -14,7 +14,7 @@ import numpy as np
 from jaxgpt.config import ModelConfig
 from jaxgpt.store.hf.config import ConvertError
 
-ARCHITECTURES = ("llama", "qwen2", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")  # qwen3: a llama with QK-norm
 # keys whose presence means a model jaxgpt has no place for (their value names what it is)
 REFUSED = {"expert_count": "a mixture of experts", "attention.sliding_window": "sliding-window "
            "attention", "attn_logit_softcapping": "attention logit soft-capping",
@@ -73,7 +73,7 @@ def model_config(meta: dict, where: Path, vocab_size: int, tied: bool,
     return ModelConfig(
         preset="llama", n_kv_head=meta.get(f"{arch}.attention.head_count_kv") or H,
         seq_len=seq_len or context, norm="rmsnorm", mlp="swiglu", position="rope", bias=False,
-        qkv_bias=arch == "qwen2", **common, **_rope(meta, arch, where),
+        qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", **common, **_rope(meta, arch, where),
         norm_eps=f32(get("attention.layer_norm_rms_epsilon")))
 
 

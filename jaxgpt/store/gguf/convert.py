@@ -35,6 +35,7 @@ from jaxgpt.store.hf.weights import flatten, nest, pad_vocab
 
 TEMPLATE = "gguf/chat_template.jinja"  # in an export: the model's own, as the GGUF held it
 METADATA = "gguf/metadata.json"  # the GGUF's general.* keys, carried back by to-gguf
+WRITTEN = ("general.architecture", "general.file_type", "general.quantization_version")  # anew
 
 
 def _tokenizer(f: GGUFFile, name: str) -> Tokenizer | None:
@@ -81,7 +82,8 @@ def from_gguf(source: str, out: str | Path, cfg: FromGgufConfig = FromGgufConfig
                  "tensor_types": types}
     extra = {"converted.json": json.dumps(converted, indent=1) + "\n",
              METADATA: json.dumps({k: v for k, v in f.meta.items() if k.startswith("general.")
-                                   and isinstance(v, (str, int, float, list))}, indent=1)}
+                                   and k not in WRITTEN and isinstance(v, (str, int, float, list))},
+                                  indent=1)}
     if isinstance(f.meta.get("tokenizer.chat_template"), str):
         extra[TEMPLATE] = f.meta["tokenizer.chat_template"]
     if tok is None:
@@ -95,6 +97,10 @@ def from_gguf(source: str, out: str | Path, cfg: FromGgufConfig = FromGgufConfig
 # ---- out ----
 
 def gguf_architecture(m: ModelConfig) -> str:
+    """llama.cpp's architecture of a jaxgpt model (a model none has is refused by its key)."""
+    if m.qk_norm and m.position == "rope" and not (m.bias or m.qkv_bias):
+        if hf_architecture(dataclasses.replace(m, qk_norm=False)) == LLAMA:
+            return "qwen3"  # Qwen3: a llama whose q and k are RMS-normalised per head
     arch = hf_architecture(m)  # refuses what no HF (and so no GGUF) architecture has
     if arch == GPT2 and m.mlp != "gelu":
         raise ConvertError(f"model.mlp={m.mlp}: llama.cpp's gpt2 has GPT-2's tanh gelu alone")
@@ -161,7 +167,8 @@ def to_gguf(source: str, out: str | Path, cfg: ToGgufConfig = ToGgufConfig()) ->
     tensors = params_to_gguf(flat, arch, m)
     if m.rope_scaling == "llama3":
         tensors["rope_freqs.weight"] = writer_lib.llama3_divisors(m)
-    metadata = {"general.name": Path(source).absolute().name, **general,
+    metadata = {"general.name": Path(source).absolute().name,
+                **{k: v for k, v in general.items() if k not in WRITTEN},
                 **writer_lib.model_metadata(arch, m)}
     if arch != "gpt2":
         metadata[f"{arch}.vocab_size"] = V

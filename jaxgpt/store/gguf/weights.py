@@ -20,10 +20,12 @@ from jaxgpt.store.hf.weights import biased, pack_layer, part_shapes, unpack_laye
 LLAMA_LAYER = {"attn_norm": ("norm_attn",), "attn_q": ("q",), "attn_k": ("k",),
                "attn_v": ("v",), "attn_output": ("o",), "ffn_norm": ("norm_mlp",),
                "ffn_gate": ("gate",), "ffn_up": ("up",), "ffn_down": ("down",)}
-LAYERS = {"llama": LLAMA_LAYER, "qwen2": LLAMA_LAYER,
+LAYERS = {"llama": LLAMA_LAYER, "qwen2": LLAMA_LAYER, "qwen3": LLAMA_LAYER,
           "gpt2": {"attn_norm": ("norm_attn",), "attn_qkv": ("q", "k", "v"),
                    "attn_output": ("o",), "ffn_norm": ("norm_mlp",), "ffn_up": ("up",),
                    "ffn_down": ("down",)}}
+# Qwen3's QK-norm: one RMSNorm scale per head dim for q and for k, applied before RoPE
+QK_NORMS = {"attn_q_norm": "attn/q_norm/scale", "attn_k_norm": "attn/k_norm/scale"}
 TOP = {"wte": "token_embd.weight", "wpe": "position_embd.weight",
        "norm_out/scale": "output_norm.weight", "norm_out/bias": "output_norm.bias"}
 
@@ -116,6 +118,9 @@ def params_from_gguf(f: GGUFFile, arch: str, m: ModelConfig) -> dict[str, np.nda
             if b_O is not None:
                 parts.update(zip([p + ".b" for p in held], np.split(b_O, splits), strict=True))
         flat.update(pack_layer(parts, f"block_{i}/", m))
+        if m.qk_norm:
+            flat.update({f"block_{i}/{ours}": f(f"blk.{i}.{theirs}.weight", (m.head_dim,))
+                         for theirs, ours in QK_NORMS.items()})
     if not m.tie_embeddings:
         flat["lm_head"] = f("output.weight", (V, D)).T  # GGUF's head is [V, D], jaxgpt's [D, V]
     return flat
@@ -140,6 +145,9 @@ def params_to_gguf(flat: dict[str, np.ndarray], arch: str, m: ModelConfig
             out[t + ".weight"] = w
             if b is not None:
                 out[t + ".bias"] = b
+        if m.qk_norm:
+            out.update({f"blk.{i}.{theirs}.weight": flat[f"block_{i}/{ours}"]
+                        for theirs, ours in QK_NORMS.items()})
     if not m.tie_embeddings:
         out["output.weight"] = flat["lm_head"].T
     return {name: np.ascontiguousarray(x, np.float32) for name, x in out.items()}
