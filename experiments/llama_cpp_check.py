@@ -60,7 +60,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--llama-venv", default=str(Path.home() / ".cache/jaxgpt-bench/llama-venv"))
     args = ap.parse_args()
-    loaded = runs.load(args.export)
+    # fp32 math on jaxgpt's side, whatever the run trained with (llama.cpp's f32 weights are f32)
+    loaded = runs.load(args.export, ["model.dtype=float32", "model.matmul_dtype=float32"])
     tok, model = loaded.tokenizer, GPT(loaded.cfg.model)
     ids = chat.render([{"role": "user", "content": PROMPT}], tok, for_generation=True)[0].tolist()
     # greedy through the engine (no tokenizer given: no stop token), then every position's logits
@@ -83,12 +84,17 @@ def main() -> None:
     V = min(scores.shape[1], logits.shape[1])  # jaxgpt's padding rows past the file's vocabulary
     n = min(len(scores), len(logits))
     same = [a == b for a, b in zip(ours, theirs["generated"], strict=True)]
+    # the reply as a user sees it: up to its first stop token (the rest is off the model's path)
+    stops = set(chat.layout(tok).stop_ids)
+    seen = len(ids) + next((i for i, t in enumerate(ours) if t in stops), len(ours))
     print(json.dumps({
         "export": args.export, "gguf": args.gguf or f"to-gguf dtype={args.dtype}",
         "prompt_tokens": len(ids), "greedy_equal": all(same),
         "first_difference": None if all(same) else same.index(False),
         "max_logit_diff": float(np.abs(scores[:n, :V] - logits[:n, :V]).max()),
         "max_abs_logit": float(np.abs(logits[:n, :V]).max()),
+        "reply_tokens": seen - len(ids), "reply_equal": all(same[:seen - len(ids)]),
+        "max_logit_diff_in_reply": float(np.abs(scores[:seen, :V] - logits[:seen, :V]).max()),
         "argmax_agree": float((scores[:n, :V].argmax(-1) == logits[:n, :V].argmax(-1)).mean()),
         "tokenizer_equal": theirs["text_ids"] == ids,
         "jaxgpt_reply": tok.decode(ours), "llama_cpp_reply": tok.decode(theirs["generated"])}))
