@@ -86,7 +86,7 @@ def main() -> None:
     same = [a == b for a, b in zip(ours, theirs["generated"], strict=True)]
     # the reply as a user sees it: up to its first stop token (the rest is off the model's path)
     stops = set(chat.layout(tok).stop_ids)
-    seen = len(ids) + next((i for i, t in enumerate(ours) if t in stops), len(ours))
+    seen = min(len(ids) + next((i for i, t in enumerate(ours) if t in stops), len(ours)), n)
     print(json.dumps({
         "export": args.export, "gguf": args.gguf or f"to-gguf dtype={args.dtype}",
         "prompt_tokens": len(ids), "greedy_equal": all(same),
