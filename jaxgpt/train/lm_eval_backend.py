@@ -39,7 +39,7 @@ from jaxgpt.errors import ConfigError
 from jaxgpt.generate.engine import Engine
 from jaxgpt.generate.sampling import SamplingParams
 from jaxgpt.generate.service import TextStream
-from jaxgpt.model.gpt import GPT
+from jaxgpt.model.gpt import GPT, token_losses
 from jaxgpt.store import runs
 
 MIN_BUCKET = 16
@@ -53,9 +53,8 @@ def score_rows(model: GPT, params, inputs_BxL, targets_BxL, mask_BxL):
     """(sum of the masked targets' log-probabilities, whether every masked target is the argmax)
     of each row; rows hold one document each, padded on the right, so causal attention alone
     keeps padding out of every real position."""
-    logits_BxLxV = model.apply(params, inputs_BxL).astype(jnp.float32)
-    logprobs_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
-    chosen_BxL = jnp.take_along_axis(logprobs_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    logits_BxLxV = model.apply(params, inputs_BxL)
+    chosen_BxL = -token_losses(logits_BxLxV, targets_BxL)  # the loss's own log-probabilities
     greedy_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL) | (mask_BxL == 0)
     return (chosen_BxL * mask_BxL).sum(axis=-1), greedy_BxL.all(axis=-1)
 

@@ -198,6 +198,24 @@ def _dequantizable():
     return out
 
 
+def _rewrite(reader, out, arch="llama", extra=None, tensor=lambda t: (np.asarray(t.data), None)):
+    """A copy of a GGUF with another architecture, more metadata, and each tensor as
+    tensor(t) gives it ((data, raw type); None as data: left out)."""
+    writer = gguf.GGUFWriter(out, arch)
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            convert.writer_lib.add_value(writer, key, field.contents())
+    for key, value in (extra or {}).items():
+        convert.writer_lib.add_value(writer, key, value)
+    for t in reader.tensors:
+        data, raw = tensor(t)
+        if data is not None:
+            writer.add_tensor(t.name, data, raw_dtype=raw)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    return str(out)
+
+
 @pytest.mark.parametrize("qtype", _dequantizable())
 def test_every_dequantizable_type_reads_as_the_gguf_packages(tmp_path, qtype):
     """A tiny llama GGUF whose matrices are random raw blocks of one type: every param of the
@@ -208,21 +226,17 @@ def test_every_dequantizable_type_reads_as_the_gguf_packages(tmp_path, qtype):
     convert.to_gguf(str(export.export(tmp_path / "wide", Config(model=m),
                                       GPT(m).init(jax.random.key(0)), tok)), f32)
     reader, rng, Q = gguf.GGUFReader(f32), np.random.default_rng(0), gguf.GGMLQuantizationType
-    out = tmp_path / f"{qtype}.gguf"
-    writer, raw = gguf.GGUFWriter(out, "llama"), {}
-    for key, field in reader.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            convert.writer_lib.add_value(writer, key, field.contents())
-    for t in reader.tensors:
+    raw = {}
+
+    def random_matrices(t):
         x = np.asarray(t.data)
         if x.ndim == 2 and t.name != "token_embd.weight":
             raw[t.name] = _random_blocks(Q[qtype], *x.shape, rng)
-            writer.add_tensor(t.name, raw[t.name], raw_dtype=Q[qtype])
-        else:
-            writer.add_tensor(t.name, x)
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
-    writer.close()
-    back = flatten(jax.device_get(runs.load(convert.from_gguf(str(out), tmp_path / "x")
+            return raw[t.name], Q[qtype]
+        return x, None
+
+    out = _rewrite(reader, tmp_path / f"{qtype}.gguf", tensor=random_matrices)
+    back = flatten(jax.device_get(runs.load(convert.from_gguf(out, tmp_path / "x")
                                             ["export"]).params))
     deq = {name: gguf.quants.dequantize(r, Q[qtype]) for name, r in raw.items()}
     E = m.head_dim
@@ -250,18 +264,8 @@ def test_bad_files_are_refused_by_name(tmp_path):
     reader = gguf.GGUFReader(good)
 
     def rewrite(name, arch="llama", drop=(), extra=None):
-        w = gguf.GGUFWriter(tmp_path / name, arch)
-        for key, field in reader.fields.items():
-            if not key.startswith("GGUF.") and key != "general.architecture":
-                convert.writer_lib.add_value(w, key, field.contents())
-        for key, value in (extra or {}).items():
-            convert.writer_lib.add_value(w, key, value)
-        for t in reader.tensors:
-            if t.name not in drop:
-                w.add_tensor(t.name, np.asarray(t.data))
-        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
-        w.close()
-        return str(tmp_path / name)
+        return _rewrite(reader, tmp_path / name, arch, extra, lambda t: (
+            None if t.name in drop else np.asarray(t.data), None))
 
     cases = {rewrite("mamba.gguf", arch="mamba"): "general.architecture='mamba'",
              rewrite("nok.gguf", drop=("blk.1.attn_k.weight",)): "tensor blk.1.attn_k.weight "
@@ -273,6 +277,13 @@ def test_bad_files_are_refused_by_name(tmp_path):
     for path, message in cases.items():
         with pytest.raises(ConvertError, match=message.replace("(", r"\(").replace("[", r"\[")):
             convert.from_gguf(path, tmp_path / "o2")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ConvertError, match="busy: exists and is not empty; give a new directory"):
+        convert.from_gguf(str(good), tmp_path / "busy")
+    with pytest.raises(ConvertError, match="notes.txt: is a file; give a new directory"):
+        convert.from_gguf(str(good), tmp_path / "busy" / "notes.txt")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     with pytest.raises(ConvertError, match="no such file; give a .gguf path, a known model"):
         convert.from_gguf(str(tmp_path / "nothing.gguf"), tmp_path / "o3")
 

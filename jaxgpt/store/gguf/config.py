@@ -7,6 +7,7 @@ back into the llama3 rope fields.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -89,17 +90,29 @@ def _rope(meta: dict, arch: str, where: Path) -> dict:
     return {**out, "rope_scaling": "linear", "rope_factor": factor}
 
 
+def _turns(m: ModelConfig, original: int) -> np.ndarray:
+    """Turns of each RoPE frequency over `original` positions (fp64)."""
+    E = m.head_dim
+    inv_freq = m.rope_theta ** -(np.arange(0, E, 2, dtype=np.float64) / E)
+    return original * inv_freq / (2 * np.pi)
+
+
+def llama3_divisors(m: ModelConfig) -> np.ndarray:
+    """Llama 3.1's RoPE scaling as llama.cpp holds it: each frequency's divisor (rope_freqs)."""
+    kept = np.clip((_turns(m, m.rope_original_context) - m.rope_low_freq_factor)
+                   / (m.rope_high_freq_factor - m.rope_low_freq_factor), 0, 1)
+    return 1 / ((1 - kept) / m.rope_factor + kept)
+
+
 def llama3_rope(divisors, m: ModelConfig, meta: dict, where: Path) -> dict:
     """The llama3 rope fields that give a rope_freqs tensor's per-frequency divisors (llama.cpp's
     form of Llama 3.1's scaling): the factor is the largest divisor, low and high frequency factors
     fitted on the blended frequencies, and the whole table checked against them."""
-    E = m.head_dim
     arch = meta.get("general.architecture")
-    inv_freq = m.rope_theta ** -(np.arange(0, E, 2, dtype=np.float64) / E)
     original = int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))
     d = np.asarray(divisors, np.float64)
     factor = float(d.max())
-    turns = original * inv_freq / (2 * np.pi)  # turns of each frequency over the context
+    turns = _turns(m, original)
     blended = (d > 1 + 1e-6) & (d < factor - 1e-6)
     low, high = 1.0, 4.0  # Llama 3.1's, when too few frequencies are blended to fit them
     if factor > 1 and blended.sum() >= 2:
@@ -108,8 +121,7 @@ def llama3_rope(divisors, m: ModelConfig, meta: dict, where: Path) -> dict:
         low, high = -intercept / slope, (1 - intercept) / slope
     fields = dict(rope_scaling="llama3", rope_factor=factor, rope_low_freq_factor=float(low),
                   rope_high_freq_factor=float(high), rope_original_context=original)
-    kept = np.clip((turns - low) / (high - low), 0, 1)
-    if not np.allclose(1 / ((1 - kept) / factor + kept), d, rtol=1e-4):
+    if not np.allclose(llama3_divisors(dataclasses.replace(m, **fields)), d, rtol=1e-4):
         raise ConvertError(f"{where}: rope_freqs.weight is not Llama 3.1's scaling of RoPE, the "
                            f"one scaling jaxgpt reads from this tensor")
     return fields

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from jaxgpt import config as config_lib
 from jaxgpt import files
@@ -26,23 +27,24 @@ from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.store import export, runs
 from jaxgpt.store.gguf import tokenizer as gguf_tokenizer
 from jaxgpt.store.gguf import writer as writer_lib
-from jaxgpt.store.gguf.config import architecture, llama3_rope, model_config
-from jaxgpt.store.gguf.models import gguf_path, sha256_of
+from jaxgpt.store.gguf.config import architecture, llama3_divisors, llama3_rope, model_config
+from jaxgpt.store.gguf.models import gguf_path
 from jaxgpt.store.gguf.weights import GGUFFile, params_from_gguf, params_to_gguf
 from jaxgpt.store.hf.config import GPT2, LLAMA, ConvertError, hf_architecture
+from jaxgpt.store.hf.convert import check_out
 from jaxgpt.store.hf.tokenizer import template_chat_format
-from jaxgpt.store.hf.weights import flatten, nest, pad_vocab
+from jaxgpt.store.hf.weights import flatten, nest, pad_vocab, without_padding
 
 TEMPLATE = "gguf/chat_template.jinja"  # in an export: the model's own, as the GGUF held it
 METADATA = "gguf/metadata.json"  # the GGUF's general.* keys, carried back by to-gguf
-WRITTEN = ("general.architecture", "general.file_type", "general.quantization_version")  # anew
+# general.* keys to-gguf writes anew rather than carrying them over
+WRITTEN = ("general.architecture", "general.file_type", "general.quantization_version")
 
 
-def _tokenizer(f: GGUFFile, name: str) -> Tokenizer | None:
+def _tokenizer(f: GGUFFile, name: str, eos: int | None, bos: int | None) -> Tokenizer | None:
     if "tokenizer.ggml.model" not in f.meta:
         return None
     hf_json = gguf_tokenizer.hf_json_of(f.meta, str(f.path))
-    eos, bos = gguf_tokenizer.role_ids(f.meta)
     specials = {t["content"] for t in json.loads(hf_json).get("added_tokens", [])
                 if t.get("special")}
     fmt, default_system = template_chat_format(f.meta.get("tokenizer.chat_template"), specials)
@@ -53,9 +55,7 @@ def from_gguf(source: str, out: str | Path, cfg: FromGgufConfig = FromGgufConfig
     """A GGUF (path, known name or hub file) written as a jaxgpt export at `out`; returns the
     summary the command prints."""
     path, out = gguf_path(source), Path(out)
-    if out.exists() and not ((out / "params").is_dir() and (out / "config.json").is_file()):
-        if out.is_file() or any(out.iterdir()):
-            raise ConvertError(f"{out}: exists and is not an export; give a new directory")
+    check_out(out, path, ours=(out / "params").is_dir() and (out / "config.json").is_file())
     f = GGUFFile(path)
     arch = architecture(f.meta, path)
     V = f.rows("token_embd.weight")
@@ -67,13 +67,15 @@ def from_gguf(source: str, out: str | Path, cfg: FromGgufConfig = FromGgufConfig
         m = dataclasses.replace(m, **llama3_rope(divisors, m, f.meta, path))
     flat = params_from_gguf(f, arch, m)
     f.check_all_taken(arch)
-    tok = _tokenizer(f, f"gguf:{Path(source).name}")
+    eos, bos = gguf_tokenizer.role_ids(f.meta)
+    tok = _tokenizer(f, f"gguf:{Path(source).name}", eos, bos)
     n_vocab = max(V, tok.n_vocab if tok is not None else 0)
     flat = pad_vocab(flat, n_vocab) if n_vocab > V else flat
     run_cfg = config_lib.validate(Config(model=dataclasses.replace(m, vocab_size=n_vocab)))
     types = f.types()
-    eos, bos = gguf_tokenizer.role_ids(f.meta) if tok is not None else (None, None)
-    converted = {"source": source, "file": str(path.absolute()), "sha256": sha256_of(path),
+    if tok is None:
+        eos = bos = None
+    converted = {"source": source, "file": str(path.absolute()), "sha256": files.sha256(path),
                  "architecture": arch, "name": f.meta.get("general.name"),
                  "source_vocab_size": V, "vocab_size": n_vocab, "eos_id": eos, "bos_id": bos,
                  "tokenizer": tok.name if tok is not None else None,
@@ -82,8 +84,7 @@ def from_gguf(source: str, out: str | Path, cfg: FromGgufConfig = FromGgufConfig
                  "tensor_types": types}
     extra = {"converted.json": json.dumps(converted, indent=1) + "\n",
              METADATA: json.dumps({k: v for k, v in f.meta.items() if k.startswith("general.")
-                                   and k not in WRITTEN and isinstance(v, (str, int, float, list))},
-                                  indent=1)}
+                                   and isinstance(v, (str, int, float, list))}, indent=1)}
     if isinstance(f.meta.get("tokenizer.chat_template"), str):
         extra[TEMPLATE] = f.meta["tokenizer.chat_template"]
     if tok is None:
@@ -140,14 +141,6 @@ def _origin(loaded) -> tuple[dict, dict, str | None]:
     return read("converted.json"), read(METADATA), template
 
 
-def _role_ids(tok: Tokenizer, converted: dict) -> dict:
-    """The eos and bos ids to write: a converted model's own (which may differ from what jaxgpt
-    names <|endoftext|>, e.g. SmolLM2's <|im_end|>), else the tokenizer's."""
-    if "eos_id" in converted:
-        return {"eos_id": converted["eos_id"], "bos_id": converted["bos_id"]}
-    return {}
-
-
 def to_gguf(source: str, out: str | Path, cfg: ToGgufConfig = ToGgufConfig()) -> dict:
     """A jaxgpt run or export written as a GGUF file; returns the summary the command prints."""
     loaded = runs.load(source, need_tokenizer=False)
@@ -158,23 +151,20 @@ def to_gguf(source: str, out: str | Path, cfg: ToGgufConfig = ToGgufConfig()) ->
     if tok is not None and tok.chat_format not in chat.CHAT_FORMATS:
         raise ConvertError(f"{source}: chat_format {tok.chat_format!r} has no template")
     converted, general, template = _origin(loaded)
-    flat = flatten(jax.device_get(loaded.params))
-    # the padding rows a conversion added, untrained, go; a model trained since keeps every row
-    V = converted.get("source_vocab_size", converted.get("hf_vocab_size", m.vocab_size))
-    flat["wte"] = flat["wte"][:V]
-    if "lm_head" in flat:
-        flat["lm_head"] = flat["lm_head"][:, :V]
+    flat, V = without_padding(flatten(jax.device_get(loaded.params)), converted)
     tensors = params_to_gguf(flat, arch, m)
     if m.rope_scaling == "llama3":
-        tensors["rope_freqs.weight"] = writer_lib.llama3_divisors(m)
+        tensors["rope_freqs.weight"] = llama3_divisors(m).astype(np.float32)
     metadata = {"general.name": Path(source).absolute().name,
                 **{k: v for k, v in general.items() if k not in WRITTEN},
-                **writer_lib.model_metadata(arch, m)}
-    if arch != "gpt2":
-        metadata[f"{arch}.vocab_size"] = V
+                **writer_lib.model_metadata(arch, m, V)}
     fields = {}
     if tok is not None:
-        fields = gguf_tokenizer.gguf_fields(tok, V, **_role_ids(tok, converted))
+        # a converted model's own eos and bos (SmolLM2's eos is <|im_end|>, not the id jaxgpt
+        # names <|endoftext|>); else the tokenizer's
+        roles = ({"eos_id": converted["eos_id"], "bos_id": converted["bos_id"]}
+                 if "eos_id" in converted else {})
+        fields = gguf_tokenizer.gguf_fields(tok, V, **roles)
         fields["tokenizer.chat_template"] = template or chat_template_of(tok)
         if tok.chat_format == "jaxgpt" and "<|assistant_end|>" in tok.specials:
             # llama.cpp ends a reply at the end-of-turn token, as jaxgpt's engine does

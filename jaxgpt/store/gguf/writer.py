@@ -16,8 +16,8 @@ from jaxgpt.store.hf.config import require
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
-def model_metadata(arch: str, m: ModelConfig) -> dict[str, object]:
-    """The "{arch}.*" keys of a jaxgpt model."""
+def model_metadata(arch: str, m: ModelConfig, vocab_size: int) -> dict[str, object]:
+    """The "{arch}.*" keys of a jaxgpt model (vocab_size: the rows written)."""
     keys = {"context_length": m.seq_len, "embedding_length": m.d_model,
             "block_count": m.n_layer, "feed_forward_length": m.d_ff,
             "attention.head_count": m.n_head}
@@ -27,22 +27,12 @@ def model_metadata(arch: str, m: ModelConfig) -> dict[str, object]:
         keys.update({"attention.head_count_kv": m.n_kv_head, "rope.freq_base": float(m.rope_theta),
                      "rope.dimension_count": m.head_dim,
                      "attention.layer_norm_rms_epsilon": float(m.norm_eps),
-                     "vocab_size": None})
+                     "vocab_size": vocab_size})
         if m.rope_scaling == "linear":
             keys.update({"rope.scaling.type": "linear", "rope.scaling.factor": m.rope_factor})
         if m.rope_scaling == "llama3":
             keys["rope.scaling.original_context_length"] = m.rope_original_context
     return {f"{arch}.{k}": v for k, v in keys.items()}
-
-
-def llama3_divisors(m: ModelConfig) -> np.ndarray:
-    """Llama 3.1's RoPE scaling as llama.cpp holds it: each frequency's divisor (rope_freqs)."""
-    E = m.head_dim
-    inv_freq = m.rope_theta ** -(np.arange(0, E, 2, dtype=np.float64) / E)
-    turns = m.rope_original_context * inv_freq / (2 * np.pi)
-    kept = np.clip((turns - m.rope_low_freq_factor)
-                   / (m.rope_high_freq_factor - m.rope_low_freq_factor), 0, 1)
-    return (1 / ((1 - kept) / m.rope_factor + kept)).astype(np.float32)
 
 
 def _typed(gguf, x: np.ndarray, dtype: str) -> tuple[np.ndarray, object]:
@@ -82,8 +72,7 @@ def write_gguf(out: Path, arch: str, metadata: dict, tensors: dict[str, np.ndarr
     writer = gguf.GGUFWriter(part, arch)
     try:
         for key, value in metadata.items():
-            if value is not None and key != "general.architecture":
-                add_value(writer, key, value)
+            add_value(writer, key, value)
         writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype]).value)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer)

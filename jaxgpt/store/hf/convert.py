@@ -45,6 +45,7 @@ from jaxgpt.store.hf.weights import (
     pad_vocab,
     params_from_hf,
     params_to_hf,
+    without_padding,
     write_safetensors,
 )
 
@@ -71,10 +72,12 @@ def local_dir(source: str, revision: str = "") -> Path:
                            f"({type(e).__name__}: {reason})") from None
 
 
-def _check_out(out: Path, source: Path, ours: bool, hint: str = "") -> None:
-    """Never write over the input, nor into a directory with other things in it."""
+def check_out(out: Path, source: Path, ours: bool, hint: str = "") -> None:
+    """Never write over the input, nor into a file or a directory with other things in it."""
     if out.exists() and out.resolve() == source.resolve():
         raise ConvertError(f"{out}: the output directory must not be the input")
+    if out.is_file():
+        raise ConvertError(f"{out}: is a file; give a new directory{hint}")
     if out.is_dir() and any(out.iterdir()) and not ours:
         raise ConvertError(f"{out}: exists and is not empty; give a new directory{hint}")
 
@@ -83,7 +86,7 @@ def from_hf(source: str, out: str | Path, cfg: FromHfConfig = FromHfConfig()) ->
     """A HF model (directory or hub name) written as a jaxgpt export at `out`; returns the summary
     the command prints."""
     directory, out = local_dir(source, cfg.revision), Path(out)
-    _check_out(out, directory, ours=(out / "params").is_dir() and (out / "config.json").is_file())
+    check_out(out, directory, ours=(out / "params").is_dir() and (out / "config.json").is_file())
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ConvertError(f"{config_path}: not found (a Hugging Face model directory has one)")
@@ -117,7 +120,7 @@ def to_hf(source: str, out: str | Path, cfg: ToHfConfig = ToHfConfig()) -> dict:
     loaded = runs.load(source, need_tokenizer=False)
     m, tok, out = loaded.cfg.model, loaded.tokenizer, Path(out)
     arch = hf_architecture(m)
-    _check_out(out, Path(source), ours=cfg.overwrite, hint=" (or to_hf.overwrite=true)")
+    check_out(out, Path(source), ours=cfg.overwrite, hint=" (or to_hf.overwrite=true)")
     origin = Path(loaded.where) if loaded.step is None else None  # an export: what from-hf kept
     kept = {name: origin / "hf" / name for name in HF_FILES
             if origin and (origin / "hf" / name).is_file()}
@@ -125,13 +128,7 @@ def to_hf(source: str, out: str | Path, cfg: ToHfConfig = ToHfConfig()) -> dict:
     converted = {}
     if origin and (origin / "converted.json").is_file():
         converted = files.read_json(origin / "converted.json")
-    flat = flatten(jax.device_get(loaded.params))
-    # An export from-hf wrote holds the padding rows it added, untrained: they go, and the tensors
-    # come back as they were. A model trained since (no converted.json) keeps every row.
-    V = converted.get("hf_vocab_size", converted.get("source_vocab_size", m.vocab_size))
-    flat["wte"] = flat["wte"][:V]
-    if "lm_head" in flat:
-        flat["lm_head"] = flat["lm_head"][:, :V]
+    flat, V = without_padding(flatten(jax.device_get(loaded.params)), converted)
     own = (base or {}).get("dtype") or (base or {}).get("torch_dtype")
     dtype = cfg.dtype if cfg.dtype != "auto" else own if own in DTYPES else "float32"
     tensors = {name: np.ascontiguousarray(x.astype(DTYPES[dtype]))

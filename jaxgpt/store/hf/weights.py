@@ -234,6 +234,18 @@ def pad_vocab(flat: dict[str, np.ndarray], V: int) -> dict[str, np.ndarray]:
     return out
 
 
+def without_padding(flat: dict[str, np.ndarray], converted: dict
+                    ) -> tuple[dict[str, np.ndarray], int]:
+    """(params, vocabulary rows) as the source model had them: an export a conversion wrote
+    (converted.json) holds the padding rows pad_vocab added, untrained, and they go, so the tensors
+    come back as they were; a model trained since (no converted.json) keeps every row."""
+    V = converted.get("hf_vocab_size", converted.get("source_vocab_size", len(flat["wte"])))
+    out = {**flat, "wte": flat["wte"][:V]}
+    if "lm_head" in flat:
+        out["lm_head"] = flat["lm_head"][:, :V]
+    return out, V
+
+
 def write_safetensors(tensors: dict[str, np.ndarray], out: Path, max_shard_mb: float) -> list[str]:
     """model.safetensors, or shards + model.safetensors.index.json past max_shard_mb; the file
     names."""
