@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxgpt"
 TOP = {"errors", "files", "cli", "hardware", "config"}
 # `python -m jaxgpt.NAME` entry points kept where a module moved into a folder: above everything.
 COMMANDS = {"bench", "chat", "convert", "evaluate", "export", "feedback", "launch", "sample",
-            "talk", "tasks", "tokenizer"}
+            "talk", "tokenizer"}
 # Folders by layer; a folder imports its own modules and those of lower layers, never a sibling's.
 FOLDERS = {"model": 1, "data": 1, "parallel": 1, "store": 2, "generate": 3, "train": 4, "serve": 5,
            "perf": 6}

@@ -9,11 +9,14 @@ bits) by the UTF-8 bytes of the scored targets.
     python -m jaxgpt.evaluate RUN data.chat_val=jsonl:val.jsonl         # held-out conversations
     python -m jaxgpt.evaluate RUN data.dir=data/other                   # a prepared directory's
                                                                         # val split
+    python -m jaxgpt.evaluate RUN tasks=jaxgpt_spelling,arc_easy        # lm-eval task scores
+                                                                        # (task_scores.py)
 """
 from __future__ import annotations
 
 import json
 import math
+import sys
 
 import jax
 import numpy as np
@@ -24,6 +27,7 @@ from jaxgpt.data import tokens as data
 from jaxgpt.model.gpt import GPT
 from jaxgpt.parallel import sharding
 from jaxgpt.store import runs
+from jaxgpt.train import task_scores
 
 
 def make_eval_step(model: GPT, mesh, params_sharding):
@@ -86,9 +90,13 @@ def evaluate(source: str, overrides: list[str] = ()) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if task_scores.asks_for_tasks(argv):
+        return task_scores.main(argv)
     cli.run("python -m jaxgpt.evaluate", cli.Command(
         lambda operands, settings: print(json.dumps(evaluate(operands[0], settings))),
-        usage="RUN_OR_EXPORT [key=value ...]", root=Config,
+        usage="RUN_OR_EXPORT [key=value ...]\n   or: python -m jaxgpt.evaluate "
+              + task_scores.USAGE, root=Config,
         sections=("data", "eval", "mesh", "model")), argv)
 
 

@@ -4,7 +4,8 @@
     from jaxgpt.train import lm_eval_backend  # noqa: F401 (registers "jaxgpt")
     lm_eval.simple_evaluate(model="jaxgpt", model_args={"source": "runs/x"}, tasks=["arc_easy"])
 
-or on the command line `python -m jaxgpt.tasks RUN tasks=arc_easy,hellaswag` (jaxgpt/tasks.py).
+or on the command line `python -m jaxgpt.evaluate RUN tasks=arc_easy,jaxgpt_spelling` (the command
+and the built-in tasks: task_scores.py).
 
 Model args: `source` (a run directory, checkpoint or export, as runs.load takes), `batch_size`
 (rows a forward pass scores, and the engine's slots), `max_length` (tokens of context; default the
@@ -17,7 +18,11 @@ model's seq_len), `stride` (rolling windows' step, 0: max_length, as eval.stride
 - loglikelihood_rolling: the text after the end-of-text id, scored in windows of max_length as
   jaxgpt's own evaluation scores a file (data.tokens.windows): every token once.
 - generate_until: the KV-cache engine, greedy unless the request samples; the reply is cut at the
-  first stop string (or the end-of-text id), as lm-eval cuts a decoded reply.
+  first stop string (or the end-of-text id), as lm-eval cuts a decoded reply; a prompt in the chat
+  template (it holds a user message's start) also ends at the template's stop ids, as talk does.
+- apply_chat_template (lm-eval's apply_chat_template=True): the messages rendered by jaxgpt's chat
+  template (data/chat.py: the model's own format, jaxgpt's, ChatML or Llama 3's) as text whose
+  special tokens tok_encode reads back as their ids, so the prompt is the one talk would send.
 All scoring goes through one jitted function over [batch_size, L] rows padded on the right (L a
 power-of-two bucket up to max_length, so a few compiles serve every length).
 
@@ -25,7 +30,9 @@ lm_eval is imported at the top: this module is only ever imported when lm-eval i
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +41,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
+from jaxgpt.data import chat
 from jaxgpt.data.tokens import windows
 from jaxgpt.errors import ConfigError
 from jaxgpt.generate.engine import Engine
@@ -105,10 +113,42 @@ class JaxgptLM(TemplateLM):
     def eot_token_id(self) -> int:
         return self.tokenizer.eot_id
 
+    @functools.cached_property
+    def _specials(self) -> re.Pattern:
+        names = sorted(self.tokenizer.specials, key=len, reverse=True)  # the longest name first
+        return re.compile("(" + "|".join(map(re.escape, names)) + ")")
+
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string)
+        """The ids of string, a special token's name read as its id (as a Hugging Face tokenizer
+        reads its added tokens): a rendered chat prompt encodes back to its own ids."""
+        ids = []
+        for n, piece in enumerate(self._specials.split(string)):
+            ids += [self.tokenizer.specials[piece]] if n % 2 else self.tokenizer.encode(piece)
+        return ids
 
     def tok_decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    # ---- the chat template ----
+
+    @property
+    def tokenizer_name(self) -> str:
+        """What lm-eval's request cache keys chat prompts by."""
+        return f"{self.tokenizer.name}-{self.tokenizer.fingerprint[:16]}"
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The chat format's name (lm-eval logs it); the template itself is data/chat.py's."""
+        return self.tokenizer.chat_format if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True
+                            ) -> str:
+        """The messages in the model's chat template, the assistant's turn opened (or, without
+        add_generation_prompt, a last assistant message left open for the model to go on)."""
+        messages = [{"role": m["role"], "content": m["content"]} for m in chat_history]
+        ids, _ = chat.render(messages, self.tokenizer, for_generation=add_generation_prompt)
+        end = chat.layout(self.tokenizer).end["assistant"]
+        if not add_generation_prompt and messages[-1]["role"] == "assistant":
+            ids = ids[:len(ids) - len(end)]
         return self.tokenizer.decode(ids)
 
     # ---- scoring ----
@@ -174,8 +214,15 @@ class JaxgptLM(TemplateLM):
             self._engine = Engine(self.model, self.params, self.tokenizer, slots=self.batch_size)
         return self._engine
 
+    def stop_ids(self, prompt: list[int]) -> tuple[int, ...]:
+        """End-of-text, and the chat template's stops (the assistant's end, a user's start) for a
+        prompt in the template: a chat model's reply ends there, not at end-of-text."""
+        lay = chat.layout(self.tokenizer)
+        return lay.stop_ids if lay.start["user"][0] in prompt else (self.eot_token_id,)
+
     def sampling(self, gen_kwargs: dict) -> tuple[SamplingParams, tuple[str, ...]]:
-        """The engine's settings and the stop strings of one request's generation kwargs."""
+        """The engine's settings (stop ids aside: stop_ids) and the stop strings of one request's
+        generation kwargs."""
         kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
         eos = self.tokenizer.decode([self.eot_token_id])
         until = handle_stop_sequences(list(kwargs.get("until") or []), eos=eos)
@@ -184,8 +231,7 @@ class JaxgptLM(TemplateLM):
                                 temperature=float(kwargs.get("temperature") or 0) if sample else 0,
                                 top_k=int(kwargs.get("top_k") or 0) if sample else 0,
                                 top_p=float(kwargs.get("top_p") or 1) if sample else 1,
-                                seed=int(kwargs.get("seed") or 0),
-                                stop_ids=(self.eot_token_id,))
+                                seed=int(kwargs.get("seed") or 0))
         return params, tuple(s for s in until if s)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -198,8 +244,9 @@ class JaxgptLM(TemplateLM):
             # room for the reply, though never less than half the context: the engine shifts
             # its context when the cache fills
             keep = max(self.max_length - params.max_tokens, self.max_length // 2, 1)
-            prompt = (self.tok_encode(context) or [self.eot_token_id])[-keep:]
-            [rid] = engine.submit(prompt, params)
+            prompt = self.tok_encode(context) or [self.eot_token_id]
+            params = dataclasses.replace(params, stop_ids=self.stop_ids(prompt))
+            [rid] = engine.submit(prompt[-keep:], params)
             streams[rid] = (n, TextStream(self.tokenizer, stop))
         while engine.busy:
             for rid, ids in engine.step().items():

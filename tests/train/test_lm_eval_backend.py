@@ -1,7 +1,7 @@
 """Tests for jaxgpt's lm-eval backend (jaxgpt/train/lm_eval_backend.py) and `python -m
-jaxgpt.tasks`: every score checked against one computed here from the model's own logits (or its
-engine's greedy reply), on tasks whose YAML and JSONL files the tests write (nothing is
-downloaded)."""
+jaxgpt.evaluate RUN tasks=...`: every score checked against one computed here from the model's own
+logits (or its engine's greedy reply), on tasks whose YAML and JSONL files the tests write (nothing
+is downloaded; the built-in tasks: test_task_scores.py)."""
 from __future__ import annotations
 
 import functools
@@ -28,9 +28,9 @@ from jaxgpt.generate.sampling import SamplingParams
 from jaxgpt.model.gpt import GPT
 from jaxgpt.parallel import sharding
 from jaxgpt.store import export, runs
-from jaxgpt.tasks import parse, run_tasks
 from jaxgpt.train.evaluate import evaluate_batches, make_eval_step
 from jaxgpt.train.lm_eval_backend import JaxgptLM
+from jaxgpt.train.task_scores import parse, run_tasks
 
 SEQ_LEN = 64
 
@@ -195,7 +195,7 @@ def test_a_generative_task_scores_the_engines_greedy_replies(task_results, tiny)
 
 @pytest.mark.slow
 def test_the_command_line_prints_the_scores(tiny, tasks, run_env):
-    proc = subprocess.run([sys.executable, "-m", "jaxgpt.tasks", str(tiny[0]),
+    proc = subprocess.run([sys.executable, "-m", "jaxgpt.evaluate", str(tiny[0]),
                            "tasks=tiny_choice,tiny_gen", f"include_path={tasks}", "limit=3"],
                           capture_output=True, text=True, cwd=REPO, timeout=600,
                           env=run_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"))
@@ -204,7 +204,7 @@ def test_the_command_line_prints_the_scores(tiny, tasks, run_env):
     # limit=3: the multiple-choice task's first three docs, two of them labelled as the model picks
     assert scores["tiny_choice"]["acc"] == pytest.approx(2 / 3)
     assert scores["tiny_gen"]["exact_match"] == pytest.approx(2 / 3)
-    with pytest.raises(ConfigError, match="no task no_such_task in lm-eval or include_path"):
+    with pytest.raises(ConfigError, match="no task no_such_task in lm-eval, the built-in tasks"):
         run_tasks(str(tiny[0]), {"tasks": "tiny_gen,no_such_task", "include_path": str(tasks)})
 
 
