@@ -39,6 +39,8 @@ from jaxgpt.config.run import (
     DistributedConfig,
     DpoConfig,
     EvalConfig,
+    ExportConfig,
+    GrpoConfig,
     MeshConfig,
     ModelConfig,
     OptimConfig,
@@ -50,8 +52,9 @@ from jaxgpt.config.run import (
 __all__ = [
     "BenchCommand", "BenchConfig", "BpeConfig", "ChatCommand", "ChatConvertConfig",
     "CheckpointConfig", "Config", "DataConfig", "DistributedConfig", "DpoConfig", "EncodeConfig",
-    "EvalConfig", "FromGgufConfig", "FromHfConfig", "HfCommand", "MeshConfig", "ModelConfig",
-    "OptimConfig", "PRESETS", "PrepareCommand", "PrepareConfig", "RenderConfig", "SampleConfig",
-    "ScreenConfig", "ToGgufConfig", "ToHfConfig", "TokenizerCommand", "TrainConfig", "all_keys",
-    "apply_overrides", "from_cli", "from_dict", "load_file", "validate",
+    "EvalConfig", "ExportConfig", "FromGgufConfig", "FromHfConfig", "GrpoConfig", "HfCommand",
+    "MeshConfig", "ModelConfig", "OptimConfig", "PRESETS", "PrepareCommand", "PrepareConfig",
+    "RenderConfig", "SampleConfig", "ScreenConfig", "ToGgufConfig", "ToHfConfig",
+    "TokenizerCommand", "TrainConfig",
+    "all_keys", "apply_overrides", "from_cli", "from_dict", "load_file", "validate",
 ]

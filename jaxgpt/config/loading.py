@@ -57,6 +57,43 @@ def load_file(path: str | Path) -> Config:
     return cfg
 
 
+def lora_checks(cfg: Config) -> list[tuple[bool, str]]:
+    t = cfg.train
+    return [
+        (t.lora_rank >= 0, f"train.lora_rank={t.lora_rank} must be >= 0 (0: no LoRA)"),
+        (t.lora_rank > 0 or t.lora_base == "float32",
+         f"train.lora_base={t.lora_base} keeps a LoRA run's frozen base: set train.lora_rank"),
+        (t.lora_rank == 0 or cfg.optim.name == "adamw",
+         f"optim.name={cfg.optim.name}: LoRA adapters train with adamw"),
+        (t.lora_group > 0, f"train.lora_group={t.lora_group} must be positive"),
+        (t.lora_rank == 0 or bool(t.init_from),
+         f"train.lora_rank={t.lora_rank}: LoRA adapts a trained model; set train.init_from"),
+        (t.lora_rank == 0 or not (cfg.data.preferences or cfg.grpo.task),
+         "train.lora_rank: LoRA trains with the model's own loss (SFT, pretraining); DPO and GRPO "
+         "runs train full params"),
+    ]
+
+
+def grpo_checks(cfg: Config) -> list[tuple[bool, str]]:
+    g = cfg.grpo
+    if not g.task:
+        return []
+    return [
+        (g.group_size >= 2 and cfg.data.batch_size % g.group_size == 0,
+         f"data.batch_size={cfg.data.batch_size} must be a multiple of grpo.group_size="
+         f"{g.group_size} (at least 2: a prompt's replies are scored against each other)"),
+        (not (cfg.data.chat or cfg.data.preferences or cfg.data.path or cfg.data.dir),
+         f"grpo.task={g.task}: a GRPO run makes its own data (unset data.path, dir, chat and "
+         "preferences)"),
+        (g.max_new_tokens > 0, f"grpo.max_new_tokens={g.max_new_tokens} must be positive"),
+        (g.clip_eps > 0, f"grpo.clip_eps={g.clip_eps} must be positive"),
+        (g.kl_beta >= 0, f"grpo.kl_beta={g.kl_beta} must be >= 0 (0: off)"),
+        (g.temperature > 0, f"grpo.temperature={g.temperature} must be positive (it samples)"),
+        (0 < g.top_p <= 1, f"grpo.top_p={g.top_p} must be in (0, 1]"),
+        (g.val_problems >= 0, f"grpo.val_problems={g.val_problems} must be >= 0"),
+    ]
+
+
 def validate(cfg: Config) -> Config:
     """Check every field's type and choices and the cross-field rules; returns the config with the
     preset's defaults filled in (ModelConfig.resolved)."""
@@ -93,6 +130,8 @@ def validate(cfg: Config) -> Config:
         (cfg.dpo.beta > 0, f"dpo.beta={cfg.dpo.beta} must be positive"),
         (0 <= cfg.dpo.label_smoothing < 0.5,
          f"dpo.label_smoothing={cfg.dpo.label_smoothing} must be in [0, 0.5)"),
+        *grpo_checks(cfg),
+        *lora_checks(cfg),
     ]
     for ok, message in checks:
         if not ok:

@@ -1,6 +1,7 @@
 """A run's settings: one frozen dataclass per section of a config (model, data, optim, train, mesh,
-checkpoint, eval, sample, screen, distributed, dpo) and their root, Config. A choice field is typed
-`Literal[...]`: parsing, validation and `--help` all read the allowed values from the type.
+checkpoint, export, eval, sample, screen, distributed, dpo, grpo) and their root, Config. A choice
+field is typed `Literal[...]`: parsing, validation and `--help` all read the allowed values from
+the type.
 """
 from __future__ import annotations
 
@@ -172,6 +173,16 @@ class TrainConfig:
     resume: str = "auto"             # auto | none | PATH (checkpoints)
     # with resume=none (or an older resume=PATH): replace existing checkpoints
     overwrite: bool = False
+    # >0: LoRA (model/lora.py): rank-r adapters on the matrices lora_targets matches (a regex over
+    # param paths) train while the rest (init_from's params) stays frozen; only the adapters are in
+    # the optimizer state and the checkpoints
+    lora_rank: int = 0
+    lora_alpha: float = 16.0         # the adapters' product is scaled by alpha / rank
+    lora_targets: str = r"(attn/(wq|wkv|wo)|mlp/(w_up|w_down))/w$"
+    # the frozen base's targeted matrices kept in int8 / int4 with a scale per lora_group input
+    # rows (QLoRA), dequantized in the layer
+    lora_base: Literal["float32", "int8", "int4"] = "float32"
+    lora_group: int = 64
 
 
 @dataclass(frozen=True)
@@ -212,6 +223,31 @@ class DpoConfig:
     # its log-probs of every pair once before training, or of each batch in the step (its params
     # kept beside the state)
     reference: Literal["precompute", "step"] = "precompute"
+
+
+@dataclass(frozen=True)
+class GrpoConfig:
+    """Reinforcement learning on verifiable rewards (train/grpo.py): each step samples group_size
+    replies to each of data.batch_size / group_size prompts of `task` from the current params."""
+    task: Literal["", "arithmetic", "spelling"] = ""  # a built-in task (data/tasks.py); "": off
+    # "module:function" called with (problem, reply text); "": the task's own (data/tasks.py)
+    reward: str = ""
+    group_size: int = 4              # G: replies per prompt, their rewards normalized together
+    max_new_tokens: int = 48         # a reply's tokens at most
+    temperature: float = 1.0
+    top_p: float = 1.0               # 1.0: off
+    stop: tuple[str, ...] = ()       # stop strings, as a server's request gives them
+    clip_eps: float = 0.2            # the probability ratio's clip range [1 - eps, 1 + eps]
+    # the KL penalty's weight (k3 estimator) against the reference, train.init_from's params; 0: off
+    kl_beta: float = 0.0
+    val_problems: int = 100          # held-out problems scored greedily at each evaluation
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    # a LoRA run's export: its adapters merged into the base's weights (a whole model), or the
+    # adapters alone beside the base's location (loaded on top of it)
+    lora: Literal["merge", "separate"] = "merge"
 
 
 @dataclass(frozen=True)
@@ -283,11 +319,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     screen: ScreenConfig = field(default_factory=ScreenConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
 
     @property
     def eval_batch_size(self) -> int:

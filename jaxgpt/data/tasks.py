@@ -52,21 +52,39 @@ def _spelling(rng: random.Random) -> Problem:
                    f"the number.", str(word.count(letter)))
 
 
+def _maker(task: str):
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+    return _arithmetic if task == "arithmetic" else _spelling
+
+
 def problems(task: str, split: str, n: int) -> list[Problem]:
     """n distinct problems of `task` from `split` ("train" or "val"); a val prompt never appears in
     train (train draws past the prompts val holds)."""
-    if task not in TASKS:
-        raise ConfigError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+    make = _maker(task)
     if split not in _SEEDS:
         raise ConfigError(f"task split {split!r}: expected train or val")
     if split == "val" and n > VAL_SIZE:
         raise ConfigError(f"task {task}: the held-out set has {VAL_SIZE} problems, {n} asked")
-    make = _arithmetic if task == "arithmetic" else _spelling
     held_out = set() if split == "val" else {p.prompt for p in _draw(make, "val", VAL_SIZE)}
     out = [p for p in _draw(make, split, n + len(held_out)) if p.prompt not in held_out]
     if len(out) < n:
         raise ConfigError(f"task {task}: only {len(out)} distinct {split} problems, {n} asked")
     return out[:n]
+
+
+def sample(task: str, seed: int, n: int) -> list[Problem]:
+    """n problems of `task` drawn independently (repeats allowed), never a held-out one: training
+    prompts in the generator's own mix, which `problems(task, "train", n)` skews as n grows (its
+    distinct problems run out of the few words' own letters first). The same seed, the same ones."""
+    make = _maker(task)
+    held_out = {p.prompt for p in _draw(make, "val", VAL_SIZE)}
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        p = make(rng)
+        if p.prompt not in held_out:
+            out.append(p)
+    return out
 
 
 def _draw(make, split: str, n: int) -> list[Problem]:

@@ -138,6 +138,8 @@ class Request:
     # with params.top_logprobs
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length", or what cancel() was given
+    # (the stop id that ended it, its log-probability): GRPO trains on it too
+    stopped_by: tuple[int, float] | None = None
     # with keep_logits: one per token
     logits: list[np.ndarray] = dataclasses.field(default_factory=list)
     slot: int | None = None
@@ -344,7 +346,7 @@ class Engine:
         if logits_V is not None:
             request.logits.append(logits_V)
         if token in request.params.stop_ids:
-            request.finish_reason = "stop"
+            request.finish_reason, request.stopped_by = "stop", (token, logprob)
         else:
             request.tokens.append(token)
             request.logprobs.append(logprob)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import ModelConfig
+from jaxgpt.model import lora
 from jaxgpt.model.cache import CACHE_AXES, attend_cache, write_cache
 from jaxgpt.model.kernels import attention, matmul, norm
 from jaxgpt.model.kernels.choice import Kernels
@@ -64,33 +65,59 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        w = self.param("w", logical(nn.initializers.normal(self.std), *self.names),
-                       self.shape_in + self.shape_out)
-        has_bias = self.cfg.bias if self.bias is None else self.bias
-        b = (self.param("b", logical(nn.initializers.zeros, *self.names[len(self.shape_in):]),
-                        self.shape_out) if has_bias else None)
-        if not self.split:
-            return self._apply(x, w, b, self.shape_out)
-        axis = len(self.shape_in)  # w's first output axis
-        return [self._apply(x, jnp.take(w, i, axis), None if b is None else b[i],
-                            self.shape_out[1:]) for i in range(self.shape_out[0])]
-
-    def _apply(self, x, w, b, shape_out):
-        impl, dtype = self.kernels.impl, self.kernels.matmul_dtype
+        dtype = self.kernels.matmul_dtype
+        K, N = math.prod(self.shape_in), math.prod(self.shape_out)
         batch_shape = x.shape[:x.ndim - len(self.shape_in)]
         # One 2-D matmul: XLA:CPU picks much better layouts for it than for the N-D einsum
         # (the N-D form made it transpose the MLP's hidden gradient in the backward pass).
-        x_MxK = x.reshape(math.prod(batch_shape), math.prod(self.shape_in)).astype(dtype)
-        w_KxN = w.reshape(math.prod(self.shape_in), math.prod(shape_out)).astype(dtype)
+        x_MxK = x.reshape(math.prod(batch_shape), K).astype(dtype)
+        w_KxN = self._weight(K, N).astype(dtype)
+        has_bias = self.cfg.bias if self.bias is None else self.bias
+        b = (self.param("b", logical(nn.initializers.zeros, *self.names[len(self.shape_in):]),
+                        self.shape_out) if has_bias else None)
+        xa_MxR, b_RxN = self._adapter(x_MxK)
+        if not self.split:
+            y_MxN = self._apply(x_MxK, w_KxN, b, xa_MxR, b_RxN)
+            return y_MxN.reshape(batch_shape + self.shape_out)
+        parts, n = self.shape_out[0], N // self.shape_out[0]
+        w_KxPxn = w_KxN.reshape(K, parts, n)
+        return [self._apply(x_MxK, w_KxPxn[:, i], None if b is None else b[i], xa_MxR,
+                            None if b_RxN is None else b_RxN.reshape(-1, parts, n)[:, i]
+                            ).reshape(batch_shape + self.shape_out[1:]) for i in range(parts)]
+
+    def _weight(self, K: int, N: int):
+        """w as [K, N]: the fp32 param, or its int8/int4 copy dequantized (model/lora.py)."""
+        if self.has_variable("params", "w_q"):
+            return lora.dequantize(self.get_variable("params", "w_q").reshape(K, N),
+                                   self.get_variable("params", "w_scale"), jnp.float32)
+        w = self.param("w", logical(nn.initializers.normal(self.std), *self.names),
+                       self.shape_in + self.shape_out)
+        return w.reshape(K, N)
+
+    def _adapter(self, x_MxK):
+        """(scale * x @ lora_a, lora_b) in the matmul dtype where this layer has adapters, else
+        (None, None). Added as a product of their own, so the base's weight gets no gradient."""
+        if not self.has_variable("params", "lora_a"):
+            return None, None
+        impl, dtype = self.kernels.impl, self.kernels.matmul_dtype
+        a_KxR = self.get_variable("params", "lora_a").astype(dtype)
+        scale = self.get_variable("params", "lora_scale")
+        xa_MxR = matmul.matmul(impl, x_MxK, a_KxR, jnp.float32) * scale
+        return xa_MxR.astype(dtype), self.get_variable("params", "lora_b").astype(dtype)
+
+    def _apply(self, x_MxK, w_KxN, b, xa_MxR, b_RxN):
+        impl = self.kernels.impl
         y_MxN = matmul.matmul(impl, x_MxK, w_KxN, self.cfg.dtype)
+        if xa_MxR is not None:
+            y_MxN = y_MxN + matmul.matmul(impl, xa_MxR, b_RxN, self.cfg.dtype)
         # the bias added to the 2-D product, before any reshape: then cuBLAS adds it as it writes
         # the product, where a bias over two axes (q's heads) took a kernel of its own
         b_N = None if b is None else b.reshape(-1)
         if self.activation:
-            y_MxN = matmul.activation(impl, self.activation, y_MxN, b_N)
-        elif b_N is not None:
+            return matmul.activation(impl, self.activation, y_MxN, b_N)
+        if b_N is not None:
             y_MxN = y_MxN + b_N.astype(y_MxN.dtype)
-        return y_MxN.reshape(batch_shape + shape_out)
+        return y_MxN
 
 
 def residual_std(cfg: ModelConfig) -> float:

@@ -48,8 +48,10 @@ def state_tree(state) -> dict:
             "rng": jax.random.key_data(state.rng), "nonfinite_run": state.nonfinite_run}
 
 
-def params_target(model: GPT, shardings=None):
-    abstract = jax.eval_shape(model.init, jax.random.key(0))
+def params_target(model: GPT, shardings=None, abstract=None):
+    """The shapes to read params into (the model's, or `abstract`'s), placed."""
+    if abstract is None:
+        abstract = jax.eval_shape(model.init, jax.random.key(0))
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return sharding.placed(abstract, shardings if shardings is not None
                            else jax.tree.map(lambda _: one, abstract))
@@ -110,13 +112,14 @@ def restore_step(step_dir: Path, trainer):
 
 
 def restore_params(step_dir: Path, cfg: config_lib.Config, model: GPT,
-                   shardings=None) -> tuple[dict, dict]:
+                   shardings=None, abstract=None) -> tuple[dict, dict]:
     """Only the params of a checkpoint (the optimizer state is never read), on one device unless
-    `shardings` are given: (params, meta)."""
+    `shardings` are given: (params, meta). `abstract`: the params' tree when it is not the model's
+    (a LoRA run's adapters)."""
     meta = read_meta(step_dir)
     check_model(meta["config"], cfg, step_dir,
                 "params can only be loaded into the same model shape")
-    target = {"params": params_target(model, shardings)}
+    target = {"params": params_target(model, shardings, abstract)}
     args = ocp.args.PyTreeRestore(item=target,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)

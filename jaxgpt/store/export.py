@@ -22,6 +22,8 @@ from jaxgpt.model.gpt import GPT
 from jaxgpt.store import checkpoint, integrity
 
 EXPORT_CHECKSUMS = "checksums.json"  # beside an export's params/: {leaf path: checksum}
+# in an export of LoRA adapters alone (export.lora=separate): {"base": the model they adapt}
+LORA_NOTE = "lora.json"
 
 
 def export(out_dir: str | Path, cfg: config_lib.Config, params, tokenizer: Tokenizer | None,
@@ -65,11 +67,11 @@ def find(source: str | Path) -> Path | None:
     return None
 
 
-def read_params(export_dir: Path, model: GPT, shardings=None) -> dict:
+def read_params(export_dir: Path, model: GPT, shardings=None, abstract=None) -> dict:
     """An export's params, placed by `shardings` (one device when None): each leaf's shape checked
     against the model's before any is read, each leaf's checksum after (an export written before
     exports carried checksums is read unchecked). A damaged export raises integrity.Damaged."""
-    target = checkpoint.params_target(model, shardings)
+    target = checkpoint.params_target(model, shardings, abstract)
     stored = integrity.guarded_read(
         "params metadata", lambda: ocp.StandardCheckpointer().metadata(export_dir / "params"))
     have, want = (integrity.leaf_shapes(getattr(stored, "item_metadata", stored)),

@@ -13,6 +13,7 @@ progress, or stopped, is loaded where it is), else of its export. `evaluate`, `s
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -21,6 +22,7 @@ import jax
 from jaxgpt import config as config_lib
 from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.errors import CheckpointError
+from jaxgpt.model import lora
 from jaxgpt.model.gpt import GPT
 from jaxgpt.parallel import sharding
 from jaxgpt.store import checkpoint, export, integrity
@@ -102,6 +104,8 @@ def load_params(source: str | Path, cfg: config_lib.Config,
     model = GPT(cfg.model)
     for kind, directory in _candidates(source):
         try:
+            if _holds_adapters(kind, directory):
+                return _adapted_params(kind, directory, cfg, shardings)
             if kind == "checkpoint":
                 tree, meta = checkpoint.restore_params(directory, cfg, model, shardings)
                 return tree, str(directory), meta["step"]
@@ -112,6 +116,42 @@ def load_params(source: str | Path, cfg: config_lib.Config,
             checkpoint.warn(f"skipping {directory}: incomplete or damaged ({e})")
     raise _nothing_there(source) if next(_candidates(source), None) is None else \
         CheckpointError(f"{source}: no checkpoint or export that reads back intact")
+
+
+def _holds_adapters(kind: str, directory: Path) -> bool:
+    """A LoRA run's checkpoint, or an export of its adapters alone (export.lora=separate)."""
+    if kind == "export":
+        return (directory / export.LORA_NOTE).is_file()
+    return _saved_dict(kind, directory)["train"].get("lora_rank", 0) > 0
+
+
+def _adapted_params(kind: str, directory: Path, cfg: config_lib.Config, shardings):
+    """(params, where, step) of LoRA adapters merged into the model they adapt: the run's
+    train.init_from (a checkpoint), or the base lora.json names (an export)."""
+    t = config_lib.from_dict(_saved_dict(kind, directory)).train
+    if kind == "export":
+        note = directory / export.LORA_NOTE
+        base_source = integrity.guarded_read(export.LORA_NOTE,
+                                             lambda: json.loads(note.read_text())["base"])
+    else:
+        base_source = t.init_from
+    if export.find(base_source) is None and checkpoint.locate(base_source) is None:
+        raise CheckpointError(f"{directory}: LoRA adapters of the model {base_source}, which is "
+                              "not there (a run directory, checkpoint or export)")
+    base = load_params(base_source, cfg)[0]
+    model = GPT(cfg.model)
+    adapters_shape = lora.abstract_adapters(jax.eval_shape(model.init, jax.random.key(0)),
+                                            model.logical_axes, t.lora_rank, t.lora_targets)
+    step = None
+    if kind == "checkpoint":
+        adapters, meta = checkpoint.restore_params(directory, cfg, model, None, adapters_shape)
+        step = meta["step"]
+    else:
+        adapters = export.read_params(directory, model, None, adapters_shape)
+    full = lora.merged_params(base, model.logical_axes, adapters, t)
+    if shardings is not None:
+        full = jax.device_put(full, shardings)
+    return full, str(directory), step
 
 
 def load(source: str | Path, overrides: list[str] = (), *, on_mesh: bool = False,

@@ -26,9 +26,9 @@ from jaxgpt.data import tokens as data
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import sample
 from jaxgpt.model.kernels.choice import matmul_dtype
-from jaxgpt.parallel import launch, sharding
+from jaxgpt.parallel import launch
 from jaxgpt.store import checkpoint, export, runs
-from jaxgpt.train import dpo, memory, optim
+from jaxgpt.train import dpo, grpo, memory, optim
 from jaxgpt.train.step import STEP_METRICS
 from jaxgpt.train.trainer import Trainer, open_run_batches
 
@@ -155,12 +155,15 @@ class Tally:
     def __init__(self, trainer: Trainer, state, start: int, lead: bool):
         cfg = self.cfg = trainer.cfg
         self.trainer = trainer
-        self.tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
-        self.flops_per_token = trainer.model.flops_per_token(state.params)
+        # a GRPO row is one prompt and its reply, of a length fixed for the run
+        row = trainer.grpo.length if trainer.grpo else cfg.model.seq_len
+        self.tokens_per_step = cfg.data.batch_size * row
+        self.flops_per_token = trainer.model.flops_per_token(trainer.abstract_params)
         self.peak, _ = hardware.peak_flops(matmul_dtype=matmul_dtype(cfg.model))
         if lead:
-            print(f"model: {cfg.model.preset}, {trainer.model.num_params(state.params) / 1e6:.2f}M "
-                  f"params; mesh {dict(trainer.mesh.shape)}"
+            n_params = trainer.model.num_params(trainer.abstract_params)
+            print(f"model: {cfg.model.preset}, {n_params / 1e6:.2f}M "
+                  f"params{trainer.lora_line(state.params)}; mesh {dict(trainer.mesh.shape)}"
                   f"{f' over {jax.process_count()} processes' if jax.process_count() > 1 else ''}; "
                   f"{self.tokens_per_step} tokens/step", file=sys.stderr)
         self.log = MetricsLog(Path(cfg.train.out_dir)) if lead else None
@@ -194,14 +197,17 @@ class Tally:
                         / (self.peak * len(self.trainer.mesh.devices.flat))),
                 "skipped": int(sum(m["skipped"] for m in fetched)),
                 # DPO's margin...
-                **{k: float(v) for k, v in fetched[-1].items() if k not in STEP_METRICS}}
+                **{k: float(v) for k, v in fetched[-1].items() if k not in STEP_METRICS},
+                # GRPO's reward, accuracy and reply length (its last batch's, as the loss)
+                **(self.trainer.grpo.last if self.trainer.grpo else {})}
         if last["skipped"] and self.lead:
             print(f"step {done}: {last['skipped']} update(s) skipped for a non-finite loss",
                   file=sys.stderr)
         if is_eval or out_of_time:
             result = self.trainer.evaluate(state.params)
             last.update(val_loss=result["loss"], val_bpb=result.get("bits_per_byte"),
-                        **{f"val_{k}": v for k, v in result.items() if k in dpo.EVAL_METRICS})
+                        **{f"val_{k}": v for k, v in result.items()
+                           if k in dpo.EVAL_METRICS + grpo.EVAL_METRICS})
         self.t_log = time.perf_counter()  # after evaluation: the next interval times steps alone
         if self.log:
             self.log.write(last)
@@ -220,6 +226,7 @@ class Tally:
             loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tps:.0f}",
             mfu=f"{100 * last['mfu']:.1f}%",
             **({"margin": f"{last['margin']:.3f}"} if "margin" in last else {}),
+            **({"reward": f"{last['reward']:.3f}"} if "reward" in last else {}),
             **({"val": f"{last['val_loss']:.4f}"} if "val_loss" in last else {}),
             **({"val_acc": f"{last['val_accuracy']:.3f}"} if "val_accuracy" in last else {}))
 
@@ -241,7 +248,7 @@ def first_state(trainer: Trainer, checkpointer):
         trainer.tokenizer.save(out_dir)  # for exports made from checkpoints
     state = checkpointer.restore(trainer)
     # fine-tuning: another run's params, a fresh optimizer
-    if state is None and cfg.train.init_from:
+    if state is None and cfg.train.init_from and not trainer.lora:  # LoRA's base: frozen
         params, where, _ = runs.load_params(cfg.train.init_from, cfg, trainer.params_sharding)
         if lead:
             print(f"params from {where}; fresh optimizer state, step 0", file=sys.stderr)
@@ -253,7 +260,12 @@ def run_steps(trainer: Trainer, state, start: int, tally: Tally, checkpointer, s
     """(state, steps done, the signal that stopped the run or 0): the steps from `start` on."""
     cfg, done, stopping = trainer.cfg, start, 0
     window = DispatchWindow()
-    for step, batch in data.Prefetcher(trainer.batch, start, cfg.train.steps, cfg.data.prefetch):
+    # GRPO samples step i's batch from the state after step i - 1: built here, when it is asked
+    # for (the generator reads `state` anew each time), never ahead
+    batches = (((s, trainer.batch(s, state)) for s in range(start, cfg.train.steps))
+               if trainer.grpo else
+               data.Prefetcher(trainer.batch, start, cfg.train.steps, cfg.data.prefetch))
+    for step, batch in batches:
         state, metrics = trainer.step(state, batch)
         tally.pending.append(metrics)
         window(metrics)
@@ -327,9 +339,11 @@ def train(cfg: config_lib.Config, devices=None, checkpointer=None, batches=None)
         raise Interrupted(f"stopped by {signal.Signals(stopping).name} after step {done}; {where} "
                           f"in {out_dir / 'checkpoints'}; rerun the same command to resume",
                           stopping)
-    params = sharding.to_host(state.params)  # once, for export and samples (every process gathers)
+    # once, for export and samples (every process gathers)
+    params = trainer.full_params(state.params)
     if lead:
-        export.export(out_dir / "export", cfg, params, trainer.tokenizer)
+        stored, extra = trainer.exported(state.params, params)
+        export.export(out_dir / "export", cfg, stored, trainer.tokenizer, extra)
         if cfg.train.samples:
             for text in sample.sample_texts(trainer.model, params, trainer.tokenizer, cfg.sample,
                                             n=cfg.train.samples,

@@ -13,9 +13,10 @@ optimizer state (exact: their shardings' shard shapes), the gradients (fp32, sha
 params; twice with optim.grad_accum > 1, the running sum beside one micro-batch's), the values the
 backward pass keeps from the forward for one micro-batch (the residuals of `jax.vjp`, found by
 tracing the loss, nothing computed: activations and the compute-dtype copies of the weights), each
-at the size of its shard (saved_for_backward), the batch, and a DPO run's reference params when its
-step reads them. XLA's own figure for the compiled step is the one that decides; `python -m
-jaxgpt.bench compile` prints both, so the gap is visible (see RESULTS.md).
+at the size of its shard (saved_for_backward), the batch, and what the step reads frozen beside
+the state (LoRA's base; a DPO or GRPO run's reference params when its step reads them). XLA's own
+figure for the compiled step is the one that decides; `python -m jaxgpt.bench compile` prints both,
+so the gap is visible (see RESULTS.md).
 The limit is mesh.device_memory_gb, else what the device reports (GPUs and TPUs do, a CPU does not:
 there the check is off unless the config states a memory).
 """
@@ -46,7 +47,7 @@ class OutOfMemory(JaxgptError):
 class Plan(NamedTuple):
     cfg: config_lib.Config
     mesh: dict              # axis -> size
-    # bytes per device: params, optimizer, gradients, activations, batch, reference, total
+    # bytes per device: params, optimizer, gradients, activations, batch, frozen, total
     per_device: dict
 
 
@@ -75,14 +76,16 @@ def _dpo_reference(cfg: config_lib.Config) -> str | None:
 
 
 def frozen_params(trainer, placed: bool = False) -> tuple:
-    """The shapes of what the train step reads beside the state: DPO's reference params with
-    dpo.reference=step (placed like the params when `placed`), else nothing."""
-    if not (trainer.dpo and trainer.dpo.in_step):
-        return ()
-    params = trainer.abstract_state().params
-    if placed:
-        params = sharding.placed(params, trainer.params_sharding)
-    return (params,)
+    """The shapes of what the train step reads beside the state: LoRA's frozen base, DPO's
+    reference params with dpo.reference=step (placed as the step places them when `placed`)."""
+    out = []
+    if trainer.lora:
+        base = trainer.lora.abstract_base
+        out.append(sharding.placed(base, trainer.lora.base_sharding) if placed else base)
+    if any(o and o.in_step for o in (trainer.dpo, trainer.grpo)):
+        params = trainer.abstract_params
+        out.append(sharding.placed(params, trainer.params_sharding) if placed else params)
+    return tuple(out)
 
 
 def saved_for_backward(loss, params, batch, mesh=None) -> int:
@@ -115,7 +118,9 @@ def saved_for_backward(loss, params, batch, mesh=None) -> int:
 
 
 def _nbytes(shape, dtype) -> int:
-    return math.prod(shape) * jnp.dtype(dtype).itemsize
+    # int4 (QLoRA's base) is stored two to a byte, though numpy's itemsize says 1
+    bits = 4 if jnp.dtype(dtype) in (jnp.int4, jnp.uint4) else 8 * jnp.dtype(dtype).itemsize
+    return math.prod(shape) * bits // 8
 
 
 def with_pretrained_vocab(cfg: config_lib.Config) -> config_lib.Config:
@@ -141,27 +146,28 @@ def estimate(trainer: Trainer) -> Plan:
     mesh = trainer.mesh
     state = trainer.abstract_state()
     shards = sharding.data_shards(mesh)
-    placed_params = sharding.placed(state.params, trainer.params_sharding)
+    trained_sharding = trainer.state_sharding.params
+    placed_params = sharding.placed(state.params, trained_sharding)
     micro = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // cfg.optim.grad_accum)
     micro_batch = abstract_batch(dataclasses.replace(cfg, data=micro), mesh)
-    if trainer.dpo:  # the policy's residuals; the reference's forward (in the step) keeps none
-        residuals = saved_for_backward(lambda p, b: trainer.dpo.loss(p, b[0], None, *b[1])[0],
-                                       placed_params,
-                                       (micro_batch, frozen_params(trainer, placed=True)), mesh)
-    else:
-        residuals = saved_for_backward(lambda p, b: trainer.model_loss(p, b)[0], placed_params,
-                                       micro_batch, mesh)
-    params = _shard_bytes(state.params, trainer.params_sharding)
+    # the trained params' residuals; a frozen reference's forward (in the step) keeps none
+    residuals = saved_for_backward(lambda p, b: trainer.step_loss(p, b[0], None, *b[1])[0],
+                                   placed_params,
+                                   (micro_batch, frozen_params(trainer, placed=True)), mesh)
+    params = _shard_bytes(state.params, trained_sharding)
+    frozen = frozen_params(trainer)
+    frozen_shardings = (((trainer.lora.base_sharding,) if trainer.lora else ())
+                        + ((trainer.params_sharding,) if len(frozen) > bool(trainer.lora) else ()))
     grads_f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), state.params)
     per_device = {
         "params": params,
         "optimizer": _shard_bytes(state.opt_state, trainer.state_sharding.opt_state),
-        "gradients": (_shard_bytes(grads_f32, trainer.params_sharding)
+        "gradients": (_shard_bytes(grads_f32, trained_sharding)
                       * (2 if cfg.optim.grad_accum > 1 else 1)),
         "activations": residuals,
         "batch": sum(_nbytes(x.shape, x.dtype) for x in abstract_batch(cfg).values()) // shards,
-        # DPO's reference params, kept beside the state
-        "reference": params if frozen_params(trainer) else 0,
+        # LoRA's base, DPO's reference params: kept beside the state
+        "frozen": sum(_shard_bytes(f, s) for f, s in zip(frozen, frozen_shardings, strict=True)),
     }
     per_device["total"] = sum(per_device.values())
     return Plan(cfg, dict(mesh.shape), per_device)

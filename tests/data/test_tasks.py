@@ -41,3 +41,12 @@ def test_bad_names_are_refused():
         tasks.problems("spelling", "test", 1)
     with pytest.raises(ConfigError, match="the held-out set has 200 problems, 201 asked"):
         tasks.problems("spelling", "val", 201)
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_samples_are_fixed_by_seed_and_never_held_out(task):
+    got = tasks.sample(task, 7, 300)
+    assert got == tasks.sample(task, 7, 300) != tasks.sample(task, 8, 300)
+    assert not {p.prompt for p in got} & {p.prompt for p in tasks.problems(task, "val", 200)}
+    for p in got[:20]:
+        assert tasks.reward(p, f"It is {p.answer}.") == 1.0

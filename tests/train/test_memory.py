@@ -135,8 +135,8 @@ def test_a_dpo_step_is_planned_with_its_reference(text_file, tmp_path, reference
     plan = memory.estimate(memory.trainer_for(cfg, jax.devices()[:1])).per_device
     plain = _estimate(text_file)
     B, L = cfg.data.batch_size, cfg.model.seq_len
-    assert (plan["reference"] == (plain["params"] if reference == "step" else 0)
-            and plain["reference"] == 0)
+    assert (plan["frozen"] == (plain["params"] if reference == "step" else 0)
+            and plain["frozen"] == 0)
     # ref_logps: a fifth [B, L]
     assert plan["batch"] == 4 * B * L * (5 if reference == "precompute" else 4)
     assert (plan["activations"] > 0
