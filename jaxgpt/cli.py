@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import re
 import sys
 from typing import Any, Callable
@@ -120,3 +121,23 @@ def tool_config(root: type, settings: list[str], required: tuple[str, ...] = ())
         if getattr(getattr(cfg, section), name) in ("", (), None):
             raise ConfigError(f"{key} is required (set {key}=...)")
     return cfg
+
+
+def named_function(spec: str, key: str) -> Callable:
+    """The callable "module:function" names (function may be dotted: "module:Class.method"); `key`
+    (the setting that gave it) is named in the one-line error of a bad spec."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{key}={spec}: expected module:function")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as e:  # an error inside the user's module is still theirs to fix: one line
+        raise ConfigError(f"{key}={spec}: cannot import {module_name} "
+                          f"({type(e).__name__}: {e})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{key}={spec}: {module_name} has no attribute {attr}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{key}={spec}: {module_name}.{attr} is not callable")
+    return obj

@@ -24,7 +24,6 @@ This module must not import jax: it is used by servers and tools that never touc
 """
 from __future__ import annotations
 
-import importlib
 import threading
 import unicodedata
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Callable
 
 import regex
 
+from jaxgpt import cli
 from jaxgpt.config import ScreenConfig
 from jaxgpt.errors import ConfigError
 
@@ -113,23 +113,7 @@ def load_rules(spec: str | None) -> list[tuple[regex.Pattern, str]]:
 
 def load_classifier(spec: str | None) -> Callable[[str], object] | None:
     """The function named by "module:function" (function may be dotted: "module:Class.method")."""
-    if not spec:
-        return None
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"screen.classifier={spec}: expected module:function")
-    try:
-        obj = importlib.import_module(module_name)
-    except Exception as e:  # an error inside the user's module is still theirs to fix: one line
-        raise ConfigError(f"screen.classifier={spec}: cannot import {module_name} "
-                          f"({type(e).__name__}: {e})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"screen.classifier={spec}: {module_name} has no attribute {attr}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"screen.classifier={spec}: {module_name}.{attr} is not callable")
-    return obj
+    return cli.named_function(spec, "screen.classifier") if spec else None
 
 
 class Screen:

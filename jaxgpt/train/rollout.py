@@ -15,9 +15,9 @@ string or the screen ended the text; else every generated token and the stop id 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Callable
 
+from jaxgpt import cli
 from jaxgpt.config import Config
 from jaxgpt.data import chat, tasks
 from jaxgpt.data.tasks import Problem
@@ -44,23 +44,7 @@ class Reply:
 
 def load_reward(spec: str) -> Callable[[Problem, str], float]:
     """The function "module:function" names (grpo.reward); "": the task's own (data/tasks.py)."""
-    if not spec:
-        return tasks.reward
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"grpo.reward={spec}: expected module:function")
-    try:
-        obj = importlib.import_module(module_name)
-    except Exception as e:  # an error inside the user's module is still theirs to fix: one line
-        raise ConfigError(f"grpo.reward={spec}: cannot import {module_name} "
-                          f"({type(e).__name__}: {e})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"grpo.reward={spec}: {module_name} has no attribute {attr}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"grpo.reward={spec}: {module_name}.{attr} is not callable")
-    return obj
+    return cli.named_function(spec, "grpo.reward") if spec else tasks.reward
 
 
 class Reading:
