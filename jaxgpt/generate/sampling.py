@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
+MAX_STOP = 4  # stop strings a request may give, as OpenAI's API allows
+MAX_REPETITION_PENALTY = 100.0  # far past any useful value: a logit divided by it is near zero
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,18 +51,23 @@ class SamplingParams:
         400."""
         checks = [
             ("max_tokens", self.max_tokens >= 0, "must be >= 0"),
-            ("temperature", self.temperature >= 0, "must be >= 0"),
-            ("top_k", self.top_k >= 0, "must be >= 0 (0: off)"),
+            # OpenAI's documented ranges where it has the field; jaxgpt's own within what their
+            # arrays hold (top_k an int32, penalties finite)
+            ("temperature", 0 <= self.temperature <= 2, "must be in [0, 2]"),
+            ("top_k", 0 <= self.top_k < 2 ** 31, "must be in [0, 2**31) (0: off)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("seed", 0 <= self.seed < 2 ** 32, "must be in [0, 2**32)"),
             ("n", 1 <= self.n <= slots, f"must be in [1, {slots}] (the engine's slots)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1: off)"),
+            ("repetition_penalty", 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
+             f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1: off)"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
              f"must be in [0, {MAX_TOP_LOGPROBS}]"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop", len(self.stop) <= MAX_STOP
+             and all(isinstance(s, str) and s for s in self.stop),
+             f"must be at most {MAX_STOP} non-empty strings"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import re
 import secrets
 from typing import Any
@@ -117,12 +118,26 @@ def requested_max_tokens(body: dict) -> tuple[int | None, str]:
     return None, "max_tokens"
 
 
+def _not_a_number(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    if not math.isfinite(value := float(text)):
+        raise ValueError(f"{text[:40]} is out of a number's range")
+    return value
+
+
 def request_body(data: bytes, model_id: str) -> dict:
     """A request's body as the JSON object it must be, naming this server's model if any."""
     try:
-        body = json.loads(data)
-    except ValueError as e:  # also invalid UTF-8
+        # NaN, Infinity and numbers past a float's range are not JSON numbers (RFC 8259)
+        body = json.loads(data, parse_constant=_not_a_number, parse_float=_finite)
+    except ValueError as e:  # also invalid UTF-8, and an integer of too many digits
         raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:  # arrays or objects nested past the parser's depth
+        raise ApiError(400, "the body is not valid JSON (nested too deeply)",
+                       code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
     if (model := typed_field(body, "model", "a string")) is not None and model != model_id:

@@ -180,6 +180,21 @@ TOO_LONG = [{"role": "user", "content": "a" * 50}]
     ("/v1/completions", {"prompt": 5}, 400, "prompt"),
     ("/v1/completions", {"prompt": "hi", "seed": -1}, 400, "seed"),
     ("/v1/chat/completions", {"messages": MESSAGES, "padding": "x" * 30_000}, 413, None),
+    # OpenAI's documented ranges, and jaxgpt's own fields within what they can hold
+    ("/v1/chat/completions", {"messages": MESSAGES, "temperature": 2.5}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "presence_penalty": 2.5}, 400,
+     "presence_penalty"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_k": 2 ** 40}, 400, "top_k"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "repetition_penalty": 1e6}, 400,
+     "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stop": list("abcde")}, 400, "stop"),
+    # what the JSON parser cannot take: non-numbers, numbers past a float, depth, encoding
+    ("/v1/chat/completions", b'{"messages": [], "temperature": NaN}', 400, None),
+    ("/v1/chat/completions", b'{"messages": [], "temperature": Infinity}', 400, None),
+    ("/v1/chat/completions", b'{"messages": [], "temperature": 1e999}', 400, None),
+    ("/v1/chat/completions", b'{"n": ' + b"9" * 5000 + b"}", 400, None),
+    ("/v1/chat/completions", b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
+    ("/v1/chat/completions", b'{"model": "\xc3\x28"}', 400, None),
 ])
 def test_bad_requests_get_openai_errors_naming_the_field(api, path, body, status, param):
     r = api.post(path, content=body) if isinstance(body, bytes) else api.post(path, json=body)
