@@ -333,7 +333,8 @@ class Config:
         return self.eval.batch_size or self.data.batch_size
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as its JSON file holds it (a tuple field as a list)."""
+        return json.loads(self.to_json())
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(dataclasses.asdict(self), indent=2)
