@@ -124,7 +124,9 @@ def test_a_damaged_export_is_refused_and_one_without_checksums_still_loads(
     out = subprocess.run([sys.executable, "-m", "jaxgpt.evaluate", str(cut)], capture_output=True,
                          text=True, env=subprocess_env(), timeout=300)
     assert out.returncode != 0 and out.stdout == ""
-    warning, error = out.stderr.splitlines()  # and nothing of orbax's abandoned reads after them
+    lines = out.stderr.splitlines()  # and nothing of orbax's abandoned reads after them
+    assert len(lines) == 2, out.stderr
+    warning, error = lines
     assert warning.startswith(f"checkpoint: skipping {cut.absolute()}: incomplete or damaged "
                               "(cannot read params: ")
     assert error == f"error: {cut}: no checkpoint or export that reads back intact", out.stderr
