@@ -75,10 +75,7 @@ def merged_vs_applied(run: Path) -> float:
     base = runs.load(cfg.train.init_from, ["model.matmul_dtype=float32"]).params
     step = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     adapters = ocp.PyTreeCheckpointer().restore(run / "checkpoints" / str(step) / "state")["params"]
-    t = cfg.train
-    frozen = lora.with_scales(lora.quantize_tree(base, model.logical_axes, t.lora_base,
-                                                 t.lora_group, t.lora_targets), adapters,
-                              t.lora_alpha)
+    frozen = lora.frozen_base(base, model.logical_axes, adapters, cfg.train)
     text = (Path(cfg.data.chat_val.removeprefix("jsonl:"))).read_text(encoding="utf-8")
     ids = np.asarray(merged.tokenizer.encode(text)[:64], np.int32)[None]
     applied = model.apply(lora.combine(frozen, jax.tree.map(np.asarray, adapters)), ids)

@@ -94,11 +94,17 @@ def abstract_adapters(params, logical_axes, rank: int, targets: str = DEFAULT_TA
                                                 targets))
 
 
+def frozen_base(params, logical_axes, adapters, t: TrainConfig) -> dict:
+    """What a LoRA run (`t`: its train section) keeps frozen beside its adapters (or their
+    shapes): the base's params, quantized as t.lora_base says, with the adapters' scales."""
+    quantized = quantize_tree(params, logical_axes, t.lora_base, t.lora_group, t.lora_targets)
+    return with_scales(quantized, adapters, t.lora_alpha)
+
+
 def merged_params(params, logical_axes, adapters, t: TrainConfig) -> dict:
-    """Full params from the base's and a LoRA run's adapters (`t`: its train section), the base
-    quantized first as in training (QLoRA's adapters were trained against that base)."""
-    base = quantize_tree(params, logical_axes, t.lora_base, t.lora_group, t.lora_targets)
-    return jax.jit(lambda p, a: merge(with_scales(p, a, t.lora_alpha), a))(base, adapters)
+    """Full params from the base's and a LoRA run's adapters, the base quantized first as in
+    training (QLoRA's adapters were trained against that base)."""
+    return jax.jit(merge)(frozen_base(params, logical_axes, adapters, t), adapters)
 
 
 def combine(*trees: dict) -> dict:

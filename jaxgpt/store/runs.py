@@ -104,12 +104,13 @@ def load_params(source: str | Path, cfg: config_lib.Config,
     model = GPT(cfg.model)
     for kind, directory in _candidates(source):
         try:
-            if _holds_adapters(kind, directory):
-                return _adapted_params(kind, directory, cfg, shardings)
+            saved = _saved_dict(kind, directory)
+            if _holds_adapters(kind, directory, saved):
+                return _adapted_params(kind, directory, saved, cfg, shardings)
             if kind == "checkpoint":
                 tree, meta = checkpoint.restore_params(directory, cfg, model, shardings)
                 return tree, str(directory), meta["step"]
-            checkpoint.check_model(_saved_dict(kind, directory), cfg, directory,
+            checkpoint.check_model(saved, cfg, directory,
                                    "params can only be loaded into the same model shape")
             return export.read_params(directory, model, shardings), str(directory), None
         except integrity.Damaged as e:
@@ -118,17 +119,18 @@ def load_params(source: str | Path, cfg: config_lib.Config,
         CheckpointError(f"{source}: no checkpoint or export that reads back intact")
 
 
-def _holds_adapters(kind: str, directory: Path) -> bool:
-    """A LoRA run's checkpoint, or an export of its adapters alone (export.lora=separate)."""
+def _holds_adapters(kind: str, directory: Path, saved: dict) -> bool:
+    """A LoRA run's checkpoint, or an export of its adapters alone (export.lora=separate);
+    `saved`: the config it was written with."""
     if kind == "export":
         return (directory / export.LORA_NOTE).is_file()
-    return _saved_dict(kind, directory)["train"].get("lora_rank", 0) > 0
+    return saved["train"].get("lora_rank", 0) > 0
 
 
-def _adapted_params(kind: str, directory: Path, cfg: config_lib.Config, shardings):
+def _adapted_params(kind: str, directory: Path, saved: dict, cfg: config_lib.Config, shardings):
     """(params, where, step) of LoRA adapters merged into the model they adapt: the run's
     train.init_from (a checkpoint), or the base lora.json names (an export)."""
-    t = config_lib.from_dict(_saved_dict(kind, directory)).train
+    t = config_lib.from_dict(saved).train
     if kind == "export":
         note = directory / export.LORA_NOTE
         base_source = integrity.guarded_read(export.LORA_NOTE,

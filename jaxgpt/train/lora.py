@@ -47,10 +47,7 @@ class LoRA:
                                   t.lora_rank, t.lora_targets)
 
     def _base(self, params) -> dict:
-        t = self.cfg.train
-        quantized = lora.quantize_tree(params, self.model.logical_axes, t.lora_base, t.lora_group,
-                                       t.lora_targets)
-        return lora.with_scales(quantized, self.abstract, t.lora_alpha)
+        return lora.frozen_base(params, self.model.logical_axes, self.abstract, self.cfg.train)
 
     def base(self, params) -> dict:
         """The frozen base from full params, placed on the mesh."""

@@ -78,14 +78,11 @@ def _dpo_reference(cfg: config_lib.Config) -> str | None:
 def frozen_params(trainer, placed: bool = False) -> tuple:
     """The shapes of what the train step reads beside the state: LoRA's frozen base, DPO's
     reference params with dpo.reference=step (placed as the step places them when `placed`)."""
-    out = []
-    if trainer.lora:
-        base = trainer.lora.abstract_base
-        out.append(sharding.placed(base, trainer.lora.base_sharding) if placed else base)
-    if any(o and o.in_step for o in (trainer.dpo, trainer.grpo)):
-        params = trainer.abstract_params
-        out.append(sharding.placed(params, trainer.params_sharding) if placed else params)
-    return tuple(out)
+    if not placed:
+        return trainer.frozen_shapes
+    return tuple(sharding.placed(shape, s) for shape, s in zip(trainer.frozen_shapes,
+                                                               trainer.frozen_shardings,
+                                                               strict=True))
 
 
 def saved_for_backward(loss, params, batch, mesh=None) -> int:
@@ -155,9 +152,6 @@ def estimate(trainer: Trainer) -> Plan:
                                    placed_params,
                                    (micro_batch, frozen_params(trainer, placed=True)), mesh)
     params = _shard_bytes(state.params, trained_sharding)
-    frozen = frozen_params(trainer)
-    frozen_shardings = (((trainer.lora.base_sharding,) if trainer.lora else ())
-                        + ((trainer.params_sharding,) if len(frozen) > bool(trainer.lora) else ()))
     grads_f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), state.params)
     per_device = {
         "params": params,
@@ -167,7 +161,8 @@ def estimate(trainer: Trainer) -> Plan:
         "activations": residuals,
         "batch": sum(_nbytes(x.shape, x.dtype) for x in abstract_batch(cfg).values()) // shards,
         # LoRA's base, DPO's reference params: kept beside the state
-        "frozen": sum(_shard_bytes(f, s) for f, s in zip(frozen, frozen_shardings, strict=True)),
+        "frozen": sum(_shard_bytes(f, s) for f, s in zip(trainer.frozen_shapes,
+                                                         trainer.frozen_shardings, strict=True)),
     }
     per_device["total"] = sum(per_device.values())
     return Plan(cfg, dict(mesh.shape), per_device)

@@ -80,8 +80,12 @@ class Trainer:
         # grpo.task: the clipped policy-gradient loss on replies sampled from the state's params
         self.grpo = grpo.GRPO(cfg, self.model, batches, self.mesh) if cfg.grpo.task else None
         reference_in_step = any(o and o.in_step for o in (self.dpo, self.grpo))
-        frozen_shardings = (((self.lora.base_sharding,) if self.lora else ())
-                            + ((self.params_sharding,) if reference_in_step else ()))
+        # what the step reads beside the state (LoRA's base, a reference's params): shapes and
+        # shardings, in the order self.frozen holds the arrays
+        frozen = ((((self.lora.abstract_base, self.lora.base_sharding),) if self.lora else ())
+                  + (((self.abstract_params, self.params_sharding),) if reference_in_step else ()))
+        self.frozen_shapes = tuple(shape for shape, _ in frozen)
+        self.frozen_shardings = tuple(s for _, s in frozen)
         self.step_loss = (self.dpo.loss if self.dpo
                           else self.grpo.loss if self.grpo else self.model_loss)
         if self.lora:
@@ -92,7 +96,7 @@ class Trainer:
                 make_train_step(self.model, self.optimizer, cfg.optim.grad_accum,
                                 self.step_loss, cfg.train.skip_update),
                 in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh),
-                              *frozen_shardings),
+                              *self.frozen_shardings),
                 out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
                 donate_argnums=0)
             self.eval_step = evaluate.make_eval_step(
