@@ -43,6 +43,7 @@ from jaxgpt.generate.sampling import (
     sampling_paths,
     seed_of,
 )
+from jaxgpt.model import quant
 from jaxgpt.model.cache import CACHE_AXES
 from jaxgpt.model.gpt import GPT
 from jaxgpt.parallel import sharding
@@ -155,12 +156,7 @@ class Engine:
                  keep_logits: bool = False, mesh: jax.sharding.Mesh | None = None,
                  decode_steps: int = DECODE_STEPS):
         model, params = model.for_decoding(params)  # a scan_layers model decodes layer by layer
-        # The matrices in the compute dtype once, not in every step (in bf16 a step otherwise
-        # converts 500 MB of fp32 weights); the model casts them to it anyway, so nothing changes.
-        compute = jnp.dtype(model.cfg.dtype)
-        params = jax.tree.map(lambda x: x.astype(compute)
-                              if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
-                              else x, params)
+        params = quant.decode_params(model, params)
         if mesh is not None:
             params = jax.device_put(params,
                                     sharding.logical_to_mesh(model.logical_axes, params, mesh))
