@@ -17,8 +17,8 @@
 # - memory: `bench compile` of the same step: the estimate beside XLA's own plan for this GPU,
 #   and the peak memory the timed steps used;
 # - decode: the KV-cache engine's tokens/s at batch 1 and 64 (random-init weights: speed only), with
-#   its default 8 decode steps per call, with one, and with the cache read in chunks of 128 positions
-#   (model.cache_window=chunks: a lax.switch per layer; a GPU's default reads it whole).
+#   its default 8 decode steps per call, with one, and with the cache allocated for the whole context
+#   (model.cache_window=whole) instead of grown as the rows need.
 # The text is made here (random words, byte tokens inside GPT-2's 50304-id table), so nothing is
 # downloaded. GPU_CHECK_SMOKE=1 runs the same steps at toy size on a CPU (tests/test_experiments.py).
 set -euo pipefail
@@ -101,9 +101,9 @@ bench generate "$config" model.vocab_size=50304 "${decode[@]}" bench.profile="$p
 # beside it, one decode step per engine call (the engine's default makes 8 per call)
 bench generate "$config" model.vocab_size=50304 "${decode[@]}" bench.decode_steps=1 \
     || echo '{"bench": "generate", "decode_steps": 1, "failed": true}' >> "$rows"
-# and the KV cache read in chunks of 128 positions (a lax.switch per layer) instead of whole, the GPU's default
-bench generate "$config" model.vocab_size=50304 "${decode[@]}" model.cache_window=chunks \
-    || echo '{"bench": "generate", "cache_window": "chunks", "failed": true}' >> "$rows"
+# and the KV cache allocated for the whole context instead of grown as the rows need
+bench generate "$config" model.vocab_size=50304 "${decode[@]}" model.cache_window=whole \
+    || echo '{"bench": "generate", "cache_window": "whole", "failed": true}' >> "$rows"
 
 if [ -n "${OUT:-}" ]; then
     find "$prof" -name perfetto_trace.json.gz | while read -r trace; do
@@ -119,7 +119,7 @@ keep = {"train": ("kernels", "batch", "segments", "loss_chunks", "logits_dtype",
                   "compile_s", "peak_bytes_in_use", "step_temp_bytes", "final_loss", "op_ms_per_run", "failed"),
         "compile": ("mesh", "estimate_gb", "xla_bytes", "xla_flops_per_device", "model_flops_per_step", "compile_s", "kernels",
                     "failed"),
-        "generate": ("batch", "decode_steps", "cache_window", "tok_per_s", "ttft_s", "bound_tok_per_s", "ratio_to_bound", "op_ms_per_run", "failed")}
+        "generate": ("batch", "decode_steps", "cache_window", "cache_positions", "cache_mb", "tok_per_s", "ttft_s", "bound_tok_per_s", "ratio_to_bound", "op_ms_per_run", "failed")}
 table = {"host": platform.node(), "jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()]}
 for row in rows:
     kind = row.get("bench")

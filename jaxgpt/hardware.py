@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
 import os
 import platform
 import re
@@ -169,9 +170,42 @@ def library_matmuls(xla_flags: str | None = None) -> bool:
     return compute_platform() == "gpu" and bool(values) and values[-1].lower() in ("false", "0")
 
 
-def tune_host() -> None:
-    """Keep XLA:CPU's scratch memory mapped from one step to the next. Call it before the first
-    computation (every `python -m jaxgpt.*` command does).
+XLA_CACHE_BYTES = 4 << 30  # the persistent compilation cache's size; jax drops the least used
+
+
+def compilation_cache(env=None) -> Path | None:
+    """Turn on jax's persistent compilation cache in the user's cache directory (every
+    `python -m jaxgpt.*` command does, through tune_host): a command run again loads its programs
+    instead of compiling them, so a real model's first reply comes in seconds. One directory per
+    CPU (model and flags) and jax version: XLA:CPU compiles for the host's instruction set, which
+    jax's cache key does not name, and a home directory may be shared by different machines. The
+    directory is the user's alone (mode 700): a cached program is code this process will run.
+    Nothing where JAX_COMPILATION_CACHE_DIR names a cache (jax reads it itself) or with
+    JAXGPT_XLA_CACHE=0."""
+    env = os.environ if env is None else env
+    if env.get("JAX_COMPILATION_CACHE_DIR") or env.get("JAXGPT_XLA_CACHE", "1") == "0":
+        return None
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        cpuinfo = ""
+    flags = re.search(r"^(?:flags|Features)\s*:(.*)$", cpuinfo, re.M)
+    host = f"{cpu_name()}|{flags.group(1).split() if flags else ''}|{jax.__version__}"
+    root = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = root / "jaxgpt" / "xla" / hashlib.sha256(host.encode()).hexdigest()[:16]
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:  # a read-only home: compile every time, as without the cache
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_BYTES)
+    return path
+
+
+def tune_host(cache: bool = True) -> None:
+    """Keep XLA:CPU's scratch memory mapped from one step to the next, and with `cache` the
+    persistent compilation cache on (compilation_cache). Call it before the first computation (every
+    `python -m jaxgpt.*` command does).
 
     Every execution of a compiled step allocates its scratch buffers (tens to hundreds of MB) and
     frees them at the end. glibc serves blocks that large with a fresh mmap and unmaps them on free,
@@ -183,6 +217,8 @@ def tune_host() -> None:
     Accelerators are unaffected; a C library without mallopt (macOS, musl) keeps its defaults.
     """
     jax.config.update("jax_cpu_enable_async_dispatch", False)
+    if cache:
+        compilation_cache()
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

@@ -68,9 +68,9 @@ class ModelConfig:
     # of each row: the [B, L, V] logits are never stored whole
     loss_chunks: int = 0
     scan_layers: bool = False        # lax.scan over blocks: fast compiles for deep models
-    # what a decoding step reads of the KV cache: "chunks", the first multiple of 128 positions past
-    # every row's (a lax.switch per layer), or "whole"; auto: whole on a GPU, where each switch
-    # stops the host (hardware.branches_sync_host), chunks elsewhere
+    # how long a decoding engine's KV cache is: "chunks" (auto), a power of two from 256 positions
+    # above its longest row, grown and shrunk as the rows need (model/cache.py capacity); "whole",
+    # the whole context from the start
     cache_window: Literal["auto", "chunks", "whole"] = "auto"
 
     def resolved(self) -> "ModelConfig":

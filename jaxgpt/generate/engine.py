@@ -7,10 +7,14 @@
         for rid, new_ids in engine.step().items(): ...
     engine.generate([prompt_a, prompt_b], SamplingParams(temperature=0))  # -> [ids_a, ids_b]
 
-The cache is static: per layer k, v of [slots, K, S, E] (S = cfg.seq_len). A prompt is prefilled
-into one free slot (its length padded to a power-of-two bucket, so a few compiles serve every
-length); a decode call then feeds every busy slot's last token at that slot's own position, and
-each new token back, for up to DECODE_STEPS steps in one jitted loop, with the cache donated.
+The cache holds per layer k, v of [slots, K, C, E]: C positions per slot, a power of two from
+256 above the longest row's (model/cache.py capacity), grown as rows reach it and shrunk when they
+end, so start-up, memory and each step's reads follow the rows in use rather than the model's
+context (model.cache_window=whole: C = the context, cfg.seq_len = S). A prompt is prefilled apart
+(its length padded to a power-of-two bucket, so a few compiles serve every length) and its row
+placed into one free slot; its first token comes out at once. A decode call then feeds every busy
+slot's last token at that slot's own position, and each new token back, for up to DECODE_STEPS
+steps in one jitted loop, with the cache donated.
 Sampling runs inside the loop on per-slot arrays, so requests with different settings share the
 step; a request's i-th token is drawn with fold_in(key(seed), i), which makes its reply independent
 of what else is in the batch, and of how many steps a call takes. A finished request frees its slot
@@ -27,22 +31,21 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.generate import sampling
+from jaxgpt.generate import programs
 from jaxgpt.generate.sampling import (
     IDLE_KNOBS,
     KNOBS,
     MAX_TOP_LOGPROBS,
     SamplingParams,
-    sample_tokens,
     sampling_paths,
     seed_of,
 )
+from jaxgpt.model import cache as cache_lib
 from jaxgpt.model import quant
 from jaxgpt.model.cache import CACHE_AXES
 from jaxgpt.model.gpt import GPT
@@ -53,80 +56,6 @@ MIN_BUCKET = 16
 # the result, which one token's arithmetic does not cover, on a GPU nor for a small model on a CPU
 # (experiments/RESULTS.md, "Decode speed").
 DECODE_STEPS = 8
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
-def _prefill(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], params, state,
-             tokens_1xL, length, slot, fresh, knobs, step_1):
-    """Prompt tokens[:length] into cache row `slot` (from position 0); the first new token."""
-    L = tokens_1xL.shape[1]
-    take = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)  # noqa: E731
-    put = lambda x, row: jax.lax.dynamic_update_slice_in_dim(x, row, slot, axis=0)  # noqa: E731
-    segments_1xL = (jnp.arange(L) < length).astype(jnp.int32)[None]
-    positions_1xL = jnp.arange(L, dtype=jnp.int32)[None]
-    # The prompt starts at position 0, so it attends over a fresh L-long cache, written into the
-    # slot's first L positions afterwards. (Taking the slot's S-long row out of the donated cache
-    # and putting it back made XLA copy the whole cache twice.)
-    logits_1xLxV, cache_1 = model.apply(params, tokens_1xL, segments_1xL, positions_1xL,
-                                        cache=model.init_cache(1, L))
-    logits_1xV = jax.lax.dynamic_index_in_dim(logits_1xLxV, length - 1, axis=1, keepdims=False)
-    V = logits_1xV.shape[-1]
-    # a fresh request starts its penalty counts; a context shift keeps them
-    prompt_1xV = jnp.zeros((1, V), bool).at[0, tokens_1xL[0]].max(segments_1xL[0] > 0)
-    seen_1xV = jnp.where(fresh, prompt_1xV, take(state["seen"]))
-    counts_1xV = jnp.where(fresh, 0, take(state["counts"]))
-    token_1 = sample_tokens(logits_1xV, knobs, counts_1xV, seen_1xV, step_1, n_valid, paths)
-    counts_1xV = counts_1xV + jax.nn.one_hot(token_1, V, dtype=jnp.int32)
-    write = lambda x, row_1xKxLxE: jax.lax.dynamic_update_slice(  # noqa: E731
-        x, row_1xKxLxE, (slot, 0, 0, 0))
-    state = {"cache": jax.tree.map(write, state["cache"], cache_1),
-             "counts": put(state["counts"], counts_1xV), "seen": put(state["seen"], seen_1xV)}
-    return token_1, logits_1xV, sampling.scores(logits_1xV, token_1, top_n, n_valid), state
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
-def _fork(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], state, logits_1xV,
-          src, dsts_F, knobs, step_F):
-    """Copy slot src's freshly prefilled cache row to slots dsts and draw their first tokens from
-    the same prompt logits: the n samples of one request share one prefill."""
-    F = dsts_F.shape[0]
-    copy = lambda x: x.at[dsts_F].set(jnp.broadcast_to(x[src], (F, *x.shape[1:])))  # noqa: E731
-    seen_FxV = jnp.broadcast_to(state["seen"][src], (F, logits_1xV.shape[-1]))
-    logits_FxV = jnp.broadcast_to(logits_1xV, seen_FxV.shape)
-    token_F = sample_tokens(logits_FxV, knobs, jnp.zeros(seen_FxV.shape, jnp.int32), seen_FxV,
-                            step_F, n_valid, paths)
-    counts_FxV = jax.nn.one_hot(token_F, seen_FxV.shape[-1], dtype=jnp.int32)
-    state = {"cache": jax.tree.map(copy, state["cache"]), "seen": copy(state["seen"]),
-             "counts": state["counts"].at[dsts_F].set(counts_FxV)}
-    return token_F, sampling.scores(logits_FxV, token_F, top_n, n_valid), state
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(7,))
-def _decode(model: GPT, n_valid: int, top_n: int, paths: tuple[bool, bool], steps: int,
-            keep_logits: bool, params, state, tokens_B, positions_B, active_B, knobs, step_B):
-    """`steps` decode steps in one call: every slot's last token at its position, each new token
-    fed back at the next. Per step (stacked on a leading K axis): the tokens, the logits when kept,
-    the scores."""
-    def one(carry, j):
-        state, tokens_B = carry
-        logits_Bx1xV, cache = model.apply(params, tokens_B[:, None],
-                                          jnp.ones_like(tokens_B)[:, None],
-                                          (positions_B + j)[:, None], cache=state["cache"])
-        logits_BxV = logits_Bx1xV[:, 0]
-        token_B = sample_tokens(logits_BxV, knobs, state["counts"], state["seen"], step_B + j,
-                                n_valid, paths)
-        counts_BxV = state["counts"] + jax.nn.one_hot(token_B, logits_BxV.shape[-1],
-                                                      dtype=jnp.int32) * active_B[:, None]
-        state = {"cache": cache, "counts": counts_BxV, "seen": state["seen"]}
-        return (state, token_B), (token_B, logits_BxV if keep_logits else None,
-                                  sampling.scores(logits_BxV, token_B, top_n, n_valid))
-
-    if steps == 1:  # no loop around a single step
-        (state, _), out = one((state, tokens_B), 0)
-        return (*jax.tree.map(lambda x: x[None], out), state)
-    (state, _), (token_KxB, logits_KxBxV, scores) = jax.lax.scan(one, (state, tokens_B),
-                                                                 jnp.arange(steps))
-    return token_KxB, logits_KxBxV, scores, state
-
-
 @dataclasses.dataclass
 class Request:
     id: int
@@ -177,24 +106,40 @@ class Engine:
             request.finish_reason = request.finish_reason or "error"
             request.slot = None
         V = self.model.cfg.vocab_size
-        self.state = {"cache": self.model.init_cache(self.slots),
+        cfg = self.model.cfg
+        self.capacity = cache_lib.capacity(1, cfg.seq_len, cfg.cache_window)
+        self.state = {"cache": self.model.init_cache(self.slots, self.capacity),
                       "counts": jnp.zeros((self.slots, V), jnp.int32),
                       "seen": jnp.zeros((self.slots, V), bool)}
-        if self.mesh is None:  # committed, as the jitted steps' outputs are: else the first prefill
-            # after a decode step sees a differently placed state and compiles again
-            self.state = jax.device_put(self.state, jax.devices()[0])
-        else:
-            axes = {"cache": [{"k": CACHE_AXES, "v": CACHE_AXES}] * self.model.cfg.n_layer,
-                    "counts": ("batch", "vocab"), "seen": ("batch", "vocab")}
-            specs = jax.tree.map(lambda names: jax.sharding.PartitionSpec(*names), axes,
-                                 is_leaf=lambda x: isinstance(x, tuple))
-            self.state = jax.device_put(self.state,
-                                        sharding.logical_to_mesh(specs, self.state, self.mesh))
+        self.state = self._placed(self.state)
         self.slot_request: list[Request | None] = [None] * self.slots
         self.knobs = {name: np.full(self.slots, IDLE_KNOBS[name], dtype)
                       for name, dtype in KNOBS.items()}
         # the n samples of a request
         self.waiting: collections.deque[list[Request]] = collections.deque()
+
+    def _placed(self, state):
+        """state committed to the device, or placed on the mesh by the logical-axis rules: as the
+        jitted steps' outputs are, else the next call sees a differently placed state and compiles
+        again."""
+        if self.mesh is None:
+            return jax.device_put(state, jax.devices()[0])
+        axes = {"cache": [{"k": CACHE_AXES, "v": CACHE_AXES}] * self.model.cfg.n_layer,
+                "counts": ("batch", "vocab"), "seen": ("batch", "vocab")}
+        specs = jax.tree.map(lambda names: jax.sharding.PartitionSpec(*names), axes,
+                             is_leaf=lambda x: isinstance(x, tuple))
+        return jax.device_put(state, sharding.logical_to_mesh(specs, state, self.mesh))
+
+    def _fit(self, need: int) -> None:
+        """The cache resized to hold `need` positions per row (and every busy row's): grown to the
+        capacity that holds them, or shrunk to it once that is a quarter of the size or less."""
+        cfg = self.model.cfg
+        busy = [r.position for r in self.slot_request if r is not None]
+        target = cache_lib.capacity(max([need, *busy]), cfg.seq_len, cfg.cache_window)
+        if target > self.capacity or 4 * target <= self.capacity:
+            with self._on_mesh():
+                self.state = self._placed(programs.resize(self.state, target))
+            self.capacity = target
 
     @property
     def busy(self) -> bool:
@@ -239,6 +184,8 @@ class Engine:
         out: dict[int, list[int]] = {}
         S = self.model.cfg.seq_len
         free = [s for s in range(self.slots) if self.slot_request[s] is None]
+        if len(free) == self.slots:
+            self._fit(1)  # nothing decoding: back to the smallest cache
         admitted = bool(self.waiting) and len(self.waiting[0]) <= len(free)
         while self.waiting and len(self.waiting[0]) <= len(free):  # first come, first served
             group = self.waiting.popleft()
@@ -253,19 +200,20 @@ class Engine:
             if len(group) > 1:
                 self._fork(src, group, logits_1xV, out)
         for request in self.slot_request:
-            # the cache is full: shift the context
+            # the context is full: shift it
             if request is not None and request.position >= S:
                 context = (request.prompt + request.tokens)[-(S // 2):]
                 self._prefill(request, context, fresh=False, out=out)
         busy = [r for r in self.slot_request if r is not None]
-        if busy:
+        if busy and not admitted:  # a new reply's first token goes out at once
             tokens, positions, active, steps = (np.zeros(self.slots, np.int32) for _ in range(4))
             for r in busy:
                 tokens[r.slot], positions[r.slot] = r.last, r.position
                 active[r.slot], steps[r.slot] = 1, len(r.tokens)
-            K = 1 if admitted else self._steps(busy)  # a new reply's first tokens out at once
+            K = self._steps(busy)
+            self._fit(max(r.position for r in busy) + K)
             with self._on_mesh():
-                token_KxB, logits_KxBxV, scores, self.state = _decode(
+                token_KxB, logits_KxBxV, scores, self.state = programs.decode(
                     self.model, self.n_valid, self._top_n(busy), self._paths(self.knobs), K,
                     self.keep_logits, self.params, self.state, tokens, positions, active,
                     self.knobs, steps)
@@ -284,10 +232,9 @@ class Engine:
 
     def _steps(self, busy) -> int:
         """Decode steps in the next call: decode_steps while every busy row has that many positions
-        left in the cache and one of them that many tokens to make, else 1 (and 1 in a step that
-        admitted a request, so that its first tokens come out at once). A row that ends within the
-        call computes the rest for nothing (less than decode_steps tokens); a request submitted
-        meanwhile waits for the call's end."""
+        left in the context and one of them that many tokens to make, else 1. A row that ends
+        within the call computes the rest for nothing (less than decode_steps tokens); a request
+        submitted meanwhile waits for the call's end."""
         K, S = self.decode_steps, self.model.cfg.seq_len
         if K > 1 and all(r.position + K <= S for r in busy) and \
                 max(r.params.max_tokens - len(r.tokens) for r in busy) >= K:
@@ -314,10 +261,12 @@ class Engine:
         slot = request.slot
         knobs = {name: arr[slot:slot + 1] for name, arr in self.knobs.items()}
         with self._on_mesh():
-            token_1, logits_1xV, scores, self.state = _prefill(
+            token_1, logits_1xV, scores, row = programs.prefill(
                 self.model, self.n_valid, self._top_n([request]), self._paths(knobs), self.params,
-                self.state, tokens, np.int32(n), np.int32(slot), np.bool_(fresh), knobs,
-                np.array([len(request.tokens)], np.int32))
+                self.state["seen"], self.state["counts"], tokens, np.int32(n), np.int32(slot),
+                np.bool_(fresh), knobs, np.array([len(request.tokens)], np.int32))
+            self._fit(bucket)
+            self.state = programs.place(self.state, row, np.int32(slot))
         request.position = n
         self._emit(request, int(token_1[0]), _row(jax.tree.map(np.asarray, scores), 0),
                    np.asarray(logits_1xV[0]) if self.keep_logits else None, out)
@@ -328,7 +277,7 @@ class Engine:
         dsts = np.array([r.slot for r in rest], np.int32)
         knobs = {name: arr[dsts] for name, arr in self.knobs.items()}
         with self._on_mesh():
-            token_F, scores, self.state = _fork(
+            token_F, scores, self.state = programs.fork(
                 self.model, self.n_valid, self._top_n(group), self._paths(knobs), self.state,
                 logits_1xV, np.int32(src), dsts, knobs, np.zeros(len(rest), np.int32))
         token_F, scores = np.asarray(token_F), jax.tree.map(np.asarray, scores)

@@ -1,14 +1,15 @@
-"""The KV cache: its layout and dtype, writing each row's new keys and values in place, and
-attending over only the part of it that can hold anything.
+"""The KV cache: its layout and dtype, its size, and writing each row's new keys and values in
+place.
 
-With a KV cache (S = cfg.seq_len slots per row) each row's new keys and values are written at
-their absolute positions (a row's new tokens are contiguous) and the queries attend over the
-static cache, causally: a key at position <= the query's was written by this sequence, at this
-call or an earlier one, so nothing else marks which cache entries are valid.
+With a KV cache (C positions per row) each row's new keys and values are written at their absolute
+positions (a row's new tokens are contiguous) and the queries attend over the whole cache,
+causally: a key at position <= the query's was written by this sequence, at this call or an
+earlier one, so nothing else marks which cache entries are valid. C need not be the model's
+context: a decoding engine keeps it a power of two above what its rows hold (`capacity`) and
+`resize`s it as they grow or end, so its memory, each step's reads and each program it compiles
+follow the rows' lengths, not the context a model was trained for.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,8 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.model.kernels import attention
 from jaxgpt.model.kernels.choice import HALF_DTYPES, Kernels
 
-CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # [B, K, S, E], sharded as activations
-KV_CHUNK = 128  # decoding attends over the cache in multiples of this many positions
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # [B, K, C, E], sharded as activations
+MIN_CAPACITY = 256  # the fewest positions an engine's cache holds (model.cache_window=chunks)
 
 
 def cache_dtype(cfg: ModelConfig, kernels: Kernels):
@@ -41,33 +42,34 @@ def write_cache(cache_BxKxSxE, x_BxKxLxE, start_B) -> jax.Array:
     return write(cache_BxKxSxE, x_BxKxLxE.astype(cache_BxKxSxE.dtype), start_B)
 
 
-def attend_cache(impl: str, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS, positions_BxL,
-                 window: str = "chunks") -> jax.Array:
-    """Attention over a KV cache's first n positions only (window "chunks"): n the smallest
-    multiple of KV_CHUNK (or S) above every query's position, so past it the causal mask allows
-    nothing anyway; or over all S of them (window "whole", Kernels.cache_window).
-
-    A decode step otherwise reads the whole static cache while the rows hold a few hundred tokens,
-    most of a CPU's step. One program holds a branch per n (lax.switch on the largest position),
-    so a growing row never recompiles.
-    """
-    S = k_BxKxSxE.shape[2]
-    sizes = [min(S, KV_CHUNK * (i + 1)) for i in range(-(-S // KV_CHUNK))]
-    if len(sizes) == 1 or window == "whole":
-        return _attend_first(S, impl, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS)
-    chunk = jnp.minimum(jnp.max(positions_BxL) // KV_CHUNK, len(sizes) - 1)
-    return jax.lax.switch(chunk, [functools.partial(_attend_first, n, impl) for n in sizes],
-                          q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS)
+def capacity(need: int, context: int, window: str = "chunks") -> int:
+    """The cache length that holds `need` positions: the smallest power of two from MIN_CAPACITY
+    up, at most the context; the context itself for window "whole" (model.cache_window). Each
+    size is a program of its own, so sizes grow by doubling: a few compiles over a conversation,
+    and at most twice the positions in use read per step."""
+    if window == "whole":
+        return context
+    return min(context, max(MIN_CAPACITY, 1 << max(0, need - 1).bit_length()))
 
 
-def _attend_first(n, impl, q_BxHxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS) -> jax.Array:
-    """Attention over the cache's first n positions."""
-    k_BxKxNxE, v_BxKxNxE = k_BxKxSxE[:, :, :n], v_BxKxSxE[:, :, :n]
-    if k_BxKxNxE.dtype == jnp.uint16:  # half-precision bits (cache_dtype): XLA:CPU's half-precision
-        # batched dots convert their operands to fp32 anyway; fused with the slice, only n positions
-        k_BxKxNxE, v_BxKxNxE = (jax.lax.bitcast_convert_type(x, q_BxHxLxE.dtype).astype(jnp.float32)
-                                for x in (k_BxKxNxE, v_BxKxNxE))
-        out_BxHxLxE = attention.attention(impl, q_BxHxLxE.astype(jnp.float32), k_BxKxNxE,
-                                          v_BxKxNxE, mask_BxLxS[..., :n])
+def resize(cache: list[dict], length: int) -> list[dict]:
+    """The cache cut or zero-padded to `length` positions per row (what lies past every row's
+    position is never read: the causal mask)."""
+    def fit(x_BxKxCxE):
+        C = x_BxKxCxE.shape[2]
+        if length <= C:
+            return x_BxKxCxE[:, :, :length]
+        return jnp.pad(x_BxKxCxE, ((0, 0), (0, 0), (0, length - C), (0, 0)))
+    return jax.tree.map(fit, cache)
+
+
+def attend_cache(impl: str, q_BxHxLxE, k_BxKxCxE, v_BxKxCxE, mask_BxLxC) -> jax.Array:
+    """Attention over the cache. A half-precision cache held as uint16 bits (cache_dtype) is read
+    in fp32: XLA:CPU's half-precision batched dots convert their operands to fp32 anyway."""
+    if k_BxKxCxE.dtype == jnp.uint16:
+        k_BxKxCxE, v_BxKxCxE = (jax.lax.bitcast_convert_type(x, q_BxHxLxE.dtype).astype(jnp.float32)
+                                for x in (k_BxKxCxE, v_BxKxCxE))
+        out_BxHxLxE = attention.attention(impl, q_BxHxLxE.astype(jnp.float32), k_BxKxCxE,
+                                          v_BxKxCxE, mask_BxLxC)
         return out_BxHxLxE.astype(q_BxHxLxE.dtype)
-    return attention.attention(impl, q_BxHxLxE, k_BxKxNxE, v_BxKxNxE, mask_BxLxS[..., :n])
+    return attention.attention(impl, q_BxHxLxE, k_BxKxCxE, v_BxKxCxE, mask_BxLxC)

@@ -159,8 +159,7 @@ class Attention(nn.Module):
             cache = {"k": write_cache(cache["k"], k_BxKxLxE.astype(cfg.dtype), start_B),
                      "v": write_cache(cache["v"], v_BxKxLxE.astype(cfg.dtype), start_B)}
             cache = {name: nn.with_logical_constraint(x, CACHE_AXES) for name, x in cache.items()}
-            out_BxHxLxE = attend_cache(kernels.impl, q_BxHxLxE, cache["k"], cache["v"], mask_BxLxS,
-                                       positions_BxL, kernels.cache_window)
+            out_BxHxLxE = attend_cache(kernels.impl, q_BxHxLxE, cache["k"], cache["v"], mask_BxLxS)
         else:  # in the matmul dtype: scores and probabilities stay fp32 (kernels/attention.py)
             q_BxHxLxE, k_BxKxLxE, v_BxKxLxE = (x.astype(kernels.matmul_dtype)
                                                for x in (q_BxHxLxE, k_BxKxLxE, v_BxKxLxE))

@@ -267,8 +267,8 @@ def _bench_settings(verb: str, settings: list[str], allowed: tuple[str, ...],
     if stray := [_section(s) for s in settings if _section(s) not in allowed]:
         takes = "prepare.* and bench.*" if verb == "data" else "the config's keys and bench.*"
         raise ConfigError(f"bench {verb} takes no {stray[0]}.* keys (it takes {takes})")
-    if not cmd.bench.untuned_host:
-        hardware.tune_host()
+    if not cmd.bench.untuned_host:  # compiling afresh: a benchmark times it (compile_s)
+        hardware.tune_host(cache=False)
     return cmd
 
 

@@ -53,6 +53,8 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
             engine.step()
         seconds = time.perf_counter() - t0
         n_new = sum(len(engine.requests[i].tokens) for i in ids)
+        # the cache as the rows left it (it shrinks at the next step that finds them gone)
+        cache_mb = sum(x.nbytes for x in jax.tree.leaves(engine.state["cache"])) / 2 ** 20
         # a decode step reads every weight once and each row's cache up to its length (on average
         # prompt + new/2 positions): the memory-bandwidth bound on tokens/s
         cache_bytes = (2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim *
@@ -62,7 +64,8 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
         tok_per_s = n_new / seconds
         results.append({
             "bench": "generate", "batch": batch, "dtype": model.cfg.dtype, "decode_steps": steps,
-            "cache_window": model.kernels.cache_window, "new_tokens": n_new,
+            "cache_window": model.cfg.cache_window, "cache_positions": engine.capacity,
+            "cache_mb": round(cache_mb, 1), "new_tokens": n_new,
             "seconds": round(seconds, 6), "tok_per_s": round(tok_per_s, 2),
             "ttft_s": round(ttft, 4),
             "prefill_tok_per_s": round(batch * bench.prompt_tokens / ttft, 1),

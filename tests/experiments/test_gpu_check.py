@@ -40,8 +40,8 @@ def test_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
     assert plan["estimate_gb"]["total"] > 0 and plan["xla_bytes"]["temporaries"] > 0
     assert [(row["batch"], row["decode_steps"], row["cache_window"])
             for row in table["generate"]] == [
-        (1, 8, "chunks"), (2, 8, "chunks"), (1, 1, "chunks"), (2, 1, "chunks"), (1, 8, "chunks"),
-        (2, 8, "chunks")]
+        (1, 8, "auto"), (2, 8, "auto"), (1, 1, "auto"), (2, 1, "auto"), (1, 8, "whole"),
+        (2, 8, "whole")]
     assert all(row["tok_per_s"] > 0 for row in table["generate"])
     # the first train row, its last variant and the decode rows were traced: their busiest ops, and
     # the traces kept

@@ -183,7 +183,8 @@ def test_stop_ids_end_a_request_and_free_its_slot(tiny):
     assert engine.requests[a].finish_reason == "stop"
     assert engine.slot_request == [None] and engine.waiting  # freed at once; b admitted next step
     new = engine.step()
-    assert new[b] == expected[:2] and engine.requests[b].slot == 0  # prefill + one decode
+    # the step that admits b prefills it alone: its first token out at once
+    assert new == {b: expected[:1]} and engine.requests[b].slot == 0
     while engine.busy:
         engine.step()
     assert (engine.requests[b].tokens == expected[:3]
@@ -263,19 +264,18 @@ def test_sampling_paths_leave_out_only_what_no_row_uses():
                                     SamplingParams(temperature=0.8),
                                     SamplingParams(temperature=0.8, top_p=0.9)],
                          ids=["greedy", "sampled", "sorted"])
-def test_a_gpu_decode_step_holds_no_branch(params):
-    """With the GPU's cache window, the decode step has no lax.cond / lax.switch, which on a GPU
-    would stop the host at every token (hardware.branches_sync_host); what to compute is decided on
-    the host."""
-    from jaxgpt.generate import engine as generate
-    cfg = ModelConfig(preset="gpt2", vocab_size=V, n_layer=2, n_head=4, d_model=32, seq_len=256,
-                      cache_window="whole").resolved()
+def test_a_decode_step_holds_no_branch(params):
+    """The decode step has no lax.cond / lax.switch, which on a GPU would stop the host at every
+    token (hardware.branches_sync_host); what to compute is decided on the host."""
+    from jaxgpt.generate import programs
+    cfg = ModelConfig(preset="gpt2", vocab_size=V, n_layer=2, n_head=4, d_model=32,
+                      seq_len=256).resolved()
     model = GPT(cfg)
     engine = Engine(model, model.init(jax.random.key(1)), slots=2)
     engine.submit(prompt(5, 1), params)
     engine.step()  # the prefill (and its first token); the next decode step is traced below
     steps = np.zeros(2, np.int32)
-    traced = generate._decode.trace(model, engine.n_valid, 0, engine._paths(engine.knobs), 8,
+    traced = programs.decode.trace(model, engine.n_valid, 0, engine._paths(engine.knobs), 8,
                                     False, engine.params, engine.state, steps, steps, steps,
                                     engine.knobs, steps)
     text = str(traced.jaxpr)
@@ -348,8 +348,8 @@ def test_n_samples_share_one_prefill_and_equal_single_requests(tiny):
     engine = Engine(model, params, slots=3)
     ids = engine.submit(p, dataclasses.replace(sp, n=3))
     assert [engine.requests[i].sample for i in ids] == [0, 1, 2]
-    first = engine.step()  # one prefill, two forks, one decode step
-    assert all(len(first[i]) == 2 for i in ids)
+    first = engine.step()  # one prefill and two forks: each sample's first token
+    assert all(len(first[i]) == 1 for i in ids)
     while engine.busy:
         engine.step()
     together = [engine.requests[i].tokens for i in ids]
@@ -390,9 +390,9 @@ def test_cancel_frees_the_slot_and_keeps_what_was_made(tiny):
     engine.cancel(a, "content_filter")
     engine.cancel(b)  # still waiting: it never runs
     assert engine.slot_request == [None] and engine.requests[a].finish_reason == "content_filter"
-    # the step that admits it: the prompt's token and one more (its first tokens out at once);
-    # the next, a call of decode_steps
-    assert (len(engine.requests[a].tokens) == 2 + engine.decode_steps
+    # the step that admits it: the prefill's token alone (its first token out at once); the next,
+    # a call of decode_steps
+    assert (len(engine.requests[a].tokens) == 1 + engine.decode_steps
             and engine.requests[b].finish_reason == "cancelled")
     while engine.busy:
         engine.step()
@@ -425,15 +425,16 @@ def test_a_scan_layers_model_decodes_as_its_unscanned_twin():
 def test_the_steps_compile_once_per_bucket(tiny):
     """After one request, another of the same prompt bucket compiles nothing (the state the engine
     starts with is placed as the jitted steps' outputs are, or the next prefill would recompile)."""
-    from jaxgpt.generate import engine as generate
+    from jaxgpt.generate import programs
     model, params = tiny
     # committed, as runs.load gives them
     engine = Engine(model, jax.device_put(params, jax.devices()[0]), slots=2)
     engine.generate([prompt(5, 40)], SamplingParams(temperature=1.0, max_tokens=3))
-    sizes = generate._prefill._cache_size(), generate._decode._cache_size()
+    jitted = (programs.prefill, programs.place, programs.decode)
+    sizes = [f._cache_size() for f in jitted]
     engine.generate([prompt(7, 41), prompt(3, 42)],
                     SamplingParams(temperature=1.0, seed=3, max_tokens=4))
-    assert (generate._prefill._cache_size(), generate._decode._cache_size()) == sizes
+    assert [f._cache_size() for f in jitted] == sizes
 
 
 def test_several_steps_per_call_make_the_same_replies(tiny):

@@ -1,30 +1,53 @@
-"""Tests for jaxgpt.model.cache: decoding against the KV cache, read by chunks or whole."""
+"""Tests for jaxgpt.model.cache: the cache's size (capacity), resizing it, and decoding against a
+cache that grows and shrinks with the same logits as the full forward pass."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny_models import model_cfg, tokens
 
+from jaxgpt.model import cache
 from jaxgpt.model.gpt import GPT
 
 
-@pytest.mark.parametrize("window", ["chunks", "whole"])
-def test_decoding_reads_the_cache_by_chunks_or_whole_with_the_same_logits(window):
-    """model.cache_window: past a KV_CHUNK (128) boundary and before it, decoding against the cache
-    gives the full forward pass's logits either way; only "chunks" branches (a lax.switch on the
-    largest position), which a GPU pays for with a host sync per layer."""
-    model = GPT(model_cfg("llama", seq_len=256, cache_window=window))
+def test_capacity_is_a_power_of_two_from_the_minimum_up_to_the_context():
+    assert cache.MIN_CAPACITY == 256
+    assert [cache.capacity(n, 8192) for n in (1, 256, 257, 512, 513, 5000, 8192, 9000)] == [
+        256, 256, 512, 512, 1024, 8192, 8192, 8192]
+    assert cache.capacity(100, 64) == 64  # a context under the minimum: the context
+    assert cache.capacity(1, 8192, "whole") == 8192
+
+
+def test_resize_keeps_the_first_positions_and_pads_with_zeros():
+    x = jnp.arange(2 * 1 * 4 * 3, dtype=jnp.float32).reshape(2, 1, 4, 3)
+    layers = [{"k": x, "v": x + 1}]
+    grown = cache.resize(layers, 6)
+    assert grown[0]["k"].shape == (2, 1, 6, 3)
+    assert np.array_equal(grown[0]["k"][:, :, :4], x) and not np.any(grown[0]["k"][:, :, 4:])
+    cut = cache.resize(grown, 2)
+    assert np.array_equal(cut[0]["v"], (x + 1)[:, :, :2])
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_decoding_against_a_resized_cache_gives_the_full_forward_logits(preset):
+    """Prefill 20 positions into a 32-long cache, decode to 32, grow it to 64 and decode on, then
+    cut it to 48 (every row below that) and decode to 46: each step's logits are the full forward
+    pass's."""
+    model = GPT(model_cfg(preset, seq_len=64))
     params = model.init(jax.random.key(0))
-    ids = tokens(B=2, L=200, seed=3)
+    ids = tokens(B=2, L=46, seed=3)
     expected = np.asarray(jax.jit(model.apply)(params, ids))
     cached = jax.jit(lambda params, ids, pos, cache: model.apply(params, ids, jnp.ones_like(ids),
                                                                  pos, cache=cache))
-    cache = model.init_cache(2)
-    pos = jnp.arange(100, dtype=jnp.int32)[None].repeat(2, 0)
-    logits, cache = cached(params, ids[:, :100], pos, cache)
-    np.testing.assert_allclose(np.asarray(logits), expected[:, :100], atol=1e-5, rtol=1e-5)
-    for t in range(100, 200):  # the window grows past 128 at t = 128
-        logits, cache = cached(params, ids[:, t:t + 1], jnp.full((2, 1), t, jnp.int32), cache)
+    layers = model.init_cache(2, 32)
+    pos = jnp.arange(20, dtype=jnp.int32)[None].repeat(2, 0)
+    logits, layers = cached(params, ids[:, :20], pos, layers)
+    np.testing.assert_allclose(np.asarray(logits), expected[:, :20], atol=1e-5, rtol=1e-5)
+    for t in range(20, 46):
+        if t == 32:
+            layers = cache.resize(layers, 64)
+        if t == 40:
+            layers = cache.resize(layers, 48)
+        logits, layers = cached(params, ids[:, t:t + 1], jnp.full((2, 1), t, jnp.int32), layers)
         np.testing.assert_allclose(np.asarray(logits[:, 0]), expected[:, t], atol=1e-5, rtol=1e-5)
-    step = jax.make_jaxpr(cached)(params, ids[:, :1], jnp.full((2, 1), 150, jnp.int32), cache)
-    assert (" cond[" in str(step)) == (window == "chunks")
+    assert layers[0]["k"].shape[2] == 48

@@ -341,16 +341,15 @@ def test_cudnn_on_cpu_is_a_config_error():
 
 
 def test_every_auto_is_resolved_once_when_the_model_is_built(monkeypatch):
-    """GPT(cfg) picks the host's kernels, cache window and matmul dtype; tracing the layers (a
+    """GPT(cfg) picks the host's kernels and matmul dtype; tracing the layers (a
     forward pass, a decoding step, the fused loss) resolves nothing again."""
     cfg = dataclasses.replace(tiny_llama("auto"), loss_chunks=7, matmul_dtype="bfloat16")
     model = GPT(cfg)
-    assert model.kernels == choice.Kernels(impl="cpu", cache_window="chunks",
-                                           matmul_dtype="bfloat16", platform="cpu")
+    assert model.kernels == choice.Kernels(impl="cpu", matmul_dtype="bfloat16", platform="cpu")
 
     def refuse(*_):
         raise AssertionError("resolved again while tracing")
-    for name in ("resolve", "resolve_cache_window", "matmul_dtype"):
+    for name in ("resolve", "matmul_dtype"):
         monkeypatch.setattr(choice, name, refuse)
     monkeypatch.setattr(hardware, "compute_platform", refuse)
     params = jax.eval_shape(model.init, jax.random.key(0))

@@ -87,8 +87,7 @@ def test_a_target_platform_picks_the_kernels_of_that_platform():
         assert hardware.compute_platform() == "gpu" and hardware.branches_sync_host()
         assert (choice.resolve("auto", jnp.bfloat16) == "cudnn"
                 and choice.resolve("auto", jnp.float32) == "xla")
-        assert choice.resolve_cache_window("auto") == "whole"
-    assert hardware.compute_platform() == "cpu" and choice.resolve_cache_window("auto") == "chunks"
+    assert hardware.compute_platform() == "cpu"
 
 
 def test_cpu_name_is_the_model_name_lscpu_shows():
@@ -133,3 +132,31 @@ def test_library_matmuls_reads_the_last_triton_setting_in_xla_flags():
         assert [hardware.library_matmuls(flags) for flags in settings] == [
             False, True, True, False, True, True]
     assert not hardware.library_matmuls(off)  # a CPU has no cuBLAS, whatever the flags say
+
+
+_CACHED_COMPILE = """
+import sys
+import jax, jax.numpy as jnp
+from jaxgpt import hardware
+path = hardware.compilation_cache()
+jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3))
+print(path)
+"""
+
+
+def test_the_compilation_cache_is_the_users_per_host_and_off_where_named_or_refused(tmp_path):
+    """Every command's compiled programs land in ~/.cache/jaxgpt/xla/<this CPU and jax> (mode
+    700), where the next run finds them; a cache named by JAX_COMPILATION_CACHE_DIR, or
+    JAXGPT_XLA_CACHE=0, leaves jax as it is."""
+    from conftest import subprocess_env
+    env = {k: v for k, v in subprocess_env(XDG_CACHE_HOME=str(tmp_path),
+                                           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0").items()
+           if k != "JAX_COMPILATION_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", _CACHED_COMPILE], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    path = Path(out.stdout.split()[-1])
+    assert path.parent == tmp_path / "jaxgpt" / "xla" and re.fullmatch(r"[0-9a-f]{16}", path.name)
+    assert path.stat().st_mode & 0o777 == 0o700 and any(path.iterdir())
+    for extra in ({"JAXGPT_XLA_CACHE": "0"}, {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "x")}):
+        assert hardware.compilation_cache({**env, **extra}) is None

@@ -1,5 +1,5 @@
 """Which kernels run the model on this host: every host-dependent `auto` of ModelConfig (the
-kernels' implementation, the KV cache's window, the matmul dtype) resolved once, into the
+kernels' implementation, the matmul dtype) resolved once, into the
 `Kernels` that GPT holds and hands to its layers; the layers never resolve anything."""
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ HALF_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN flash attention computes
 class Kernels:
     """The model's resolved choices on one host: plain strings, so a Flax module may hold them."""
     impl: str          # "cpu" | "xla" | "cudnn": the attention, norm, matmul and head-loss kernels
-    cache_window: str  # "chunks" | "whole": what a decoding step reads of the KV cache
     matmul_dtype: str  # what the matmuls multiply in
     platform: str      # "cpu" | "gpu" | "tpu": where the program runs (or is compiled for)
 
@@ -27,7 +26,6 @@ def choose(cfg: ModelConfig) -> Kernels:
     """cfg's kernels on this host, or on the platform being compiled for (hardware.target_platform).
     An explicit cudnn where it cannot run is a ConfigError here, not a crash inside XLA."""
     return Kernels(impl=resolve(cfg.kernels, cfg.dtype),
-                   cache_window=resolve_cache_window(cfg.cache_window),
                    matmul_dtype=matmul_dtype(cfg), platform=hardware.compute_platform())
 
 
@@ -43,14 +41,6 @@ def resolve(choice: str, dtype) -> str:
     if choice == "cudnn" and not cudnn_ok:
         raise ConfigError(f"model.kernels=cudnn needs a GPU and model.dtype=bfloat16 (here: "
                           f"{backend}, {jnp.dtype(dtype).name}); use model.kernels=auto or xla")
-    return choice
-
-
-def resolve_cache_window(choice: str) -> str:
-    """What model.cache_window names: auto is whole on a GPU (a lax.switch per layer would stop the
-    host at every layer of every decoding step: hardware.branches_sync_host), chunks elsewhere."""
-    if choice == "auto":
-        return "whole" if hardware.branches_sync_host() else "chunks"
     return choice
 
 
