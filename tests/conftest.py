@@ -215,13 +215,15 @@ def leaves_equal(a, b) -> bool:
 
 @contextlib.contextmanager
 def serving(app):
-    """app served by uvicorn from a thread on 127.0.0.1, on a port the OS picks: the base URL;
-    stopped at the end."""
+    """app served by uvicorn from a thread on 127.0.0.1, on a port the OS picks, with the serve
+    command's uvicorn config (server.uvicorn_config): the base URL; stopped at the end."""
     import uvicorn
+
+    from jaxgpt.serve.server import uvicorn_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -18,9 +18,12 @@ never recorded.
 Any OpenAI client works (base_url http://HOST:PORT/v1). A request that omits a sampling field gets
 the run's `sample` section (temperature, top_k, top_p, ...), one without a seed a fresh random seed
 as at OpenAI, one without max_tokens sample.max_new_tokens or what the context leaves, if less;
-unknown fields are ignored. Errors come in OpenAI's shape, {"error": {"message", "type", "param",
-"code"}}, with `param` naming the field to fix; 429 (queue full) and 503 (shutting down) carry
-Retry-After. Not yet: tools, response_format, logit_bias, batched prompts.
+fields it does not know are ignored. Errors come in OpenAI's shape, {"error": {"message", "type",
+"param", "code"}}, with `param` naming the field to fix: 400 for any field out of its type or range,
+a body that is not one UTF-8 JSON object (jaxgpt.serve.intake) or OpenAI fields it cannot honour
+(tools, JSON output, logit_bias, echo, suffix, best_of > n, several prompts at once); 413 past
+serve.max_body_bytes, 415 for a Content-Type other than JSON, 404 / 405 for unknown paths and
+methods, 401 without the key; 429 (queue full) and 503 (shutting down) carry Retry-After.
 
 All generation goes through one `replies.Service` (one engine thread, serve.slots requests decoding
 together, the screen on every reply); the HTTP side only parses, waits and formats, in OpenAI's wire
@@ -34,14 +37,16 @@ from pathlib import Path
 from typing import Callable
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.generate.sampling import SamplingParams
 from jaxgpt.generate.service import Service
-from jaxgpt.serve import completions, openai_api
+from jaxgpt.serve import completions, intake
 from jaxgpt.serve.admission import Admission
 from jaxgpt.serve.feedback import Feedback, FeedbackError
 from jaxgpt.serve.metrics import CountRequests, Metrics
@@ -75,6 +80,8 @@ def make_app(service: Service, tokenizer: Tokenizer, cfg: ServeConfig = ServeCon
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(FeedbackError, feedback_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)  # a bug: still a body clients can parse
     for method, path, handler in ROUTES:
         app.add_api_route(path, handler, methods=[method])
     app.add_middleware(CountRequests, metrics=metrics, routes=app.router.routes)
@@ -95,10 +102,25 @@ async def feedback_error(request: Request, e: FeedbackError) -> JSONResponse:
 
 
 async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    """Unknown paths and methods."""
-    code = "not_found" if e.status_code == 404 else None
+    """Unknown paths (404) and methods (405, with the Allow header)."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
     return JSONResponse(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
-                                 code=code).body(), status_code=e.status_code)
+                                 code=code).body(), status_code=e.status_code, headers=e.headers)
+
+
+async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    """FastAPI's own checks of a route's parameters (a 422 of its shape by default)."""
+    first = (e.errors() or [{}])[0]
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    return await api_error(request, ApiError(400, f"{param or 'the request'}: "
+                                                  f"{first.get('msg', 'invalid')}", param))
+
+
+async def internal_error(request: Request, e: Exception) -> JSONResponse:
+    """What no request should reach. Starlette re-raises it after this answer, for uvicorn to log
+    and close the connection: the header tells the client not to reuse it."""
+    return await api_error(request, ApiError(500, f"internal error ({type(e).__name__})",
+                                             type="server_error", headers={"Connection": "close"}))
 
 
 # ---- what every API request goes through ----
@@ -118,16 +140,27 @@ def authorize(request: Request) -> None:
 async def read_body(request: Request) -> dict:
     """The JSON object sent, read no further than max_body_bytes (whatever Content-Length says)."""
     state = state_of(request)
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media and media != "application/json" and not media.endswith("+json"):
+        # what a browser page elsewhere can send without asking first (CORS): never taken
+        raise ApiError(415, f"Content-Type {media[:60]!r}: send the body as application/json",
+                       code="unsupported_media_type")
     limit = state.cfg.max_body_bytes
-    too_big = ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
-    if int(request.headers.get("content-length") or 0) > limit:
+    # closing the connection stops a client sending the rest (uvicorn would read and drop it)
+    too_big = ApiError(413, f"the request body is over {limit} bytes", code="request_too_large",
+                       headers={"Connection": "close"})
+    if int(request.headers.get("content-length") or 0) > limit:  # (uvicorn checks it is a number)
         raise too_big
     data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise too_big
-    return openai_api.request_body(data, state.model_id)
+    try:
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise too_big
+    except ClientDisconnect:  # nobody is left to answer; 499 is what the metrics count
+        raise ApiError(499, "the client hung up before the body ended",
+                       code="client_closed") from None
+    return intake.request_body(bytes(data), state.model_id)
 
 
 # ---- the routes ----
@@ -146,7 +179,9 @@ async def generation(request: Request, kind: str):
     received = time.monotonic()
     authorize(request)
     body = await read_body(request)
-    return await completions.generation(request, state_of(request), body, kind, received)
+    state = state_of(request)
+    intake.refuse_unsupported(body, kind, state.tokenizer.n_vocab)
+    return await completions.generation(request, state, body, kind, received)
 
 
 @route("POST", "/v1/feedback")  # a judgement of a stored reply; answered once the write landed

@@ -173,9 +173,9 @@ def _string(value, field: str, required: bool = True) -> str | None:
 def _index(value, field: str) -> int:
     if value is None:
         return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise FeedbackError(f"{field}: expected a choice index >= 0, got {json.dumps(value)[:80]}",
-                            field)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2 ** 31:
+        raise FeedbackError(f"{field}: expected a choice index in [0, 2**31), got "
+                            f"{json.dumps(value)[:80]}", field)
     return value
 
 

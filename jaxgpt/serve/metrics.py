@@ -95,4 +95,9 @@ class CountRequests:
                 counted = True
                 self.metrics.requests.labels(endpoint, str(message["status"])).inc()
             await send(message)
-        await self.app(scope, receive, send_counted)
+        try:
+            await self.app(scope, receive, send_counted)
+        except Exception:  # the 500 that the app's outermost handler then answers
+            if not counted:
+                self.metrics.requests.labels(endpoint, "500").inc()
+            raise

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import re
 import secrets
 from typing import Any
@@ -57,7 +56,8 @@ def typed_field(body: dict, name: str, kind: str, default: Any = None) -> Any:
           NUMBER: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           "a boolean": lambda v: isinstance(v, bool),
           "a string": lambda v: isinstance(v, str),
-          "an object": lambda v: isinstance(v, dict)}[kind]
+          "an object": lambda v: isinstance(v, dict),
+          "an array": lambda v: isinstance(v, list)}[kind]
     if not ok(value):
         raise ApiError(400, f"{name}: expected {kind}, got {json.dumps(value)[:80]}", name,
                        code="invalid_type")
@@ -75,28 +75,44 @@ def stop_strings(body: dict) -> tuple[str, ...]:
     raise ApiError(400, "stop: expected a string or a list of strings", "stop", code="invalid_type")
 
 
+# OpenAI's roles as ours: "developer" is its newer name for the system role
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
 def chat_messages(body: dict) -> list[dict]:
-    """OpenAI's messages as ours: content given as a list of text parts is joined, and "developer"
-    (OpenAI's newer name for the system role) is "system"; the rest is checked by Service.chat."""
+    """OpenAI's messages as ours, each checked here; their order is checked by Service.chat."""
     messages = body.get("messages")
     if messages is None:
         raise ApiError(400, "messages: required", "messages", code="missing_required_parameter")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages: expected a non-empty list of messages", "messages",
                        code="invalid_type")
-    out = []
-    for m in messages:
-        if isinstance(m, dict) and isinstance(m.get("content"), list):
-            parts = m["content"]
-            if not all(isinstance(p, dict) and p.get("type") == "text"
-                       and isinstance(p.get("text"), str) for p in parts):
-                raise ApiError(400, "messages: only text content parts are supported", "messages")
-            m = {**m, "content": "".join(p["text"] for p in parts)}
-        if isinstance(m, dict) and m.get("role") == "developer":
-            m = {**m, "role": "system"}
-        out.append({"role": m.get("role"), "content": m.get("content")}
-                   if isinstance(m, dict) else m)
-    return out
+    return [chat_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
+
+
+def chat_message(m: Any, at: str) -> dict:
+    """One message as {"role", "content"}: content given as a list of text parts is joined."""
+    def refused(why: str) -> ApiError:
+        return ApiError(400, f"{at}{why}", "messages")
+    if not isinstance(m, dict):
+        raise refused(f": expected an object with role and content, got {json.dumps(m)[:40]}")
+    role, content = m.get("role"), m.get("content")
+    if not (isinstance(role, str) and role in ROLES):
+        tools = " (this server has no tools)" if role in ("tool", "function") else ""
+        raise refused(f".role: expected system, developer, user or assistant, got "
+                      f"{json.dumps(role)[:40]}{tools}")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text"
+                   and isinstance(p.get("text"), str) for p in content):
+            raise refused(".content: only text content parts are supported")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        tools = " (tool calls are not supported)" if m.get("tool_calls") else ""
+        raise refused(f".content: expected a string or a list of text parts, got "
+                      f"{json.dumps(content)[:40]}{tools}")
+    if not isinstance(m.get("name", ""), (str, type(None))):
+        raise refused(f".name: expected a string, got {json.dumps(m['name'])[:40]}")
+    return {"role": ROLES[role], "content": content}
 
 
 def sampling_params(body: dict, defaults: SamplingParams, max_tokens: int,
@@ -114,36 +130,10 @@ def requested_max_tokens(body: dict) -> tuple[int | None, str]:
     name)."""
     for name in ("max_completion_tokens", "max_tokens"):
         if (value := typed_field(body, name, INT)) is not None:
+            if value < 1:  # as OpenAI: a reply of no tokens is no reply
+                raise ApiError(400, f"{name}: must be >= 1, got {value}", name)
             return value, name
     return None, "max_tokens"
-
-
-def _not_a_number(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    if not math.isfinite(value := float(text)):
-        raise ValueError(f"{text[:40]} is out of a number's range")
-    return value
-
-
-def request_body(data: bytes, model_id: str) -> dict:
-    """A request's body as the JSON object it must be, naming this server's model if any."""
-    try:
-        # NaN, Infinity and numbers past a float's range are not JSON numbers (RFC 8259)
-        body = json.loads(data, parse_constant=_not_a_number, parse_float=_finite)
-    except ValueError as e:  # also invalid UTF-8, and an integer of too many digits
-        raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
-    except RecursionError:  # arrays or objects nested past the parser's depth
-        raise ApiError(400, "the body is not valid JSON (nested too deeply)",
-                       code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
-    if (model := typed_field(body, "model", "a string")) is not None and model != model_id:
-        raise ApiError(404, f"model {model!r} does not exist; this server has {model_id!r}",
-                       "model", code="model_not_found")
-    return body
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,23 +151,37 @@ def asked(body: dict, kind: str) -> Asked:
     max_tokens, max_field = requested_max_tokens(body)
     stream = typed_field(body, "stream", "a boolean", False)
     options = typed_field(body, "stream_options", "an object", {})
-    return Asked(kind, max_tokens, max_field, stream, options.get("include_usage") is True,
+    if options and not stream:
+        raise ApiError(400, "stream_options: only allowed with stream: true", "stream_options")
+    if not isinstance(include_usage := options.get("include_usage"), (bool, type(None))):
+        raise ApiError(400, "stream_options: include_usage must be a boolean", "stream_options",
+                       code="invalid_type")
+    return Asked(kind, max_tokens, max_field, stream, include_usage is True,
                  logprob_request(body, kind))
 
 
 def prompt_ids(body: dict, tokenizer: Tokenizer) -> list[int]:
-    """A text completion's prompt (a string, a list of one, or token ids) as token ids."""
+    """A text completion's prompt (a string or token ids, alone or as a list of one) as token
+    ids."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if prompt is None:
+        raise ApiError(400, "prompt: required", "prompt", code="missing_required_parameter")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > 1:
+            raise ApiError(400, f"prompt: {len(prompt)} prompts in one request are not supported; "
+                                "send each in a request of its own", "prompt",
+                           code="unsupported_parameter")
         prompt = prompt[0]
     if isinstance(prompt, str):
         return as_400(lambda: tokenizer.encode(prompt), "prompt") or [tokenizer.eot_id]
-    if isinstance(prompt, list) and prompt and all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tokenizer.n_vocab
-            for t in prompt):
-        return list(prompt)  # token ids, as OpenAI's API takes them too
-    raise ApiError(400, "prompt: expected a string or a list of token ids", "prompt",
-                   code="invalid_type" if prompt is not None else "missing_required_parameter")
+    if not isinstance(prompt, list) or not prompt:
+        raise ApiError(400, "prompt: expected a string or a non-empty list of token ids", "prompt",
+                       code="invalid_type")
+    for t in prompt:  # token ids, as OpenAI's API takes them too
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < tokenizer.n_vocab:
+            raise ApiError(400, f"prompt: {json.dumps(t)[:40]} is not a token id in "
+                                f"[0, {tokenizer.n_vocab})", "prompt", code="invalid_type")
+    return list(prompt)
 
 
 def check_sampling(params: SamplingParams, max_field: str, slots: int) -> None:

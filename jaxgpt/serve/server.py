@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -37,6 +38,7 @@ from jaxgpt.model.gpt import GPT
 from jaxgpt.serve.admission import Admission
 from jaxgpt.serve.app import make_app
 from jaxgpt.serve.feedback import Feedback, default_path
+from jaxgpt.serve.openai_api import ApiError
 from jaxgpt.serve.state import ServeConfig
 from jaxgpt.store import runs
 
@@ -76,6 +78,34 @@ def draining_server(app: FastAPI, config,
     return DrainingServer(config)
 
 
+def uvicorn_config(app: FastAPI, **settings) -> "uvicorn.Config":
+    """uvicorn's config for `app`, with h11 answering what is not HTTP in OpenAI's shape."""
+    import uvicorn  # here, so that importing this module does not need it
+    return uvicorn.Config(app, http=openai_shaped_h11(), **settings)
+
+
+def openai_shaped_h11() -> type:
+    """uvicorn's h11 protocol, its answer to a request it cannot parse (a malformed request line,
+    header or chunk, headers past 16 KB) a 400 in OpenAI's shape instead of plain text."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class OpenAIShapedH11(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps(ApiError(400, f"the request is not valid HTTP/1.1 ({msg})",
+                                       code="invalid_http").body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                       (b"content-length", str(len(body)).encode())]
+            try:
+                for event in (h11.Response(status_code=400, headers=headers, reason="Bad Request"),
+                              h11.Data(data=body), h11.EndOfMessage()):
+                    self.transport.write(self.conn.send(event))
+            except h11.LocalProtocolError:  # a response was under way: nothing more can be said
+                pass
+            self.transport.close()
+    return OpenAIShapedH11
+
+
 def model_id_of(source: str) -> str:
     """A run's directory name ("out/shakespeare/export" -> "shakespeare")."""
     path = Path(source).absolute()
@@ -94,8 +124,6 @@ def checked(cfg: ServeConfig) -> ServeConfig:
 
 def serve(operands: list[str], settings: list[str]) -> None:
     """The command: RUN_OR_EXPORT loaded, both kinds of step compiled, then served until stopped."""
-    import uvicorn  # here, so that importing this module does not need it
-
     cfg = checked(cli.tool_config(ServeCommand, settings).serve)  # every key checked
     loaded = runs.load(operands[0], [s for s in settings if not s.lstrip("-").startswith("serve.")])
     cfg = dataclasses.replace(cfg, api_key=cfg.api_key or os.environ.get("JAXGPT_API_KEY") or None,
@@ -114,7 +142,7 @@ def serve(operands: list[str], settings: list[str]) -> None:
               f"{loaded.cfg.model.seq_len} tokens) as {cfg.model_name!r} on "
               f"http://{cfg.host}:{cfg.port}/v1{'' if cfg.api_key else ' (no API key)'}; "
               f"feedback: {feedback_db if feedback else 'off'}", flush=True)
-        config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info")
+        config = uvicorn_config(app, host=cfg.host, port=cfg.port, log_level="info")
         draining_server(app, config, cfg.drain_timeout_s).run()
 
 

@@ -725,6 +725,7 @@ def test_feedback_on_a_stored_reply_and_its_errors(stored, url, tmp_path):
                 ({"completion_id": ids[0], "rating": "sideways"}, 400, "rating"),
                 ({"completion_id": ids[0], "edit": ""}, 400, "edit"),
                 ({"completion_id": ids[0], "rating": "up", "edit": "x"}, 400, "edit"),
+                ({"completion_id": ids[0], "rating": "up", "index": 2 ** 63}, 400, "index"),
                 ({"rating": "up"}, 400, "completion_id")):
             r = api.post("/v1/feedback", json=body)
             error = r.json()["error"]

@@ -40,7 +40,7 @@ def test_chat_messages_join_text_parts_and_read_developer_as_system():
     image = {"messages": [{"role": "user", "content": [{"type": "image_url",
                                                         "image_url": {"url": "x"}}]}]}
     assert refused(lambda: openai_api.chat_messages(image)).message == \
-        "messages: only text content parts are supported"
+        "messages[0].content: only text content parts are supported"
 
 
 def test_sampling_params_fill_what_the_body_leaves_out():
