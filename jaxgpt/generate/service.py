@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 from jaxgpt.config import ScreenConfig
 from jaxgpt.data import chat, dialogs
 from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.errors import JaxgptError
 from jaxgpt.generate.engine import Engine, Request
 from jaxgpt.generate.sampling import SamplingParams
 from jaxgpt.generate.screen import Screen, ScreenStream
@@ -236,6 +237,23 @@ class Service:
         self._inbox.put(("submit", stream, list(prompt_ids), params))
         self._wake.set()
         return stream
+
+    def warm_up(self, system: str = "", top_logprobs: tuple[int, ...] = (0,)) -> None:
+        """Compile before the first request: the prefill of a first message's usual prompt
+        bucket (the system message and a short user message in the chat template) and both
+        decode calls (decode_steps tokens, and one), for each top_logprobs setting. Otherwise the
+        first reply waits for them, the decode calls in the middle of the reply."""
+        ids = [self.tokenizer.eot_id]
+        for system_messages in ([{"role": "system", "content": system}] if system else [], []):
+            try:  # a system message the tokenizer cannot spell: the template's tokens alone
+                messages = [*system_messages, {"role": "user", "content": "hi"}]
+                ids = chat.render(messages, self.tokenizer, for_generation=True)[0].tolist()
+                break
+            except (ValueError, JaxgptError):
+                continue
+        for n in top_logprobs:
+            self.complete(ids, SamplingParams(max_tokens=self.engine.decode_steps + 2,
+                                              top_logprobs=n)).result()
 
     def chat(self, messages: list[dict], params: SamplingParams = SamplingParams(),
              drop_old_turns: bool = True, shrink_max_tokens: bool = False) -> Stream:

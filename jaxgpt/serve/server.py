@@ -133,9 +133,7 @@ def serve(operands: list[str], settings: list[str]) -> None:
     feedback_db = Path(cfg.feedback_db or default_path(operands[0]))
     with (Feedback(feedback_db) if cfg.feedback else contextlib.nullcontext()) as feedback, \
             Service(engine, tokenizer, Screen(loaded.cfg.screen)) as service:  # closed first
-        for top_logprobs in (0, 1):  # compile both kinds of step before listening
-            service.complete([tokenizer.eot_id],
-                             SamplingParams(max_tokens=2, top_logprobs=top_logprobs)).result()
+        service.warm_up(loaded.cfg.sample.system, top_logprobs=(0, 1))  # before listening
         app = make_app(service, tokenizer, cfg, cfg.model_name,
                        SamplingParams.from_config(loaded.cfg.sample, n=1), feedback)
         print(f"jaxgpt serve: {loaded.where} (step {loaded.step}, context "

@@ -176,8 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         with (Feedback(cfg.feedback_db) if cfg.feedback_db
               else contextlib.nullcontext()) as feedback, \
                 Service(engine, loaded.tokenizer, Screen(loaded.cfg.screen)) as service:
-            # compile first
-            service.complete([loaded.tokenizer.eot_id], SamplingParams(max_tokens=2)).result()
+            service.warm_up(loaded.cfg.sample.system)  # compile first
             print(f"jaxgpt talk: {loaded.where} (step {loaded.step}, "
                   f"context {loaded.cfg.model.seq_len} tokens)"
                   + (f"; recording in {cfg.feedback_db}" if feedback else ""))
