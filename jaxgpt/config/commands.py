@@ -115,6 +115,10 @@ class FromGgufConfig:
     """`python -m jaxgpt.convert from-gguf`: a GGUF file (or a known model's name) -> an export."""
     # 0: the GGUF's context_length; a rope model may take less (the KV cache's length)
     seq_len: int = 0
+    # Q8_0 / Q4_0 / Q4_1 matrices kept in their blocks (model/quant.py's int8 / int4 layouts, no
+    # fp32 round trip), the export's model.weights then int4 (or int8): engines decode on them;
+    # model.weights=float loads them as fp32 (to train from, to-gguf, to-hf)
+    keep_quantized: bool = False
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,10 @@ class ModelConfig:
     # the kernels of attention, the norms, the matmuls and the fused head (model/kernels/choice.py):
     # auto is cpu on a CPU, cudnn on a GPU in bf16/fp16, else xla
     kernels: Literal["auto", "xla", "cudnn", "cpu"] = "auto"
+    # the weights every decoding engine (sample, talk, serve, bench generate, rollouts) multiplies
+    # with: int8 per output channel, or int4 in groups of 32 input rows (the output head int8 in
+    # both), dequantized chunk by chunk in each matmul (model/quant.py); training ignores it
+    weights: Literal["float", "int8", "int4"] = "float"
     remat: bool = False              # recompute each block in the backward pass
     # what the output head writes its logits in; the loss and sampling read them into fp32.
     # bfloat16: torch autocast's numerics (its head's matmul writes bf16), half the bytes of the

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgpt.errors import ConfigError
 from jaxgpt.generate import programs
 from jaxgpt.generate.sampling import (
     IDLE_KNOBS,
@@ -85,6 +86,9 @@ class Engine:
                  keep_logits: bool = False, mesh: jax.sharding.Mesh | None = None,
                  decode_steps: int = DECODE_STEPS):
         model, params = model.for_decoding(params)  # a scan_layers model decodes layer by layer
+        if mesh is not None and model.cfg.weights != "float":  # no logical axes for the integers
+            raise ConfigError(f"model.weights={model.cfg.weights} decodes on one device; on a "
+                              "mesh use model.weights=float")
         params = quant.decode_params(model, params)
         if mesh is not None:
             params = jax.device_put(params,

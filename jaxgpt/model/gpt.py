@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import ModelConfig
+from jaxgpt.model import quant
 from jaxgpt.model.cache import cache_dtype
 from jaxgpt.model.kernels import matmul
 from jaxgpt.model.kernels.choice import HALF_DTYPES, Kernels, choose
@@ -63,8 +64,12 @@ class Transformer(nn.Module):
         cfg = self.cfg
         V, D = cfg.vocab_size, cfg.d_model
         init = nn.initializers.normal(cfg.init_std)
-        wte = self.param("wte", logical(init, "vocab", "embed"), (V, D))
-        x_BxLxD = wte[tokens_BxL].astype(cfg.dtype)
+        if self.has_variable("params", "wte_scale"):  # int8/int4 rows (model/quant.py)
+            wte = quant.stored(self.variables["params"], "wte")
+            x_BxLxD = quant.embed(wte, tokens_BxL).astype(cfg.dtype)
+        else:
+            wte = self.param("wte", logical(init, "vocab", "embed"), (V, D))
+            x_BxLxD = wte[tokens_BxL].astype(cfg.dtype)
         if cfg.position == "learned":
             wpe = self.param("wpe", logical(init, None, "embed"), (cfg.seq_len, D))
             x_BxLxD = x_BxLxD + wpe[positions_BxL].astype(cfg.dtype)
@@ -122,8 +127,10 @@ class Transformer(nn.Module):
         cfg = self.cfg
         V, D = cfg.vocab_size, cfg.d_model
         x_BxLxD = Norm(cfg, self.kernels, name="norm_out")(x_BxLxD)
-        if cfg.tie_embeddings:
-            return x_BxLxD, wte.T
+        if cfg.tie_embeddings:  # quantized: the dict of its [V, D] rows, which head() reads
+            return x_BxLxD, wte if isinstance(wte, dict) else wte.T
+        if self.has_variable("params", "lm_head_scale"):
+            return x_BxLxD, quant.stored(self.variables["params"], "lm_head")
         init = nn.initializers.normal(cfg.init_std)
         return x_BxLxD, self.param("lm_head", logical(init, "embed", "vocab"), (D, V))
 
@@ -131,17 +138,22 @@ class Transformer(nn.Module):
         cfg, kernels = self.cfg, self.kernels
         V, D = cfg.vocab_size, cfg.d_model
         x_BxLxD, w_DxV = self.head_inputs(x_BxLxD, wte)
-        x_BxLxD, w_DxV = x_BxLxD.astype(kernels.matmul_dtype), w_DxV.astype(kernels.matmul_dtype)
-        if (x_BxLxD.shape[0] * x_BxLxD.shape[1] == 1 and w_DxV.dtype in HALF_DTYPES
-                and kernels.platform == "cpu"):
-            # one row (decoding one sequence): XLA:CPU fuses this upcast into its matvec loop, which
-            # then runs several times faster than a half-precision matvec, with the same products
-            x_BxLxD, w_DxV = x_BxLxD.astype(jnp.float32), w_DxV.astype(jnp.float32)
-        # one 2-D matmul, as in Dense: from the 3-D einsum XLA:CPU made a transposed copy of the
-        # [B*L, V] logits gradient for the weight gradient, doubling the head's time
         B, L = x_BxLxD.shape[:2]
-        logits_MxV = matmul.matmul(kernels.impl, x_BxLxD.reshape(B * L, D), w_DxV,
-                                   cfg.logits_dtype)
+        if isinstance(w_DxV, dict):  # int8/int4 for decoding (model/quant.py)
+            logits_MxV = quant.matmul(x_BxLxD.reshape(B * L, D), w_DxV, cfg.logits_dtype,
+                                      rows=cfg.tie_embeddings)
+        else:
+            x_BxLxD = x_BxLxD.astype(kernels.matmul_dtype)
+            w_DxV = w_DxV.astype(kernels.matmul_dtype)
+            if B * L == 1 and w_DxV.dtype in HALF_DTYPES and kernels.platform == "cpu":
+                # one row (decoding one sequence): XLA:CPU fuses this upcast into its matvec loop,
+                # which then runs several times faster than a half-precision matvec, with the same
+                # products
+                x_BxLxD, w_DxV = x_BxLxD.astype(jnp.float32), w_DxV.astype(jnp.float32)
+            # one 2-D matmul, as in Dense: from the 3-D einsum XLA:CPU made a transposed copy of
+            # the [B*L, V] logits gradient for the weight gradient, doubling the head's time
+            logits_MxV = matmul.matmul(kernels.impl, x_BxLxD.reshape(B * L, D), w_DxV,
+                                       cfg.logits_dtype)
         logits_BxLxV = logits_MxV.astype(jnp.float32).reshape(B, L, V)
         if cfg.logit_softcap > 0:
             logits_BxLxV = cfg.logit_softcap * jnp.tanh(logits_BxLxV / cfg.logit_softcap)

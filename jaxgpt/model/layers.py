@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.model import lora
+from jaxgpt.model import quant
 from jaxgpt.model.cache import CACHE_AXES, attend_cache, write_cache
 from jaxgpt.model.kernels import attention, matmul, norm
 from jaxgpt.model.kernels.choice import Kernels
@@ -71,10 +71,10 @@ class Dense(nn.Module):
         # One 2-D matmul: XLA:CPU picks much better layouts for it than for the N-D einsum
         # (the N-D form made it transpose the MLP's hidden gradient in the backward pass).
         x_MxK = x.reshape(math.prod(batch_shape), K).astype(dtype)
-        w_KxN = self._weight(K, N).astype(dtype)
-        has_bias = self.cfg.bias if self.bias is None else self.bias
-        b = (self.param("b", logical(nn.initializers.zeros, *self.names[len(self.shape_in):]),
-                        self.shape_out) if has_bias else None)
+        if self.has_variable("params", "w_scale") and not self.has_variable("params", "lora_a"):
+            return self._quantized(x_MxK, self._bias(), batch_shape)
+        w_KxN = self._weight(K, N).astype(dtype)  # before b: the init draws them in this order
+        b = self._bias()
         xa_MxR, b_RxN = self._adapter(x_MxK)
         if not self.split:
             y_MxN = self._apply(x_MxK, w_KxN, b, xa_MxR, b_RxN)
@@ -85,11 +85,32 @@ class Dense(nn.Module):
                             None if b_RxN is None else b_RxN.reshape(-1, parts, n)[:, i]
                             ).reshape(batch_shape + self.shape_out[1:]) for i in range(parts)]
 
+    def _bias(self):
+        has_bias = self.cfg.bias if self.bias is None else self.bias
+        return (self.param("b", logical(nn.initializers.zeros, *self.names[len(self.shape_in):]),
+                           self.shape_out) if has_bias else None)
+
+    def _quantized(self, x_MxK, b, batch_shape):
+        """The layer on int8/int4 weights without adapters (decoding, model/quant.py): one matmul
+        that reads the integers, its output split when split (no backward pass to shape)."""
+        w = quant.stored(self.variables["params"], "w")
+        y_MxN = quant.matmul(x_MxK, w, self.cfg.dtype)
+        if b is not None:
+            y_MxN = y_MxN + b.reshape(-1).astype(y_MxN.dtype)
+        if self.activation:
+            y_MxN = matmul.ACTIVATIONS[self.activation](y_MxN)
+        if not self.split:
+            return y_MxN.reshape(batch_shape + self.shape_out)
+        y_MxPxn = y_MxN.reshape(-1, self.shape_out[0], y_MxN.shape[-1] // self.shape_out[0])
+        return [y_MxPxn[:, i].reshape(batch_shape + self.shape_out[1:])
+                for i in range(self.shape_out[0])]
+
     def _weight(self, K: int, N: int):
-        """w as [K, N]: the fp32 param, or its int8/int4 copy dequantized (model/lora.py)."""
+        """w as [K, N]: the fp32 param, or QLoRA's int8/int4 copy dequantized (model/quant.py),
+        whose dequantized matrix the tuned backward products of matmul.matmul take."""
         if self.has_variable("params", "w_q"):
-            return lora.dequantize(self.get_variable("params", "w_q").reshape(K, N),
-                                   self.get_variable("params", "w_scale"), jnp.float32)
+            return quant.dequantize(self.get_variable("params", "w_q").reshape(K, N),
+                                    self.get_variable("params", "w_scale"), jnp.float32)
         w = self.param("w", logical(nn.initializers.normal(self.std), *self.names),
                        self.shape_in + self.shape_out)
         return w.reshape(K, N)

@@ -13,7 +13,7 @@ on every leaf. `merge` folds the adapters into w for an export: w + scale * a @ 
 
 Quantized storage (`quantize_tree`): w becomes w_q (int8 or int4, w's shape, so w's sharding
 applies) and w_scale [K // group, N] (fp32 absmax scales, one per group of `group` input rows), read
-back by `dequantize` inside the layer.
+back by `dequantize` inside the layer (model/quant.py holds the math).
 """
 from __future__ import annotations
 
@@ -26,26 +26,18 @@ from jax.sharding import PartitionSpec as P
 
 from jaxgpt.config import TrainConfig
 from jaxgpt.errors import ConfigError
+from jaxgpt.model.quant import (  # noqa: F401 - the quantization math, also lora's names
+    QMAX,
+    QTYPES,
+    dequantize,
+    path_name,
+    quantize,
+    split_dims,
+)
 
 # attention's q, kv and output projections and the MLP's matrices, in any block
 DEFAULT_TARGETS = TrainConfig.lora_targets
 ADAPTER_NAMES = ("lora_a", "lora_b")
-QMAX = {"int8": 127, "int4": 7}
-QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
-
-
-def path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
-def split_dims(spec: P, shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """(stacked layers, K, N) of a matrix from its logical axes: its first named axis is the input
-    one when it is "embed" (x_D @ w[D, ...]), else the last ("embed") is the output."""
-    stack = 1 if spec and spec[0] == "layers" else 0
-    dims, names = shape[stack:], tuple(spec)[stack:]
-    if names[0] == "embed":
-        return stack, dims[0], math.prod(dims[1:])
-    return stack, math.prod(dims[:-1]), dims[-1]
 
 
 def _targets(params, logical_axes, targets: str) -> dict[str, tuple]:
@@ -132,26 +124,6 @@ def with_scales(base: dict, adapters: dict, alpha: float) -> dict:
         stack, rank = node["lora_a"].shape[:-2], node["lora_a"].shape[-1]
         _set(scales, f"{path}/w", "lora_scale", jnp.full(stack, alpha / rank, jnp.float32))
     return combine(base, scales)
-
-
-def quantize(w_KxN: jax.Array, qtype: str, group: int) -> tuple[jax.Array, jax.Array]:
-    """(q [K, N] int8/int4, scale [K // group, N] fp32): symmetric absmax per group of rows; a
-    group that does not divide K falls back to one group (per output channel)."""
-    K, N = w_KxN.shape[-2:]
-    g = group if 0 < group <= K and K % group == 0 else K
-    w_GxgxN = w_KxN.reshape(*w_KxN.shape[:-2], K // g, g, N).astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w_GxgxN), axis=-2) / QMAX[qtype]
-    q = jnp.round(w_GxgxN / jnp.where(scale == 0, 1.0, scale)[..., None, :])
-    q = jnp.clip(q, -QMAX[qtype], QMAX[qtype]).astype(QTYPES[qtype])
-    return q.reshape(w_KxN.shape), scale
-
-
-def dequantize(q_KxN: jax.Array, scale_GxN: jax.Array, dtype) -> jax.Array:
-    """q * its group's scale, [K, N] in `dtype`."""
-    K, N = q_KxN.shape
-    G = scale_GxN.shape[0]
-    w = q_KxN.reshape(G, K // G, N).astype(jnp.float32) * scale_GxN[:, None, :]
-    return w.reshape(K, N).astype(dtype)
 
 
 def _map_matrices(tree: dict, fn, prefix: str = "") -> dict:

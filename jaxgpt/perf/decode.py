@@ -4,6 +4,7 @@ measured in the same run) with the ratio to it. `python -m jaxgpt.bench generate
 from __future__ import annotations
 
 import dataclasses
+import resource
 import time
 
 import jax
@@ -24,8 +25,6 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
     top-k 50 (as the Hugging Face reference samples), no stop token, so every row makes
     new_tokens."""
     bandwidth = hardware.memory_bandwidth()
-    weight_bytes = sum(x.size * jnp.dtype(model.cfg.dtype).itemsize if x.ndim > 1 else x.nbytes
-                       for x in jax.tree.leaves(params))
     sp = SamplingParams(max_tokens=bench.new_tokens, temperature=1.0, top_k=50)
     rng, results = np.random.default_rng(0), []
     if bench.decode_steps < 0:
@@ -34,6 +33,8 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
     steps = bench.decode_steps or generate.DECODE_STEPS
     for batch in bench.batch:
         engine = generate.Engine(model, params, slots=batch, decode_steps=steps)
+        # as the engine keeps them: in the compute dtype, or quantized (model.weights)
+        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.params))
         prompts = [rng.integers(0, vocab, bench.prompt_tokens).tolist() for _ in range(batch)]
         # compile prefill and both decode calls (one step, and `steps`); when the rows will outgrow
         # the context, past its first shift too (the shift's re-prefill compiles another prompt
@@ -64,10 +65,12 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
         tok_per_s = n_new / seconds
         results.append({
             "bench": "generate", "batch": batch, "dtype": model.cfg.dtype, "decode_steps": steps,
+            "weights": model.cfg.weights, "weights_mb": round(weight_bytes / 2 ** 20, 1),
             "cache_window": model.cfg.cache_window, "cache_positions": engine.capacity,
             "cache_mb": round(cache_mb, 1), "new_tokens": n_new,
             "seconds": round(seconds, 6), "tok_per_s": round(tok_per_s, 2),
-            "ttft_s": round(ttft, 4),
+            "ttft_s": round(ttft, 4), "peak_rss_mb": round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "prefill_tok_per_s": round(batch * bench.prompt_tokens / ttft, 1),
             "memory_gb_per_s": round(bandwidth / 1e9, 2), "bound_tok_per_s": round(bound, 2),
             "ratio_to_bound": round(tok_per_s / bound, 3), "params": model.num_params(params),

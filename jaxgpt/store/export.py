@@ -3,7 +3,8 @@ sample, chat and serve, and for fine-tuning (`train.init_from`): written, found 
 (runs.py loads a whole model from one; `python -m jaxgpt.export RUN_DIR OUT` writes one from a run).
 
 An export directory holds `config.json`, `params/` (orbax), `checksums.json` (one per param, checked
-as they are read back) and the tokenizer files; a run writes one to `export/` when it finishes.
+as they are read back) and the tokenizer files; a run writes one to `export/` when it finishes. A
+converted GGUF's may keep quantized matrices (model/quant.py's layouts: from_gguf.keep_quantized).
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from jaxgpt import config as config_lib
 from jaxgpt import files
 from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.errors import CheckpointError
+from jaxgpt.model import quant
 from jaxgpt.model.gpt import GPT
+from jaxgpt.parallel import sharding
 from jaxgpt.store import checkpoint, integrity
 
 EXPORT_CHECKSUMS = "checksums.json"  # beside an export's params/: {leaf path: checksum}
@@ -71,15 +74,22 @@ def read_params(export_dir: Path, model: GPT, shardings=None, abstract=None) -> 
     """An export's params, placed by `shardings` (one device when None): each leaf's shape checked
     against the model's before any is read, each leaf's checksum after (an export written before
     exports carried checksums is read unchecked). A damaged export raises integrity.Damaged."""
-    target = checkpoint.params_target(model, shardings, abstract)
     stored = integrity.guarded_read(
         "params metadata", lambda: ocp.StandardCheckpointer().metadata(export_dir / "params"))
-    have, want = (integrity.leaf_shapes(getattr(stored, "item_metadata", stored)),
-                  integrity.leaf_shapes(target))
+    stored = getattr(stored, "item_metadata", stored)
+    have = integrity.leaf_shapes(stored)
+    if abstract is None and any(key.endswith("_scale") for key in have):
+        return _read_quantized(export_dir, model, shardings, stored)
+    target = checkpoint.params_target(model, shardings, abstract)
+    want = integrity.leaf_shapes(target)
     for key in sorted(have.keys() | want.keys()):  # the paths the checksums name too
         if have.get(key) != want.get(key):
             raise CheckpointError(f"{export_dir}: param {key} is {have.get(key)} in the checkpoint "
                                   f"but {want.get(key)} in the model config")
+    return _restore(export_dir, target)
+
+
+def _restore(export_dir: Path, target) -> dict:
     tree = integrity.guarded_read(
         "params", lambda: ocp.StandardCheckpointer().restore(export_dir / "params", target))
     sums_file = export_dir / EXPORT_CHECKSUMS
@@ -88,3 +98,23 @@ def read_params(export_dir: Path, model: GPT, shardings=None, abstract=None) -> 
                                           lambda: json.loads(sums_file.read_text()))
         integrity.verify_checksums(tree, expected)
     return tree
+
+
+def _read_quantized(export_dir: Path, model: GPT, shardings, stored) -> dict:
+    """An export that keeps quantized matrices (from-gguf's keep_quantized): read as stored, on
+    one device, for a model.weights other than float; else as the fp32 params (placed)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    kept = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                        getattr(stored, "tree", stored))
+    floats = jax.eval_shape(lambda t: quant.float_params(t, shapes), kept)
+    have, want = integrity.leaf_shapes(floats), integrity.leaf_shapes(shapes)
+    for key in sorted(have.keys() | want.keys()):
+        if have.get(key) != want.get(key):
+            raise CheckpointError(f"{export_dir}: param {key} is {have.get(key)} in the export "
+                                  f"(dequantized) but {want.get(key)} in the model config")
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    tree = _restore(export_dir, sharding.placed(kept, jax.tree.map(lambda _: one, kept)))
+    if model.cfg.weights != "float":
+        return tree
+    tree = quant.float_params(tree, shapes)
+    return tree if shardings is None else jax.device_put(tree, shardings)

@@ -17,10 +17,11 @@ from jaxgpt.data import chat, dialogs
 from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.generate.engine import Engine
 from jaxgpt.generate.sampling import SamplingParams
+from jaxgpt.model import quant
 from jaxgpt.model.gpt import GPT
 from jaxgpt.store import export, runs
 from jaxgpt.store.gguf import convert, models
-from jaxgpt.store.gguf.weights import GGUFFile
+from jaxgpt.store.gguf.weights import GGUFFile, pad_kept_vocab
 from jaxgpt.store.hf.config import ConvertError
 from jaxgpt.store.hf.weights import flatten
 
@@ -247,6 +248,66 @@ def test_every_dequantizable_type_reads_as_the_gguf_packages(tmp_path, qtype):
     np.testing.assert_array_equal(back["block_0/mlp/w_down/w"], deq["blk.0.ffn_down.weight"].T)
     np.testing.assert_array_equal(back["block_0/mlp/w_up/w"][:, 0], deq["blk.0.ffn_gate.weight"].T)
     np.testing.assert_array_equal(back["lm_head"], deq["output.weight"].T)
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q8_0"), ("gpt2", "Q4_0"), ("llama", "Q4_1")])
+def test_kept_blocks_are_the_gguf_packages_values(tmp_path, arch, qtype):
+    """from_gguf.keep_quantized: Q8_0 / Q4_0 / Q4_1 matrices (the embedding and head too) kept in
+    their blocks, whose values are the plain conversion's (the gguf package's dequantization),
+    and a model that runs on them as on those values."""
+    where, _, m, tok = _tiny_export(tmp_path, arch)
+    m = dataclasses.replace(m, d_model=256, n_head=4, n_kv_head=2 if arch == "llama" else 4,
+                            d_ff=256)
+    f32 = tmp_path / "f32.gguf"
+    convert.to_gguf(str(export.export(tmp_path / "wide", Config(model=m),
+                                      GPT(m).init(jax.random.key(0)), tok)), f32)
+    rng, Q, raw = np.random.default_rng(0), gguf.GGMLQuantizationType, {}
+
+    def random_matrices(t):
+        x = np.asarray(t.data)
+        if x.ndim != 2:
+            return x, None
+        raw[t.name] = _random_blocks(Q[qtype], *x.shape, rng)
+        return raw[t.name], Q[qtype]
+
+    out = _rewrite(gguf.GGUFReader(f32), tmp_path / f"{qtype}.gguf", arch, tensor=random_matrices)
+    kept_dir = convert.from_gguf(out, tmp_path / "kept", FromGgufConfig(keep_quantized=True))
+    kept = runs.load(kept_dir["export"])
+    assert kept.cfg.model.weights == ("int8" if qtype == "Q8_0" else "int4")
+    names = flatten(kept.params)
+    key = "w_q" if qtype == "Q8_0" else "w_q4"
+    assert f"block_0/mlp/w_down/{key}" in names and "wte" not in names
+    assert "lm_head" not in names and ("lm_head_scale" in names) == (arch == "llama")
+    floats = runs.load(kept_dir["export"], ["model.weights=float"]).params
+    deq = {name: gguf.quants.dequantize(r, Q[qtype]) for name, r in raw.items()}
+    np.testing.assert_array_equal(floats["wte"], deq["token_embd.weight"])
+    np.testing.assert_array_equal(floats["block_0"]["mlp"]["w_down"]["w"],
+                                  deq["blk.0.ffn_down.weight"].T)
+    if arch == "llama":
+        np.testing.assert_array_equal(floats["lm_head"], deq["output.weight"].T)
+    ids = jnp.asarray([tok.encode("Round and round the garden")])
+    want = np.asarray(GPT(m).apply(floats, ids))  # random blocks: logits up to ~100
+    np.testing.assert_allclose(GPT(kept.cfg.model).apply(kept.params, ids), want, rtol=1e-4,
+                               atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("layout", ["int8", "int4_min"])
+def test_kept_embedding_pads_to_the_tokenizers_ids_with_the_mean_row(layout):
+    rng = np.random.default_rng(0)
+    rows = {"scale": rng.uniform(0.01, 0.02, (4, 2)).astype(np.float32)}
+    if layout == "int8":
+        rows["q"] = rng.integers(-127, 128, (4, 64)).astype(np.int8)
+    else:
+        rows["q4"] = rng.integers(-128, 128, (4, 32)).astype(np.int8)
+        rows["min"] = rng.uniform(-0.1, 0.0, (4, 2)).astype(np.float32)
+    flat = {f"wte_{k}": v for k, v in rows.items()}
+    padded = pad_kept_vocab(flat, 6)
+    x = np.asarray(quant.dequantized(quant.stored(padded, "wte"), rows=True))
+    before = np.asarray(quant.dequantized(rows, rows=True))
+    np.testing.assert_array_equal(x[:4], before)
+    step = np.abs(before.mean(0)).max() / (127 if layout == "int8" else 7)
+    np.testing.assert_allclose(x[4:], np.repeat(before.mean(0, keepdims=True), 2, 0),
+                               atol=step / 2 + 1e-6)
 
 
 # ---- bad input ----

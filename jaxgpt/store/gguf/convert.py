@@ -29,7 +29,7 @@ from jaxgpt.store.gguf import tokenizer as gguf_tokenizer
 from jaxgpt.store.gguf import writer as writer_lib
 from jaxgpt.store.gguf.config import architecture, llama3_divisors, llama3_rope, model_config
 from jaxgpt.store.gguf.models import gguf_path
-from jaxgpt.store.gguf.weights import GGUFFile, params_from_gguf, params_to_gguf
+from jaxgpt.store.gguf.weights import GGUFFile, pad_kept_vocab, params_from_gguf, params_to_gguf
 from jaxgpt.store.hf.config import GPT2, LLAMA, ConvertError, hf_architecture
 from jaxgpt.store.hf.convert import check_out
 from jaxgpt.store.hf.tokenizer import template_chat_format
@@ -65,12 +65,17 @@ def from_gguf(source: str, out: str | Path, cfg: FromGgufConfig = FromGgufConfig
     if "rope_freqs.weight" in f.tensors:
         divisors = f("rope_freqs.weight", (m.head_dim // 2,))
         m = dataclasses.replace(m, **llama3_rope(divisors, m, f.meta, path))
-    flat = params_from_gguf(f, arch, m)
+    flat = params_from_gguf(f, arch, m, cfg.keep_quantized)
     f.check_all_taken(arch)
+    if any(name.endswith("_q4") for name in flat):  # the engine's weights: the file's blocks
+        m = dataclasses.replace(m, weights="int4")
+    elif any(name.endswith("_scale") for name in flat):
+        m = dataclasses.replace(m, weights="int8")
     eos, bos = gguf_tokenizer.role_ids(f.meta)
     tok = _tokenizer(f, f"gguf:{Path(source).name}", eos, bos)
     n_vocab = max(V, tok.n_vocab if tok is not None else 0)
-    flat = pad_vocab(flat, n_vocab) if n_vocab > V else flat
+    if n_vocab > V:
+        flat = pad_vocab(flat, n_vocab) if "wte" in flat else pad_kept_vocab(flat, n_vocab)
     run_cfg = config_lib.validate(Config(model=dataclasses.replace(m, vocab_size=n_vocab)))
     types = f.types()
     if tok is None:
@@ -143,7 +148,8 @@ def _origin(loaded) -> tuple[dict, dict, str | None]:
 
 def to_gguf(source: str, out: str | Path, cfg: ToGgufConfig = ToGgufConfig()) -> dict:
     """A jaxgpt run or export written as a GGUF file; returns the summary the command prints."""
-    loaded = runs.load(source, need_tokenizer=False)
+    # an export that keeps a GGUF's quantized blocks is written from their fp32 values
+    loaded = runs.load(source, ["model.weights=float"], need_tokenizer=False)
     m, tok, out = loaded.cfg.model, loaded.tokenizer, Path(out)
     arch = gguf_architecture(m)
     if out.exists() and not cfg.overwrite:

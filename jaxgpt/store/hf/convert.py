@@ -117,7 +117,8 @@ def from_hf(source: str, out: str | Path, cfg: FromHfConfig = FromHfConfig()) ->
 
 def to_hf(source: str, out: str | Path, cfg: ToHfConfig = ToHfConfig()) -> dict:
     """A jaxgpt run or export written as a directory transformers loads; returns the summary."""
-    loaded = runs.load(source, need_tokenizer=False)
+    # an export that keeps a GGUF's quantized blocks is written from their fp32 values
+    loaded = runs.load(source, ["model.weights=float"], need_tokenizer=False)
     m, tok, out = loaded.cfg.model, loaded.tokenizer, Path(out)
     arch = hf_architecture(m)
     check_out(out, Path(source), ours=cfg.overwrite, hint=" (or to_hf.overwrite=true)")
