@@ -18,7 +18,9 @@
 #   and the peak memory the timed steps used;
 # - decode: the KV-cache engine's tokens/s at batch 1 and 64 (random-init weights: speed only), with
 #   its default 8 decode steps per call, with one, and with the cache allocated for the whole context
-#   (model.cache_window=whole) instead of grown as the rows need.
+#   (model.cache_window=whole) instead of grown as the rows need; then SmolLM2-135M's architecture
+#   (experiments/configs/smollm2.py, random init: the weights cannot be fetched there) in bf16, with
+#   float and with int8 weights (model.weights).
 # The text is made here (random words, byte tokens inside GPT-2's 50304-id table), so nothing is
 # downloaded. GPU_CHECK_SMOKE=1 runs the same steps at toy size on a CPU (tests/test_experiments.py).
 set -euo pipefail
@@ -60,6 +62,7 @@ fp32_logits=(model.logits_dtype=float32)  # the config writes them in bf16
 # loses its rows first.
 flags=--xla_gpu_enable_triton_gemm=false
 decode=(bench.batch=1,64 bench.new_tokens=256)
+smol=()
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # toy size on a CPU: the script's plumbing, not a measurement
     common+=(model.n_layer=2 model.d_model=64 model.n_head=4 model.seq_len=64 data.batch_size=4)
     steps=(bench.steps=2 bench.warmup=1)
@@ -67,6 +70,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # toy size on a CPU: the script's plum
     larger=(data.batch_size=8)
     flags=--xla_cpu_enable_fast_math=false  # a CPU flag at its default: the row's plumbing only
     decode=(bench.batch=1,2 bench.new_tokens=8 model.n_layer=2 model.d_model=64 model.n_head=4 model.seq_len=64)
+    smol=(model.n_layer=2 model.d_model=64 model.n_head=4 model.n_kv_head=2 model.d_ff=128 model.vocab_size=256)
 fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
@@ -104,6 +108,11 @@ bench generate "$config" model.vocab_size=50304 "${decode[@]}" bench.decode_step
 # and the KV cache allocated for the whole context instead of grown as the rows need
 bench generate "$config" model.vocab_size=50304 "${decode[@]}" model.cache_window=whole \
     || echo '{"bench": "generate", "cache_window": "whole", "failed": true}' >> "$rows"
+# a real model's shape: SmolLM2-135M, its weights in bf16 and in int8
+for weights in float int8; do
+    bench generate experiments/configs/smollm2.py "${decode[@]}" "${smol[@]}" model.dtype=bfloat16 \
+        model.weights=$weights || echo "{\"bench\": \"generate\", \"weights\": \"$weights\", \"failed\": true}" >> "$rows"
+done
 
 if [ -n "${OUT:-}" ]; then
     find "$prof" -name perfetto_trace.json.gz | while read -r trace; do
@@ -119,7 +128,7 @@ keep = {"train": ("kernels", "batch", "segments", "loss_chunks", "logits_dtype",
                   "compile_s", "peak_bytes_in_use", "step_temp_bytes", "final_loss", "op_ms_per_run", "failed"),
         "compile": ("mesh", "estimate_gb", "xla_bytes", "xla_flops_per_device", "model_flops_per_step", "compile_s", "kernels",
                     "failed"),
-        "generate": ("batch", "decode_steps", "cache_window", "cache_positions", "cache_mb", "tok_per_s", "ttft_s", "bound_tok_per_s", "ratio_to_bound", "op_ms_per_run", "failed")}
+        "generate": ("params", "weights", "batch", "decode_steps", "cache_window", "cache_positions", "cache_mb", "tok_per_s", "ttft_s", "bound_tok_per_s", "ratio_to_bound", "op_ms_per_run", "failed")}
 table = {"host": platform.node(), "jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()]}
 for row in rows:
     kind = row.get("bench")

@@ -41,13 +41,15 @@ def test_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
     assert [(row["batch"], row["decode_steps"], row["cache_window"])
             for row in table["generate"]] == [
         (1, 8, "auto"), (2, 8, "auto"), (1, 1, "auto"), (2, 1, "auto"), (1, 8, "whole"),
-        (2, 8, "whole")]
+        (2, 8, "whole")] + [(1, 8, "auto"), (2, 8, "auto")] * 2
+    # the last four: SmolLM2's shape (toy-sized here), its weights as they are and in int8
+    assert [row["weights"] for row in table["generate"]] == ["float"] * 8 + ["int8"] * 2
     assert all(row["tok_per_s"] > 0 for row in table["generate"])
     # the first train row, its last variant and the decode rows were traced: their busiest ops, and
     # the traces kept
     assert (["busiest_ops" in row for row in table["train"]]
             == [True, False, False, False, False, True, False])
-    assert [len(row.get("busiest_ops", ())) for row in table["generate"]] == [8, 8, 0, 0, 0, 0]
+    assert [len(row.get("busiest_ops", ())) for row in table["generate"]] == [8, 8] + [0] * 8
     assert sorted(p.name for p in tmp_path.glob("*_trace.json.gz")) == [
         "generate_batch1_trace.json.gz", "generate_batch2_trace.json.gz",
         "train_xla_larger_trace.json.gz", "train_xla_trace.json.gz"]
