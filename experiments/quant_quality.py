@@ -4,6 +4,7 @@ experiments/real_model.py measures them) and greedy replies to PROMPTS, beside f
 straight from the GGUF's own Q4_1 blocks (from_gguf.keep_quantized). One JSON line.
 
     python experiments/quant_quality.py [--out runs/quant] [--conversations 100] [--new 48]
+        [--variants float int8 int4 gguf_q4_1] [--no-replies]
 """
 from __future__ import annotations
 
@@ -66,6 +67,11 @@ def replies(loaded, model: GPT, params, new: int) -> tuple[list[str], float]:
     return texts, time.perf_counter() - t0
 
 
+# name: (the conversion it loads, model.weights)
+VARIANTS = {"float": ("base", "float"), "int8": ("base", "int8"), "int4": ("base", "int4"),
+            "gguf_q4_1": ("kept", "int4")}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,6 +80,8 @@ def main(argv=None) -> None:
     ap.add_argument("--conversations", type=int, default=100)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--new", type=int, default=48)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--no-replies", action="store_true", help="bits per byte alone")
     args = ap.parse_args(argv)
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -87,23 +95,25 @@ def main(argv=None) -> None:
         f"data.chat_val=jsonl:{out / 'corpus/val_eval.jsonl'}", f"model.seq_len={args.seq_len}",
         "data.batch_size=8", "model.matmul_dtype=float32"]
     results = {}
-    for name, source, weights in (("float", "base", "float"), ("int8", "base", "int8"),
-                                  ("int4", "base", "int4"), ("gguf_q4_1", "kept", "int4")):
+    for name in args.variants:
+        source, weights = VARIANTS[name]
         loaded = runs.load(out / source, [*overrides, f"model.weights={weights}"], on_mesh=True)
         model = GPT(loaded.cfg.model)
         params = quant.decode_params(model, loaded.params)
-        texts, seconds = replies(loaded, model, loaded.params, args.new)
+        texts, seconds = ([], 0.0) if args.no_replies else replies(loaded, model, loaded.params,
+                                                                   args.new)
         results[name] = {**bits_per_byte(loaded, model, params), "replies": texts,
                          "replies_s": round(seconds, 1),
                          "weight_mb": round(sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20,
                                             1)}
         print(json.dumps({name: {k: v for k, v in results[name].items() if k != "replies"}}),
               file=sys.stderr, flush=True)
-    ref = results["float"]
-    for r in results.values():
+    ref = results.get("float")
+    for r in results.values() if ref else ():
         r["bpb_minus_float"] = round(r["bits_per_byte"] - ref["bits_per_byte"], 5)
-        r["replies_equal_float"] = sum(a == b for a, b in zip(r["replies"], ref["replies"],
-                                                               strict=True))
+        if not args.no_replies:
+            r["replies_equal_float"] = sum(a == b for a, b in zip(r["replies"], ref["replies"],
+                                                                   strict=True))
     print(json.dumps({"model": args.model, "prompts": PROMPTS, "new_tokens": args.new,
                       "results": results}))
 
