@@ -29,7 +29,7 @@ def first_reply(export: str, context: int, message: str, max_tokens: int, settin
                 cache_dir: str) -> dict:
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache_dir, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "jaxgpt.talk", export, f"model.seq_len={context}",
-           "sample.temperature=0", f"sample.max_tokens={max_tokens}", *settings]
+           "sample.temperature=0", f"sample.max_new_tokens={max_tokens}", *settings]
     start = time.perf_counter()
     talk = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, bufsize=0)
