@@ -1,15 +1,19 @@
-"""Decode speed of a real model (SmolLM2-135M-Instruct) in jaxgpt beside llama.cpp on the same GGUF
-and Hugging Face `generate` on the dequantized model, one after the other in one run, and how far
-each one's logits are from transformers' fp32 on the same tokens. Prints one JSON object.
+"""Decode speed of a real model (SmolLM2-135M-Instruct) in jaxgpt, per weight width, beside
+llama.cpp on the GGUF file itself and (with --hf) Hugging Face `generate` on the dequantized
+model, one after the other in one run. Prints one JSON object: each side's rows and jaxgpt's ratios
+to llama.cpp.
 
     python experiments/gguf_speed.py EXPORT [--gguf FILE] [--new 128] [--batch 1 8]
-        [--llama-venv DIR]
+        [--weights float int8 int4] [--dtype float32] [--threads 2] [--hf]
+        [--llama-venv DIR] [--install-llama]
 
 EXPORT: `python -m jaxgpt.convert from-gguf smollm2-135m-instruct EXPORT`. Every side makes --new
-tokens from the same 16-token prompt per row, sampling at temperature 1 with top-k 50, without
-stopping, on 2 threads. llama.cpp runs from llama-cpp-python in a venv of its own (pip builds it
-from source; see README "Start from a real model"); its high-level API decodes one sequence, so it
-is timed at batch 1 only. transformers loads the GGUF with gguf_file= (it needs accelerate).
+tokens from a 16-token prompt per row, sampling at temperature 1 with top-k 50, without stopping,
+on --threads threads (jaxgpt: the process's CPUs). llama.cpp runs from llama-cpp-python in a venv
+of its own (pip builds it from source in about 20 minutes on 2 cores: --install-llama, or see
+README "Start from a real model"); where it is absent or cannot be built, its side is skipped with
+one line. Its high-level API decodes one sequence, so it is timed at batch 1 only. transformers
+(--hf, in this interpreter) loads the GGUF with gguf_file= (it needs accelerate).
 """
 from __future__ import annotations
 
@@ -49,30 +53,54 @@ LLAMA = textwrap.dedent("""
     import json, sys, time
     import numpy as np
     from llama_cpp import Llama
-    path, new = sys.argv[1], int(sys.argv[2])
-    llm = Llama(model_path=path, n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
+    import resource
+    path, new, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
     prompt = np.random.default_rng(0).integers(0, llm.n_vocab(), 16).tolist()
     for rounds in (1, 3):  # the first round warms up
-        best = 0.0
+        best, ttft = 0.0, []
         for _ in range(rounds):
             llm.reset()
             t, n = time.perf_counter(), 0
             for _tok in llm.generate(prompt, top_k=50, top_p=1.0, min_p=0.0, temp=1.0,
                                      repeat_penalty=1.0, reset=True):
                 n += 1
+                if n == 1:
+                    ttft.append(time.perf_counter() - t)
                 if n == new:
                     break
             best = max(best, n / (time.perf_counter() - t))
-    print(json.dumps({"impl": "llama.cpp", "dtype": "Q4_1 (the file's)", "batch": 1,
-                      "threads": 2, "tok_per_s": round(best, 1)}), flush=True)
+    print(json.dumps({"impl": "llama.cpp", "file_type": llm.metadata.get("general.file_type"),
+                      "batch": 1, "threads": threads, "tok_per_s": round(best, 1),
+                      "ttft_s": round(min(ttft), 4), "peak_rss_mb": round(
+                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}),
+          flush=True)
 """)
 
 
-def _lines(cmd: list[str]) -> list[dict]:
+def _lines(cmd: list[str], optional: bool = False) -> list[dict] | str:
+    """The JSON lines a command prints; a failure ends the run (optional: its reason instead)."""
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
+        if optional:
+            return f"skipped: {done.stderr.strip().splitlines()[-1:]}"
         sys.exit(f"{cmd[0]} failed:\n{done.stderr[-2000:]}")
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _llama(args) -> list[dict] | str:
+    """llama.cpp's row, from llama-cpp-python in its own venv (built there with --install-llama)."""
+    python = Path(args.llama_venv) / "bin" / "python"
+    if not python.is_file() and args.install_llama:
+        built = subprocess.run(f"python3 -m venv {args.llama_venv} && {args.llama_venv}/bin/pip "
+                               "install -q llama-cpp-python", shell=True, capture_output=True,
+                               text=True)
+        if built.returncode:
+            return f"skipped: llama-cpp-python could not be built: {built.stderr[-300:]!r}"
+    if not python.is_file():
+        return f"skipped: no {python} (--install-llama builds llama-cpp-python there)"
+    return _lines([str(python), "-c", LLAMA, args.gguf, str(args.new), str(args.threads)], True)
 
 
 def main() -> None:
@@ -81,25 +109,32 @@ def main() -> None:
     ap.add_argument("--gguf", default="")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--weights", nargs="+", default=["float", "int8", "int4"])
+    ap.add_argument("--dtype", nargs="+", default=["float32"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hf", action="store_true")
     ap.add_argument("--llama-venv", default=str(Path.home() / ".cache/jaxgpt-bench/llama-venv"))
+    ap.add_argument("--install-llama", action="store_true")
     args = ap.parse_args()
     if not args.gguf:
         from jaxgpt.store.gguf.models import known_file
         args.gguf = str(known_file("smollm2-135m-instruct"))
-    results = {"cpu": _cpu(), "new_tokens": args.new, "jaxgpt": [], "hf": [], "llama.cpp": []}
-    for dtype in ("float32", "bfloat16"):
-        for r in _lines([sys.executable, "-m", "jaxgpt.bench", "generate", args.export,
-                         "--batch", *map(str, args.batch), "--new", str(args.new),
-                         f"model.dtype={dtype}"]):
-            results["jaxgpt"].append({"dtype": dtype, "batch": r["batch"],
-                                      "tok_per_s": r["tok_per_s"]})
-    results["hf"] = _lines([sys.executable, "-c", HF, args.gguf, str(args.new),
-                            ",".join(map(str, args.batch))])
-    llama_python = Path(args.llama_venv) / "bin" / "python"
-    if llama_python.is_file():
-        results["llama.cpp"] = _lines([str(llama_python), "-c", LLAMA, args.gguf, str(args.new)])
-    else:
-        results["llama.cpp"] = f"no {llama_python}: pip install llama-cpp-python in that venv"
+    results = {"cpu": _cpu(), "new_tokens": args.new, "llama.cpp": _llama(args), "jaxgpt": []}
+    for dtype in args.dtype:
+        for weights in args.weights:
+            for r in _lines([sys.executable, "-m", "jaxgpt.bench", "generate", args.export,
+                             "--batch", *map(str, args.batch), "--new", str(args.new),
+                             f"model.dtype={dtype}", f"model.weights={weights}"]):
+                results["jaxgpt"].append({k: r[k] for k in (
+                    "dtype", "weights", "batch", "tok_per_s", "ttft_s", "weights_mb",
+                    "cache_mb", "peak_rss_mb", "ratio_to_bound")})
+    if args.hf:
+        results["hf"] = _lines([sys.executable, "-c", HF, args.gguf, str(args.new),
+                                ",".join(map(str, args.batch))], True)
+    if isinstance(results["llama.cpp"], list) and results["llama.cpp"]:
+        anchor = results["llama.cpp"][0]["tok_per_s"]
+        results["ratio_to_llama_b1"] = {f"{r['dtype']}/{r['weights']}/b{r['batch']}": round(
+            r["tok_per_s"] / anchor, 3) for r in results["jaxgpt"]}
     print(json.dumps(results))
 
 

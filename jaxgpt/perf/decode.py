@@ -33,8 +33,6 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
     steps = bench.decode_steps or generate.DECODE_STEPS
     for batch in bench.batch:
         engine = generate.Engine(model, params, slots=batch, decode_steps=steps)
-        # as the engine keeps them: in the compute dtype, or quantized (model.weights)
-        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.params))
         prompts = [rng.integers(0, vocab, bench.prompt_tokens).tolist() for _ in range(batch)]
         # compile prefill and both decode calls (one step, and `steps`); when the rows will outgrow
         # the context, past its first shift too (the shift's re-prefill compiles another prompt
@@ -53,28 +51,8 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
         while engine.busy:
             engine.step()
         seconds = time.perf_counter() - t0
-        n_new = sum(len(engine.requests[i].tokens) for i in ids)
-        # the cache as the rows left it (it shrinks at the next step that finds them gone)
-        cache_mb = sum(x.nbytes for x in jax.tree.leaves(engine.state["cache"])) / 2 ** 20
-        # a decode step reads every weight once and each row's cache up to its length (on average
-        # prompt + new/2 positions): the memory-bandwidth bound on tokens/s
-        cache_bytes = (2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim *
-                       jnp.dtype(model.cfg.dtype).itemsize *
-                       (bench.prompt_tokens + bench.new_tokens / 2))
-        bound = batch * bandwidth / (weight_bytes + batch * cache_bytes)
-        tok_per_s = n_new / seconds
-        results.append({
-            "bench": "generate", "batch": batch, "dtype": model.cfg.dtype, "decode_steps": steps,
-            "weights": model.cfg.weights, "weights_mb": round(weight_bytes / 2 ** 20, 1),
-            "cache_window": model.cfg.cache_window, "cache_positions": engine.capacity,
-            "cache_mb": round(cache_mb, 1), "new_tokens": n_new,
-            "seconds": round(seconds, 6), "tok_per_s": round(tok_per_s, 2),
-            "ttft_s": round(ttft, 4), "peak_rss_mb": round(
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "prefill_tok_per_s": round(batch * bench.prompt_tokens / ttft, 1),
-            "memory_gb_per_s": round(bandwidth / 1e9, 2), "bound_tok_per_s": round(bound, 2),
-            "ratio_to_bound": round(tok_per_s / bound, 3), "params": model.num_params(params),
-            "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__})
+        results.append(_row(model, params, engine, bench, batch, seconds, ttft, bandwidth,
+                            sum(len(engine.requests[i].tokens) for i in ids)))
         # decode steps alone: the prompts are prefilled by the untraced first step
         if bench.profile:
             for s, p in enumerate(prompts):
@@ -85,3 +63,32 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
             while engine.busy:
                 engine.step()
     return results
+
+
+def _row(model: GPT, params, engine, bench: BenchConfig, batch: int, seconds: float,
+         ttft: float, bandwidth: float, n_new: int) -> dict:
+    """One batch size's result, with the memory-bandwidth bound it is measured against."""
+    # the weights as the engine keeps them: in the compute dtype, or quantized (model.weights)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.params))
+    # the cache as the rows left it (it shrinks at the next step that finds them gone)
+    cache_mb = sum(x.nbytes for x in jax.tree.leaves(engine.state["cache"])) / 2 ** 20
+    # a decode step reads every weight once and each row's cache up to its length (on average
+    # prompt + new/2 positions): the memory-bandwidth bound on tokens/s
+    cache_bytes = (2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim *
+                   jnp.dtype(model.cfg.dtype).itemsize *
+                   (bench.prompt_tokens + bench.new_tokens / 2))
+    bound = batch * bandwidth / (weight_bytes + batch * cache_bytes)
+    tok_per_s = n_new / seconds
+    return {
+        "bench": "generate", "batch": batch, "dtype": model.cfg.dtype,
+        "decode_steps": engine.decode_steps,
+        "weights": model.cfg.weights, "weights_mb": round(weight_bytes / 2 ** 20, 1),
+        "cache_window": model.cfg.cache_window, "cache_positions": engine.capacity,
+        "cache_mb": round(cache_mb, 1), "new_tokens": n_new,
+        "seconds": round(seconds, 6), "tok_per_s": round(tok_per_s, 2),
+        "ttft_s": round(ttft, 4), "peak_rss_mb": round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "prefill_tok_per_s": round(batch * bench.prompt_tokens / ttft, 1),
+        "memory_gb_per_s": round(bandwidth / 1e9, 2), "bound_tok_per_s": round(bound, 2),
+        "ratio_to_bound": round(tok_per_s / bound, 3), "params": model.num_params(params),
+        "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}

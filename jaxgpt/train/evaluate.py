@@ -9,6 +9,8 @@ bits) by the UTF-8 bytes of the scored targets.
     python -m jaxgpt.evaluate RUN data.chat_val=jsonl:val.jsonl         # held-out conversations
     python -m jaxgpt.evaluate RUN data.dir=data/other                   # a prepared directory's
                                                                         # val split
+    python -m jaxgpt.evaluate RUN model.weights=int4                    # the weights as the
+                                                                        # engines decode them
     python -m jaxgpt.evaluate RUN tasks=jaxgpt_spelling,arc_easy        # lm-eval task scores
                                                                         # (task_scores.py)
 """
@@ -24,6 +26,8 @@ import numpy as np
 from jaxgpt import cli
 from jaxgpt.config import Config
 from jaxgpt.data import tokens as data
+from jaxgpt.errors import ConfigError
+from jaxgpt.model import quant
 from jaxgpt.model.gpt import GPT
 from jaxgpt.parallel import sharding
 from jaxgpt.store import runs
@@ -80,13 +84,21 @@ def evaluate(source: str, overrides: list[str] = ()) -> dict:
     loaded = runs.load(source, overrides, on_mesh=True)
     cfg, mesh = loaded.cfg, loaded.mesh
     batches = data.open_batches(cfg, loaded.tokenizer, training=False)
-    model = GPT(cfg.model)
-    params_sharding = jax.tree.map(lambda x: x.sharding, loaded.params)
-    with sharding.on_mesh(mesh):
-        step = make_eval_step(model, mesh, params_sharding)
-    result = evaluate_source(batches, cfg, step, loaded.params, mesh, cfg.eval.split,
+    model, params = GPT(cfg.model), loaded.params
+    if cfg.model.weights != "float":  # scored as the engines decode: quantized, on one device
+        if mesh.size > 1:
+            raise ConfigError(f"model.weights={cfg.model.weights} is scored on one device; on a "
+                              "mesh use model.weights=float")
+        model, params = model.for_decoding(params)
+        params = quant.decode_params(model, params)
+        step = jax.jit(model.loss)
+    else:
+        params_sharding = jax.tree.map(lambda x: x.sharding, params)
+        with sharding.on_mesh(mesh):
+            step = make_eval_step(model, mesh, params_sharding)
+    result = evaluate_source(batches, cfg, step, params, mesh, cfg.eval.split,
                              cfg.eval.max_tokens)
-    return {"split": cfg.eval.split, **result}
+    return {"split": cfg.eval.split, "weights": cfg.model.weights, **result}
 
 
 def main(argv: list[str] | None = None) -> None:

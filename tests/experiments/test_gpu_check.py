@@ -57,4 +57,4 @@ def test_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
     # decoding last
     came = [json.loads(line)["bench"]
             for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
-    assert came == ["train"] * 7 + ["compile"] + ["generate"] * 6
+    assert came == ["train"] * 7 + ["compile"] + ["generate"] * 10

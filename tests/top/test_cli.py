@@ -40,7 +40,7 @@ def toy(monkeypatch):
     """A two-verb command line over ToyRoot; run(*argv) -> (exit status, what main got); no host
     tuning."""
     tuned, calls = [], []
-    monkeypatch.setattr(hardware, "tune_host", lambda: tuned.append(True))
+    monkeypatch.setattr(hardware, "tune_host", lambda cache=True: tuned.append(True))
 
     def fit(operands, settings):
         cfg = cli.tool_config(ToyRoot, settings, required=("toy.name",))
@@ -131,7 +131,7 @@ def test_help_and_usage(toy, capsys):
 def test_bench_splits_config_keys_from_bench_keys_and_tunes_the_host_unless_asked(
         monkeypatch, capsys):
     tuned, got = [], {}
-    monkeypatch.setattr(hardware, "tune_host", lambda: tuned.append(True))
+    monkeypatch.setattr(hardware, "tune_host", lambda cache=True: tuned.append(True))
     monkeypatch.setattr(bench, "bench_train", lambda cfg, steps, warmup, **profile: got.update(
         cfg=cfg, steps=steps, warmup=warmup, profile=profile) or {"ms_per_iter": 1.0})
     monkeypatch.setattr(bench, "bench_data",
@@ -170,7 +170,7 @@ def test_bench_splits_config_keys_from_bench_keys_and_tunes_the_host_unless_aske
      "error: bench data takes no train.* keys (it takes prepare.* and bench.*)"),
 ])
 def test_bench_user_errors_are_one_line(monkeypatch, capsys, argv, message):
-    monkeypatch.setattr(hardware, "tune_host", lambda: None)
+    monkeypatch.setattr(hardware, "tune_host", lambda cache=True: None)
     monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit) as e:
         bench.main(argv)

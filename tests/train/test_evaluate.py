@@ -16,6 +16,7 @@ from conftest import write_lines
 from jaxgpt.config import MeshConfig, ModelConfig
 from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.data.tokens import window_batches as eval_batches
+from jaxgpt.model import quant
 from jaxgpt.model.gpt import GPT, token_losses
 from jaxgpt.parallel import sharding
 from jaxgpt.store import runs
@@ -121,6 +122,30 @@ def test_a_plain_text_file_every_token_scored_nothing_written(tiny_run, tmp_path
     assert [p.name for p in held_out.iterdir()] == ["heldout.txt"]
     half = evaluate(run, [f"data.path={held_out / 'heldout.txt'}", "data.val_fraction=0.5"])
     assert half["tokens"] < result["tokens"]  # eval.split=val: only the file's last half
+
+
+def test_quantized_weights_are_scored_as_the_engine_decodes_them(tiny_run, tmp_path):
+    run, _ = tiny_run
+    text = "ROMEO:\nLove is the night, sweet lord.\n\nJULIET:\nGood night, good night!\n" * 4
+    (tmp_path / "heldout.txt").write_text(text)
+    data_keys = [f"data.path={tmp_path / 'heldout.txt'}", "eval.split=all"]
+    plain = evaluate(run, data_keys)
+    int8 = evaluate(run, [*data_keys, "model.weights=int8"])
+    # by hand: the engine's weights (quant.decode_params) under the model's loss, one window
+    loaded = runs.load(run, [*data_keys, "model.weights=int8"])
+    model, params = GPT(loaded.cfg.model).for_decoding(loaded.params)
+    params = quant.decode_params(model, params)
+    assert "w_q" in params["block_0"]["mlp"]["w_up"] and "w" not in params["block_0"]["mlp"]["w_up"]
+    ids = np.asarray(loaded.tokenizer.encode(text))
+    L = loaded.cfg.model.seq_len
+    chunks = [jnp.asarray(ids[s:s + L + 1])[None] for s in range(0, len(ids) - 1, L)]
+    losses = [np.asarray(token_losses(model.apply(params, c[:, :-1]), c[:, 1:]))[0]
+              for c in chunks]
+    by_hand = np.concatenate(losses)
+    assert (plain["weights"], int8["weights"]) == ("float", "int8")
+    assert int8["tokens"] == plain["tokens"] == by_hand.size
+    assert int8["loss"] == pytest.approx(float(by_hand.mean()), rel=1e-5)
+    assert int8["loss"] != plain["loss"]
 
 
 def test_held_out_conversations_score_assistant_tokens_only(tiny_run, tmp_path):
