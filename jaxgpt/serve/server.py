@@ -133,9 +133,9 @@ def serve(operands: list[str], settings: list[str]) -> None:
     feedback_db = Path(cfg.feedback_db or default_path(operands[0]))
     with (Feedback(feedback_db) if cfg.feedback else contextlib.nullcontext()) as feedback, \
             Service(engine, tokenizer, Screen(loaded.cfg.screen)) as service:  # closed first
-        service.warm_up(loaded.cfg.sample.system, top_logprobs=(0, 1))  # before listening
-        app = make_app(service, tokenizer, cfg, cfg.model_name,
-                       SamplingParams.from_config(loaded.cfg.sample, n=1), feedback)
+        defaults = SamplingParams.from_config(loaded.cfg.sample, n=1)
+        service.warm_up(loaded.cfg.sample.system, top_logprobs=(0, 1), params=defaults)
+        app = make_app(service, tokenizer, cfg, cfg.model_name, defaults, feedback)
         print(f"jaxgpt serve: {loaded.where} (step {loaded.step}, context "
               f"{loaded.cfg.model.seq_len} tokens) as {cfg.model_name!r} on "
               f"http://{cfg.host}:{cfg.port}/v1{'' if cfg.api_key else ' (no API key)'}; "

@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         with (Feedback(cfg.feedback_db) if cfg.feedback_db
               else contextlib.nullcontext()) as feedback, \
                 Service(engine, loaded.tokenizer, Screen(loaded.cfg.screen)) as service:
-            service.warm_up(loaded.cfg.sample.system)  # compile first
+            service.warm_up(loaded.cfg.sample.system,  # compile first, for talk's sampling
+                            params=SamplingParams.from_config(loaded.cfg.sample, n=1))
             print(f"jaxgpt talk: {loaded.where} (step {loaded.step}, "
                   f"context {loaded.cfg.model.seq_len} tokens)"
                   + (f"; recording in {cfg.feedback_db}" if feedback else ""))

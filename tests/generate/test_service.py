@@ -112,6 +112,24 @@ def greedy_text(tiny, prompt, n):
     return tok.decode_bytes(ids).decode()
 
 
+@pytest.mark.parametrize("warmed", ["greedy", "sampling"])
+def test_warm_up_compiles_the_decode_calls_of_the_sampling_it_is_given(warmed):
+    """A greedy first reply after warm_up(params=greedy) compiles no decode call; after a warm-up
+    that sampled, it compiles its own (the greedy path is a program of its own)."""
+    from jaxgpt.generate import programs
+    tok = char_tokenizer()
+    # a model of this test's own: no other test has compiled its programs
+    cfg = ModelConfig(preset="gpt2", vocab_size=tok.n_vocab, n_layer=1, n_head=2, d_model=16,
+                      seq_len=48 if warmed == "greedy" else 40).resolved()
+    model = GPT(cfg)
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    with Service(Engine(model, model.init(jax.random.key(0)), tok, slots=1), tok) as service:
+        service.warm_up(params=greedy if warmed == "greedy" else SamplingParams())
+        compiled = programs.decode._cache_size()
+        service.complete(tok.encode("hello"), greedy).result()
+        assert programs.decode._cache_size() - compiled == (0 if warmed == "greedy" else 2)
+
+
 def test_concurrent_callers_get_the_replies_they_would_alone(tiny):
     model, params, tok = tiny
     prompts = ["hello", "abc", "what is this", "ok", "z"]
