@@ -34,11 +34,12 @@ def bench_generate(model: GPT, params, bench: BenchConfig, vocab: int) -> list[d
     for batch in bench.batch:
         engine = generate.Engine(model, params, slots=batch, decode_steps=steps)
         prompts = [rng.integers(0, vocab, bench.prompt_tokens).tolist() for _ in range(batch)]
-        # compile prefill and both decode calls (one step, and `steps`); when the rows will outgrow
-        # the context, past its first shift too (the shift's re-prefill compiles another prompt
-        # length, which would otherwise be timed as decoding)
+        # compile prefill and both decode calls (one step, and `steps`) at every cache size the
+        # rows will pass through (the cache grows with them: a program per size); when the rows
+        # will outgrow the context, past its first shift too (the shift's re-prefill compiles
+        # another prompt length): else compiling would be timed as decoding
         S = model.cfg.seq_len
-        warm = (steps + 3 if bench.prompt_tokens + bench.new_tokens <= S
+        warm = (bench.new_tokens + steps if bench.prompt_tokens + bench.new_tokens <= S
                 else S - bench.prompt_tokens + steps + 2)
         # the second: one-step calls only (fewer tokens left than `steps`)
         for max_tokens in (warm, 3):
