@@ -2,7 +2,8 @@
 model's context, grows as the longest row needs and shrinks when the rows end, and greedy tokens
 stay the full forward pass's argmax across every resize, at every batch size. The minimum is 16
 positions here (256 in use: tests/model/test_cache.py), so a tiny model crosses every size in a
-hundred tokens."""
+hundred tokens, and a decode step reads the cache in blocks of 8 (128 in use), so the
+blocks a step reads change as the rows grow."""
 import dataclasses
 
 import jax
@@ -22,6 +23,7 @@ MIN = 16
 @pytest.fixture(autouse=True)
 def small_minimum(monkeypatch):
     monkeypatch.setattr(cache, "MIN_CAPACITY", MIN)
+    monkeypatch.setattr(cache, "READ_BLOCK", 8)
 
 
 @pytest.fixture(scope="module")

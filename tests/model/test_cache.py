@@ -8,6 +8,7 @@ from tiny_models import model_cfg, tokens
 
 from jaxgpt.model import cache
 from jaxgpt.model.gpt import GPT
+from jaxgpt.model.kernels import attention
 
 
 def test_capacity_is_a_power_of_two_from_the_minimum_up_to_the_context():
@@ -51,3 +52,27 @@ def test_decoding_against_a_resized_cache_gives_the_full_forward_logits(preset):
         logits, layers = cached(params, ids[:, t:t + 1], jnp.full((2, 1), t, jnp.int32), layers)
         np.testing.assert_allclose(np.asarray(logits[:, 0]), expected[:, t], atol=1e-5, rtol=1e-5)
     assert layers[0]["k"].shape[2] == 48
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_decode_step_reads_the_written_blocks_alone_as_full_attention_would(dtype):
+    """A row with no keys, one a position into the second block, one further into it: the blocked
+    read gives full attention's output, and the positions past the last written block (NaN here)
+    are never read."""
+    B, H, K, E, C = 3, 4, 2, 8, 4 * cache.READ_BLOCK
+    fills = jnp.array([0, cache.READ_BLOCK + 1, cache.READ_BLOCK + 70])
+    mask_Bx1xC = (jnp.arange(C)[None] < fills[:, None])[:, None]
+    q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.float32).astype(dtype)
+               for i, shape in enumerate([(B, H, 1, E), (B, K, C, E), (B, K, C, E)]))
+    read = 2 * cache.READ_BLOCK
+    want = attention.attention("cpu", *(x.astype(jnp.float32) for x in (q, k[:, :, :read],
+                                                                        v[:, :, :read])),
+                               mask_Bx1xC[..., :read])
+    k, v = (x.at[:, :, read:].set(jnp.nan) for x in (k, v))
+    if dtype == "bfloat16":  # kept as its bits on the CPU (cache.cache_dtype)
+        k, v = (jax.lax.bitcast_convert_type(x, jnp.uint16) for x in (k, v))
+    got = jax.jit(cache.attend_cache, static_argnums=0)("cpu", q, k, v, mask_Bx1xC)
+    assert got.dtype == q.dtype
+    tol = 1e-6 if dtype == "float32" else 1e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=tol, rtol=tol)
+    assert not np.any(np.asarray(got[0], np.float32))  # no keys: zeros, as attention gives
