@@ -8,6 +8,8 @@ converted GGUF's may keep quantized matrices (model/quant.py's layouts: from_ggu
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from jaxgpt import config as config_lib
 from jaxgpt import files
+from jaxgpt.data import prepare
 from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.errors import CheckpointError
 from jaxgpt.model import quant
@@ -94,10 +97,36 @@ def _restore(export_dir: Path, target) -> dict:
         "params", lambda: ocp.StandardCheckpointer().restore(export_dir / "params", target))
     sums_file = export_dir / EXPORT_CHECKSUMS
     if sums_file.is_file():
-        expected = integrity.guarded_read(EXPORT_CHECKSUMS,
-                                          lambda: json.loads(sums_file.read_text()))
-        integrity.verify_checksums(tree, expected)
+        stamp, files_now = _verified_stamp(export_dir)
+        if _read_text(stamp) != files_now:
+            expected = integrity.guarded_read(EXPORT_CHECKSUMS,
+                                              lambda: json.loads(sums_file.read_text()))
+            integrity.verify_checksums(tree, expected)
+            with contextlib.suppress(OSError):  # a read-only cache: verified again next time
+                files.atomic_write(stamp, files_now)
     return tree
+
+
+def _verified_stamp(export_dir: Path) -> tuple[Path, str]:
+    """(the file in the cache saying an export passed its checksums, what it says: the name, size,
+    modification and change times and inode of each of its params' files). Checksumming 500 MB
+    is seconds at every start; an export whose files are as they were when they last passed is
+    not checked again, one written, copied or touched since is."""
+    entries = []
+    for path in sorted([*(export_dir / "params").rglob("*"), export_dir / EXPORT_CHECKSUMS]):
+        if path.is_file():
+            st = path.stat()
+            entries.append([str(path.relative_to(export_dir)), st.st_size, st.st_mtime_ns,
+                            st.st_ctime_ns, st.st_ino])
+    name = hashlib.sha256(str(export_dir.resolve()).encode()).hexdigest()[:32]
+    return prepare.CACHE / "verified" / name, json.dumps(entries)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def _read_quantized(export_dir: Path, model: GPT, shardings, stored) -> dict:

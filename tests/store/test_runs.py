@@ -10,7 +10,7 @@ import pytest
 from conftest import leaves_equal, subprocess_env
 
 from jaxgpt.errors import CheckpointError, ConfigError
-from jaxgpt.store import runs
+from jaxgpt.store import integrity, runs
 from jaxgpt.train import loop
 
 
@@ -135,6 +135,26 @@ def test_a_damaged_export_is_refused_and_one_without_checksums_still_loads(
     shutil.copytree(run / "export", older)
     (older / "checksums.json").unlink()
     assert leaves_equal(runs.load(older).params, good)
+
+
+def test_an_export_that_passed_is_not_checksummed_again_until_a_file_changes(
+        tiny_run, tmp_path, monkeypatch):
+    run, _ = tiny_run
+    export = tmp_path / "export"
+    shutil.copytree(run / "export", export)
+    checked, verify = [], integrity.verify_checksums
+    monkeypatch.setattr(integrity, "verify_checksums",
+                        lambda *args: (checked.append(1), verify(*args))[1])
+    first, second = runs.load(export).params, runs.load(export).params
+    assert checked == [1] and leaves_equal(first, second)
+    # bytes flipped in place, the size unchanged: checked again, and refused
+    data = _largest_file(export / "params")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="no checkpoint or export that reads back intact"):
+        runs.load(export)
+    assert checked == [1, 1]
 
 
 def test_a_bad_export_config_is_named_in_one_line(tiny_run, tmp_path):
