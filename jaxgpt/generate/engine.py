@@ -236,14 +236,13 @@ class Engine:
 
     def _steps(self, busy) -> int:
         """Decode steps in the next call: decode_steps while every busy row has that many positions
-        left in the context and one of them that many tokens to make, else 1. A row that ends
-        within the call computes the rest for nothing (less than decode_steps tokens); a request
-        submitted meanwhile waits for the call's end."""
+        left in the context, else 1 (a row about to shift its context). A row that ends within
+        the call (a stop, max_tokens) computes the rest for nothing, at most decode_steps - 1
+        steps a reply, so that one decode program serves every reply (warm_up compiles it, and a
+        reply's last tokens compile nothing); a request submitted meanwhile waits for the call's
+        end."""
         K, S = self.decode_steps, self.model.cfg.seq_len
-        if K > 1 and all(r.position + K <= S for r in busy) and \
-                max(r.params.max_tokens - len(r.tokens) for r in busy) >= K:
-            return K
-        return 1
+        return K if K > 1 and all(r.position + K <= S for r in busy) else 1
 
     def _on_mesh(self):
         """Trace under the mesh and the rules, so the model's logical constraints take effect."""

@@ -241,9 +241,9 @@ class Service:
     def warm_up(self, system: str = "", top_logprobs: tuple[int, ...] = (0,),
                 params: SamplingParams = SamplingParams()) -> None:
         """Compile before the first request: the prefill of a first message's usual prompt
-        bucket (system message, a short user message) and both decode calls (decode_steps tokens,
-        and one) per top_logprobs setting, on the sampling path of `params` (greedy or not, a full
-        sort or not: each a program of its own). Else the first reply waits for them."""
+        bucket (system message, a short user message) and the decode call per top_logprobs
+        setting, on the sampling path of `params` (greedy or not, a full sort or not: each a
+        program of its own). Else the first reply waits for them."""
         ids = [self.tokenizer.eot_id]
         for system_messages in ([{"role": "system", "content": system}] if system else [], []):
             try:  # a system message the tokenizer cannot spell: the template's tokens alone
@@ -252,10 +252,9 @@ class Service:
                 break
             except (ValueError, JaxgptError):
                 continue
-        for n in top_logprobs:  # never stopping early: every decode call runs
+        for n in top_logprobs:  # never stopping early: the decode call runs
             self.complete(ids, dataclasses.replace(
-                params, max_tokens=self.engine.decode_steps + 2, top_logprobs=n, n=1,
-                stop_ids=(), stop=())).result()
+                params, max_tokens=2, top_logprobs=n, n=1, stop_ids=(), stop=())).result()
 
     def chat(self, messages: list[dict], params: SamplingParams = SamplingParams(),
              drop_old_turns: bool = True, shrink_max_tokens: bool = False) -> Stream:
