@@ -171,6 +171,7 @@ def library_matmuls(xla_flags: str | None = None) -> bool:
 
 
 XLA_CACHE_BYTES = 4 << 30  # the persistent compilation cache's size; jax drops the least used
+MIN_CACHED_COMPILE_S = 0.2  # programs that compile faster are not written to it
 
 
 def compilation_cache(env=None) -> Path | None:
@@ -219,6 +220,10 @@ def tune_host(cache: bool = True) -> None:
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     if cache:
         compilation_cache()
+        # jax keeps only programs that took a second to compile; a model's smaller ones (placing a
+        # prefilled row: about one) would be compiled again at every start
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_CACHED_COMPILE_S)
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

@@ -160,3 +160,19 @@ def test_the_compilation_cache_is_the_users_per_host_and_off_where_named_or_refu
     assert path.stat().st_mode & 0o777 == 0o700 and any(path.iterdir())
     for extra in ({"JAXGPT_XLA_CACHE": "0"}, {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "x")}):
         assert hardware.compilation_cache({**env, **extra}) is None
+
+
+def test_programs_compiled_in_a_fifth_of_a_second_are_kept_unless_the_user_says_otherwise(
+        tmp_path):
+    """jax keeps only programs that took a second to compile; tune_host keeps those from 0.2 s on
+    (placing a model's prefilled row, compiled anew at every start otherwise), and leaves a value
+    the user set in the environment."""
+    from conftest import subprocess_env
+    code = ("import jax; from jaxgpt import hardware; hardware.tune_host(); "
+            "print(jax.config.jax_persistent_cache_min_compile_time_secs)")
+    env = {k: v for k, v in subprocess_env(XDG_CACHE_HOME=str(tmp_path)).items()
+           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    got = [subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,
+                          text=True, timeout=120).stdout.split()[-1]
+           for extra in ({}, {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "3"})]
+    assert got == [str(hardware.MIN_CACHED_COMPILE_S), "3.0"]
