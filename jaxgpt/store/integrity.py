@@ -44,20 +44,28 @@ def checksum(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
 
 
-@jax.jit
-def checksums_and_finite_jit(tree):
-    """(a checksum per leaf, whether every float leaf is finite), in one pass over the state."""
-    leaves = jax.tree.leaves(tree)
-    finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return [checksum(x) for x in leaves], jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
+def _checks(x) -> tuple[jax.Array, jax.Array]:
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True
+    return checksum(x), jnp.bool_(finite)
+
+
+# One array at a time: compiled per shape and dtype, so a model's layers share their programs (a
+# program over a whole state took seconds to compile, anew for every model). Arrays spread over
+# several devices go in one program: consecutive programs' all-reduces on XLA:CPU's in-process
+# devices could wait on each other.
+_leaf_checks = jax.jit(_checks)
+_tree_checks = jax.jit(lambda leaves: [_checks(x) for x in leaves])
 
 
 def checksums_and_finite(tree) -> tuple[dict, bool]:
     """({leaf path: checksum}, whether every float is finite) on the host."""
-    sums, finite = jax.device_get(checksums_and_finite_jit(tree))
-    return ({leaf_path(p): int(s)
-             for (p, _), s in zip(jax.tree_util.tree_leaves_with_path(tree), sums, strict=False)},
-            bool(finite))
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    spread = any(len(x.sharding.device_set) > 1 for _, x in leaves
+                 if isinstance(x, jax.Array))
+    checks = jax.device_get(_tree_checks([x for _, x in leaves]) if spread
+                            else [_leaf_checks(x) for _, x in leaves])
+    return ({leaf_path(p): int(s) for (p, _), (s, _) in zip(leaves, checks, strict=True)},
+            all(bool(f) for _, f in checks))
 
 
 def verify_checksums(tree, expected: dict, prefix: str = "") -> None:
