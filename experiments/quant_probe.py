@@ -47,7 +47,25 @@ def variants(w_LxKxN):
     for g in (32, 64):
         out[f"int4_packed_g{g}"] = (mm, jax.vmap(
             lambda w, g=g: quant.pack_int4(*quant.quantize(w, "int4", g)))(w_LxKxN))
+    # stored [N, K] (llama.cpp's orientation): converted in the dot, or multiplied by activations
+    # quantized to int8 per row, the int32 products scaled after
+    rows = channel(w_LxKxN)
+    rows = {"q": rows["q"].swapaxes(1, 2), "scale": rows["scale"][:, 0]}
+    out["int8_NxK_converted"] = (lambda x, w: _dot_rows(x, w["q"].astype(jnp.float32))
+                                 * w["scale"], rows)
+    out["int8_NxK_int8_activations"] = (_int8_activations, rows)
     return out
+
+
+def _dot_rows(x_MxK, w_NxK, out=jnp.float32):
+    return jax.lax.dot_general(x_MxK, w_NxK, (((1,), (1,)), ((), ())),
+                               preferred_element_type=out)
+
+
+def _int8_activations(x_MxK, w):
+    scale_Mx1 = jnp.max(jnp.abs(x_MxK), axis=1, keepdims=True) / 127
+    x_q = jnp.round(x_MxK / jnp.where(scale_Mx1 == 0, 1.0, scale_Mx1)).astype(jnp.int8)
+    return _dot_rows(x_q, w["q"], jnp.int32).astype(jnp.float32) * scale_Mx1 * w["scale"]
 
 
 SMOLLM2 = dict(preset="llama", vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576,

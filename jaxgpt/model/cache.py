@@ -97,7 +97,8 @@ def attend_written(q_BxHx1xE, k_BxKxCxE, v_BxKxCxE, mask_Bx1xC) -> jax.Array:
     every fill, as the loop's length is a value, not a shape."""
     B, H, _, E = q_BxHx1xE.shape
     K, C = k_BxKxCxE.shape[1:3]
-    q_BxKxGxE = q_BxHx1xE.reshape(B, K, H // K, E).astype(jnp.float32) * E ** -0.5
+    G = H // K
+    q_BxKxGxE = q_BxHx1xE.reshape(B, K, G, E).astype(jnp.float32) * E ** -0.5
     mask_BxC = mask_Bx1xC[:, 0]
     written = jnp.max(jnp.where(mask_BxC, jnp.arange(1, C + 1), 0))
     blocks = (written + READ_BLOCK - 1) // READ_BLOCK
@@ -116,10 +117,9 @@ def attend_written(q_BxHx1xE, k_BxKxCxE, v_BxKxCxE, mask_Bx1xC) -> jax.Array:
                        + jnp.einsum("bkgt,bkte->bkge", p_BxKxGxT, v_BxKxTxE))
         return new_max_BxKxG, sum_BxKxG * rescale_BxKxG + p_BxKxGxT.sum(-1), out_BxKxGxE
 
-    G = H // K
-    start = (jnp.full((B, K, G), attention.NEG_INF, jnp.float32), jnp.zeros((B, K, G), jnp.float32),
+    empty = (jnp.full((B, K, G), attention.NEG_INF, jnp.float32), jnp.zeros((B, K, G), jnp.float32),
              jnp.zeros((B, K, G, E), jnp.float32))
-    _, sum_BxKxG, out_BxKxGxE = jax.lax.fori_loop(0, blocks, block, start)
+    _, sum_BxKxG, out_BxKxGxE = jax.lax.fori_loop(0, blocks, block, empty)
     # a row with no key to attend to (padding) outputs 0, as attention() does
     out_BxKxGxE = out_BxKxGxE / jnp.where(sum_BxKxG > 0, sum_BxKxG, 1.0)[..., None]
     return out_BxKxGxE.reshape(B, H, 1, E).astype(q_BxHx1xE.dtype)
