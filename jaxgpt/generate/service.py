@@ -36,6 +36,10 @@ from jaxgpt.generate.engine import Engine, Request
 from jaxgpt.generate.sampling import SamplingParams
 from jaxgpt.generate.screen import Screen, ScreenStream
 
+# warm_up's user message: one of a first message's usual length, so that its prompt bucket is the
+# one most first messages fall in (after a chat model's default system message, "hi" can fall in
+# the bucket below every longer message's)
+WARM_UP_MESSAGE = "Hello! How are you today?"
 
 class TextStream:
     """One sample's ids -> released text; `finish_reason` is set once a stop string or the screen
@@ -244,17 +248,23 @@ class Service:
         bucket (system message, a short user message) and the decode call per top_logprobs
         setting, on the sampling path of `params` (greedy or not, a full sort or not: each a
         program of its own). Else the first reply waits for them."""
-        ids = [self.tokenizer.eot_id]
-        for system_messages in ([{"role": "system", "content": system}] if system else [], []):
-            try:  # a system message the tokenizer cannot spell: the template's tokens alone
-                messages = [*system_messages, {"role": "user", "content": "hi"}]
-                ids = chat.render(messages, self.tokenizer, for_generation=True)[0].tolist()
-                break
-            except (ValueError, JaxgptError):
-                continue
+        ids = self._warm_up_prompt(system)
         for n in top_logprobs:  # never stopping early: the decode call runs
             self.complete(ids, dataclasses.replace(
                 params, max_tokens=2, top_logprobs=n, n=1, stop_ids=(), stop=())).result()
+
+    def _warm_up_prompt(self, system: str) -> list[int]:
+        """warm_up's prompt: the system message and WARM_UP_MESSAGE in the chat template, or what
+        of them the tokenizer can spell ("hi", no system message, the end-of-text token alone)."""
+        systems = ([{"role": "system", "content": system}] if system else [], [])
+        for system_messages in systems:
+            for message in (WARM_UP_MESSAGE, "hi"):
+                try:
+                    messages = [*system_messages, {"role": "user", "content": message}]
+                    return chat.render(messages, self.tokenizer, for_generation=True)[0].tolist()
+                except (ValueError, JaxgptError):
+                    continue
+        return [self.tokenizer.eot_id]
 
     def chat(self, messages: list[dict], params: SamplingParams = SamplingParams(),
              drop_old_turns: bool = True, shrink_max_tokens: bool = False) -> Stream:

@@ -130,6 +130,26 @@ def test_warm_up_compiles_the_decode_calls_of_the_sampling_it_is_given(warmed):
         assert programs.decode._cache_size() - compiled == (0 if warmed == "greedy" else 1)
 
 
+def test_after_warm_up_a_first_message_of_the_usual_length_compiles_nothing():
+    """warm_up's message stands for a first message's usual length: a conversation of that length
+    (the same system message, other words) then compiles no prefill, placing or decode call."""
+    from jaxgpt.generate import programs
+    from jaxgpt.generate.service import WARM_UP_MESSAGE
+    tok = Tokenizer.from_spec("char", corpus=CHARS + WARM_UP_MESSAGE + "Be brief.")
+    cfg = ModelConfig(preset="gpt2", vocab_size=tok.n_vocab, n_layer=1, n_head=2, d_model=16,
+                      seq_len=96).resolved()  # a model of this test's own
+    model = GPT(cfg)
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    message = "".join(reversed(WARM_UP_MESSAGE))
+    with Service(Engine(model, model.init(jax.random.key(0)), tok, slots=1), tok) as service:
+        service.warm_up(system="Be brief.", params=greedy)
+        jitted = (programs.prefill, programs.place, programs.decode)
+        compiled = [f._cache_size() for f in jitted]
+        service.chat([{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": message}], greedy).result()
+        assert [f._cache_size() for f in jitted] == compiled
+
+
 def test_concurrent_callers_get_the_replies_they_would_alone(tiny):
     model, params, tok = tiny
     prompts = ["hello", "abc", "what is this", "ok", "z"]
