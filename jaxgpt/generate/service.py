@@ -7,12 +7,9 @@
     [reply] = stream.result()     # text, finish_reason, mean_logprob, flagged, tokens, logprobs
     stream.cancel()               # from any thread: frees the slot at the next step
 
-`TextStream` turns one sample's ids into text deltas in three stages, each holding text back
-only as long as it must: bytes into whole UTF-8 characters (a token can end inside one); the
-characters past any stop string's possible start (a stop string never shows, not even in part);
-and the screen (`jaxgpt.screen`: a blocked phrase never shows, even split across tokens or
-disguised). A stop string ends the reply with finish_reason "stop"; a screened phrase ends it,
-and its decoding, with the configured refusal and "content_filter".
+Each sample's text comes through `generate/text.py`'s TextStream (whole UTF-8 characters, stop
+strings, the screen). A stop string ends the reply with finish_reason "stop"; a screened phrase
+ends it, and its decoding, with the configured refusal and "content_filter".
 
 `Service` is the thread-safe face of the single-threaded `generate.Engine`: submit and cancel
 from any thread, one background thread that admits, steps and routes; a failing step ends the
@@ -21,7 +18,7 @@ never takes the others' service down.
 """
 from __future__ import annotations
 
-import codecs
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -34,80 +31,12 @@ from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate.engine import Engine, Request
 from jaxgpt.generate.sampling import SamplingParams
-from jaxgpt.generate.screen import Screen, ScreenStream
+from jaxgpt.generate.screen import Screen
+from jaxgpt.generate.text import TextStream
 
-# warm_up's user message: one of a first message's usual length, so that its prompt bucket is the
-# one most first messages fall in (after a chat model's default system message, "hi" can fall in
-# the bucket below every longer message's)
+# warm_up's user message, of a first message's usual length: its prompt bucket is most first
+# messages' (after a chat model's default system message, "hi" can fall in the bucket below)
 WARM_UP_MESSAGE = "Hello! How are you today?"
-
-class TextStream:
-    """One sample's ids -> released text; `finish_reason` is set once a stop string or the screen
-    ends it.
-
-    hold_all keeps everything back until finish(), for replies that are scored before anyone sees
-    them (screen.low_confidence=refuse)."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (),
-                 screen: ScreenStream | None = None, refusal: str = "", hold_all: bool = False):
-        self.tokenizer, self.stop, self.screen = tokenizer, stop, screen
-        self.refusal, self.hold_all = refusal, hold_all
-        # keeps a split character's bytes
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._pending = ""       # decoded, not yet past the stop-string check
-        self._held = ""          # past every check, kept back by hold_all
-        self._ended = False      # a stop string, the screen or finish() ended the input
-        self.text = ""           # everything released
-        self.finish_reason: str | None = None
-
-    def add(self, ids) -> str:
-        """New ids in; the text now safe to release."""
-        if self._ended:
-            return ""
-        return self._release(self._utf8.decode(self.tokenizer.decode_bytes(ids)), final=False)
-
-    def finish(self, refuse: bool = False) -> str:
-        """The reply ended (stop id, length, cancel): the rest, after the last checks; with refuse
-        (a held-back reply scored too low) the refusal instead of what was held."""
-        out = "" if self._ended else self._release(self._utf8.decode(b"", final=True), final=True)
-        if refuse and self.finish_reason != "content_filter":
-            self._held, self.finish_reason = "", "content_filter"
-            return out + self._out(self.refusal)
-        held, self._held = self._held, ""
-        return out + self._out(held)
-
-    def _out(self, text: str) -> str:
-        self.text += text
-        return text
-
-    def _release(self, new: str, final: bool) -> str:
-        self._pending += new
-        cut = min((i for i in (self._pending.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:  # a stop string: keep what precedes it, drop the rest
-            ready, self._pending, final = self._pending[:cut], "", True
-            self.finish_reason = "stop"
-        else:
-            keep = 0 if final else self._stop_prefix_length(self._pending)
-            ready, self._pending = (self._pending[:len(self._pending) - keep],
-                                    self._pending[len(self._pending) - keep:])
-        self._ended = final
-        if self.screen is not None:
-            ready = self.screen.feed(ready) + (self.screen.finish() if final else "")
-            if self.screen.blocked:  # what was released stays; the refusal ends the reply
-                self._ended, self.finish_reason, self._held = True, "content_filter", ""
-                sep = " " if self.text and not self.text[-1].isspace() else ""
-                return self._out(sep + self.refusal)
-        if self.hold_all:
-            self._held += ready
-            return ""
-        return self._out(ready)
-
-    def _stop_prefix_length(self, text: str) -> int:
-        """Length of the longest tail of text that some stop string starts with."""
-        for k in range(min(len(text), max(map(len, self.stop), default=1) - 1), 0, -1):
-            if any(s.startswith(text[-k:]) for s in self.stop):
-                return k
-        return 0
 
 
 @dataclasses.dataclass
@@ -254,16 +183,13 @@ class Service:
                 params, max_tokens=2, top_logprobs=n, n=1, stop_ids=(), stop=())).result()
 
     def _warm_up_prompt(self, system: str) -> list[int]:
-        """warm_up's prompt: the system message and WARM_UP_MESSAGE in the chat template, or what
-        of them the tokenizer can spell ("hi", no system message, the end-of-text token alone)."""
-        systems = ([{"role": "system", "content": system}] if system else [], [])
-        for system_messages in systems:
+        """The system message and WARM_UP_MESSAGE in the chat template, or what of them the
+        tokenizer can spell ("hi", no system message, the end-of-text token alone)."""
+        for turns in ([{"role": "system", "content": system}] if system else [], []):
             for message in (WARM_UP_MESSAGE, "hi"):
-                try:
-                    messages = [*system_messages, {"role": "user", "content": message}]
-                    return chat.render(messages, self.tokenizer, for_generation=True)[0].tolist()
-                except (ValueError, JaxgptError):
-                    continue
+                with contextlib.suppress(ValueError, JaxgptError):
+                    return chat.render([*turns, {"role": "user", "content": message}],
+                                       self.tokenizer, for_generation=True)[0].tolist()
         return [self.tokenizer.eot_id]
 
     def chat(self, messages: list[dict], params: SamplingParams = SamplingParams(),

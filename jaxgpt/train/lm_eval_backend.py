@@ -46,7 +46,7 @@ from jaxgpt.data.tokens import windows
 from jaxgpt.errors import ConfigError
 from jaxgpt.generate.engine import Engine
 from jaxgpt.generate.sampling import SamplingParams
-from jaxgpt.generate.service import TextStream
+from jaxgpt.generate.text import TextStream
 from jaxgpt.model.gpt import GPT, token_losses
 from jaxgpt.store import runs
 

@@ -26,7 +26,7 @@ from jaxgpt.errors import ConfigError
 from jaxgpt.generate.engine import Engine
 from jaxgpt.generate.sampling import SamplingParams
 from jaxgpt.generate.screen import Screen
-from jaxgpt.generate.service import TextStream
+from jaxgpt.generate.text import TextStream
 from jaxgpt.model.gpt import GPT
 
 
